@@ -1,0 +1,29 @@
+# pis-worker: every entry point a developer or CI needs. Each target installs what it lacks.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+
+.PHONY: help build test lint demo broker-install clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+build: ## Build the pis-worker binary
+	@scripts/prereqs.sh
+	$(CARGO) build --locked
+
+test: ## Install what is missing, lint, run unit + integration tests on a real broker
+	@scripts/test.sh
+
+lint: ## cargo fmt --check and clippy -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+demo: ## Broker + Belfius sandbox + worker; payments move through their states
+	@scripts/demo.sh
+
+broker-install: ## Install the Tansu broker into .tools/
+	@scripts/broker.sh install
+
+clean: ## Remove build output, tools and run state
+	rm -rf target .tools .run

@@ -1,0 +1,132 @@
+//! Edge: the Belfius / Banx PSD2 PIS API (client side), its data types and status mapping.
+//!
+//! Everything the public documentation leaves open is a setting in [`BelfiusConfig`] or an
+//! adapter choice documented in docs/belfius.md, never a silent guess.
+
+pub mod client;
+pub mod pkce;
+pub mod status;
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+pub use client::BelfiusClient;
+
+use crate::domain::model::BankPaymentId;
+
+/// Connection and protocol settings of the Belfius client.
+#[derive(Debug, Clone)]
+pub struct BelfiusConfig {
+    /// Base URL of the Belfius-brand API, e.g. `https://psd2.b2b.belfius.be:8443`.
+    pub belfius_base_url: url::Url,
+    /// Base URL of the Banx-brand API, e.g. `https://psd2.b2b.banx.be:8443`.
+    pub banx_base_url: url::Url,
+    /// The Client-ID received at onboarding.
+    pub client_id: String,
+    /// The client secret received at onboarding (HTTP Basic at /token).
+    pub client_secret: SecretString,
+    /// Extra trusted CA certificates (PEM), e.g. the sandbox simulator's test CA.
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// QWAC client certificate chain and private key (PEM) for mutual TLS.
+    pub qwac: Option<QwacIdentity>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub versions: ApiVersions,
+}
+
+#[derive(Clone)]
+pub struct QwacIdentity {
+    pub cert_chain_pem: Vec<u8>,
+    pub private_key_pem: SecretString,
+}
+
+impl std::fmt::Debug for QwacIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QwacIdentity").finish_non_exhaustive()
+    }
+}
+
+/// Per-endpoint `Accept: application/vnd.belfius.api+json; version=N` values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiVersions {
+    pub payment_initiation: String,
+    pub payment_status: String,
+    pub token: String,
+}
+
+impl Default for ApiVersions {
+    fn default() -> Self {
+        Self {
+            payment_initiation: "3".into(),
+            payment_status: "1".into(),
+            token: "1".into(),
+        }
+    }
+}
+
+/// What the bank answered to a successful initiation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initiated {
+    pub bank_payment_id: BankPaymentId,
+    /// Where the PSU must be redirected to sign.
+    pub sca_redirect_url: String,
+    /// ISO 20022 status code, if the response carried one.
+    pub bank_status: Option<String>,
+}
+
+/// A PIS access/refresh token pair. Belfius keeps one pair per scope.
+#[derive(Clone)]
+pub struct TokenPair {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_in: Option<Duration>,
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for TokenPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenPair")
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The documented Belfius error body `{error, error_code, error_description}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ErrorBody {
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub error_code: String,
+    #[serde(default)]
+    pub error_description: String,
+}
+
+/// Why a bank call did not succeed. The variants encode what the worker may conclude about
+/// whether the bank acted on the request: that decides between retry and outcome-unknown.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BankError {
+    /// The request never left this process (DNS, connect refused, TLS handshake): the bank did
+    /// nothing, a retry is safe.
+    #[error("request not sent: {0}")]
+    NotSent(String),
+    /// The request may have reached the bank but no response came back (timeout, reset):
+    /// the outcome is unknown.
+    #[error("no response from bank: {0}")]
+    NoResponse(String),
+    /// HTTP 429.
+    #[error("rate limited by bank (retry after {retry_after:?})")]
+    RateLimited { retry_after: Option<Duration> },
+    /// HTTP 5xx.
+    #[error("bank unavailable: HTTP {status} {body:?}")]
+    Unavailable { status: u16, body: Option<ErrorBody> },
+    /// HTTP 4xx other than 429: the bank refused the request.
+    #[error("bank refused: HTTP {status} {} {}", body.error, body.error_code)]
+    Refused { status: u16, body: ErrorBody },
+    /// A response that does not follow the contract.
+    #[error("unexpected bank response: {0}")]
+    Protocol(String),
+}

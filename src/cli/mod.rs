@@ -1,0 +1,101 @@
+//! The `pis-worker` command line: the worker itself and the tools around it.
+
+pub mod run;
+pub mod send;
+pub mod watch;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "pis-worker", version, about = "Kafka-driven PSD2 payment initiation for Belfius and Banx")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "PIS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker (a consumer-group member).
+    Run(Box<run::RunArgs>),
+    /// Run the Belfius sandbox simulator.
+    Sandbox(crate::sandbox::cli::SandboxArgs),
+    /// Act as the PSU in the sandbox (sign / reject) and print the redirect URL.
+    Psu(crate::sandbox::cli::PsuArgs),
+    /// Publish a payment command (Avro) to the command topic.
+    Send(send::SendArgs),
+    /// Print payment status events as they arrive.
+    Watch(watch::WatchArgs),
+    /// Create the topics (idempotent).
+    Topics(run::TopicsArgs),
+    /// Print a fresh state-encryption key (64 hex characters).
+    Keygen,
+}
+
+/// Shared broker options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "PIS_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    #[arg(long, env = "PIS_TOPIC_COMMANDS", default_value = "pis.payment-commands")]
+    pub topic_commands: String,
+    #[arg(long, env = "PIS_TOPIC_STATUS", default_value = "pis.payment-status")]
+    pub topic_status: String,
+    #[arg(long, env = "PIS_TOPIC_STATE", default_value = "pis.payment-state")]
+    pub topic_state: String,
+    #[arg(long, env = "PIS_TOPIC_DLQ", default_value = "pis.payment-commands.dlq")]
+    pub topic_dlq: String,
+    /// Extra librdkafka property, `key=value` (repeatable): security.protocol, sasl.*, ssl.*...
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
+}
+
+impl BrokerArgs {
+    pub fn settings(&self, group_id: &str, session_timeout_ms: u32) -> crate::kafka::KafkaSettings {
+        crate::kafka::KafkaSettings {
+            brokers: self.brokers.clone(),
+            group_id: group_id.to_owned(),
+            topics: crate::kafka::Topics {
+                commands: self.topic_commands.clone(),
+                status: self.topic_status.clone(),
+                state: self.topic_state.clone(),
+                dlq: self.topic_dlq.clone(),
+            },
+            session_timeout_ms,
+            extra: self.kafka_properties.clone(),
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,188 @@
+//! `pis-worker run` and `pis-worker topics`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+
+use super::BrokerArgs;
+use crate::belfius::{ApiVersions, BelfiusConfig, QwacIdentity};
+use crate::domain::machine::Policy;
+use crate::domain::model::Amount;
+use crate::domain::validation::ValidationLimits;
+use crate::engine::WorkerConfig;
+
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(value.into())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[arg(long, env = "PIS_GROUP_ID", default_value = "pis-worker")]
+    pub group_id: String,
+    #[arg(long, env = "PIS_SESSION_TIMEOUT_MS", default_value_t = 30_000)]
+    pub session_timeout_ms: u32,
+    /// Create missing topics with this many partitions at start-up.
+    #[arg(long, env = "PIS_CREATE_TOPICS")]
+    pub create_topics: Option<i32>,
+    /// Belfius-brand API base URL.
+    #[arg(long, env = "PIS_BELFIUS_URL", default_value = "https://psd2.b2b.belfius.be:8443/")]
+    pub belfius_url: url::Url,
+    /// Banx-brand API base URL.
+    #[arg(long, env = "PIS_BANX_URL", default_value = "https://psd2.b2b.banx.be:8443/")]
+    pub banx_url: url::Url,
+    #[arg(long, env = "PIS_CLIENT_ID")]
+    pub client_id: String,
+    /// The client secret from onboarding (prefer the env variable or --client-secret-file).
+    #[arg(long, env = "PIS_CLIENT_SECRET", hide_env_values = true, value_parser = secret)]
+    pub client_secret: Option<SecretString>,
+    #[arg(long, env = "PIS_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for the bank, e.g. the sandbox's test CA.
+    #[arg(long, env = "PIS_BANK_CA_FILE")]
+    pub bank_ca_file: Option<PathBuf>,
+    /// QWAC certificate chain (PEM) for mutual TLS.
+    #[arg(long, env = "PIS_QWAC_CERT_FILE")]
+    pub qwac_cert_file: Option<PathBuf>,
+    /// QWAC private key (PEM).
+    #[arg(long, env = "PIS_QWAC_KEY_FILE")]
+    pub qwac_key_file: Option<PathBuf>,
+    /// State-encryption key, 64 hex chars (`pis-worker keygen`); prefer --state-key-file.
+    #[arg(long, env = "PIS_STATE_KEY", hide_env_values = true, value_parser = secret)]
+    pub state_key: Option<SecretString>,
+    #[arg(long, env = "PIS_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+    #[arg(long, env = "PIS_API_VERSION_INITIATION", default_value = "3")]
+    pub api_version_initiation: String,
+    #[arg(long, env = "PIS_API_VERSION_STATUS", default_value = "1")]
+    pub api_version_status: String,
+    #[arg(long, env = "PIS_API_VERSION_TOKEN", default_value = "1")]
+    pub api_version_token: String,
+    #[arg(long, env = "PIS_BANK_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub bank_connect_timeout_ms: u64,
+    #[arg(long, env = "PIS_BANK_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub bank_request_timeout_ms: u64,
+    /// How long the PSU has to sign.
+    #[arg(long, env = "PIS_SCA_TIMEOUT_SECS", default_value_t = 900)]
+    pub sca_timeout_secs: u64,
+    #[arg(long, env = "PIS_POLL_FAST_MS", default_value_t = 2_000)]
+    pub poll_fast_ms: u64,
+    #[arg(long, env = "PIS_POLL_FAST_COUNT", default_value_t = 10)]
+    pub poll_fast_count: u32,
+    #[arg(long, env = "PIS_POLL_SLOW_MS", default_value_t = 30_000)]
+    pub poll_slow_ms: u64,
+    #[arg(long, env = "PIS_MAX_INITIATION_ATTEMPTS", default_value_t = 3)]
+    pub max_initiation_attempts: u32,
+    /// Largest amount accepted, e.g. 1000000.00.
+    #[arg(long, env = "PIS_MAX_AMOUNT", default_value = "1000000.00")]
+    pub max_amount: String,
+    #[arg(long, env = "PIS_MAX_COMMAND_BYTES", default_value_t = 65_536)]
+    pub max_command_bytes: usize,
+    /// Bound for finishing in-flight work when a partition is revoked.
+    #[arg(long, env = "PIS_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+fn read_secret_file(path: &PathBuf, what: &str) -> anyhow::Result<SecretString> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} from {}", path.display()))?;
+    Ok(SecretString::from(text.trim().to_owned()))
+}
+
+impl RunArgs {
+    pub fn config(&self) -> anyhow::Result<WorkerConfig> {
+        let client_secret = match (&self.client_secret, &self.client_secret_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => read_secret_file(path, "client secret")?,
+            (None, None) => anyhow::bail!("the client secret is required (PIS_CLIENT_SECRET or --client-secret-file)"),
+        };
+        let state_key = match (&self.state_key, &self.state_key_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => read_secret_file(path, "state key")?,
+            (None, None) => anyhow::bail!("the state key is required (PIS_STATE_KEY or --state-key-file; make one with `pis-worker keygen`)"),
+        };
+        let extra_ca_pem = self
+            .bank_ca_file
+            .as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .transpose()?;
+        let qwac = match (&self.qwac_cert_file, &self.qwac_key_file) {
+            (Some(cert), Some(key)) => Some(QwacIdentity {
+                cert_chain_pem: std::fs::read(cert)
+                    .with_context(|| format!("reading {}", cert.display()))?,
+                private_key_pem: read_secret_file(key, "QWAC key")?,
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!("--qwac-cert-file and --qwac-key-file go together"),
+        };
+        let max_amount = Amount::parse(&self.max_amount)
+            .map_err(|e| anyhow::anyhow!("--max-amount: {e}"))?;
+        let policy = Policy {
+            sca_timeout_ms: (self.sca_timeout_secs * 1000) as i64,
+            fast_poll_ms: self.poll_fast_ms as i64,
+            fast_polls: self.poll_fast_count,
+            slow_poll_ms: self.poll_slow_ms as i64,
+            max_initiation_attempts: self.max_initiation_attempts.max(1),
+            ..Policy::default()
+        };
+        Ok(WorkerConfig {
+            kafka: self.broker.settings(&self.group_id, self.session_timeout_ms),
+            bank: BelfiusConfig {
+                belfius_base_url: self.belfius_url.clone(),
+                banx_base_url: self.banx_url.clone(),
+                client_id: self.client_id.clone(),
+                client_secret,
+                extra_ca_pem,
+                qwac,
+                connect_timeout: Duration::from_millis(self.bank_connect_timeout_ms),
+                request_timeout: Duration::from_millis(self.bank_request_timeout_ms),
+                versions: ApiVersions {
+                    payment_initiation: self.api_version_initiation.clone(),
+                    payment_status: self.api_version_status.clone(),
+                    token: self.api_version_token.clone(),
+                },
+            },
+            state_key,
+            policy,
+            limits: ValidationLimits {
+                max_amount,
+                ..ValidationLimits::default()
+            },
+            max_command_bytes: self.max_command_bytes,
+            queue_capacity: 1024,
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            restore_timeout: Duration::from_secs(300),
+            checkpoint_interval: Duration::from_secs(1),
+            create_topics: self.create_topics,
+        })
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    crate::engine::run(config, super::stop_signal()).await
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicsArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
+    #[arg(long, default_value_t = 1)]
+    pub replication: i32,
+}
+
+pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
+    let settings = args.broker.settings("pis-worker-admin", 30_000);
+    crate::kafka::admin::ensure_topics(&settings, args.partitions, args.replication).await?;
+    let count = tokio::task::spawn_blocking(move || {
+        crate::kafka::admin::check_partition_invariant(&settings)
+    })
+    .await??;
+    println!("topics ready: {count} partitions");
+    Ok(())
+}

@@ -1,0 +1,474 @@
+//! Payment commands (`schemas/payment-command.avsc`) to and from Avro bytes.
+
+use apache_avro::types::Value;
+use chrono::NaiveDate;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::framing::{frame, unframe};
+use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, schemas};
+use crate::domain::model::RawInitiatePayment;
+
+/// One command as a client sent it. Fields are not validated here: that happens at the edge of
+/// the engine, where a failure becomes a status event or a DLQ record.
+#[derive(Debug, Clone)]
+pub struct CommandEnvelope {
+    pub command_id: String,
+    pub payment_id: String,
+    pub psu_id: String,
+    pub issued_at: i64,
+    pub body: CommandBody,
+}
+
+#[derive(Debug, Clone)]
+pub enum CommandBody {
+    Initiate(RawInitiatePayment),
+    CompleteSca(ScaRedirect),
+    Cancel { reason: Option<String> },
+    RefreshStatus,
+}
+
+impl CommandBody {
+    /// Stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommandBody::Initiate(_) => "InitiatePayment",
+            CommandBody::CompleteSca(_) => "CompleteSca",
+            CommandBody::Cancel { .. } => "CancelPayment",
+            CommandBody::RefreshStatus => "RefreshStatus",
+        }
+    }
+}
+
+/// The query parameters the bank put on the redirect URI.
+#[derive(Debug, Clone)]
+pub struct ScaRedirect {
+    pub authorization_code: Option<SecretString>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+    pub state: Option<String>,
+}
+
+impl ScaRedirect {
+    /// Reads `code`, `state`, `error` and `error_description` from a redirect URL.
+    pub fn from_redirect_url(url: &url::Url) -> Self {
+        let mut out = ScaRedirect {
+            authorization_code: None,
+            error: None,
+            error_description: None,
+            state: None,
+        };
+        for (name, value) in url.query_pairs() {
+            match name.as_ref() {
+                "code" => out.authorization_code = Some(SecretString::from(value.into_owned())),
+                "error" => out.error = Some(value.into_owned()),
+                "error_description" => out.error_description = Some(value.into_owned()),
+                "state" => out.state = Some(value.into_owned()),
+                _other => {}
+            }
+        }
+        out
+    }
+}
+
+/// Encodes a command with single-object framing.
+pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
+    let schemas = schemas().map_err(|e| EncodeError::Schema(e.message))?;
+    let body = match &command.body {
+        CommandBody::Initiate(raw) => Value::Union(0, Box::new(initiate_value(raw))),
+        CommandBody::CompleteSca(sca) => Value::Union(
+            1,
+            Box::new(Value::Record(vec![
+                (
+                    "authorization_code".into(),
+                    opt_string(sca.authorization_code.as_ref().map(|c| c.expose_secret())),
+                ),
+                ("error".into(), opt_string(sca.error.as_deref())),
+                (
+                    "error_description".into(),
+                    opt_string(sca.error_description.as_deref()),
+                ),
+                ("state".into(), opt_string(sca.state.as_deref())),
+            ])),
+        ),
+        CommandBody::Cancel { reason } => Value::Union(
+            2,
+            Box::new(Value::Record(vec![(
+                "reason".into(),
+                opt_string(reason.as_deref()),
+            )])),
+        ),
+        CommandBody::RefreshStatus => Value::Union(3, Box::new(Value::Record(vec![]))),
+    };
+    let value = Value::Record(vec![
+        ("command_id".into(), Value::String(command.command_id.clone())),
+        ("payment_id".into(), Value::String(command.payment_id.clone())),
+        ("psu_id".into(), Value::String(command.psu_id.clone())),
+        ("issued_at".into(), Value::TimestampMillis(command.issued_at)),
+        ("body".into(), body),
+    ]);
+    let datum = apache_avro::to_avro_datum(&schemas.command.schema, value)?;
+    Ok(frame(&schemas.command.fingerprint, &datum))
+}
+
+fn initiate_value(raw: &RawInitiatePayment) -> Value {
+    let product_index = crate::domain::model::PaymentProduct::ALL
+        .iter()
+        .position(|p| p.symbol() == raw.payment_product)
+        .unwrap_or(0);
+    let brand_index = match raw.brand.as_str() {
+        "BANX" => 1,
+        _ => 0,
+    };
+    let date = raw
+        .requested_execution_date
+        .as_deref()
+        .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+        .map(|d| {
+            let days = (d - epoch()).num_days();
+            Value::Union(1, Box::new(Value::Date(days as i32)))
+        })
+        .unwrap_or(Value::Union(0, Box::new(Value::Null)));
+    Value::Record(vec![
+        (
+            "payment_product".into(),
+            Value::Enum(product_index as u32, raw.payment_product.clone()),
+        ),
+        ("brand".into(), Value::Enum(brand_index, raw.brand.clone())),
+        ("amount".into(), Value::String(raw.amount.clone())),
+        ("currency".into(), Value::String(raw.currency.clone())),
+        ("creditor_name".into(), Value::String(raw.creditor_name.clone())),
+        ("creditor_iban".into(), Value::String(raw.creditor_iban.clone())),
+        ("creditor_bic".into(), opt_string(raw.creditor_bic.as_deref())),
+        ("debtor_iban".into(), opt_string(raw.debtor_iban.as_deref())),
+        ("end_to_end_id".into(), Value::String(raw.end_to_end_id.clone())),
+        (
+            "remittance_information".into(),
+            opt_string(raw.remittance_information.as_deref()),
+        ),
+        ("requested_execution_date".into(), date),
+        ("language".into(), Value::String(raw.language.clone())),
+        ("redirect_uri".into(), Value::String(raw.redirect_uri.clone())),
+    ])
+}
+
+fn epoch() -> NaiveDate {
+    NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()
+}
+
+pub(super) fn opt_string(value: Option<&str>) -> Value {
+    match value {
+        Some(v) => Value::Union(1, Box::new(Value::String(v.to_owned()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    }
+}
+
+/// Decodes a single-object encoded command, resolving the writer schema against this build's
+/// reader schema.
+pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<CommandEnvelope, DecodeError> {
+    if bytes.len() > max_bytes {
+        return Err(DecodeError::new(
+            DecodeErrorClass::Oversized,
+            format!("{} bytes exceeds the maximum of {max_bytes}", bytes.len()),
+        ));
+    }
+    let (fingerprint, mut datum) = unframe(bytes)?;
+    let schemas = schemas()?;
+    let writer = match schemas.role(&fingerprint) {
+        Some(SchemaRole::Command) => &schemas.command.schema,
+        Some(SchemaRole::Status) => {
+            return Err(DecodeError::new(
+                DecodeErrorClass::WrongRecordType,
+                "a PaymentStatusEvent was published to the command topic",
+            ));
+        }
+        None => {
+            return Err(DecodeError::new(
+                DecodeErrorClass::UnknownSchema,
+                format!(
+                    "writer schema fingerprint {} is not a known PaymentCommand schema",
+                    hex::encode(fingerprint)
+                ),
+            ));
+        }
+    };
+    // Read with the writer schema alone and resolve by name below: apache-avro 0.21 resolves a
+    // union of records structurally when given a reader schema, which turned a CancelPayment
+    // into a CompleteSca with all-default fields (see docs/contract.md).
+    let value = apache_avro::from_avro_datum(writer, &mut datum, None)
+        .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
+    if !datum.is_empty() {
+        return Err(DecodeError::new(
+            DecodeErrorClass::MalformedAvro,
+            format!("{} trailing bytes after the command", datum.len()),
+        ));
+    }
+    envelope_from_value(value, writer)
+}
+
+/// The record name of branch `index` of the writer's `body` union.
+fn body_branch_name(writer: &apache_avro::Schema, index: u32) -> Option<String> {
+    let apache_avro::Schema::Record(record) = writer else {
+        return None;
+    };
+    let body = record.fields.iter().find(|f| f.name == "body")?;
+    let apache_avro::Schema::Union(union) = &body.schema else {
+        return None;
+    };
+    match union.variants().get(index as usize)? {
+        apache_avro::Schema::Record(branch) => Some(branch.name.name.clone()),
+        _other => None,
+    }
+}
+
+fn malformed(message: impl Into<String>) -> DecodeError {
+    DecodeError::new(DecodeErrorClass::MalformedAvro, message)
+}
+
+pub(super) struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    pub(super) fn of(value: Value, what: &str) -> Result<Self, DecodeError> {
+        match value {
+            Value::Record(fields) => Ok(Fields(fields)),
+            other => Err(malformed(format!("{what}: expected a record, got {other:?}"))),
+        }
+    }
+
+    /// A field an older writer may not have had: absent reads as null (its schema default).
+    fn take_optional(&mut self, name: &str) -> Value {
+        match self.0.iter().position(|(n, _)| n == name) {
+            Some(index) => self.0.swap_remove(index).1,
+            None => Value::Null,
+        }
+    }
+
+    fn take(&mut self, name: &str) -> Result<Value, DecodeError> {
+        let index = self
+            .0
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| malformed(format!("missing field {name}")))?;
+        Ok(self.0.swap_remove(index).1)
+    }
+
+    pub(super) fn string(&mut self, name: &str) -> Result<String, DecodeError> {
+        match self.take(name)? {
+            Value::String(s) => Ok(s),
+            Value::Uuid(u) => Ok(u.to_string()),
+            Value::Enum(_, symbol) => Ok(symbol),
+            other => Err(malformed(format!("{name}: expected a string, got {other:?}"))),
+        }
+    }
+
+    pub(super) fn opt_string(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
+        match self.take_optional(name) {
+            Value::Union(_, inner) => match *inner {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(s)),
+                other => Err(malformed(format!("{name}: expected string or null, got {other:?}"))),
+            },
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(s)),
+            other => Err(malformed(format!("{name}: expected string or null, got {other:?}"))),
+        }
+    }
+
+    pub(super) fn millis(&mut self, name: &str) -> Result<i64, DecodeError> {
+        match self.take(name)? {
+            Value::TimestampMillis(v) | Value::Long(v) => Ok(v),
+            other => Err(malformed(format!("{name}: expected timestamp-millis, got {other:?}"))),
+        }
+    }
+
+    pub(super) fn long(&mut self, name: &str) -> Result<i64, DecodeError> {
+        match self.take(name)? {
+            Value::Long(v) => Ok(v),
+            Value::Int(v) => Ok(i64::from(v)),
+            other => Err(malformed(format!("{name}: expected long, got {other:?}"))),
+        }
+    }
+
+    pub(super) fn boolean(&mut self, name: &str) -> Result<bool, DecodeError> {
+        match self.take(name)? {
+            Value::Boolean(v) => Ok(v),
+            other => Err(malformed(format!("{name}: expected boolean, got {other:?}"))),
+        }
+    }
+
+    pub(super) fn value(&mut self, name: &str) -> Result<Value, DecodeError> {
+        self.take(name)
+    }
+
+    pub(super) fn value_or_null(&mut self, name: &str) -> Value {
+        self.take_optional(name)
+    }
+
+    fn opt_date(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
+        let inner = match self.take_optional(name) {
+            Value::Union(_, inner) => *inner,
+            other => other,
+        };
+        match inner {
+            Value::Null => Ok(None),
+            Value::Date(days) | Value::Int(days) => epoch()
+                .checked_add_signed(chrono::Duration::days(i64::from(days)))
+                .map(|d| Some(d.format("%Y-%m-%d").to_string()))
+                .ok_or_else(|| malformed(format!("{name}: date out of range"))),
+            other => Err(malformed(format!("{name}: expected date or null, got {other:?}"))),
+        }
+    }
+}
+
+fn envelope_from_value(
+    value: Value,
+    writer: &apache_avro::Schema,
+) -> Result<CommandEnvelope, DecodeError> {
+    let mut fields = Fields::of(value, "PaymentCommand")?;
+    let command_id = fields.string("command_id")?;
+    let payment_id = fields.string("payment_id")?;
+    let psu_id = fields.string("psu_id")?;
+    let issued_at = fields.millis("issued_at")?;
+    let (index, body) = match fields.value("body")? {
+        Value::Union(index, body) => (index, *body),
+        other => return Err(malformed(format!("body: expected a union, got {other:?}"))),
+    };
+    let mut body_fields = Fields::of(body, "body")?;
+    let branch = body_branch_name(writer, index).unwrap_or_default();
+    let body = match branch.as_str() {
+        "InitiatePayment" => CommandBody::Initiate(RawInitiatePayment {
+            payment_product: body_fields.string("payment_product")?,
+            brand: body_fields.string("brand")?,
+            amount: body_fields.string("amount")?,
+            currency: body_fields.string("currency")?,
+            creditor_name: body_fields.string("creditor_name")?,
+            creditor_iban: body_fields.string("creditor_iban")?,
+            creditor_bic: body_fields.opt_string("creditor_bic")?,
+            debtor_iban: body_fields.opt_string("debtor_iban")?,
+            end_to_end_id: body_fields.string("end_to_end_id")?,
+            remittance_information: body_fields.opt_string("remittance_information")?,
+            requested_execution_date: body_fields.opt_date("requested_execution_date")?,
+            language: body_fields.string("language")?,
+            redirect_uri: body_fields.string("redirect_uri")?,
+        }),
+        "CompleteSca" => CommandBody::CompleteSca(ScaRedirect {
+            authorization_code: body_fields
+                .opt_string("authorization_code")?
+                .map(SecretString::from),
+            error: body_fields.opt_string("error")?,
+            error_description: body_fields.opt_string("error_description")?,
+            state: body_fields.opt_string("state")?,
+        }),
+        "CancelPayment" => CommandBody::Cancel {
+            reason: body_fields.opt_string("reason")?,
+        },
+        "RefreshStatus" => CommandBody::RefreshStatus,
+        other => {
+            return Err(DecodeError::new(
+                DecodeErrorClass::WrongRecordType,
+                format!("unknown command body {other:?} (union branch {index})"),
+            ));
+        }
+    };
+    Ok(CommandEnvelope {
+        command_id,
+        payment_id,
+        psu_id,
+        issued_at,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_initiate() -> RawInitiatePayment {
+        RawInitiatePayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            amount: "12.34".into(),
+            currency: "EUR".into(),
+            creditor_name: "Alice".into(),
+            creditor_iban: "BE68539007547034".into(),
+            creditor_bic: Some("GKCCBEBB".into()),
+            debtor_iban: None,
+            end_to_end_id: "E2E-1".into(),
+            remittance_information: Some("invoice 42".into()),
+            requested_execution_date: Some("2026-12-01".into()),
+            language: "fr".into(),
+            redirect_uri: "https://client.example/cb".into(),
+        }
+    }
+
+    fn envelope(body: CommandBody) -> CommandEnvelope {
+        CommandEnvelope {
+            command_id: "c-1".into(),
+            payment_id: "p-1".into(),
+            psu_id: "psu-1".into(),
+            issued_at: 1_700_000_000_000,
+            body,
+        }
+    }
+
+    #[test]
+    fn initiate_round_trips_through_avro_bytes() {
+        let bytes = encode(&envelope(CommandBody::Initiate(sample_initiate()))).expect("encode");
+        assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+        let decoded = decode(&bytes, 65_536).expect("decode");
+        assert_eq!(decoded.command_id, "c-1");
+        assert_eq!(decoded.issued_at, 1_700_000_000_000);
+        match decoded.body {
+            CommandBody::Initiate(raw) => assert_eq!(raw, sample_initiate()),
+            other => panic!("wrong body {other:?}"),
+        }
+    }
+
+    #[test]
+    fn complete_sca_round_trips_and_keeps_the_code_secret() {
+        let sca = ScaRedirect::from_redirect_url(
+            &url::Url::parse("https://c.example/cb?code=s3cr3t&state=p-1").expect("url"),
+        );
+        let bytes = encode(&envelope(CommandBody::CompleteSca(sca))).expect("encode");
+        let decoded = decode(&bytes, 65_536).expect("decode");
+        let CommandBody::CompleteSca(sca) = decoded.body else {
+            panic!("wrong body")
+        };
+        let code = sca.authorization_code.expect("code");
+        assert_eq!(code.expose_secret(), "s3cr3t");
+        assert!(!format!("{code:?}").contains("s3cr3t"));
+        assert_eq!(sca.state.as_deref(), Some("p-1"));
+    }
+
+    #[test]
+    fn cancel_and_refresh_round_trip() {
+        let bytes = encode(&envelope(CommandBody::Cancel {
+            reason: Some("changed my mind".into()),
+        }))
+        .expect("encode");
+        assert!(matches!(
+            decode(&bytes, 65_536).expect("decode").body,
+            CommandBody::Cancel { reason: Some(r) } if r == "changed my mind"
+        ));
+        let bytes = encode(&envelope(CommandBody::RefreshStatus)).expect("encode");
+        assert!(matches!(
+            decode(&bytes, 65_536).expect("decode").body,
+            CommandBody::RefreshStatus
+        ));
+    }
+
+    #[test]
+    fn decode_classifies_bad_input() {
+        let good = encode(&envelope(CommandBody::RefreshStatus)).expect("encode");
+        let class = |b: &[u8], max| decode(b, max).map(|_| ()).map_err(|e| e.class);
+        assert_eq!(class(&good, 4), Err(DecodeErrorClass::Oversized));
+        assert_eq!(class(b"", 100), Err(DecodeErrorClass::Empty));
+        assert_eq!(class(b"hello world!", 100), Err(DecodeErrorClass::BadFraming));
+        let mut unknown = good.clone();
+        unknown[2] ^= 0xFF;
+        assert_eq!(class(&unknown, 100), Err(DecodeErrorClass::UnknownSchema));
+        assert_eq!(class(&good[..good.len() - 3], 100), Err(DecodeErrorClass::MalformedAvro));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(class(&trailing, 100), Err(DecodeErrorClass::MalformedAvro));
+    }
+}

@@ -1,0 +1,166 @@
+//! The wire contract with client systems: Avro schemas in `schemas/`, single-object framing, and
+//! the mapping between Avro values and domain types.
+//!
+//! Values are built and read field by field rather than through serde, so that every decoding
+//! failure names the field and the class of error (for the DLQ headers).
+
+pub mod command;
+pub mod framing;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use apache_avro::Schema;
+use apache_avro::rabin::Rabin;
+
+/// Why bytes could not be turned into a command. The class is the DLQ `pis.error.class` header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class}: {message}")]
+pub struct DecodeError {
+    pub class: DecodeErrorClass,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeErrorClass {
+    /// Empty record value.
+    Empty,
+    /// Larger than the configured maximum.
+    Oversized,
+    /// Not single-object encoded (wrong marker bytes), or too short for the header.
+    BadFraming,
+    /// Single-object encoded, but with a writer schema this worker does not know.
+    UnknownSchema,
+    /// The Avro body could not be read (truncated or corrupt) with the writer schema.
+    MalformedAvro,
+    /// Valid Avro of a known schema, but not a payment command.
+    WrongRecordType,
+    /// A payment command whose envelope fields are invalid (ids, key mismatch).
+    InvalidEnvelope,
+}
+
+impl DecodeErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeErrorClass::Empty => "EMPTY",
+            DecodeErrorClass::Oversized => "OVERSIZED",
+            DecodeErrorClass::BadFraming => "BAD_FRAMING",
+            DecodeErrorClass::UnknownSchema => "UNKNOWN_SCHEMA",
+            DecodeErrorClass::MalformedAvro => "MALFORMED_AVRO",
+            DecodeErrorClass::WrongRecordType => "WRONG_RECORD_TYPE",
+            DecodeErrorClass::InvalidEnvelope => "INVALID_ENVELOPE",
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a value could not be encoded: a build defect (bad schema) or a value the schema refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("schema unavailable: {0}")]
+    Schema(String),
+    #[error("avro encoding failed: {0}")]
+    Avro(#[from] apache_avro::Error),
+}
+
+impl DecodeError {
+    pub fn new(class: DecodeErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+pub const COMMAND_SCHEMA_JSON: &str = include_str!("../../schemas/payment-command.avsc");
+pub const STATUS_SCHEMA_JSON: &str = include_str!("../../schemas/payment-status.avsc");
+
+/// A schema with its CRC-64-AVRO fingerprint (as the 8 little-endian bytes of single-object
+/// encoding).
+pub struct KnownSchema {
+    pub name: &'static str,
+    pub schema: Schema,
+    pub fingerprint: [u8; 8],
+}
+
+/// The schemas this build writes, and every writer schema it can read.
+pub struct Schemas {
+    pub command: KnownSchema,
+    pub status: KnownSchema,
+    by_fingerprint: HashMap<[u8; 8], SchemaRole>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SchemaRole {
+    Command,
+    Status,
+}
+
+fn known(name: &'static str, json: &str) -> Result<KnownSchema, String> {
+    let schema = Schema::parse_str(json).map_err(|e| format!("schema {name}: {e}"))?;
+    let bytes = schema.fingerprint::<Rabin>().bytes;
+    let fingerprint: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| format!("schema {name}: fingerprint is not 8 bytes"))?;
+    Ok(KnownSchema {
+        name,
+        schema,
+        fingerprint,
+    })
+}
+
+impl Schemas {
+    fn load() -> Result<Self, String> {
+        let command = known("PaymentCommand", COMMAND_SCHEMA_JSON)?;
+        let status = known("PaymentStatusEvent", STATUS_SCHEMA_JSON)?;
+        let by_fingerprint = HashMap::from([
+            (command.fingerprint, SchemaRole::Command),
+            (status.fingerprint, SchemaRole::Status),
+        ]);
+        Ok(Self {
+            command,
+            status,
+            by_fingerprint,
+        })
+    }
+
+    fn role(&self, fingerprint: &[u8; 8]) -> Option<SchemaRole> {
+        self.by_fingerprint.get(fingerprint).copied()
+    }
+}
+
+static SCHEMAS: LazyLock<Result<Schemas, String>> = LazyLock::new(Schemas::load);
+
+/// The compiled-in schemas. They are checked by tests and at start-up (`schemas()?` in `main`),
+/// so an error here is a build defect, reported rather than panicking.
+pub fn schemas() -> Result<&'static Schemas, DecodeError> {
+    SCHEMAS
+        .as_ref()
+        .map_err(|e| DecodeError::new(DecodeErrorClass::UnknownSchema, e.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemas_parse_and_have_distinct_fingerprints() {
+        let s = schemas().expect("schemas load");
+        assert_ne!(s.command.fingerprint, s.status.fingerprint);
+    }
+
+    /// Vector from the Avro specification's reference implementation: the CRC-64-AVRO
+    /// fingerprint of the schema `"int"` is 0x7275d51a3f395c8f, written little-endian.
+    #[test]
+    fn fingerprint_matches_the_avro_reference_value() {
+        let schema = Schema::parse_str(r#""int""#).expect("int schema");
+        let bytes = schema.fingerprint::<Rabin>().bytes;
+        assert_eq!(u64::from_le_bytes(bytes.try_into().expect("8 bytes")), 0x7275d51a3f395c8f);
+    }
+}

@@ -1,0 +1,176 @@
+//! Payment status events (`schemas/payment-status.avsc`) to and from Avro bytes.
+
+use apache_avro::types::Value;
+
+use super::command::{Fields, opt_string};
+use super::framing::{frame, unframe};
+use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, schemas};
+use crate::domain::machine::{StateKind, StatusEvent};
+
+/// A status event as read back from the topic (by `watch`, tests, or any client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRecord {
+    pub event_id: String,
+    pub payment_id: String,
+    pub psu_id: String,
+    pub sequence: i64,
+    pub state: StateKind,
+    pub is_final: bool,
+    pub bank_status: Option<String>,
+    pub bank_payment_id: Option<String>,
+    pub sca_redirect_url: Option<String>,
+    pub reason_code: Option<String>,
+    pub reason_message: Option<String>,
+    pub causation_id: Option<String>,
+    pub occurred_at: i64,
+}
+
+/// Encodes a status event with single-object framing.
+pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
+    let schemas = schemas().map_err(|e| EncodeError::Schema(e.message))?;
+    let state_index = StateKind::ALL
+        .iter()
+        .position(|k| *k == event.state)
+        .unwrap_or(0) as u32;
+    let reason = match &event.reason {
+        Some(r) => Value::Union(
+            1,
+            Box::new(Value::Record(vec![
+                ("code".into(), Value::String(r.code.as_str().into())),
+                ("message".into(), Value::String(r.message.clone())),
+            ])),
+        ),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let value = Value::Record(vec![
+        ("event_id".into(), Value::Uuid(event.event_id())),
+        ("payment_id".into(), Value::String(event.payment_id.to_string())),
+        ("psu_id".into(), Value::String(event.psu_id.to_string())),
+        ("sequence".into(), Value::Long(event.sequence as i64)),
+        (
+            "state".into(),
+            Value::Enum(state_index, event.state.symbol().into()),
+        ),
+        ("is_final".into(), Value::Boolean(event.state.is_terminal())),
+        ("bank_status".into(), opt_string(event.bank_status.as_deref())),
+        (
+            "bank_payment_id".into(),
+            opt_string(event.bank_payment_id.as_ref().map(|b| b.as_str())),
+        ),
+        (
+            "sca_redirect_url".into(),
+            opt_string(event.sca_redirect_url.as_deref()),
+        ),
+        ("reason".into(), reason),
+        ("causation_id".into(), opt_string(Some(&event.causation_id))),
+        ("occurred_at".into(), Value::TimestampMillis(event.occurred_at)),
+    ]);
+    let datum = apache_avro::to_avro_datum(&schemas.status.schema, value)?;
+    Ok(frame(&schemas.status.fingerprint, &datum))
+}
+
+/// Decodes a single-object encoded status event.
+pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
+    let (fingerprint, mut datum) = unframe(bytes)?;
+    let schemas = schemas()?;
+    match schemas.role(&fingerprint) {
+        Some(SchemaRole::Status) => {}
+        Some(SchemaRole::Command) => {
+            return Err(DecodeError::new(
+                DecodeErrorClass::WrongRecordType,
+                "a PaymentCommand, not a status event",
+            ));
+        }
+        None => {
+            return Err(DecodeError::new(
+                DecodeErrorClass::UnknownSchema,
+                format!("unknown writer fingerprint {}", hex::encode(fingerprint)),
+            ));
+        }
+    }
+    let value = apache_avro::from_avro_datum(&schemas.status.schema, &mut datum, None)
+    .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
+    let mut f = Fields::of(value, "PaymentStatusEvent")?;
+    let state_symbol = f.string("state")?;
+    let state = StateKind::from_symbol(&state_symbol).ok_or_else(|| {
+        DecodeError::new(
+            DecodeErrorClass::MalformedAvro,
+            format!("unknown state {state_symbol}"),
+        )
+    })?;
+    let (reason_code, reason_message) = match f.value_or_null("reason") {
+        Value::Union(_, inner) => match *inner {
+            Value::Null => (None, None),
+            record => {
+                let mut r = Fields::of(record, "reason")?;
+                (Some(r.string("code")?), Some(r.string("message")?))
+            }
+        },
+        _other => (None, None),
+    };
+    Ok(StatusRecord {
+        event_id: f.string("event_id")?,
+        payment_id: f.string("payment_id")?,
+        psu_id: f.string("psu_id")?,
+        sequence: f.long("sequence")?,
+        state,
+        is_final: f.boolean("is_final")?,
+        bank_status: f.opt_string("bank_status")?,
+        bank_payment_id: f.opt_string("bank_payment_id")?,
+        sca_redirect_url: f.opt_string("sca_redirect_url")?,
+        reason_code,
+        reason_message,
+        causation_id: f.opt_string("causation_id")?,
+        occurred_at: f.millis("occurred_at")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::{BankPaymentId, PaymentId, PsuId};
+    use crate::domain::reason::{Reason, ReasonCode};
+
+    #[test]
+    fn status_event_round_trips_through_avro_bytes() {
+        let event = StatusEvent {
+            payment_id: PaymentId::new("p-1"),
+            psu_id: PsuId::new("psu-1"),
+            sequence: 3,
+            state: StateKind::Rejected,
+            bank_status: Some("RJCT".into()),
+            bank_payment_id: Some(BankPaymentId::new("b-9")),
+            sca_redirect_url: None,
+            reason: Some(Reason::new(ReasonCode::BankRejected, "no")),
+            causation_id: "c-1".into(),
+            occurred_at: 42,
+        };
+        let record = decode(&encode(&event).expect("encode")).expect("decode");
+        assert_eq!(record.event_id, event.event_id().to_string());
+        assert_eq!(record.sequence, 3);
+        assert_eq!(record.state, StateKind::Rejected);
+        assert!(record.is_final);
+        assert_eq!(record.bank_payment_id.as_deref(), Some("b-9"));
+        assert_eq!(record.reason_code.as_deref(), Some("BANK_REJECTED"));
+        assert_eq!(record.causation_id.as_deref(), Some("c-1"));
+        assert_eq!(record.occurred_at, 42);
+    }
+
+    #[test]
+    fn every_state_kind_is_a_schema_symbol_in_the_same_order() {
+        let schemas = schemas().expect("schemas");
+        let apache_avro::Schema::Record(record) = &schemas.status.schema else {
+            panic!("status schema is not a record")
+        };
+        let state_field = record
+            .fields
+            .iter()
+            .find(|f| f.name == "state")
+            .expect("state field");
+        let apache_avro::Schema::Enum(e) = &state_field.schema else {
+            panic!("state is not an enum")
+        };
+        let ours: Vec<&str> = StateKind::ALL.iter().map(|k| k.symbol()).collect();
+        assert_eq!(e.symbols, ours);
+    }
+}

@@ -1,0 +1,1191 @@
+//! The payment state machine: `decide(payment, input, now, policy) -> Outcome`. Pure: no I/O, no
+//! clock, no randomness (the engine passes in `now` and any generated secret).
+//!
+//! A transition returns the next durable record, the status events it emits and the effects the
+//! engine must run *after* the record is durable (write-ahead intent, DESIGN.md invariant 2).
+//! Timers are not effects: they are `next_check_at` in the record, so they survive restarts.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::bank::BankProgress;
+use super::model::{BankPaymentId, CommandId, PaymentId, PaymentOrder, PsuId};
+use super::reason::{Reason, ReasonCode};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// Where a payment is in its life. `attempt` counts bank-side initiation calls made so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaymentState {
+    /// Accepted and durable; waiting for the bank call to start.
+    Received,
+    /// An initiation call (attempt N) is made or about to be made.
+    Initiating { attempt: u32 },
+    /// The bank holds the payment; the PSU must sign through the SCA redirect.
+    ScaPending,
+    /// The PSU came back with an authorization code; exchanging it and confirming at the bank.
+    Authorizing,
+    /// Multi-signature: some signatures are in.
+    PartiallySigned,
+    /// Signed and accepted by the bank, not yet executed.
+    Signed,
+    /// Executed. Terminal.
+    Settled,
+    /// Terminal.
+    Cancelled,
+    /// Terminal: refused by validation, the bank or the PSU.
+    Rejected,
+    /// Terminal: the PSU did not sign in time.
+    Expired,
+    /// Terminal: the worker gave up (e.g. an outcome it could not resolve).
+    Failed,
+    /// A bank initiation call (attempt N) ended without an answer: the bank may or may not hold
+    /// the payment. The reconciler resolves it.
+    OutcomeUnknown { attempt: u32 },
+}
+
+/// The state without its data: the `state` field of status events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StateKind {
+    Received,
+    Initiating,
+    ScaPending,
+    Authorizing,
+    PartiallySigned,
+    Signed,
+    Settled,
+    Cancelled,
+    Rejected,
+    Expired,
+    Failed,
+    OutcomeUnknown,
+}
+
+impl StateKind {
+    pub const ALL: [StateKind; 12] = [
+        StateKind::Received,
+        StateKind::Initiating,
+        StateKind::ScaPending,
+        StateKind::Authorizing,
+        StateKind::PartiallySigned,
+        StateKind::Signed,
+        StateKind::Settled,
+        StateKind::Cancelled,
+        StateKind::Rejected,
+        StateKind::Expired,
+        StateKind::Failed,
+        StateKind::OutcomeUnknown,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        match self {
+            StateKind::Settled
+            | StateKind::Cancelled
+            | StateKind::Rejected
+            | StateKind::Expired
+            | StateKind::Failed => true,
+            StateKind::Received
+            | StateKind::Initiating
+            | StateKind::ScaPending
+            | StateKind::Authorizing
+            | StateKind::PartiallySigned
+            | StateKind::Signed
+            | StateKind::OutcomeUnknown => false,
+        }
+    }
+
+    /// States in which the PSU's signature is still outstanding, so the SCA deadline applies.
+    pub fn awaits_signature(self) -> bool {
+        match self {
+            StateKind::ScaPending | StateKind::PartiallySigned => true,
+            StateKind::Received
+            | StateKind::Initiating
+            | StateKind::Authorizing
+            | StateKind::Signed
+            | StateKind::Settled
+            | StateKind::Cancelled
+            | StateKind::Rejected
+            | StateKind::Expired
+            | StateKind::Failed
+            | StateKind::OutcomeUnknown => false,
+        }
+    }
+
+    /// The Avro enum symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            StateKind::Received => "RECEIVED",
+            StateKind::Initiating => "INITIATING",
+            StateKind::ScaPending => "SCA_PENDING",
+            StateKind::Authorizing => "AUTHORIZING",
+            StateKind::PartiallySigned => "PARTIALLY_SIGNED",
+            StateKind::Signed => "SIGNED",
+            StateKind::Settled => "SETTLED",
+            StateKind::Cancelled => "CANCELLED",
+            StateKind::Rejected => "REJECTED",
+            StateKind::Expired => "EXPIRED",
+            StateKind::Failed => "FAILED",
+            StateKind::OutcomeUnknown => "OUTCOME_UNKNOWN",
+        }
+    }
+
+    pub fn from_symbol(symbol: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.symbol() == symbol)
+    }
+}
+
+impl PaymentState {
+    pub fn kind(self) -> StateKind {
+        match self {
+            PaymentState::Received => StateKind::Received,
+            PaymentState::Initiating { .. } => StateKind::Initiating,
+            PaymentState::ScaPending => StateKind::ScaPending,
+            PaymentState::Authorizing => StateKind::Authorizing,
+            PaymentState::PartiallySigned => StateKind::PartiallySigned,
+            PaymentState::Signed => StateKind::Signed,
+            PaymentState::Settled => StateKind::Settled,
+            PaymentState::Cancelled => StateKind::Cancelled,
+            PaymentState::Rejected => StateKind::Rejected,
+            PaymentState::Expired => StateKind::Expired,
+            PaymentState::Failed => StateKind::Failed,
+            PaymentState::OutcomeUnknown { .. } => StateKind::OutcomeUnknown,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.kind().is_terminal()
+    }
+}
+
+/// The durable record of one payment (one `payment-state` record).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Payment {
+    pub payment_id: PaymentId,
+    pub psu_id: PsuId,
+    /// `None` only when the initiation was refused by validation.
+    pub order: Option<PaymentOrder>,
+    pub state: PaymentState,
+    /// Sequence number of the last status event emitted; the next one is `sequence + 1`.
+    pub sequence: u64,
+    /// The state kind of the last status event emitted.
+    pub last_published: Option<StateKind>,
+    /// Initiation calls made so far (each is a possible bank-side payment).
+    pub initiation_attempts: u32,
+    pub bank_payment_id: Option<BankPaymentId>,
+    pub bank_status: Option<String>,
+    pub sca_redirect_url: Option<String>,
+    /// The PKCE verifier of the current initiation attempt. Sealed when stored.
+    #[serde(skip)]
+    pub pkce_verifier: Option<SecretString>,
+    /// The authorization code while it is being exchanged. Sealed when stored.
+    #[serde(skip)]
+    pub authorization_code: Option<SecretString>,
+    pub received_at: Millis,
+    pub updated_at: Millis,
+    /// When an unsigned payment expires.
+    pub sca_deadline: Option<Millis>,
+    /// Durable timer: when the engine must feed `Input::TimerFired`.
+    pub next_check_at: Option<Millis>,
+    /// Status polls made in the current state (drives the fast-then-slow schedule).
+    pub polls_in_state: u32,
+    /// Command ids already applied, for de-duplication of re-delivered commands.
+    pub seen_commands: Vec<CommandId>,
+    pub reason: Option<Reason>,
+}
+
+/// A status event as the machine emits it (the Avro encoding lives in `contract`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    pub payment_id: PaymentId,
+    pub psu_id: PsuId,
+    pub sequence: u64,
+    pub state: StateKind,
+    pub bank_status: Option<String>,
+    pub bank_payment_id: Option<BankPaymentId>,
+    pub sca_redirect_url: Option<String>,
+    pub reason: Option<Reason>,
+    /// The command id that caused this event, or an internal cause such as `timer`.
+    pub causation_id: String,
+    pub occurred_at: Millis,
+}
+
+impl StatusEvent {
+    /// Deterministic, so a re-published event carries the same id.
+    pub fn event_id(&self) -> uuid::Uuid {
+        uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("pis-worker/{}/{}", self.payment_id, self.sequence).as_bytes(),
+        )
+    }
+}
+
+/// How the PSU came back from the SCA redirect.
+#[derive(Debug, Clone)]
+pub enum ScaOutcome {
+    Code(SecretString),
+    Error {
+        error: String,
+        description: Option<String>,
+    },
+}
+
+/// Why an initiation call did not produce a payment at the bank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitiationFailure {
+    /// The bank refused it (4xx): definite, nothing to retry.
+    Refused(Reason),
+    /// The request provably never reached the bank, or the bank turned it away before acting
+    /// (connect error, 429): retry later.
+    NotProcessed { message: String },
+    /// No answer (timeout, reset, 5xx): the bank may hold the payment.
+    Unknown { message: String },
+}
+
+/// Everything that can happen to a payment.
+#[derive(Debug, Clone)]
+pub enum Input {
+    // Commands from clients.
+    Initiate {
+        command_id: CommandId,
+        psu_id: PsuId,
+        order: PaymentOrder,
+    },
+    /// An initiation that failed validation at the edge.
+    InitiateInvalid {
+        command_id: CommandId,
+        psu_id: PsuId,
+        reason: Reason,
+    },
+    CompleteSca {
+        command_id: CommandId,
+        psu_id: PsuId,
+        outcome: ScaOutcome,
+    },
+    Cancel {
+        command_id: CommandId,
+        psu_id: PsuId,
+    },
+    RefreshStatus {
+        command_id: CommandId,
+        psu_id: PsuId,
+    },
+    // Inputs from the engine.
+    /// Start the next initiation attempt with a freshly generated PKCE verifier.
+    BeginInitiation { pkce_verifier: SecretString },
+    BankInitiated {
+        bank_payment_id: BankPaymentId,
+        sca_redirect_url: String,
+        bank_status: Option<String>,
+    },
+    InitiationFailed(InitiationFailure),
+    /// The token pair is durable in the PSU record.
+    TokenExchanged,
+    TokenExchangeFailed { message: String },
+    StatusObserved {
+        progress: BankProgress,
+        bank_status: String,
+    },
+    StatusCheckFailed { message: String },
+    /// `next_check_at` has passed.
+    TimerFired,
+    /// The partition was restored after a restart or rebalance: calls that were in flight when
+    /// the previous owner stopped have unknown outcomes.
+    Restored,
+}
+
+impl Input {
+    pub fn command_id(&self) -> Option<&CommandId> {
+        match self {
+            Input::Initiate { command_id, .. }
+            | Input::InitiateInvalid { command_id, .. }
+            | Input::CompleteSca { command_id, .. }
+            | Input::Cancel { command_id, .. }
+            | Input::RefreshStatus { command_id, .. } => Some(command_id),
+            Input::BeginInitiation { .. }
+            | Input::BankInitiated { .. }
+            | Input::InitiationFailed(_)
+            | Input::TokenExchanged
+            | Input::TokenExchangeFailed { .. }
+            | Input::StatusObserved { .. }
+            | Input::StatusCheckFailed { .. }
+            | Input::TimerFired
+            | Input::Restored => None,
+        }
+    }
+
+    fn psu_id(&self) -> Option<&PsuId> {
+        match self {
+            Input::Initiate { psu_id, .. }
+            | Input::InitiateInvalid { psu_id, .. }
+            | Input::CompleteSca { psu_id, .. }
+            | Input::Cancel { psu_id, .. }
+            | Input::RefreshStatus { psu_id, .. } => Some(psu_id),
+            Input::BeginInitiation { .. }
+            | Input::BankInitiated { .. }
+            | Input::InitiationFailed(_)
+            | Input::TokenExchanged
+            | Input::TokenExchangeFailed { .. }
+            | Input::StatusObserved { .. }
+            | Input::StatusCheckFailed { .. }
+            | Input::TimerFired
+            | Input::Restored => None,
+        }
+    }
+
+    fn causation(&self) -> String {
+        match self {
+            Input::Initiate { command_id, .. }
+            | Input::InitiateInvalid { command_id, .. }
+            | Input::CompleteSca { command_id, .. }
+            | Input::Cancel { command_id, .. }
+            | Input::RefreshStatus { command_id, .. } => command_id.to_string(),
+            Input::BeginInitiation { .. } => "worker:begin-initiation".into(),
+            Input::BankInitiated { .. } | Input::InitiationFailed(_) => {
+                "bank:initiation".into()
+            }
+            Input::TokenExchanged | Input::TokenExchangeFailed { .. } => "bank:token".into(),
+            Input::StatusObserved { .. } | Input::StatusCheckFailed { .. } => {
+                "bank:status".into()
+            }
+            Input::TimerFired => "worker:timer".into(),
+            Input::Restored => "worker:restore".into(),
+        }
+    }
+}
+
+/// Work the engine does once the new record is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Generate a PKCE verifier and feed `Input::BeginInitiation`.
+    StartInitiation,
+    /// POST the initiation (the attempt number is in the state).
+    CallInitiate,
+    /// Exchange the stored authorization code for a token pair.
+    ExchangeCode,
+    /// GET the payment status.
+    CheckStatus,
+}
+
+impl Effect {
+    /// Whether the effect may run before the transition that asked for it is durable. Only an
+    /// idempotent read qualifies: if the process dies, the durable timer simply asks again.
+    pub fn is_idempotent_read(self) -> bool {
+        match self {
+            Effect::CheckStatus => true,
+            Effect::StartInitiation | Effect::CallInitiate | Effect::ExchangeCode => false,
+        }
+    }
+}
+
+impl Transition {
+    /// Polling bookkeeping (timer consumed, poll counted, same state, no event, at most a
+    /// status read): losing it in a crash costs one extra poll, so it need not be written.
+    pub fn is_volatile(&self, previous: &Payment, from_command: bool) -> bool {
+        !from_command
+            && self.events.is_empty()
+            && self.payment.state == previous.state
+            && self.effects.iter().all(|e| e.is_idempotent_read())
+    }
+}
+
+/// Why an input changed nothing and needs no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// The command id was applied before (re-delivery).
+    DuplicateCommand,
+    /// The same initiation again under a new command id: idempotent.
+    DuplicateInitiation,
+    /// An engine input that no longer applies (e.g. a stale timer).
+    Stale,
+}
+
+/// A command that cannot be applied: it goes to the dead-letter topic with this reason, and the
+/// payment is unaffected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalCode {
+    UnknownPayment,
+    PsuMismatch,
+    DuplicatePaymentId,
+    AlreadyFinal,
+    NotAwaitingSca,
+    CancelNotPossible,
+}
+
+impl RefusalCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::UnknownPayment => "UNKNOWN_PAYMENT",
+            RefusalCode::PsuMismatch => "PSU_MISMATCH",
+            RefusalCode::DuplicatePaymentId => "DUPLICATE_PAYMENT_ID",
+            RefusalCode::AlreadyFinal => "ALREADY_FINAL",
+            RefusalCode::NotAwaitingSca => "NOT_AWAITING_SCA",
+            RefusalCode::CancelNotPossible => "CANCEL_NOT_POSSIBLE",
+        }
+    }
+}
+
+/// A change to persist.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub payment: Payment,
+    pub events: Vec<StatusEvent>,
+    pub effects: Vec<Effect>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Changed(Box<Transition>),
+    Ignored(Ignored),
+    Refused(Refusal),
+}
+
+/// Timing rules of the lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// How long the PSU has to sign before the payment expires.
+    pub sca_timeout_ms: Millis,
+    /// Status poll interval for the first `fast_polls` polls in a state, then `slow_poll_ms`.
+    pub fast_poll_ms: Millis,
+    pub fast_polls: u32,
+    pub slow_poll_ms: Millis,
+    /// Delay before retrying an initiation that the bank did not process.
+    pub initiation_retry_ms: Millis,
+    /// Delay before the reconciler acts on an unknown outcome.
+    pub reconcile_after_ms: Millis,
+    /// Initiation calls allowed per payment before it fails.
+    pub max_initiation_attempts: u32,
+    /// Command ids remembered per payment for de-duplication.
+    pub remembered_commands: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            sca_timeout_ms: 15 * 60 * 1000,
+            fast_poll_ms: 2_000,
+            fast_polls: 10,
+            slow_poll_ms: 30_000,
+            initiation_retry_ms: 2_000,
+            reconcile_after_ms: 5_000,
+            max_initiation_attempts: 3,
+            remembered_commands: 32,
+        }
+    }
+}
+
+impl Policy {
+    fn next_poll(&self, now: Millis, polls_in_state: u32) -> Millis {
+        if polls_in_state < self.fast_polls {
+            now + self.fast_poll_ms
+        } else {
+            now + self.slow_poll_ms
+        }
+    }
+
+    /// The next status poll, but never later than the SCA deadline of an unsigned payment, so
+    /// expiry is noticed on time.
+    fn poll_at(&self, payment: &Payment, now: Millis) -> Millis {
+        let next = self.next_poll(now, payment.polls_in_state);
+        match payment.sca_deadline {
+            Some(deadline) if payment.state.kind().awaits_signature() && deadline > now => {
+                next.min(deadline)
+            }
+            Some(_) | None => next,
+        }
+    }
+}
+
+/// Applies one input to the payment `payment_id` (`current` is `None` for an id never seen).
+pub fn decide(
+    payment_id: &PaymentId,
+    current: Option<&Payment>,
+    input: Input,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
+    match current {
+        None => decide_new(payment_id, input, now),
+        Some(payment) => decide_existing(payment, input, now, policy),
+    }
+}
+
+fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
+    match input {
+        Input::Initiate {
+            command_id,
+            psu_id,
+            order,
+        } => {
+            let payment = Payment::new(payment_id.clone(), psu_id, Some(order), command_id, now);
+            Step::from(payment, now).to(PaymentState::Received, |_| {}, vec![Effect::StartInitiation])
+        }
+        Input::InitiateInvalid {
+            command_id,
+            psu_id,
+            reason,
+        } => {
+            let mut payment = Payment::new(payment_id.clone(), psu_id, None, command_id, now);
+            payment.reason = Some(reason);
+            Step::from(payment, now).to(PaymentState::Rejected, |_| {}, vec![])
+        }
+        Input::CompleteSca { .. } | Input::Cancel { .. } | Input::RefreshStatus { .. } => {
+            refuse(RefusalCode::UnknownPayment, "no payment with this payment_id")
+        }
+        Input::BeginInitiation { .. }
+        | Input::BankInitiated { .. }
+        | Input::InitiationFailed(_)
+        | Input::TokenExchanged
+        | Input::TokenExchangeFailed { .. }
+        | Input::StatusObserved { .. }
+        | Input::StatusCheckFailed { .. }
+        | Input::TimerFired
+        | Input::Restored => Outcome::Ignored(Ignored::Stale),
+    }
+}
+
+impl Payment {
+    fn new(
+        payment_id: PaymentId,
+        psu_id: PsuId,
+        order: Option<PaymentOrder>,
+        command_id: CommandId,
+        now: Millis,
+    ) -> Self {
+        Payment {
+            payment_id,
+            psu_id,
+            order,
+            state: PaymentState::Received,
+            sequence: 0,
+            last_published: None,
+            initiation_attempts: 0,
+            bank_payment_id: None,
+            bank_status: None,
+            sca_redirect_url: None,
+            pkce_verifier: None,
+            authorization_code: None,
+            received_at: now,
+            updated_at: now,
+            sca_deadline: None,
+            next_check_at: None,
+            polls_in_state: 0,
+            seen_commands: vec![command_id],
+            reason: None,
+        }
+    }
+}
+
+fn refuse(code: RefusalCode, message: impl Into<String>) -> Outcome {
+    Outcome::Refused(Refusal {
+        code,
+        message: message.into(),
+    })
+}
+
+fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy) -> Outcome {
+    if let Some(command_id) = input.command_id() {
+        if payment.seen_commands.contains(command_id) {
+            return Outcome::Ignored(Ignored::DuplicateCommand);
+        }
+    }
+    if let Some(psu_id) = input.psu_id() {
+        if psu_id != &payment.psu_id {
+            return refuse(
+                RefusalCode::PsuMismatch,
+                "the command's psu_id differs from the payment's",
+            );
+        }
+    }
+    let state = payment.state;
+    let step = Step::new(payment, &input, now, policy);
+    match input {
+        Input::Initiate { order, .. } => {
+            if payment.order.as_ref() == Some(&order) {
+                Outcome::Ignored(Ignored::DuplicateInitiation)
+            } else {
+                refuse(
+                    RefusalCode::DuplicatePaymentId,
+                    "payment_id already used for a different payment",
+                )
+            }
+        }
+        Input::InitiateInvalid { .. } => refuse(
+            RefusalCode::DuplicatePaymentId,
+            "payment_id already used; this initiation is also invalid",
+        ),
+        Input::CompleteSca { outcome, .. } => match state {
+            PaymentState::ScaPending | PaymentState::PartiallySigned => match outcome {
+                ScaOutcome::Code(code) => step.to(
+                    PaymentState::Authorizing,
+                    |p| {
+                        p.authorization_code = Some(code);
+                        p.next_check_at = None;
+                    }, vec![Effect::ExchangeCode]),
+                ScaOutcome::Error { error, description } => {
+                    let message = match description {
+                        Some(d) => format!("PSU returned from SCA with error {error}: {d}"),
+                        None => format!("PSU returned from SCA with error {error}"),
+                    };
+                    step.to(
+                        PaymentState::Rejected,
+                        |p| p.reason = Some(Reason::new(ReasonCode::ScaFailed, message)), vec![])
+                }
+            },
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::OutcomeUnknown { .. }
+            | PaymentState::Authorizing
+            | PaymentState::Signed => refuse(
+                RefusalCode::NotAwaitingSca,
+                format!(
+                    "payment is {}, not awaiting an SCA outcome",
+                    state.kind().symbol()
+                ),
+            ),
+            PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed => already_final(state),
+        },
+        Input::Cancel { .. } => match state {
+            // No bank-side payment anyone can sign exists yet (an unanswered attempt's SCA URL
+            // never reached the PSU), so the cancellation is final here.
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::OutcomeUnknown { .. } => step.to(
+                PaymentState::Cancelled,
+                |p| {
+                    p.reason = Some(Reason::new(
+                        ReasonCode::CancelledByClient,
+                        "cancelled by the client before the bank held a payment",
+                    ));
+                    p.next_check_at = None;
+                    p.pkce_verifier = None;
+                }, vec![]),
+            // The PSU can still sign at the bank: a local cancel would be a lie.
+            PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed => refuse(
+                RefusalCode::CancelNotPossible,
+                format!(
+                    "payment is {} at the bank; cancelling it needs the bank's cancellation call",
+                    state.kind().symbol()
+                ),
+            ),
+            PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed => already_final(state),
+        },
+        Input::RefreshStatus { .. } => match state {
+            PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed => step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus]),
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::OutcomeUnknown { .. } => {
+                // Nothing at the bank to ask about yet; record the command so it is not re-run.
+                step.same(|_| {}, vec![])
+            }
+            PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed => already_final(state),
+        },
+        Input::BeginInitiation { pkce_verifier } => match state {
+            PaymentState::Received => {
+                let attempt = payment.initiation_attempts + 1;
+                step.to(
+                    PaymentState::Initiating { attempt },
+                    |p| {
+                        p.initiation_attempts = attempt;
+                        p.pkce_verifier = Some(pkce_verifier);
+                        p.next_check_at = None;
+                    }, vec![Effect::CallInitiate])
+            }
+            PaymentState::Initiating { .. }
+            | PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed
+            | PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed
+            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+        },
+        Input::BankInitiated {
+            bank_payment_id,
+            sca_redirect_url,
+            bank_status,
+        } => match state {
+            PaymentState::Initiating { .. } => step.to(
+                PaymentState::ScaPending,
+                |p| {
+                    p.bank_payment_id = Some(bank_payment_id);
+                    p.sca_redirect_url = Some(sca_redirect_url);
+                    p.bank_status = bank_status;
+                    p.sca_deadline = Some(now + policy.sca_timeout_ms);
+                    p.next_check_at = Some(policy.poll_at(p, now));
+                }, vec![]),
+            PaymentState::Received
+            | PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed
+            | PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed
+            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+        },
+        Input::InitiationFailed(failure) => match state {
+            PaymentState::Initiating { attempt } => match failure {
+                InitiationFailure::Refused(reason) => step.to(
+                    PaymentState::Rejected,
+                    |p| {
+                        p.reason = Some(reason);
+                        p.pkce_verifier = None;
+                        p.next_check_at = None;
+                    }, vec![]),
+                InitiationFailure::NotProcessed { message } => {
+                    if attempt >= policy.max_initiation_attempts {
+                        step.to(
+                            PaymentState::Failed,
+                            |p| {
+                                p.reason = Some(Reason::new(
+                                    ReasonCode::BankRejected,
+                                    format!(
+                                        "the bank did not process the initiation after {attempt} attempts: {message}"
+                                    ),
+                                ));
+                                p.pkce_verifier = None;
+                                p.next_check_at = None;
+                            }, vec![])
+                    } else {
+                        // Back to Received: the next attempt starts after the retry delay.
+                        step.silently(
+                            PaymentState::Received,
+                            |p| {
+                                p.next_check_at = Some(now + policy.initiation_retry_ms);
+                                p.pkce_verifier = None;
+                            },
+                            vec![],
+                        )
+                    }
+                }
+                InitiationFailure::Unknown { message } => step.to(
+                    PaymentState::OutcomeUnknown { attempt },
+                    |p| {
+                        p.reason = Some(Reason::new(ReasonCode::OutcomeUnresolved, message));
+                        p.next_check_at = Some(now + policy.reconcile_after_ms);
+                    }, vec![]),
+            },
+            PaymentState::Received
+            | PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed
+            | PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed
+            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+        },
+        Input::TokenExchanged | Input::TokenExchangeFailed { .. } => match state {
+            PaymentState::Authorizing => step.same(
+                |p| {
+                    p.authorization_code = None;
+                    p.pkce_verifier = None;
+                    p.next_check_at = None;
+                },
+                vec![Effect::CheckStatus],
+            ),
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::ScaPending
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed
+            | PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed
+            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+        },
+        Input::StatusObserved {
+            progress,
+            bank_status,
+        } => match state {
+            PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed => observe_status(step, state, progress, bank_status, payment, now, policy),
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::OutcomeUnknown { .. }
+            | PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+        },
+        Input::StatusCheckFailed { .. } => match state {
+            PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed => step.same(
+                |p| {
+                    p.next_check_at = Some(policy.poll_at(p, now));
+                    p.polls_in_state = p.polls_in_state.saturating_add(1);
+                },
+                vec![],
+            ),
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::OutcomeUnknown { .. }
+            | PaymentState::Settled
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+        },
+        Input::TimerFired => {
+            let due = payment.next_check_at.is_some_and(|at| at <= now);
+            if !due {
+                return Outcome::Ignored(Ignored::Stale);
+            }
+            match state {
+                PaymentState::Received => {
+                    step.same(|p| p.next_check_at = None, vec![Effect::StartInitiation])
+                }
+                PaymentState::ScaPending
+                | PaymentState::Authorizing
+                | PaymentState::PartiallySigned
+                | PaymentState::Signed => {
+                    step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
+                }
+                PaymentState::OutcomeUnknown { attempt } => {
+                    reconcile(step, attempt, payment, policy)
+                }
+                PaymentState::Initiating { .. }
+                | PaymentState::Settled
+                | PaymentState::Cancelled
+                | PaymentState::Rejected
+                | PaymentState::Expired
+                | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+            }
+        }
+        Input::Restored => restored(step, payment, now, policy),
+    }
+}
+
+/// What to resume after a restart or rebalance. Timers in the record cover everything that was
+/// waiting; this covers what was *in flight*, which leaves no timer behind.
+fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> Outcome {
+    let no_timer = payment.next_check_at.is_none();
+    match payment.state {
+        // The previous owner may have sent the call and died before recording the answer.
+        PaymentState::Initiating { attempt } => step.to(
+            PaymentState::OutcomeUnknown { attempt },
+            |p| {
+                p.reason = Some(Reason::new(
+                    ReasonCode::OutcomeUnresolved,
+                    "the worker stopped while the initiation call was in flight",
+                ));
+                p.next_check_at = Some(now + policy.reconcile_after_ms);
+            },
+            vec![],
+        ),
+        // Exchange the code again if it was not yet exchanged; if it was, the bank refuses the
+        // reused code and status polling carries the payment on.
+        PaymentState::Authorizing if payment.authorization_code.is_some() => {
+            step.same(|_| {}, vec![Effect::ExchangeCode])
+        }
+        PaymentState::Received if no_timer => step.same(|_| {}, vec![Effect::StartInitiation]),
+        PaymentState::ScaPending
+        | PaymentState::Authorizing
+        | PaymentState::PartiallySigned
+        | PaymentState::Signed
+            if no_timer =>
+        {
+            step.same(|_| {}, vec![Effect::CheckStatus])
+        }
+        PaymentState::OutcomeUnknown { .. } if no_timer => step.same(
+            |p| p.next_check_at = Some(now + policy.reconcile_after_ms),
+            vec![],
+        ),
+        PaymentState::Received
+        | PaymentState::ScaPending
+        | PaymentState::Authorizing
+        | PaymentState::PartiallySigned
+        | PaymentState::Signed
+        | PaymentState::OutcomeUnknown { .. }
+        | PaymentState::Settled
+        | PaymentState::Cancelled
+        | PaymentState::Rejected
+        | PaymentState::Expired
+        | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+    }
+}
+
+fn already_final(state: PaymentState) -> Outcome {
+    refuse(
+        RefusalCode::AlreadyFinal,
+        format!("payment is already final ({})", state.kind().symbol()),
+    )
+}
+
+/// The reconciler's decision for an unknown outcome: without a bank payment id there is nothing
+/// to look up, so make a new attempt (recorded as such: `initiation_attempts` grows). An unsigned
+/// orphan moves no money because every Belfius payment needs the PSU's SCA.
+fn reconcile(step: Step<'_>, attempt: u32, payment: &Payment, policy: &Policy) -> Outcome {
+    if attempt >= policy.max_initiation_attempts {
+        let attempts = payment.initiation_attempts;
+        return step.to(
+            PaymentState::Failed,
+            |p| {
+                p.reason = Some(Reason::new(
+                    ReasonCode::OutcomeUnresolved,
+                    format!("initiation outcome unknown after {attempts} attempts"),
+                ));
+                p.pkce_verifier = None;
+                p.next_check_at = None;
+            }, vec![]);
+    }
+    step.to(
+        PaymentState::Received,
+        |p| {
+            p.next_check_at = None;
+            p.pkce_verifier = None;
+        }, vec![Effect::StartInitiation])
+}
+
+fn observe_status(
+    step: Step<'_>,
+    state: PaymentState,
+    progress: BankProgress,
+    bank_status: String,
+    payment: &Payment,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
+    let expired = payment.sca_deadline.is_some_and(|d| now >= d);
+    let target = match progress {
+        BankProgress::AwaitingSca if expired => PaymentState::Expired,
+        BankProgress::AwaitingSca => state,
+        BankProgress::PartiallySigned if expired => PaymentState::Expired,
+        BankProgress::PartiallySigned => PaymentState::PartiallySigned,
+        BankProgress::Signed => PaymentState::Signed,
+        BankProgress::Settled => PaymentState::Settled,
+        BankProgress::Rejected => PaymentState::Rejected,
+        BankProgress::Cancelled => PaymentState::Cancelled,
+    };
+    let reason = match target.kind() {
+        StateKind::Expired => Some(Reason::new(
+            ReasonCode::ScaExpired,
+            "the PSU did not sign before the SCA deadline",
+        )),
+        StateKind::Rejected => Some(Reason::new(
+            ReasonCode::BankRejected,
+            format!("the bank reports status {bank_status}"),
+        )),
+        StateKind::Cancelled => Some(Reason::new(
+            ReasonCode::CancelledAtBank,
+            format!("the bank reports status {bank_status}"),
+        )),
+        StateKind::Received
+        | StateKind::Initiating
+        | StateKind::ScaPending
+        | StateKind::Authorizing
+        | StateKind::PartiallySigned
+        | StateKind::Signed
+        | StateKind::Settled
+        | StateKind::OutcomeUnknown
+        | StateKind::Failed => None,
+    };
+    if target.kind() == state.kind() {
+        return step.same(
+            |p| {
+                p.bank_status = Some(bank_status);
+                p.next_check_at = Some(policy.poll_at(p, now));
+                p.polls_in_state = p.polls_in_state.saturating_add(1);
+            },
+            vec![],
+        );
+    }
+    step.to(
+        target,
+        |p| {
+            p.bank_status = Some(bank_status);
+            p.reason = reason;
+            p.next_check_at = if target.is_terminal() {
+                None
+            } else {
+                Some(policy.poll_at(p, now))
+            };
+        }, vec![])
+}
+
+/// Builds a transition from the current record: bumps `updated_at`, remembers the command id,
+/// and emits an event exactly when the state kind changes.
+struct Step<'a> {
+    base: std::borrow::Cow<'a, Payment>,
+    command_id: Option<CommandId>,
+    causation: String,
+    now: Millis,
+    remembered: usize,
+}
+
+impl<'a> Step<'a> {
+    fn new(payment: &'a Payment, input: &Input, now: Millis, policy: &Policy) -> Self {
+        Step {
+            base: std::borrow::Cow::Borrowed(payment),
+            command_id: input.command_id().cloned(),
+            causation: input.causation(),
+            now,
+            remembered: policy.remembered_commands,
+        }
+    }
+
+    /// A brand-new payment: its first transition always emits.
+    fn from(payment: Payment, now: Millis) -> Step<'static> {
+        let causation = payment
+            .seen_commands
+            .first()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        Step {
+            base: std::borrow::Cow::Owned(payment),
+            command_id: None,
+            causation,
+            now,
+            remembered: usize::MAX,
+        }
+    }
+
+    fn prepare(&self) -> Payment {
+        let mut next = self.base.clone().into_owned();
+        next.updated_at = self.now;
+        if let Some(command_id) = &self.command_id {
+            next.seen_commands.push(command_id.clone());
+            if next.seen_commands.len() > self.remembered {
+                let excess = next.seen_commands.len() - self.remembered;
+                next.seen_commands.drain(..excess);
+            }
+        }
+        next
+    }
+
+    /// Moves to `target`, emitting an event when its kind differs from the last one published.
+    fn to(
+        self,
+        target: PaymentState,
+        edit: impl FnOnce(&mut Payment),
+        effects: Vec<Effect>,
+    ) -> Outcome {
+        let previous_kind = self.base.state.kind();
+        let mut next = self.prepare();
+        next.state = target;
+        if target.kind() != previous_kind {
+            next.polls_in_state = 0;
+        }
+        edit(&mut next);
+        if target.is_terminal() {
+            // Secrets have no use after the end.
+            next.pkce_verifier = None;
+            next.authorization_code = None;
+            next.next_check_at = None;
+        }
+        let mut events = Vec::new();
+        if next.last_published != Some(target.kind()) {
+            next.sequence += 1;
+            next.last_published = Some(target.kind());
+            events.push(StatusEvent {
+                payment_id: next.payment_id.clone(),
+                psu_id: next.psu_id.clone(),
+                sequence: next.sequence,
+                state: target.kind(),
+                bank_status: next.bank_status.clone(),
+                bank_payment_id: next.bank_payment_id.clone(),
+                sca_redirect_url: match target.kind() {
+                    StateKind::ScaPending => next.sca_redirect_url.clone(),
+                    StateKind::Received
+                    | StateKind::Initiating
+                    | StateKind::Authorizing
+                    | StateKind::PartiallySigned
+                    | StateKind::Signed
+                    | StateKind::Settled
+                    | StateKind::Cancelled
+                    | StateKind::Rejected
+                    | StateKind::Expired
+                    | StateKind::Failed
+                    | StateKind::OutcomeUnknown => None,
+                },
+                reason: next.reason.clone(),
+                causation_id: self.causation.clone(),
+                occurred_at: self.now,
+            });
+        }
+        Outcome::Changed(Box::new(Transition {
+            payment: next,
+            events,
+            effects,
+        }))
+    }
+
+    /// Stays in the same state, updating data only: no event.
+    fn same(self, edit: impl FnOnce(&mut Payment), effects: Vec<Effect>) -> Outcome {
+        let mut next = self.prepare();
+        edit(&mut next);
+        Outcome::Changed(Box::new(Transition {
+            payment: next,
+            events: Vec::new(),
+            effects,
+        }))
+    }
+
+    /// Changes the state without emitting an event: only for going back to `Received` before a
+    /// new initiation attempt, where clients gain nothing from a status flip-flop (the next
+    /// `INITIATING` is not re-published either, as it equals the last published kind, or follows
+    /// `OUTCOME_UNKNOWN`).
+    fn silently(
+        self,
+        target: PaymentState,
+        edit: impl FnOnce(&mut Payment),
+        effects: Vec<Effect>,
+    ) -> Outcome {
+        let mut next = self.prepare();
+        next.state = target;
+        edit(&mut next);
+        Outcome::Changed(Box::new(Transition {
+            payment: next,
+            events: Vec::new(),
+            effects,
+        }))
+    }
+}
+
+/// Exposes a secret for the engine's bank call. Kept here so every exposure is greppable.
+pub fn expose(secret: &SecretString) -> &str {
+    secret.expose_secret()
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,76 @@
+//! Machine-readable reasons carried by status events (`reason.code`) and DLQ records.
+
+use serde::{Deserialize, Serialize};
+
+/// Every reason a payment can end up rejected, failed, expired or cancelled.
+/// `as_str` is the wire value; docs/reason-codes.md lists each with its meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReasonCode {
+    // Input validation (the command was refused at the edge).
+    MissingField,
+    InvalidIban,
+    InvalidBic,
+    InvalidAmount,
+    AmountTooLarge,
+    InvalidCurrency,
+    InvalidCharacters,
+    FieldTooLong,
+    InvalidExecutionDate,
+    InvalidLanguage,
+    InvalidRedirectUri,
+    InvalidProduct,
+    InvalidBrand,
+    InvalidIdentifier,
+    // Lifecycle outcomes.
+    BankRejected,
+    ScaFailed,
+    ScaExpired,
+    CancelledByClient,
+    CancelledAtBank,
+    TokenExchangeFailed,
+    OutcomeUnresolved,
+}
+
+impl ReasonCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::MissingField => "MISSING_FIELD",
+            ReasonCode::InvalidIban => "INVALID_IBAN",
+            ReasonCode::InvalidBic => "INVALID_BIC",
+            ReasonCode::InvalidAmount => "INVALID_AMOUNT",
+            ReasonCode::AmountTooLarge => "AMOUNT_TOO_LARGE",
+            ReasonCode::InvalidCurrency => "INVALID_CURRENCY",
+            ReasonCode::InvalidCharacters => "INVALID_CHARACTERS",
+            ReasonCode::FieldTooLong => "FIELD_TOO_LONG",
+            ReasonCode::InvalidExecutionDate => "INVALID_EXECUTION_DATE",
+            ReasonCode::InvalidLanguage => "INVALID_LANGUAGE",
+            ReasonCode::InvalidRedirectUri => "INVALID_REDIRECT_URI",
+            ReasonCode::InvalidProduct => "INVALID_PRODUCT",
+            ReasonCode::InvalidBrand => "INVALID_BRAND",
+            ReasonCode::InvalidIdentifier => "INVALID_IDENTIFIER",
+            ReasonCode::BankRejected => "BANK_REJECTED",
+            ReasonCode::ScaFailed => "SCA_FAILED",
+            ReasonCode::ScaExpired => "SCA_EXPIRED",
+            ReasonCode::CancelledByClient => "CANCELLED_BY_CLIENT",
+            ReasonCode::CancelledAtBank => "CANCELLED_AT_BANK",
+            ReasonCode::TokenExchangeFailed => "TOKEN_EXCHANGE_FAILED",
+            ReasonCode::OutcomeUnresolved => "OUTCOME_UNRESOLVED",
+        }
+    }
+}
+
+/// A reason code with a human-readable message. Messages never contain secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reason {
+    pub code: ReasonCode,
+    pub message: String,
+}
+
+impl Reason {
+    pub fn new(code: ReasonCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}

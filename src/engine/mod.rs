@@ -1,0 +1,242 @@
+//! The engine: wires the Kafka edge, the bank edge and the pure machine, one owner per
+//! assigned partition.
+
+pub mod bank;
+pub mod ingest;
+pub mod offsets;
+pub mod outbox;
+pub mod partition;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use secrecy::SecretString;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::belfius::{BelfiusClient, BelfiusConfig};
+use crate::domain::machine::{Millis, Policy};
+use crate::domain::validation::ValidationLimits;
+use crate::kafka::consumer::Partitions;
+use crate::kafka::producer::Producer;
+use crate::kafka::{KafkaSettings, admin};
+use crate::secret::StateKey;
+use partition::{ActorMsg, OwnerHandle};
+
+pub fn now_millis() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Everything a worker process is configured with.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub kafka: KafkaSettings,
+    pub bank: BelfiusConfig,
+    /// 64 hex chars: seals secrets in the state topic.
+    pub state_key: SecretString,
+    pub policy: Policy,
+    pub limits: ValidationLimits,
+    pub max_command_bytes: usize,
+    /// Records buffered per partition owner before the consumer waits.
+    pub queue_capacity: usize,
+    /// How long a revoked owner may finish in-flight work; keep it below the session timeout.
+    pub drain_timeout: Duration,
+    pub restore_timeout: Duration,
+    pub checkpoint_interval: Duration,
+    /// Create missing topics with this many partitions at start-up (None: topics must exist).
+    pub create_topics: Option<i32>,
+}
+
+/// Shared, read-only dependencies of the partition owners.
+pub struct EngineDeps {
+    pub kafka: KafkaSettings,
+    pub producer: Producer,
+    pub bank: BelfiusClient,
+    pub state_key: StateKey,
+    pub policy: Policy,
+    pub limits: ValidationLimits,
+    pub max_command_bytes: usize,
+    pub queue_capacity: usize,
+    pub drain_timeout: Duration,
+    pub restore_timeout: Duration,
+    pub checkpoint_interval: Duration,
+    fatal_tx: mpsc::UnboundedSender<String>,
+}
+
+impl EngineDeps {
+    /// Stops the process: used when state cannot be made durable. Crash-only: the next owner
+    /// restores from the broker.
+    pub fn fatal(&self, message: String) {
+        error!(%message, "fatal");
+        let _ = self.fatal_tx.send(message);
+    }
+}
+
+/// The partition owners of this process, as the consumer thread sees them.
+struct PartitionSet {
+    deps: Arc<EngineDeps>,
+    runtime: tokio::runtime::Handle,
+    owners: Mutex<HashMap<i32, OwnerHandle>>,
+}
+
+impl PartitionSet {
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<i32, OwnerHandle>> {
+        // A poisoned lock means a panic elsewhere while holding it; the map itself is still
+        // consistent (every operation is a single insert/remove/read).
+        self.owners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Partitions for PartitionSet {
+    fn assign(&self, partition: i32) {
+        let handle = partition::spawn(partition, self.deps.clone(), &self.runtime);
+        if let Some(old) = self.owners().insert(partition, handle) {
+            warn!(partition, "partition assigned twice; replacing its owner");
+            drop(old);
+        }
+    }
+
+    fn revoke(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
+        let mut waiting = Vec::new();
+        for &partition in partitions {
+            let tx = self.owners().get(&partition).map(|h| h.tx.clone());
+            let Some(tx) = tx else { continue };
+            let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+            if tx.blocking_send(ActorMsg::Revoke(ack_tx)).is_ok() {
+                waiting.push((partition, ack_rx));
+            }
+        }
+        // The owners drain in parallel within their own bound; allow a margin on top.
+        let deadline = std::time::Instant::now() + self.deps.drain_timeout + Duration::from_secs(3);
+        for (partition, ack) in &waiting {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if ack.recv_timeout(left).is_err() {
+                warn!(partition, "owner did not acknowledge the revoke in time");
+            }
+        }
+        let mut out = Vec::new();
+        let mut owners = self.owners();
+        for &partition in partitions {
+            if let Some(handle) = owners.remove(&partition) {
+                let offset = handle.committable.load(Ordering::Acquire);
+                if offset >= 0 {
+                    out.push((partition, offset));
+                }
+            }
+        }
+        out
+    }
+
+    fn dispatch(&self, message: OwnedMessage) -> Result<(), String> {
+        let partition = message.partition();
+        let tx = self
+            .owners()
+            .get(&partition)
+            .map(|h| h.tx.clone())
+            .ok_or_else(|| format!("no owner for partition {partition}"))?;
+        tx.blocking_send(ActorMsg::Command(Box::new(message)))
+            .map_err(|_| format!("owner of partition {partition} stopped"))
+    }
+
+    fn committable(&self) -> Vec<(i32, i64)> {
+        self.owners()
+            .iter()
+            .filter_map(|(p, h)| {
+                let offset = h.committable.load(Ordering::Acquire);
+                (offset >= 0).then_some((*p, offset))
+            })
+            .collect()
+    }
+}
+
+/// Runs a worker until `shutdown` resolves (graceful: drain, commit, leave the group) or a fatal
+/// error occurs (returned as the error).
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    crate::contract::schemas().map_err(|e| anyhow::anyhow!("schemas: {e}"))?;
+    let state_key = StateKey::from_hex(&config.state_key)
+        .map_err(|e| anyhow::anyhow!("state key: {e}"))?;
+    if let Some(partitions) = config.create_topics {
+        admin::ensure_topics(&config.kafka, partitions, 1).await?;
+    }
+    let partitions = {
+        let kafka = config.kafka.clone();
+        tokio::task::spawn_blocking(move || admin::check_partition_invariant(&kafka)).await??
+    };
+    info!(partitions, "topics checked");
+    let producer = Producer::new(&config.kafka)?;
+    let bank = BelfiusClient::new(config.bank.clone())
+        .map_err(|e| anyhow::anyhow!("belfius client: {e}"))?;
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let deps = Arc::new(EngineDeps {
+        kafka: config.kafka.clone(),
+        producer: producer.clone(),
+        bank,
+        state_key,
+        policy: config.policy.clone(),
+        limits: config.limits,
+        max_command_bytes: config.max_command_bytes,
+        queue_capacity: config.queue_capacity,
+        drain_timeout: config.drain_timeout,
+        restore_timeout: config.restore_timeout,
+        checkpoint_interval: config.checkpoint_interval,
+        fatal_tx,
+    });
+    let set = Arc::new(PartitionSet {
+        deps,
+        runtime: tokio::runtime::Handle::current(),
+        owners: Mutex::new(HashMap::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer_thread = {
+        let kafka = config.kafka.clone();
+        let set = set.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("pis-consumer".into())
+            .spawn(move || crate::kafka::consumer::run(&kafka, set, stop))?
+    };
+    let consumer_done = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let result = consumer_thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("consumer thread panicked"))
+                .and_then(|r| r.map_err(anyhow::Error::from));
+            let _ = tx.send(result);
+        });
+        rx
+    };
+    tokio::pin!(consumer_done);
+    let outcome: anyhow::Result<()> = tokio::select! {
+        _ = shutdown => {
+            info!("shutdown requested");
+            stop.store(true, Ordering::Release);
+            match (&mut consumer_done).await {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("consumer thread vanished")),
+            }
+        }
+        message = fatal_rx.recv() => {
+            stop.store(true, Ordering::Release);
+            Err(anyhow::anyhow!("fatal: {}", message.unwrap_or_default()))
+        }
+        result = &mut consumer_done => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow::anyhow!("consumer thread vanished")),
+        },
+    };
+    let flush = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    if let Ok(Err(e)) = flush {
+        warn!(error = %e, "producer flush at shutdown failed");
+    }
+    info!("worker stopped");
+    outcome
+}

@@ -1,0 +1,765 @@
+//! The owner of one command partition: restores its state, applies commands and bank answers to
+//! the state machine, writes state before effects, publishes the outbox, runs durable timers,
+//! and tells the consumer which offset is safe to commit.
+//!
+//! Concurrency: one task per partition owns all of the partition's state, so there are no locks.
+//! Bank calls and broker acknowledgements run in spawned tasks that report back by message. A
+//! payment is *busy* from a transition until its state is durable and its effect has answered;
+//! inputs for a busy payment wait in its queue (one payment at a time per id), while other
+//! payments proceed.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::bank;
+use super::ingest::{Ingested, ingest};
+use super::offsets::OffsetTracker;
+use super::outbox::OutboxTracker;
+use super::{EngineDeps, now_millis};
+use crate::belfius::pkce::Pkce;
+use crate::domain::machine::{
+    Effect, Input, Millis, Outcome, Payment, StateKind, StatusEvent, decide,
+};
+use crate::domain::model::{PaymentId, PsuId};
+use crate::kafka::state::{self, PsuTokens, RestoredPartition};
+
+/// Messages to a partition owner.
+pub enum ActorMsg {
+    /// A command record from the consumer.
+    Command(Box<OwnedMessage>),
+    /// Stop: finish in-flight work within the drain bound, then acknowledge.
+    Revoke(std::sync::mpsc::Sender<()>),
+    // Reports from spawned tasks:
+    Continue {
+        payment_id: PaymentId,
+        input: Box<Input>,
+    },
+    Persisted {
+        payment_id: PaymentId,
+        seq: u64,
+        offset: i64,
+        source: Option<Box<OwnedMessage>>,
+        events: Vec<StatusEvent>,
+        effects: Vec<Effect>,
+    },
+    TokensReceived {
+        payment_id: PaymentId,
+        tokens: Box<crate::belfius::TokenPair>,
+    },
+    Published {
+        state_offset: i64,
+    },
+    DeadLettered {
+        command_offset: i64,
+    },
+    CheckpointWritten {
+        seq: u64,
+        offset: i64,
+        through: i64,
+    },
+    AuxPersisted {
+        seq: u64,
+        offset: i64,
+    },
+}
+
+/// The consumer's view of an owner: where to send records and what may be committed.
+pub struct OwnerHandle {
+    pub tx: mpsc::Sender<ActorMsg>,
+    /// Next offset to consume; -1 while unknown.
+    pub committable: Arc<AtomicI64>,
+}
+
+struct Queued {
+    input: Input,
+    source: Option<Box<OwnedMessage>>,
+}
+
+pub struct PartitionOwner {
+    partition: i32,
+    deps: Arc<EngineDeps>,
+    rx: mpsc::Receiver<ActorMsg>,
+    tx: mpsc::WeakSender<ActorMsg>,
+    committable: Arc<AtomicI64>,
+    payments: HashMap<PaymentId, Payment>,
+    psus: HashMap<PsuId, PsuTokens>,
+    busy: HashSet<PaymentId>,
+    queues: HashMap<PaymentId, VecDeque<Queued>>,
+    timers: BTreeSet<(Millis, PaymentId)>,
+    offsets: OffsetTracker,
+    outbox: OutboxTracker,
+    /// Spawned tasks not yet reported back (persists, publishes, bank calls).
+    in_flight: usize,
+    revoking: Option<(std::sync::mpsc::Sender<()>, tokio::time::Instant)>,
+    /// Restored outbox events to re-publish before anything else.
+    pending_republish: Vec<(i64, Vec<StatusEvent>)>,
+}
+
+/// Starts the owner of `partition`; it restores before handling any record.
+pub fn spawn(partition: i32, deps: Arc<EngineDeps>, runtime: &tokio::runtime::Handle) -> OwnerHandle {
+    let (tx, rx) = mpsc::channel(deps.queue_capacity);
+    let committable = Arc::new(AtomicI64::new(-1));
+    let owner_committable = committable.clone();
+    let weak = tx.downgrade();
+    runtime.spawn(async move {
+        let restored = {
+            let deps = deps.clone();
+            tokio::task::spawn_blocking(move || {
+                state::restore(&deps.kafka, &deps.state_key, partition, deps.restore_timeout)
+            })
+            .await
+        };
+        let restored = match restored {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                deps.fatal(format!("restoring partition {partition}: {e}"));
+                return;
+            }
+            Err(e) => {
+                deps.fatal(format!("restore task of partition {partition} died: {e}"));
+                return;
+            }
+        };
+        let owner = PartitionOwner::new(partition, deps, rx, weak, owner_committable, restored);
+        owner.run().await;
+    });
+    OwnerHandle { tx, committable }
+}
+
+impl PartitionOwner {
+    fn new(
+        partition: i32,
+        deps: Arc<EngineDeps>,
+        rx: mpsc::Receiver<ActorMsg>,
+        tx: mpsc::WeakSender<ActorMsg>,
+        committable: Arc<AtomicI64>,
+        restored: RestoredPartition,
+    ) -> Self {
+        info!(
+            partition,
+            payments = restored.payments.len(),
+            psus = restored.psus.len(),
+            records = restored.records_read,
+            unpublished = restored.unpublished.len(),
+            millis = restored.duration.as_millis() as u64,
+            "partition restored"
+        );
+        let mut owner = PartitionOwner {
+            partition,
+            deps,
+            rx,
+            tx,
+            committable,
+            payments: HashMap::new(),
+            psus: restored.psus,
+            busy: HashSet::new(),
+            queues: HashMap::new(),
+            timers: BTreeSet::new(),
+            offsets: OffsetTracker::default(),
+            outbox: OutboxTracker::new(restored.end_offset, restored.checkpoint),
+            in_flight: 0,
+            revoking: None,
+            pending_republish: restored.unpublished,
+        };
+        for (id, payment) in restored.payments {
+            owner.set_payment(id, payment);
+        }
+        owner
+    }
+}
+
+impl PartitionOwner {
+    async fn run(mut self) {
+        self.republish_restored().await;
+        self.resume_restored().await;
+        let mut checkpoint_tick = tokio::time::interval(self.deps.checkpoint_interval);
+        checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.revoke_complete() {
+                break;
+            }
+            let sleep_for = self.next_timer_in();
+            tokio::select! {
+                message = self.rx.recv() => match message {
+                    Some(message) => self.handle(message).await,
+                    None => break,
+                },
+                _ = tokio::time::sleep(sleep_for) => self.fire_due_timers().await,
+                _ = checkpoint_tick.tick() => self.write_checkpoint_if_due().await,
+            }
+        }
+        self.finish().await;
+    }
+
+    async fn handle(&mut self, message: ActorMsg) {
+        match message {
+            ActorMsg::Command(record) => {
+                if self.revoking.is_some() {
+                    // Not begun, so not committed: the next owner gets it.
+                    return;
+                }
+                self.on_command(record).await;
+            }
+            ActorMsg::Revoke(ack) => {
+                let deadline = tokio::time::Instant::now() + self.deps.drain_timeout;
+                info!(partition = self.partition, in_flight = self.in_flight, "revoking: draining");
+                self.revoking = Some((ack, deadline));
+            }
+            ActorMsg::Continue { payment_id, input } => {
+                self.in_flight -= 1;
+                self.apply(payment_id, *input, None).await;
+            }
+            ActorMsg::Persisted {
+                payment_id,
+                seq,
+                offset,
+                source,
+                events,
+                effects,
+            } => {
+                self.in_flight -= 1;
+                self.on_persisted(payment_id, seq, offset, source, events, effects)
+                    .await;
+            }
+            ActorMsg::TokensReceived { payment_id, tokens } => {
+                self.in_flight -= 1;
+                self.on_tokens(payment_id, *tokens).await;
+            }
+            ActorMsg::Published { state_offset } => {
+                self.in_flight -= 1;
+                self.outbox.published(state_offset);
+            }
+            ActorMsg::DeadLettered { command_offset } => {
+                self.in_flight -= 1;
+                self.offsets.done(command_offset);
+                self.publish_committable();
+            }
+            ActorMsg::CheckpointWritten { seq, offset, through } => {
+                self.in_flight -= 1;
+                self.outbox.acked(seq, offset, false);
+                self.outbox.checkpoint_written(through);
+            }
+            ActorMsg::AuxPersisted { seq, offset } => {
+                self.in_flight -= 1;
+                self.outbox.acked(seq, offset, false);
+            }
+        }
+    }
+
+    async fn on_command(&mut self, record: Box<OwnedMessage>) {
+        let offset = record.offset();
+        self.offsets.begin(offset);
+        let today = chrono::Utc::now().date_naive();
+        match ingest(&record, self.deps.max_command_bytes, &self.deps.limits, today) {
+            Ingested::DeadLetter {
+                class,
+                message,
+                payment_id,
+            } => {
+                warn!(partition = self.partition, offset, class, %message, "command dead-lettered");
+                self.dead_letter(record, class, &message, payment_id.as_deref())
+                    .await;
+            }
+            Ingested::Apply {
+                payment_id,
+                input,
+                kind,
+            } => {
+                debug!(partition = self.partition, offset, %payment_id, kind, "command");
+                if self.busy.contains(&payment_id) {
+                    self.queues.entry(payment_id).or_default().push_back(Queued {
+                        input,
+                        source: Some(record),
+                    });
+                } else {
+                    self.apply(payment_id, input, Some(record)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies one input. `source` is the command record, if the input is a command.
+    async fn apply(&mut self, payment_id: PaymentId, input: Input, source: Option<Box<OwnedMessage>>) {
+        let now = now_millis();
+        let current = self.payments.get(&payment_id);
+        match decide(&payment_id, current, input, now, &self.deps.policy) {
+            Outcome::Changed(transition) => {
+                let transition = *transition;
+                let previous = current.map(|p| p.state.kind());
+                let volatile = current.is_some_and(|p| transition.is_volatile(p, source.is_some()));
+                let next = transition.payment.state.kind();
+                if previous != Some(next) {
+                    info!(
+                        partition = self.partition,
+                        payment_id = %payment_id,
+                        from = previous.map(StateKind::symbol).unwrap_or("NEW"),
+                        to = next.symbol(),
+                        events = transition.events.len(),
+                        "transition"
+                    );
+                }
+                self.busy.insert(payment_id.clone());
+                if volatile {
+                    self.set_payment(payment_id.clone(), transition.payment);
+                    if transition.effects.is_empty() {
+                        self.release(payment_id).await;
+                        return;
+                    }
+                    for effect in transition.effects {
+                        self.run_effect(payment_id.clone(), effect).await;
+                    }
+                    return;
+                }
+                self.persist(payment_id, transition.payment, transition.events, transition.effects, source)
+                    .await;
+            }
+            Outcome::Ignored(why) => {
+                debug!(partition = self.partition, %payment_id, ?why, "input ignored");
+                if let Some(record) = source {
+                    self.offsets.done(record.offset());
+                    self.publish_committable();
+                }
+                self.release(payment_id).await;
+            }
+            Outcome::Refused(refusal) => {
+                warn!(
+                    partition = self.partition,
+                    %payment_id,
+                    code = refusal.code.as_str(),
+                    message = %refusal.message,
+                    "command refused"
+                );
+                if let Some(record) = source {
+                    self.dead_letter(record, refusal.code.as_str(), &refusal.message, Some(payment_id.as_str()))
+                        .await;
+                }
+                self.release(payment_id).await;
+            }
+        }
+    }
+
+    /// Writes the new state (with its events) and, once it is acknowledged, continues in
+    /// `on_persisted`. The in-memory state is ahead of the broker only while the payment is busy.
+    async fn persist(
+        &mut self,
+        payment_id: PaymentId,
+        payment: Payment,
+        events: Vec<StatusEvent>,
+        effects: Vec<Effect>,
+        source: Option<Box<OwnedMessage>>,
+    ) {
+        let encoded = state::encode_payment(&self.deps.state_key, &payment, &events);
+        self.set_payment(payment_id.clone(), payment);
+        let (key, value) = match encoded {
+            Ok(kv) => kv,
+            Err(e) => {
+                self.deps.fatal(format!("encoding state of {payment_id}: {e}"));
+                return;
+            }
+        };
+        let seq = self.outbox.sent();
+        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.deps.fatal(format!("writing state of {payment_id}: {e}"));
+                return;
+            }
+        };
+        let reply = self.reply_to();
+        let deps = self.deps.clone();
+        self.in_flight += 1;
+        tokio::spawn(async move {
+            match delivered.await {
+                Ok(offset) => {
+                    send(&reply, ActorMsg::Persisted {
+                        payment_id,
+                        seq,
+                        offset,
+                        source,
+                        events,
+                        effects,
+                    })
+                    .await
+                }
+                // State that cannot be made durable stops the process: the next owner restores
+                // from what the broker has.
+                Err(e) => deps.fatal(format!("state write of {payment_id} failed: {e}")),
+            }
+        });
+    }
+
+    async fn on_persisted(
+        &mut self,
+        payment_id: PaymentId,
+        seq: u64,
+        offset: i64,
+        source: Option<Box<OwnedMessage>>,
+        events: Vec<StatusEvent>,
+        effects: Vec<Effect>,
+    ) {
+        self.outbox.acked(seq, offset, !events.is_empty());
+        if !events.is_empty() {
+            self.publish(offset, events).await;
+        }
+        if let Some(record) = source {
+            self.offsets.done(record.offset());
+            self.publish_committable();
+        }
+        if effects.is_empty() {
+            self.release(payment_id).await;
+            return;
+        }
+        for effect in effects {
+            self.run_effect(payment_id.clone(), effect).await;
+        }
+    }
+
+    async fn publish(&mut self, state_offset: i64, events: Vec<StatusEvent>) {
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in &events {
+            match self.deps.producer.send_status(event).await {
+                Ok(d) => deliveries.push(d),
+                Err(e) => {
+                    self.deps.fatal(format!("publishing status of {}: {e}", event.payment_id));
+                    return;
+                }
+            }
+        }
+        let reply = self.reply_to();
+        let deps = self.deps.clone();
+        self.in_flight += 1;
+        tokio::spawn(async move {
+            for delivery in deliveries {
+                if let Err(e) = delivery.await {
+                    deps.fatal(format!("status event delivery failed: {e}"));
+                    return;
+                }
+            }
+            send(&reply, ActorMsg::Published { state_offset }).await;
+        });
+    }
+
+    async fn run_effect(&mut self, payment_id: PaymentId, effect: Effect) {
+        let Some(payment) = self.payments.get(&payment_id).cloned() else {
+            self.release(payment_id).await;
+            return;
+        };
+        let reply = self.reply_to();
+        let bank_client = self.deps.bank.clone();
+        match effect {
+            Effect::StartInitiation => {
+                let pkce = Pkce::generate();
+                // A continuation, applied right away: the payment stays busy.
+                Box::pin(self.apply(
+                    payment_id,
+                    Input::BeginInitiation {
+                        pkce_verifier: pkce.verifier,
+                    },
+                    None,
+                ))
+                .await;
+            }
+            Effect::CallInitiate => {
+                self.in_flight += 1;
+                tokio::spawn(async move {
+                    let input = bank::initiate(&bank_client, &payment).await;
+                    send(&reply, ActorMsg::Continue { payment_id, input: Box::new(input) }).await;
+                });
+            }
+            Effect::CheckStatus => {
+                self.in_flight += 1;
+                tokio::spawn(async move {
+                    let input = bank::check_status(&bank_client, &payment).await;
+                    send(&reply, ActorMsg::Continue { payment_id, input: Box::new(input) }).await;
+                });
+            }
+            Effect::ExchangeCode => {
+                self.in_flight += 1;
+                tokio::spawn(async move {
+                    let message = match bank::exchange_code(&bank_client, &payment).await {
+                        Ok(tokens) => ActorMsg::TokensReceived {
+                            payment_id,
+                            tokens: Box::new(tokens),
+                        },
+                        Err(message) => ActorMsg::Continue {
+                            payment_id,
+                            input: Box::new(Input::TokenExchangeFailed { message }),
+                        },
+                    };
+                    send(&reply, message).await;
+                });
+            }
+        }
+    }
+
+    /// A new token pair is persisted in the PSU record before the payment moves on (Belfius
+    /// invalidates the previous pair, so losing the new one would lock the PSU out).
+    async fn on_tokens(&mut self, payment_id: PaymentId, tokens: crate::belfius::TokenPair) {
+        let Some(payment) = self.payments.get(&payment_id) else {
+            self.release(payment_id).await;
+            return;
+        };
+        let brand = match &payment.order {
+            Some(order) => order.brand,
+            None => crate::domain::model::Brand::Belfius,
+        };
+        let now = now_millis();
+        let record = PsuTokens {
+            psu_id: payment.psu_id.clone(),
+            brand,
+            access_token: tokens.access_token,
+            refresh_token: tokens.refresh_token,
+            expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
+            updated_at: now,
+        };
+        let (key, value) = match state::encode_psu(&self.deps.state_key, &record) {
+            Ok(kv) => kv,
+            Err(e) => {
+                self.deps.fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
+                return;
+            }
+        };
+        self.psus.insert(record.psu_id.clone(), record);
+        let seq = self.outbox.sent();
+        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.deps.fatal(format!("writing PSU tokens: {e}"));
+                return;
+            }
+        };
+        let reply = self.reply_to();
+        let deps = self.deps.clone();
+        self.in_flight += 1;
+        tokio::spawn(async move {
+            match delivered.await {
+                Ok(offset) => {
+                    // Two reports: the write for the outbox, then the payment's continuation.
+                    send(&reply, ActorMsg::AuxPersisted { seq, offset }).await;
+                    send(
+                        &reply,
+                        ActorMsg::Continue {
+                            payment_id,
+                            input: Box::new(Input::TokenExchanged),
+                        },
+                    )
+                    .await;
+                }
+                Err(e) => deps.fatal(format!("PSU token write failed: {e}")),
+            }
+        });
+        // `AuxPersisted` and `Continue` each decrement once.
+        self.in_flight += 1;
+    }
+
+    /// The payment is idle again: apply the next queued input, if any.
+    async fn release(&mut self, payment_id: PaymentId) {
+        self.busy.remove(&payment_id);
+        let next = self
+            .queues
+            .get_mut(&payment_id)
+            .and_then(|queue| queue.pop_front());
+        if self.queues.get(&payment_id).is_some_and(VecDeque::is_empty) {
+            self.queues.remove(&payment_id);
+        }
+        if let Some(queued) = next {
+            if self.revoking.is_some() {
+                // Leave it (and its offset) for the next owner.
+                return;
+            }
+            Box::pin(self.apply(payment_id, queued.input, queued.source)).await;
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        record: Box<OwnedMessage>,
+        class: &str,
+        message: &str,
+        payment_id: Option<&str>,
+    ) {
+        let command_offset = record.offset();
+        let delivered = match self
+            .deps
+            .producer
+            .send_dlq(&record, class, message, payment_id)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                self.deps.fatal(format!("dead-lettering offset {command_offset}: {e}"));
+                return;
+            }
+        };
+        let reply = self.reply_to();
+        let deps = self.deps.clone();
+        self.in_flight += 1;
+        tokio::spawn(async move {
+            match delivered.await {
+                Ok(_) => send(&reply, ActorMsg::DeadLettered { command_offset }).await,
+                Err(e) => deps.fatal(format!("DLQ write failed: {e}")),
+            }
+        });
+    }
+
+    fn set_payment(&mut self, id: PaymentId, payment: Payment) {
+        if let Some(old) = self.payments.get(&id) {
+            if let Some(at) = old.next_check_at {
+                self.timers.remove(&(at, id.clone()));
+            }
+        }
+        if let Some(at) = payment.next_check_at {
+            self.timers.insert((at, id.clone()));
+        }
+        self.payments.insert(id, payment);
+    }
+
+    fn next_timer_in(&self) -> Duration {
+        const IDLE: Duration = Duration::from_millis(500);
+        match self.timers.first() {
+            Some((at, _)) => {
+                let wait = at.saturating_sub(now_millis()).max(0) as u64;
+                Duration::from_millis(wait).min(IDLE)
+            }
+            None => IDLE,
+        }
+    }
+
+    async fn fire_due_timers(&mut self) {
+        if self.revoking.is_some() {
+            return;
+        }
+        let now = now_millis();
+        let due: Vec<PaymentId> = self
+            .timers
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| id.clone())
+            .filter(|id| !self.busy.contains(id))
+            .collect();
+        for id in due {
+            self.busy.insert(id.clone());
+            self.apply(id, Input::TimerFired, None).await;
+        }
+    }
+
+    async fn republish_restored(&mut self) {
+        let unpublished = std::mem::take(&mut self.pending_republish);
+        if !unpublished.is_empty() {
+            info!(partition = self.partition, records = unpublished.len(), "re-publishing outbox after restore");
+        }
+        for (offset, events) in unpublished {
+            self.outbox.restored_unpublished(offset);
+            self.publish(offset, events).await;
+        }
+    }
+
+    /// Gives every restored payment the chance to resume work that was in flight.
+    async fn resume_restored(&mut self) {
+        let ids: Vec<PaymentId> = self
+            .payments
+            .iter()
+            .filter(|(_, p)| !p.state.is_terminal())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.busy.insert(id.clone());
+            self.apply(id, Input::Restored, None).await;
+        }
+    }
+
+    async fn write_checkpoint_if_due(&mut self) {
+        let Some(through) = self.outbox.checkpoint_due() else {
+            return;
+        };
+        let (key, value) = match state::encode_checkpoint(self.partition, through) {
+            Ok(kv) => kv,
+            Err(e) => {
+                self.deps.fatal(format!("encoding checkpoint: {e}"));
+                return;
+            }
+        };
+        let seq = self.outbox.sent();
+        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.deps.fatal(format!("writing checkpoint: {e}"));
+                return;
+            }
+        };
+        // Not written again until acknowledged.
+        self.outbox.checkpoint_written(through);
+        let reply = self.reply_to();
+        let deps = self.deps.clone();
+        self.in_flight += 1;
+        tokio::spawn(async move {
+            match delivered.await {
+                Ok(offset) => send(&reply, ActorMsg::CheckpointWritten { seq, offset, through }).await,
+                Err(e) => deps.fatal(format!("checkpoint write failed: {e}")),
+            }
+        });
+    }
+
+    fn publish_committable(&self) {
+        if let Some(offset) = self.offsets.committable() {
+            self.committable.store(offset, Ordering::Release);
+        }
+    }
+
+    fn revoke_complete(&self) -> bool {
+        match &self.revoking {
+            Some((_, deadline)) => {
+                self.in_flight == 0 || tokio::time::Instant::now() >= *deadline
+            }
+            None => false,
+        }
+    }
+
+    async fn finish(mut self) {
+        if self.in_flight > 0 {
+            warn!(
+                partition = self.partition,
+                in_flight = self.in_flight,
+                "drain bound reached with work in flight; the next owner resolves it from state"
+            );
+        } else {
+            self.write_checkpoint_if_due().await;
+            // Wait briefly for the checkpoint itself.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while self.in_flight > 0 && tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(ActorMsg::CheckpointWritten { .. })) => self.in_flight -= 1,
+                    Ok(Some(_other)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        self.publish_committable();
+        info!(partition = self.partition, committable = self.committable.load(Ordering::Acquire), "partition released");
+        if let Some((ack, _)) = self.revoking.take() {
+            let _ = ack.send(());
+        }
+    }
+
+    fn reply_to(&self) -> mpsc::WeakSender<ActorMsg> {
+        self.tx.clone()
+    }
+}
+
+/// Reports back to the owner; if it is gone (revoked), the report is dropped on purpose: the
+/// next owner works from the durable state only.
+async fn send(reply: &mpsc::WeakSender<ActorMsg>, message: ActorMsg) {
+    if let Some(tx) = reply.upgrade() {
+        if tx.send(message).await.is_err() {
+            debug!("owner gone; report dropped");
+        }
+    }
+}
+

@@ -1,0 +1,75 @@
+//! Edge: the Kafka broker. Topic administration, the ordered producer for state / status / DLQ,
+//! the changelog codec and restore, and the consumer-group thread with rebalance handling.
+
+pub mod admin;
+pub mod consumer;
+pub mod producer;
+pub mod state;
+
+use rdkafka::ClientConfig;
+
+/// Topic names (configurable; defaults from DESIGN.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub commands: String,
+    pub status: String,
+    pub state: String,
+    pub dlq: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            commands: "pis.payment-commands".into(),
+            status: "pis.payment-status".into(),
+            state: "pis.payment-state".into(),
+            dlq: "pis.payment-commands.dlq".into(),
+        }
+    }
+}
+
+/// Broker connection settings shared by every client this process creates.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Topics,
+    pub session_timeout_ms: u32,
+    /// Extra librdkafka properties (`key=value`), e.g. security.protocol, sasl.*, ssl.*.
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    /// The base client configuration: brokers plus operator overrides.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaEdgeError {
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("kafka: {0}")]
+    Setup(String),
+    #[error("state record: {0}")]
+    StateCodec(String),
+}
+
+impl KafkaEdgeError {
+    pub fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        KafkaEdgeError::Kafka {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The one producer of a worker process: idempotent, acks=all. Every send is enqueued in call
+//! order, so two state writes to a partition made in order land in that order (the outbox
+//! checkpoint relies on it).
+
+use std::future::Future;
+use std::time::Duration;
+
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::Message;
+
+use super::{KafkaEdgeError, KafkaSettings, Topics};
+use crate::contract;
+use crate::domain::machine::StatusEvent;
+
+/// Headers put on dead-letter records, next to the original record's own headers.
+pub mod dlq_headers {
+    pub const ERROR_CLASS: &str = "pis.error.class";
+    pub const ERROR_MESSAGE: &str = "pis.error.message";
+    pub const SOURCE_TOPIC: &str = "pis.source.topic";
+    pub const SOURCE_PARTITION: &str = "pis.source.partition";
+    pub const SOURCE_OFFSET: &str = "pis.source.offset";
+    pub const PAYMENT_ID: &str = "pis.payment.id";
+}
+
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    topics: Topics,
+}
+
+/// Resolves to the offset the broker gave the record.
+pub type Delivered = std::pin::Pin<Box<dyn Future<Output = Result<i64, KafkaEdgeError>> + Send>>;
+
+impl Producer {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaEdgeError> {
+        let inner: FutureProducer = settings
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            // Same key -> same partition as Java clients, for the status topic's consumers.
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .map_err(|e| KafkaEdgeError::kafka("creating producer", e))?;
+        Ok(Self {
+            inner,
+            topics: settings.topics.clone(),
+        })
+    }
+
+    async fn enqueue(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: &[u8],
+        headers: Option<OwnedHeaders>,
+    ) -> Result<Delivered, KafkaEdgeError> {
+        loop {
+            let mut record = FutureRecord::to(topic).key(key).payload(value);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            if let Some(h) = headers.clone() {
+                record = record.headers(h);
+            }
+            match self.inner.send_result(record) {
+                Ok(delivery) => {
+                    let topic = topic.to_owned();
+                    return Ok(Box::pin(async move {
+                        match delivery.await {
+                            Ok(Ok(delivered)) => Ok(delivered.offset),
+                            Ok(Err((e, _))) => {
+                                Err(KafkaEdgeError::kafka(format!("delivering to {topic}"), e))
+                            }
+                            Err(_canceled) => Err(KafkaEdgeError::Setup(format!(
+                                "producer dropped a delivery to {topic}"
+                            ))),
+                        }
+                    }));
+                }
+                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Back-pressure: wait for the local queue to drain, keep the order.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(KafkaEdgeError::kafka(format!("enqueueing to {topic}"), e)),
+            }
+        }
+    }
+
+    /// Writes a state record to the state partition that mirrors the command partition.
+    pub async fn send_state(
+        &self,
+        partition: i32,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Delivered, KafkaEdgeError> {
+        let topic = self.topics.state.clone();
+        self.enqueue(&topic, Some(partition), key.as_bytes(), value, None)
+            .await
+    }
+
+    /// Publishes one status event, keyed by payment id.
+    pub async fn send_status(&self, event: &StatusEvent) -> Result<Delivered, KafkaEdgeError> {
+        let value = contract::status::encode(event)
+            .map_err(|e| KafkaEdgeError::StateCodec(format!("encoding status event: {e}")))?;
+        let event_id = event.event_id().to_string();
+        let sequence = event.sequence.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "pis.event_id",
+                value: Some(event_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "pis.sequence",
+                value: Some(sequence.as_bytes()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/vnd.apache.avro+binary; framing=single-object"),
+            });
+        let topic = self.topics.status.clone();
+        self.enqueue(
+            &topic,
+            None,
+            event.payment_id.as_str().as_bytes(),
+            &value,
+            Some(headers),
+        )
+        .await
+    }
+
+    /// Dead-letters a command record: original key, value and headers, plus headers that say
+    /// what was wrong and where it came from.
+    pub async fn send_dlq(
+        &self,
+        original: &OwnedMessage,
+        error_class: &str,
+        error_message: &str,
+        payment_id: Option<&str>,
+    ) -> Result<Delivered, KafkaEdgeError> {
+        let mut headers = OwnedHeaders::new();
+        if let Some(original_headers) = original.headers() {
+            for header in original_headers.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let partition = original.partition().to_string();
+        let offset = original.offset().to_string();
+        headers = headers
+            .insert(Header {
+                key: dlq_headers::ERROR_CLASS,
+                value: Some(error_class),
+            })
+            .insert(Header {
+                key: dlq_headers::ERROR_MESSAGE,
+                value: Some(error_message),
+            })
+            .insert(Header {
+                key: dlq_headers::SOURCE_TOPIC,
+                value: Some(original.topic()),
+            })
+            .insert(Header {
+                key: dlq_headers::SOURCE_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: dlq_headers::SOURCE_OFFSET,
+                value: Some(&offset),
+            });
+        if let Some(id) = payment_id {
+            headers = headers.insert(Header {
+                key: dlq_headers::PAYMENT_ID,
+                value: Some(id),
+            });
+        }
+        let topic = self.topics.dlq.clone();
+        self.enqueue(
+            &topic,
+            Some(original.partition()),
+            original.key().unwrap_or_default(),
+            original.payload().unwrap_or_default(),
+            Some(headers),
+        )
+        .await
+    }
+
+    /// Waits for everything enqueued to be delivered (shutdown, revoke).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaEdgeError> {
+        self.inner
+            .flush(timeout)
+            .map_err(|e| KafkaEdgeError::kafka("flushing producer", e))
+    }
+
+    /// Records waiting in the local queue (a metric).
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+}

@@ -1,0 +1,217 @@
+//! Command-line entry points: `sandbox` (run the simulator) and `psu` (act as the PSU from a
+//! script and print the browser's redirect URL back to the TPP).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use secrecy::SecretString;
+
+use super::{SandboxConfig, start};
+
+pub const DEFAULT_CLIENT_ID: &str = "pis-worker-demo";
+pub const DEFAULT_CLIENT_SECRET: &str = "sandbox-secret";
+
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(value.into())
+}
+
+/// Run the Belfius sandbox simulator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SandboxArgs {
+    /// Bank API address (HTTPS with mandatory client certificate).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Operator / PSU API address (plain HTTP; keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    pub admin_listen: SocketAddr,
+    /// Directory of the test PKI; reused across restarts.
+    #[arg(long, default_value = ".run/tls")]
+    pub tls_dir: PathBuf,
+    /// The Client-ID the simulated bank accepts.
+    #[arg(long, default_value = DEFAULT_CLIENT_ID)]
+    pub client_id: String,
+    /// The client secret the simulated bank accepts at /token.
+    #[arg(
+        long,
+        env = "PIS_SANDBOX_CLIENT_SECRET",
+        default_value = DEFAULT_CLIENT_SECRET,
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = secret
+    )]
+    pub client_secret: SecretString,
+    /// Sign every payment automatically this many milliseconds after initiation.
+    #[arg(long)]
+    pub auto_sign_after_ms: Option<u64>,
+    /// Delay between ACTC (signed) and ACSC (settled), in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub settle_after_ms: u64,
+    /// An unsigned payment turns RJCT after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub sca_expiry_secs: u64,
+}
+
+impl SandboxArgs {
+    pub fn config(&self) -> SandboxConfig {
+        SandboxConfig {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            tls_dir: self.tls_dir.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            auto_sign_after: self.auto_sign_after_ms.map(Duration::from_millis),
+            settle_after: Duration::from_millis(self.settle_after_ms),
+            sca_expiry: Duration::from_secs(self.sca_expiry_secs),
+        }
+    }
+}
+
+/// Starts the simulator and serves until Ctrl-C or SIGTERM.
+pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    let sandbox = start(args.config()).await?;
+    println!(
+        "sandbox: api {} admin {} tls-dir {}",
+        sandbox.api_base_url(),
+        sandbox.admin_base_url(),
+        sandbox.tls_dir.display()
+    );
+    wait_for_stop_signal().await?;
+    sandbox.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PsuAction {
+    Sign,
+    Reject,
+}
+
+impl PsuAction {
+    fn path(self) -> &'static str {
+        match self {
+            PsuAction::Sign => "sign",
+            PsuAction::Reject => "reject",
+        }
+    }
+}
+
+/// Act as the PSU on the sandbox: sign or refuse the latest payment with an end-to-end id, and
+/// print where the PSU's browser is sent back to (feed it to the worker as the SCA outcome).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PsuArgs {
+    /// Base URL of the sandbox operator API.
+    #[arg(long, default_value = "http://127.0.0.1:8444")]
+    pub admin_url: url::Url,
+    /// What the PSU does.
+    #[arg(value_enum)]
+    pub action: PsuAction,
+    /// End-to-end id of the payment.
+    #[arg(long)]
+    pub e2e: String,
+}
+
+pub async fn run_psu(args: PsuArgs) -> anyhow::Result<()> {
+    let url = psu_url(&args.admin_url, &args.e2e, args.action)?;
+    let response = reqwest::Client::new()
+        .post(url.clone())
+        .send()
+        .await
+        .with_context(|| format!("calling {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .with_context(|| format!("reading the answer of {url}"))?;
+    if !status.is_success() {
+        bail!("sandbox refused ({status}): {body}");
+    }
+    match body.get("redirect_url").and_then(|v| v.as_str()) {
+        Some(redirect) => println!("{redirect}"),
+        // Second signer of a multi-signature payment: nothing goes back to the TPP.
+        None => eprintln!(
+            "payment {} is now {} (no redirect to the TPP)",
+            body.get("payment_id")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?"),
+            body.get("status").and_then(|v| v.as_str()).unwrap_or("?"),
+        ),
+    }
+    Ok(())
+}
+
+/// `{admin}/admin/e2e/{e2e}/{action}` with the id percent-encoded as one path segment.
+pub fn psu_url(admin: &url::Url, e2e: &str, action: PsuAction) -> anyhow::Result<url::Url> {
+    let mut url = admin.clone();
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("admin URL {admin} cannot be a base"))?
+        .pop_if_empty()
+        .extend(["admin", "e2e", e2e, action.path()]);
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Command {
+        Sandbox(SandboxArgs),
+        Psu(PsuArgs),
+    }
+
+    #[test]
+    fn sandbox_defaults() {
+        let Command::Sandbox(args) = Cli::parse_from(["x", "sandbox"]).command else {
+            panic!("wrong subcommand");
+        };
+        let config = args.config();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:8444");
+        assert_eq!(config.client_id, DEFAULT_CLIENT_ID);
+        assert_eq!(config.settle_after, Duration::from_secs(2));
+        assert_eq!(config.auto_sign_after, None);
+        assert_eq!(config.sca_expiry, Duration::from_secs(900));
+        assert!(!format!("{args:?}").contains(DEFAULT_CLIENT_SECRET));
+    }
+
+    #[test]
+    fn psu_args_and_url_encoding() {
+        let Command::Psu(args) =
+            Cli::parse_from(["x", "psu", "reject", "--e2e", "E2E/1 x"]).command
+        else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(args.action, PsuAction::Reject);
+        let url = psu_url(&args.admin_url, &args.e2e, args.action).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8444/admin/e2e/E2E%2F1%20x/reject"
+        );
+    }
+}
