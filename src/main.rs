@@ -3,8 +3,8 @@ use pis_worker::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: &str) {
-    let filter = EnvFilter::try_from_env("PIS_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let filter =
+        EnvFilter::try_from_env("PIS_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -21,17 +21,22 @@ async fn main() -> std::process::ExitCode {
     init_logging(&cli.log_format);
     let result = match cli.command {
         Command::Run(args) => pis_worker::cli::run::run(*args).await,
-        Command::Sandbox(args) => pis_worker::sandbox::cli::run(args).await,
+        Command::Sandbox(args) => pis_worker::sandbox::cli::run(*args).await,
         Command::Psu(args) => pis_worker::sandbox::cli::run_psu(args).await,
-        Command::Send(args) => pis_worker::cli::send::run(args).await,
-        Command::Watch(args) => tokio::task::spawn_blocking(move || pis_worker::cli::watch::run(args))
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r),
-        Command::Topics(args) => pis_worker::cli::run::topics(args).await,
+        Command::Send(args) => pis_worker::cli::send::run(*args).await,
+        Command::Watch(args) => {
+            tokio::task::spawn_blocking(move || pis_worker::cli::watch::run(*args))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+        }
+        Command::Topics(args) => pis_worker::cli::run::topics(*args).await,
         Command::Keygen => {
             use secrecy::ExposeSecret;
-            println!("{}", pis_worker::secret::StateKey::generate_hex().expose_secret());
+            println!(
+                "{}",
+                pis_worker::secret::StateKey::generate_hex().expose_secret()
+            );
             Ok(())
         }
     };

@@ -112,7 +112,9 @@ mod tests {
     #[test]
     fn seal_then_open_round_trips_and_hides_the_plaintext() {
         let k = key();
-        let sealed = k.seal(&SecretString::from("verifier-123"), "payment/p-1").expect("seal");
+        let sealed = k
+            .seal(&SecretString::from("verifier-123"), "payment/p-1")
+            .expect("seal");
         assert!(!sealed.0.contains("verifier-123"));
         let opened = k.open(&sealed, "payment/p-1").expect("open");
         assert_eq!(opened.expose_secret(), "verifier-123");
@@ -121,9 +123,17 @@ mod tests {
     #[test]
     fn a_sealed_value_does_not_open_under_another_record_or_key() {
         let k = key();
-        let sealed = k.seal(&SecretString::from("x"), "payment/p-1").expect("seal");
-        assert!(matches!(k.open(&sealed, "payment/p-2"), Err(SecretError::OpenFailed)));
-        assert!(matches!(key().open(&sealed, "payment/p-1"), Err(SecretError::OpenFailed)));
+        let sealed = k
+            .seal(&SecretString::from("x"), "payment/p-1")
+            .expect("seal");
+        assert!(matches!(
+            k.open(&sealed, "payment/p-2"),
+            Err(SecretError::OpenFailed)
+        ));
+        assert!(matches!(
+            key().open(&sealed, "payment/p-1"),
+            Err(SecretError::OpenFailed)
+        ));
         assert!(matches!(
             k.open(&Sealed("v1:AAAA".into()), "payment/p-1"),
             Err(SecretError::Malformed)

@@ -122,7 +122,10 @@ pub enum BankError {
     RateLimited { retry_after: Option<Duration> },
     /// HTTP 5xx.
     #[error("bank unavailable: HTTP {status} {body:?}")]
-    Unavailable { status: u16, body: Option<ErrorBody> },
+    Unavailable {
+        status: u16,
+        body: Option<ErrorBody>,
+    },
     /// HTTP 4xx other than 429: the bank refused the request.
     #[error("bank refused: HTTP {status} {} {}", body.error, body.error_code)]
     Refused { status: u16, body: ErrorBody },

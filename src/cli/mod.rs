@@ -7,7 +7,11 @@ pub mod watch;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "pis-worker", version, about = "Kafka-driven PSD2 payment initiation for Belfius and Banx")]
+#[command(
+    name = "pis-worker",
+    version,
+    about = "Kafka-driven PSD2 payment initiation for Belfius and Banx"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "PIS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -21,15 +25,15 @@ pub enum Command {
     /// Run the worker (a consumer-group member).
     Run(Box<run::RunArgs>),
     /// Run the Belfius sandbox simulator.
-    Sandbox(crate::sandbox::cli::SandboxArgs),
+    Sandbox(Box<crate::sandbox::cli::SandboxArgs>),
     /// Act as the PSU in the sandbox (sign / reject) and print the redirect URL.
     Psu(crate::sandbox::cli::PsuArgs),
     /// Publish a payment command (Avro) to the command topic.
-    Send(send::SendArgs),
+    Send(Box<send::SendArgs>),
     /// Print payment status events as they arrive.
-    Watch(watch::WatchArgs),
+    Watch(Box<watch::WatchArgs>),
     /// Create the topics (idempotent).
-    Topics(run::TopicsArgs),
+    Topics(Box<run::TopicsArgs>),
     /// Print a fresh state-encryption key (64 hex characters).
     Keygen,
 }
@@ -40,13 +44,21 @@ pub struct BrokerArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "PIS_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
-    #[arg(long, env = "PIS_TOPIC_COMMANDS", default_value = "pis.payment-commands")]
+    #[arg(
+        long,
+        env = "PIS_TOPIC_COMMANDS",
+        default_value = "pis.payment-commands"
+    )]
     pub topic_commands: String,
     #[arg(long, env = "PIS_TOPIC_STATUS", default_value = "pis.payment-status")]
     pub topic_status: String,
     #[arg(long, env = "PIS_TOPIC_STATE", default_value = "pis.payment-state")]
     pub topic_state: String,
-    #[arg(long, env = "PIS_TOPIC_DLQ", default_value = "pis.payment-commands.dlq")]
+    #[arg(
+        long,
+        env = "PIS_TOPIC_DLQ",
+        default_value = "pis.payment-commands.dlq"
+    )]
     pub topic_dlq: String,
     /// Extra librdkafka property, `key=value` (repeatable): security.protocol, sasl.*, ssl.*...
     #[arg(long = "kafka-property", value_parser = parse_property)]

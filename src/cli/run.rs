@@ -29,10 +29,18 @@ pub struct RunArgs {
     #[arg(long, env = "PIS_CREATE_TOPICS")]
     pub create_topics: Option<i32>,
     /// Belfius-brand API base URL.
-    #[arg(long, env = "PIS_BELFIUS_URL", default_value = "https://psd2.b2b.belfius.be:8443/")]
+    #[arg(
+        long,
+        env = "PIS_BELFIUS_URL",
+        default_value = "https://psd2.b2b.belfius.be:8443/"
+    )]
     pub belfius_url: url::Url,
     /// Banx-brand API base URL.
-    #[arg(long, env = "PIS_BANX_URL", default_value = "https://psd2.b2b.banx.be:8443/")]
+    #[arg(
+        long,
+        env = "PIS_BANX_URL",
+        default_value = "https://psd2.b2b.banx.be:8443/"
+    )]
     pub banx_url: url::Url,
     #[arg(long, env = "PIS_CLIENT_ID")]
     pub client_id: String,
@@ -97,12 +105,16 @@ impl RunArgs {
         let client_secret = match (&self.client_secret, &self.client_secret_file) {
             (Some(s), _) => s.clone(),
             (None, Some(path)) => read_secret_file(path, "client secret")?,
-            (None, None) => anyhow::bail!("the client secret is required (PIS_CLIENT_SECRET or --client-secret-file)"),
+            (None, None) => anyhow::bail!(
+                "the client secret is required (PIS_CLIENT_SECRET or --client-secret-file)"
+            ),
         };
         let state_key = match (&self.state_key, &self.state_key_file) {
             (Some(s), _) => s.clone(),
             (None, Some(path)) => read_secret_file(path, "state key")?,
-            (None, None) => anyhow::bail!("the state key is required (PIS_STATE_KEY or --state-key-file; make one with `pis-worker keygen`)"),
+            (None, None) => anyhow::bail!(
+                "the state key is required (PIS_STATE_KEY or --state-key-file; make one with `pis-worker keygen`)"
+            ),
         };
         let extra_ca_pem = self
             .bank_ca_file
@@ -118,8 +130,8 @@ impl RunArgs {
             (None, None) => None,
             _ => anyhow::bail!("--qwac-cert-file and --qwac-key-file go together"),
         };
-        let max_amount = Amount::parse(&self.max_amount)
-            .map_err(|e| anyhow::anyhow!("--max-amount: {e}"))?;
+        let max_amount =
+            Amount::parse(&self.max_amount).map_err(|e| anyhow::anyhow!("--max-amount: {e}"))?;
         let policy = Policy {
             sca_timeout_ms: (self.sca_timeout_secs * 1000) as i64,
             fast_poll_ms: self.poll_fast_ms as i64,
@@ -129,7 +141,9 @@ impl RunArgs {
             ..Policy::default()
         };
         Ok(WorkerConfig {
-            kafka: self.broker.settings(&self.group_id, self.session_timeout_ms),
+            kafka: self
+                .broker
+                .settings(&self.group_id, self.session_timeout_ms),
             bank: BelfiusConfig {
                 belfius_base_url: self.belfius_url.clone(),
                 banx_base_url: self.banx_url.clone(),

@@ -23,7 +23,7 @@ pub struct SendArgs {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum SendCommand {
     /// InitiatePayment.
-    Initiate(InitiateArgs),
+    Initiate(Box<InitiateArgs>),
     /// CompleteSca: hand back what the PSU's browser brought to the redirect URI.
     CompleteSca(CompleteScaArgs),
     /// CancelPayment.
@@ -111,12 +111,13 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let (key, value, label) = match args.command {
         SendCommand::Raw(raw) => (raw.key, raw.value.into_bytes(), "raw".to_owned()),
         SendCommand::Initiate(a) => {
+            let a = *a;
             let envelope = CommandEnvelope {
                 command_id: command_id.clone(),
                 payment_id: a.target.payment_id.clone(),
                 psu_id: a.target.psu_id.clone(),
                 issued_at: now,
-                body: CommandBody::Initiate(RawInitiatePayment {
+                body: CommandBody::Initiate(Box::new(RawInitiatePayment {
                     payment_product: a.product,
                     brand: a.brand,
                     amount: a.amount,
@@ -130,7 +131,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                     requested_execution_date: a.execution_date,
                     language: a.language,
                     redirect_uri: a.redirect_uri,
-                }),
+                })),
             };
             envelope_bytes(&envelope, "InitiatePayment")?
         }
@@ -179,7 +180,10 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn envelope_bytes(envelope: &CommandEnvelope, label: &str) -> anyhow::Result<(String, Vec<u8>, String)> {
+fn envelope_bytes(
+    envelope: &CommandEnvelope,
+    label: &str,
+) -> anyhow::Result<(String, Vec<u8>, String)> {
     let bytes = command::encode(envelope).map_err(|e| anyhow::anyhow!("encoding {label}: {e}"))?;
     Ok((envelope.psu_id.clone(), bytes, label.to_owned()))
 }

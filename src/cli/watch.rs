@@ -69,14 +69,20 @@ pub fn format_json(r: &StatusRecord) -> String {
 }
 
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let settings = args.broker.settings(&format!("pis-watch-{}", uuid::Uuid::new_v4()), 6_000);
+    let settings = args
+        .broker
+        .settings(&format!("pis-watch-{}", uuid::Uuid::new_v4()), 6_000);
     let consumer: BaseConsumer = settings
         .client_config()
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set(
             "auto.offset.reset",
-            if args.from_beginning { "earliest" } else { "latest" },
+            if args.from_beginning {
+                "earliest"
+            } else {
+                "latest"
+            },
         )
         .set("session.timeout.ms", "6000")
         .create()
@@ -101,11 +107,16 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
             continue;
         };
         let message = result.context("reading status events")?;
-        let Some(payload) = message.payload() else { continue };
+        let Some(payload) = message.payload() else {
+            continue;
+        };
         let record = match status::decode(payload) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("undecodable status event at offset {}: {e}", message.offset());
+                eprintln!(
+                    "undecodable status event at offset {}: {e}",
+                    message.offset()
+                );
                 continue;
             }
         };

@@ -21,7 +21,7 @@ pub struct CommandEnvelope {
 
 #[derive(Debug, Clone)]
 pub enum CommandBody {
-    Initiate(RawInitiatePayment),
+    Initiate(Box<RawInitiatePayment>),
     CompleteSca(ScaRedirect),
     Cancel { reason: Option<String> },
     RefreshStatus,
@@ -100,10 +100,19 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
         CommandBody::RefreshStatus => Value::Union(3, Box::new(Value::Record(vec![]))),
     };
     let value = Value::Record(vec![
-        ("command_id".into(), Value::String(command.command_id.clone())),
-        ("payment_id".into(), Value::String(command.payment_id.clone())),
+        (
+            "command_id".into(),
+            Value::String(command.command_id.clone()),
+        ),
+        (
+            "payment_id".into(),
+            Value::String(command.payment_id.clone()),
+        ),
         ("psu_id".into(), Value::String(command.psu_id.clone())),
-        ("issued_at".into(), Value::TimestampMillis(command.issued_at)),
+        (
+            "issued_at".into(),
+            Value::TimestampMillis(command.issued_at),
+        ),
         ("body".into(), body),
     ]);
     let datum = apache_avro::to_avro_datum(&schemas.command.schema, value)?;
@@ -136,18 +145,33 @@ fn initiate_value(raw: &RawInitiatePayment) -> Value {
         ("brand".into(), Value::Enum(brand_index, raw.brand.clone())),
         ("amount".into(), Value::String(raw.amount.clone())),
         ("currency".into(), Value::String(raw.currency.clone())),
-        ("creditor_name".into(), Value::String(raw.creditor_name.clone())),
-        ("creditor_iban".into(), Value::String(raw.creditor_iban.clone())),
-        ("creditor_bic".into(), opt_string(raw.creditor_bic.as_deref())),
+        (
+            "creditor_name".into(),
+            Value::String(raw.creditor_name.clone()),
+        ),
+        (
+            "creditor_iban".into(),
+            Value::String(raw.creditor_iban.clone()),
+        ),
+        (
+            "creditor_bic".into(),
+            opt_string(raw.creditor_bic.as_deref()),
+        ),
         ("debtor_iban".into(), opt_string(raw.debtor_iban.as_deref())),
-        ("end_to_end_id".into(), Value::String(raw.end_to_end_id.clone())),
+        (
+            "end_to_end_id".into(),
+            Value::String(raw.end_to_end_id.clone()),
+        ),
         (
             "remittance_information".into(),
             opt_string(raw.remittance_information.as_deref()),
         ),
         ("requested_execution_date".into(), date),
         ("language".into(), Value::String(raw.language.clone())),
-        ("redirect_uri".into(), Value::String(raw.redirect_uri.clone())),
+        (
+            "redirect_uri".into(),
+            Value::String(raw.redirect_uri.clone()),
+        ),
     ])
 }
 
@@ -230,7 +254,9 @@ impl Fields {
     pub(super) fn of(value: Value, what: &str) -> Result<Self, DecodeError> {
         match value {
             Value::Record(fields) => Ok(Fields(fields)),
-            other => Err(malformed(format!("{what}: expected a record, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{what}: expected a record, got {other:?}"
+            ))),
         }
     }
 
@@ -256,7 +282,9 @@ impl Fields {
             Value::String(s) => Ok(s),
             Value::Uuid(u) => Ok(u.to_string()),
             Value::Enum(_, symbol) => Ok(symbol),
-            other => Err(malformed(format!("{name}: expected a string, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected a string, got {other:?}"
+            ))),
         }
     }
 
@@ -265,18 +293,24 @@ impl Fields {
             Value::Union(_, inner) => match *inner {
                 Value::Null => Ok(None),
                 Value::String(s) => Ok(Some(s)),
-                other => Err(malformed(format!("{name}: expected string or null, got {other:?}"))),
+                other => Err(malformed(format!(
+                    "{name}: expected string or null, got {other:?}"
+                ))),
             },
             Value::Null => Ok(None),
             Value::String(s) => Ok(Some(s)),
-            other => Err(malformed(format!("{name}: expected string or null, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected string or null, got {other:?}"
+            ))),
         }
     }
 
     pub(super) fn millis(&mut self, name: &str) -> Result<i64, DecodeError> {
         match self.take(name)? {
             Value::TimestampMillis(v) | Value::Long(v) => Ok(v),
-            other => Err(malformed(format!("{name}: expected timestamp-millis, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected timestamp-millis, got {other:?}"
+            ))),
         }
     }
 
@@ -291,7 +325,9 @@ impl Fields {
     pub(super) fn boolean(&mut self, name: &str) -> Result<bool, DecodeError> {
         match self.take(name)? {
             Value::Boolean(v) => Ok(v),
-            other => Err(malformed(format!("{name}: expected boolean, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected boolean, got {other:?}"
+            ))),
         }
     }
 
@@ -314,7 +350,9 @@ impl Fields {
                 .checked_add_signed(chrono::Duration::days(i64::from(days)))
                 .map(|d| Some(d.format("%Y-%m-%d").to_string()))
                 .ok_or_else(|| malformed(format!("{name}: date out of range"))),
-            other => Err(malformed(format!("{name}: expected date or null, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected date or null, got {other:?}"
+            ))),
         }
     }
 }
@@ -335,7 +373,7 @@ fn envelope_from_value(
     let mut body_fields = Fields::of(body, "body")?;
     let branch = body_branch_name(writer, index).unwrap_or_default();
     let body = match branch.as_str() {
-        "InitiatePayment" => CommandBody::Initiate(RawInitiatePayment {
+        "InitiatePayment" => CommandBody::Initiate(Box::new(RawInitiatePayment {
             payment_product: body_fields.string("payment_product")?,
             brand: body_fields.string("brand")?,
             amount: body_fields.string("amount")?,
@@ -349,7 +387,7 @@ fn envelope_from_value(
             requested_execution_date: body_fields.opt_date("requested_execution_date")?,
             language: body_fields.string("language")?,
             redirect_uri: body_fields.string("redirect_uri")?,
-        }),
+        })),
         "CompleteSca" => CommandBody::CompleteSca(ScaRedirect {
             authorization_code: body_fields
                 .opt_string("authorization_code")?
@@ -412,13 +450,16 @@ mod tests {
 
     #[test]
     fn initiate_round_trips_through_avro_bytes() {
-        let bytes = encode(&envelope(CommandBody::Initiate(sample_initiate()))).expect("encode");
+        let bytes = encode(&envelope(CommandBody::Initiate(
+            Box::new(sample_initiate()),
+        )))
+        .expect("encode");
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
         let decoded = decode(&bytes, 65_536).expect("decode");
         assert_eq!(decoded.command_id, "c-1");
         assert_eq!(decoded.issued_at, 1_700_000_000_000);
         match decoded.body {
-            CommandBody::Initiate(raw) => assert_eq!(raw, sample_initiate()),
+            CommandBody::Initiate(raw) => assert_eq!(*raw, sample_initiate()),
             other => panic!("wrong body {other:?}"),
         }
     }
@@ -462,11 +503,17 @@ mod tests {
         let class = |b: &[u8], max| decode(b, max).map(|_| ()).map_err(|e| e.class);
         assert_eq!(class(&good, 4), Err(DecodeErrorClass::Oversized));
         assert_eq!(class(b"", 100), Err(DecodeErrorClass::Empty));
-        assert_eq!(class(b"hello world!", 100), Err(DecodeErrorClass::BadFraming));
+        assert_eq!(
+            class(b"hello world!", 100),
+            Err(DecodeErrorClass::BadFraming)
+        );
         let mut unknown = good.clone();
         unknown[2] ^= 0xFF;
         assert_eq!(class(&unknown, 100), Err(DecodeErrorClass::UnknownSchema));
-        assert_eq!(class(&good[..good.len() - 3], 100), Err(DecodeErrorClass::MalformedAvro));
+        assert_eq!(
+            class(&good[..good.len() - 3], 100),
+            Err(DecodeErrorClass::MalformedAvro)
+        );
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(class(&trailing, 100), Err(DecodeErrorClass::MalformedAvro));

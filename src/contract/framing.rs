@@ -49,7 +49,10 @@ mod tests {
 
     #[test]
     fn rejects_empty_short_and_unmarked_input() {
-        assert_eq!(unframe(b"").map_err(|e| e.class), Err(DecodeErrorClass::Empty));
+        assert_eq!(
+            unframe(b"").map_err(|e| e.class),
+            Err(DecodeErrorClass::Empty)
+        );
         assert_eq!(
             unframe(&[0xC3, 0x01, 0]).map_err(|e| e.class),
             Err(DecodeErrorClass::BadFraming)

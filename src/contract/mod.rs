@@ -161,6 +161,9 @@ mod tests {
     fn fingerprint_matches_the_avro_reference_value() {
         let schema = Schema::parse_str(r#""int""#).expect("int schema");
         let bytes = schema.fingerprint::<Rabin>().bytes;
-        assert_eq!(u64::from_le_bytes(bytes.try_into().expect("8 bytes")), 0x7275d51a3f395c8f);
+        assert_eq!(
+            u64::from_le_bytes(bytes.try_into().expect("8 bytes")),
+            0x7275d51a3f395c8f
+        );
     }
 }

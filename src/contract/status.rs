@@ -44,7 +44,10 @@ pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
     };
     let value = Value::Record(vec![
         ("event_id".into(), Value::Uuid(event.event_id())),
-        ("payment_id".into(), Value::String(event.payment_id.to_string())),
+        (
+            "payment_id".into(),
+            Value::String(event.payment_id.to_string()),
+        ),
         ("psu_id".into(), Value::String(event.psu_id.to_string())),
         ("sequence".into(), Value::Long(event.sequence as i64)),
         (
@@ -52,7 +55,10 @@ pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
             Value::Enum(state_index, event.state.symbol().into()),
         ),
         ("is_final".into(), Value::Boolean(event.state.is_terminal())),
-        ("bank_status".into(), opt_string(event.bank_status.as_deref())),
+        (
+            "bank_status".into(),
+            opt_string(event.bank_status.as_deref()),
+        ),
         (
             "bank_payment_id".into(),
             opt_string(event.bank_payment_id.as_ref().map(|b| b.as_str())),
@@ -63,7 +69,10 @@ pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
         ),
         ("reason".into(), reason),
         ("causation_id".into(), opt_string(Some(&event.causation_id))),
-        ("occurred_at".into(), Value::TimestampMillis(event.occurred_at)),
+        (
+            "occurred_at".into(),
+            Value::TimestampMillis(event.occurred_at),
+        ),
     ]);
     let datum = apache_avro::to_avro_datum(&schemas.status.schema, value)?;
     Ok(frame(&schemas.status.fingerprint, &datum))
@@ -89,7 +98,7 @@ pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
         }
     }
     let value = apache_avro::from_avro_datum(&schemas.status.schema, &mut datum, None)
-    .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
+        .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
     let mut f = Fields::of(value, "PaymentStatusEvent")?;
     let state_symbol = f.string("state")?;
     let state = StateKind::from_symbol(&state_symbol).ok_or_else(|| {

@@ -272,7 +272,9 @@ pub enum Input {
     },
     // Inputs from the engine.
     /// Start the next initiation attempt with a freshly generated PKCE verifier.
-    BeginInitiation { pkce_verifier: SecretString },
+    BeginInitiation {
+        pkce_verifier: SecretString,
+    },
     BankInitiated {
         bank_payment_id: BankPaymentId,
         sca_redirect_url: String,
@@ -281,12 +283,16 @@ pub enum Input {
     InitiationFailed(InitiationFailure),
     /// The token pair is durable in the PSU record.
     TokenExchanged,
-    TokenExchangeFailed { message: String },
+    TokenExchangeFailed {
+        message: String,
+    },
     StatusObserved {
         progress: BankProgress,
         bank_status: String,
     },
-    StatusCheckFailed { message: String },
+    StatusCheckFailed {
+        message: String,
+    },
     /// `next_check_at` has passed.
     TimerFired,
     /// The partition was restored after a restart or rebalance: calls that were in flight when
@@ -341,13 +347,9 @@ impl Input {
             | Input::Cancel { command_id, .. }
             | Input::RefreshStatus { command_id, .. } => command_id.to_string(),
             Input::BeginInitiation { .. } => "worker:begin-initiation".into(),
-            Input::BankInitiated { .. } | Input::InitiationFailed(_) => {
-                "bank:initiation".into()
-            }
+            Input::BankInitiated { .. } | Input::InitiationFailed(_) => "bank:initiation".into(),
             Input::TokenExchanged | Input::TokenExchangeFailed { .. } => "bank:token".into(),
-            Input::StatusObserved { .. } | Input::StatusCheckFailed { .. } => {
-                "bank:status".into()
-            }
+            Input::StatusObserved { .. } | Input::StatusCheckFailed { .. } => "bank:status".into(),
             Input::TimerFired => "worker:timer".into(),
             Input::Restored => "worker:restore".into(),
         }
@@ -524,20 +526,24 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
             order,
         } => {
             let payment = Payment::new(payment_id.clone(), psu_id, Some(order), command_id, now);
-            Step::from(payment, now).to(PaymentState::Received, |_| {}, vec![Effect::StartInitiation])
+            Step::from(payment, now).to(
+                PaymentState::Received,
+                |_| {},
+                vec![Effect::StartInitiation],
+            )
         }
         Input::InitiateInvalid {
             command_id,
             psu_id,
             reason,
         } => {
-            let mut payment = Payment::new(payment_id.clone(), psu_id, None, command_id, now);
-            payment.reason = Some(reason);
-            Step::from(payment, now).to(PaymentState::Rejected, |_| {}, vec![])
+            let payment = Payment::new(payment_id.clone(), psu_id, None, command_id, now);
+            Step::from(payment, now).to(PaymentState::Rejected, |p| p.reason = Some(reason), vec![])
         }
-        Input::CompleteSca { .. } | Input::Cancel { .. } | Input::RefreshStatus { .. } => {
-            refuse(RefusalCode::UnknownPayment, "no payment with this payment_id")
-        }
+        Input::CompleteSca { .. } | Input::Cancel { .. } | Input::RefreshStatus { .. } => refuse(
+            RefusalCode::UnknownPayment,
+            "no payment with this payment_id",
+        ),
         Input::BeginInitiation { .. }
         | Input::BankInitiated { .. }
         | Input::InitiationFailed(_)
@@ -627,7 +633,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     |p| {
                         p.authorization_code = Some(code);
                         p.next_check_at = None;
-                    }, vec![Effect::ExchangeCode]),
+                    },
+                    vec![Effect::ExchangeCode],
+                ),
                 ScaOutcome::Error { error, description } => {
                     let message = match description {
                         Some(d) => format!("PSU returned from SCA with error {error}: {d}"),
@@ -635,7 +643,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     };
                     step.to(
                         PaymentState::Rejected,
-                        |p| p.reason = Some(Reason::new(ReasonCode::ScaFailed, message)), vec![])
+                        |p| p.reason = Some(Reason::new(ReasonCode::ScaFailed, message)),
+                        vec![],
+                    )
                 }
             },
             PaymentState::Received
@@ -669,7 +679,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     ));
                     p.next_check_at = None;
                     p.pkce_verifier = None;
-                }, vec![]),
+                },
+                vec![],
+            ),
             // The PSU can still sign at the bank: a local cancel would be a lie.
             PaymentState::ScaPending
             | PaymentState::Authorizing
@@ -691,7 +703,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             PaymentState::ScaPending
             | PaymentState::Authorizing
             | PaymentState::PartiallySigned
-            | PaymentState::Signed => step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus]),
+            | PaymentState::Signed => {
+                step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
+            }
             PaymentState::Received
             | PaymentState::Initiating { .. }
             | PaymentState::OutcomeUnknown { .. } => {
@@ -713,7 +727,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                         p.initiation_attempts = attempt;
                         p.pkce_verifier = Some(pkce_verifier);
                         p.next_check_at = None;
-                    }, vec![Effect::CallInitiate])
+                    },
+                    vec![Effect::CallInitiate],
+                )
             }
             PaymentState::Initiating { .. }
             | PaymentState::ScaPending
@@ -740,7 +756,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     p.bank_status = bank_status;
                     p.sca_deadline = Some(now + policy.sca_timeout_ms);
                     p.next_check_at = Some(policy.poll_at(p, now));
-                }, vec![]),
+                },
+                vec![],
+            ),
             PaymentState::Received
             | PaymentState::ScaPending
             | PaymentState::Authorizing
@@ -761,14 +779,16 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                         p.reason = Some(reason);
                         p.pkce_verifier = None;
                         p.next_check_at = None;
-                    }, vec![]),
+                    },
+                    vec![],
+                ),
                 InitiationFailure::NotProcessed { message } => {
                     if attempt >= policy.max_initiation_attempts {
                         step.to(
                             PaymentState::Failed,
                             |p| {
                                 p.reason = Some(Reason::new(
-                                    ReasonCode::BankRejected,
+                                    ReasonCode::BankUnavailable,
                                     format!(
                                         "the bank did not process the initiation after {attempt} attempts: {message}"
                                     ),
@@ -793,7 +813,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     |p| {
                         p.reason = Some(Reason::new(ReasonCode::OutcomeUnresolved, message));
                         p.next_check_at = Some(now + policy.reconcile_after_ms);
-                    }, vec![]),
+                    },
+                    vec![],
+                ),
             },
             PaymentState::Received
             | PaymentState::ScaPending
@@ -835,7 +857,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             PaymentState::ScaPending
             | PaymentState::Authorizing
             | PaymentState::PartiallySigned
-            | PaymentState::Signed => observe_status(step, state, progress, bank_status, payment, now, policy),
+            | PaymentState::Signed => {
+                observe_status(step, state, progress, bank_status, payment, now, policy)
+            }
             PaymentState::Received
             | PaymentState::Initiating { .. }
             | PaymentState::OutcomeUnknown { .. }
@@ -966,14 +990,18 @@ fn reconcile(step: Step<'_>, attempt: u32, payment: &Payment, policy: &Policy) -
                 ));
                 p.pkce_verifier = None;
                 p.next_check_at = None;
-            }, vec![]);
+            },
+            vec![],
+        );
     }
-    step.to(
+    step.silently(
         PaymentState::Received,
         |p| {
             p.next_check_at = None;
             p.pkce_verifier = None;
-        }, vec![Effect::StartInitiation])
+        },
+        vec![Effect::StartInitiation],
+    )
 }
 
 fn observe_status(
@@ -1039,7 +1067,9 @@ fn observe_status(
             } else {
                 Some(policy.poll_at(p, now))
             };
-        }, vec![])
+        },
+        vec![],
+    )
 }
 
 /// Builds a transition from the current record: bumps `updated_at`, remembers the command id,
@@ -1104,6 +1134,8 @@ impl<'a> Step<'a> {
         next.state = target;
         if target.kind() != previous_kind {
             next.polls_in_state = 0;
+            // A reason explains the state it was given with (e.g. OUTCOME_UNKNOWN), not later ones.
+            next.reason = None;
         }
         edit(&mut next);
         if target.is_terminal() {

@@ -1055,8 +1055,6 @@ fn report(deviations: &[Deviation]) -> String {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "BUG: TimerFired on OutcomeUnknown{attempt < max} goes back to Received through \
-            Step::to, emitting a RECEIVED event; intended: silently (no event)"]
 fn every_state_input_pair_follows_the_semantics() {
     let policy = Policy::default();
     let records = representatives();
@@ -1070,40 +1068,6 @@ fn every_state_input_pair_follows_the_semantics() {
         "{} of {checked} (state, input) pairs deviate from the intended semantics:\n{}",
         deviations.len(),
         report(&deviations)
-    );
-}
-
-/// Deviations of the table that are known bugs, each with its `#[ignore = "BUG: ..."]` test.
-const KNOWN_DEVIATIONS: [(&str, &str); 1] = [("OUTCOME_UNKNOWN", "TimerFired (due)")];
-
-/// Keeps every other pair of the table enforced while the known bugs stand. When one is fixed,
-/// this fails: remove it from `KNOWN_DEVIATIONS` and un-ignore its tests.
-#[test]
-fn state_input_table_has_no_deviation_beyond_the_known_bugs() {
-    let policy = Policy::default();
-    let records = representatives();
-    let cases = cases();
-    let (checked, deviations) = run_table(&records, &cases, &policy);
-    assert_eq!(checked, StateKind::ALL.len() * cases.len(), "pairs skipped");
-    let found: BTreeSet<(&str, &str)> = deviations
-        .iter()
-        .map(|(state, input, _)| (state.as_str(), *input))
-        .collect();
-    let known: BTreeSet<(&str, &str)> = KNOWN_DEVIATIONS.into_iter().collect();
-    let new: Vec<_> = deviations
-        .iter()
-        .filter(|(state, input, _)| !known.contains(&(state.as_str(), *input)))
-        .cloned()
-        .collect();
-    assert!(
-        new.is_empty(),
-        "deviations beyond the known bugs:\n{}",
-        report(&new)
-    );
-    let fixed: Vec<_> = known.difference(&found).collect();
-    assert!(
-        fixed.is_empty(),
-        "known bugs now fixed (update KNOWN_DEVIATIONS and un-ignore their tests): {fixed:?}"
     );
 }
 
@@ -1690,8 +1654,6 @@ fn refused_initiation_is_rejected_with_the_banks_reason() {
 }
 
 #[test]
-#[ignore = "BUG: TimerFired on OutcomeUnknown{attempt < max} goes back to Received through \
-            Step::to, emitting a RECEIVED event; intended: silently (no event)"]
 fn reconcile_returns_silently_to_received() {
     let mut run = unknown_outcome();
     run.next_at_timer();
@@ -1706,8 +1668,6 @@ fn reconcile_returns_silently_to_received() {
 }
 
 #[test]
-#[ignore = "BUG: TimerFired on OutcomeUnknown{attempt < max} goes back to Received through \
-            Step::to, emitting a RECEIVED event; intended: silently (no event)"]
 fn unknown_outcome_reconciles_into_a_successful_second_attempt() {
     let mut run = initiating();
     let t = run.step(outcome_unknown());

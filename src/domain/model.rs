@@ -254,16 +254,24 @@ mod tests {
         assert_eq!(Amount::parse("12").map(Amount::minor), Ok(1200));
         assert_eq!(Amount::parse("12.3").map(Amount::minor), Ok(1230));
         assert_eq!(Amount::parse("0.05").map(Amount::minor), Ok(5));
-        assert_eq!(Amount::parse("12.34").map(|a| a.to_string()), Ok("12.34".into()));
+        assert_eq!(
+            Amount::parse("12.34").map(|a| a.to_string()),
+            Ok("12.34".into())
+        );
     }
 
     #[test]
     fn amount_rejects_malformed_text() {
-        for bad in ["", ".5", "5.", "-1", "+1", "1e3", "1,00", " 1", "1.2.3", "abc"] {
+        for bad in [
+            "", ".5", "5.", "-1", "+1", "1e3", "1,00", " 1", "1.2.3", "abc",
+        ] {
             assert_eq!(Amount::parse(bad), Err(AmountError::Syntax), "{bad:?}");
         }
         assert_eq!(Amount::parse("1.234"), Err(AmountError::TooManyDecimals));
-        assert_eq!(Amount::parse("1234567890123456"), Err(AmountError::TooLarge));
+        assert_eq!(
+            Amount::parse("1234567890123456"),
+            Err(AmountError::TooLarge)
+        );
     }
 
     #[test]

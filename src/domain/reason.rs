@@ -23,6 +23,7 @@ pub enum ReasonCode {
     InvalidIdentifier,
     // Lifecycle outcomes.
     BankRejected,
+    BankUnavailable,
     ScaFailed,
     ScaExpired,
     CancelledByClient,
@@ -49,6 +50,7 @@ impl ReasonCode {
             ReasonCode::InvalidBrand => "INVALID_BRAND",
             ReasonCode::InvalidIdentifier => "INVALID_IDENTIFIER",
             ReasonCode::BankRejected => "BANK_REJECTED",
+            ReasonCode::BankUnavailable => "BANK_UNAVAILABLE",
             ReasonCode::ScaFailed => "SCA_FAILED",
             ReasonCode::ScaExpired => "SCA_EXPIRED",
             ReasonCode::CancelledByClient => "CANCELLED_BY_CLIENT",

@@ -63,7 +63,10 @@ pub async fn check_status(bank: &BelfiusClient, payment: &Payment) -> Input {
             message: "internal: no bank payment id to look up".into(),
         };
     };
-    match bank.payment_status(order.brand, order.product, bank_id).await {
+    match bank
+        .payment_status(order.brand, order.product, bank_id)
+        .await
+    {
         Ok(code) => match TransactionStatus::parse(&code) {
             Some(status) => Input::StatusObserved {
                 progress: status.progress(),

@@ -4,8 +4,8 @@ use chrono::NaiveDate;
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
-use crate::contract::command::{self, CommandBody, CommandEnvelope};
 use crate::contract::DecodeErrorClass;
+use crate::contract::command::{self, CommandBody, CommandEnvelope};
 use crate::domain::machine::{Input, ScaOutcome};
 use crate::domain::model::{CommandId, PaymentId, PsuId};
 use crate::domain::validation::{
@@ -18,7 +18,7 @@ use crate::domain::validation::{
 pub enum Ingested {
     Apply {
         payment_id: PaymentId,
-        input: Input,
+        input: Box<Input>,
         kind: &'static str,
     },
     DeadLetter {
@@ -28,7 +28,11 @@ pub enum Ingested {
     },
 }
 
-fn dead(class: DecodeErrorClass, message: impl Into<String>, payment_id: Option<String>) -> Ingested {
+fn dead(
+    class: DecodeErrorClass,
+    message: impl Into<String>,
+    payment_id: Option<String>,
+) -> Ingested {
     Ingested::DeadLetter {
         class: class.as_str(),
         message: message.into(),
@@ -134,7 +138,7 @@ fn to_input(
     };
     Ingested::Apply {
         payment_id,
-        input,
+        input: Box::new(input),
         kind,
     }
 }

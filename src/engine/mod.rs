@@ -160,8 +160,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::contract::schemas().map_err(|e| anyhow::anyhow!("schemas: {e}"))?;
-    let state_key = StateKey::from_hex(&config.state_key)
-        .map_err(|e| anyhow::anyhow!("state key: {e}"))?;
+    let state_key =
+        StateKey::from_hex(&config.state_key).map_err(|e| anyhow::anyhow!("state key: {e}"))?;
     if let Some(partitions) = config.create_topics {
         admin::ensure_topics(&config.kafka, partitions, 1).await?;
     }

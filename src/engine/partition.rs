@@ -103,7 +103,11 @@ pub struct PartitionOwner {
 }
 
 /// Starts the owner of `partition`; it restores before handling any record.
-pub fn spawn(partition: i32, deps: Arc<EngineDeps>, runtime: &tokio::runtime::Handle) -> OwnerHandle {
+pub fn spawn(
+    partition: i32,
+    deps: Arc<EngineDeps>,
+    runtime: &tokio::runtime::Handle,
+) -> OwnerHandle {
     let (tx, rx) = mpsc::channel(deps.queue_capacity);
     let committable = Arc::new(AtomicI64::new(-1));
     let owner_committable = committable.clone();
@@ -112,7 +116,12 @@ pub fn spawn(partition: i32, deps: Arc<EngineDeps>, runtime: &tokio::runtime::Ha
         let restored = {
             let deps = deps.clone();
             tokio::task::spawn_blocking(move || {
-                state::restore(&deps.kafka, &deps.state_key, partition, deps.restore_timeout)
+                state::restore(
+                    &deps.kafka,
+                    &deps.state_key,
+                    partition,
+                    deps.restore_timeout,
+                )
             })
             .await
         };
@@ -209,7 +218,11 @@ impl PartitionOwner {
             }
             ActorMsg::Revoke(ack) => {
                 let deadline = tokio::time::Instant::now() + self.deps.drain_timeout;
-                info!(partition = self.partition, in_flight = self.in_flight, "revoking: draining");
+                info!(
+                    partition = self.partition,
+                    in_flight = self.in_flight,
+                    "revoking: draining"
+                );
                 self.revoking = Some((ack, deadline));
             }
             ActorMsg::Continue { payment_id, input } => {
@@ -241,7 +254,11 @@ impl PartitionOwner {
                 self.offsets.done(command_offset);
                 self.publish_committable();
             }
-            ActorMsg::CheckpointWritten { seq, offset, through } => {
+            ActorMsg::CheckpointWritten {
+                seq,
+                offset,
+                through,
+            } => {
                 self.in_flight -= 1;
                 self.outbox.acked(seq, offset, false);
                 self.outbox.checkpoint_written(through);
@@ -257,7 +274,12 @@ impl PartitionOwner {
         let offset = record.offset();
         self.offsets.begin(offset);
         let today = chrono::Utc::now().date_naive();
-        match ingest(&record, self.deps.max_command_bytes, &self.deps.limits, today) {
+        match ingest(
+            &record,
+            self.deps.max_command_bytes,
+            &self.deps.limits,
+            today,
+        ) {
             Ingested::DeadLetter {
                 class,
                 message,
@@ -274,19 +296,27 @@ impl PartitionOwner {
             } => {
                 debug!(partition = self.partition, offset, %payment_id, kind, "command");
                 if self.busy.contains(&payment_id) {
-                    self.queues.entry(payment_id).or_default().push_back(Queued {
-                        input,
-                        source: Some(record),
-                    });
+                    self.queues
+                        .entry(payment_id)
+                        .or_default()
+                        .push_back(Queued {
+                            input: *input,
+                            source: Some(record),
+                        });
                 } else {
-                    self.apply(payment_id, input, Some(record)).await;
+                    self.apply(payment_id, *input, Some(record)).await;
                 }
             }
         }
     }
 
     /// Applies one input. `source` is the command record, if the input is a command.
-    async fn apply(&mut self, payment_id: PaymentId, input: Input, source: Option<Box<OwnedMessage>>) {
+    async fn apply(
+        &mut self,
+        payment_id: PaymentId,
+        input: Input,
+        source: Option<Box<OwnedMessage>>,
+    ) {
         let now = now_millis();
         let current = self.payments.get(&payment_id);
         match decide(&payment_id, current, input, now, &self.deps.policy) {
@@ -317,8 +347,14 @@ impl PartitionOwner {
                     }
                     return;
                 }
-                self.persist(payment_id, transition.payment, transition.events, transition.effects, source)
-                    .await;
+                self.persist(
+                    payment_id,
+                    transition.payment,
+                    transition.events,
+                    transition.effects,
+                    source,
+                )
+                .await;
             }
             Outcome::Ignored(why) => {
                 debug!(partition = self.partition, %payment_id, ?why, "input ignored");
@@ -337,8 +373,13 @@ impl PartitionOwner {
                     "command refused"
                 );
                 if let Some(record) = source {
-                    self.dead_letter(record, refusal.code.as_str(), &refusal.message, Some(payment_id.as_str()))
-                        .await;
+                    self.dead_letter(
+                        record,
+                        refusal.code.as_str(),
+                        &refusal.message,
+                        Some(payment_id.as_str()),
+                    )
+                    .await;
                 }
                 self.release(payment_id).await;
             }
@@ -360,15 +401,22 @@ impl PartitionOwner {
         let (key, value) = match encoded {
             Ok(kv) => kv,
             Err(e) => {
-                self.deps.fatal(format!("encoding state of {payment_id}: {e}"));
+                self.deps
+                    .fatal(format!("encoding state of {payment_id}: {e}"));
                 return;
             }
         };
         let seq = self.outbox.sent();
-        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+        let delivered = match self
+            .deps
+            .producer
+            .send_state(self.partition, &key, &value)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
-                self.deps.fatal(format!("writing state of {payment_id}: {e}"));
+                self.deps
+                    .fatal(format!("writing state of {payment_id}: {e}"));
                 return;
             }
         };
@@ -378,14 +426,17 @@ impl PartitionOwner {
         tokio::spawn(async move {
             match delivered.await {
                 Ok(offset) => {
-                    send(&reply, ActorMsg::Persisted {
-                        payment_id,
-                        seq,
-                        offset,
-                        source,
-                        events,
-                        effects,
-                    })
+                    send(
+                        &reply,
+                        ActorMsg::Persisted {
+                            payment_id,
+                            seq,
+                            offset,
+                            source,
+                            events,
+                            effects,
+                        },
+                    )
                     .await
                 }
                 // State that cannot be made durable stops the process: the next owner restores
@@ -427,7 +478,8 @@ impl PartitionOwner {
             match self.deps.producer.send_status(event).await {
                 Ok(d) => deliveries.push(d),
                 Err(e) => {
-                    self.deps.fatal(format!("publishing status of {}: {e}", event.payment_id));
+                    self.deps
+                        .fatal(format!("publishing status of {}: {e}", event.payment_id));
                     return;
                 }
             }
@@ -470,14 +522,28 @@ impl PartitionOwner {
                 self.in_flight += 1;
                 tokio::spawn(async move {
                     let input = bank::initiate(&bank_client, &payment).await;
-                    send(&reply, ActorMsg::Continue { payment_id, input: Box::new(input) }).await;
+                    send(
+                        &reply,
+                        ActorMsg::Continue {
+                            payment_id,
+                            input: Box::new(input),
+                        },
+                    )
+                    .await;
                 });
             }
             Effect::CheckStatus => {
                 self.in_flight += 1;
                 tokio::spawn(async move {
                     let input = bank::check_status(&bank_client, &payment).await;
-                    send(&reply, ActorMsg::Continue { payment_id, input: Box::new(input) }).await;
+                    send(
+                        &reply,
+                        ActorMsg::Continue {
+                            payment_id,
+                            input: Box::new(input),
+                        },
+                    )
+                    .await;
                 });
             }
             Effect::ExchangeCode => {
@@ -522,13 +588,19 @@ impl PartitionOwner {
         let (key, value) = match state::encode_psu(&self.deps.state_key, &record) {
             Ok(kv) => kv,
             Err(e) => {
-                self.deps.fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
+                self.deps
+                    .fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
                 return;
             }
         };
         self.psus.insert(record.psu_id.clone(), record);
         let seq = self.outbox.sent();
-        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+        let delivered = match self
+            .deps
+            .producer
+            .send_state(self.partition, &key, &value)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 self.deps.fatal(format!("writing PSU tokens: {e}"));
@@ -594,7 +666,8 @@ impl PartitionOwner {
         {
             Ok(d) => d,
             Err(e) => {
-                self.deps.fatal(format!("dead-lettering offset {command_offset}: {e}"));
+                self.deps
+                    .fatal(format!("dead-lettering offset {command_offset}: {e}"));
                 return;
             }
         };
@@ -653,7 +726,11 @@ impl PartitionOwner {
     async fn republish_restored(&mut self) {
         let unpublished = std::mem::take(&mut self.pending_republish);
         if !unpublished.is_empty() {
-            info!(partition = self.partition, records = unpublished.len(), "re-publishing outbox after restore");
+            info!(
+                partition = self.partition,
+                records = unpublished.len(),
+                "re-publishing outbox after restore"
+            );
         }
         for (offset, events) in unpublished {
             self.outbox.restored_unpublished(offset);
@@ -687,7 +764,12 @@ impl PartitionOwner {
             }
         };
         let seq = self.outbox.sent();
-        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+        let delivered = match self
+            .deps
+            .producer
+            .send_state(self.partition, &key, &value)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 self.deps.fatal(format!("writing checkpoint: {e}"));
@@ -701,7 +783,17 @@ impl PartitionOwner {
         self.in_flight += 1;
         tokio::spawn(async move {
             match delivered.await {
-                Ok(offset) => send(&reply, ActorMsg::CheckpointWritten { seq, offset, through }).await,
+                Ok(offset) => {
+                    send(
+                        &reply,
+                        ActorMsg::CheckpointWritten {
+                            seq,
+                            offset,
+                            through,
+                        },
+                    )
+                    .await
+                }
                 Err(e) => deps.fatal(format!("checkpoint write failed: {e}")),
             }
         });
@@ -715,9 +807,7 @@ impl PartitionOwner {
 
     fn revoke_complete(&self) -> bool {
         match &self.revoking {
-            Some((_, deadline)) => {
-                self.in_flight == 0 || tokio::time::Instant::now() >= *deadline
-            }
+            Some((_, deadline)) => self.in_flight == 0 || tokio::time::Instant::now() >= *deadline,
             None => false,
         }
     }
@@ -742,7 +832,11 @@ impl PartitionOwner {
             }
         }
         self.publish_committable();
-        info!(partition = self.partition, committable = self.committable.load(Ordering::Acquire), "partition released");
+        info!(
+            partition = self.partition,
+            committable = self.committable.load(Ordering::Acquire),
+            "partition released"
+        );
         if let Some((ack, _)) = self.revoking.take() {
             let _ = ack.send(());
         }
@@ -762,4 +856,3 @@ async fn send(reply: &mpsc::WeakSender<ActorMsg>, message: ActorMsg) {
         }
     }
 }
-

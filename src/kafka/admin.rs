@@ -25,13 +25,29 @@ pub async fn ensure_topics(
     let topics = &settings.topics;
     let compact = [("cleanup.policy", "compact")];
     let new_topics = [
-        NewTopic::new(&topics.commands, partitions, TopicReplication::Fixed(replication)),
-        NewTopic::new(&topics.status, partitions, TopicReplication::Fixed(replication)),
+        NewTopic::new(
+            &topics.commands,
+            partitions,
+            TopicReplication::Fixed(replication),
+        ),
+        NewTopic::new(
+            &topics.status,
+            partitions,
+            TopicReplication::Fixed(replication),
+        ),
         compact.iter().fold(
-            NewTopic::new(&topics.state, partitions, TopicReplication::Fixed(replication)),
+            NewTopic::new(
+                &topics.state,
+                partitions,
+                TopicReplication::Fixed(replication),
+            ),
             |t, (k, v)| t.set(k, v),
         ),
-        NewTopic::new(&topics.dlq, partitions, TopicReplication::Fixed(replication)),
+        NewTopic::new(
+            &topics.dlq,
+            partitions,
+            TopicReplication::Fixed(replication),
+        ),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin

@@ -94,8 +94,14 @@ pub fn run<P: Partitions>(
         // Offsets are stored only once the state they produced is durable.
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", settings.session_timeout_ms.to_string())
-        .set("heartbeat.interval.ms", (settings.session_timeout_ms / 3).max(100).to_string())
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout_ms.to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout_ms / 3).max(100).to_string(),
+        )
         .create_with_context(context)
         .map_err(|e| KafkaEdgeError::kafka("creating consumer", e))?;
     consumer
@@ -117,16 +123,31 @@ pub fn run<P: Partitions>(
         }
         if last_store.elapsed() >= Duration::from_millis(200) {
             last_store = Instant::now();
-            store_committable(&consumer, &settings.topics.commands, &*partitions, &mut stored);
+            store_committable(
+                &consumer,
+                &settings.topics.commands,
+                &*partitions,
+                &mut stored,
+            );
         }
     }
     info!("consumer stopping: releasing partitions");
-    store_committable(&consumer, &settings.topics.commands, &*partitions, &mut stored);
+    store_committable(
+        &consumer,
+        &settings.topics.commands,
+        &*partitions,
+        &mut stored,
+    );
     // Unsubscribing runs the revoke callback (drain + synchronous commit) for every partition.
     consumer.unsubscribe();
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        if consumer.poll(Duration::from_millis(100)).is_none() && consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+        if consumer.poll(Duration::from_millis(100)).is_none()
+            && consumer
+                .assignment()
+                .map(|a| a.count() == 0)
+                .unwrap_or(true)
+        {
             break;
         }
     }

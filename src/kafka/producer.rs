@@ -5,10 +5,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::Message;
 
 use super::{KafkaEdgeError, KafkaSettings, Topics};
 use crate::contract;
@@ -82,11 +82,16 @@ impl Producer {
                         }
                     }));
                 }
-                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => {
                     // Back-pressure: wait for the local queue to drain, keep the order.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(KafkaEdgeError::kafka(format!("enqueueing to {topic}"), e)),
+                Err((e, _)) => {
+                    return Err(KafkaEdgeError::kafka(format!("enqueueing to {topic}"), e));
+                }
             }
         }
     }

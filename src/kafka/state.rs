@@ -114,12 +114,12 @@ pub fn encode_payment(
     Ok((record_key, bytes))
 }
 
-pub fn encode_psu(
-    key: &StateKey,
-    tokens: &PsuTokens,
-) -> Result<(String, Vec<u8>), KafkaEdgeError> {
+pub fn encode_psu(key: &StateKey, tokens: &PsuTokens) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record_key = psu_key(&tokens.psu_id);
-    let seal = |s: &SecretString| key.seal(s, &record_key).map_err(|e| codec_error("sealing", e));
+    let seal = |s: &SecretString| {
+        key.seal(s, &record_key)
+            .map_err(|e| codec_error("sealing", e))
+    };
     let record = StoredRecord::Psu {
         v: FORMAT_VERSION,
         psu_id: tokens.psu_id.clone(),
@@ -306,9 +306,7 @@ pub fn restore(
 mod tests {
     use super::*;
     use crate::domain::machine::{Input, Outcome, Policy, decide};
-    use crate::domain::model::{
-        Amount, CommandId, Language, PaymentOrder, PaymentProduct,
-    };
+    use crate::domain::model::{Amount, CommandId, Language, PaymentOrder, PaymentProduct};
     use secrecy::ExposeSecret;
 
     fn key() -> StateKey {
@@ -373,7 +371,10 @@ mod tests {
         assert_eq!(payment.sequence, 2);
         assert_eq!(events, t2.events);
         assert_eq!(
-            payment.pkce_verifier.as_ref().map(|v| v.expose_secret().to_owned()),
+            payment
+                .pkce_verifier
+                .as_ref()
+                .map(|v| v.expose_secret().to_owned()),
             Some("the-verifier".into())
         );
         // A record moved under another key does not open.

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# make demo: a real Kafka-protocol broker (Tansu), the Belfius sandbox simulator over mutual TLS
+# and the worker; sample payments are published and their status events shown live. Everything
+# started here is stopped on exit.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+[[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+scripts/prereqs.sh
+echo "== building pis-worker"
+cargo build --locked --quiet
+BIN="$ROOT/target/debug/pis-worker"
+
+RUN="$ROOT/.run/demo"
+rm -rf "$RUN"; mkdir -p "$RUN"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  scripts/broker.sh stop "$RUN"
+}
+trap cleanup EXIT
+
+KAFKA_PORT="$(scripts/free-port.sh)"
+API_PORT="$(scripts/free-port.sh)"
+ADMIN_PORT="$(scripts/free-port.sh)"
+export PIS_BROKERS="127.0.0.1:$KAFKA_PORT"
+export PIS_LOG="${PIS_LOG:-info,rdkafka=warn}"
+
+echo "== starting the broker"
+scripts/broker.sh start "$KAFKA_PORT" "$RUN"
+
+echo "== starting the Belfius sandbox simulator (HTTPS, client certificate required)"
+"$BIN" sandbox --listen "127.0.0.1:$API_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+  --tls-dir "$RUN/tls" --settle-after-ms 3000 >"$RUN/sandbox.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do [[ -f "$RUN/tls/client-key.pem" ]] && grep -q "sandbox:" "$RUN/sandbox.log" && break; sleep 0.1; done
+grep "sandbox:" "$RUN/sandbox.log"
+
+echo "== starting the worker"
+"$BIN" keygen >"$RUN/state.key"
+PIS_STATE_KEY_FILE="$RUN/state.key" PIS_CLIENT_SECRET=sandbox-secret "$BIN" run \
+  --client-id pis-worker-demo \
+  --belfius-url "https://127.0.0.1:$API_PORT/" --banx-url "https://127.0.0.1:$API_PORT/" \
+  --bank-ca-file "$RUN/tls/ca.pem" \
+  --qwac-cert-file "$RUN/tls/client.pem" --qwac-key-file "$RUN/tls/client-key.pem" \
+  --create-topics 3 --session-timeout-ms 6000 --poll-fast-ms 1500 >"$RUN/worker.log" 2>&1 &
+WORKER=$!
+PIDS+=($WORKER)
+for _ in $(seq 1 150); do grep -q "partition restored" "$RUN/worker.log" 2>/dev/null && break; sleep 0.2; done
+grep -q "partition restored" "$RUN/worker.log" || { echo "worker did not start; log:"; cat "$RUN/worker.log"; exit 1; }
+echo "worker: running (log $RUN/worker.log)"
+
+echo "== status events (pis-worker watch)"
+"$BIN" watch --from-beginning --until-final 4 --timeout-secs 120 &
+WATCH=$!
+PIDS+=($WATCH)
+sleep 1
+
+send() { "$BIN" send "$@" >/dev/null; }
+echo "-- client: 4 payments, and one record that is not a command"
+send initiate --payment-id demo-pay-1 --psu-id psu-alice --amount 25.00 --creditor-name "Bakkerij Peeters" --creditor-iban BE68539007547034 --remittance "bread"
+send initiate --payment-id demo-pay-2 --psu-id psu-bob --amount 1200.50 --creditor-name "Garage Dupont" --creditor-iban BE71096123456769 --language nl
+send initiate --payment-id demo-pay-3 --psu-id psu-carol --amount 10.00 --creditor-name "Typo" --creditor-iban BE68539007547035
+send initiate --payment-id demo-pay-4 --psu-id psu-dave --amount 42.00 --creditor-name "AUTO-SIGN Shop" --creditor-iban DE89370400440532013000
+send raw --key psu-alice --value "this is not an Avro command"
+sleep 4
+
+echo "-- PSU alice signs demo-pay-1 at the bank; her browser returns with a code"
+URL1="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" sign --e2e demo-pay-1)"
+send complete-sca --payment-id demo-pay-1 --psu-id psu-alice --redirect-url "$URL1"
+echo "-- PSU bob refuses demo-pay-2; his browser returns with an error"
+URL2="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" reject --e2e demo-pay-2)"
+send complete-sca --payment-id demo-pay-2 --psu-id psu-bob --redirect-url "$URL2"
+
+wait "$WATCH" || { echo "demo: not every payment reached a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }
+echo "== dead-lettered: $(grep -c 'command dead-lettered' "$RUN/worker.log") record(s); from the worker log:"
+grep 'command dead-lettered' "$RUN/worker.log" | sed -e 's/\x1b\[[0-9;]*m//g' | sed -e 's/^.*command dead-lettered/  command dead-lettered/'
+echo "== demo complete; stopping broker, sandbox and worker"
