@@ -113,6 +113,13 @@ pub fn spawn(
     let owner_committable = committable.clone();
     let weak = tx.downgrade();
     runtime.spawn(async move {
+        let marker_offset = match write_restore_marker(&deps, partition).await {
+            Ok(offset) => offset,
+            Err(e) => {
+                deps.fatal(format!("restore marker of partition {partition}: {e}"));
+                return;
+            }
+        };
         let restored = {
             let deps = deps.clone();
             tokio::task::spawn_blocking(move || {
@@ -120,6 +127,7 @@ pub fn spawn(
                     &deps.kafka,
                     &deps.state_key,
                     partition,
+                    marker_offset,
                     deps.restore_timeout,
                 )
             })
@@ -140,6 +148,18 @@ pub fn spawn(
         owner.run().await;
     });
     OwnerHandle { tx, committable }
+}
+
+async fn write_restore_marker(
+    deps: &EngineDeps,
+    partition: i32,
+) -> Result<i64, crate::kafka::KafkaEdgeError> {
+    let owner = format!("{}:{}", std::process::id(), uuid::Uuid::new_v4());
+    let (key, value) = state::encode_restore_marker(partition, &owner)?;
+    deps.producer
+        .send_state(partition, &key, &value)
+        .await?
+        .await
 }
 
 impl PartitionOwner {

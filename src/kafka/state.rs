@@ -34,6 +34,10 @@ pub fn checkpoint_key(partition: i32) -> String {
     format!("outbox-checkpoint/{partition}")
 }
 
+pub fn restore_marker_key(partition: i32) -> String {
+    format!("restore-marker/{partition}")
+}
+
 /// A PSU's PIS token pair (Belfius keeps one pair per scope).
 #[derive(Clone)]
 pub struct PsuTokens {
@@ -82,6 +86,12 @@ enum StoredRecord {
     OutboxCheckpoint {
         v: u32,
         published_through: i64,
+    },
+    /// Written by a new owner before it restores; reading up to it reads every write that was
+    /// acknowledged before it. Carries no state.
+    RestoreMarker {
+        v: u32,
+        owner: String,
     },
 }
 
@@ -145,6 +155,19 @@ pub fn encode_checkpoint(
     Ok((checkpoint_key(partition), bytes))
 }
 
+/// The marker a new owner writes before restoring (see [`restore`]).
+pub fn encode_restore_marker(
+    partition: i32,
+    owner: &str,
+) -> Result<(String, Vec<u8>), KafkaEdgeError> {
+    let record = StoredRecord::RestoreMarker {
+        v: FORMAT_VERSION,
+        owner: owner.to_owned(),
+    };
+    let bytes = serde_json::to_vec(&record).map_err(|e| codec_error("encoding marker", e))?;
+    Ok((restore_marker_key(partition), bytes))
+}
+
 pub enum DecodedRecord {
     Payment {
         payment: Box<Payment>,
@@ -152,6 +175,7 @@ pub enum DecodedRecord {
     },
     Psu(PsuTokens),
     Checkpoint(i64),
+    RestoreMarker,
 }
 
 pub fn decode(
@@ -197,6 +221,7 @@ pub fn decode(
         StoredRecord::OutboxCheckpoint {
             published_through, ..
         } => Ok(DecodedRecord::Checkpoint(published_through)),
+        StoredRecord::RestoreMarker { .. } => Ok(DecodedRecord::RestoreMarker),
     }
 }
 
@@ -215,11 +240,17 @@ pub struct RestoredPartition {
     pub duration: Duration,
 }
 
-/// Reads state partition `partition` from the beginning to its end (blocking).
+/// Reads state partition `partition` from the beginning up to and including the restore marker
+/// at `marker_offset`, which the caller wrote and saw acknowledged (blocking).
+///
+/// The end is the caller's own marker, not the high watermark: Tansu 0.6 reports a high
+/// watermark that counts produce batches, not records (a 3-record batch moved it by 1), and a
+/// marker also orders the restore after every write the previous owner had acknowledged.
 pub fn restore(
     settings: &KafkaSettings,
     key: &StateKey,
     partition: i32,
+    marker_offset: i64,
     timeout: Duration,
 ) -> Result<RestoredPartition, KafkaEdgeError> {
     let started = Instant::now();
@@ -231,18 +262,11 @@ pub fn restore(
         .set("enable.auto.offset.store", "false")
         .create()
         .map_err(|e| KafkaEdgeError::kafka("creating restore consumer", e))?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|e| KafkaEdgeError::kafka(format!("watermarks of {topic}/{partition}"), e))?;
     let mut out = RestoredPartition {
         checkpoint: -1,
-        end_offset: high,
+        end_offset: marker_offset + 1,
         ..RestoredPartition::default()
     };
-    if high <= low {
-        out.duration = started.elapsed();
-        return Ok(out);
-    }
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, partition, Offset::Beginning)
@@ -251,11 +275,11 @@ pub fn restore(
         .assign(&assignment)
         .map_err(|e| KafkaEdgeError::kafka(format!("assigning {topic}/{partition}"), e))?;
     let mut events_by_offset: Vec<(i64, Vec<StatusEvent>)> = Vec::new();
-    let mut next = low;
-    while next < high {
+    let mut next = 0;
+    while next <= marker_offset {
         if started.elapsed() > timeout {
             return Err(KafkaEdgeError::Setup(format!(
-                "restore of {topic}/{partition} timed out at offset {next} of {high}"
+                "restore of {topic}/{partition} timed out at offset {next}, marker at {marker_offset}"
             )));
         }
         let Some(result) = consumer.poll(Duration::from_millis(200)) else {
@@ -291,6 +315,7 @@ pub fn restore(
             DecodedRecord::Checkpoint(offset) => {
                 out.checkpoint = out.checkpoint.max(offset);
             }
+            DecodedRecord::RestoreMarker => {}
         }
     }
     let checkpoint = out.checkpoint;

@@ -1,0 +1,466 @@
+//! Harness for integration tests on real parts: the Tansu broker started by `make test`
+//! (PIS_TEST_BROKERS), the worker binary as a child process, the Belfius sandbox over mutual TLS,
+//! and Avro bytes on the wire. Each test gets its own topics and consumer group.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pis_worker::contract::command::{self, CommandBody, CommandEnvelope, ScaRedirect};
+use pis_worker::contract::status::{self, StatusRecord};
+use pis_worker::domain::machine::StateKind;
+use pis_worker::domain::model::RawInitiatePayment;
+use pis_worker::kafka::{KafkaSettings, Topics};
+use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use secrecy::ExposeSecret;
+
+pub const PARTITIONS: i32 = 2;
+
+pub fn brokers() -> String {
+    std::env::var("PIS_TEST_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "integration tests need a Kafka-protocol broker: run `make test`, or start one with \
+             `scripts/broker.sh start 9092 .run/broker` and set PIS_TEST_BROKERS=127.0.0.1:9092"
+        )
+    })
+}
+
+pub struct TestEnv {
+    pub settings: KafkaSettings,
+    pub sandbox: RunningSandbox,
+    pub dir: tempfile::TempDir,
+    pub state_key: String,
+    producer: FutureProducer,
+    status: Collector,
+    dlq: Collector,
+}
+
+impl TestEnv {
+    /// Fresh topics, a fresh sandbox (with `configure` applied) and a state key.
+    pub async fn new(configure: impl FnOnce(&mut SandboxConfig)) -> TestEnv {
+        // PIS_TEST_KEEP=1 keeps the directory (worker logs, TLS files) for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .prefix("pis-it-")
+            .disable_cleanup(std::env::var_os("PIS_TEST_KEEP").is_some())
+            .tempdir()
+            .expect("tempdir");
+        eprintln!("test dir: {}", dir.path().display());
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let settings = KafkaSettings {
+            brokers: brokers(),
+            group_id: format!("{prefix}-workers"),
+            topics: Topics {
+                commands: format!("{prefix}.commands"),
+                status: format!("{prefix}.status"),
+                state: format!("{prefix}.state"),
+                dlq: format!("{prefix}.dlq"),
+            },
+            session_timeout_ms: 6_000,
+            extra: vec![],
+        };
+        pis_worker::kafka::admin::ensure_topics(&settings, PARTITIONS, 1)
+            .await
+            .expect("create topics");
+        let mut config = SandboxConfig::local(dir.path().join("tls"));
+        configure(&mut config);
+        let sandbox = pis_worker::sandbox::start(config).await.expect("sandbox");
+        let producer: FutureProducer = settings
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .expect("producer");
+        let state_key = pis_worker::secret::StateKey::generate_hex()
+            .expose_secret()
+            .to_owned();
+        let status = Collector::follow(&settings, &settings.topics.status);
+        let dlq = Collector::follow(&settings, &settings.topics.dlq);
+        TestEnv {
+            settings,
+            sandbox,
+            dir,
+            state_key,
+            producer,
+            status,
+            dlq,
+        }
+    }
+
+    /// Starts a worker process (its log goes to `worker-<n>.log` in the test dir).
+    pub fn start_worker(&self, name: &str, extra: &[&str]) -> Worker {
+        let log_path = self.dir.path().join(format!("worker-{name}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let tls = &self.sandbox.tls_dir;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pis-worker"));
+        command
+            .arg("run")
+            .args(["--brokers", &self.settings.brokers])
+            .args(["--group-id", &self.settings.group_id])
+            .args(["--topic-commands", &self.settings.topics.commands])
+            .args(["--topic-status", &self.settings.topics.status])
+            .args(["--topic-state", &self.settings.topics.state])
+            .args(["--topic-dlq", &self.settings.topics.dlq])
+            .args(["--session-timeout-ms", "6000"])
+            .args(["--client-id", self.sandbox.client_id()])
+            .args(["--belfius-url", self.sandbox.api_base_url().as_str()])
+            .args(["--banx-url", self.sandbox.api_base_url().as_str()])
+            .arg("--bank-ca-file")
+            .arg(tls.join("ca.pem"))
+            .arg("--qwac-cert-file")
+            .arg(tls.join("client.pem"))
+            .arg("--qwac-key-file")
+            .arg(tls.join("client-key.pem"))
+            .args(extra)
+            .env("PIS_STATE_KEY", &self.state_key)
+            .env(
+                "PIS_CLIENT_SECRET",
+                self.sandbox.client_secret().expose_secret(),
+            )
+            .env("PIS_LOG", "info,pis_worker=debug,rdkafka=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let child = command.spawn().expect("spawn worker");
+        Worker {
+            child: Some(child),
+            log_path,
+        }
+    }
+
+    pub async fn send(&self, envelope: &CommandEnvelope) {
+        let bytes = command::encode(envelope).expect("encode");
+        self.send_raw(&envelope.psu_id, &bytes).await;
+    }
+
+    pub async fn send_raw(&self, key: &str, value: &[u8]) {
+        self.producer
+            .send(
+                FutureRecord::to(&self.settings.topics.commands)
+                    .key(key.as_bytes())
+                    .payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("send command");
+    }
+
+    /// All status events seen so far, in topic order per partition.
+    pub fn status_events(&self) -> Vec<StatusRecord> {
+        self.status
+            .snapshot()
+            .iter()
+            .map(|m| status::decode(m.payload().unwrap_or_default()).expect("decodable status"))
+            .collect()
+    }
+
+    pub fn dlq_records(&self) -> Vec<OwnedMessage> {
+        self.dlq.snapshot()
+    }
+
+    /// Waits until at least `count` dead-letter records arrived, and returns them all.
+    pub async fn wait_for_dlq(&self, count: usize) -> Vec<OwnedMessage> {
+        let started = Instant::now();
+        loop {
+            let records = self.dlq_records();
+            if records.len() >= count {
+                return records;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                panic!("expected {count} DLQ records, got {}", records.len());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until `done` holds on the de-duplicated events of `payment_id`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[StatusRecord]) -> bool,
+    ) -> Vec<StatusRecord> {
+        let started = Instant::now();
+        loop {
+            let events = self.status_events();
+            if done(&events) {
+                return events;
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "timed out waiting for {what}; events so far:\n{}",
+                    describe(&events)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    pub async fn wait_for_state(&self, payment_id: &str, state: StateKind) -> Vec<StatusRecord> {
+        self.wait_for(
+            &format!("{payment_id} to reach {}", state.symbol()),
+            Duration::from_secs(60),
+            |events| {
+                events
+                    .iter()
+                    .any(|e| e.payment_id == payment_id && e.state == state)
+            },
+        )
+        .await
+    }
+
+    pub async fn psu(&self, action: &str, e2e: &str) -> String {
+        let url = self
+            .sandbox
+            .admin_base_url()
+            .join(&format!("admin/e2e/{e2e}/{action}"))
+            .expect("url");
+        let response = reqwest::Client::new()
+            .post(url)
+            .send()
+            .await
+            .expect("admin call");
+        assert!(
+            response.status().is_success(),
+            "PSU {action} failed: {}",
+            response.status()
+        );
+        let body: serde_json::Value = response.json().await.expect("json");
+        body["redirect_url"]
+            .as_str()
+            .expect("redirect_url")
+            .to_owned()
+    }
+
+    pub async fn counters(&self) -> serde_json::Value {
+        let url = self
+            .sandbox
+            .admin_base_url()
+            .join("admin/counters")
+            .expect("url");
+        reqwest::get(url)
+            .await
+            .expect("counters")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+pub struct Worker {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Worker {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the worker has restored `count` partitions (possibly after a rebalance).
+    pub async fn wait_restored(&self, count: usize) {
+        let started = Instant::now();
+        while self.log().matches("partition restored").count() < count {
+            if started.elapsed() > Duration::from_secs(60) {
+                panic!(
+                    "worker did not restore {count} partitions; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path (drain, commit, leave the group).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(40) {
+                let _ = child.kill();
+                panic!("worker did not stop on SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL: a crash at an arbitrary point.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Follows a topic from the beginning on a background thread and keeps every record. (Reading
+/// "up to the high watermark" is not an option: Tansu 0.6 advances it per batch, not per record.)
+pub struct Collector {
+    records: std::sync::Arc<std::sync::Mutex<Vec<OwnedMessage>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Collector {
+    pub fn follow(settings: &KafkaSettings, topic: &str) -> Collector {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("reader");
+        let mut tpl = TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, s) = (records.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    r.lock().expect("lock").push(m.detach());
+                }
+            }
+        });
+        Collector { records, stop }
+    }
+
+    pub fn snapshot(&self) -> Vec<OwnedMessage> {
+        self.records.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+pub fn describe(events: &[StatusRecord]) -> String {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "  {} #{} {} {:?} {:?}",
+                e.payment_id,
+                e.sequence,
+                e.state.symbol(),
+                e.bank_status,
+                e.reason_code
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The events of one payment, de-duplicated by sequence as a client must do, in sequence
+/// order; panics if two different events share a sequence.
+pub fn timeline(events: &[StatusRecord], payment_id: &str) -> Vec<StatusRecord> {
+    let mut by_sequence: BTreeMap<i64, StatusRecord> = BTreeMap::new();
+    for event in events.iter().filter(|e| e.payment_id == payment_id) {
+        if let Some(existing) = by_sequence.get(&event.sequence) {
+            assert_eq!(
+                (existing.state, &existing.event_id),
+                (event.state, &event.event_id),
+                "two different events with sequence {} for {payment_id}",
+                event.sequence
+            );
+        }
+        by_sequence.insert(event.sequence, event.clone());
+    }
+    by_sequence.into_values().collect()
+}
+
+pub fn states(events: &[StatusRecord]) -> Vec<StateKind> {
+    events.iter().map(|e| e.state).collect()
+}
+
+/// Checks the invariants every payment's stream must keep: gap-free sequences from 1, at most
+/// one final event, and it is the last.
+pub fn assert_well_formed(events: &[StatusRecord], payment_id: &str) {
+    let line = timeline(events, payment_id);
+    for (i, event) in line.iter().enumerate() {
+        assert_eq!(
+            event.sequence,
+            i as i64 + 1,
+            "gap in {payment_id}: {}",
+            describe(&line)
+        );
+    }
+    let finals = line.iter().filter(|e| e.is_final).count();
+    assert!(finals <= 1, "{payment_id} has {finals} final events");
+    if finals == 1 {
+        assert!(
+            line.last().is_some_and(|e| e.is_final),
+            "final event of {payment_id} is not last"
+        );
+    }
+}
+
+pub fn initiate(payment_id: &str, psu_id: &str, amount: &str, creditor: &str) -> CommandEnvelope {
+    CommandEnvelope {
+        command_id: uuid::Uuid::new_v4().to_string(),
+        payment_id: payment_id.into(),
+        psu_id: psu_id.into(),
+        issued_at: chrono::Utc::now().timestamp_millis(),
+        body: CommandBody::Initiate(Box::new(RawInitiatePayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            amount: amount.into(),
+            currency: "EUR".into(),
+            creditor_name: creditor.into(),
+            creditor_iban: "BE68539007547034".into(),
+            creditor_bic: None,
+            debtor_iban: None,
+            end_to_end_id: payment_id.into(),
+            remittance_information: Some("integration test".into()),
+            requested_execution_date: None,
+            language: "fr".into(),
+            redirect_uri: "https://client.example/callback".into(),
+        })),
+    }
+}
+
+pub fn complete_sca(payment_id: &str, psu_id: &str, redirect_url: &str) -> CommandEnvelope {
+    CommandEnvelope {
+        command_id: uuid::Uuid::new_v4().to_string(),
+        payment_id: payment_id.into(),
+        psu_id: psu_id.into(),
+        issued_at: chrono::Utc::now().timestamp_millis(),
+        body: CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
+            &url::Url::parse(redirect_url).expect("redirect url"),
+        )),
+    }
+}
