@@ -18,3 +18,5 @@ fi
 command -v cargo >/dev/null || { echo "prereqs: cargo (Rust 1.85+) is required and was not found" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 "$(dirname "$0")/broker.sh" install >/dev/null
+# An independent Avro implementation for the interop tests.
+python3 -c "import fastavro" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check fastavro >/dev/null

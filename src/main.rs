@@ -31,6 +31,18 @@ async fn main() -> std::process::ExitCode {
                 .and_then(|r| r)
         }
         Command::Topics(args) => pis_worker::cli::run::topics(*args).await,
+        Command::Schemas => pis_worker::contract::schemas()
+            .map(|s| {
+                for known in [&s.command, &s.status] {
+                    println!(
+                        "{:<20} fingerprint {} (header {})",
+                        known.name,
+                        hex::encode(known.fingerprint),
+                        hex::encode([&[0xC3, 0x01][..], &known.fingerprint[..]].concat())
+                    );
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("{e}")),
         Command::Keygen => {
             use secrecy::ExposeSecret;
             println!(

@@ -36,6 +36,8 @@ pub enum Command {
     Topics(Box<run::TopicsArgs>),
     /// Print a fresh state-encryption key (64 hex characters).
     Keygen,
+    /// Print the Avro schemas' single-object fingerprints (the 8 bytes after `C3 01`).
+    Schemas,
 }
 
 /// Shared broker options.

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Every reason a payment can end up rejected, failed, expired or cancelled.
-/// `as_str` is the wire value; docs/reason-codes.md lists each with its meaning.
+/// `as_str` is the wire value; docs/contract.md lists each with its meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReasonCode {
     // Input validation (the command was refused at the edge).
@@ -28,7 +28,6 @@ pub enum ReasonCode {
     ScaExpired,
     CancelledByClient,
     CancelledAtBank,
-    TokenExchangeFailed,
     OutcomeUnresolved,
 }
 
@@ -55,7 +54,6 @@ impl ReasonCode {
             ReasonCode::ScaExpired => "SCA_EXPIRED",
             ReasonCode::CancelledByClient => "CANCELLED_BY_CLIENT",
             ReasonCode::CancelledAtBank => "CANCELLED_AT_BANK",
-            ReasonCode::TokenExchangeFailed => "TOKEN_EXCHANGE_FAILED",
             ReasonCode::OutcomeUnresolved => "OUTCOME_UNRESOLVED",
         }
     }
