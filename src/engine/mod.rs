@@ -103,7 +103,10 @@ impl Partitions for PartitionSet {
     fn revoke(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
         let mut waiting = Vec::new();
         for &partition in partitions {
-            let tx = self.owners().get(&partition).map(|h| h.tx.clone());
+            let tx = self.owners().get(&partition).map(|h| {
+                h.revoked.store(true, Ordering::Release);
+                h.tx.clone()
+            });
             let Some(tx) = tx else { continue };
             let (ack_tx, ack_rx) = std::sync::mpsc::channel();
             if tx.blocking_send(ActorMsg::Revoke(ack_tx)).is_ok() {

@@ -75,6 +75,9 @@ pub struct OwnerHandle {
     pub tx: mpsc::Sender<ActorMsg>,
     /// Next offset to consume; -1 while unknown.
     pub committable: Arc<AtomicI64>,
+    /// Set by the consumer thread before it sends `Revoke`: an owner still restoring must not
+    /// start work (writes) on a partition it no longer owns.
+    pub revoked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Queued {
@@ -111,6 +114,8 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(deps.queue_capacity);
     let committable = Arc::new(AtomicI64::new(-1));
     let owner_committable = committable.clone();
+    let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let owner_revoked = revoked.clone();
     let weak = tx.downgrade();
     runtime.spawn(async move {
         let marker_offset = match write_restore_marker(&deps, partition).await {
@@ -145,9 +150,13 @@ pub fn spawn(
             }
         };
         let owner = PartitionOwner::new(partition, deps, rx, weak, owner_committable, restored);
-        owner.run().await;
+        owner.run(owner_revoked).await;
     });
-    OwnerHandle { tx, committable }
+    OwnerHandle {
+        tx,
+        committable,
+        revoked,
+    }
 }
 
 async fn write_restore_marker(
@@ -205,7 +214,20 @@ impl PartitionOwner {
 }
 
 impl PartitionOwner {
-    async fn run(mut self) {
+    async fn run(mut self, revoked: Arc<std::sync::atomic::AtomicBool>) {
+        if revoked.load(Ordering::Acquire) {
+            info!(
+                partition = self.partition,
+                "revoked while restoring: not starting"
+            );
+            // The Revoke message is waiting in the mailbox; acknowledge it without any work.
+            while let Ok(message) = self.rx.try_recv() {
+                if let ActorMsg::Revoke(ack) = message {
+                    let _ = ack.send(());
+                }
+            }
+            return;
+        }
         self.republish_restored().await;
         self.resume_restored().await;
         let mut checkpoint_tick = tokio::time::interval(self.deps.checkpoint_interval);
