@@ -50,6 +50,7 @@ fn a_peer_decodes_our_initiate_command() {
             requested_execution_date: Some("2026-12-24".into()),
             language: "nl".into(),
             redirect_uri: "https://c.example/cb".into(),
+            ..Default::default()
         })),
     };
     std::fs::write(&file, command::encode(&envelope).expect("encode")).expect("write");

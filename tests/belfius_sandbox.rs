@@ -63,6 +63,7 @@ fn order(e2e: &str) -> PaymentOrder {
         requested_execution_date: None,
         language: Language::Nl,
         redirect_uri: REDIRECT.into(),
+        cross_border: None,
     }
 }
 

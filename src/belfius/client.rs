@@ -637,6 +637,7 @@ mod tests {
             requested_execution_date: None,
             language: Language::Nl,
             redirect_uri: "https://tpp.example/cb".into(),
+            cross_border: None,
         }
     }
 

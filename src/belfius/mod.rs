@@ -4,7 +4,10 @@
 //! adapter choice documented in docs/belfius.md, never a silent guess.
 
 pub mod client;
+pub mod errors;
+pub mod identity;
 pub mod pkce;
+pub mod qseal;
 pub mod status;
 
 use std::time::Duration;
@@ -34,6 +37,71 @@ pub struct BelfiusConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub versions: ApiVersions,
+    /// QSeal request signing (`Signature` header); `None` sends no signature (sandbox).
+    pub qseal: Option<QsealConfig>,
+}
+
+/// How requests are sealed with the QSeal key. The format Belfius verifies is not documented
+/// (belfius-api.md open question 7): every choice is a setting, defaults follow Tink's client.
+#[derive(Clone)]
+pub struct QsealConfig {
+    /// PKCS#8 (or PKCS#1) PEM RSA private key.
+    pub private_key_pem: SecretString,
+    /// The QSeal certificate (PEM), for `x5c`.
+    pub certificate_pem: Option<Vec<u8>>,
+    pub format: SignatureFormat,
+    pub sign: SignedOperations,
+}
+
+impl std::fmt::Debug for QsealConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QsealConfig")
+            .field("format", &self.format)
+            .field("sign", &self.sign)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureFormat {
+    pub encoding: SignatureEncoding,
+    /// Put the certificate chain in the JWS header (`x5c`).
+    pub include_x5c: bool,
+    /// A `kid` for the JWS header.
+    pub kid: Option<String>,
+}
+
+impl Default for SignatureFormat {
+    fn default() -> Self {
+        Self {
+            encoding: SignatureEncoding::Base64Padded,
+            include_x5c: false,
+            kid: None,
+        }
+    }
+}
+
+/// Tink used standard Base64 with padding; RFC 7515 says base64url without padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureEncoding {
+    Base64Padded,
+    Base64UrlNoPad,
+}
+
+/// Which calls carry a `Signature` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedOperations {
+    pub initiation: bool,
+    pub cancellation: bool,
+}
+
+impl Default for SignedOperations {
+    fn default() -> Self {
+        Self {
+            initiation: true,
+            cancellation: false,
+        }
+    }
 }
 
 #[derive(Clone)]

@@ -158,6 +158,7 @@ impl RunArgs {
                     payment_status: self.api_version_status.clone(),
                     token: self.api_version_token.clone(),
                 },
+                qseal: None,
             },
             state_key,
             policy,

@@ -131,6 +131,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                     requested_execution_date: a.execution_date,
                     language: a.language,
                     redirect_uri: a.redirect_uri,
+                    ..Default::default()
                 })),
             };
             envelope_bytes(&envelope, "InitiatePayment")?

@@ -387,6 +387,7 @@ fn envelope_from_value(
             requested_execution_date: body_fields.opt_date("requested_execution_date")?,
             language: body_fields.string("language")?,
             redirect_uri: body_fields.string("redirect_uri")?,
+            ..Default::default()
         })),
         "CompleteSca" => CommandBody::CompleteSca(ScaRedirect {
             authorization_code: body_fields
@@ -435,6 +436,7 @@ mod tests {
             requested_execution_date: Some("2026-12-01".into()),
             language: "fr".into(),
             redirect_uri: "https://client.example/cb".into(),
+            ..Default::default()
         }
     }
 

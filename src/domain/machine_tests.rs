@@ -50,6 +50,7 @@ fn order() -> PaymentOrder {
         requested_execution_date: None,
         language: Language::Nl,
         redirect_uri: "https://shop.example/return".into(),
+        cross_border: None,
     }
 }
 

@@ -118,6 +118,26 @@ impl PaymentProduct {
     }
 }
 
+/// The three families of PIS resources, each under its own path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PaymentKind {
+    Single,
+    Periodic,
+    Bulk,
+}
+
+impl PaymentKind {
+    /// First path segment: `/payments`, `/periodic-payments`, `/bulk-payments` (the last two
+    /// are Berlin Group style: belfius-api.md open question 1).
+    pub fn path_prefix(self) -> &'static str {
+        match self {
+            PaymentKind::Single => "payments",
+            PaymentKind::Periodic => "periodic-payments",
+            PaymentKind::Bulk => "bulk-payments",
+        }
+    }
+}
+
 /// Belfius redirection screens exist in French and Dutch only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -206,8 +226,166 @@ pub enum AmountError {
     TooLarge,
 }
 
-/// An initiation exactly as the client sent it: strings, not yet validated.
+/// Who pays the charges of a cross-border transfer (ISO 20022 ChargeBearerType1Code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChargeBearer {
+    /// All charges borne by the debtor (OUR).
+    Debt,
+    /// All charges borne by the creditor (BEN).
+    Cred,
+    /// Shared (SHA).
+    Shar,
+    /// Following the service level (SEPA).
+    Slev,
+}
+
+impl ChargeBearer {
+    pub const ALL: [ChargeBearer; 4] = [
+        ChargeBearer::Debt,
+        ChargeBearer::Cred,
+        ChargeBearer::Shar,
+        ChargeBearer::Slev,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeBearer::Debt => "DEBT",
+            ChargeBearer::Cred => "CRED",
+            ChargeBearer::Shar => "SHAR",
+            ChargeBearer::Slev => "SLEV",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+}
+
+/// A creditor's postal address (cross-border transfers).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PostalAddress {
+    pub street: Option<String>,
+    pub building_number: Option<String>,
+    pub postal_code: Option<String>,
+    pub town: Option<String>,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+}
+
+/// How often a standing order executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Frequency {
+    Daily,
+    Weekly,
+    EveryTwoWeeks,
+    Monthly,
+    EveryTwoMonths,
+    Quarterly,
+    SemiAnnual,
+    Annual,
+}
+
+impl Frequency {
+    pub const ALL: [Frequency; 8] = [
+        Frequency::Daily,
+        Frequency::Weekly,
+        Frequency::EveryTwoWeeks,
+        Frequency::Monthly,
+        Frequency::EveryTwoMonths,
+        Frequency::Quarterly,
+        Frequency::SemiAnnual,
+        Frequency::Annual,
+    ];
+
+    /// Berlin Group spelling, used on the wire and in the Avro enum (upper-cased there).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Frequency::Daily => "Daily",
+            Frequency::Weekly => "Weekly",
+            Frequency::EveryTwoWeeks => "EveryTwoWeeks",
+            Frequency::Monthly => "Monthly",
+            Frequency::EveryTwoMonths => "EveryTwoMonths",
+            Frequency::Quarterly => "Quarterly",
+            Frequency::SemiAnnual => "SemiAnnual",
+            Frequency::Annual => "Annual",
+        }
+    }
+
+    /// Months between executions, for the frequencies counted in months.
+    pub fn months(self) -> Option<u32> {
+        match self {
+            Frequency::Daily | Frequency::Weekly | Frequency::EveryTwoWeeks => None,
+            Frequency::Monthly => Some(1),
+            Frequency::EveryTwoMonths => Some(2),
+            Frequency::Quarterly => Some(3),
+            Frequency::SemiAnnual => Some(6),
+            Frequency::Annual => Some(12),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.as_str().eq_ignore_ascii_case(text) || symbol(f.as_str()) == text)
+    }
+}
+
+/// `EveryTwoWeeks` -> `EVERY_TWO_WEEKS`.
+fn symbol(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// A standing order (periodic payment): one payment order executed on a schedule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandingOrder {
+    /// The amount, creditor and references of each execution.
+    pub order: PaymentOrder,
+    /// First execution; must be in the future.
+    pub start_date: NaiveDate,
+    /// Last execution, if any.
+    pub end_date: Option<NaiveDate>,
+    pub frequency: Frequency,
+    /// Day of month (1-31) or of week (1-7), if the bank should not derive it from start_date.
+    pub day_of_execution: Option<u8>,
+}
+
+/// One transfer of a bulk payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkEntry {
+    pub amount: Amount,
+    pub currency: String,
+    pub creditor_name: String,
+    pub creditor_iban: String,
+    pub creditor_bic: Option<String>,
+    pub end_to_end_id: String,
+    pub remittance_information: Option<String>,
+}
+
+/// A bulk payment: up to 1000 transfers from one account, signed once (Belfius brand only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkOrder {
+    pub product: PaymentProduct,
+    pub brand: Brand,
+    pub debtor_iban: Option<String>,
+    pub batch_booking: bool,
+    pub requested_execution_date: Option<NaiveDate>,
+    pub payments: Vec<BulkEntry>,
+    pub language: Language,
+    pub redirect_uri: String,
+}
+
+/// Bulk payments may hold at most this many transfers [T Exthand].
+pub const MAX_BULK_ENTRIES: usize = 1000;
+
+/// An initiation exactly as the client sent it: strings, not yet validated.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RawInitiatePayment {
     pub payment_product: String,
     pub brand: String,
@@ -223,6 +401,21 @@ pub struct RawInitiatePayment {
     pub requested_execution_date: Option<String>,
     pub language: String,
     pub redirect_uri: String,
+    /// Cross-border only: DEBT, CRED, SHAR or SLEV.
+    #[serde(default)]
+    pub charge_bearer: Option<String>,
+    /// Cross-border only: the creditor's address.
+    #[serde(default)]
+    pub creditor_address: Option<PostalAddress>,
+    /// Cross-border only: a national account number instead of an IBAN (with a bank id or BIC).
+    #[serde(default)]
+    pub creditor_bban: Option<String>,
+    /// Cross-border only: the creditor bank's national identifier (e.g. ABA, sort code).
+    #[serde(default)]
+    pub creditor_bank_national_id: Option<String>,
+    /// Cross-border only: the currency of the creditor's account.
+    #[serde(default)]
+    pub creditor_currency: Option<String>,
 }
 
 /// A validated payment order: what the worker sends to the bank.
@@ -234,7 +427,7 @@ pub struct PaymentOrder {
     /// ISO 4217, upper case.
     pub currency: String,
     pub creditor_name: String,
-    /// Normalised: upper case, no spaces.
+    /// Normalised: upper case, no spaces. Empty only for a cross-border transfer to a BBAN.
     pub creditor_iban: String,
     pub creditor_bic: Option<String>,
     pub debtor_iban: Option<String>,
@@ -243,6 +436,19 @@ pub struct PaymentOrder {
     pub requested_execution_date: Option<NaiveDate>,
     pub language: Language,
     pub redirect_uri: String,
+    /// Cross-border fields; `None` for SEPA products (the API does not allow them there).
+    #[serde(default)]
+    pub cross_border: Option<CrossBorder>,
+}
+
+/// What only a cross-border transfer carries (belfius-api.md §2.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrossBorder {
+    pub charge_bearer: ChargeBearer,
+    pub creditor_address: Option<PostalAddress>,
+    pub creditor_bban: Option<String>,
+    pub creditor_bank_national_id: Option<String>,
+    pub creditor_currency: Option<String>,
 }
 
 #[cfg(test)]

@@ -127,6 +127,7 @@ pub fn validate_initiation(
         requested_execution_date,
         language,
         redirect_uri,
+        cross_border: None,
     })
 }
 
@@ -701,6 +702,7 @@ mod tests {
             requested_execution_date: Some("2025-03-10".into()),
             language: "nl".into(),
             redirect_uri: "https://tpp.example.com/return?state=abc".into(),
+            ..Default::default()
         }
     }
 
@@ -1520,6 +1522,7 @@ mod tests {
                     requested_execution_date,
                     language,
                     redirect_uri,
+                    ..Default::default()
                 },
             )
     }

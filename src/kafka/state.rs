@@ -353,6 +353,7 @@ mod tests {
             requested_execution_date: None,
             language: Language::Fr,
             redirect_uri: "https://c.example/cb".into(),
+            cross_border: None,
         }
     }
 

@@ -449,6 +449,7 @@ pub fn initiate(payment_id: &str, psu_id: &str, amount: &str, creditor: &str) ->
             requested_execution_date: None,
             language: "fr".into(),
             redirect_uri: "https://client.example/callback".into(),
+            ..Default::default()
         })),
     }
 }
