@@ -146,11 +146,11 @@ impl RunningSandbox {
             qwac: Some(QwacIdentity {
                 cert_chain_pem: read(&self.client_cert_path())?,
                 private_key_pem: key.into(),
-                qseal: None,
-        }),
+            }),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             versions: ApiVersions::default(),
+            qseal: None,
         })
     }
 
