@@ -1,1 +1,1 @@
-// placeholder: being written
+//! Typed Belfius error codes (being written).

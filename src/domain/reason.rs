@@ -23,6 +23,14 @@ pub enum ReasonCode {
     InvalidIdentifier,
     // Lifecycle outcomes.
     BankRejected,
+    /// The bank refused a field or header of the request (400 INVALID_INPUT / MISSING_INPUT).
+    BankInputRejected,
+    /// The account cannot be used for this payment (wrong brand, blocked, not allowed).
+    BankAccountRefused,
+    /// The bank refused our credentials, certificate, signature or token.
+    BankSecurityFailure,
+    /// The PSU revoked consent in the bank's channels.
+    BankConsentRevoked,
     BankUnavailable,
     ScaFailed,
     ScaExpired,
@@ -49,6 +57,10 @@ impl ReasonCode {
             ReasonCode::InvalidBrand => "INVALID_BRAND",
             ReasonCode::InvalidIdentifier => "INVALID_IDENTIFIER",
             ReasonCode::BankRejected => "BANK_REJECTED",
+            ReasonCode::BankInputRejected => "BANK_INPUT_REJECTED",
+            ReasonCode::BankAccountRefused => "BANK_ACCOUNT_REFUSED",
+            ReasonCode::BankSecurityFailure => "BANK_SECURITY_FAILURE",
+            ReasonCode::BankConsentRevoked => "BANK_CONSENT_REVOKED",
             ReasonCode::BankUnavailable => "BANK_UNAVAILABLE",
             ReasonCode::ScaFailed => "SCA_FAILED",
             ReasonCode::ScaExpired => "SCA_EXPIRED",

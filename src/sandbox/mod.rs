@@ -5,6 +5,7 @@
 //! Two listeners: the bank API over HTTPS with a REQUIRED client certificate (mTLS, like the
 //! live API), and an operator/PSU API over plain HTTP meant for loopback. See docs/belfius.md.
 
+pub mod faults;
 pub mod admin;
 pub mod api;
 pub mod cli;

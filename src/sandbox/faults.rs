@@ -1,0 +1,1 @@
+//! Fault injection for the sandbox (being written). API fixed here.
