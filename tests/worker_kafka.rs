@@ -30,7 +30,7 @@ async fn happy_path_initiate_sca_pending_complete_sca_signed() {
         "{sca}"
     );
 
-    let redirect = env.psu("sign", "happy-1").await;
+    let redirect = env.psu("sign", "happy-1", "psu-happy").await;
     assert!(redirect.contains("code="), "{redirect}");
     env.send(&complete_sca("happy-1", "psu-happy", &redirect))
         .await;
@@ -81,7 +81,7 @@ async fn psu_refusal_and_invalid_input_end_rejected_with_reasons() {
     invalid.command_id = "cmd-invalid-1".into();
     env.send(&invalid).await;
     env.wait_for_state("refused-1", StateKind::ScaPending).await;
-    let redirect = env.psu("reject", "refused-1").await;
+    let redirect = env.psu("reject", "refused-1", "psu-r").await;
     env.send(&complete_sca("refused-1", "psu-r", &redirect))
         .await;
     let events = env.wait_for_state("refused-1", StateKind::Rejected).await;
@@ -210,7 +210,7 @@ async fn graceful_restart_restores_state_without_reemitting_or_reinitiating() {
         "restart re-emitted events"
     );
 
-    let redirect = env.psu("sign", "restart-1").await;
+    let redirect = env.psu("sign", "restart-1", "psu-x").await;
     env.send(&complete_sca("restart-1", "psu-x", &redirect))
         .await;
     let events = env.wait_for_state("restart-1", StateKind::Signed).await;
@@ -237,7 +237,7 @@ async fn killed_worker_is_replaced_without_losing_or_doubling_the_payment() {
     env.wait_for_state("crash-1", StateKind::ScaPending).await;
     first.kill();
 
-    let redirect = env.psu("sign", "crash-1").await;
+    let redirect = env.psu("sign", "crash-1", "psu-k").await;
     // Sent while no worker runs: it must wait in the topic, not get lost.
     env.send(&complete_sca("crash-1", "psu-k", &redirect)).await;
     let second = env.start_worker("second", CLIENT_DRIVEN);

@@ -14,8 +14,12 @@ use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::pkce::METHOD_S256;
+use super::qseal::QsealSigner;
 use super::{BankError, BelfiusConfig, ErrorBody, Initiated, TokenPair};
-use crate::domain::model::{BankPaymentId, Brand, Language, PaymentOrder, PaymentProduct};
+use crate::domain::model::{
+    BankPaymentId, Brand, BulkOrder, Language, PaymentKind, PaymentOrder, PaymentProduct,
+    StandingOrder,
+};
 
 /// Header names of the Belfius API [P §2.2]. HTTP header names are case-insensitive.
 pub mod headers {
@@ -25,6 +29,21 @@ pub mod headers {
     pub const REDIRECT_URI: &str = "redirect-uri";
     pub const CODE_CHALLENGE: &str = "code-challenge";
     pub const CODE_CHALLENGE_METHOD: &str = "code-challenge-method";
+    /// QSeal JWS over the body [C Tink, §1.3(a)].
+    pub const SIGNATURE: &str = "signature";
+}
+
+/// [P §2.3] the current periodic-payment initiation is v2. Not yet in `ApiVersions` (owned by
+/// `belfius::mod`): the one place to change until it is.
+pub const PERIODIC_INITIATION_VERSION: &str = "2";
+/// [I] the bulk initiation version is not documented.
+pub const BULK_INITIATION_VERSION: &str = "1";
+
+/// What the bank answered to a successful cancellation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancelled {
+    /// `None` when the bank answered 204 without a body.
+    pub transaction_status: Option<String>,
 }
 
 /// `Accept: application/vnd.belfius.api+json; version=N` [P §2.2].
@@ -40,6 +59,8 @@ pub enum ClientBuildError {
     InvalidQwac,
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
+    #[error("QSeal signing configuration is invalid: {0}")]
+    Qseal(String),
 }
 
 /// Cheap to clone: one connection pool and one configuration shared by all clones.
@@ -47,6 +68,8 @@ pub enum ClientBuildError {
 pub struct BelfiusClient {
     http: reqwest::Client,
     config: Arc<BelfiusConfig>,
+    /// Built once from `config.qseal`: parsing the key per request would be wasted work.
+    signer: Option<Arc<QsealSigner>>,
 }
 
 impl std::fmt::Debug for BelfiusClient {
@@ -95,9 +118,16 @@ impl BelfiusClient {
         let http = builder
             .build()
             .map_err(|e| ClientBuildError::Http(error_chain(&e)))?;
+        let signer = match &config.qseal {
+            Some(qseal) => Some(Arc::new(
+                QsealSigner::new(qseal).map_err(|e| ClientBuildError::Qseal(e.to_string()))?,
+            )),
+            None => None,
+        };
         Ok(Self {
             http,
             config: Arc::new(config),
+            signer,
         })
     }
 
@@ -145,7 +175,7 @@ impl BelfiusClient {
         (builder, request_id)
     }
 
-    /// `POST {base}/payments/{product}` with the v3 body [P §2.5].
+    /// `POST {base}/payments/{product}` with the v3 body and its per-product rules [P §2.5].
     ///
     /// Without an access token the PKCE headers are sent (mandatory then [P]); with one, the
     /// `Authorization: Bearer` header replaces them.
@@ -155,20 +185,106 @@ impl BelfiusClient {
         code_challenge: &str,
         access_token: Option<&SecretString>,
     ) -> Result<Initiated, BankError> {
-        let url = self.endpoint(order.brand, &["payments", order.product.path_segment()])?;
-        let body = serde_json::to_vec(&InitiationBody::from_order(order))
-            .map_err(|e| BankError::NotSent(format!("cannot encode initiation body: {e}")))?;
+        let body = encode(&InitiationBody::from_order(order))?;
+        self.initiate(
+            Initiation {
+                kind: PaymentKind::Single,
+                brand: order.brand,
+                product: order.product,
+                language: order.language,
+                redirect_uri: &order.redirect_uri,
+                version: &self.config.versions.payment_initiation,
+                body,
+            },
+            code_challenge,
+            access_token,
+        )
+        .await
+    }
+
+    /// `POST {base}/periodic-payments/{product}` (standing order) [P v2 §2.3; I path and body:
+    /// the single-payment body plus `start_date`, `end_date`, `frequency`, `day_of_execution`].
+    pub async fn initiate_periodic(
+        &self,
+        order: &StandingOrder,
+        code_challenge: &str,
+        access_token: Option<&SecretString>,
+    ) -> Result<Initiated, BankError> {
+        let body = encode(&PeriodicBody::from_order(order))?;
+        self.initiate(
+            Initiation {
+                kind: PaymentKind::Periodic,
+                brand: order.order.brand,
+                product: order.order.product,
+                language: order.order.language,
+                redirect_uri: &order.order.redirect_uri,
+                version: PERIODIC_INITIATION_VERSION,
+                body,
+            },
+            code_challenge,
+            access_token,
+        )
+        .await
+    }
+
+    /// `POST {base}/bulk-payments/{product}` [P bulk exists, Belfius brand only; I path and
+    /// body]. The caller keeps bulks on the Belfius brand; a Banx bulk is refused by the bank.
+    pub async fn initiate_bulk(
+        &self,
+        order: &BulkOrder,
+        code_challenge: &str,
+        access_token: Option<&SecretString>,
+    ) -> Result<Initiated, BankError> {
+        let body = encode(&BulkBody::from_order(order))?;
+        self.initiate(
+            Initiation {
+                kind: PaymentKind::Bulk,
+                brand: order.brand,
+                product: order.product,
+                language: order.language,
+                redirect_uri: &order.redirect_uri,
+                version: BULK_INITIATION_VERSION,
+                body,
+            },
+            code_challenge,
+            access_token,
+        )
+        .await
+    }
+
+    /// The part all three initiations share: headers, signature, answer parsing.
+    async fn initiate(
+        &self,
+        initiation: Initiation<'_>,
+        code_challenge: &str,
+        access_token: Option<&SecretString>,
+    ) -> Result<Initiated, BankError> {
+        let url = self.endpoint(
+            initiation.brand,
+            &[
+                initiation.kind.path_prefix(),
+                initiation.product.path_segment(),
+            ],
+        )?;
+        let signature = if self.config.qseal.as_ref().is_some_and(|q| q.sign.initiation) {
+            Some(self.sign(&initiation.body)?)
+        } else {
+            None
+        };
         let (mut req, request_id) = self.request(
             Method::POST,
             url.clone(),
-            &self.config.versions.payment_initiation,
-            order.language,
+            initiation.version,
+            initiation.language,
         );
         req = req
             .header(headers::CLIENT_ID, &self.config.client_id)
-            .header(headers::REDIRECT_URI, &order.redirect_uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body);
+            .header(headers::REDIRECT_URI, initiation.redirect_uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(signature) = signature {
+            req = req.header(headers::SIGNATURE, signature);
+        }
+        req = req.body(initiation.body);
         req = match access_token {
             Some(token) => req.bearer_auth(token.expose_secret()),
             None => req
@@ -199,7 +315,12 @@ impl BelfiusClient {
             .join(&sca)
             .map_err(|e| BankError::Protocol(format!("SCA redirect URL is not a URL: {e}")))?
             .to_string();
-        tracing::debug!(request_id, payment_id, "payment initiated");
+        tracing::debug!(
+            request_id,
+            payment_id,
+            kind = initiation.kind.path_prefix(),
+            "payment initiated"
+        );
         Ok(Initiated {
             bank_payment_id: BankPaymentId::new(payment_id),
             sca_redirect_url,
@@ -207,18 +328,40 @@ impl BelfiusClient {
         })
     }
 
-    /// `GET {base}/payments/{product}/{id}/status` [P: no token needed; I: exact path].
+    /// The `Signature` header value for these exact body bytes.
+    fn sign(&self, body: &[u8]) -> Result<String, BankError> {
+        let signer = self.signer.as_ref().ok_or_else(|| {
+            BankError::NotSent("QSeal signing configured but no signer was built".into())
+        })?;
+        signer
+            .sign(body)
+            .map_err(|e| BankError::NotSent(format!("cannot sign the request: {e}")))
+    }
+
+    /// `{base}/{kind prefix}/{product}/{id}` plus optional trailing segments.
+    fn resource(
+        &self,
+        kind: PaymentKind,
+        brand: Brand,
+        product: PaymentProduct,
+        id: &BankPaymentId,
+        tail: Option<&str>,
+    ) -> Result<url::Url, BankError> {
+        let mut segments = vec![kind.path_prefix(), product.path_segment(), id.as_str()];
+        segments.extend(tail);
+        self.endpoint(brand, &segments)
+    }
+
+    /// `GET {base}/{kind}/{product}/{id}/status` [P: no token needed; I: exact path].
     /// Returns the ISO 20022 code as sent; [`super::status::TransactionStatus`] interprets it.
     pub async fn payment_status(
         &self,
+        kind: PaymentKind,
         brand: Brand,
         product: PaymentProduct,
         id: &BankPaymentId,
     ) -> Result<String, BankError> {
-        let url = self.endpoint(
-            brand,
-            &["payments", product.path_segment(), id.as_str(), "status"],
-        )?;
+        let url = self.resource(kind, brand, product, id, Some("status"))?;
         let (req, request_id) = self.request(
             Method::GET,
             url,
@@ -235,6 +378,73 @@ impl BelfiusClient {
             .ok_or_else(|| {
                 BankError::Protocol("status response carries no transaction_status".into())
             })
+    }
+
+    /// `GET {base}/{kind}/{product}/{id}` with the PSU's PIS token [P: token required; I: path
+    /// and body]. The body is returned as JSON: its fields are not documented (open question 5).
+    pub async fn payment_details(
+        &self,
+        kind: PaymentKind,
+        brand: Brand,
+        product: PaymentProduct,
+        id: &BankPaymentId,
+        access_token: &SecretString,
+    ) -> Result<serde_json::Value, BankError> {
+        let url = self.resource(kind, brand, product, id, None)?;
+        let (req, request_id) = self.request(
+            Method::GET,
+            url,
+            // [P] the details reference shows the same version example as status.
+            &self.config.versions.payment_status,
+            Language::Fr,
+        );
+        let req = req
+            .header(headers::CLIENT_ID, &self.config.client_id)
+            .bearer_auth(access_token.expose_secret());
+        let response = self.send(req, &request_id, "details").await?;
+        response.json()
+    }
+
+    /// `DELETE {base}/{kind}/{product}/{id}` with the PSU's PIS token [P: cancellation needs a
+    /// token; I: method, path, answer]. Accepts 204 (no body) and 200/202 with
+    /// `{"transaction_status": …}`.
+    pub async fn cancel_payment(
+        &self,
+        kind: PaymentKind,
+        brand: Brand,
+        product: PaymentProduct,
+        id: &BankPaymentId,
+        access_token: &SecretString,
+    ) -> Result<Cancelled, BankError> {
+        let url = self.resource(kind, brand, product, id, None)?;
+        let signature = if self
+            .config
+            .qseal
+            .as_ref()
+            .is_some_and(|q| q.sign.cancellation)
+        {
+            // [I] a DELETE has no body: the JWS covers the empty body.
+            Some(self.sign(b"")?)
+        } else {
+            None
+        };
+        let (mut req, request_id) = self.request(
+            Method::DELETE,
+            url,
+            &self.config.versions.payment_status,
+            Language::Fr,
+        );
+        req = req
+            .header(headers::CLIENT_ID, &self.config.client_id)
+            .bearer_auth(access_token.expose_secret());
+        if let Some(signature) = signature {
+            req = req.header(headers::SIGNATURE, signature);
+        }
+        let response = self.send(req, &request_id, "cancel").await?;
+        let parsed: StatusResponse = response.json_or_empty()?;
+        Ok(Cancelled {
+            transaction_status: parsed.transaction_status.filter(|s| !s.trim().is_empty()),
+        })
     }
 
     /// `POST {base}/token`, grant `authorization_code` with the PKCE verifier [C Tink/Yolt].
@@ -492,17 +702,43 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// What differs between the three initiations.
+struct Initiation<'a> {
+    kind: PaymentKind,
+    brand: Brand,
+    product: PaymentProduct,
+    language: Language,
+    redirect_uri: &'a str,
+    version: &'a str,
+    /// The exact bytes sent, and signed.
+    body: Vec<u8>,
+}
+
+fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, BankError> {
+    serde_json::to_vec(body)
+        .map_err(|e| BankError::NotSent(format!("cannot encode initiation body: {e}")))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Wire types.
 
 /// v3 initiation body, snake_case as on the portal [P §2.5]; fields the portal table does not
 /// show (currency, remittance, execution date names) are [I], see open question 2.
+///
+/// Per product [P §2.5 table]: SEPA and instant SEPA carry no `charge_bearer`,
+/// `creditor_address`, `bban`, `bankNationalID` or creditor `currency` (the keys are omitted,
+/// not null); cross-border requires `charge_bearer` and may carry the others. Absent optional
+/// values are omitted everywhere.
 #[derive(Debug, Serialize)]
 pub struct InitiationBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debtor_account: Option<DebtorAccount<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub charge_bearer: Option<&'static str>,
     pub creditor_account: CreditorAccount<'a>,
     pub creditor_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creditor_address: Option<CreditorAddress<'a>>,
     pub endtoend_identification: &'a str,
     pub instructed_amount: InstructedAmount<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -518,9 +754,31 @@ pub struct DebtorAccount<'a> {
 
 #[derive(Debug, Serialize)]
 pub struct CreditorAccount<'a> {
-    pub iban: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iban: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bban: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bic: Option<&'a str>,
+    /// camelCase on the portal, unlike every other field (sic) [P §2.5].
+    #[serde(rename = "bankNationalID", skip_serializing_if = "Option::is_none")]
+    pub bank_national_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<&'a str>,
+}
+
+/// [I] sub-field names (the portal row is "creditor_address", conditional, cross-border only).
+#[derive(Debug, Serialize)]
+pub struct CreditorAddress<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub street: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub building_number: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub town: Option<&'a str>,
+    pub country: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -531,26 +789,129 @@ pub struct InstructedAmount<'a> {
 
 impl<'a> InitiationBody<'a> {
     pub fn from_order(order: &'a PaymentOrder) -> Self {
+        // Cross-border fields only on the cross-border product: SEPA products refuse them, so
+        // an order that carries them anyway (validation's job) does not leak them.
+        let cross_border = if order.product.is_sepa() {
+            None
+        } else {
+            order.cross_border.as_ref()
+        };
+        let creditor_iban = Some(order.creditor_iban.as_str()).filter(|iban| !iban.is_empty());
         Self {
             // An empty debtor_account object is refused [P FAQ]: omit the key instead.
             debtor_account: order
                 .debtor_iban
                 .as_deref()
                 .map(|iban| DebtorAccount { iban }),
+            charge_bearer: cross_border.map(|c| c.charge_bearer.as_str()),
             creditor_account: CreditorAccount {
-                iban: &order.creditor_iban,
+                iban: creditor_iban,
+                bban: cross_border.and_then(|c| c.creditor_bban.as_deref()),
                 bic: order.creditor_bic.as_deref(),
+                bank_national_id: cross_border.and_then(|c| c.creditor_bank_national_id.as_deref()),
+                currency: cross_border.and_then(|c| c.creditor_currency.as_deref()),
             },
             creditor_name: &order.creditor_name,
+            creditor_address: cross_border
+                .and_then(|c| c.creditor_address.as_ref())
+                .map(|a| CreditorAddress {
+                    street: a.street.as_deref(),
+                    building_number: a.building_number.as_deref(),
+                    postal_code: a.postal_code.as_deref(),
+                    town: a.town.as_deref(),
+                    country: &a.country,
+                }),
             endtoend_identification: &order.end_to_end_id,
             instructed_amount: InstructedAmount {
                 amount: order.amount.to_string(),
                 currency: &order.currency,
             },
             remittance_information: order.remittance_information.as_deref(),
-            requested_execution_date: order
-                .requested_execution_date
-                .map(|d| d.format("%Y-%m-%d").to_string()),
+            requested_execution_date: order.requested_execution_date.map(iso_date),
+        }
+    }
+}
+
+fn iso_date(date: chrono::NaiveDate) -> String {
+    date.format("%Y-%m-%d").to_string()
+}
+
+/// [I] periodic body (v2): the single-payment body plus the schedule. Frequency in the Berlin
+/// Group spelling (`Monthly`, `EveryTwoWeeks`, …).
+#[derive(Debug, Serialize)]
+pub struct PeriodicBody<'a> {
+    #[serde(flatten)]
+    pub payment: InitiationBody<'a>,
+    pub start_date: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_date: Option<String>,
+    pub frequency: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day_of_execution: Option<u8>,
+}
+
+impl<'a> PeriodicBody<'a> {
+    pub fn from_order(order: &'a StandingOrder) -> Self {
+        Self {
+            payment: InitiationBody::from_order(&order.order),
+            start_date: iso_date(order.start_date),
+            end_date: order.end_date.map(iso_date),
+            frequency: order.frequency.as_str(),
+            day_of_execution: order.day_of_execution,
+        }
+    }
+}
+
+/// [I] bulk body: one debtor, many SEPA transfers.
+#[derive(Debug, Serialize)]
+pub struct BulkBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debtor_account: Option<DebtorAccount<'a>>,
+    pub batch_booking_preferred: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_execution_date: Option<String>,
+    pub payments: Vec<BulkEntryBody<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BulkEntryBody<'a> {
+    pub instructed_amount: InstructedAmount<'a>,
+    pub creditor_account: CreditorAccount<'a>,
+    pub creditor_name: &'a str,
+    pub endtoend_identification: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remittance_information: Option<&'a str>,
+}
+
+impl<'a> BulkBody<'a> {
+    pub fn from_order(order: &'a BulkOrder) -> Self {
+        Self {
+            debtor_account: order
+                .debtor_iban
+                .as_deref()
+                .map(|iban| DebtorAccount { iban }),
+            batch_booking_preferred: order.batch_booking,
+            requested_execution_date: order.requested_execution_date.map(iso_date),
+            payments: order
+                .payments
+                .iter()
+                .map(|entry| BulkEntryBody {
+                    instructed_amount: InstructedAmount {
+                        amount: entry.amount.to_string(),
+                        currency: &entry.currency,
+                    },
+                    creditor_account: CreditorAccount {
+                        iban: Some(entry.creditor_iban.as_str()),
+                        bban: None,
+                        bic: entry.creditor_bic.as_deref(),
+                        bank_national_id: None,
+                        currency: None,
+                    },
+                    creditor_name: &entry.creditor_name,
+                    endtoend_identification: &entry.end_to_end_id,
+                    remittance_information: entry.remittance_information.as_deref(),
+                })
+                .collect(),
         }
     }
 }
@@ -670,6 +1031,167 @@ mod tests {
         assert_eq!(body["creditor_account"]["bic"], "GKCCBEBB");
         assert_eq!(body["remittance_information"], "invoice 7");
         assert_eq!(body["requested_execution_date"], "2030-01-02");
+    }
+
+    fn cross_border() -> crate::domain::model::CrossBorder {
+        crate::domain::model::CrossBorder {
+            charge_bearer: crate::domain::model::ChargeBearer::Shar,
+            creditor_address: Some(crate::domain::model::PostalAddress {
+                street: Some("Main Street".into()),
+                building_number: None,
+                postal_code: Some("10001".into()),
+                town: Some("New York".into()),
+                country: "US".into(),
+            }),
+            creditor_bban: Some("123456789".into()),
+            creditor_bank_national_id: Some("021000021".into()),
+            creditor_currency: Some("USD".into()),
+        }
+    }
+
+    #[test]
+    fn sepa_body_never_carries_cross_border_keys() {
+        for product in [
+            PaymentProduct::SepaCreditTransfers,
+            PaymentProduct::InstantSepaCreditTransfers,
+        ] {
+            let mut o = order();
+            o.product = product;
+            o.creditor_bic = Some("GKCCBEBB".into());
+            // Even if an order slipped through with cross-border data.
+            o.cross_border = Some(cross_border());
+            let body = serde_json::to_value(InitiationBody::from_order(&o)).unwrap();
+            assert_eq!(
+                body["creditor_account"],
+                serde_json::json!({"iban": "BE71096123456769", "bic": "GKCCBEBB"})
+            );
+            for key in ["charge_bearer", "creditor_address", "debtor_account"] {
+                assert!(body.get(key).is_none(), "{product:?} {key}");
+            }
+        }
+    }
+
+    #[test]
+    fn cross_border_body_to_a_bban() {
+        let mut o = order();
+        o.product = PaymentProduct::CrossBorderCreditTransfers;
+        o.currency = "USD".into();
+        o.creditor_iban = String::new();
+        o.cross_border = Some(cross_border());
+        let body = serde_json::to_value(InitiationBody::from_order(&o)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "charge_bearer": "SHAR",
+                "creditor_account": {
+                    "bban": "123456789",
+                    "bankNationalID": "021000021",
+                    "currency": "USD"
+                },
+                "creditor_name": "ACME",
+                "creditor_address": {
+                    "street": "Main Street",
+                    "postal_code": "10001",
+                    "town": "New York",
+                    "country": "US"
+                },
+                "endtoend_identification": "E2E-1",
+                "instructed_amount": {"amount": "12.34", "currency": "USD"}
+            })
+        );
+    }
+
+    #[test]
+    fn cross_border_body_to_an_iban_with_bic_and_no_address() {
+        let mut o = order();
+        o.product = PaymentProduct::CrossBorderCreditTransfers;
+        o.creditor_iban = "GB29NWBK60161331926819".into();
+        o.creditor_bic = Some("NWBKGB2L".into());
+        o.debtor_iban = Some("BE68539007547034".into());
+        o.cross_border = Some(crate::domain::model::CrossBorder {
+            charge_bearer: crate::domain::model::ChargeBearer::Debt,
+            creditor_address: None,
+            creditor_bban: None,
+            creditor_bank_national_id: None,
+            creditor_currency: None,
+        });
+        let body = serde_json::to_value(InitiationBody::from_order(&o)).unwrap();
+        assert_eq!(body["charge_bearer"], "DEBT");
+        assert_eq!(
+            body["creditor_account"],
+            serde_json::json!({"iban": "GB29NWBK60161331926819", "bic": "NWBKGB2L"})
+        );
+        assert_eq!(body["debtor_account"]["iban"], "BE68539007547034");
+        assert!(body.get("creditor_address").is_none());
+    }
+
+    #[test]
+    fn periodic_body_adds_the_schedule() {
+        let standing = StandingOrder {
+            order: order(),
+            start_date: chrono::NaiveDate::from_ymd_opt(2031, 1, 31).unwrap(),
+            end_date: chrono::NaiveDate::from_ymd_opt(2031, 7, 31),
+            frequency: crate::domain::model::Frequency::EveryTwoMonths,
+            day_of_execution: Some(31),
+        };
+        let body = serde_json::to_value(PeriodicBody::from_order(&standing)).unwrap();
+        assert_eq!(body["start_date"], "2031-01-31");
+        assert_eq!(body["end_date"], "2031-07-31");
+        assert_eq!(body["frequency"], "EveryTwoMonths");
+        assert_eq!(body["day_of_execution"], 31);
+        assert_eq!(body["endtoend_identification"], "E2E-1");
+        let mut open_ended = standing;
+        open_ended.end_date = None;
+        open_ended.day_of_execution = None;
+        let body = serde_json::to_value(PeriodicBody::from_order(&open_ended)).unwrap();
+        assert!(body.get("end_date").is_none());
+        assert!(body.get("day_of_execution").is_none());
+    }
+
+    #[test]
+    fn bulk_body_lists_the_entries() {
+        let entry = |e2e: &str| crate::domain::model::BulkEntry {
+            amount: Amount::from_minor(500),
+            currency: "EUR".into(),
+            creditor_name: "Supplier".into(),
+            creditor_iban: "BE71096123456769".into(),
+            creditor_bic: None,
+            end_to_end_id: e2e.into(),
+            remittance_information: Some("salary".into()),
+        };
+        let bulk = BulkOrder {
+            product: PaymentProduct::SepaCreditTransfers,
+            brand: Brand::Belfius,
+            debtor_iban: None,
+            batch_booking: true,
+            requested_execution_date: None,
+            payments: vec![entry("B-1"), entry("B-2")],
+            language: Language::Fr,
+            redirect_uri: "https://tpp.example/cb".into(),
+        };
+        let body = serde_json::to_value(BulkBody::from_order(&bulk)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "batch_booking_preferred": true,
+                "payments": [
+                    {
+                        "instructed_amount": {"amount": "5.00", "currency": "EUR"},
+                        "creditor_account": {"iban": "BE71096123456769"},
+                        "creditor_name": "Supplier",
+                        "endtoend_identification": "B-1",
+                        "remittance_information": "salary"
+                    },
+                    {
+                        "instructed_amount": {"amount": "5.00", "currency": "EUR"},
+                        "creditor_account": {"iban": "BE71096123456769"},
+                        "creditor_name": "Supplier",
+                        "endtoend_identification": "B-2",
+                        "remittance_information": "salary"
+                    }
+                ]
+            })
+        );
     }
 
     #[test]

@@ -109,7 +109,10 @@ impl TransactionStatus {
     /// Whether the bank will not change this status any more (belfius-api.md §4 recommendation).
     pub fn is_final(self) -> bool {
         match self.progress() {
-            BankProgress::Settled | BankProgress::Rejected | BankProgress::Cancelled => true,
+            BankProgress::Settled
+            | BankProgress::PartiallyAccepted
+            | BankProgress::Rejected
+            | BankProgress::Cancelled => true,
             BankProgress::AwaitingSca | BankProgress::PartiallySigned | BankProgress::Signed => {
                 false
             }

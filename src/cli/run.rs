@@ -7,7 +7,10 @@ use anyhow::Context as _;
 use secrecy::SecretString;
 
 use super::BrokerArgs;
-use crate::belfius::{ApiVersions, BelfiusConfig, QwacIdentity};
+use crate::belfius::{
+    ApiVersions, BelfiusConfig, QsealConfig, QwacIdentity, SignatureEncoding, SignatureFormat,
+    SignedOperations,
+};
 use crate::domain::machine::Policy;
 use crate::domain::model::Amount;
 use crate::domain::validation::ValidationLimits;
@@ -58,6 +61,27 @@ pub struct RunArgs {
     /// QWAC private key (PEM).
     #[arg(long, env = "PIS_QWAC_KEY_FILE")]
     pub qwac_key_file: Option<PathBuf>,
+    /// QWAC as a PKCS#12 archive instead of PEM files.
+    #[arg(long, env = "PIS_QWAC_P12_FILE")]
+    pub qwac_p12_file: Option<PathBuf>,
+    #[arg(long, env = "PIS_QWAC_P12_PASSWORD_FILE")]
+    pub qwac_p12_password_file: Option<PathBuf>,
+    /// QSeal private key (PEM): signs requests with a `Signature` header (JWS RS256).
+    #[arg(long, env = "PIS_QSEAL_KEY_FILE")]
+    pub qseal_key_file: Option<PathBuf>,
+    /// QSeal certificate (PEM), for the JWS `x5c` header.
+    #[arg(long, env = "PIS_QSEAL_CERT_FILE")]
+    pub qseal_cert_file: Option<PathBuf>,
+    /// `padded` (standard Base64, as Tink sent) or `url` (base64url, RFC 7515).
+    #[arg(long, env = "PIS_SIGNATURE_ENCODING", default_value = "padded", value_parser = ["padded", "url"])]
+    pub signature_encoding: String,
+    #[arg(long, env = "PIS_SIGNATURE_X5C")]
+    pub signature_x5c: bool,
+    #[arg(long, env = "PIS_SIGNATURE_KID")]
+    pub signature_kid: Option<String>,
+    /// Also sign cancellations (DELETE).
+    #[arg(long, env = "PIS_SIGN_CANCELLATION")]
+    pub sign_cancellation: bool,
     /// State-encryption key, 64 hex chars (`pis-worker keygen`); prefer --state-key-file.
     #[arg(long, env = "PIS_STATE_KEY", hide_env_values = true, value_parser = secret)]
     pub state_key: Option<SecretString>,
@@ -121,14 +145,51 @@ impl RunArgs {
             .as_ref()
             .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
             .transpose()?;
-        let qwac = match (&self.qwac_cert_file, &self.qwac_key_file) {
-            (Some(cert), Some(key)) => Some(QwacIdentity {
+        let qwac = match (&self.qwac_cert_file, &self.qwac_key_file, &self.qwac_p12_file) {
+            (Some(cert), Some(key), None) => Some(QwacIdentity {
                 cert_chain_pem: std::fs::read(cert)
                     .with_context(|| format!("reading {}", cert.display()))?,
                 private_key_pem: read_secret_file(key, "QWAC key")?,
             }),
-            (None, None) => None,
-            _ => anyhow::bail!("--qwac-cert-file and --qwac-key-file go together"),
+            (None, None, Some(p12)) => {
+                let der = std::fs::read(p12).with_context(|| format!("reading {}", p12.display()))?;
+                let password = match &self.qwac_p12_password_file {
+                    Some(path) => read_secret_file(path, "PKCS#12 password")?,
+                    None => SecretString::from(String::new()),
+                };
+                Some(
+                    crate::belfius::identity::qwac_from_pkcs12(&der, &password)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p12.display()))?,
+                )
+            }
+            (None, None, None) => None,
+            _ => anyhow::bail!(
+                "give the QWAC as --qwac-cert-file with --qwac-key-file, or as --qwac-p12-file"
+            ),
+        };
+        let qseal = match &self.qseal_key_file {
+            Some(key) => Some(QsealConfig {
+                private_key_pem: read_secret_file(key, "QSeal key")?,
+                certificate_pem: self
+                    .qseal_cert_file
+                    .as_ref()
+                    .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                    .transpose()?,
+                format: SignatureFormat {
+                    encoding: if self.signature_encoding == "url" {
+                        SignatureEncoding::Base64UrlNoPad
+                    } else {
+                        SignatureEncoding::Base64Padded
+                    },
+                    include_x5c: self.signature_x5c,
+                    kid: self.signature_kid.clone(),
+                },
+                sign: SignedOperations {
+                    initiation: true,
+                    cancellation: self.sign_cancellation,
+                },
+            }),
+            None => None,
         };
         let max_amount =
             Amount::parse(&self.max_amount).map_err(|e| anyhow::anyhow!("--max-amount: {e}"))?;
@@ -158,7 +219,7 @@ impl RunArgs {
                     payment_status: self.api_version_status.clone(),
                     token: self.api_version_token.clone(),
                 },
-                qseal: None,
+                qseal,
             },
             state_key,
             policy,

@@ -7,7 +7,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::BrokerArgs;
 use crate::contract::command::{self, CommandBody, CommandEnvelope, ScaRedirect};
-use crate::domain::model::RawInitiatePayment;
+use crate::domain::model::{
+    PostalAddress, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SendArgs {
@@ -24,6 +26,10 @@ pub struct SendArgs {
 pub enum SendCommand {
     /// InitiatePayment.
     Initiate(Box<InitiateArgs>),
+    /// InitiatePeriodicPayment: a standing order.
+    Periodic(Box<PeriodicArgs>),
+    /// InitiateBulkPayment (Belfius brand only).
+    Bulk(Box<BulkArgs>),
     /// CompleteSca: hand back what the PSU's browser brought to the redirect URI.
     CompleteSca(CompleteScaArgs),
     /// CancelPayment.
@@ -74,6 +80,110 @@ pub struct InitiateArgs {
     pub language: String,
     #[arg(long, default_value = "https://client.example/callback")]
     pub redirect_uri: String,
+    /// Cross-border: DEBT, CRED, SHAR or SLEV.
+    #[arg(long)]
+    pub charge_bearer: Option<String>,
+    /// Cross-border: a national account number instead of --creditor-iban.
+    #[arg(long)]
+    pub creditor_bban: Option<String>,
+    /// Cross-border: the creditor bank's national id (ABA, sort code...).
+    #[arg(long)]
+    pub creditor_bank_id: Option<String>,
+    /// Cross-border: the creditor account's currency.
+    #[arg(long)]
+    pub creditor_currency: Option<String>,
+    /// Cross-border: the creditor's country (ISO alpha-2); --creditor-town goes with it.
+    #[arg(long)]
+    pub creditor_country: Option<String>,
+    #[arg(long)]
+    pub creditor_town: Option<String>,
+}
+
+impl InitiateArgs {
+    fn raw(&self) -> RawInitiatePayment {
+        RawInitiatePayment {
+            payment_product: self.product.clone(),
+            brand: self.brand.clone(),
+            amount: self.amount.clone(),
+            currency: self.currency.clone(),
+            creditor_name: self.creditor_name.clone(),
+            creditor_iban: self.creditor_iban.clone(),
+            creditor_bic: self.creditor_bic.clone(),
+            debtor_iban: self.debtor_iban.clone(),
+            end_to_end_id: self
+                .end_to_end_id
+                .clone()
+                .unwrap_or(self.target.payment_id.clone()),
+            remittance_information: self.remittance.clone(),
+            requested_execution_date: self.execution_date.clone(),
+            language: self.language.clone(),
+            redirect_uri: self.redirect_uri.clone(),
+            charge_bearer: self.charge_bearer.clone(),
+            creditor_address: self.creditor_country.as_ref().map(|country| PostalAddress {
+                town: self.creditor_town.clone(),
+                country: country.clone(),
+                ..PostalAddress::default()
+            }),
+            creditor_bban: self.creditor_bban.clone(),
+            creditor_bank_national_id: self.creditor_bank_id.clone(),
+            creditor_currency: self.creditor_currency.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PeriodicArgs {
+    #[command(flatten)]
+    pub payment: InitiateArgs,
+    /// First execution, yyyy-mm-dd (in the future).
+    #[arg(long)]
+    pub start_date: String,
+    #[arg(long)]
+    pub end_date: Option<String>,
+    /// DAILY, WEEKLY, EVERY_TWO_WEEKS, MONTHLY, EVERY_TWO_MONTHS, QUARTERLY, SEMI_ANNUAL, ANNUAL.
+    #[arg(long, default_value = "MONTHLY")]
+    pub frequency: String,
+    #[arg(long)]
+    pub day_of_execution: Option<i32>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BulkArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[arg(long, default_value = "SEPA_CREDIT_TRANSFERS")]
+    pub product: String,
+    #[arg(long, default_value = "BELFIUS")]
+    pub brand: String,
+    #[arg(long)]
+    pub debtor_iban: Option<String>,
+    #[arg(long)]
+    pub batch_booking: bool,
+    #[arg(long)]
+    pub execution_date: Option<String>,
+    #[arg(long, default_value = "fr")]
+    pub language: String,
+    #[arg(long, default_value = "https://client.example/callback")]
+    pub redirect_uri: String,
+    /// One transfer, `AMOUNT:IBAN:CREDITOR NAME:END-TO-END-ID` (repeat for each; EUR).
+    #[arg(long = "transfer", required = true, value_parser = parse_transfer)]
+    pub transfers: Vec<RawBulkTransfer>,
+}
+
+fn parse_transfer(text: &str) -> Result<RawBulkTransfer, String> {
+    let parts: Vec<&str> = text.splitn(4, ':').collect();
+    match parts.as_slice() {
+        [amount, iban, name, e2e] => Ok(RawBulkTransfer {
+            amount: (*amount).to_owned(),
+            currency: "EUR".into(),
+            creditor_name: (*name).to_owned(),
+            creditor_iban: (*iban).to_owned(),
+            creditor_bic: None,
+            end_to_end_id: (*e2e).to_owned(),
+            remittance_information: None,
+        }),
+        _other => Err("expected AMOUNT:IBAN:CREDITOR NAME:END-TO-END-ID".into()),
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -110,32 +220,51 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let now = chrono::Utc::now().timestamp_millis();
     let (key, value, label) = match args.command {
         SendCommand::Raw(raw) => (raw.key, raw.value.into_bytes(), "raw".to_owned()),
-        SendCommand::Initiate(a) => {
-            let a = *a;
-            let envelope = CommandEnvelope {
+        SendCommand::Initiate(a) => envelope_bytes(
+            &CommandEnvelope {
                 command_id: command_id.clone(),
                 payment_id: a.target.payment_id.clone(),
                 psu_id: a.target.psu_id.clone(),
                 issued_at: now,
-                body: CommandBody::Initiate(Box::new(RawInitiatePayment {
-                    payment_product: a.product,
-                    brand: a.brand,
-                    amount: a.amount,
-                    currency: a.currency,
-                    creditor_name: a.creditor_name,
-                    creditor_iban: a.creditor_iban,
-                    creditor_bic: a.creditor_bic,
-                    debtor_iban: a.debtor_iban,
-                    end_to_end_id: a.end_to_end_id.unwrap_or(a.target.payment_id.clone()),
-                    remittance_information: a.remittance,
-                    requested_execution_date: a.execution_date,
-                    language: a.language,
-                    redirect_uri: a.redirect_uri,
-                    ..Default::default()
+                body: CommandBody::Initiate(Box::new(a.raw())),
+            },
+            "InitiatePayment",
+        )?,
+        SendCommand::Periodic(a) => envelope_bytes(
+            &CommandEnvelope {
+                command_id: command_id.clone(),
+                payment_id: a.payment.target.payment_id.clone(),
+                psu_id: a.payment.target.psu_id.clone(),
+                issued_at: now,
+                body: CommandBody::InitiatePeriodic(Box::new(RawPeriodicPayment {
+                    payment: a.payment.raw(),
+                    start_date: a.start_date.clone(),
+                    end_date: a.end_date.clone(),
+                    frequency: a.frequency.clone(),
+                    day_of_execution: a.day_of_execution,
                 })),
-            };
-            envelope_bytes(&envelope, "InitiatePayment")?
-        }
+            },
+            "InitiatePeriodicPayment",
+        )?,
+        SendCommand::Bulk(a) => envelope_bytes(
+            &CommandEnvelope {
+                command_id: command_id.clone(),
+                payment_id: a.target.payment_id.clone(),
+                psu_id: a.target.psu_id.clone(),
+                issued_at: now,
+                body: CommandBody::InitiateBulk(Box::new(RawBulkPayment {
+                    payment_product: a.product.clone(),
+                    brand: a.brand.clone(),
+                    debtor_iban: a.debtor_iban.clone(),
+                    batch_booking: a.batch_booking,
+                    requested_execution_date: a.execution_date.clone(),
+                    language: a.language.clone(),
+                    redirect_uri: a.redirect_uri.clone(),
+                    payments: a.transfers.clone(),
+                })),
+            },
+            "InitiateBulkPayment",
+        )?,
         SendCommand::CompleteSca(a) => {
             let envelope = CommandEnvelope {
                 command_id: command_id.clone(),

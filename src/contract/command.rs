@@ -6,7 +6,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::framing::{frame, unframe};
 use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, schemas};
-use crate::domain::model::RawInitiatePayment;
+use crate::domain::model::{
+    PostalAddress, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
+};
 
 /// One command as a client sent it. Fields are not validated here: that happens at the edge of
 /// the engine, where a failure becomes a status event or a DLQ record.
@@ -22,6 +24,8 @@ pub struct CommandEnvelope {
 #[derive(Debug, Clone)]
 pub enum CommandBody {
     Initiate(Box<RawInitiatePayment>),
+    InitiatePeriodic(Box<RawPeriodicPayment>),
+    InitiateBulk(Box<RawBulkPayment>),
     CompleteSca(ScaRedirect),
     Cancel { reason: Option<String> },
     RefreshStatus,
@@ -32,6 +36,8 @@ impl CommandBody {
     pub fn kind(&self) -> &'static str {
         match self {
             CommandBody::Initiate(_) => "InitiatePayment",
+            CommandBody::InitiatePeriodic(_) => "InitiatePeriodicPayment",
+            CommandBody::InitiateBulk(_) => "InitiateBulkPayment",
             CommandBody::CompleteSca(_) => "CompleteSca",
             CommandBody::Cancel { .. } => "CancelPayment",
             CommandBody::RefreshStatus => "RefreshStatus",
@@ -98,6 +104,44 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
             )])),
         ),
         CommandBody::RefreshStatus => Value::Union(3, Box::new(Value::Record(vec![]))),
+        CommandBody::InitiatePeriodic(raw) => Value::Union(
+            4,
+            Box::new(Value::Record(vec![
+                ("payment".into(), initiate_value(&raw.payment)),
+                (
+                    "start_date".into(),
+                    date_value(&raw.start_date).unwrap_or(Value::Date(0)),
+                ),
+                ("end_date".into(), opt_date_value(raw.end_date.as_deref())),
+                ("frequency".into(), frequency_value(&raw.frequency)),
+                (
+                    "day_of_execution".into(),
+                    match raw.day_of_execution {
+                        Some(d) => Value::Union(1, Box::new(Value::Int(d))),
+                        None => Value::Union(0, Box::new(Value::Null)),
+                    },
+                ),
+            ])),
+        ),
+        CommandBody::InitiateBulk(raw) => Value::Union(
+            5,
+            Box::new(Value::Record(vec![
+                ("payment_product".into(), product_value(&raw.payment_product)),
+                ("brand".into(), brand_value(&raw.brand)),
+                ("debtor_iban".into(), opt_string(raw.debtor_iban.as_deref())),
+                ("batch_booking".into(), Value::Boolean(raw.batch_booking)),
+                (
+                    "requested_execution_date".into(),
+                    opt_date_value(raw.requested_execution_date.as_deref()),
+                ),
+                ("language".into(), Value::String(raw.language.clone())),
+                ("redirect_uri".into(), Value::String(raw.redirect_uri.clone())),
+                (
+                    "payments".into(),
+                    Value::Array(raw.payments.iter().map(transfer_value).collect()),
+                ),
+            ])),
+        ),
     };
     let value = Value::Record(vec![
         (
@@ -119,30 +163,82 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
     Ok(frame(&schemas.command.fingerprint, &datum))
 }
 
-fn initiate_value(raw: &RawInitiatePayment) -> Value {
-    let product_index = crate::domain::model::PaymentProduct::ALL
+/// An enum symbol the schema does not know cannot be written: encoding it as the first symbol
+/// would silently change the command, so the sender must pass a valid symbol (the CLI does).
+fn product_value(symbol: &str) -> Value {
+    let index = crate::domain::model::PaymentProduct::ALL
         .iter()
-        .position(|p| p.symbol() == raw.payment_product)
-        .unwrap_or(0);
-    let brand_index = match raw.brand.as_str() {
+        .position(|p| p.symbol() == symbol)
+        .unwrap_or(usize::MAX);
+    Value::Enum(index as u32, symbol.to_owned())
+}
+
+fn brand_value(symbol: &str) -> Value {
+    let index = match symbol {
+        "BELFIUS" => 0,
         "BANX" => 1,
-        _ => 0,
+        _other => u32::MAX,
     };
-    let date = raw
-        .requested_execution_date
-        .as_deref()
-        .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-        .map(|d| {
-            let days = (d - epoch()).num_days();
-            Value::Union(1, Box::new(Value::Date(days as i32)))
-        })
-        .unwrap_or(Value::Union(0, Box::new(Value::Null)));
+    Value::Enum(index, symbol.to_owned())
+}
+
+fn frequency_value(symbol: &str) -> Value {
+    let index = crate::domain::model::Frequency::ALL
+        .iter()
+        .position(|f| f.symbol() == symbol)
+        .unwrap_or(usize::MAX);
+    Value::Enum(index as u32, symbol.to_owned())
+}
+
+fn date_value(text: &str) -> Option<Value> {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .map(|d| Value::Date((d - epoch()).num_days() as i32))
+}
+
+fn opt_date_value(text: Option<&str>) -> Value {
+    match text.and_then(date_value) {
+        Some(date) => Value::Union(1, Box::new(date)),
+        None => Value::Union(0, Box::new(Value::Null)),
+    }
+}
+
+fn transfer_value(t: &RawBulkTransfer) -> Value {
     Value::Record(vec![
+        ("amount".into(), Value::String(t.amount.clone())),
+        ("currency".into(), Value::String(t.currency.clone())),
+        ("creditor_name".into(), Value::String(t.creditor_name.clone())),
+        ("creditor_iban".into(), Value::String(t.creditor_iban.clone())),
+        ("creditor_bic".into(), opt_string(t.creditor_bic.as_deref())),
+        ("end_to_end_id".into(), Value::String(t.end_to_end_id.clone())),
         (
-            "payment_product".into(),
-            Value::Enum(product_index as u32, raw.payment_product.clone()),
+            "remittance_information".into(),
+            opt_string(t.remittance_information.as_deref()),
         ),
-        ("brand".into(), Value::Enum(brand_index, raw.brand.clone())),
+    ])
+}
+
+fn address_value(address: Option<&PostalAddress>) -> Value {
+    match address {
+        Some(a) => Value::Union(
+            1,
+            Box::new(Value::Record(vec![
+                ("street".into(), opt_string(a.street.as_deref())),
+                ("building_number".into(), opt_string(a.building_number.as_deref())),
+                ("postal_code".into(), opt_string(a.postal_code.as_deref())),
+                ("town".into(), opt_string(a.town.as_deref())),
+                ("country".into(), Value::String(a.country.clone())),
+            ])),
+        ),
+        None => Value::Union(0, Box::new(Value::Null)),
+    }
+}
+
+fn initiate_value(raw: &RawInitiatePayment) -> Value {
+    let date = opt_date_value(raw.requested_execution_date.as_deref());
+    Value::Record(vec![
+        ("payment_product".into(), product_value(&raw.payment_product)),
+        ("brand".into(), brand_value(&raw.brand)),
         ("amount".into(), Value::String(raw.amount.clone())),
         ("currency".into(), Value::String(raw.currency.clone())),
         (
@@ -197,9 +293,9 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<CommandEnvelope, DecodeE
     }
     let (fingerprint, mut datum) = unframe(bytes)?;
     let schemas = schemas()?;
-    let writer = match schemas.role(&fingerprint) {
-        Some(SchemaRole::Command) => &schemas.command.schema,
-        Some(SchemaRole::Status) => {
+    let writer = match schemas.writer(&fingerprint) {
+        Some((SchemaRole::Command, schema)) => schema,
+        Some((SchemaRole::Status, _)) => {
             return Err(DecodeError::new(
                 DecodeErrorClass::WrongRecordType,
                 "a PaymentStatusEvent was published to the command topic",
@@ -339,6 +435,27 @@ impl Fields {
         self.take_optional(name)
     }
 
+    fn opt_int(&mut self, name: &str) -> Result<Option<i32>, DecodeError> {
+        match self.take_optional(name) {
+            Value::Union(_, inner) => match *inner {
+                Value::Null => Ok(None),
+                Value::Int(v) => Ok(Some(v)),
+                other => Err(malformed(format!("{name}: expected int or null, got {other:?}"))),
+            },
+            Value::Null => Ok(None),
+            Value::Int(v) => Ok(Some(v)),
+            other => Err(malformed(format!("{name}: expected int or null, got {other:?}"))),
+        }
+    }
+
+    fn opt_boolean(&mut self, name: &str) -> Result<Option<bool>, DecodeError> {
+        match self.take_optional(name) {
+            Value::Null => Ok(None),
+            Value::Boolean(v) => Ok(Some(v)),
+            other => Err(malformed(format!("{name}: expected boolean, got {other:?}"))),
+        }
+    }
+
     fn opt_date(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
         let inner = match self.take_optional(name) {
             Value::Union(_, inner) => *inner,
@@ -357,6 +474,46 @@ impl Fields {
     }
 }
 
+fn read_initiate(f: &mut Fields) -> Result<RawInitiatePayment, DecodeError> {
+    let creditor_address = match f.value_or_null("creditor_address") {
+        Value::Union(_, inner) => match *inner {
+            Value::Null => None,
+            record => {
+                let mut a = Fields::of(record, "creditor_address")?;
+                Some(PostalAddress {
+                    street: a.opt_string("street")?,
+                    building_number: a.opt_string("building_number")?,
+                    postal_code: a.opt_string("postal_code")?,
+                    town: a.opt_string("town")?,
+                    country: a.string("country")?,
+                })
+            }
+        },
+        Value::Null => None,
+        other => return Err(malformed(format!("creditor_address: unexpected {other:?}"))),
+    };
+    Ok(RawInitiatePayment {
+        payment_product: f.string("payment_product")?,
+        brand: f.string("brand")?,
+        amount: f.string("amount")?,
+        currency: f.string("currency")?,
+        creditor_name: f.string("creditor_name")?,
+        creditor_iban: f.string("creditor_iban")?,
+        creditor_bic: f.opt_string("creditor_bic")?,
+        debtor_iban: f.opt_string("debtor_iban")?,
+        end_to_end_id: f.string("end_to_end_id")?,
+        remittance_information: f.opt_string("remittance_information")?,
+        requested_execution_date: f.opt_date("requested_execution_date")?,
+        language: f.string("language")?,
+        redirect_uri: f.string("redirect_uri")?,
+        charge_bearer: f.opt_string("charge_bearer")?,
+        creditor_address,
+        creditor_bban: f.opt_string("creditor_bban")?,
+        creditor_bank_national_id: f.opt_string("creditor_bank_national_id")?,
+        creditor_currency: f.opt_string("creditor_currency")?,
+    })
+}
+
 fn envelope_from_value(
     value: Value,
     writer: &apache_avro::Schema,
@@ -373,22 +530,49 @@ fn envelope_from_value(
     let mut body_fields = Fields::of(body, "body")?;
     let branch = body_branch_name(writer, index).unwrap_or_default();
     let body = match branch.as_str() {
-        "InitiatePayment" => CommandBody::Initiate(Box::new(RawInitiatePayment {
-            payment_product: body_fields.string("payment_product")?,
-            brand: body_fields.string("brand")?,
-            amount: body_fields.string("amount")?,
-            currency: body_fields.string("currency")?,
-            creditor_name: body_fields.string("creditor_name")?,
-            creditor_iban: body_fields.string("creditor_iban")?,
-            creditor_bic: body_fields.opt_string("creditor_bic")?,
-            debtor_iban: body_fields.opt_string("debtor_iban")?,
-            end_to_end_id: body_fields.string("end_to_end_id")?,
-            remittance_information: body_fields.opt_string("remittance_information")?,
-            requested_execution_date: body_fields.opt_date("requested_execution_date")?,
-            language: body_fields.string("language")?,
-            redirect_uri: body_fields.string("redirect_uri")?,
-            ..Default::default()
-        })),
+        "InitiatePayment" => CommandBody::Initiate(Box::new(read_initiate(&mut body_fields)?)),
+        "InitiatePeriodicPayment" => {
+            let mut payment = Fields::of(body_fields.value("payment")?, "payment")?;
+            CommandBody::InitiatePeriodic(Box::new(RawPeriodicPayment {
+                payment: read_initiate(&mut payment)?,
+                start_date: body_fields
+                    .opt_date("start_date")?
+                    .ok_or_else(|| malformed("start_date: expected a date"))?,
+                end_date: body_fields.opt_date("end_date")?,
+                frequency: body_fields.string("frequency")?,
+                day_of_execution: body_fields.opt_int("day_of_execution")?,
+            }))
+        }
+        "InitiateBulkPayment" => {
+            let payments = match body_fields.value("payments")? {
+                Value::Array(items) => items
+                    .into_iter()
+                    .map(|item| {
+                        let mut t = Fields::of(item, "payments[]")?;
+                        Ok(RawBulkTransfer {
+                            amount: t.string("amount")?,
+                            currency: t.string("currency")?,
+                            creditor_name: t.string("creditor_name")?,
+                            creditor_iban: t.string("creditor_iban")?,
+                            creditor_bic: t.opt_string("creditor_bic")?,
+                            end_to_end_id: t.string("end_to_end_id")?,
+                            remittance_information: t.opt_string("remittance_information")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, DecodeError>>()?,
+                other => return Err(malformed(format!("payments: expected an array, got {other:?}"))),
+            };
+            CommandBody::InitiateBulk(Box::new(RawBulkPayment {
+                payment_product: body_fields.string("payment_product")?,
+                brand: body_fields.string("brand")?,
+                debtor_iban: body_fields.opt_string("debtor_iban")?,
+                batch_booking: body_fields.opt_boolean("batch_booking")?.unwrap_or(false),
+                requested_execution_date: body_fields.opt_date("requested_execution_date")?,
+                language: body_fields.string("language")?,
+                redirect_uri: body_fields.string("redirect_uri")?,
+                payments,
+            }))
+        }
         "CompleteSca" => CommandBody::CompleteSca(ScaRedirect {
             authorization_code: body_fields
                 .opt_string("authorization_code")?
@@ -519,5 +703,184 @@ mod tests {
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(class(&trailing, 100), Err(DecodeErrorClass::MalformedAvro));
+    }
+}
+
+#[cfg(test)]
+mod evolution_tests {
+    use super::*;
+    use crate::contract::{COMMAND_SCHEMA_HISTORY, canonical};
+
+    fn envelope(body: CommandBody) -> CommandEnvelope {
+        CommandEnvelope {
+            command_id: "c-9".into(),
+            payment_id: "p-9".into(),
+            psu_id: "psu-9".into(),
+            issued_at: 5,
+            body,
+        }
+    }
+
+    fn single() -> RawInitiatePayment {
+        RawInitiatePayment {
+            payment_product: "CROSS_BORDER_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            amount: "100.00".into(),
+            currency: "USD".into(),
+            creditor_name: "ACME Inc".into(),
+            creditor_iban: String::new(),
+            creditor_bic: None,
+            debtor_iban: None,
+            end_to_end_id: "E2E-X".into(),
+            remittance_information: None,
+            requested_execution_date: None,
+            language: "nl".into(),
+            redirect_uri: "https://c.example/cb".into(),
+            charge_bearer: Some("SHAR".into()),
+            creditor_address: Some(PostalAddress {
+                street: Some("Main Street".into()),
+                building_number: Some("1".into()),
+                postal_code: Some("10001".into()),
+                town: Some("New York".into()),
+                country: "US".into(),
+            }),
+            creditor_bban: Some("123456789".into()),
+            creditor_bank_national_id: Some("021000021".into()),
+            creditor_currency: Some("USD".into()),
+        }
+    }
+
+    #[test]
+    fn cross_border_fields_round_trip() {
+        let bytes = encode(&envelope(CommandBody::Initiate(Box::new(single())))).expect("encode");
+        let CommandBody::Initiate(raw) = decode(&bytes, 65_536).expect("decode").body else {
+            panic!("wrong body")
+        };
+        assert_eq!(*raw, single());
+    }
+
+    #[test]
+    fn periodic_round_trips() {
+        let raw = RawPeriodicPayment {
+            payment: RawInitiatePayment {
+                payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+                currency: "EUR".into(),
+                charge_bearer: None,
+                creditor_address: None,
+                creditor_bban: None,
+                creditor_bank_national_id: None,
+                creditor_currency: None,
+                ..single()
+            },
+            start_date: "2027-01-31".into(),
+            end_date: Some("2027-12-31".into()),
+            frequency: "EVERY_TWO_MONTHS".into(),
+            day_of_execution: Some(31),
+        };
+        let bytes = encode(&envelope(CommandBody::InitiatePeriodic(Box::new(raw.clone()))))
+            .expect("encode");
+        let CommandBody::InitiatePeriodic(back) = decode(&bytes, 65_536).expect("decode").body
+        else {
+            panic!("wrong body")
+        };
+        assert_eq!(*back, raw);
+    }
+
+    #[test]
+    fn bulk_round_trips() {
+        let transfer = |i: u32| RawBulkTransfer {
+            amount: format!("{i}.50"),
+            currency: "EUR".into(),
+            creditor_name: format!("Creditor {i}"),
+            creditor_iban: "BE68539007547034".into(),
+            creditor_bic: (i % 2 == 0).then(|| "GKCCBEBB".into()),
+            end_to_end_id: format!("E2E-{i}"),
+            remittance_information: None,
+        };
+        let raw = RawBulkPayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            debtor_iban: Some("BE71096123456769".into()),
+            batch_booking: true,
+            requested_execution_date: Some("2027-02-01".into()),
+            language: "fr".into(),
+            redirect_uri: "https://c.example/cb".into(),
+            payments: (1..=3).map(transfer).collect(),
+        };
+        let bytes =
+            encode(&envelope(CommandBody::InitiateBulk(Box::new(raw.clone())))).expect("encode");
+        let CommandBody::InitiateBulk(back) = decode(&bytes, 65_536).expect("decode").body else {
+            panic!("wrong body")
+        };
+        assert_eq!(*back, raw);
+    }
+
+    #[test]
+    fn an_unknown_enum_symbol_is_refused_rather_than_rewritten() {
+        let mut raw = single();
+        raw.payment_product = "CARRIER_PIGEON".into();
+        assert!(encode(&envelope(CommandBody::Initiate(Box::new(raw)))).is_err());
+    }
+
+    /// Records written with the first published schema (no cross-border fields, four body
+    /// branches) are still read, with the new optional fields absent.
+    #[test]
+    fn commands_written_with_schema_v1_are_still_read() {
+        let (_, v1_json) = COMMAND_SCHEMA_HISTORY[0];
+        let v1 = apache_avro::Schema::parse_str(v1_json).expect("v1 schema");
+        let v1_fingerprint = canonical::fingerprint(v1_json).expect("fingerprint");
+        let current = schemas().expect("schemas").command.fingerprint;
+        assert_ne!(v1_fingerprint, current, "the schema did change");
+        let mut initiate = match initiate_value(&RawInitiatePayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BANX".into(),
+            amount: "1.00".into(),
+            currency: "EUR".into(),
+            creditor_name: "Old".into(),
+            creditor_iban: "BE68539007547034".into(),
+            end_to_end_id: "E2E-OLD".into(),
+            language: "fr".into(),
+            redirect_uri: "https://c.example/cb".into(),
+            ..RawInitiatePayment::default()
+        }) {
+            Value::Record(fields) => fields,
+            other => panic!("not a record: {other:?}"),
+        };
+        // v1 had only the first 13 fields.
+        initiate.truncate(13);
+        let value = Value::Record(vec![
+            ("command_id".into(), Value::String("c-old".into())),
+            ("payment_id".into(), Value::String("p-old".into())),
+            ("psu_id".into(), Value::String("u-old".into())),
+            ("issued_at".into(), Value::TimestampMillis(7)),
+            ("body".into(), Value::Union(0, Box::new(Value::Record(initiate)))),
+        ]);
+        let datum = apache_avro::to_avro_datum(&v1, value).expect("v1 datum");
+        let decoded = decode(&frame(&v1_fingerprint, &datum), 65_536).expect("v1 record is read");
+        let CommandBody::Initiate(raw) = decoded.body else {
+            panic!("wrong body")
+        };
+        assert_eq!(raw.brand, "BANX");
+        assert_eq!(raw.charge_bearer, None);
+        assert_eq!(raw.creditor_address, None);
+        // v1's CancelPayment branch (index 2) is also read by name.
+        let cancel = Value::Record(vec![
+            ("command_id".into(), Value::String("c-old2".into())),
+            ("payment_id".into(), Value::String("p-old".into())),
+            ("psu_id".into(), Value::String("u-old".into())),
+            ("issued_at".into(), Value::TimestampMillis(8)),
+            (
+                "body".into(),
+                Value::Union(
+                    2,
+                    Box::new(Value::Record(vec![("reason".into(), opt_string(None))])),
+                ),
+            ),
+        ]);
+        let datum = apache_avro::to_avro_datum(&v1, cancel).expect("v1 datum");
+        assert!(matches!(
+            decode(&frame(&v1_fingerprint, &datum), 65_536).expect("read").body,
+            CommandBody::Cancel { reason: None }
+        ));
     }
 }

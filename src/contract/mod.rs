@@ -81,6 +81,17 @@ impl DecodeError {
 pub const COMMAND_SCHEMA_JSON: &str = include_str!("../../schemas/payment-command.avsc");
 pub const STATUS_SCHEMA_JSON: &str = include_str!("../../schemas/payment-status.avsc");
 
+/// Earlier versions of the schemas: records written with them are still read (by name, with
+/// defaults for what they lack). Never remove an entry while such records may exist.
+pub const COMMAND_SCHEMA_HISTORY: &[(&str, &str)] = &[(
+    "PaymentCommand v1",
+    include_str!("../../schemas/history/payment-command.v1.avsc"),
+)];
+pub const STATUS_SCHEMA_HISTORY: &[(&str, &str)] = &[(
+    "PaymentStatusEvent v1",
+    include_str!("../../schemas/history/payment-status.v1.avsc"),
+)];
+
 /// A schema with its CRC-64-AVRO fingerprint (as the 8 little-endian bytes of single-object
 /// encoding).
 pub struct KnownSchema {
@@ -93,7 +104,8 @@ pub struct KnownSchema {
 pub struct Schemas {
     pub command: KnownSchema,
     pub status: KnownSchema,
-    by_fingerprint: HashMap<[u8; 8], SchemaRole>,
+    /// Every writer schema this build reads: the current ones and the history.
+    writers: HashMap<[u8; 8], (SchemaRole, Schema)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,19 +128,35 @@ impl Schemas {
     fn load() -> Result<Self, String> {
         let command = known("PaymentCommand", COMMAND_SCHEMA_JSON)?;
         let status = known("PaymentStatusEvent", STATUS_SCHEMA_JSON)?;
-        let by_fingerprint = HashMap::from([
-            (command.fingerprint, SchemaRole::Command),
-            (status.fingerprint, SchemaRole::Status),
+        let mut writers = HashMap::from([
+            (
+                command.fingerprint,
+                (SchemaRole::Command, command.schema.clone()),
+            ),
+            (
+                status.fingerprint,
+                (SchemaRole::Status, status.schema.clone()),
+            ),
         ]);
+        for (role, history) in [
+            (SchemaRole::Command, COMMAND_SCHEMA_HISTORY),
+            (SchemaRole::Status, STATUS_SCHEMA_HISTORY),
+        ] {
+            for (name, json) in history {
+                let old = known("history", json).map_err(|e| format!("{name}: {e}"))?;
+                writers.entry(old.fingerprint).or_insert((role, old.schema));
+            }
+        }
         Ok(Self {
             command,
             status,
-            by_fingerprint,
+            writers,
         })
     }
 
-    fn role(&self, fingerprint: &[u8; 8]) -> Option<SchemaRole> {
-        self.by_fingerprint.get(fingerprint).copied()
+    /// The role and schema of a writer fingerprint, if this build can read it.
+    fn writer(&self, fingerprint: &[u8; 8]) -> Option<(SchemaRole, &Schema)> {
+        self.writers.get(fingerprint).map(|(role, schema)| (*role, schema))
     }
 }
 

@@ -82,9 +82,9 @@ pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
 pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
     let (fingerprint, mut datum) = unframe(bytes)?;
     let schemas = schemas()?;
-    match schemas.role(&fingerprint) {
-        Some(SchemaRole::Status) => {}
-        Some(SchemaRole::Command) => {
+    let writer = match schemas.writer(&fingerprint) {
+        Some((SchemaRole::Status, schema)) => schema,
+        Some((SchemaRole::Command, _)) => {
             return Err(DecodeError::new(
                 DecodeErrorClass::WrongRecordType,
                 "a PaymentCommand, not a status event",
@@ -96,8 +96,8 @@ pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
                 format!("unknown writer fingerprint {}", hex::encode(fingerprint)),
             ));
         }
-    }
-    let value = apache_avro::from_avro_datum(&schemas.status.schema, &mut datum, None)
+    };
+    let value = apache_avro::from_avro_datum(writer, &mut datum, None)
         .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
     let mut f = Fields::of(value, "PaymentStatusEvent")?;
     let state_symbol = f.string("state")?;

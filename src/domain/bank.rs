@@ -14,6 +14,8 @@ pub enum BankProgress {
     Signed,
     /// Executed: the debtor account is debited.
     Settled,
+    /// A bulk executed with some of its transfers rejected (ISO PART for a bulk).
+    PartiallyAccepted,
     /// Refused by the bank.
     Rejected,
     /// Cancelled at the bank.

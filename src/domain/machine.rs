@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::bank::BankProgress;
-use super::model::{BankPaymentId, CommandId, PaymentId, PaymentOrder, PsuId};
+use super::model::{BankPaymentId, CommandId, Order, PaymentId, PaymentKind, PsuId};
 use super::reason::{Reason, ReasonCode};
 
 /// Milliseconds since the Unix epoch.
@@ -30,8 +30,16 @@ pub enum PaymentState {
     PartiallySigned,
     /// Signed and accepted by the bank, not yet executed.
     Signed,
+    /// A standing order in force: it executes on its schedule until its end or a cancellation.
+    Active,
+    /// The bank is asked to cancel; `Payment::resume_after_cancel` is where a refusal returns to.
+    Cancelling,
     /// Executed. Terminal.
     Settled,
+    /// A bulk payment executed with some of its transfers rejected. Terminal.
+    PartiallySettled,
+    /// A standing order that reached its end. Terminal.
+    Completed,
     /// Terminal.
     Cancelled,
     /// Terminal: refused by validation, the bank or the PSU.
@@ -60,10 +68,15 @@ pub enum StateKind {
     Expired,
     Failed,
     OutcomeUnknown,
+    Active,
+    Cancelling,
+    PartiallySettled,
+    Completed,
 }
 
 impl StateKind {
-    pub const ALL: [StateKind; 12] = [
+    /// In the order of the Avro enum's symbols (new symbols are appended).
+    pub const ALL: [StateKind; 16] = [
         StateKind::Received,
         StateKind::Initiating,
         StateKind::ScaPending,
@@ -76,6 +89,10 @@ impl StateKind {
         StateKind::Expired,
         StateKind::Failed,
         StateKind::OutcomeUnknown,
+        StateKind::Active,
+        StateKind::Cancelling,
+        StateKind::PartiallySettled,
+        StateKind::Completed,
     ];
 
     pub fn is_terminal(self) -> bool {
@@ -84,14 +101,18 @@ impl StateKind {
             | StateKind::Cancelled
             | StateKind::Rejected
             | StateKind::Expired
-            | StateKind::Failed => true,
+            | StateKind::Failed
+            | StateKind::PartiallySettled
+            | StateKind::Completed => true,
             StateKind::Received
             | StateKind::Initiating
             | StateKind::ScaPending
             | StateKind::Authorizing
             | StateKind::PartiallySigned
             | StateKind::Signed
-            | StateKind::OutcomeUnknown => false,
+            | StateKind::OutcomeUnknown
+            | StateKind::Active
+            | StateKind::Cancelling => false,
         }
     }
 
@@ -108,7 +129,11 @@ impl StateKind {
             | StateKind::Rejected
             | StateKind::Expired
             | StateKind::Failed
-            | StateKind::OutcomeUnknown => false,
+            | StateKind::OutcomeUnknown
+            | StateKind::Active
+            | StateKind::Cancelling
+            | StateKind::PartiallySettled
+            | StateKind::Completed => false,
         }
     }
 
@@ -127,6 +152,10 @@ impl StateKind {
             StateKind::Expired => "EXPIRED",
             StateKind::Failed => "FAILED",
             StateKind::OutcomeUnknown => "OUTCOME_UNKNOWN",
+            StateKind::Active => "ACTIVE",
+            StateKind::Cancelling => "CANCELLING",
+            StateKind::PartiallySettled => "PARTIALLY_SETTLED",
+            StateKind::Completed => "COMPLETED",
         }
     }
 
@@ -150,6 +179,10 @@ impl PaymentState {
             PaymentState::Expired => StateKind::Expired,
             PaymentState::Failed => StateKind::Failed,
             PaymentState::OutcomeUnknown { .. } => StateKind::OutcomeUnknown,
+            PaymentState::Active => StateKind::Active,
+            PaymentState::Cancelling => StateKind::Cancelling,
+            PaymentState::PartiallySettled => StateKind::PartiallySettled,
+            PaymentState::Completed => StateKind::Completed,
         }
     }
 
@@ -164,7 +197,7 @@ pub struct Payment {
     pub payment_id: PaymentId,
     pub psu_id: PsuId,
     /// `None` only when the initiation was refused by validation.
-    pub order: Option<PaymentOrder>,
+    pub order: Option<Order>,
     pub state: PaymentState,
     /// Sequence number of the last status event emitted; the next one is `sequence + 1`.
     pub sequence: u64,
@@ -192,6 +225,9 @@ pub struct Payment {
     /// Command ids already applied, for de-duplication of re-delivered commands.
     pub seen_commands: Vec<CommandId>,
     pub reason: Option<Reason>,
+    /// While `Cancelling`: the state to return to if the bank does not cancel.
+    #[serde(default)]
+    pub resume_after_cancel: Option<PaymentState>,
 }
 
 /// A status event as the machine emits it (the Avro encoding lives in `contract`).
@@ -249,7 +285,7 @@ pub enum Input {
     Initiate {
         command_id: CommandId,
         psu_id: PsuId,
-        order: PaymentOrder,
+        order: Order,
     },
     /// An initiation that failed validation at the edge.
     InitiateInvalid {
@@ -265,6 +301,8 @@ pub enum Input {
     Cancel {
         command_id: CommandId,
         psu_id: PsuId,
+        /// Whether the worker holds a PIS token for this PSU: the bank's cancellation needs one.
+        bank_token: bool,
     },
     RefreshStatus {
         command_id: CommandId,
@@ -293,6 +331,12 @@ pub enum Input {
     StatusCheckFailed {
         message: String,
     },
+    /// The bank cancelled the payment.
+    CancelConfirmed { bank_status: Option<String> },
+    /// The bank refused the cancellation (definite).
+    CancelRefused(Reason),
+    /// The cancellation call got no usable answer: its outcome is unknown.
+    CancelUnconfirmed { message: String },
     /// `next_check_at` has passed.
     TimerFired,
     /// The partition was restored after a restart or rebalance: calls that were in flight when
@@ -315,6 +359,9 @@ impl Input {
             | Input::TokenExchangeFailed { .. }
             | Input::StatusObserved { .. }
             | Input::StatusCheckFailed { .. }
+            | Input::CancelConfirmed { .. }
+            | Input::CancelRefused(_)
+            | Input::CancelUnconfirmed { .. }
             | Input::TimerFired
             | Input::Restored => None,
         }
@@ -334,6 +381,9 @@ impl Input {
             | Input::TokenExchangeFailed { .. }
             | Input::StatusObserved { .. }
             | Input::StatusCheckFailed { .. }
+            | Input::CancelConfirmed { .. }
+            | Input::CancelRefused(_)
+            | Input::CancelUnconfirmed { .. }
             | Input::TimerFired
             | Input::Restored => None,
         }
@@ -348,6 +398,9 @@ impl Input {
             | Input::RefreshStatus { command_id, .. } => command_id.to_string(),
             Input::BeginInitiation { .. } => "worker:begin-initiation".into(),
             Input::BankInitiated { .. } | Input::InitiationFailed(_) => "bank:initiation".into(),
+            Input::CancelConfirmed { .. }
+            | Input::CancelRefused(_)
+            | Input::CancelUnconfirmed { .. } => "bank:cancellation".into(),
             Input::TokenExchanged | Input::TokenExchangeFailed { .. } => "bank:token".into(),
             Input::StatusObserved { .. } | Input::StatusCheckFailed { .. } => "bank:status".into(),
             Input::TimerFired => "worker:timer".into(),
@@ -367,6 +420,8 @@ pub enum Effect {
     ExchangeCode,
     /// GET the payment status.
     CheckStatus,
+    /// DELETE the payment at the bank (needs the PSU's token).
+    CallCancel,
 }
 
 impl Effect {
@@ -375,7 +430,10 @@ impl Effect {
     pub fn is_idempotent_read(self) -> bool {
         match self {
             Effect::CheckStatus => true,
-            Effect::StartInitiation | Effect::CallInitiate | Effect::ExchangeCode => false,
+            Effect::StartInitiation
+            | Effect::CallInitiate
+            | Effect::ExchangeCode
+            | Effect::CallCancel => false,
         }
     }
 }
@@ -400,6 +458,8 @@ pub enum Ignored {
     DuplicateInitiation,
     /// An engine input that no longer applies (e.g. a stale timer).
     Stale,
+    /// A cancellation while one is already under way.
+    CancelInProgress,
 }
 
 /// A command that cannot be applied: it goes to the dead-letter topic with this reason, and the
@@ -465,6 +525,8 @@ pub struct Policy {
     pub max_initiation_attempts: u32,
     /// Command ids remembered per payment for de-duplication.
     pub remembered_commands: usize,
+    /// Status poll interval of an active standing order (it changes rarely).
+    pub standing_order_poll_ms: Millis,
 }
 
 impl Default for Policy {
@@ -478,6 +540,7 @@ impl Default for Policy {
             reconcile_after_ms: 5_000,
             max_initiation_attempts: 3,
             remembered_commands: 32,
+            standing_order_poll_ms: 3_600_000,
         }
     }
 }
@@ -494,7 +557,24 @@ impl Policy {
     /// The next status poll, but never later than the SCA deadline of an unsigned payment, so
     /// expiry is noticed on time.
     fn poll_at(&self, payment: &Payment, now: Millis) -> Millis {
-        let next = self.next_poll(now, payment.polls_in_state);
+        let next = match payment.state {
+            PaymentState::Active => now + self.standing_order_poll_ms,
+            PaymentState::Received
+            | PaymentState::Initiating { .. }
+            | PaymentState::ScaPending
+            | PaymentState::Authorizing
+            | PaymentState::PartiallySigned
+            | PaymentState::Signed
+            | PaymentState::Cancelling
+            | PaymentState::Settled
+            | PaymentState::PartiallySettled
+            | PaymentState::Completed
+            | PaymentState::Cancelled
+            | PaymentState::Rejected
+            | PaymentState::Expired
+            | PaymentState::Failed
+            | PaymentState::OutcomeUnknown { .. } => self.next_poll(now, payment.polls_in_state),
+        };
         match payment.sca_deadline {
             Some(deadline) if payment.state.kind().awaits_signature() && deadline > now => {
                 next.min(deadline)
@@ -551,6 +631,9 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
         | Input::TokenExchangeFailed { .. }
         | Input::StatusObserved { .. }
         | Input::StatusCheckFailed { .. }
+        | Input::CancelConfirmed { .. }
+        | Input::CancelRefused(_)
+        | Input::CancelUnconfirmed { .. }
         | Input::TimerFired
         | Input::Restored => Outcome::Ignored(Ignored::Stale),
     }
@@ -560,7 +643,7 @@ impl Payment {
     fn new(
         payment_id: PaymentId,
         psu_id: PsuId,
-        order: Option<PaymentOrder>,
+        order: Option<Order>,
         command_id: CommandId,
         now: Millis,
     ) -> Self {
@@ -584,6 +667,7 @@ impl Payment {
             polls_in_state: 0,
             seen_commands: vec![command_id],
             reason: None,
+            resume_after_cancel: None,
         }
     }
 }
@@ -626,93 +710,24 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             RefusalCode::DuplicatePaymentId,
             "payment_id already used; this initiation is also invalid",
         ),
-        Input::CompleteSca { outcome, .. } => match state {
-            PaymentState::ScaPending | PaymentState::PartiallySigned => match outcome {
-                ScaOutcome::Code(code) => step.to(
-                    PaymentState::Authorizing,
-                    |p| {
-                        p.authorization_code = Some(code);
-                        p.next_check_at = None;
-                    },
-                    vec![Effect::ExchangeCode],
-                ),
-                ScaOutcome::Error { error, description } => {
-                    let message = match description {
-                        Some(d) => format!("PSU returned from SCA with error {error}: {d}"),
-                        None => format!("PSU returned from SCA with error {error}"),
-                    };
-                    step.to(
-                        PaymentState::Rejected,
-                        |p| p.reason = Some(Reason::new(ReasonCode::ScaFailed, message)),
-                        vec![],
-                    )
-                }
-            },
-            PaymentState::Received
-            | PaymentState::Initiating { .. }
-            | PaymentState::OutcomeUnknown { .. }
-            | PaymentState::Authorizing
-            | PaymentState::Signed => refuse(
-                RefusalCode::NotAwaitingSca,
-                format!(
-                    "payment is {}, not awaiting an SCA outcome",
-                    state.kind().symbol()
-                ),
-            ),
-            PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed => already_final(state),
-        },
-        Input::Cancel { .. } => match state {
-            // No bank-side payment anyone can sign exists yet (an unanswered attempt's SCA URL
-            // never reached the PSU), so the cancellation is final here.
-            PaymentState::Received
-            | PaymentState::Initiating { .. }
-            | PaymentState::OutcomeUnknown { .. } => step.to(
-                PaymentState::Cancelled,
-                |p| {
-                    p.reason = Some(Reason::new(
-                        ReasonCode::CancelledByClient,
-                        "cancelled by the client before the bank held a payment",
-                    ));
-                    p.next_check_at = None;
-                    p.pkce_verifier = None;
-                },
-                vec![],
-            ),
-            // The PSU can still sign at the bank: a local cancel would be a lie.
-            PaymentState::ScaPending
-            | PaymentState::Authorizing
-            | PaymentState::PartiallySigned
-            | PaymentState::Signed => refuse(
-                RefusalCode::CancelNotPossible,
-                format!(
-                    "payment is {} at the bank; cancelling it needs the bank's cancellation call",
-                    state.kind().symbol()
-                ),
-            ),
-            PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed => already_final(state),
-        },
+        Input::CompleteSca { outcome, .. } => complete_sca(step, state, outcome),
+        Input::Cancel { bank_token, .. } => cancel(step, state, bank_token, policy),
         Input::RefreshStatus { .. } => match state {
             PaymentState::ScaPending
             | PaymentState::Authorizing
             | PaymentState::PartiallySigned
-            | PaymentState::Signed => {
+            | PaymentState::Signed
+            | PaymentState::Active
+            | PaymentState::Cancelling => {
                 step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
             }
+            // Nothing at the bank to ask about yet; record the command so it is not re-run.
             PaymentState::Received
             | PaymentState::Initiating { .. }
-            | PaymentState::OutcomeUnknown { .. } => {
-                // Nothing at the bank to ask about yet; record the command so it is not re-run.
-                step.same(|_| {}, vec![])
-            }
+            | PaymentState::OutcomeUnknown { .. } => step.same(|_| {}, vec![]),
             PaymentState::Settled
+            | PaymentState::PartiallySettled
+            | PaymentState::Completed
             | PaymentState::Cancelled
             | PaymentState::Rejected
             | PaymentState::Expired
@@ -731,17 +746,7 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     vec![Effect::CallInitiate],
                 )
             }
-            PaymentState::Initiating { .. }
-            | PaymentState::ScaPending
-            | PaymentState::Authorizing
-            | PaymentState::PartiallySigned
-            | PaymentState::Signed
-            | PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed
-            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+            other => stale_unless(other, &[]),
         },
         Input::BankInitiated {
             bank_payment_id,
@@ -759,75 +764,11 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 },
                 vec![],
             ),
-            PaymentState::Received
-            | PaymentState::ScaPending
-            | PaymentState::Authorizing
-            | PaymentState::PartiallySigned
-            | PaymentState::Signed
-            | PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed
-            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+            other => stale_unless(other, &[]),
         },
         Input::InitiationFailed(failure) => match state {
-            PaymentState::Initiating { attempt } => match failure {
-                InitiationFailure::Refused(reason) => step.to(
-                    PaymentState::Rejected,
-                    |p| {
-                        p.reason = Some(reason);
-                        p.pkce_verifier = None;
-                        p.next_check_at = None;
-                    },
-                    vec![],
-                ),
-                InitiationFailure::NotProcessed { message } => {
-                    if attempt >= policy.max_initiation_attempts {
-                        step.to(
-                            PaymentState::Failed,
-                            |p| {
-                                p.reason = Some(Reason::new(
-                                    ReasonCode::BankUnavailable,
-                                    format!(
-                                        "the bank did not process the initiation after {attempt} attempts: {message}"
-                                    ),
-                                ));
-                                p.pkce_verifier = None;
-                                p.next_check_at = None;
-                            }, vec![])
-                    } else {
-                        // Back to Received: the next attempt starts after the retry delay.
-                        step.silently(
-                            PaymentState::Received,
-                            |p| {
-                                p.next_check_at = Some(now + policy.initiation_retry_ms);
-                                p.pkce_verifier = None;
-                            },
-                            vec![],
-                        )
-                    }
-                }
-                InitiationFailure::Unknown { message } => step.to(
-                    PaymentState::OutcomeUnknown { attempt },
-                    |p| {
-                        p.reason = Some(Reason::new(ReasonCode::OutcomeUnresolved, message));
-                        p.next_check_at = Some(now + policy.reconcile_after_ms);
-                    },
-                    vec![],
-                ),
-            },
-            PaymentState::Received
-            | PaymentState::ScaPending
-            | PaymentState::Authorizing
-            | PaymentState::PartiallySigned
-            | PaymentState::Signed
-            | PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed
-            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+            PaymentState::Initiating { attempt } => initiation_failed(step, attempt, failure, now, policy),
+            other => stale_unless(other, &[]),
         },
         Input::TokenExchanged | Input::TokenExchangeFailed { .. } => match state {
             PaymentState::Authorizing => step.same(
@@ -838,17 +779,7 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 },
                 vec![Effect::CheckStatus],
             ),
-            PaymentState::Received
-            | PaymentState::Initiating { .. }
-            | PaymentState::ScaPending
-            | PaymentState::PartiallySigned
-            | PaymentState::Signed
-            | PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed
-            | PaymentState::OutcomeUnknown { .. } => Outcome::Ignored(Ignored::Stale),
+            other => stale_unless(other, &[]),
         },
         Input::StatusObserved {
             progress,
@@ -857,37 +788,53 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             PaymentState::ScaPending
             | PaymentState::Authorizing
             | PaymentState::PartiallySigned
-            | PaymentState::Signed => {
+            | PaymentState::Signed
+            | PaymentState::Active
+            | PaymentState::Cancelling => {
                 observe_status(step, state, progress, bank_status, payment, now, policy)
             }
-            PaymentState::Received
-            | PaymentState::Initiating { .. }
-            | PaymentState::OutcomeUnknown { .. }
-            | PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+            other => stale_unless(other, &[]),
         },
         Input::StatusCheckFailed { .. } => match state {
             PaymentState::ScaPending
             | PaymentState::Authorizing
             | PaymentState::PartiallySigned
-            | PaymentState::Signed => step.same(
+            | PaymentState::Signed
+            | PaymentState::Active
+            | PaymentState::Cancelling => step.same(
                 |p| {
                     p.next_check_at = Some(policy.poll_at(p, now));
                     p.polls_in_state = p.polls_in_state.saturating_add(1);
                 },
                 vec![],
             ),
-            PaymentState::Received
-            | PaymentState::Initiating { .. }
-            | PaymentState::OutcomeUnknown { .. }
-            | PaymentState::Settled
-            | PaymentState::Cancelled
-            | PaymentState::Rejected
-            | PaymentState::Expired
-            | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+            other => stale_unless(other, &[]),
+        },
+        Input::CancelConfirmed { bank_status } => match state {
+            PaymentState::Cancelling => step.to(
+                PaymentState::Cancelled,
+                |p| {
+                    if bank_status.is_some() {
+                        p.bank_status = bank_status;
+                    }
+                    p.reason = Some(Reason::new(
+                        ReasonCode::CancelledByClient,
+                        "cancelled at the bank at the client's request",
+                    ));
+                    p.resume_after_cancel = None;
+                },
+                vec![],
+            ),
+            other => stale_unless(other, &[]),
+        },
+        Input::CancelRefused(reason) => match state {
+            PaymentState::Cancelling => back_from_cancel(step, payment, reason, now, policy),
+            other => stale_unless(other, &[]),
+        },
+        // The DELETE may or may not have been applied: ask the bank.
+        Input::CancelUnconfirmed { .. } => match state {
+            PaymentState::Cancelling => step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus]),
+            other => stale_unless(other, &[]),
         },
         Input::TimerFired => {
             let due = payment.next_check_at.is_some_and(|at| at <= now);
@@ -901,21 +848,217 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 PaymentState::ScaPending
                 | PaymentState::Authorizing
                 | PaymentState::PartiallySigned
-                | PaymentState::Signed => {
+                | PaymentState::Signed
+                | PaymentState::Active
+                | PaymentState::Cancelling => {
                     step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
                 }
-                PaymentState::OutcomeUnknown { attempt } => {
-                    reconcile(step, attempt, payment, policy)
-                }
-                PaymentState::Initiating { .. }
-                | PaymentState::Settled
-                | PaymentState::Cancelled
-                | PaymentState::Rejected
-                | PaymentState::Expired
-                | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+                PaymentState::OutcomeUnknown { attempt } => reconcile(step, attempt, payment, policy),
+                other => stale_unless(other, &[]),
             }
         }
         Input::Restored => restored(step, payment, now, policy),
+    }
+}
+
+/// `Ignored(Stale)` for an engine input that does not apply in `state`. The `match` inside is
+/// exhaustive so a new state forces a look at every engine input.
+fn stale_unless(state: PaymentState, _applies: &[StateKind]) -> Outcome {
+    match state {
+        PaymentState::Received
+        | PaymentState::Initiating { .. }
+        | PaymentState::ScaPending
+        | PaymentState::Authorizing
+        | PaymentState::PartiallySigned
+        | PaymentState::Signed
+        | PaymentState::Active
+        | PaymentState::Cancelling
+        | PaymentState::OutcomeUnknown { .. }
+        | PaymentState::Settled
+        | PaymentState::PartiallySettled
+        | PaymentState::Completed
+        | PaymentState::Cancelled
+        | PaymentState::Rejected
+        | PaymentState::Expired
+        | PaymentState::Failed => Outcome::Ignored(Ignored::Stale),
+    }
+}
+
+fn complete_sca(step: Step<'_>, state: PaymentState, outcome: ScaOutcome) -> Outcome {
+    match state {
+        PaymentState::ScaPending | PaymentState::PartiallySigned => match outcome {
+            ScaOutcome::Code(code) => step.to(
+                PaymentState::Authorizing,
+                |p| {
+                    p.authorization_code = Some(code);
+                    p.next_check_at = None;
+                },
+                vec![Effect::ExchangeCode],
+            ),
+            ScaOutcome::Error { error, description } => {
+                let message = match description {
+                    Some(d) => format!("PSU returned from SCA with error {error}: {d}"),
+                    None => format!("PSU returned from SCA with error {error}"),
+                };
+                step.to(
+                    PaymentState::Rejected,
+                    |p| p.reason = Some(Reason::new(ReasonCode::ScaFailed, message)),
+                    vec![],
+                )
+            }
+        },
+        PaymentState::Received
+        | PaymentState::Initiating { .. }
+        | PaymentState::OutcomeUnknown { .. }
+        | PaymentState::Authorizing
+        | PaymentState::Signed
+        | PaymentState::Active
+        | PaymentState::Cancelling => refuse(
+            RefusalCode::NotAwaitingSca,
+            format!(
+                "payment is {}, not awaiting an SCA outcome",
+                state.kind().symbol()
+            ),
+        ),
+        PaymentState::Settled
+        | PaymentState::PartiallySettled
+        | PaymentState::Completed
+        | PaymentState::Cancelled
+        | PaymentState::Rejected
+        | PaymentState::Expired
+        | PaymentState::Failed => already_final(state),
+    }
+}
+
+fn cancel(step: Step<'_>, state: PaymentState, bank_token: bool, policy: &Policy) -> Outcome {
+    let _ = policy;
+    match state {
+        // No bank-side payment anyone can sign exists yet (an unanswered attempt's SCA URL
+        // never reached the PSU), so the cancellation is final here.
+        PaymentState::Received
+        | PaymentState::Initiating { .. }
+        | PaymentState::OutcomeUnknown { .. } => step.to(
+            PaymentState::Cancelled,
+            |p| {
+                p.reason = Some(Reason::new(
+                    ReasonCode::CancelledByClient,
+                    "cancelled by the client before the bank held a payment",
+                ));
+                p.next_check_at = None;
+                p.pkce_verifier = None;
+            },
+            vec![],
+        ),
+        // The bank holds the payment: only the bank's cancellation (with the PSU's PIS token)
+        // can stop it. A local "cancelled" while the PSU can still sign would be a lie.
+        PaymentState::ScaPending
+        | PaymentState::Authorizing
+        | PaymentState::PartiallySigned
+        | PaymentState::Signed
+        | PaymentState::Active => {
+            if bank_token {
+                step.to(
+                    PaymentState::Cancelling,
+                    |p| {
+                        p.resume_after_cancel = Some(state);
+                        p.next_check_at = None;
+                    },
+                    vec![Effect::CallCancel],
+                )
+            } else {
+                refuse(
+                    RefusalCode::CancelNotPossible,
+                    format!(
+                        "payment is {} at the bank and the worker holds no PIS token for this PSU to cancel it",
+                        state.kind().symbol()
+                    ),
+                )
+            }
+        }
+        PaymentState::Cancelling => Outcome::Ignored(Ignored::CancelInProgress),
+        PaymentState::Settled
+        | PaymentState::PartiallySettled
+        | PaymentState::Completed
+        | PaymentState::Cancelled
+        | PaymentState::Rejected
+        | PaymentState::Expired
+        | PaymentState::Failed => already_final(state),
+    }
+}
+
+/// The bank did not cancel: back to where the payment was, saying why, and keep watching it.
+fn back_from_cancel(
+    step: Step<'_>,
+    payment: &Payment,
+    reason: Reason,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
+    let resume = payment.resume_after_cancel.unwrap_or(PaymentState::Signed);
+    step.to(
+        resume,
+        |p| {
+            p.reason = Some(reason);
+            p.resume_after_cancel = None;
+            p.next_check_at = Some(policy.poll_at(p, now));
+        },
+        vec![],
+    )
+}
+
+fn initiation_failed(
+    step: Step<'_>,
+    attempt: u32,
+    failure: InitiationFailure,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
+    match failure {
+        InitiationFailure::Refused(reason) => step.to(
+            PaymentState::Rejected,
+            |p| {
+                p.reason = Some(reason);
+                p.pkce_verifier = None;
+                p.next_check_at = None;
+            },
+            vec![],
+        ),
+        InitiationFailure::NotProcessed { message } => {
+            if attempt >= policy.max_initiation_attempts {
+                step.to(
+                    PaymentState::Failed,
+                    |p| {
+                        p.reason = Some(Reason::new(
+                            ReasonCode::BankUnavailable,
+                            format!(
+                                "the bank did not process the initiation after {attempt} attempts: {message}"
+                            ),
+                        ));
+                        p.pkce_verifier = None;
+                        p.next_check_at = None;
+                    },
+                    vec![],
+                )
+            } else {
+                // Back to Received: the next attempt starts after the retry delay.
+                step.silently(
+                    PaymentState::Received,
+                    |p| {
+                        p.next_check_at = Some(now + policy.initiation_retry_ms);
+                        p.pkce_verifier = None;
+                    },
+                    vec![],
+                )
+            }
+        }
+        InitiationFailure::Unknown { message } => step.to(
+            PaymentState::OutcomeUnknown { attempt },
+            |p| {
+                p.reason = Some(Reason::new(ReasonCode::OutcomeUnresolved, message));
+                p.next_check_at = Some(now + policy.reconcile_after_ms);
+            },
+            vec![],
+        ),
     }
 }
 
@@ -942,10 +1085,13 @@ fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> 
             step.same(|_| {}, vec![Effect::ExchangeCode])
         }
         PaymentState::Received if no_timer => step.same(|_| {}, vec![Effect::StartInitiation]),
+        // A cancellation may have been in flight: the bank's status tells.
         PaymentState::ScaPending
         | PaymentState::Authorizing
         | PaymentState::PartiallySigned
         | PaymentState::Signed
+        | PaymentState::Active
+        | PaymentState::Cancelling
             if no_timer =>
         {
             step.same(|_| {}, vec![Effect::CheckStatus])
@@ -959,8 +1105,12 @@ fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> 
         | PaymentState::Authorizing
         | PaymentState::PartiallySigned
         | PaymentState::Signed
+        | PaymentState::Active
+        | PaymentState::Cancelling
         | PaymentState::OutcomeUnknown { .. }
         | PaymentState::Settled
+        | PaymentState::PartiallySettled
+        | PaymentState::Completed
         | PaymentState::Cancelled
         | PaymentState::Rejected
         | PaymentState::Expired
@@ -1004,6 +1154,30 @@ fn reconcile(step: Step<'_>, attempt: u32, payment: &Payment, policy: &Policy) -
     )
 }
 
+/// Where a bank status takes a payment, by the kind of order: a signed standing order is
+/// `Active` and an ended one `Completed`; a bulk with rejected transfers is `PartiallySettled`.
+fn target_for(
+    state: PaymentState,
+    progress: BankProgress,
+    kind: Option<PaymentKind>,
+    expired: bool,
+) -> PaymentState {
+    let standing = kind == Some(PaymentKind::Periodic);
+    match progress {
+        BankProgress::AwaitingSca if expired => PaymentState::Expired,
+        BankProgress::AwaitingSca => state,
+        BankProgress::PartiallySigned if expired => PaymentState::Expired,
+        BankProgress::PartiallySigned => PaymentState::PartiallySigned,
+        BankProgress::Signed if standing => PaymentState::Active,
+        BankProgress::Signed => PaymentState::Signed,
+        BankProgress::Settled if standing => PaymentState::Completed,
+        BankProgress::Settled => PaymentState::Settled,
+        BankProgress::PartiallyAccepted => PaymentState::PartiallySettled,
+        BankProgress::Rejected => PaymentState::Rejected,
+        BankProgress::Cancelled => PaymentState::Cancelled,
+    }
+}
+
 fn observe_status(
     step: Step<'_>,
     state: PaymentState,
@@ -1013,17 +1187,53 @@ fn observe_status(
     now: Millis,
     policy: &Policy,
 ) -> Outcome {
-    let expired = payment.sca_deadline.is_some_and(|d| now >= d);
-    let target = match progress {
-        BankProgress::AwaitingSca if expired => PaymentState::Expired,
-        BankProgress::AwaitingSca => state,
-        BankProgress::PartiallySigned if expired => PaymentState::Expired,
-        BankProgress::PartiallySigned => PaymentState::PartiallySigned,
-        BankProgress::Signed => PaymentState::Signed,
-        BankProgress::Settled => PaymentState::Settled,
-        BankProgress::Rejected => PaymentState::Rejected,
-        BankProgress::Cancelled => PaymentState::Cancelled,
-    };
+    let expired = payment.sca_deadline.is_some_and(|d| now >= d)
+        && state.kind().awaits_signature();
+    let kind = payment.order.as_ref().map(Order::kind);
+    if state == PaymentState::Cancelling {
+        let target = target_for(state, progress, kind, false);
+        return match target.kind() {
+            // Cancelled, or final by other means (settled before the cancellation took hold).
+            StateKind::Cancelled
+            | StateKind::Settled
+            | StateKind::PartiallySettled
+            | StateKind::Completed
+            | StateKind::Rejected
+            | StateKind::Expired
+            | StateKind::Failed => status_transition(step, state, target, bank_status, now, policy),
+            // Still alive at the bank: the cancellation did not happen.
+            StateKind::Received
+            | StateKind::Initiating
+            | StateKind::ScaPending
+            | StateKind::Authorizing
+            | StateKind::PartiallySigned
+            | StateKind::Signed
+            | StateKind::Active
+            | StateKind::Cancelling
+            | StateKind::OutcomeUnknown => back_from_cancel(
+                step,
+                payment,
+                Reason::new(
+                    ReasonCode::CancelNotConfirmed,
+                    format!("the bank still reports {bank_status} after the cancellation request"),
+                ),
+                now,
+                policy,
+            ),
+        };
+    }
+    let target = target_for(state, progress, kind, expired);
+    status_transition(step, state, target, bank_status, now, policy)
+}
+
+fn status_transition(
+    step: Step<'_>,
+    state: PaymentState,
+    target: PaymentState,
+    bank_status: String,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
     let reason = match target.kind() {
         StateKind::Expired => Some(Reason::new(
             ReasonCode::ScaExpired,
@@ -1037,6 +1247,10 @@ fn observe_status(
             ReasonCode::CancelledAtBank,
             format!("the bank reports status {bank_status}"),
         )),
+        StateKind::PartiallySettled => Some(Reason::new(
+            ReasonCode::BulkPartiallyRejected,
+            format!("the bank reports status {bank_status}: some transfers were rejected"),
+        )),
         StateKind::Received
         | StateKind::Initiating
         | StateKind::ScaPending
@@ -1045,7 +1259,10 @@ fn observe_status(
         | StateKind::Signed
         | StateKind::Settled
         | StateKind::OutcomeUnknown
-        | StateKind::Failed => None,
+        | StateKind::Failed
+        | StateKind::Active
+        | StateKind::Cancelling
+        | StateKind::Completed => None,
     };
     if target.kind() == state.kind() {
         return step.same(
@@ -1062,6 +1279,7 @@ fn observe_status(
         |p| {
             p.bank_status = Some(bank_status);
             p.reason = reason;
+            p.resume_after_cancel = None;
             p.next_check_at = if target.is_terminal() {
                 None
             } else {
@@ -1167,7 +1385,11 @@ impl<'a> Step<'a> {
                     | StateKind::Rejected
                     | StateKind::Expired
                     | StateKind::Failed
-                    | StateKind::OutcomeUnknown => None,
+                    | StateKind::OutcomeUnknown
+                    | StateKind::Active
+                    | StateKind::Cancelling
+                    | StateKind::PartiallySettled
+                    | StateKind::Completed => None,
                 },
                 reason: next.reason.clone(),
                 causation_id: self.causation.clone(),

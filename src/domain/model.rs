@@ -326,7 +326,12 @@ impl Frequency {
     pub fn parse(text: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
-            .find(|f| f.as_str().eq_ignore_ascii_case(text) || symbol(f.as_str()) == text)
+            .find(|f| f.as_str().eq_ignore_ascii_case(text) || f.symbol() == text)
+    }
+
+    /// The Avro enum symbol, e.g. `EVERY_TWO_WEEKS`.
+    pub fn symbol(self) -> String {
+        symbol(self.as_str())
     }
 }
 
@@ -381,6 +386,54 @@ pub struct BulkOrder {
     pub redirect_uri: String,
 }
 
+/// What a payment asks the bank to do: a single transfer, a standing order, or a bulk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Order {
+    Single(PaymentOrder),
+    Standing(StandingOrder),
+    Bulk(BulkOrder),
+}
+
+impl From<PaymentOrder> for Order {
+    fn from(order: PaymentOrder) -> Self {
+        Order::Single(order)
+    }
+}
+
+impl Order {
+    pub fn kind(&self) -> PaymentKind {
+        match self {
+            Order::Single(_) => PaymentKind::Single,
+            Order::Standing(_) => PaymentKind::Periodic,
+            Order::Bulk(_) => PaymentKind::Bulk,
+        }
+    }
+
+    pub fn brand(&self) -> Brand {
+        match self {
+            Order::Single(o) => o.brand,
+            Order::Standing(s) => s.order.brand,
+            Order::Bulk(b) => b.brand,
+        }
+    }
+
+    pub fn product(&self) -> PaymentProduct {
+        match self {
+            Order::Single(o) => o.product,
+            Order::Standing(s) => s.order.product,
+            Order::Bulk(b) => b.product,
+        }
+    }
+
+    pub fn redirect_uri(&self) -> &str {
+        match self {
+            Order::Single(o) => &o.redirect_uri,
+            Order::Standing(s) => &s.order.redirect_uri,
+            Order::Bulk(b) => &b.redirect_uri,
+        }
+    }
+}
+
 /// Bulk payments may hold at most this many transfers [T Exthand].
 pub const MAX_BULK_ENTRIES: usize = 1000;
 
@@ -416,6 +469,43 @@ pub struct RawInitiatePayment {
     /// Cross-border only: the currency of the creditor's account.
     #[serde(default)]
     pub creditor_currency: Option<String>,
+}
+
+/// A standing-order initiation as sent: not yet validated.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RawPeriodicPayment {
+    pub payment: RawInitiatePayment,
+    /// ISO date `yyyy-mm-dd`.
+    pub start_date: String,
+    pub end_date: Option<String>,
+    /// Avro symbol, e.g. `MONTHLY`.
+    pub frequency: String,
+    pub day_of_execution: Option<i32>,
+}
+
+/// One transfer of a bulk initiation as sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RawBulkTransfer {
+    pub amount: String,
+    pub currency: String,
+    pub creditor_name: String,
+    pub creditor_iban: String,
+    pub creditor_bic: Option<String>,
+    pub end_to_end_id: String,
+    pub remittance_information: Option<String>,
+}
+
+/// A bulk initiation as sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RawBulkPayment {
+    pub payment_product: String,
+    pub brand: String,
+    pub debtor_iban: Option<String>,
+    pub batch_booking: bool,
+    pub requested_execution_date: Option<String>,
+    pub language: String,
+    pub redirect_uri: String,
+    pub payments: Vec<RawBulkTransfer>,
 }
 
 /// A validated payment order: what the worker sends to the bank.

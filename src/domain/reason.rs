@@ -21,6 +21,10 @@ pub enum ReasonCode {
     InvalidProduct,
     InvalidBrand,
     InvalidIdentifier,
+    /// A field the payment product does not allow (e.g. a charge bearer on a SEPA transfer).
+    FieldNotAllowed,
+    InvalidChargeBearer,
+    InvalidFrequency,
     // Lifecycle outcomes.
     BankRejected,
     /// The bank refused a field or header of the request (400 INVALID_INPUT / MISSING_INPUT).
@@ -36,6 +40,12 @@ pub enum ReasonCode {
     ScaExpired,
     CancelledByClient,
     CancelledAtBank,
+    /// The bank refused the cancellation; the payment carries on.
+    CancelRefused,
+    /// The bank still reports the payment alive after a cancellation request without an answer.
+    CancelNotConfirmed,
+    /// A bulk payment executed with some transfers rejected.
+    BulkPartiallyRejected,
     OutcomeUnresolved,
 }
 
@@ -56,6 +66,9 @@ impl ReasonCode {
             ReasonCode::InvalidProduct => "INVALID_PRODUCT",
             ReasonCode::InvalidBrand => "INVALID_BRAND",
             ReasonCode::InvalidIdentifier => "INVALID_IDENTIFIER",
+            ReasonCode::FieldNotAllowed => "FIELD_NOT_ALLOWED",
+            ReasonCode::InvalidChargeBearer => "INVALID_CHARGE_BEARER",
+            ReasonCode::InvalidFrequency => "INVALID_FREQUENCY",
             ReasonCode::BankRejected => "BANK_REJECTED",
             ReasonCode::BankInputRejected => "BANK_INPUT_REJECTED",
             ReasonCode::BankAccountRefused => "BANK_ACCOUNT_REFUSED",
@@ -66,6 +79,9 @@ impl ReasonCode {
             ReasonCode::ScaExpired => "SCA_EXPIRED",
             ReasonCode::CancelledByClient => "CANCELLED_BY_CLIENT",
             ReasonCode::CancelledAtBank => "CANCELLED_AT_BANK",
+            ReasonCode::CancelRefused => "CANCEL_REFUSED",
+            ReasonCode::CancelNotConfirmed => "CANCEL_NOT_CONFIRMED",
+            ReasonCode::BulkPartiallyRejected => "BULK_PARTIALLY_REJECTED",
             ReasonCode::OutcomeUnresolved => "OUTCOME_UNRESOLVED",
         }
     }

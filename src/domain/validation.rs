@@ -7,11 +7,13 @@
 //! is taken exactly as sent. Empty strings in optional fields count as absent; an empty (or, for
 //! names, end-to-end ids and IBANs, blank) required field is reported as [`ReasonCode::MissingField`].
 
-use chrono::{NaiveDate, TimeDelta};
+use chrono::{Datelike, NaiveDate, TimeDelta};
 use url::{Host, Url};
 
 use super::model::{
-    Amount, AmountError, Brand, Language, PaymentOrder, PaymentProduct, RawInitiatePayment,
+    Amount, AmountError, Brand, BulkEntry, BulkOrder, ChargeBearer, CrossBorder, Frequency,
+    Language, MAX_BULK_ENTRIES, PaymentOrder, PaymentProduct, PostalAddress, RawBulkPayment,
+    RawInitiatePayment, RawPeriodicPayment, StandingOrder,
 };
 use super::reason::{Reason, ReasonCode};
 
@@ -92,7 +94,16 @@ pub fn validate_initiation(
     let amount = validate_amount(&raw.amount, limits)?;
     let currency = validate_currency(&raw.currency, product)?;
     let creditor_name = validate_creditor_name(&raw.creditor_name)?;
-    let creditor_iban = validate_iban_field("creditor_iban", &raw.creditor_iban, true)?;
+    let cross_border = validate_cross_border(raw, product)?;
+    // A cross-border creditor may be addressed by BBAN instead of IBAN.
+    let by_bban = cross_border
+        .as_ref()
+        .is_some_and(|c| c.creditor_bban.is_some());
+    let creditor_iban = if by_bban && raw.creditor_iban.trim().is_empty() {
+        String::new()
+    } else {
+        validate_iban_field("creditor_iban", &raw.creditor_iban, true)?
+    };
     let creditor_bic = match present(&raw.creditor_bic) {
         Some(bic) => Some(validate_bic_field("creditor_bic", bic)?),
         None => None,
@@ -127,7 +138,318 @@ pub fn validate_initiation(
         requested_execution_date,
         language,
         redirect_uri,
-        cross_border: None,
+        cross_border,
+    })
+}
+
+/// The per-product rules of belfius-api.md §2.5: SEPA products carry no cross-border field; a
+/// cross-border transfer needs a charge bearer, and a BBAN needs a bank id and no BIC (Belfius
+/// refuses BBAN + BIC: B14821ZZ-1236-000000).
+fn validate_cross_border(
+    raw: &RawInitiatePayment,
+    product: PaymentProduct,
+) -> Result<Option<CrossBorder>, Reason> {
+    let bban = present(&raw.creditor_bban);
+    let bank_id = present(&raw.creditor_bank_national_id);
+    let currency = present(&raw.creditor_currency);
+    let charge_bearer = present(&raw.charge_bearer);
+    if product.is_sepa() {
+        let given = [
+            ("charge_bearer", charge_bearer.is_some()),
+            ("creditor_address", raw.creditor_address.is_some()),
+            ("creditor_bban", bban.is_some()),
+            ("creditor_bank_national_id", bank_id.is_some()),
+            ("creditor_currency", currency.is_some()),
+        ];
+        if let Some((field, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(reason(
+                ReasonCode::FieldNotAllowed,
+                format!("{field} is only allowed for CROSS_BORDER_CREDIT_TRANSFERS"),
+            ));
+        }
+        return Ok(None);
+    }
+    let charge_bearer = match charge_bearer {
+        None => return Err(missing("charge_bearer")),
+        Some(text) => ChargeBearer::parse(text).ok_or_else(|| {
+            reason(
+                ReasonCode::InvalidChargeBearer,
+                "charge_bearer must be DEBT, CRED, SHAR or SLEV",
+            )
+        })?,
+    };
+    if let Some(bban) = bban {
+        if present(&raw.creditor_bic).is_some() {
+            return Err(reason(
+                ReasonCode::FieldNotAllowed,
+                "creditor_bban cannot be combined with creditor_bic (use creditor_bank_national_id)",
+            ));
+        }
+        if bank_id.is_none() {
+            return Err(missing("creditor_bank_national_id"));
+        }
+        if bban.len() > 34 || !bban.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(reason(
+                ReasonCode::InvalidIban,
+                "creditor_bban must be 1 to 34 letters or digits",
+            ));
+        }
+    }
+    if let Some(id) = bank_id {
+        if id.len() > 35 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(reason(
+                ReasonCode::InvalidIdentifier,
+                "creditor_bank_national_id must be 1 to 35 letters or digits",
+            ));
+        }
+    }
+    if let Some(code) = currency {
+        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(reason(
+                ReasonCode::InvalidCurrency,
+                "creditor_currency must be an ISO 4217 code (3 upper-case letters)",
+            ));
+        }
+    }
+    let creditor_address = match &raw.creditor_address {
+        Some(address) => Some(validate_address(address)?),
+        None => None,
+    };
+    Ok(Some(CrossBorder {
+        charge_bearer,
+        creditor_address,
+        creditor_bban: bban.map(str::to_owned),
+        creditor_bank_national_id: bank_id.map(str::to_owned),
+        creditor_currency: currency.map(str::to_owned),
+    }))
+}
+
+fn validate_address(address: &PostalAddress) -> Result<PostalAddress, Reason> {
+    let country = &address.country;
+    if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(reason(
+            ReasonCode::InvalidCharacters,
+            "creditor_address.country must be an ISO 3166 alpha-2 code",
+        ));
+    }
+    let parts = [
+        ("creditor_address.street", &address.street, 70),
+        ("creditor_address.building_number", &address.building_number, 16),
+        ("creditor_address.postal_code", &address.postal_code, 16),
+        ("creditor_address.town", &address.town, 35),
+    ];
+    for (field, value, max) in parts {
+        if let Some(text) = present(value) {
+            if text.chars().count() > max {
+                return Err(too_long(field, max));
+            }
+            if !is_sepa_text(text) {
+                return Err(not_sepa_text(field));
+            }
+        }
+    }
+    Ok(PostalAddress {
+        street: present(&address.street).map(str::to_owned),
+        building_number: present(&address.building_number).map(str::to_owned),
+        postal_code: present(&address.postal_code).map(str::to_owned),
+        town: present(&address.town).map(str::to_owned),
+        country: country.clone(),
+    })
+}
+
+/// Validates a standing order. Its payment follows the single-payment rules, without a
+/// requested execution date: the schedule replaces it.
+pub fn validate_periodic(
+    raw: &RawPeriodicPayment,
+    limits: &ValidationLimits,
+    today: NaiveDate,
+) -> Result<StandingOrder, Reason> {
+    if present(&raw.payment.requested_execution_date).is_some() {
+        return Err(reason(
+            ReasonCode::FieldNotAllowed,
+            "requested_execution_date is not used by a standing order: set start_date",
+        ));
+    }
+    let order = validate_initiation(&raw.payment, limits, today)?;
+    let start_date = parse_iso_date(&raw.start_date).ok_or_else(|| {
+        reason(
+            ReasonCode::InvalidExecutionDate,
+            "start_date must be a date yyyy-mm-dd",
+        )
+    })?;
+    // Belfius: "begin date must be in the future" (B14821ZZ-1259-000000).
+    if start_date <= today {
+        return Err(reason(
+            ReasonCode::InvalidExecutionDate,
+            "start_date must be in the future",
+        ));
+    }
+    if (start_date - today).num_days() > limits.max_execution_horizon_days {
+        return Err(reason(
+            ReasonCode::InvalidExecutionDate,
+            format!(
+                "start_date must be within {} days",
+                limits.max_execution_horizon_days
+            ),
+        ));
+    }
+    let frequency = Frequency::parse(&raw.frequency).ok_or_else(|| {
+        reason(
+            ReasonCode::InvalidFrequency,
+            "frequency must be one of DAILY, WEEKLY, EVERY_TWO_WEEKS, MONTHLY, EVERY_TWO_MONTHS, QUARTERLY, SEMI_ANNUAL, ANNUAL",
+        )
+    })?;
+    let end_date = match present(&raw.end_date) {
+        None => None,
+        Some(text) => {
+            let end = parse_iso_date(text).ok_or_else(|| {
+                reason(
+                    ReasonCode::InvalidExecutionDate,
+                    "end_date must be a date yyyy-mm-dd",
+                )
+            })?;
+            if end < start_date {
+                return Err(reason(
+                    ReasonCode::InvalidExecutionDate,
+                    "end_date must not be before start_date",
+                ));
+            }
+            // Belfius: the end date's month must fit the periodicity (B14821ZZ-1322-000000).
+            if let Some(months) = frequency.months() {
+                let span = (end.year_ce().1 as i64 * 12 + i64::from(end.month0()))
+                    - (start_date.year_ce().1 as i64 * 12 + i64::from(start_date.month0()));
+                if span % i64::from(months) != 0 {
+                    return Err(reason(
+                        ReasonCode::InvalidExecutionDate,
+                        format!(
+                            "end_date must fall a whole number of {} periods after start_date",
+                            frequency.as_str()
+                        ),
+                    ));
+                }
+            }
+            Some(end)
+        }
+    };
+    let day_of_execution = match raw.day_of_execution {
+        None => None,
+        Some(day) => {
+            let max = match frequency {
+                Frequency::Weekly | Frequency::EveryTwoWeeks => 7,
+                Frequency::Daily => 0,
+                Frequency::Monthly
+                | Frequency::EveryTwoMonths
+                | Frequency::Quarterly
+                | Frequency::SemiAnnual
+                | Frequency::Annual => 31,
+            };
+            if day < 1 || day > max {
+                return Err(reason(
+                    ReasonCode::InvalidExecutionDate,
+                    format!(
+                        "day_of_execution must be 1..={max} for a {} standing order",
+                        frequency.as_str()
+                    ),
+                ));
+            }
+            u8::try_from(day).ok()
+        }
+    };
+    Ok(StandingOrder {
+        order,
+        start_date,
+        end_date,
+        frequency,
+        day_of_execution,
+    })
+}
+
+/// Validates a bulk payment: Belfius brand only, SEPA products, 1 to 1000 transfers with
+/// distinct end-to-end ids, each valid as a single SEPA transfer.
+pub fn validate_bulk(
+    raw: &RawBulkPayment,
+    limits: &ValidationLimits,
+    today: NaiveDate,
+) -> Result<BulkOrder, Reason> {
+    let product = validate_product(&raw.payment_product)?;
+    if !product.is_sepa() {
+        return Err(reason(
+            ReasonCode::InvalidProduct,
+            "bulk payments are SEPA_CREDIT_TRANSFERS or INSTANT_SEPA_CREDIT_TRANSFERS",
+        ));
+    }
+    let brand = validate_brand(&raw.brand)?;
+    match brand {
+        Brand::Belfius => {}
+        Brand::Banx => {
+            return Err(reason(
+                ReasonCode::InvalidBrand,
+                "bulk payments are offered to Belfius clients only, not Banx",
+            ));
+        }
+    }
+    if raw.payments.is_empty() {
+        return Err(missing("payments"));
+    }
+    if raw.payments.len() > MAX_BULK_ENTRIES {
+        return Err(reason(
+            ReasonCode::FieldTooLong,
+            format!("payments must hold at most {MAX_BULK_ENTRIES} transfers"),
+        ));
+    }
+    let debtor_iban = match present(&raw.debtor_iban) {
+        Some(iban) => Some(validate_iban_field("debtor_iban", iban, false)?),
+        None => None,
+    };
+    let requested_execution_date = match present(&raw.requested_execution_date) {
+        Some(date) => Some(validate_execution_date(date, limits, today)?),
+        None => None,
+    };
+    let language = validate_language(&raw.language)?;
+    let redirect_uri = validate_redirect_uri(&raw.redirect_uri)?;
+    let mut payments = Vec::with_capacity(raw.payments.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, t) in raw.payments.iter().enumerate() {
+        let at = |r: Reason| Reason::new(r.code, format!("payments[{i}]: {}", r.message));
+        let amount = validate_amount(&t.amount, limits).map_err(at)?;
+        let currency = validate_currency(&t.currency, product).map_err(at)?;
+        let creditor_name = validate_creditor_name(&t.creditor_name).map_err(at)?;
+        let creditor_iban =
+            validate_iban_field("creditor_iban", &t.creditor_iban, true).map_err(at)?;
+        let creditor_bic = match present(&t.creditor_bic) {
+            Some(bic) => Some(validate_bic_field("creditor_bic", bic).map_err(at)?),
+            None => None,
+        };
+        let end_to_end_id = validate_end_to_end_id(&t.end_to_end_id).map_err(at)?;
+        if !seen.insert(end_to_end_id.clone()) {
+            return Err(reason(
+                ReasonCode::InvalidIdentifier,
+                format!("payments[{i}]: end_to_end_id repeats an earlier transfer's"),
+            ));
+        }
+        let remittance_information = match present(&t.remittance_information) {
+            Some(text) => Some(validate_remittance(text).map_err(at)?),
+            None => None,
+        };
+        payments.push(BulkEntry {
+            amount,
+            currency,
+            creditor_name,
+            creditor_iban,
+            creditor_bic,
+            end_to_end_id,
+            remittance_information,
+        });
+    }
+    Ok(BulkOrder {
+        product,
+        brand,
+        debtor_iban,
+        batch_booking: raw.batch_booking,
+        requested_execution_date,
+        payments,
+        language,
+        redirect_uri,
     })
 }
 
@@ -1592,5 +1914,205 @@ mod tests {
             let wrong_iban = format!("BE{wrong:02}{bban}");
             prop_assert!(!is_valid_iban(&wrong_iban), "{}", wrong_iban);
         }
+    }
+}
+
+#[cfg(test)]
+mod order_kind_tests {
+    use super::*;
+    use crate::domain::model::RawBulkTransfer;
+
+    fn today() -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 11, 24).expect("date")
+    }
+
+    fn sepa() -> RawInitiatePayment {
+        RawInitiatePayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            amount: "10.00".into(),
+            currency: "EUR".into(),
+            creditor_name: "Alice".into(),
+            creditor_iban: "BE68539007547034".into(),
+            end_to_end_id: "E2E-1".into(),
+            language: "fr".into(),
+            redirect_uri: "https://c.example/cb".into(),
+            ..RawInitiatePayment::default()
+        }
+    }
+
+    fn cross_border() -> RawInitiatePayment {
+        RawInitiatePayment {
+            payment_product: "CROSS_BORDER_CREDIT_TRANSFERS".into(),
+            currency: "USD".into(),
+            charge_bearer: Some("SHAR".into()),
+            creditor_iban: String::new(),
+            creditor_bban: Some("123456789".into()),
+            creditor_bank_national_id: Some("021000021".into()),
+            creditor_address: Some(PostalAddress {
+                town: Some("New York".into()),
+                country: "US".into(),
+                ..PostalAddress::default()
+            }),
+            ..sepa()
+        }
+    }
+
+    fn code(result: Result<impl std::fmt::Debug, Reason>) -> ReasonCode {
+        result.expect_err("should be refused").code
+    }
+
+    #[test]
+    fn sepa_products_refuse_cross_border_fields() {
+        let limits = ValidationLimits::default();
+        for edit in [
+            |r: &mut RawInitiatePayment| r.charge_bearer = Some("SHAR".into()),
+            |r: &mut RawInitiatePayment| r.creditor_bban = Some("123".into()),
+            |r: &mut RawInitiatePayment| r.creditor_currency = Some("EUR".into()),
+            |r: &mut RawInitiatePayment| {
+                r.creditor_address = Some(PostalAddress {
+                    country: "BE".into(),
+                    ..PostalAddress::default()
+                })
+            },
+        ] {
+            let mut raw = sepa();
+            edit(&mut raw);
+            assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::FieldNotAllowed);
+        }
+        assert!(validate_initiation(&sepa(), &limits, today()).is_ok_and(|o| o.cross_border.is_none()));
+    }
+
+    #[test]
+    fn cross_border_needs_a_charge_bearer_and_a_reachable_creditor() {
+        let limits = ValidationLimits::default();
+        let order = validate_initiation(&cross_border(), &limits, today()).expect("valid");
+        let cb = order.cross_border.expect("cross-border part");
+        assert_eq!(cb.charge_bearer, ChargeBearer::Shar);
+        assert_eq!(cb.creditor_bban.as_deref(), Some("123456789"));
+        assert_eq!(order.creditor_iban, "");
+
+        let mut raw = cross_border();
+        raw.charge_bearer = None;
+        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::MissingField);
+        raw.charge_bearer = Some("OUR".into());
+        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::InvalidChargeBearer);
+
+        // Belfius refuses BBAN + BIC (B14821ZZ-1236-000000).
+        let mut raw = cross_border();
+        raw.creditor_bic = Some("CHASUS33".into());
+        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::FieldNotAllowed);
+        let mut raw = cross_border();
+        raw.creditor_bank_national_id = None;
+        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::MissingField);
+        // Neither IBAN nor BBAN.
+        let mut raw = cross_border();
+        raw.creditor_bban = None;
+        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::MissingField);
+        let mut raw = cross_border();
+        raw.creditor_address = Some(PostalAddress {
+            country: "usa".into(),
+            ..PostalAddress::default()
+        });
+        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::InvalidCharacters);
+    }
+
+    fn periodic() -> RawPeriodicPayment {
+        RawPeriodicPayment {
+            payment: sepa(),
+            start_date: "2026-12-01".into(),
+            end_date: Some("2027-06-01".into()),
+            frequency: "MONTHLY".into(),
+            day_of_execution: Some(1),
+        }
+    }
+
+    #[test]
+    fn standing_orders_follow_the_schedule_rules() {
+        let limits = ValidationLimits::default();
+        let order = validate_periodic(&periodic(), &limits, today()).expect("valid");
+        assert_eq!(order.frequency, Frequency::Monthly);
+        assert_eq!(order.day_of_execution, Some(1));
+
+        let with = |edit: fn(&mut RawPeriodicPayment)| {
+            let mut raw = periodic();
+            edit(&mut raw);
+            validate_periodic(&raw, &limits, today())
+        };
+        // Belfius B14821ZZ-1259: the start must be in the future (today is not).
+        assert_eq!(code(with(|r| r.start_date = "2026-11-24".into())), ReasonCode::InvalidExecutionDate);
+        assert_eq!(code(with(|r| r.end_date = Some("2026-11-30".into()))), ReasonCode::InvalidExecutionDate);
+        // Quarterly from December: March, June... fit; May does not (B14821ZZ-1322).
+        assert!(with(|r| {
+            r.frequency = "QUARTERLY".into();
+            r.end_date = Some("2027-06-01".into());
+        })
+        .is_ok());
+        assert_eq!(
+            code(with(|r| {
+                r.frequency = "QUARTERLY".into();
+                r.end_date = Some("2027-05-01".into());
+            })),
+            ReasonCode::InvalidExecutionDate
+        );
+        assert_eq!(code(with(|r| r.frequency = "HOURLY".into())), ReasonCode::InvalidFrequency);
+        assert_eq!(
+            code(with(|r| {
+                r.frequency = "WEEKLY".into();
+                r.end_date = None;
+                r.day_of_execution = Some(8);
+            })),
+            ReasonCode::InvalidExecutionDate
+        );
+        assert_eq!(
+            code(with(|r| r.payment.requested_execution_date = Some("2026-12-01".into()))),
+            ReasonCode::FieldNotAllowed
+        );
+        assert_eq!(code(with(|r| r.payment.amount = "0".into())), ReasonCode::InvalidAmount);
+    }
+
+    fn bulk(n: usize) -> RawBulkPayment {
+        RawBulkPayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            debtor_iban: None,
+            batch_booking: false,
+            requested_execution_date: None,
+            language: "nl".into(),
+            redirect_uri: "https://c.example/cb".into(),
+            payments: (0..n)
+                .map(|i| RawBulkTransfer {
+                    amount: "1.00".into(),
+                    currency: "EUR".into(),
+                    creditor_name: format!("Creditor {i}"),
+                    creditor_iban: "BE68539007547034".into(),
+                    creditor_bic: None,
+                    end_to_end_id: format!("E2E-{i}"),
+                    remittance_information: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bulks_are_belfius_sepa_and_at_most_a_thousand_distinct_transfers() {
+        let limits = ValidationLimits::default();
+        assert_eq!(validate_bulk(&bulk(1000), &limits, today()).map(|b| b.payments.len()), Ok(1000));
+        assert_eq!(code(validate_bulk(&bulk(1001), &limits, today())), ReasonCode::FieldTooLong);
+        assert_eq!(code(validate_bulk(&bulk(0), &limits, today())), ReasonCode::MissingField);
+        let mut banx = bulk(2);
+        banx.brand = "BANX".into();
+        assert_eq!(code(validate_bulk(&banx, &limits, today())), ReasonCode::InvalidBrand);
+        let mut cross = bulk(2);
+        cross.payment_product = "CROSS_BORDER_CREDIT_TRANSFERS".into();
+        assert_eq!(code(validate_bulk(&cross, &limits, today())), ReasonCode::InvalidProduct);
+        let mut dup = bulk(3);
+        dup.payments[2].end_to_end_id = "E2E-0".into();
+        assert_eq!(code(validate_bulk(&dup, &limits, today())), ReasonCode::InvalidIdentifier);
+        let mut bad = bulk(3);
+        bad.payments[1].creditor_iban = "BE68539007547035".into();
+        let reason = validate_bulk(&bad, &limits, today()).expect_err("bad iban");
+        assert_eq!(reason.code, ReasonCode::InvalidIban);
+        assert!(reason.message.starts_with("payments[1]:"), "{}", reason.message);
     }
 }

@@ -1,12 +1,26 @@
 //! Runs the machine's bank effects and turns each answer into the machine's next input. The
 //! classification here decides retry versus outcome-unknown, so it is explicit per error.
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::belfius::status::TransactionStatus;
 use crate::belfius::{BankError, BelfiusClient, TokenPair, pkce};
+use crate::domain::bank::BankProgress;
 use crate::domain::machine::{InitiationFailure, Input, Payment};
+use crate::domain::model::{Order, PaymentKind};
 use crate::domain::reason::{Reason, ReasonCode};
+
+/// The reason code for a definite refusal, from the bank's typed error code.
+fn refusal_reason(status: u16, body: &crate::belfius::ErrorBody, what: &str) -> Reason {
+    let code = crate::belfius::errors::classify(status, body);
+    Reason::new(
+        code.reason(),
+        format!(
+            "bank refused the {what}: HTTP {status} {} {}: {}",
+            body.error, body.error_code, body.error_description
+        ),
+    )
+}
 
 /// What a failed initiation call tells us about the bank's side.
 pub fn classify_initiation_error(error: &BankError) -> InitiationFailure {
@@ -27,13 +41,9 @@ pub fn classify_initiation_error(error: &BankError) -> InitiationFailure {
         BankError::Protocol(message) => InitiationFailure::Unknown {
             message: format!("unreadable initiation response: {message}"),
         },
-        BankError::Refused { status, body } => InitiationFailure::Refused(Reason::new(
-            ReasonCode::BankRejected,
-            format!(
-                "bank refused the initiation: HTTP {status} {} {}: {}",
-                body.error, body.error_code, body.error_description
-            ),
-        )),
+        BankError::Refused { status, body } => {
+            InitiationFailure::Refused(refusal_reason(*status, body, "initiation"))
+        }
     }
 }
 
@@ -46,13 +56,29 @@ pub async fn initiate(bank: &BelfiusClient, payment: &Payment) -> Input {
         )));
     };
     let challenge = pkce::challenge_for(verifier.expose_secret());
-    match bank.initiate_payment(order, &challenge, None).await {
+    let result = match order {
+        Order::Single(single) => bank.initiate_payment(single, &challenge, None).await,
+        Order::Standing(standing) => bank.initiate_periodic(standing, &challenge, None).await,
+        Order::Bulk(bulk) => bank.initiate_bulk(bulk, &challenge, None).await,
+    };
+    match result {
         Ok(initiated) => Input::BankInitiated {
             bank_payment_id: initiated.bank_payment_id,
             sca_redirect_url: initiated.sca_redirect_url,
             bank_status: initiated.bank_status,
         },
         Err(error) => Input::InitiationFailed(classify_initiation_error(&error)),
+    }
+}
+
+/// The machine's view of a bank status for this kind of order: for a bulk, ISO `PART` means
+/// some transfers were rejected, not a missing signature.
+pub fn progress_for(kind: PaymentKind, status: TransactionStatus) -> BankProgress {
+    match (kind, status) {
+        (PaymentKind::Bulk, TransactionStatus::Part) => BankProgress::PartiallyAccepted,
+        (PaymentKind::Single | PaymentKind::Periodic | PaymentKind::Bulk, other) => {
+            other.progress()
+        }
     }
 }
 
@@ -64,12 +90,12 @@ pub async fn check_status(bank: &BelfiusClient, payment: &Payment) -> Input {
         };
     };
     match bank
-        .payment_status(order.brand, order.product, bank_id)
+        .payment_status(order.kind(), order.brand(), order.product(), bank_id)
         .await
     {
         Ok(code) => match TransactionStatus::parse(&code) {
             Some(status) => Input::StatusObserved {
-                progress: status.progress(),
+                progress: progress_for(order.kind(), status),
                 bank_status: status.as_str().to_owned(),
             },
             None => Input::StatusCheckFailed {
@@ -91,7 +117,41 @@ pub async fn exchange_code(bank: &BelfiusClient, payment: &Payment) -> Result<To
     ) else {
         return Err("internal: no code or verifier to exchange".into());
     };
-    bank.exchange_code(order.brand, code, verifier, &order.redirect_uri)
+    bank.exchange_code(order.brand(), code, verifier, order.redirect_uri())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// DELETE the payment at the bank with the PSU's access token.
+pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &SecretString) -> Input {
+    let (Some(order), Some(bank_id)) = (&payment.order, &payment.bank_payment_id) else {
+        return Input::CancelRefused(Reason::new(
+            ReasonCode::CancelRefused,
+            "internal: no bank payment id to cancel",
+        ));
+    };
+    match bank
+        .cancel_payment(order.kind(), order.brand(), order.product(), bank_id, access_token)
+        .await
+    {
+        Ok(cancelled) => Input::CancelConfirmed {
+            bank_status: cancelled.transaction_status,
+        },
+        Err(BankError::Refused { status, body }) => {
+            let mut reason = refusal_reason(status, &body, "cancellation");
+            reason.code = ReasonCode::CancelRefused;
+            Input::CancelRefused(reason)
+        }
+        // Not sent or rate-limited: nothing happened at the bank, but the status check that
+        // follows settles it either way, so all non-refusals go the same way.
+        Err(
+            error @ (BankError::NotSent(_)
+            | BankError::RateLimited { .. }
+            | BankError::NoResponse(_)
+            | BankError::Unavailable { .. }
+            | BankError::Protocol(_)),
+        ) => Input::CancelUnconfirmed {
+            message: error.to_string(),
+        },
+    }
 }

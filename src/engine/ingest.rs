@@ -8,9 +8,10 @@ use crate::contract::DecodeErrorClass;
 use crate::contract::command::{self, CommandBody, CommandEnvelope};
 use crate::domain::machine::{Input, ScaOutcome};
 use crate::domain::model::{CommandId, PaymentId, PsuId};
+use crate::domain::model::Order;
 use crate::domain::validation::{
-    ValidationLimits, validate_command_id, validate_initiation, validate_payment_id,
-    validate_psu_id,
+    ValidationLimits, validate_bulk, validate_command_id, validate_initiation, validate_payment_id,
+    validate_periodic, validate_psu_id,
 };
 
 /// What to do with one command record.
@@ -40,11 +41,13 @@ fn dead(
     }
 }
 
+/// `has_token` tells whether the worker holds a PIS token for a PSU (a cancellation needs one).
 pub fn ingest(
     message: &OwnedMessage,
     max_bytes: usize,
     limits: &ValidationLimits,
     today: NaiveDate,
+    has_token: &dyn Fn(&PsuId) -> bool,
 ) -> Ingested {
     let Some(payload) = message.payload() else {
         return dead(DecodeErrorClass::Empty, "record has no value", None);
@@ -53,7 +56,7 @@ pub fn ingest(
         Ok(envelope) => envelope,
         Err(e) => return dead(e.class, e.message, None),
     };
-    to_input(envelope, message.key(), limits, today)
+    to_input(envelope, message.key(), limits, today, has_token)
 }
 
 fn to_input(
@@ -61,6 +64,7 @@ fn to_input(
     key: Option<&[u8]>,
     limits: &ValidationLimits,
     today: NaiveDate,
+    has_token: &dyn Fn(&PsuId) -> bool,
 ) -> Ingested {
     let readable_id = validate_payment_id(&envelope.payment_id)
         .is_ok()
@@ -93,18 +97,21 @@ fn to_input(
     let payment_id = PaymentId::new(envelope.payment_id);
     let kind = envelope.body.kind();
     let input = match envelope.body {
-        CommandBody::Initiate(raw) => match validate_initiation(&raw, limits, today) {
-            Ok(order) => Input::Initiate {
-                command_id,
-                psu_id,
-                order,
-            },
-            Err(reason) => Input::InitiateInvalid {
-                command_id,
-                psu_id,
-                reason,
-            },
-        },
+        CommandBody::Initiate(raw) => initiate(
+            command_id,
+            psu_id,
+            validate_initiation(&raw, limits, today).map(Order::Single),
+        ),
+        CommandBody::InitiatePeriodic(raw) => initiate(
+            command_id,
+            psu_id,
+            validate_periodic(&raw, limits, today).map(Order::Standing),
+        ),
+        CommandBody::InitiateBulk(raw) => initiate(
+            command_id,
+            psu_id,
+            validate_bulk(&raw, limits, today).map(Order::Bulk),
+        ),
         CommandBody::CompleteSca(sca) => {
             let outcome = match (sca.authorization_code, sca.error) {
                 (Some(code), None) => ScaOutcome::Code(code),
@@ -133,12 +140,38 @@ fn to_input(
                 outcome,
             }
         }
-        CommandBody::Cancel { .. } => Input::Cancel { command_id, psu_id },
+        CommandBody::Cancel { .. } => {
+            let bank_token = has_token(&psu_id);
+            Input::Cancel {
+                command_id,
+                psu_id,
+                bank_token,
+            }
+        }
         CommandBody::RefreshStatus => Input::RefreshStatus { command_id, psu_id },
     };
     Ingested::Apply {
         payment_id,
         input: Box::new(input),
         kind,
+    }
+}
+
+fn initiate(
+    command_id: CommandId,
+    psu_id: PsuId,
+    validated: Result<Order, crate::domain::reason::Reason>,
+) -> Input {
+    match validated {
+        Ok(order) => Input::Initiate {
+            command_id,
+            psu_id,
+            order,
+        },
+        Err(reason) => Input::InitiateInvalid {
+            command_id,
+            psu_id,
+            reason,
+        },
     }
 }

@@ -27,7 +27,9 @@ use crate::belfius::pkce::Pkce;
 use crate::domain::machine::{
     Effect, Input, Millis, Outcome, Payment, StateKind, StatusEvent, decide,
 };
+use crate::belfius::BankError;
 use crate::domain::model::{PaymentId, PsuId};
+use crate::domain::reason::{Reason, ReasonCode};
 use crate::kafka::state::{self, PsuTokens, RestoredPartition};
 
 /// Messages to a partition owner.
@@ -40,6 +42,8 @@ pub enum ActorMsg {
     Continue {
         payment_id: PaymentId,
         input: Box<Input>,
+        /// The PSU whose token lane this continuation frees.
+        release_lane: Option<PsuId>,
     },
     Persisted {
         payment_id: PaymentId,
@@ -52,6 +56,12 @@ pub enum ActorMsg {
     TokensReceived {
         payment_id: PaymentId,
         tokens: Box<crate::belfius::TokenPair>,
+        then: AfterTokens,
+    },
+    RefreshFailed {
+        payment_id: PaymentId,
+        psu_id: PsuId,
+        error: Box<BankError>,
     },
     Published {
         state_offset: i64,
@@ -80,6 +90,37 @@ pub struct OwnerHandle {
     pub revoked: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// What to do once a new token pair is durable.
+pub enum AfterTokens {
+    /// The payment's code exchange is done.
+    Exchanged,
+    /// The pair was refreshed to cancel this payment: cancel now.
+    Cancel,
+}
+
+/// An operation on a PSU's token pair (see `token_op`).
+enum TokenOp {
+    Exchange(PaymentId),
+    Cancel(PaymentId),
+}
+
+#[derive(Default)]
+struct PsuLane {
+    busy: bool,
+    queue: VecDeque<TokenOp>,
+}
+
+/// A token this close to expiry is refreshed before use.
+const TOKEN_MARGIN_MS: i64 = 30_000;
+
+fn continue_with(payment_id: PaymentId, input: Input, release_lane: Option<PsuId>) -> ActorMsg {
+    ActorMsg::Continue {
+        payment_id,
+        input: Box::new(input),
+        release_lane,
+    }
+}
+
 struct Queued {
     input: Input,
     source: Option<Box<OwnedMessage>>,
@@ -93,6 +134,7 @@ pub struct PartitionOwner {
     committable: Arc<AtomicI64>,
     payments: HashMap<PaymentId, Payment>,
     psus: HashMap<PsuId, PsuTokens>,
+    lanes: HashMap<PsuId, PsuLane>,
     busy: HashSet<PaymentId>,
     queues: HashMap<PaymentId, VecDeque<Queued>>,
     timers: BTreeSet<(Millis, PaymentId)>,
@@ -197,6 +239,7 @@ impl PartitionOwner {
             committable,
             payments: HashMap::new(),
             psus: restored.psus,
+            lanes: HashMap::new(),
             busy: HashSet::new(),
             queues: HashMap::new(),
             timers: BTreeSet::new(),
@@ -267,9 +310,24 @@ impl PartitionOwner {
                 );
                 self.revoking = Some((ack, deadline));
             }
-            ActorMsg::Continue { payment_id, input } => {
+            ActorMsg::Continue {
+                payment_id,
+                input,
+                release_lane,
+            } => {
                 self.in_flight -= 1;
+                if let Some(psu_id) = release_lane {
+                    self.lane_done(psu_id).await;
+                }
                 self.apply(payment_id, *input, None).await;
+            }
+            ActorMsg::RefreshFailed {
+                payment_id,
+                psu_id,
+                error,
+            } => {
+                self.in_flight -= 1;
+                self.on_refresh_failed(payment_id, psu_id, *error).await;
             }
             ActorMsg::Persisted {
                 payment_id,
@@ -283,9 +341,13 @@ impl PartitionOwner {
                 self.on_persisted(payment_id, seq, offset, source, events, effects)
                     .await;
             }
-            ActorMsg::TokensReceived { payment_id, tokens } => {
+            ActorMsg::TokensReceived {
+                payment_id,
+                tokens,
+                then,
+            } => {
                 self.in_flight -= 1;
-                self.on_tokens(payment_id, *tokens).await;
+                self.on_tokens(payment_id, *tokens, then).await;
             }
             ActorMsg::Published { state_offset } => {
                 self.in_flight -= 1;
@@ -316,11 +378,14 @@ impl PartitionOwner {
         let offset = record.offset();
         self.offsets.begin(offset);
         let today = chrono::Utc::now().date_naive();
+        let psus = &self.psus;
+        let has_token = |psu: &PsuId| psus.contains_key(psu);
         match ingest(
             &record,
             self.deps.max_command_bytes,
             &self.deps.limits,
             today,
+            &has_token,
         ) {
             Ingested::DeadLetter {
                 class,
@@ -564,85 +629,211 @@ impl PartitionOwner {
                 self.in_flight += 1;
                 tokio::spawn(async move {
                     let input = bank::initiate(&bank_client, &payment).await;
-                    send(
-                        &reply,
-                        ActorMsg::Continue {
-                            payment_id,
-                            input: Box::new(input),
-                        },
-                    )
-                    .await;
+                    send(&reply, continue_with(payment_id, input, None)).await;
                 });
             }
             Effect::CheckStatus => {
                 self.in_flight += 1;
                 tokio::spawn(async move {
                     let input = bank::check_status(&bank_client, &payment).await;
-                    send(
-                        &reply,
-                        ActorMsg::Continue {
-                            payment_id,
-                            input: Box::new(input),
-                        },
-                    )
-                    .await;
+                    send(&reply, continue_with(payment_id, input, None)).await;
                 });
             }
             Effect::ExchangeCode => {
+                self.token_op(payment.psu_id.clone(), TokenOp::Exchange(payment_id))
+                    .await;
+            }
+            Effect::CallCancel => {
+                self.token_op(payment.psu_id.clone(), TokenOp::Cancel(payment_id))
+                    .await;
+            }
+        }
+    }
+
+    /// Queues an operation that issues or uses the PSU's token pair. Belfius keeps one pair per
+    /// scope and issuing a new one kills the old: one operation per PSU at a time (DESIGN.md
+    /// invariant 1), in arrival order.
+    async fn token_op(&mut self, psu_id: PsuId, op: TokenOp) {
+        self.lanes.entry(psu_id.clone()).or_default().queue.push_back(op);
+        self.next_token_op(psu_id).await;
+    }
+
+    async fn next_token_op(&mut self, psu_id: PsuId) {
+        let Some(lane) = self.lanes.get_mut(&psu_id) else {
+            return;
+        };
+        if lane.busy {
+            return;
+        }
+        let Some(op) = lane.queue.pop_front() else {
+            self.lanes.remove(&psu_id);
+            return;
+        };
+        lane.busy = true;
+        let reply = self.reply_to();
+        let bank_client = self.deps.bank.clone();
+        match op {
+            TokenOp::Exchange(payment_id) => {
+                let Some(payment) = self.payments.get(&payment_id).cloned() else {
+                    self.lane_done(psu_id).await;
+                    return;
+                };
                 self.in_flight += 1;
                 tokio::spawn(async move {
                     let message = match bank::exchange_code(&bank_client, &payment).await {
                         Ok(tokens) => ActorMsg::TokensReceived {
                             payment_id,
                             tokens: Box::new(tokens),
+                            then: AfterTokens::Exchanged,
                         },
-                        Err(message) => ActorMsg::Continue {
+                        Err(message) => continue_with(
                             payment_id,
-                            input: Box::new(Input::TokenExchangeFailed { message }),
-                        },
+                            Input::TokenExchangeFailed { message },
+                            Some(psu_id),
+                        ),
                     };
                     send(&reply, message).await;
                 });
             }
+            TokenOp::Cancel(payment_id) => {
+                let Some(payment) = self.payments.get(&payment_id).cloned() else {
+                    self.lane_done(psu_id).await;
+                    return;
+                };
+                let now = now_millis();
+                let usable = self.psus.get(&psu_id).map(|t| {
+                    let fresh = t.expires_at.is_none_or(|at| at > now + TOKEN_MARGIN_MS);
+                    (fresh, t.access_token.clone(), t.refresh_token.clone(), t.brand)
+                });
+                match usable {
+                    Some((true, access, _, _)) => {
+                        self.in_flight += 1;
+                        tokio::spawn(async move {
+                            let input = bank::cancel(&bank_client, &payment, &access).await;
+                            send(&reply, continue_with(payment_id, input, Some(psu_id))).await;
+                        });
+                    }
+                    Some((false, _, Some(refresh), brand)) => {
+                        self.in_flight += 1;
+                        tokio::spawn(async move {
+                            let message = match bank_client.refresh_token(brand, &refresh).await {
+                                Ok(tokens) => ActorMsg::TokensReceived {
+                                    payment_id,
+                                    tokens: Box::new(tokens),
+                                    then: AfterTokens::Cancel,
+                                },
+                                Err(error) => ActorMsg::RefreshFailed {
+                                    payment_id,
+                                    psu_id,
+                                    error: Box::new(error),
+                                },
+                            };
+                            send(&reply, message).await;
+                        });
+                    }
+                    Some((false, _, None, _)) | None => {
+                        let input = Input::CancelRefused(Reason::new(
+                            ReasonCode::CancelRefused,
+                            "no valid PIS token for this PSU: the PSU must authorize again",
+                        ));
+                        self.lane_done(psu_id).await;
+                        Box::pin(self.apply(payment_id, input, None)).await;
+                    }
+                }
+            }
         }
     }
 
-    /// A new token pair is persisted in the PSU record before the payment moves on (Belfius
+    async fn lane_done(&mut self, psu_id: PsuId) {
+        if let Some(lane) = self.lanes.get_mut(&psu_id) {
+            lane.busy = false;
+        }
+        Box::pin(self.next_token_op(psu_id)).await;
+    }
+
+    /// A refresh failed. A definite refusal means the pair is dead: forget it (durably), so the
+    /// next operation does not try it again.
+    async fn on_refresh_failed(&mut self, payment_id: PaymentId, psu_id: PsuId, error: BankError) {
+        let input = match &error {
+            BankError::Refused { .. } => {
+                self.psus.remove(&psu_id);
+                let key = state::psu_key(&psu_id);
+                let seq = self.outbox.sent();
+                match self.deps.producer.send_state_tombstone(self.partition, &key).await {
+                    Ok(delivered) => {
+                        let reply = self.reply_to();
+                        let deps = self.deps.clone();
+                        self.in_flight += 1;
+                        tokio::spawn(async move {
+                            match delivered.await {
+                                Ok(offset) => send(&reply, ActorMsg::AuxPersisted { seq, offset }).await,
+                                Err(e) => deps.fatal(format!("PSU token removal failed: {e}")),
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        self.deps.fatal(format!("removing PSU tokens: {e}"));
+                        return;
+                    }
+                }
+                Input::CancelRefused(Reason::new(
+                    ReasonCode::BankSecurityFailure,
+                    format!("the bank refused to refresh the PIS token ({error}); the PSU must authorize again"),
+                ))
+            }
+            BankError::NotSent(_)
+            | BankError::NoResponse(_)
+            | BankError::RateLimited { .. }
+            | BankError::Unavailable { .. }
+            | BankError::Protocol(_) => Input::CancelUnconfirmed {
+                message: format!("token refresh failed before the cancellation: {error}"),
+            },
+        };
+        self.lane_done(psu_id).await;
+        Box::pin(self.apply(payment_id, input, None)).await;
+    }
+
+    /// A new token pair is persisted in the PSU record before anything uses it (Belfius
     /// invalidates the previous pair, so losing the new one would lock the PSU out).
-    async fn on_tokens(&mut self, payment_id: PaymentId, tokens: crate::belfius::TokenPair) {
-        let Some(payment) = self.payments.get(&payment_id) else {
+    async fn on_tokens(
+        &mut self,
+        payment_id: PaymentId,
+        tokens: crate::belfius::TokenPair,
+        then: AfterTokens,
+    ) {
+        let Some(payment) = self.payments.get(&payment_id).cloned() else {
             self.release(payment_id).await;
             return;
         };
         let brand = match &payment.order {
-            Some(order) => order.brand,
+            Some(order) => order.brand(),
             None => crate::domain::model::Brand::Belfius,
         };
         let now = now_millis();
+        let psu_id = payment.psu_id.clone();
         let record = PsuTokens {
-            psu_id: payment.psu_id.clone(),
+            psu_id: psu_id.clone(),
             brand,
-            access_token: tokens.access_token,
-            refresh_token: tokens.refresh_token,
+            access_token: tokens.access_token.clone(),
+            // A refresh answer without a new refresh token keeps the old one usable.
+            refresh_token: tokens
+                .refresh_token
+                .clone()
+                .or_else(|| self.psus.get(&psu_id).and_then(|t| t.refresh_token.clone())),
             expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
             updated_at: now,
         };
         let (key, value) = match state::encode_psu(&self.deps.state_key, &record) {
             Ok(kv) => kv,
             Err(e) => {
-                self.deps
-                    .fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
+                self.deps.fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
                 return;
             }
         };
-        self.psus.insert(record.psu_id.clone(), record);
+        let access = record.access_token.clone();
+        self.psus.insert(psu_id.clone(), record);
         let seq = self.outbox.sent();
-        let delivered = match self
-            .deps
-            .producer
-            .send_state(self.partition, &key, &value)
-            .await
-        {
+        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
             Ok(d) => d,
             Err(e) => {
                 self.deps.fatal(format!("writing PSU tokens: {e}"));
@@ -651,26 +842,22 @@ impl PartitionOwner {
         };
         let reply = self.reply_to();
         let deps = self.deps.clone();
-        self.in_flight += 1;
+        let bank_client = self.deps.bank.clone();
+        // `AuxPersisted` and the continuation each decrement once.
+        self.in_flight += 2;
         tokio::spawn(async move {
             match delivered.await {
                 Ok(offset) => {
-                    // Two reports: the write for the outbox, then the payment's continuation.
                     send(&reply, ActorMsg::AuxPersisted { seq, offset }).await;
-                    send(
-                        &reply,
-                        ActorMsg::Continue {
-                            payment_id,
-                            input: Box::new(Input::TokenExchanged),
-                        },
-                    )
-                    .await;
+                    let input = match then {
+                        AfterTokens::Exchanged => Input::TokenExchanged,
+                        AfterTokens::Cancel => bank::cancel(&bank_client, &payment, &access).await,
+                    };
+                    send(&reply, continue_with(payment_id, input, Some(psu_id))).await;
                 }
                 Err(e) => deps.fatal(format!("PSU token write failed: {e}")),
             }
         });
-        // `AuxPersisted` and `Continue` each decrement once.
-        self.in_flight += 1;
     }
 
     /// The payment is idle again: apply the next queued input, if any.

@@ -108,6 +108,42 @@ impl Producer {
             .await
     }
 
+    /// Deletes a key of the state partition (a tombstone: null value).
+    pub async fn send_state_tombstone(
+        &self,
+        partition: i32,
+        key: &str,
+    ) -> Result<Delivered, KafkaEdgeError> {
+        let topic = self.topics.state.clone();
+        loop {
+            let record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&topic).key(key.as_bytes()).partition(partition);
+            match self.inner.send_result(record) {
+                Ok(delivery) => {
+                    let topic = topic.clone();
+                    return Ok(Box::pin(async move {
+                        match delivery.await {
+                            Ok(Ok(delivered)) => Ok(delivered.offset),
+                            Ok(Err((e, _))) => {
+                                Err(KafkaEdgeError::kafka(format!("delivering to {topic}"), e))
+                            }
+                            Err(_canceled) => Err(KafkaEdgeError::Setup(format!(
+                                "producer dropped a delivery to {topic}"
+                            ))),
+                        }
+                    }));
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((e, _)) => {
+                    return Err(KafkaEdgeError::kafka(format!("enqueueing to {topic}"), e));
+                }
+            }
+        }
+    }
+
     /// Publishes one status event, keyed by payment id.
     pub async fn send_status(&self, event: &StatusEvent) -> Result<Delivered, KafkaEdgeError> {
         let value = contract::status::encode(event)

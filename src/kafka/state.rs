@@ -367,7 +367,7 @@ mod tests {
             Input::Initiate {
                 command_id: CommandId::new("c-1"),
                 psu_id: PsuId::new("u-1"),
-                order: order(),
+                order: order().into(),
             },
             1,
             &Policy::default(),

@@ -1,32 +1,35 @@
-//! In-memory bank state of the simulator: payments, authorization codes, tokens, counters.
+//! In-memory bank state of the simulator: payments (single, standing orders, bulks), PSUs'
+//! authorization codes and tokens, counters.
 //!
-//! Time-driven transitions (auto-sign, settlement, SCA expiry) are applied lazily whenever a
-//! payment is read, using the instant at which they were due: the result is the same as with
-//! timers, without tasks to manage.
+//! Time-driven transitions (auto-sign, settlement, SCA expiry, end of a standing order) are
+//! applied lazily whenever a payment is read, using the instant at which they were due: the
+//! result is the same as with timers, without tasks to manage.
 //!
 //! Codes and tokens are stored as SHA-256 digests only, so the store never holds them in clear.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::belfius::pkce::challenge_for;
 use crate::belfius::status::TransactionStatus;
-use crate::domain::model::{Amount, PaymentProduct};
+use crate::domain::model::{Amount, Brand, Frequency, PaymentKind, PaymentProduct};
 
 /// [I] Lifetime of an authorization code (not documented; RFC 6749 recommends at most 10 min).
 pub const CODE_LIFETIME: Duration = Duration::from_secs(600);
 /// [C] 900 s was observed for AIS access tokens (belfius-api.md §3.2); assumed for PIS.
-pub const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
+pub const DEFAULT_ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
 /// Delay of the `AUTO-SIGN` / `AUTO-REJECT` scenarios when no global auto-sign delay is set.
 pub const DEFAULT_SCENARIO_DELAY: Duration = Duration::from_secs(1);
+/// The PSU who signs when the operator names none (and for automatic signatures).
+pub const DEFAULT_PSU: &str = "psu-default";
 
 pub type Digest = [u8; 32];
 
@@ -38,6 +41,10 @@ fn random_secret() -> SecretString {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes).into()
+}
+
+fn today() -> NaiveDate {
+    Utc::now().date_naive()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,28 +76,94 @@ pub enum AutoAction {
     Reject,
 }
 
-/// Timing settings, copied from the sandbox configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
+/// What a PSU does on the SCA screens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PsuAction {
+    /// `partial`: one signature of several (multi-signature), the payment stays PATC.
+    Sign { psu: String, partial: bool },
+    Reject { psu: String },
+}
+
+/// Settings the operator may change while the simulator runs (`/admin/config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
     pub auto_sign_after: Option<Duration>,
+    /// ACTC -> ACSC delay (single and bulk payments).
     pub settle_after: Duration,
+    /// An unsigned (RCVD) payment turns RJCT after this.
     pub sca_expiry: Duration,
+    pub access_token_lifetime: Duration,
+    /// Check the QSeal `Signature` header of initiations.
+    pub verify_signatures: bool,
+    /// HTTP status of a successful cancellation: 204 (no body), 200 or 202 (with a body).
+    pub cancel_status: u16,
+}
+
+/// A standing order's schedule, as validated by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Schedule {
+    pub start_date: NaiveDate,
+    pub end_date: Option<NaiveDate>,
+    pub frequency: &'static str,
+    pub day_of_execution: Option<u8>,
+}
+
+impl Schedule {
+    pub fn new(
+        start_date: NaiveDate,
+        end_date: Option<NaiveDate>,
+        frequency: Frequency,
+        day_of_execution: Option<u8>,
+    ) -> Self {
+        Self {
+            start_date,
+            end_date,
+            frequency: frequency.as_str(),
+            day_of_execution,
+        }
+    }
+}
+
+/// One transfer of a bulk, with its own outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BulkLine {
+    pub endtoend_identification: String,
+    pub amount: String,
+    pub currency: String,
+    pub creditor_name: String,
+    pub creditor_iban: String,
+    pub transaction_status: &'static str,
+    /// Scenario `REJECT-ENTRY`: this transfer is rejected at execution.
+    #[serde(skip)]
+    pub reject: bool,
 }
 
 /// A validated initiation, as the API handler hands it to the store.
 #[derive(Debug, Clone)]
 pub struct NewPayment {
+    pub kind: PaymentKind,
+    pub brand: Brand,
     pub product: PaymentProduct,
+    /// The end-to-end id (a bulk's: its first transfer's).
     pub e2e: String,
+    /// A bulk's: the sum of its transfers.
     pub amount: Amount,
     pub currency: String,
     pub creditor_name: String,
-    pub creditor_iban: String,
+    /// IBAN, or the BBAN of a cross-border transfer.
+    pub creditor_account: String,
     pub debtor_iban: Option<String>,
+    pub requested_execution_date: Option<NaiveDate>,
+    pub schedule: Option<Schedule>,
+    pub entries: Vec<BulkLine>,
     pub redirect_uri: String,
     /// `None` when the initiation carried a valid access token: then no code is issued.
     pub challenge: Option<Challenge>,
+    /// The PSU whose access token authorised the initiation, if any.
+    pub psu: Option<String>,
     pub scenario: Scenario,
+    /// The body as received: what the details endpoint gives back.
+    pub request: serde_json::Value,
 }
 
 /// Behaviour chosen by magic words in `creditor_name` (docs/belfius.md, "Scenarios").
@@ -105,19 +178,27 @@ pub struct Scenario {
 
 pub struct Payment {
     pub id: String,
+    pub kind: PaymentKind,
+    pub brand: Brand,
     pub product: PaymentProduct,
     pub e2e: String,
     pub amount: Amount,
     pub currency: String,
     pub creditor_name: String,
-    pub creditor_iban: String,
+    pub creditor_account: String,
     pub debtor_iban: Option<String>,
+    pub requested_execution_date: Option<NaiveDate>,
+    pub schedule: Option<Schedule>,
+    pub entries: Vec<BulkLine>,
     pub redirect_uri: String,
     pub challenge: Option<Challenge>,
+    /// The PSU the payment belongs to: the token's at initiation, else the first signer.
+    pub psu: Option<String>,
     pub status: TransactionStatus,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub scenario: Scenario,
+    pub request: serde_json::Value,
     created: Instant,
     signed_at: Option<Instant>,
     auto_at: Option<(Instant, AutoAction)>,
@@ -129,6 +210,8 @@ pub struct Payment {
 #[derive(Serialize)]
 pub struct PaymentView {
     pub payment_id: String,
+    pub payment_kind: &'static str,
+    pub brand: &'static str,
     pub payment_product: &'static str,
     pub endtoend_identification: String,
     pub amount: String,
@@ -136,6 +219,10 @@ pub struct PaymentView {
     pub creditor_name: String,
     pub creditor_iban: String,
     pub debtor_iban: Option<String>,
+    pub requested_execution_date: Option<NaiveDate>,
+    pub schedule: Option<Schedule>,
+    pub entries: Vec<BulkLine>,
+    pub psu: Option<String>,
     pub transaction_status: &'static str,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -149,13 +236,19 @@ impl Payment {
     pub fn view(&self) -> PaymentView {
         PaymentView {
             payment_id: self.id.clone(),
+            payment_kind: self.kind.path_prefix(),
+            brand: self.brand.as_str(),
             payment_product: self.product.path_segment(),
             endtoend_identification: self.e2e.clone(),
             amount: self.amount.to_string(),
             currency: self.currency.clone(),
             creditor_name: self.creditor_name.clone(),
-            creditor_iban: self.creditor_iban.clone(),
+            creditor_iban: self.creditor_account.clone(),
             debtor_iban: self.debtor_iban.clone(),
+            requested_execution_date: self.requested_execution_date,
+            schedule: self.schedule.clone(),
+            entries: self.entries.clone(),
+            psu: self.psu.clone(),
             transaction_status: self.status.as_str(),
             reason: self.reason.clone(),
             created_at: self.created_at,
@@ -167,6 +260,33 @@ impl Payment {
                 .map(|r| r.expose_secret().to_owned()),
         }
     }
+
+    /// [I] What may still be cancelled (belfius-api.md §4 recommendation): anything not yet
+    /// signed; a signed payment only while its execution date is in the future; a standing
+    /// order while it is active. Instant and settled payments are past the point of no return.
+    fn cancellable(&self, today: NaiveDate) -> bool {
+        match self.status {
+            TransactionStatus::Rcvd | TransactionStatus::Pdng | TransactionStatus::Patc => true,
+            TransactionStatus::Actc | TransactionStatus::Accp => match self.kind {
+                PaymentKind::Periodic => true,
+                PaymentKind::Single | PaymentKind::Bulk => self
+                    .requested_execution_date
+                    .is_some_and(|date| date > today),
+            },
+            TransactionStatus::Acsp
+            | TransactionStatus::Acwc
+            | TransactionStatus::Acfc
+            | TransactionStatus::Acsc
+            | TransactionStatus::Part
+            | TransactionStatus::Rjct
+            | TransactionStatus::Canc => false,
+        }
+    }
+
+    /// Whether `e2e` names this payment (a bulk: also any of its transfers).
+    fn has_e2e(&self, e2e: &str) -> bool {
+        self.e2e == e2e || self.entries.iter().any(|e| e.endtoend_identification == e2e)
+    }
 }
 
 /// What a PSU action produced.
@@ -175,7 +295,7 @@ pub struct PsuOutcome {
     pub payment_id: String,
     pub status: &'static str,
     /// Where the PSU's browser goes next; `None` when the action happens in Belfius channels
-    /// (second signer of a multi-signature payment).
+    /// (later signers of a multi-signature payment) or the PSU walked away.
     pub redirect_url: Option<String>,
 }
 
@@ -198,6 +318,14 @@ pub enum PsuError {
     Conflict(&'static str),
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    #[error("no such payment")]
+    NotFound,
+    #[error("payment is {0}: cancellation not allowed")]
+    NotAllowed(&'static str),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     #[error("authorization code unknown")]
@@ -214,8 +342,19 @@ pub enum GrantError {
     InvalidRefreshToken,
 }
 
+/// Result of presenting an access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenCheck {
+    Valid { psu: String },
+    /// Replaced by a newer pair of the same PSU (one pair per PSU and scope [P §3.2]).
+    Invalidated,
+    Expired,
+    Unknown,
+}
+
 struct IssuedCode {
     payment_id: String,
+    psu: String,
     redirect_uri: String,
     challenge: Challenge,
     issued: Instant,
@@ -230,9 +369,10 @@ enum TokenKind {
 
 struct IssuedToken {
     kind: TokenKind,
-    /// One pair per chain: a refresh replaces both tokens of its chain [P §3.2].
-    chain: u64,
+    psu: String,
     expires: Option<Instant>,
+    /// Kept after replacement, so a late use is recognised and counted.
+    invalidated: bool,
 }
 
 /// A freshly issued pair, in clear once, for the HTTP response.
@@ -244,44 +384,62 @@ pub struct IssuedPair {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counters {
-    /// Successful (201) initiations per end-to-end id: proves "no double initiation".
+    /// Successful initiations of single payments and standing orders per end-to-end id:
+    /// proves "no double initiation".
     pub initiations_by_e2e: BTreeMap<String, u64>,
-    /// Successful (201) initiations.
+    /// Successful bulk initiations per end-to-end id of the bulk's first transfer.
+    pub bulk_initiations: BTreeMap<String, u64>,
+    /// Successful initiations, all kinds.
     pub initiations: u64,
-    /// Every request that reached the initiation handler, refused ones included.
+    /// Every request that reached an initiation handler, refused ones included.
     pub initiation_requests: u64,
     /// Every request that reached the status handler.
     pub status_requests: u64,
+    /// Every request that reached the details handler.
+    pub details_requests: u64,
+    /// Every request that reached the cancellation handler.
+    pub cancel_requests: u64,
+    /// Successful cancellations.
+    pub cancellations: u64,
+    /// Token pairs issued (code exchanges and refreshes).
     pub tokens_issued: u64,
+    /// Successful refreshes.
+    pub refreshes: u64,
     pub token_failures: u64,
+    /// Presentations of a token that a newer pair had replaced (access or refresh).
+    pub invalidated_token_uses: u64,
+    pub signatures_checked: u64,
+    pub signatures_failed: u64,
 }
 
 pub struct Store {
-    timing: Timing,
+    pub settings: Settings,
     payments: HashMap<String, Payment>,
     /// Creation order, for listings and "latest payment with this e2e id".
     order: Vec<String>,
     codes: HashMap<Digest, IssuedCode>,
     tokens: HashMap<Digest, IssuedToken>,
-    next_chain: u64,
+    /// Digests of each PSU's live (not invalidated) tokens.
+    live: HashMap<String, HashSet<Digest>>,
     pub counters: Counters,
 }
 
 impl Store {
-    pub fn new(timing: Timing) -> Self {
+    pub fn new(settings: Settings) -> Self {
         Self {
-            timing,
+            settings,
             payments: HashMap::new(),
             order: Vec::new(),
             codes: HashMap::new(),
             tokens: HashMap::new(),
-            next_chain: 0,
+            live: HashMap::new(),
             counters: Counters::default(),
         }
     }
 
+    /// Forgets payments, codes, tokens and counters; keeps the (possibly changed) settings.
     pub fn reset(&mut self) {
-        *self = Self::new(self.timing);
+        *self = Self::new(self.settings);
     }
 
     pub fn count_initiation_request(&mut self) {
@@ -292,46 +450,68 @@ impl Store {
         self.counters.status_requests += 1;
     }
 
+    pub fn count_details_request(&mut self) {
+        self.counters.details_requests += 1;
+    }
+
+    pub fn count_cancel_request(&mut self) {
+        self.counters.cancel_requests += 1;
+    }
+
     pub fn count_token_failure(&mut self) {
         self.counters.token_failures += 1;
+    }
+
+    pub fn count_signature(&mut self, valid: bool) {
+        self.counters.signatures_checked += 1;
+        if !valid {
+            self.counters.signatures_failed += 1;
+        }
     }
 
     pub fn insert_payment(&mut self, new: NewPayment, now: Instant) -> &Payment {
         // 32 hex characters: inside the reported `^[a-zA-Z0-9-]{0,35}$` id format [T Exthand].
         let id = uuid::Uuid::new_v4().simple().to_string();
         let auto_delay = self
-            .timing
+            .settings
             .auto_sign_after
             .unwrap_or(DEFAULT_SCENARIO_DELAY);
         let auto_at = match new.scenario.auto {
             Some(action) => Some((now + auto_delay, action)),
             None => self
-                .timing
+                .settings
                 .auto_sign_after
                 .map(|after| (now + after, AutoAction::Sign)),
         };
-        *self
-            .counters
-            .initiations_by_e2e
-            .entry(new.e2e.clone())
-            .or_insert(0) += 1;
+        let by_e2e = match new.kind {
+            PaymentKind::Single | PaymentKind::Periodic => &mut self.counters.initiations_by_e2e,
+            PaymentKind::Bulk => &mut self.counters.bulk_initiations,
+        };
+        *by_e2e.entry(new.e2e.clone()).or_insert(0) += 1;
         self.counters.initiations += 1;
         self.order.push(id.clone());
         self.payments.entry(id.clone()).or_insert(Payment {
             id,
+            kind: new.kind,
+            brand: new.brand,
             product: new.product,
             e2e: new.e2e,
             amount: new.amount,
             currency: new.currency,
             creditor_name: new.creditor_name,
-            creditor_iban: new.creditor_iban,
+            creditor_account: new.creditor_account,
             debtor_iban: new.debtor_iban,
+            requested_execution_date: new.requested_execution_date,
+            schedule: new.schedule,
+            entries: new.entries,
             redirect_uri: new.redirect_uri,
             challenge: new.challenge,
+            psu: new.psu,
             status: TransactionStatus::Rcvd,
             reason: None,
             created_at: Utc::now(),
             scenario: new.scenario,
+            request: new.request,
             created: now,
             signed_at: None,
             auto_at,
@@ -355,57 +535,127 @@ impl Store {
     }
 
     /// The most recent payment with this end-to-end id (there may be several: that is exactly
-    /// what the counters are there to reveal).
+    /// what the counters are there to reveal). A bulk matches any of its transfers' ids.
     pub fn latest_by_e2e(&self, e2e: &str) -> Option<String> {
         self.order
             .iter()
             .rev()
-            .find(|id| self.payments.get(*id).is_some_and(|p| p.e2e == e2e))
+            .find(|id| self.payments.get(*id).is_some_and(|p| p.has_e2e(e2e)))
             .cloned()
     }
 
-    pub fn sign(&mut self, id: &str, now: Instant) -> Result<PsuOutcome, PsuError> {
+    pub fn act(&mut self, id: &str, action: PsuAction, now: Instant) -> Result<PsuOutcome, PsuError> {
         self.advance(id, now);
-        self.act(id, AutoAction::Sign, now)
+        self.apply(id, action, now)
     }
 
-    pub fn reject(&mut self, id: &str, now: Instant) -> Result<PsuOutcome, PsuError> {
+    /// The PSU walks away: no automatic action will happen, the payment stays RCVD (or PATC)
+    /// until the SCA expiry turns it RJCT.
+    pub fn abandon(&mut self, id: &str, now: Instant) -> Result<PsuOutcome, PsuError> {
         self.advance(id, now);
-        self.act(id, AutoAction::Reject, now)
+        let p = self.payments.get_mut(id).ok_or(PsuError::NotFound)?;
+        match p.status {
+            TransactionStatus::Rcvd | TransactionStatus::Patc => {}
+            TransactionStatus::Pdng
+            | TransactionStatus::Actc
+            | TransactionStatus::Accp
+            | TransactionStatus::Acsp
+            | TransactionStatus::Acwc
+            | TransactionStatus::Acfc
+            | TransactionStatus::Acsc
+            | TransactionStatus::Part
+            | TransactionStatus::Rjct
+            | TransactionStatus::Canc => return Err(PsuError::Conflict(p.status.as_str())),
+        }
+        p.auto_at = None;
+        Ok(PsuOutcome {
+            payment_id: p.id.clone(),
+            status: p.status.as_str(),
+            redirect_url: None,
+        })
+    }
+
+    /// DELETE by the TPP; the caller has checked the token.
+    pub fn cancel(&mut self, id: &str, now: Instant) -> Result<&Payment, CancelError> {
+        self.advance(id, now);
+        let p = self.payments.get_mut(id).ok_or(CancelError::NotFound)?;
+        if !p.cancellable(today()) {
+            return Err(CancelError::NotAllowed(p.status.as_str()));
+        }
+        p.status = TransactionStatus::Canc;
+        p.reason = Some("cancelled by the TPP".into());
+        p.auto_at = None;
+        for entry in &mut p.entries {
+            entry.transaction_status = TransactionStatus::Canc.as_str();
+        }
+        self.counters.cancellations += 1;
+        Ok(p)
     }
 
     /// Applies the transitions that were due by `now`, each at the instant it was due.
     fn advance(&mut self, id: &str, now: Instant) {
+        let settings = self.settings;
         loop {
             let Some(p) = self.payments.get_mut(id) else {
                 return;
             };
             match p.status {
                 TransactionStatus::Rcvd => {
-                    let expires = p.created + self.timing.sca_expiry;
+                    let expires = p.created + settings.sca_expiry;
                     if let Some((at, action)) = p.auto_at
                         && at <= now
                         && at < expires
                     {
                         p.auto_at = None;
+                        let action = match action {
+                            AutoAction::Sign => PsuAction::Sign {
+                                psu: DEFAULT_PSU.into(),
+                                partial: false,
+                            },
+                            AutoAction::Reject => PsuAction::Reject {
+                                psu: DEFAULT_PSU.into(),
+                            },
+                        };
                         // Cannot conflict: the payment is RCVD.
-                        let _ = self.act(id, action, at);
+                        let _ = self.apply(id, action, at);
                         continue;
                     }
                     if expires <= now {
                         p.status = TransactionStatus::Rjct;
                         p.reason = Some(format!(
-                            "SCA not completed within {} s",
-                            self.timing.sca_expiry.as_secs()
+                            "SCA not completed within {:?}",
+                            settings.sca_expiry
                         ));
+                        for entry in &mut p.entries {
+                            entry.transaction_status = TransactionStatus::Rjct.as_str();
+                        }
                     }
                     return;
                 }
                 TransactionStatus::Actc => {
-                    if let Some(signed) = p.signed_at
-                        && signed + self.timing.settle_after <= now
-                    {
-                        p.status = TransactionStatus::Acsc;
+                    let today = today();
+                    match p.kind {
+                        // [I] an active standing order stays ACTC; after its end date ACSC.
+                        PaymentKind::Periodic => {
+                            if p
+                                .schedule
+                                .as_ref()
+                                .and_then(|s| s.end_date)
+                                .is_some_and(|end| end < today)
+                            {
+                                p.status = TransactionStatus::Acsc;
+                            }
+                        }
+                        PaymentKind::Single | PaymentKind::Bulk => {
+                            let settled = p
+                                .signed_at
+                                .is_some_and(|signed| signed + settings.settle_after <= now);
+                            // [I] a future-dated payment waits for its execution date.
+                            let due = p.requested_execution_date.is_none_or(|d| d <= today);
+                            if settled && due {
+                                settle(p);
+                            }
+                        }
                     }
                     return;
                 }
@@ -424,7 +674,7 @@ impl Store {
         }
     }
 
-    fn act(&mut self, id: &str, action: AutoAction, at: Instant) -> Result<PsuOutcome, PsuError> {
+    fn apply(&mut self, id: &str, action: PsuAction, at: Instant) -> Result<PsuOutcome, PsuError> {
         let Some(p) = self.payments.get_mut(id) else {
             return Err(PsuError::NotFound);
         };
@@ -444,8 +694,12 @@ impl Store {
         };
         p.auto_at = None;
         let redirect = match action {
-            AutoAction::Sign => {
-                if first_signer && p.scenario.multi_sign {
+            PsuAction::Sign { psu, partial } => {
+                if first_signer && p.psu.is_none() {
+                    // The code issued now is bound to this PSU: its tokens are this PSU's.
+                    p.psu = Some(psu);
+                }
+                if (first_signer && p.scenario.multi_sign) || partial {
                     p.status = TransactionStatus::Patc;
                 } else {
                     p.status = TransactionStatus::Actc;
@@ -462,6 +716,7 @@ impl Store {
                             digest(code.expose_secret()),
                             IssuedCode {
                                 payment_id: p.id.clone(),
+                                psu: p.psu.clone().unwrap_or_else(|| DEFAULT_PSU.into()),
                                 redirect_uri: p.redirect_uri.clone(),
                                 challenge: challenge.clone(),
                                 issued: at,
@@ -475,9 +730,13 @@ impl Store {
                     }
                 }
             }
-            AutoAction::Reject => {
+            PsuAction::Reject { psu } => {
                 p.status = TransactionStatus::Rjct;
                 p.reason = Some("PSU refused".into());
+                for entry in &mut p.entries {
+                    entry.transaction_status = TransactionStatus::Rjct.as_str();
+                }
+                tracing::debug!(payment_id = p.id, psu, "PSU refused");
                 first_signer.then(|| {
                     redirect_url(
                         &p.redirect_uri,
@@ -527,53 +786,107 @@ impl Store {
         }
         entry.used = true;
         tracing::debug!(payment_id = entry.payment_id, "authorization code redeemed");
-        let chain = self.next_chain;
-        self.next_chain += 1;
-        Ok(self.issue_pair(chain, now))
+        let psu = entry.psu.clone();
+        Ok(self.issue_pair(&psu, now))
     }
 
-    /// `grant_type=refresh_token`: replaces both tokens of the chain [P §3.2].
+    /// `grant_type=refresh_token`: only the PSU's current refresh token works, and it is
+    /// replaced together with the access token [P §3.2].
     pub fn refresh(&mut self, refresh_token: &str, now: Instant) -> Result<IssuedPair, GrantError> {
-        let chain = match self.tokens.get(&digest(refresh_token)) {
-            Some(t) if t.kind == TokenKind::Refresh => t.chain,
-            Some(_) | None => return Err(GrantError::InvalidRefreshToken),
+        let psu = match self.tokens.get(&digest(refresh_token)) {
+            Some(t) if t.kind == TokenKind::Refresh && !t.invalidated => t.psu.clone(),
+            Some(t) => {
+                if t.invalidated {
+                    self.counters.invalidated_token_uses += 1;
+                }
+                return Err(GrantError::InvalidRefreshToken);
+            }
+            None => return Err(GrantError::InvalidRefreshToken),
         };
-        self.tokens.retain(|_, t| t.chain != chain);
-        Ok(self.issue_pair(chain, now))
+        self.counters.refreshes += 1;
+        Ok(self.issue_pair(&psu, now))
     }
 
-    fn issue_pair(&mut self, chain: u64, now: Instant) -> IssuedPair {
+    /// ONE pair per (PSU, scope PIS) [P §3.2]: issuing invalidates the PSU's previous pair.
+    fn issue_pair(&mut self, psu: &str, now: Instant) -> IssuedPair {
+        for old in self.live.remove(psu).unwrap_or_default() {
+            if let Some(token) = self.tokens.get_mut(&old) {
+                token.invalidated = true;
+            }
+        }
+        let lifetime = self.settings.access_token_lifetime;
         let access_token = random_secret();
         let refresh_token = random_secret();
+        let access = digest(access_token.expose_secret());
+        let refresh = digest(refresh_token.expose_secret());
         self.tokens.insert(
-            digest(access_token.expose_secret()),
+            access,
             IssuedToken {
                 kind: TokenKind::Access,
-                chain,
-                expires: Some(now + ACCESS_TOKEN_LIFETIME),
+                psu: psu.to_owned(),
+                expires: Some(now + lifetime),
+                invalidated: false,
             },
         );
         self.tokens.insert(
-            digest(refresh_token.expose_secret()),
+            refresh,
             IssuedToken {
                 kind: TokenKind::Refresh,
-                chain,
+                psu: psu.to_owned(),
                 // [I] refresh-token lifetime is not documented: it lives until replaced.
                 expires: None,
+                invalidated: false,
             },
         );
+        self.live
+            .insert(psu.to_owned(), HashSet::from([access, refresh]));
         self.counters.tokens_issued += 1;
         IssuedPair {
             access_token,
             refresh_token,
-            expires_in: ACCESS_TOKEN_LIFETIME,
+            expires_in: lifetime,
         }
     }
 
-    pub fn access_token_valid(&self, token: &str, now: Instant) -> bool {
-        self.tokens.get(&digest(token)).is_some_and(|t| {
-            t.kind == TokenKind::Access && t.expires.is_none_or(|expires| now < expires)
-        })
+    /// Checks a presented access token; a replaced one is counted (it reveals a TPP that lost
+    /// track of its single pair).
+    pub fn check_access_token(&mut self, token: &str, now: Instant) -> TokenCheck {
+        let check = match self.tokens.get(&digest(token)) {
+            Some(t) if t.kind != TokenKind::Access => TokenCheck::Unknown,
+            Some(t) if t.invalidated => TokenCheck::Invalidated,
+            Some(t) if t.expires.is_some_and(|expires| now >= expires) => TokenCheck::Expired,
+            Some(t) => TokenCheck::Valid { psu: t.psu.clone() },
+            None => TokenCheck::Unknown,
+        };
+        if check == TokenCheck::Invalidated {
+            self.counters.invalidated_token_uses += 1;
+        }
+        check
+    }
+}
+
+/// ACTC -> ACSC, or PART for a bulk with rejected transfers (scenario `REJECT-ENTRY`).
+fn settle(p: &mut Payment) {
+    let mut rejected = 0;
+    for entry in &mut p.entries {
+        entry.transaction_status = if entry.reject {
+            rejected += 1;
+            TransactionStatus::Rjct.as_str()
+        } else {
+            TransactionStatus::Acsc.as_str()
+        };
+    }
+    if rejected == 0 {
+        p.status = TransactionStatus::Acsc;
+    } else if rejected == p.entries.len() {
+        p.status = TransactionStatus::Rjct;
+        p.reason = Some("every transfer of the bulk was rejected".into());
+    } else {
+        p.status = TransactionStatus::Part;
+        p.reason = Some(format!(
+            "{rejected} of {} transfers rejected",
+            p.entries.len()
+        ));
     }
 }
 
@@ -593,31 +906,118 @@ fn redirect_url(base: &str, params: &[(&str, &str)]) -> String {
     }
 }
 
+/// The operator's patch of [`Settings`] (`POST /admin/config`); absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    /// 0 switches global auto-signing off.
+    pub auto_sign_after_ms: Option<u64>,
+    pub settle_after_ms: Option<u64>,
+    pub sca_expiry_ms: Option<u64>,
+    pub access_token_lifetime_secs: Option<u64>,
+    pub verify_signatures: Option<bool>,
+    pub cancel_status: Option<u16>,
+}
+
+/// JSON view of [`Settings`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SettingsView {
+    pub auto_sign_after_ms: Option<u64>,
+    pub settle_after_ms: u64,
+    pub sca_expiry_ms: u64,
+    pub access_token_lifetime_secs: u64,
+    pub verify_signatures: bool,
+    pub cancel_status: u16,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Settings {
+    pub fn view(&self) -> SettingsView {
+        SettingsView {
+            auto_sign_after_ms: self.auto_sign_after.map(millis),
+            settle_after_ms: millis(self.settle_after),
+            sca_expiry_ms: millis(self.sca_expiry),
+            access_token_lifetime_secs: self.access_token_lifetime.as_secs(),
+            verify_signatures: self.verify_signatures,
+            cancel_status: self.cancel_status,
+        }
+    }
+
+    /// The patched settings, or why they are refused.
+    pub fn patched(&self, patch: &SettingsPatch) -> Result<Self, String> {
+        let mut next = *self;
+        if let Some(ms) = patch.auto_sign_after_ms {
+            next.auto_sign_after = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(ms) = patch.settle_after_ms {
+            next.settle_after = Duration::from_millis(ms);
+        }
+        if let Some(ms) = patch.sca_expiry_ms {
+            next.sca_expiry = Duration::from_millis(ms);
+        }
+        if let Some(secs) = patch.access_token_lifetime_secs {
+            next.access_token_lifetime = Duration::from_secs(secs);
+        }
+        if let Some(verify) = patch.verify_signatures {
+            next.verify_signatures = verify;
+        }
+        if let Some(status) = patch.cancel_status {
+            if !matches!(status, 200 | 202 | 204) {
+                return Err(format!("cancel_status must be 200, 202 or 204, not {status}"));
+            }
+            next.cancel_status = status;
+        }
+        Ok(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const TIMING: Timing = Timing {
+    const SETTINGS: Settings = Settings {
         auto_sign_after: None,
         settle_after: Duration::from_secs(2),
         sca_expiry: Duration::from_secs(900),
+        access_token_lifetime: DEFAULT_ACCESS_TOKEN_LIFETIME,
+        verify_signatures: false,
+        cancel_status: 204,
     };
+    const VERIFIER: &str = "verifier-verifier-verifier-verifier-verifier";
+    const REDIRECT: &str = "https://tpp.example/cb?x=1";
 
     fn new_payment(e2e: &str, scenario: Scenario) -> NewPayment {
         NewPayment {
+            kind: PaymentKind::Single,
+            brand: Brand::Belfius,
             product: PaymentProduct::SepaCreditTransfers,
             e2e: e2e.into(),
             amount: Amount::from_minor(100),
             currency: "EUR".into(),
             creditor_name: "ACME".into(),
-            creditor_iban: "BE71096123456769".into(),
+            creditor_account: "BE71096123456769".into(),
             debtor_iban: None,
-            redirect_uri: "https://tpp.example/cb?x=1".into(),
+            requested_execution_date: None,
+            schedule: None,
+            entries: Vec::new(),
+            redirect_uri: REDIRECT.into(),
             challenge: Some(Challenge {
-                value: challenge_for("verifier-verifier-verifier-verifier-verifier"),
+                value: challenge_for(VERIFIER),
                 method: ChallengeMethod::S256,
             }),
+            psu: None,
             scenario,
+            request: serde_json::json!({}),
+        }
+    }
+
+    fn sign(psu: &str) -> PsuAction {
+        PsuAction::Sign {
+            psu: psu.into(),
+            partial: false,
         }
     }
 
@@ -629,15 +1029,25 @@ mod tests {
             .unwrap()
     }
 
+    /// A signed payment of `psu` and the token pair from its code.
+    fn pair_for(store: &mut Store, e2e: &str, psu: &str, t0: Instant) -> IssuedPair {
+        let id = store
+            .insert_payment(new_payment(e2e, Scenario::default()), t0)
+            .id
+            .clone();
+        let code = code_of(&store.act(&id, sign(psu), t0).unwrap().redirect_url.unwrap());
+        store.redeem_code(&code, VERIFIER, REDIRECT, t0).unwrap()
+    }
+
     #[test]
     fn sign_settles_lazily_and_code_is_single_use() {
         let t0 = Instant::now();
-        let mut store = Store::new(TIMING);
+        let mut store = Store::new(SETTINGS);
         let id = store
             .insert_payment(new_payment("E1", Scenario::default()), t0)
             .id
             .clone();
-        let out = store.sign(&id, t0).unwrap();
+        let out = store.act(&id, sign("alice"), t0).unwrap();
         assert_eq!(out.status, "ACTC");
         let redirect = out.redirect_url.unwrap();
         assert!(
@@ -645,6 +1055,7 @@ mod tests {
             "{redirect}"
         );
         assert!(redirect.ends_with(&format!("&state={id}")));
+        assert_eq!(store.payment(&id, t0).unwrap().psu.as_deref(), Some("alice"));
         assert_eq!(
             store
                 .payment(&id, t0 + Duration::from_secs(1))
@@ -660,76 +1071,92 @@ mod tests {
             TransactionStatus::Acsc
         );
         let code = code_of(&redirect);
-        let verifier = "verifier-verifier-verifier-verifier-verifier";
         assert_eq!(
-            store
-                .redeem_code(&code, "wrong", "https://tpp.example/cb?x=1", t0)
-                .err(),
+            store.redeem_code(&code, "wrong", REDIRECT, t0).err(),
             Some(GrantError::VerifierMismatch)
         );
         assert_eq!(
             store
-                .redeem_code(&code, verifier, "https://tpp.example/other", t0)
+                .redeem_code(&code, VERIFIER, "https://tpp.example/other", t0)
                 .err(),
             Some(GrantError::RedirectMismatch)
         );
-        let pair = store
-            .redeem_code(&code, verifier, "https://tpp.example/cb?x=1", t0)
-            .unwrap();
-        assert!(store.access_token_valid(pair.access_token.expose_secret(), t0));
+        let pair = store.redeem_code(&code, VERIFIER, REDIRECT, t0).unwrap();
         assert_eq!(
-            store
-                .redeem_code(&code, verifier, "https://tpp.example/cb?x=1", t0)
-                .err(),
+            store.check_access_token(pair.access_token.expose_secret(), t0),
+            TokenCheck::Valid {
+                psu: "alice".into()
+            }
+        );
+        assert_eq!(
+            store.redeem_code(&code, VERIFIER, REDIRECT, t0).err(),
             Some(GrantError::CodeUsed)
         );
-        assert_eq!(store.sign(&id, t0).err(), Some(PsuError::Conflict("ACSC")));
+        assert_eq!(
+            store.act(&id, sign("alice"), t0).err(),
+            Some(PsuError::Conflict("ACSC"))
+        );
     }
 
     #[test]
-    fn refresh_replaces_the_whole_pair() {
+    fn one_pair_per_psu() {
         let t0 = Instant::now();
-        let mut store = Store::new(TIMING);
-        let id = store
-            .insert_payment(new_payment("E1", Scenario::default()), t0)
-            .id
-            .clone();
-        let code = code_of(&store.sign(&id, t0).unwrap().redirect_url.unwrap());
-        let first = store
-            .redeem_code(
-                &code,
-                "verifier-verifier-verifier-verifier-verifier",
-                "https://tpp.example/cb?x=1",
-                t0,
-            )
-            .unwrap();
-        let second = store
-            .refresh(first.refresh_token.expose_secret(), t0)
-            .unwrap();
-        assert!(!store.access_token_valid(first.access_token.expose_secret(), t0));
-        assert!(store.access_token_valid(second.access_token.expose_secret(), t0));
+        let mut store = Store::new(SETTINGS);
+        let first = pair_for(&mut store, "E1", "alice", t0);
+        let bob = pair_for(&mut store, "E2", "bob", t0);
+        // A second code exchange for alice replaces her first pair, not bob's.
+        let second = pair_for(&mut store, "E3", "alice", t0);
+        assert_eq!(
+            store.check_access_token(first.access_token.expose_secret(), t0),
+            TokenCheck::Invalidated
+        );
+        assert!(matches!(
+            store.check_access_token(bob.access_token.expose_secret(), t0),
+            TokenCheck::Valid { .. }
+        ));
         assert_eq!(
             store.refresh(first.refresh_token.expose_secret(), t0).err(),
             Some(GrantError::InvalidRefreshToken)
         );
-        // An access token is not a refresh token.
+        assert_eq!(store.counters.invalidated_token_uses, 2);
+
+        let third = store
+            .refresh(second.refresh_token.expose_secret(), t0)
+            .unwrap();
+        assert_eq!(store.counters.refreshes, 1);
+        assert_eq!(
+            store.check_access_token(second.access_token.expose_secret(), t0),
+            TokenCheck::Invalidated
+        );
+        assert_eq!(
+            store.check_access_token(third.access_token.expose_secret(), t0),
+            TokenCheck::Valid {
+                psu: "alice".into()
+            }
+        );
+        // An access token is not a refresh token, and tokens expire.
         assert!(
             store
-                .refresh(second.access_token.expose_secret(), t0)
+                .refresh(third.access_token.expose_secret(), t0)
                 .is_err()
         );
-        assert!(!store.access_token_valid(
-            second.access_token.expose_secret(),
-            t0 + ACCESS_TOKEN_LIFETIME
-        ));
+        assert_eq!(
+            store.check_access_token(
+                third.access_token.expose_secret(),
+                t0 + DEFAULT_ACCESS_TOKEN_LIFETIME
+            ),
+            TokenCheck::Expired
+        );
+        assert_eq!(store.check_access_token("nonsense", t0), TokenCheck::Unknown);
+        assert_eq!(store.counters.invalidated_token_uses, 3);
     }
 
     #[test]
     fn unsigned_payment_expires_and_auto_actions_happen_when_due() {
         let t0 = Instant::now();
-        let mut store = Store::new(Timing {
+        let mut store = Store::new(Settings {
             sca_expiry: Duration::from_secs(10),
-            ..TIMING
+            ..SETTINGS
         });
         let plain = store
             .insert_payment(new_payment("E1", Scenario::default()), t0)
@@ -760,23 +1187,41 @@ mod tests {
     }
 
     #[test]
-    fn global_auto_sign_signs_then_settles() {
+    fn abandon_cancels_the_automatic_signature_and_lets_the_payment_expire() {
         let t0 = Instant::now();
-        let mut store = Store::new(Timing {
-            auto_sign_after: Some(Duration::from_secs(3)),
-            ..TIMING
+        let mut store = Store::new(Settings {
+            auto_sign_after: Some(Duration::from_secs(1)),
+            sca_expiry: Duration::from_secs(5),
+            ..SETTINGS
         });
         let id = store
             .insert_payment(new_payment("E1", Scenario::default()), t0)
             .id
             .clone();
-        assert_eq!(
-            store
-                .payment(&id, t0 + Duration::from_secs(3))
-                .unwrap()
-                .status,
-            TransactionStatus::Actc
-        );
+        assert_eq!(store.abandon(&id, t0).unwrap().status, "RCVD");
+        let p = store.payment(&id, t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(p.status, TransactionStatus::Rcvd);
+        // The expiry is read at the time of the check: the operator may shorten it.
+        store.settings.sca_expiry = Duration::from_secs(3);
+        let p = store.payment(&id, t0 + Duration::from_secs(3)).unwrap();
+        assert_eq!(p.status, TransactionStatus::Rjct);
+        assert_eq!(store.abandon(&id, t0).err(), Some(PsuError::Conflict("RJCT")));
+    }
+
+    #[test]
+    fn global_auto_sign_signs_then_settles() {
+        let t0 = Instant::now();
+        let mut store = Store::new(Settings {
+            auto_sign_after: Some(Duration::from_secs(3)),
+            ..SETTINGS
+        });
+        let id = store
+            .insert_payment(new_payment("E1", Scenario::default()), t0)
+            .id
+            .clone();
+        let p = store.payment(&id, t0 + Duration::from_secs(3)).unwrap();
+        assert_eq!(p.status, TransactionStatus::Actc);
+        assert_eq!(p.psu.as_deref(), Some(DEFAULT_PSU));
         // Settlement counts from the instant of signing, not from the read.
         assert_eq!(
             store
@@ -790,7 +1235,7 @@ mod tests {
     #[test]
     fn multi_signature_goes_through_patc() {
         let t0 = Instant::now();
-        let mut store = Store::new(TIMING);
+        let mut store = Store::new(SETTINGS);
         let multi = Scenario {
             multi_sign: true,
             ..Scenario::default()
@@ -799,18 +1244,138 @@ mod tests {
             .insert_payment(new_payment("E1", multi), t0)
             .id
             .clone();
-        let first = store.sign(&id, t0).unwrap();
+        let first = store.act(&id, sign("a"), t0).unwrap();
         assert_eq!(first.status, "PATC");
         assert!(first.redirect_url.is_some());
-        let second = store.sign(&id, t0).unwrap();
+        let second = store.act(&id, sign("b"), t0).unwrap();
         assert_eq!(second.status, "ACTC");
         assert!(second.redirect_url.is_none());
+        // The payment belongs to the first signer, whose code the TPP received.
+        assert_eq!(store.payment(&id, t0).unwrap().psu.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn partial_signatures_without_the_scenario() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let id = store
+            .insert_payment(new_payment("E1", Scenario::default()), t0)
+            .id
+            .clone();
+        let partial = |psu: &str| PsuAction::Sign {
+            psu: psu.into(),
+            partial: true,
+        };
+        let first = store.act(&id, partial("a"), t0).unwrap();
+        assert_eq!((first.status, first.redirect_url.is_some()), ("PATC", true));
+        let second = store.act(&id, partial("b"), t0).unwrap();
+        assert_eq!((second.status, second.redirect_url.is_some()), ("PATC", false));
+        assert_eq!(store.act(&id, sign("c"), t0).unwrap().status, "ACTC");
+    }
+
+    #[test]
+    fn cancellation_rules() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let tomorrow = today().succ_opt().unwrap();
+
+        let unsigned = store
+            .insert_payment(new_payment("U", Scenario::default()), t0)
+            .id
+            .clone();
+        assert_eq!(store.cancel(&unsigned, t0).unwrap().status, TransactionStatus::Canc);
+        assert_eq!(
+            store.cancel(&unsigned, t0).err(),
+            Some(CancelError::NotAllowed("CANC"))
+        );
+
+        let signed = store
+            .insert_payment(new_payment("S", Scenario::default()), t0)
+            .id
+            .clone();
+        store.act(&signed, sign("a"), t0).unwrap();
+        assert_eq!(
+            store.cancel(&signed, t0).err(),
+            Some(CancelError::NotAllowed("ACTC"))
+        );
+
+        let mut dated = new_payment("D", Scenario::default());
+        dated.requested_execution_date = Some(tomorrow);
+        let dated = store.insert_payment(dated, t0).id.clone();
+        store.act(&dated, sign("a"), t0).unwrap();
+        // Not settled while the execution date is ahead, and still cancellable.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(store.payment(&dated, later).unwrap().status, TransactionStatus::Actc);
+        assert!(store.cancel(&dated, later).is_ok());
+
+        let mut standing = new_payment("P", Scenario::default());
+        standing.kind = PaymentKind::Periodic;
+        standing.schedule = Some(Schedule::new(
+            tomorrow,
+            None,
+            Frequency::Monthly,
+            None,
+        ));
+        let standing = store.insert_payment(standing, t0).id.clone();
+        store.act(&standing, sign("a"), t0).unwrap();
+        assert_eq!(
+            store.payment(&standing, later).unwrap().status,
+            TransactionStatus::Actc
+        );
+        assert!(store.cancel(&standing, later).is_ok());
+        assert_eq!(store.cancel("nope", t0).err(), Some(CancelError::NotFound));
+        assert_eq!(store.counters.cancellations, 3);
+    }
+
+    #[test]
+    fn standing_order_past_its_end_date_is_completed() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let mut standing = new_payment("P", Scenario::default());
+        standing.kind = PaymentKind::Periodic;
+        let yesterday = today().pred_opt().unwrap();
+        standing.schedule = Some(Schedule::new(
+            yesterday,
+            Some(yesterday),
+            Frequency::Monthly,
+            None,
+        ));
+        let id = store.insert_payment(standing, t0).id.clone();
+        store.act(&id, sign("a"), t0).unwrap();
+        assert_eq!(store.payment(&id, t0).unwrap().status, TransactionStatus::Acsc);
+    }
+
+    #[test]
+    fn bulk_with_rejected_entries_ends_part() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let line = |e2e: &str, reject: bool| BulkLine {
+            endtoend_identification: e2e.into(),
+            amount: "1.00".into(),
+            currency: "EUR".into(),
+            creditor_name: "X".into(),
+            creditor_iban: "BE71096123456769".into(),
+            transaction_status: "RCVD",
+            reject,
+        };
+        let mut bulk = new_payment("B-1", Scenario::default());
+        bulk.kind = PaymentKind::Bulk;
+        bulk.entries = vec![line("B-1", false), line("B-2", true)];
+        let id = store.insert_payment(bulk, t0).id.clone();
+        assert_eq!(store.latest_by_e2e("B-2").as_deref(), Some(id.as_str()));
+        store.act(&id, sign("a"), t0).unwrap();
+        let p = store.payment(&id, t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(p.status, TransactionStatus::Part);
+        let statuses: Vec<_> = p.entries.iter().map(|e| e.transaction_status).collect();
+        assert_eq!(statuses, ["ACSC", "RJCT"]);
+        assert_eq!(store.counters.bulk_initiations.get("B-1"), Some(&1));
+        assert!(store.counters.initiations_by_e2e.is_empty());
     }
 
     #[test]
     fn counters_and_latest_by_e2e() {
         let t0 = Instant::now();
-        let mut store = Store::new(TIMING);
+        let mut store = Store::new(SETTINGS);
         let a1 = store
             .insert_payment(new_payment("A", Scenario::default()), t0)
             .id
@@ -825,8 +1390,33 @@ mod tests {
         assert_eq!(store.latest_by_e2e("C"), None);
         assert_eq!(store.counters.initiations, 3);
         assert_eq!(store.counters.initiations_by_e2e.get("A"), Some(&2));
+        store.settings.sca_expiry = Duration::from_secs(1);
         store.reset();
         assert_eq!(store.counters.initiations, 0);
         assert!(store.payments(t0).is_empty());
+        assert_eq!(store.settings.sca_expiry, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn settings_patch() {
+        let patched = SETTINGS
+            .patched(&SettingsPatch {
+                auto_sign_after_ms: Some(0),
+                sca_expiry_ms: Some(1500),
+                cancel_status: Some(202),
+                ..SettingsPatch::default()
+            })
+            .unwrap();
+        assert_eq!(patched.sca_expiry, Duration::from_millis(1500));
+        assert_eq!(patched.auto_sign_after, None);
+        assert_eq!(patched.cancel_status, 202);
+        assert!(
+            SETTINGS
+                .patched(&SettingsPatch {
+                    cancel_status: Some(201),
+                    ..SettingsPatch::default()
+                })
+                .is_err()
+        );
     }
 }

@@ -216,11 +216,13 @@ impl TestEnv {
         .await
     }
 
-    pub async fn psu(&self, action: &str, e2e: &str) -> String {
+    /// The PSU `psu_id` acts on the payment with this end-to-end id (`sign` / `reject`) and
+    /// returns the redirect URL their browser brings back.
+    pub async fn psu(&self, action: &str, e2e: &str, psu_id: &str) -> String {
         let url = self
             .sandbox
             .admin_base_url()
-            .join(&format!("admin/e2e/{e2e}/{action}"))
+            .join(&format!("admin/e2e/{e2e}/{action}?psu={psu_id}"))
             .expect("url");
         let response = reqwest::Client::new()
             .post(url)
@@ -451,6 +453,16 @@ pub fn initiate(payment_id: &str, psu_id: &str, amount: &str, creditor: &str) ->
             redirect_uri: "https://client.example/callback".into(),
             ..Default::default()
         })),
+    }
+}
+
+pub fn command(payment_id: &str, psu_id: &str, body: CommandBody) -> CommandEnvelope {
+    CommandEnvelope {
+        command_id: uuid::Uuid::new_v4().to_string(),
+        payment_id: payment_id.into(),
+        psu_id: psu_id.into(),
+        issued_at: chrono::Utc::now().timestamp_millis(),
+        body,
     }
 }
 
