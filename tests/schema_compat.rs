@@ -119,13 +119,20 @@ fn every_schema_is_compatible_with_its_history() {
     let mut checked = 0;
     for entry in std::fs::read_dir(format!("{root}/schemas/history")).expect("history dir") {
         let path = entry.expect("entry").path();
-        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_owned();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default()
+            .to_owned();
         let current = file.split(".v").next().unwrap_or_default();
         let problems = check(
             &load(path.to_str().expect("path")),
             &load(&format!("{root}/schemas/{current}.avsc")),
         );
-        assert!(problems.is_empty(), "{file} -> {current}.avsc: {problems:#?}");
+        assert!(
+            problems.is_empty(),
+            "{file} -> {current}.avsc: {problems:#?}"
+        );
         checked += 1;
     }
     assert!(checked >= 2, "history holds both schemas");

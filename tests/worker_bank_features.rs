@@ -29,17 +29,33 @@ async fn cancellation_goes_through_the_bank_with_the_psus_token() {
     worker.wait_restored(PARTITIONS as usize).await;
 
     // Without any token for the PSU, a payment the bank holds cannot be cancelled.
-    env.send(&initiate("no-token-1", "psu-c", "5.00", "Shop")).await;
-    env.wait_for_state("no-token-1", StateKind::ScaPending).await;
-    env.send(&command("no-token-1", "psu-c", CommandBody::Cancel { reason: None })).await;
+    env.send(&initiate("no-token-1", "psu-c", "5.00", "Shop"))
+        .await;
+    env.wait_for_state("no-token-1", StateKind::ScaPending)
+        .await;
+    env.send(&command(
+        "no-token-1",
+        "psu-c",
+        CommandBody::Cancel { reason: None },
+    ))
+    .await;
     let dlq = env.wait_for_dlq(1).await;
-    assert_eq!(header(&dlq[0], "pis.error.class").as_deref(), Some("CANCEL_NOT_POSSIBLE"));
+    assert_eq!(
+        header(&dlq[0], "pis.error.class").as_deref(),
+        Some("CANCEL_NOT_POSSIBLE")
+    );
 
     // The first signed payment gives the worker the PSU's PIS token...
-    env.send(&initiate("cancel-1", "psu-c", "6.00", "Shop")).await;
+    env.send(&initiate("cancel-1", "psu-c", "6.00", "Shop"))
+        .await;
     sign_through_redirect(&env, "cancel-1", "psu-c", StateKind::Signed).await;
     // ...with which a signed payment is cancelled at the bank...
-    env.send(&command("cancel-1", "psu-c", CommandBody::Cancel { reason: None })).await;
+    env.send(&command(
+        "cancel-1",
+        "psu-c",
+        CommandBody::Cancel { reason: None },
+    ))
+    .await;
     let events = env.wait_for_state("cancel-1", StateKind::Cancelled).await;
     assert_eq!(
         states(&timeline(&events, "cancel-1")),
@@ -55,7 +71,12 @@ async fn cancellation_goes_through_the_bank_with_the_psus_token() {
     );
     assert_well_formed(&events, "cancel-1");
     // ...and so is the earlier unsigned one, now that a token exists.
-    env.send(&command("no-token-1", "psu-c", CommandBody::Cancel { reason: None })).await;
+    env.send(&command(
+        "no-token-1",
+        "psu-c",
+        CommandBody::Cancel { reason: None },
+    ))
+    .await;
     env.wait_for_state("no-token-1", StateKind::Cancelled).await;
     let counters = env.counters().await;
     assert_eq!(counters["cancellations"], 2, "{counters}");
@@ -81,10 +102,19 @@ async fn a_standing_order_becomes_active_and_can_be_cancelled() {
         frequency: "MONTHLY".into(),
         day_of_execution: None,
     };
-    env.send(&command("so-1", "psu-s", CommandBody::InitiatePeriodic(Box::new(standing))))
-        .await;
+    env.send(&command(
+        "so-1",
+        "psu-s",
+        CommandBody::InitiatePeriodic(Box::new(standing)),
+    ))
+    .await;
     sign_through_redirect(&env, "so-1", "psu-s", StateKind::Active).await;
-    env.send(&command("so-1", "psu-s", CommandBody::Cancel { reason: None })).await;
+    env.send(&command(
+        "so-1",
+        "psu-s",
+        CommandBody::Cancel { reason: None },
+    ))
+    .await;
     let events = env.wait_for_state("so-1", StateKind::Cancelled).await;
     assert_well_formed(&events, "so-1");
     assert!(
@@ -120,8 +150,12 @@ async fn a_bulk_payment_is_signed_once_and_settles() {
             })
             .collect(),
     };
-    env.send(&command("bulk-1", "psu-b", CommandBody::InitiateBulk(Box::new(bulk))))
-        .await;
+    env.send(&command(
+        "bulk-1",
+        "psu-b",
+        CommandBody::InitiateBulk(Box::new(bulk)),
+    ))
+    .await;
     env.wait_for_state("bulk-1", StateKind::ScaPending).await;
     let redirect = env.psu("sign", "bulk-1-1", "psu-b").await;
     env.send(&complete_sca("bulk-1", "psu-b", &redirect)).await;
@@ -148,17 +182,26 @@ async fn initiations_are_sealed_and_an_unsealed_worker_is_refused() {
         ],
     );
     sealed.wait_restored(PARTITIONS as usize).await;
-    env.send(&initiate("sealed-1", "psu-q", "1.00", "Shop")).await;
+    env.send(&initiate("sealed-1", "psu-q", "1.00", "Shop"))
+        .await;
     env.wait_for_state("sealed-1", StateKind::ScaPending).await;
     let counters = env.counters().await;
-    assert!(counters["signatures_checked"].as_u64() >= Some(1), "{counters}");
+    assert!(
+        counters["signatures_checked"].as_u64() >= Some(1),
+        "{counters}"
+    );
     assert_eq!(counters["signatures_failed"], 0, "{counters}");
     drop(sealed);
 
     let unsealed = env.start_worker("unsealed", &["--poll-fast-ms", "60000"]);
     unsealed.wait_restored(PARTITIONS as usize).await;
-    env.send(&initiate("unsealed-1", "psu-q", "1.00", "Shop")).await;
+    env.send(&initiate("unsealed-1", "psu-q", "1.00", "Shop"))
+        .await;
     let events = env.wait_for_state("unsealed-1", StateKind::Rejected).await;
     let rejected = timeline(&events, "unsealed-1").pop().expect("event");
-    assert_eq!(rejected.reason_code.as_deref(), Some("BANK_SECURITY_FAILURE"), "{rejected:?}");
+    assert_eq!(
+        rejected.reason_code.as_deref(),
+        Some("BANK_SECURITY_FAILURE"),
+        "{rejected:?}"
+    );
 }

@@ -266,7 +266,12 @@ impl BelfiusClient {
                 initiation.product.path_segment(),
             ],
         )?;
-        let signature = if self.config.qseal.as_ref().is_some_and(|q| q.sign.initiation) {
+        let signature = if self
+            .config
+            .qseal
+            .as_ref()
+            .is_some_and(|q| q.sign.initiation)
+        {
             Some(self.sign(&initiation.body)?)
         } else {
             None

@@ -104,23 +104,71 @@ pub enum BelfiusErrorCode {
 /// (error token, error_code, variant) of every documented structured code. The code alone
 /// identifies the variant; the token is what the simulator sends with it.
 const CURRENT: &[(&str, &str, BelfiusErrorCode)] = &[
-    ("MISSING_INPUT", "GEN-1201-100001", BelfiusErrorCode::MissingHeader),
-    ("MISSING_INPUT", "GEN-1201-100002", BelfiusErrorCode::MissingInput),
-    ("INVALID_INPUT", "GEN-1202-100001", BelfiusErrorCode::InvalidHeader),
-    ("INVALID_INPUT", "GEN-1202-100002", BelfiusErrorCode::InvalidInput),
-    ("MISSING_INPUT", "B14821ZZ-1200-000000", BelfiusErrorCode::MissingPaymentField),
-    ("INVALID_INPUT", "B14821ZZ-1227-000000", BelfiusErrorCode::CountryNotAllowed),
-    ("INVALID_INPUT", "B14821ZZ-1231-000000", BelfiusErrorCode::AmountNotPositive),
-    ("INVALID_INPUT", "B14821ZZ-1232-000000", BelfiusErrorCode::CurrencyNotAllowed),
-    ("INVALID_INPUT", "B14821ZZ-1236-000000", BelfiusErrorCode::BbanWithBic),
-    ("INVALID_INPUT", "B14821ZZ-1259-000000", BelfiusErrorCode::StartDateNotInFuture),
+    (
+        "MISSING_INPUT",
+        "GEN-1201-100001",
+        BelfiusErrorCode::MissingHeader,
+    ),
+    (
+        "MISSING_INPUT",
+        "GEN-1201-100002",
+        BelfiusErrorCode::MissingInput,
+    ),
+    (
+        "INVALID_INPUT",
+        "GEN-1202-100001",
+        BelfiusErrorCode::InvalidHeader,
+    ),
+    (
+        "INVALID_INPUT",
+        "GEN-1202-100002",
+        BelfiusErrorCode::InvalidInput,
+    ),
+    (
+        "MISSING_INPUT",
+        "B14821ZZ-1200-000000",
+        BelfiusErrorCode::MissingPaymentField,
+    ),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-1227-000000",
+        BelfiusErrorCode::CountryNotAllowed,
+    ),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-1231-000000",
+        BelfiusErrorCode::AmountNotPositive,
+    ),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-1232-000000",
+        BelfiusErrorCode::CurrencyNotAllowed,
+    ),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-1236-000000",
+        BelfiusErrorCode::BbanWithBic,
+    ),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-1259-000000",
+        BelfiusErrorCode::StartDateNotInFuture,
+    ),
     (
         "INVALID_INPUT",
         "B14821ZZ-1322-000000",
         BelfiusErrorCode::EndDateInconsistentWithFrequency,
     ),
-    ("INVALID_INPUT", "B14821ZZ-1345-000000", BelfiusErrorCode::EndDateInvalid),
-    ("INVALID_INPUT", "B14821ZZ-2102-000000", BelfiusErrorCode::BicInvalidOrMissing),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-1345-000000",
+        BelfiusErrorCode::EndDateInvalid,
+    ),
+    (
+        "INVALID_INPUT",
+        "B14821ZZ-2102-000000",
+        BelfiusErrorCode::BicInvalidOrMissing,
+    ),
     (
         "FAILED_SECURITY_VALIDATION",
         "GEN-1203-100003",
@@ -141,11 +189,31 @@ const CURRENT: &[(&str, &str, BelfiusErrorCode)] = &[
         "GEN-1203-100009",
         BelfiusErrorCode::InvalidClientId,
     ),
-    ("FAILED_SECURITY_VALIDATION", "GEN-1203-100010", BelfiusErrorCode::InvalidJwt),
-    ("SCA_REQUIRED", "B14800ZZ-0PLC-REDRCT", BelfiusErrorCode::ScaRequired),
-    ("INVALID_TPP", "B14663ZZ-2100-000000", BelfiusErrorCode::InvalidTpp),
-    ("INVALID_ACCOUNT", "B14800ZZ-3002-000000", BelfiusErrorCode::InvalidAccount),
-    ("ACCESS_DENIED", "B14800ZZ-3004-000000", BelfiusErrorCode::AccessDenied),
+    (
+        "FAILED_SECURITY_VALIDATION",
+        "GEN-1203-100010",
+        BelfiusErrorCode::InvalidJwt,
+    ),
+    (
+        "SCA_REQUIRED",
+        "B14800ZZ-0PLC-REDRCT",
+        BelfiusErrorCode::ScaRequired,
+    ),
+    (
+        "INVALID_TPP",
+        "B14663ZZ-2100-000000",
+        BelfiusErrorCode::InvalidTpp,
+    ),
+    (
+        "INVALID_ACCOUNT",
+        "B14800ZZ-3002-000000",
+        BelfiusErrorCode::InvalidAccount,
+    ),
+    (
+        "ACCESS_DENIED",
+        "B14800ZZ-3004-000000",
+        BelfiusErrorCode::AccessDenied,
+    ),
     (
         "CHANNEL_NOT_PERMITTED",
         "B14800ZZ-3007-000000",
@@ -156,9 +224,21 @@ const CURRENT: &[(&str, &str, BelfiusErrorCode)] = &[
         "B14800-3008-000000",
         BelfiusErrorCode::AccountNotSupported,
     ),
-    ("NO_ACTIVE_CONSENT", "B14800ZZ-3013-000000", BelfiusErrorCode::NoActiveConsent),
-    ("INVALID_PAYMENT", "B14821ZZ-2121-000000", BelfiusErrorCode::InvalidPayment),
-    ("FORBIDDEN", "B14821ZZ-2101-000000", BelfiusErrorCode::Forbidden),
+    (
+        "NO_ACTIVE_CONSENT",
+        "B14800ZZ-3013-000000",
+        BelfiusErrorCode::NoActiveConsent,
+    ),
+    (
+        "INVALID_PAYMENT",
+        "B14821ZZ-2121-000000",
+        BelfiusErrorCode::InvalidPayment,
+    ),
+    (
+        "FORBIDDEN",
+        "B14821ZZ-2101-000000",
+        BelfiusErrorCode::Forbidden,
+    ),
     (
         "CANCELLATION_NOT_ALLOWED",
         "B14821ZZ-9000-000000",
@@ -178,9 +258,7 @@ impl BelfiusErrorCode {
             BelfiusErrorCode::LegacyInvalidInput => Some(("invalid_input", "10002")),
             BelfiusErrorCode::LegacyInvalidAccessToken => Some(("invalid_access_token", "10006")),
             BelfiusErrorCode::LegacyInvalidGrant => Some(("invalid_grant", "10006")),
-            BelfiusErrorCode::LegacyChannelNotPermitted => {
-                Some(("channel_not_permitted", "20003"))
-            }
+            BelfiusErrorCode::LegacyChannelNotPermitted => Some(("channel_not_permitted", "20003")),
             BelfiusErrorCode::LegacyNotSupported => Some(("not_supported", "20004")),
             BelfiusErrorCode::LegacyScaRequired => Some(("SCA_required", "20007")),
             BelfiusErrorCode::LegacyNoActiveConsent => Some(("no_active_consent", "")),
@@ -324,7 +402,7 @@ impl std::fmt::Display for BelfiusErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self, self.wire()) {
             (BelfiusErrorCode::Unknown(code), _) => write!(f, "unknown ({code})"),
-            (_, Some((token, code))) if code.is_empty() => f.write_str(token),
+            (_, Some((token, ""))) => f.write_str(token),
             (_, Some((token, code))) => write!(f, "{token} {code}"),
             (other, None) => write!(f, "{other:?}"),
         }
@@ -344,7 +422,10 @@ pub fn classify(status: u16, body: &ErrorBody) -> BelfiusErrorCode {
     }
     let code = body.error_code.trim();
     let token = body.error.trim();
-    if let Some((_, _, variant)) = CURRENT.iter().find(|(_, c, _)| c.eq_ignore_ascii_case(code)) {
+    if let Some((_, _, variant)) = CURRENT
+        .iter()
+        .find(|(_, c, _)| c.eq_ignore_ascii_case(code))
+    {
         return variant.clone();
     }
     // Tink's fixture shows ACCOUNT_NOT_SUPPORTED without "ZZ"; accept the regular spelling too.
@@ -385,9 +466,10 @@ impl BankError {
     pub fn code(&self) -> Option<BelfiusErrorCode> {
         match self {
             BankError::Refused { status, body } => Some(classify(*status, body)),
-            BankError::Unavailable { status, body } => {
-                Some(classify(*status, body.as_ref().unwrap_or(&ErrorBody::default())))
-            }
+            BankError::Unavailable { status, body } => Some(classify(
+                *status,
+                body.as_ref().unwrap_or(&ErrorBody::default()),
+            )),
             BankError::RateLimited { .. } => Some(BelfiusErrorCode::TooManyRequests),
             BankError::NotSent(_) | BankError::NoResponse(_) | BankError::Protocol(_) => None,
         }
@@ -420,22 +502,46 @@ mod tests {
 
     #[test]
     fn missing_header() {
-        check(400, "MISSING_INPUT", "GEN-1201-100001", E::MissingHeader, R::BankInputRejected);
+        check(
+            400,
+            "MISSING_INPUT",
+            "GEN-1201-100001",
+            E::MissingHeader,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
     fn missing_input() {
-        check(400, "MISSING_INPUT", "GEN-1201-100002", E::MissingInput, R::BankInputRejected);
+        check(
+            400,
+            "MISSING_INPUT",
+            "GEN-1201-100002",
+            E::MissingInput,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
     fn invalid_header() {
-        check(400, "INVALID_INPUT", "GEN-1202-100001", E::InvalidHeader, R::BankInputRejected);
+        check(
+            400,
+            "INVALID_INPUT",
+            "GEN-1202-100001",
+            E::InvalidHeader,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
     fn invalid_input() {
-        check(400, "INVALID_INPUT", "GEN-1202-100002", E::InvalidInput, R::BankInputRejected);
+        check(
+            400,
+            "INVALID_INPUT",
+            "GEN-1202-100002",
+            E::InvalidInput,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
@@ -484,7 +590,13 @@ mod tests {
 
     #[test]
     fn bban_with_bic() {
-        check(400, "INVALID_INPUT", "B14821ZZ-1236-000000", E::BbanWithBic, R::BankInputRejected);
+        check(
+            400,
+            "INVALID_INPUT",
+            "B14821ZZ-1236-000000",
+            E::BbanWithBic,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
@@ -588,12 +700,24 @@ mod tests {
 
     #[test]
     fn sca_required() {
-        check(401, "SCA_REQUIRED", "B14800ZZ-0PLC-REDRCT", E::ScaRequired, R::BankRejected);
+        check(
+            401,
+            "SCA_REQUIRED",
+            "B14800ZZ-0PLC-REDRCT",
+            E::ScaRequired,
+            R::BankRejected,
+        );
     }
 
     #[test]
     fn invalid_tpp() {
-        check(403, "INVALID_TPP", "B14663ZZ-2100-000000", E::InvalidTpp, R::BankSecurityFailure);
+        check(
+            403,
+            "INVALID_TPP",
+            "B14663ZZ-2100-000000",
+            E::InvalidTpp,
+            R::BankSecurityFailure,
+        );
     }
 
     #[test]
@@ -666,7 +790,13 @@ mod tests {
 
     #[test]
     fn forbidden() {
-        check(403, "FORBIDDEN", "B14821ZZ-2101-000000", E::Forbidden, R::BankAccountRefused);
+        check(
+            403,
+            "FORBIDDEN",
+            "B14821ZZ-2101-000000",
+            E::Forbidden,
+            R::BankAccountRefused,
+        );
     }
 
     #[test]
@@ -682,17 +812,35 @@ mod tests {
 
     #[test]
     fn not_acceptable_without_body() {
-        check(406, "Not Acceptable", "", E::NotAcceptable, R::BankInputRejected);
+        check(
+            406,
+            "Not Acceptable",
+            "",
+            E::NotAcceptable,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
     fn legacy_missing_input() {
-        check(400, "missing_input", "10001", E::LegacyMissingInput, R::BankInputRejected);
+        check(
+            400,
+            "missing_input",
+            "10001",
+            E::LegacyMissingInput,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
     fn legacy_invalid_input() {
-        check(400, "invalid_input", "10002", E::LegacyInvalidInput, R::BankInputRejected);
+        check(
+            400,
+            "invalid_input",
+            "10002",
+            E::LegacyInvalidInput,
+            R::BankInputRejected,
+        );
     }
 
     #[test]
@@ -708,7 +856,13 @@ mod tests {
 
     #[test]
     fn legacy_invalid_grant() {
-        check(400, "invalid_grant", "10006", E::LegacyInvalidGrant, R::BankSecurityFailure);
+        check(
+            400,
+            "invalid_grant",
+            "10006",
+            E::LegacyInvalidGrant,
+            R::BankSecurityFailure,
+        );
     }
 
     #[test]
@@ -724,17 +878,35 @@ mod tests {
 
     #[test]
     fn legacy_not_supported() {
-        check(400, "not_supported", "20004", E::LegacyNotSupported, R::BankRejected);
+        check(
+            400,
+            "not_supported",
+            "20004",
+            E::LegacyNotSupported,
+            R::BankRejected,
+        );
     }
 
     #[test]
     fn legacy_sca_required() {
-        check(401, "SCA_required", "20007", E::LegacyScaRequired, R::BankRejected);
+        check(
+            401,
+            "SCA_required",
+            "20007",
+            E::LegacyScaRequired,
+            R::BankRejected,
+        );
     }
 
     #[test]
     fn legacy_no_active_consent() {
-        check(403, "no_active_consent", "", E::LegacyNoActiveConsent, R::BankConsentRevoked);
+        check(
+            403,
+            "no_active_consent",
+            "",
+            E::LegacyNoActiveConsent,
+            R::BankConsentRevoked,
+        );
     }
 
     #[test]
@@ -761,7 +933,10 @@ mod tests {
         assert_eq!(code, E::Unknown("B99999ZZ-0000-000000".into()));
         assert!(!code.retryable());
         assert_eq!(code.reason(), R::BankRejected);
-        assert_eq!(classify(418, &body("teapot", "")), E::Unknown("teapot".into()));
+        assert_eq!(
+            classify(418, &body("teapot", "")),
+            E::Unknown("teapot".into())
+        );
     }
 
     #[test]
@@ -770,7 +945,10 @@ mod tests {
             assert_eq!(variant.wire(), Some((*token, *code)));
             assert_eq!(&classify(400, &body(token, code)), variant);
         }
-        assert_eq!(E::LegacyInvalidGrant.wire(), Some(("invalid_grant", "10006")));
+        assert_eq!(
+            E::LegacyInvalidGrant.wire(),
+            Some(("invalid_grant", "10006"))
+        );
         assert_eq!(E::ServerError.wire(), None);
         assert_eq!(
             E::ChannelNotPermitted.to_string(),

@@ -235,8 +235,11 @@ mod tests {
         let pem = pem_encode("CERTIFICATE", &[0u8; 100]);
         let lines: Vec<&str> = pem.lines().collect();
         assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
+        // 100 bytes -> 136 base64 characters -> 64 + 64 + 8.
         assert_eq!(lines[1].len(), 64);
-        assert_eq!(lines[2].len(), 136 - 64);
-        assert_eq!(lines[3], "-----END CERTIFICATE-----");
+        assert_eq!(lines[2].len(), 64);
+        assert_eq!(lines[3].len(), 8);
+        assert_eq!(lines[4], "-----END CERTIFICATE-----");
+        assert_eq!(lines.len(), 5);
     }
 }

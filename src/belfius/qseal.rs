@@ -93,21 +93,29 @@ impl QsealSigner {
         let key = parse_rsa_private_key(config.private_key_pem.expose_secret().as_bytes())?;
         let format = config.format.clone();
 
-        let x5c = if format.include_x5c {
-            let pem = config.certificate_pem.as_deref().ok_or_else(|| {
-                invalid("include_x5c is set but no QSeal certificate is configured")
-            })?;
-            let chain = parse_certificates(pem)?;
-            // The leaf must belong to the signing key, or every signature would be rejected.
-            let leaf = rsa_public_key_from_certificate(&chain[0])?;
-            if leaf != key.public().as_ref() {
+        // A configured certificate must belong to the signing key (checked even without x5c:
+        // a mismatch means every signature would be rejected by whoever holds that certificate).
+        let chain = match config.certificate_pem.as_deref() {
+            Some(pem) => {
+                let chain = parse_certificates(pem)?;
+                let leaf = rsa_public_key_from_certificate(&chain[0])?;
+                if leaf != key.public().as_ref() {
+                    return Err(invalid(
+                        "the QSeal certificate does not match the QSeal private key",
+                    ));
+                }
+                Some(chain)
+            }
+            None => None,
+        };
+        let x5c = match (format.include_x5c, chain) {
+            (false, _) => None,
+            (true, Some(chain)) => Some(chain.iter().map(|der| STANDARD.encode(der)).collect()),
+            (true, None) => {
                 return Err(invalid(
-                    "the QSeal certificate does not match the QSeal private key",
+                    "include_x5c is set but no QSeal certificate is configured",
                 ));
             }
-            Some(chain.iter().map(|der| STANDARD.encode(der)).collect())
-        } else {
-            None
         };
 
         let header = JwsHeader {
@@ -726,6 +734,16 @@ mod tests {
             panic!("mismatched certificate accepted");
         };
         assert!(error.contains("does not match"), "{error}");
+        config.format.include_x5c = false;
+        assert!(
+            QsealSigner::new(&config).is_err(),
+            "checked without x5c too"
+        );
+        config.certificate_pem = None;
+        assert!(
+            QsealSigner::new(&config).is_ok(),
+            "no certificate needed without x5c"
+        );
 
         config.private_key_pem = "not a pem".to_owned().into();
         assert!(QsealSigner::new(&config).is_err());

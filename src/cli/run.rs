@@ -145,14 +145,19 @@ impl RunArgs {
             .as_ref()
             .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
             .transpose()?;
-        let qwac = match (&self.qwac_cert_file, &self.qwac_key_file, &self.qwac_p12_file) {
+        let qwac = match (
+            &self.qwac_cert_file,
+            &self.qwac_key_file,
+            &self.qwac_p12_file,
+        ) {
             (Some(cert), Some(key), None) => Some(QwacIdentity {
                 cert_chain_pem: std::fs::read(cert)
                     .with_context(|| format!("reading {}", cert.display()))?,
                 private_key_pem: read_secret_file(key, "QWAC key")?,
             }),
             (None, None, Some(p12)) => {
-                let der = std::fs::read(p12).with_context(|| format!("reading {}", p12.display()))?;
+                let der =
+                    std::fs::read(p12).with_context(|| format!("reading {}", p12.display()))?;
                 let password = match &self.qwac_p12_password_file {
                     Some(path) => read_secret_file(path, "PKCS#12 password")?,
                     None => SecretString::from(String::new()),

@@ -126,7 +126,10 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
         CommandBody::InitiateBulk(raw) => Value::Union(
             5,
             Box::new(Value::Record(vec![
-                ("payment_product".into(), product_value(&raw.payment_product)),
+                (
+                    "payment_product".into(),
+                    product_value(&raw.payment_product),
+                ),
                 ("brand".into(), brand_value(&raw.brand)),
                 ("debtor_iban".into(), opt_string(raw.debtor_iban.as_deref())),
                 ("batch_booking".into(), Value::Boolean(raw.batch_booking)),
@@ -135,7 +138,10 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
                     opt_date_value(raw.requested_execution_date.as_deref()),
                 ),
                 ("language".into(), Value::String(raw.language.clone())),
-                ("redirect_uri".into(), Value::String(raw.redirect_uri.clone())),
+                (
+                    "redirect_uri".into(),
+                    Value::String(raw.redirect_uri.clone()),
+                ),
                 (
                     "payments".into(),
                     Value::Array(raw.payments.iter().map(transfer_value).collect()),
@@ -207,10 +213,19 @@ fn transfer_value(t: &RawBulkTransfer) -> Value {
     Value::Record(vec![
         ("amount".into(), Value::String(t.amount.clone())),
         ("currency".into(), Value::String(t.currency.clone())),
-        ("creditor_name".into(), Value::String(t.creditor_name.clone())),
-        ("creditor_iban".into(), Value::String(t.creditor_iban.clone())),
+        (
+            "creditor_name".into(),
+            Value::String(t.creditor_name.clone()),
+        ),
+        (
+            "creditor_iban".into(),
+            Value::String(t.creditor_iban.clone()),
+        ),
         ("creditor_bic".into(), opt_string(t.creditor_bic.as_deref())),
-        ("end_to_end_id".into(), Value::String(t.end_to_end_id.clone())),
+        (
+            "end_to_end_id".into(),
+            Value::String(t.end_to_end_id.clone()),
+        ),
         (
             "remittance_information".into(),
             opt_string(t.remittance_information.as_deref()),
@@ -224,7 +239,10 @@ fn address_value(address: Option<&PostalAddress>) -> Value {
             1,
             Box::new(Value::Record(vec![
                 ("street".into(), opt_string(a.street.as_deref())),
-                ("building_number".into(), opt_string(a.building_number.as_deref())),
+                (
+                    "building_number".into(),
+                    opt_string(a.building_number.as_deref()),
+                ),
                 ("postal_code".into(), opt_string(a.postal_code.as_deref())),
                 ("town".into(), opt_string(a.town.as_deref())),
                 ("country".into(), Value::String(a.country.clone())),
@@ -237,7 +255,10 @@ fn address_value(address: Option<&PostalAddress>) -> Value {
 fn initiate_value(raw: &RawInitiatePayment) -> Value {
     let date = opt_date_value(raw.requested_execution_date.as_deref());
     Value::Record(vec![
-        ("payment_product".into(), product_value(&raw.payment_product)),
+        (
+            "payment_product".into(),
+            product_value(&raw.payment_product),
+        ),
         ("brand".into(), brand_value(&raw.brand)),
         ("amount".into(), Value::String(raw.amount.clone())),
         ("currency".into(), Value::String(raw.currency.clone())),
@@ -267,6 +288,26 @@ fn initiate_value(raw: &RawInitiatePayment) -> Value {
         (
             "redirect_uri".into(),
             Value::String(raw.redirect_uri.clone()),
+        ),
+        (
+            "charge_bearer".into(),
+            opt_string(raw.charge_bearer.as_deref()),
+        ),
+        (
+            "creditor_address".into(),
+            address_value(raw.creditor_address.as_ref()),
+        ),
+        (
+            "creditor_bban".into(),
+            opt_string(raw.creditor_bban.as_deref()),
+        ),
+        (
+            "creditor_bank_national_id".into(),
+            opt_string(raw.creditor_bank_national_id.as_deref()),
+        ),
+        (
+            "creditor_currency".into(),
+            opt_string(raw.creditor_currency.as_deref()),
         ),
     ])
 }
@@ -440,11 +481,15 @@ impl Fields {
             Value::Union(_, inner) => match *inner {
                 Value::Null => Ok(None),
                 Value::Int(v) => Ok(Some(v)),
-                other => Err(malformed(format!("{name}: expected int or null, got {other:?}"))),
+                other => Err(malformed(format!(
+                    "{name}: expected int or null, got {other:?}"
+                ))),
             },
             Value::Null => Ok(None),
             Value::Int(v) => Ok(Some(v)),
-            other => Err(malformed(format!("{name}: expected int or null, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected int or null, got {other:?}"
+            ))),
         }
     }
 
@@ -452,7 +497,9 @@ impl Fields {
         match self.take_optional(name) {
             Value::Null => Ok(None),
             Value::Boolean(v) => Ok(Some(v)),
-            other => Err(malformed(format!("{name}: expected boolean, got {other:?}"))),
+            other => Err(malformed(format!(
+                "{name}: expected boolean, got {other:?}"
+            ))),
         }
     }
 
@@ -560,7 +607,11 @@ fn envelope_from_value(
                         })
                     })
                     .collect::<Result<Vec<_>, DecodeError>>()?,
-                other => return Err(malformed(format!("payments: expected an array, got {other:?}"))),
+                other => {
+                    return Err(malformed(format!(
+                        "payments: expected an array, got {other:?}"
+                    )));
+                }
             };
             CommandBody::InitiateBulk(Box::new(RawBulkPayment {
                 payment_product: body_fields.string("payment_product")?,
@@ -777,8 +828,10 @@ mod evolution_tests {
             frequency: "EVERY_TWO_MONTHS".into(),
             day_of_execution: Some(31),
         };
-        let bytes = encode(&envelope(CommandBody::InitiatePeriodic(Box::new(raw.clone()))))
-            .expect("encode");
+        let bytes = encode(&envelope(CommandBody::InitiatePeriodic(Box::new(
+            raw.clone(),
+        ))))
+        .expect("encode");
         let CommandBody::InitiatePeriodic(back) = decode(&bytes, 65_536).expect("decode").body
         else {
             panic!("wrong body")
@@ -853,7 +906,10 @@ mod evolution_tests {
             ("payment_id".into(), Value::String("p-old".into())),
             ("psu_id".into(), Value::String("u-old".into())),
             ("issued_at".into(), Value::TimestampMillis(7)),
-            ("body".into(), Value::Union(0, Box::new(Value::Record(initiate)))),
+            (
+                "body".into(),
+                Value::Union(0, Box::new(Value::Record(initiate))),
+            ),
         ]);
         let datum = apache_avro::to_avro_datum(&v1, value).expect("v1 datum");
         let decoded = decode(&frame(&v1_fingerprint, &datum), 65_536).expect("v1 record is read");
@@ -879,7 +935,9 @@ mod evolution_tests {
         ]);
         let datum = apache_avro::to_avro_datum(&v1, cancel).expect("v1 datum");
         assert!(matches!(
-            decode(&frame(&v1_fingerprint, &datum), 65_536).expect("read").body,
+            decode(&frame(&v1_fingerprint, &datum), 65_536)
+                .expect("read")
+                .body,
             CommandBody::Cancel { reason: None }
         ));
     }

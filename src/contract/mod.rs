@@ -156,7 +156,9 @@ impl Schemas {
 
     /// The role and schema of a writer fingerprint, if this build can read it.
     fn writer(&self, fingerprint: &[u8; 8]) -> Option<(SchemaRole, &Schema)> {
-        self.writers.get(fingerprint).map(|(role, schema)| (*role, schema))
+        self.writers
+            .get(fingerprint)
+            .map(|(role, schema)| (*role, schema))
     }
 }
 
@@ -181,10 +183,10 @@ mod tests {
     }
 
     /// The fingerprint fastavro computes for the command schema (checked end to end by
-    /// tests/avro_interop.rs); apache-avro's own canonical form gives bda09c56970faf3c.
+    /// tests/avro_interop.rs); apache-avro 0.21 computes a different one.
     #[test]
     fn command_fingerprint_is_the_standard_one() {
         let s = schemas().expect("schemas load");
-        assert_eq!(hex::encode(s.command.fingerprint), "a40f5d9e228e045e");
+        assert_eq!(hex::encode(s.command.fingerprint), "a29859248b354fe4");
     }
 }

@@ -279,6 +279,9 @@ pub enum InitiationFailure {
 }
 
 /// Everything that can happen to a payment.
+// An input lives for one `decide` call and is moved, never stored in bulk: boxing the order
+// would cost an allocation per command for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Input {
     // Commands from clients.
@@ -332,11 +335,15 @@ pub enum Input {
         message: String,
     },
     /// The bank cancelled the payment.
-    CancelConfirmed { bank_status: Option<String> },
+    CancelConfirmed {
+        bank_status: Option<String>,
+    },
     /// The bank refused the cancellation (definite).
     CancelRefused(Reason),
     /// The cancellation call got no usable answer: its outcome is unknown.
-    CancelUnconfirmed { message: String },
+    CancelUnconfirmed {
+        message: String,
+    },
     /// `next_check_at` has passed.
     TimerFired,
     /// The partition was restored after a restart or rebalance: calls that were in flight when
@@ -767,7 +774,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             other => stale_unless(other, &[]),
         },
         Input::InitiationFailed(failure) => match state {
-            PaymentState::Initiating { attempt } => initiation_failed(step, attempt, failure, now, policy),
+            PaymentState::Initiating { attempt } => {
+                initiation_failed(step, attempt, failure, now, policy)
+            }
             other => stale_unless(other, &[]),
         },
         Input::TokenExchanged | Input::TokenExchangeFailed { .. } => match state {
@@ -828,12 +837,14 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             other => stale_unless(other, &[]),
         },
         Input::CancelRefused(reason) => match state {
-            PaymentState::Cancelling => back_from_cancel(step, payment, reason, now, policy),
+            PaymentState::Cancelling => back_from_cancel(step, payment, reason, None, now, policy),
             other => stale_unless(other, &[]),
         },
         // The DELETE may or may not have been applied: ask the bank.
         Input::CancelUnconfirmed { .. } => match state {
-            PaymentState::Cancelling => step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus]),
+            PaymentState::Cancelling => {
+                step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
+            }
             other => stale_unless(other, &[]),
         },
         Input::TimerFired => {
@@ -853,7 +864,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 | PaymentState::Cancelling => {
                     step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
                 }
-                PaymentState::OutcomeUnknown { attempt } => reconcile(step, attempt, payment, policy),
+                PaymentState::OutcomeUnknown { attempt } => {
+                    reconcile(step, attempt, payment, policy)
+                }
                 other => stale_unless(other, &[]),
             }
         }
@@ -991,6 +1004,7 @@ fn back_from_cancel(
     step: Step<'_>,
     payment: &Payment,
     reason: Reason,
+    bank_status: Option<String>,
     now: Millis,
     policy: &Policy,
 ) -> Outcome {
@@ -998,6 +1012,9 @@ fn back_from_cancel(
     step.to(
         resume,
         |p| {
+            if bank_status.is_some() {
+                p.bank_status = bank_status;
+            }
             p.reason = Some(reason);
             p.resume_after_cancel = None;
             p.next_check_at = Some(policy.poll_at(p, now));
@@ -1187,8 +1204,7 @@ fn observe_status(
     now: Millis,
     policy: &Policy,
 ) -> Outcome {
-    let expired = payment.sca_deadline.is_some_and(|d| now >= d)
-        && state.kind().awaits_signature();
+    let expired = payment.sca_deadline.is_some_and(|d| now >= d) && state.kind().awaits_signature();
     let kind = payment.order.as_ref().map(Order::kind);
     if state == PaymentState::Cancelling {
         let target = target_for(state, progress, kind, false);
@@ -1217,6 +1233,7 @@ fn observe_status(
                     ReasonCode::CancelNotConfirmed,
                     format!("the bank still reports {bank_status} after the cancellation request"),
                 ),
+                Some(bank_status),
                 now,
                 policy,
             ),

@@ -4,10 +4,14 @@
 
 use std::collections::BTreeSet;
 
+use chrono::NaiveDate;
 use proptest::prelude::*;
 
 use super::*;
-use crate::domain::model::{Amount, Brand, Language, PaymentProduct};
+use crate::domain::model::{
+    Amount, Brand, BulkEntry, BulkOrder, Frequency, Language, PaymentOrder, PaymentProduct,
+    StandingOrder,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -15,13 +19,16 @@ use crate::domain::model::{Amount, Brand, Language, PaymentProduct};
 
 /// Start of every scenario.
 const T0: Millis = 1_700_000_000_000;
-/// Table time: every timer set while building the representative records is due, and no SCA
-/// deadline (15 minutes under the default policy) has passed.
+/// Table time: every status-poll, retry or reconcile timer set while building the representative
+/// records is due, and no SCA deadline (15 minutes under the default policy) has passed. An
+/// active standing order's poll (an hour under the default policy) is not yet due.
 const NOW: Millis = T0 + 60_000;
 /// Table time before any timer set while building the representative records.
 const EARLY: Millis = T0 + 500;
 /// Table time past every SCA deadline of the representative records.
 const LATE: Millis = T0 + 20 * 60 * 1000;
+/// Table time past every timer of the representative records, the standing-order poll included.
+const HOURS: Millis = T0 + 2 * 60 * 60 * 1000;
 
 fn payment_id() -> PaymentId {
     PaymentId::new("pay-0001")
@@ -61,15 +68,60 @@ fn other_order() -> PaymentOrder {
     }
 }
 
+fn date(year: i32, month: u32, day: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(year, month, day).expect("a valid date")
+}
+
+/// A monthly standing order of the single order's transfer.
+fn standing_order() -> Order {
+    Order::Standing(StandingOrder {
+        order: PaymentOrder {
+            end_to_end_id: "e2e-standing".into(),
+            ..order()
+        },
+        start_date: date(2030, 1, 15),
+        end_date: Some(date(2030, 12, 15)),
+        frequency: Frequency::Monthly,
+        day_of_execution: Some(15),
+    })
+}
+
+/// A bulk of two transfers.
+fn bulk_order() -> Order {
+    let entry = |n: u32, minor: i64| BulkEntry {
+        amount: Amount::from_minor(minor),
+        currency: "EUR".into(),
+        creditor_name: format!("Creditor {n}"),
+        creditor_iban: "BE68539007547034".into(),
+        creditor_bic: None,
+        end_to_end_id: format!("e2e-bulk-{n}"),
+        remittance_information: Some(format!("salary {n}")),
+    };
+    Order::Bulk(BulkOrder {
+        product: PaymentProduct::SepaCreditTransfers,
+        brand: Brand::Belfius,
+        debtor_iban: Some("BE71096123456769".into()),
+        batch_booking: true,
+        requested_execution_date: None,
+        payments: vec![entry(1, 100_000), entry(2, 250_000)],
+        language: Language::Fr,
+        redirect_uri: "https://shop.example/return".into(),
+    })
+}
+
 fn cmd(id: &str) -> CommandId {
     CommandId::new(id)
 }
 
 fn initiate(command_id: CommandId) -> Input {
+    initiate_order(command_id, order().into())
+}
+
+fn initiate_order(command_id: CommandId, order: Order) -> Input {
     Input::Initiate {
         command_id,
         psu_id: psu(),
-        order: order(),
+        order,
     }
 }
 
@@ -100,10 +152,12 @@ fn sca_error(command_id: CommandId) -> Input {
     }
 }
 
-fn cancel(command_id: CommandId) -> Input {
+/// A cancellation; `bank_token`: whether the worker holds a PIS token for the PSU.
+fn cancel(command_id: CommandId, bank_token: bool) -> Input {
     Input::Cancel {
         command_id,
         psu_id: psu(),
+        bank_token,
     }
 }
 
@@ -153,6 +207,7 @@ fn observed(progress: BankProgress) -> Input {
         BankProgress::PartiallySigned => "PATC",
         BankProgress::Signed => "ACTC",
         BankProgress::Settled => "ACSC",
+        BankProgress::PartiallyAccepted => "PART",
         BankProgress::Rejected => "RJCT",
         BankProgress::Cancelled => "CANC",
     };
@@ -166,6 +221,37 @@ fn check_failed() -> Input {
     Input::StatusCheckFailed {
         message: "503".into(),
     }
+}
+
+fn cancel_confirmed(bank_status: Option<&str>) -> Input {
+    Input::CancelConfirmed {
+        bank_status: bank_status.map(str::to_string),
+    }
+}
+
+fn cancel_refused_reason() -> Reason {
+    Reason::new(
+        ReasonCode::CancelRefused,
+        "409 CANCELLATION_INVALID: the payment can no longer be cancelled",
+    )
+}
+
+fn cancel_refused() -> Input {
+    Input::CancelRefused(cancel_refused_reason())
+}
+
+fn cancel_unconfirmed() -> Input {
+    Input::CancelUnconfirmed {
+        message: "read timeout".into(),
+    }
+}
+
+fn reason_code(p: &Payment) -> Option<ReasonCode> {
+    p.reason.as_ref().map(|r| r.code)
+}
+
+fn event_reason_code(e: &StatusEvent) -> Option<ReasonCode> {
+    e.reason.as_ref().map(|r| r.code)
 }
 
 /// The psu_id a command carries (`Input::psu_id` is private to the machine).
@@ -183,6 +269,9 @@ fn command_psu(input: &Input) -> Option<&PsuId> {
         | Input::TokenExchangeFailed { .. }
         | Input::StatusObserved { .. }
         | Input::StatusCheckFailed { .. }
+        | Input::CancelConfirmed { .. }
+        | Input::CancelRefused(_)
+        | Input::CancelUnconfirmed { .. }
         | Input::TimerFired
         | Input::Restored => None,
     }
@@ -192,7 +281,11 @@ fn command_psu(input: &Input) -> Option<&PsuId> {
 /// compile here until the table covers it.
 fn input_key(input: &Input) -> &'static str {
     match input {
-        Input::Initiate { .. } => "Initiate",
+        Input::Initiate { order, .. } => match order {
+            Order::Single(_) => "Initiate(Single)",
+            Order::Standing(_) => "Initiate(Standing)",
+            Order::Bulk(_) => "Initiate(Bulk)",
+        },
         Input::InitiateInvalid { .. } => "InitiateInvalid",
         Input::CompleteSca {
             outcome: ScaOutcome::Code(_),
@@ -202,7 +295,12 @@ fn input_key(input: &Input) -> &'static str {
             outcome: ScaOutcome::Error { .. },
             ..
         } => "CompleteSca(Error)",
-        Input::Cancel { .. } => "Cancel",
+        Input::Cancel {
+            bank_token: true, ..
+        } => "Cancel(token)",
+        Input::Cancel {
+            bank_token: false, ..
+        } => "Cancel(no token)",
         Input::RefreshStatus { .. } => "RefreshStatus",
         Input::BeginInitiation { .. } => "BeginInitiation",
         Input::BankInitiated { .. } => "BankInitiated",
@@ -218,21 +316,31 @@ fn input_key(input: &Input) -> &'static str {
             BankProgress::PartiallySigned => "StatusObserved(PartiallySigned)",
             BankProgress::Signed => "StatusObserved(Signed)",
             BankProgress::Settled => "StatusObserved(Settled)",
+            BankProgress::PartiallyAccepted => "StatusObserved(PartiallyAccepted)",
             BankProgress::Rejected => "StatusObserved(Rejected)",
             BankProgress::Cancelled => "StatusObserved(Cancelled)",
         },
         Input::StatusCheckFailed { .. } => "StatusCheckFailed",
+        Input::CancelConfirmed {
+            bank_status: Some(_),
+        } => "CancelConfirmed(status)",
+        Input::CancelConfirmed { bank_status: None } => "CancelConfirmed(no status)",
+        Input::CancelRefused(_) => "CancelRefused",
+        Input::CancelUnconfirmed { .. } => "CancelUnconfirmed",
         Input::TimerFired => "TimerFired",
         Input::Restored => "Restored",
     }
 }
 
-const ALL_INPUT_KEYS: [&str; 22] = [
-    "Initiate",
+const ALL_INPUT_KEYS: [&str; 30] = [
+    "Initiate(Single)",
+    "Initiate(Standing)",
+    "Initiate(Bulk)",
     "InitiateInvalid",
     "CompleteSca(Code)",
     "CompleteSca(Error)",
-    "Cancel",
+    "Cancel(token)",
+    "Cancel(no token)",
     "RefreshStatus",
     "BeginInitiation",
     "BankInitiated",
@@ -245,9 +353,14 @@ const ALL_INPUT_KEYS: [&str; 22] = [
     "StatusObserved(PartiallySigned)",
     "StatusObserved(Signed)",
     "StatusObserved(Settled)",
+    "StatusObserved(PartiallyAccepted)",
     "StatusObserved(Rejected)",
     "StatusObserved(Cancelled)",
     "StatusCheckFailed",
+    "CancelConfirmed(status)",
+    "CancelConfirmed(no status)",
+    "CancelRefused",
+    "CancelUnconfirmed",
     "TimerFired",
     "Restored",
 ];
@@ -362,36 +475,71 @@ impl Run {
     }
 
     fn initiate(&mut self) -> Transition {
+        self.initiate_order(order().into())
+    }
+
+    fn initiate_order(&mut self, order: Order) -> Transition {
         let id = self.cmd();
-        self.step(initiate(id))
+        self.step(initiate_order(id, order))
     }
 }
 
 // Realistic records, reached through the machine itself.
 
-fn received() -> Run {
+fn received_with(order: Order) -> Run {
     let mut run = Run::new();
-    run.initiate();
+    run.initiate_order(order);
     run
 }
 
-fn initiating() -> Run {
-    let mut run = received();
+fn initiating_with(order: Order) -> Run {
+    let mut run = received_with(order);
     run.step(begin());
     run
 }
 
-fn sca_pending() -> Run {
-    let mut run = initiating();
+fn sca_pending_with(order: Order) -> Run {
+    let mut run = initiating_with(order);
     run.step(bank_initiated());
     run
 }
 
-fn authorizing() -> Run {
-    let mut run = sca_pending();
+fn authorizing_with(order: Order) -> Run {
+    let mut run = sca_pending_with(order);
     let id = run.cmd();
     run.step(sca_code(id));
     run
+}
+
+/// Signed through the SCA redirect (a single or bulk order: a standing order becomes active).
+fn signed_with(order: Order) -> Run {
+    let mut run = authorizing_with(order);
+    run.step(Input::TokenExchanged);
+    run.step(observed(BankProgress::Signed));
+    run
+}
+
+/// The bank holds the payment and the PSU's token is at hand: the cancellation is under way.
+fn cancelling_from(mut run: Run) -> Run {
+    let id = run.cmd();
+    run.step(cancel(id, true));
+    run
+}
+
+fn received() -> Run {
+    received_with(order().into())
+}
+
+fn initiating() -> Run {
+    initiating_with(order().into())
+}
+
+fn sca_pending() -> Run {
+    sca_pending_with(order().into())
+}
+
+fn authorizing() -> Run {
+    authorizing_with(order().into())
 }
 
 fn partially_signed() -> Run {
@@ -401,10 +549,18 @@ fn partially_signed() -> Run {
 }
 
 fn signed() -> Run {
-    let mut run = authorizing();
-    run.step(Input::TokenExchanged);
+    signed_with(order().into())
+}
+
+/// A standing order the bank reports signed.
+fn active() -> Run {
+    let mut run = sca_pending_with(standing_order());
     run.step(observed(BankProgress::Signed));
     run
+}
+
+fn cancelling() -> Run {
+    cancelling_from(signed())
 }
 
 fn settled() -> Run {
@@ -413,10 +569,24 @@ fn settled() -> Run {
     run
 }
 
+/// A bulk with some of its transfers rejected.
+fn partially_settled() -> Run {
+    let mut run = signed_with(bulk_order());
+    run.step(observed(BankProgress::PartiallyAccepted));
+    run
+}
+
+/// A standing order that ran to its end.
+fn completed() -> Run {
+    let mut run = active();
+    run.step(observed(BankProgress::Settled));
+    run
+}
+
 fn cancelled() -> Run {
     let mut run = received();
     let id = run.cmd();
-    run.step(cancel(id));
+    run.step(cancel(id, false));
     run
 }
 
@@ -462,7 +632,11 @@ fn representative(kind: StateKind) -> Run {
         StateKind::Authorizing => authorizing(),
         StateKind::PartiallySigned => partially_signed(),
         StateKind::Signed => signed(),
+        StateKind::Active => active(),
+        StateKind::Cancelling => cancelling(),
         StateKind::Settled => settled(),
+        StateKind::PartiallySettled => partially_settled(),
+        StateKind::Completed => completed(),
         StateKind::Cancelled => cancelled(),
         StateKind::Rejected => rejected(),
         StateKind::Expired => expired(),
@@ -483,8 +657,9 @@ enum Timer {
     Any,
     Cleared,
     At(Millis),
-    /// A status poll: after `now`, within the slow interval, and never after the SCA deadline of
-    /// an unsigned payment.
+    /// A status poll: for an active standing order exactly `standing_order_poll_ms` after `now`;
+    /// otherwise after `now`, within the slow interval, and never after the SCA deadline of an
+    /// unsigned payment.
     Poll,
 }
 
@@ -498,6 +673,10 @@ struct Change {
     /// Whether the PKCE verifier / authorization code must be held afterwards (`None`: either).
     verifier: Option<bool>,
     code: Option<bool>,
+    /// `Some(r)`: `resume_after_cancel` must be `r` afterwards.
+    resume: Option<Option<PaymentState>>,
+    /// `Some(s)`: `bank_status` must be `s` afterwards.
+    bank_status: Option<Option<String>>,
 }
 
 impl Change {
@@ -510,6 +689,8 @@ impl Change {
             timer: Timer::Any,
             verifier: None,
             code: None,
+            resume: None,
+            bank_status: None,
         }
     }
 
@@ -532,6 +713,16 @@ impl Change {
         self.code = Some(held);
         self
     }
+
+    fn resume(mut self, resume: Option<PaymentState>) -> Self {
+        self.resume = Some(resume);
+        self
+    }
+
+    fn bank_status(mut self, bank_status: Option<String>) -> Self {
+        self.bank_status = Some(bank_status);
+        self
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -544,6 +735,29 @@ enum Expect {
 impl From<Change> for Expect {
     fn from(change: Change) -> Self {
         Expect::Changed(change)
+    }
+}
+
+/// States in which the bank holds the payment and its status is polled.
+fn is_polling(kind: StateKind) -> bool {
+    use StateKind as K;
+    match kind {
+        K::ScaPending
+        | K::Authorizing
+        | K::PartiallySigned
+        | K::Signed
+        | K::Active
+        | K::Cancelling => true,
+        K::Received
+        | K::Initiating
+        | K::OutcomeUnknown
+        | K::Settled
+        | K::PartiallySettled
+        | K::Completed
+        | K::Cancelled
+        | K::Rejected
+        | K::Expired
+        | K::Failed => false,
     }
 }
 
@@ -562,11 +776,12 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
         }
     }
     let terminal = kind.is_terminal();
-    let polling = matches!(
-        kind,
-        K::ScaPending | K::Authorizing | K::PartiallySigned | K::Signed
-    );
+    let polling = is_polling(kind);
     let awaiting_sca = matches!(kind, K::ScaPending | K::PartiallySigned);
+    let standing = p.order.as_ref().map(Order::kind) == Some(PaymentKind::Periodic);
+    // Where a cancellation the bank did not carry out returns to (a record the machine made in
+    // `Cancelling` always knows).
+    let resume = p.resume_after_cancel.map_or(K::Signed, PaymentState::kind);
     // A change of state kind emits exactly one event; the same kind emits none.
     let go =
         |to: StateKind, effects: Vec<Effect>| Change::new(to, usize::from(to != kind), effects);
@@ -599,17 +814,33 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 }
             }
         }
-        Input::Cancel { .. } => {
-            if terminal {
-                already_final
-            } else if polling {
-                Expect::Refused(RefusalCode::CancelNotPossible)
-            } else {
-                go(K::Cancelled, vec![])
-                    .reason(ReasonCode::CancelledByClient)
-                    .into()
+        Input::Cancel { bank_token, .. } => match kind {
+            // No bank-side payment anyone can sign yet: cancelled here, token or not.
+            K::Received | K::Initiating | K::OutcomeUnknown => go(K::Cancelled, vec![])
+                .reason(ReasonCode::CancelledByClient)
+                .timer(Timer::Cleared)
+                .verifier(false)
+                .into(),
+            // The bank holds the payment: only the bank's cancellation, with the PSU's token.
+            K::ScaPending | K::Authorizing | K::PartiallySigned | K::Signed | K::Active => {
+                if *bank_token {
+                    go(K::Cancelling, vec![Effect::CallCancel])
+                        .timer(Timer::Cleared)
+                        .resume(Some(p.state))
+                        .into()
+                } else {
+                    Expect::Refused(RefusalCode::CancelNotPossible)
+                }
             }
-        }
+            K::Cancelling => Expect::Ignored(Ignored::CancelInProgress),
+            K::Settled
+            | K::PartiallySettled
+            | K::Completed
+            | K::Cancelled
+            | K::Rejected
+            | K::Expired
+            | K::Failed => already_final,
+        },
         Input::RefreshStatus { .. } => {
             if terminal {
                 already_final
@@ -666,15 +897,45 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             if !polling {
                 return stale;
             }
-            let expired = p.sca_deadline.is_some_and(|d| now >= d);
+            let settled = if standing { K::Completed } else { K::Settled };
+            if kind == K::Cancelling {
+                let change = match progress {
+                    // Cancelled: the reason (by the client, or at the bank) is not prescribed.
+                    BankProgress::Cancelled => go(K::Cancelled, vec![]),
+                    BankProgress::Settled => go(settled, vec![]),
+                    BankProgress::PartiallyAccepted => {
+                        go(K::PartiallySettled, vec![]).reason(ReasonCode::BulkPartiallyRejected)
+                    }
+                    BankProgress::Rejected => {
+                        go(K::Rejected, vec![]).reason(ReasonCode::BankRejected)
+                    }
+                    // Still alive at the bank: the cancellation did not happen (and no SCA
+                    // deadline applies while cancelling).
+                    BankProgress::AwaitingSca
+                    | BankProgress::PartiallySigned
+                    | BankProgress::Signed => go(resume, vec![])
+                        .reason(ReasonCode::CancelNotConfirmed)
+                        .timer(Timer::Poll)
+                        .resume(None),
+                };
+                return change.into();
+            }
+            // The SCA deadline applies only while the PSU's signature is outstanding.
+            let expired = awaiting_sca && p.sca_deadline.is_some_and(|d| now >= d);
             let change = match progress {
                 BankProgress::AwaitingSca | BankProgress::PartiallySigned if expired => {
                     go(K::Expired, vec![]).reason(ReasonCode::ScaExpired)
                 }
                 BankProgress::AwaitingSca => stay(vec![]).timer(Timer::Poll),
                 BankProgress::PartiallySigned => go(K::PartiallySigned, vec![]).timer(Timer::Poll),
-                BankProgress::Signed => go(K::Signed, vec![]).timer(Timer::Poll),
-                BankProgress::Settled => go(K::Settled, vec![]),
+                BankProgress::Signed => {
+                    let signed = if standing { K::Active } else { K::Signed };
+                    go(signed, vec![]).timer(Timer::Poll)
+                }
+                BankProgress::Settled => go(settled, vec![]),
+                BankProgress::PartiallyAccepted => {
+                    go(K::PartiallySettled, vec![]).reason(ReasonCode::BulkPartiallyRejected)
+                }
                 BankProgress::Rejected => go(K::Rejected, vec![]).reason(ReasonCode::BankRejected),
                 BankProgress::Cancelled => {
                     go(K::Cancelled, vec![]).reason(ReasonCode::CancelledAtBank)
@@ -689,6 +950,26 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 stale
             }
         }
+        Input::CancelConfirmed { bank_status } => match kind {
+            K::Cancelling => go(K::Cancelled, vec![])
+                .reason(ReasonCode::CancelledByClient)
+                .resume(None)
+                .bank_status(bank_status.clone().or_else(|| p.bank_status.clone()))
+                .into(),
+            _ => stale,
+        },
+        Input::CancelRefused(reason) => match kind {
+            K::Cancelling => go(resume, vec![])
+                .reason(reason.code)
+                .timer(Timer::Poll)
+                .resume(None)
+                .into(),
+            _ => stale,
+        },
+        Input::CancelUnconfirmed { .. } => match kind {
+            K::Cancelling => stay(vec![Effect::CheckStatus]).into(),
+            _ => stale,
+        },
         Input::TimerFired => {
             let due = p.next_check_at.is_some_and(|at| at <= now);
             if !due {
@@ -701,7 +982,9 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 PaymentState::ScaPending
                 | PaymentState::Authorizing
                 | PaymentState::PartiallySigned
-                | PaymentState::Signed => {
+                | PaymentState::Signed
+                | PaymentState::Active
+                | PaymentState::Cancelling => {
                     stay(vec![Effect::CheckStatus]).timer(Timer::Cleared).into()
                 }
                 PaymentState::OutcomeUnknown { attempt } => {
@@ -716,6 +999,8 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 }
                 PaymentState::Initiating { .. }
                 | PaymentState::Settled
+                | PaymentState::PartiallySettled
+                | PaymentState::Completed
                 | PaymentState::Cancelled
                 | PaymentState::Rejected
                 | PaymentState::Expired
@@ -837,6 +1122,15 @@ fn check_change(
                 problems.push(format!("timer {:?}, want {at}", after.next_check_at));
             }
         }
+        Timer::Poll if kind == StateKind::Active => {
+            let at = now + policy.standing_order_poll_ms;
+            if after.next_check_at != Some(at) {
+                problems.push(format!(
+                    "timer {:?}, want the standing-order poll at {at}",
+                    after.next_check_at
+                ));
+            }
+        }
         Timer::Poll => {
             let latest = now + policy.fast_poll_ms.max(policy.slow_poll_ms);
             match after.next_check_at {
@@ -859,6 +1153,33 @@ fn check_change(
     if let Some(held) = want.code {
         if after.authorization_code.is_some() != held {
             problems.push(format!("authorization code held: {}, want {held}", !held));
+        }
+    }
+    if let Some(resume) = want.resume {
+        if after.resume_after_cancel != resume {
+            problems.push(format!(
+                "resume_after_cancel {:?}, want {resume:?}",
+                after.resume_after_cancel
+            ));
+        }
+    }
+    // Where to resume is known exactly while cancelling, and is a state the bank holds.
+    match (kind, after.resume_after_cancel.map(PaymentState::kind)) {
+        (StateKind::Cancelling, Some(resume)) if is_polling(resume) && resume != kind => {}
+        (StateKind::Cancelling, other) => {
+            problems.push(format!("cancelling with resume_after_cancel {other:?}"));
+        }
+        (_, None) => {}
+        (_, Some(resume)) => {
+            problems.push(format!("resume_after_cancel {resume:?} outside CANCELLING"))
+        }
+    }
+    if let Some(bank_status) = &want.bank_status {
+        if after.bank_status != *bank_status {
+            problems.push(format!(
+                "bank_status {:?}, want {bank_status:?}",
+                after.bank_status
+            ));
         }
     }
     if let Some(id) = command {
@@ -894,6 +1215,7 @@ enum At {
     Early,
     Now,
     Late,
+    Hours,
 }
 
 impl At {
@@ -902,6 +1224,7 @@ impl At {
             At::Early => EARLY,
             At::Now => NOW,
             At::Late => LATE,
+            At::Hours => HOURS,
         }
     }
 }
@@ -919,13 +1242,20 @@ fn case(name: &'static str, at: At, make: fn(&Payment) -> Input) -> Case {
 
 fn cases() -> Vec<Case> {
     vec![
-        case("Initiate (same order)", At::Now, |_| {
-            initiate(cmd("t-initiate"))
+        case("Initiate (same order)", At::Now, |p| {
+            initiate_order(
+                cmd("t-initiate"),
+                p.order.clone().unwrap_or_else(|| order().into()),
+            )
         }),
-        case("Initiate (other order)", At::Now, |_| Input::Initiate {
-            command_id: cmd("t-initiate-other"),
-            psu_id: psu(),
-            order: other_order(),
+        case("Initiate (other order)", At::Now, |_| {
+            initiate_order(cmd("t-initiate-other"), other_order().into())
+        }),
+        case("Initiate (standing order)", At::Now, |_| {
+            initiate_order(cmd("t-initiate-standing"), standing_order())
+        }),
+        case("Initiate (bulk)", At::Now, |_| {
+            initiate_order(cmd("t-initiate-bulk"), bulk_order())
         }),
         case("InitiateInvalid", At::Now, |_| {
             initiate_invalid(cmd("t-invalid"))
@@ -936,10 +1266,18 @@ fn cases() -> Vec<Case> {
         case("CompleteSca(Error)", At::Now, |_| {
             sca_error(cmd("t-sca-error"))
         }),
-        case("Cancel", At::Now, |_| cancel(cmd("t-cancel"))),
+        case("Cancel (bank token)", At::Now, |_| {
+            cancel(cmd("t-cancel"), true)
+        }),
+        case("Cancel (no bank token)", At::Now, |_| {
+            cancel(cmd("t-cancel-no-token"), false)
+        }),
         case("RefreshStatus", At::Now, |_| refresh(cmd("t-refresh"))),
         case("Cancel (re-delivered command id)", At::Now, |p| {
-            cancel(p.seen_commands.last().expect("a seen command").clone())
+            cancel(
+                p.seen_commands.last().expect("a seen command").clone(),
+                true,
+            )
         }),
         case("RefreshStatus (other PSU)", At::Now, |_| {
             Input::RefreshStatus {
@@ -974,6 +1312,9 @@ fn cases() -> Vec<Case> {
         case("StatusObserved(Settled)", At::Now, |_| {
             observed(BankProgress::Settled)
         }),
+        case("StatusObserved(PartiallyAccepted)", At::Now, |_| {
+            observed(BankProgress::PartiallyAccepted)
+        }),
         case("StatusObserved(Rejected)", At::Now, |_| {
             observed(BankProgress::Rejected)
         }),
@@ -990,9 +1331,22 @@ fn cases() -> Vec<Case> {
             At::Late,
             |_| observed(BankProgress::PartiallySigned),
         ),
+        case("StatusObserved(Signed) past the deadline", At::Late, |_| {
+            observed(BankProgress::Signed)
+        }),
         case("StatusCheckFailed", At::Now, |_| check_failed()),
+        case("CancelConfirmed (with a bank status)", At::Now, |_| {
+            cancel_confirmed(Some("CANC"))
+        }),
+        case("CancelConfirmed (without a bank status)", At::Now, |_| {
+            cancel_confirmed(None)
+        }),
+        case("CancelRefused", At::Now, |_| cancel_refused()),
+        case("CancelUnconfirmed", At::Now, |_| cancel_unconfirmed()),
+        // Due for every timer but an active standing order's (an hour away).
         case("TimerFired (due)", At::Now, |_| Input::TimerFired),
         case("TimerFired (not yet due)", At::Early, |_| Input::TimerFired),
+        case("TimerFired (hours later)", At::Hours, |_| Input::TimerFired),
         case("Restored", At::Now, |_| Input::Restored),
     ]
 }
@@ -1063,7 +1417,7 @@ fn every_state_input_pair_follows_the_semantics() {
     assert_every_input_variant_covered(&cases, &records[0].1);
     let (checked, deviations) = run_table(&records, &cases, &policy);
     assert_eq!(checked, StateKind::ALL.len() * cases.len(), "pairs skipped");
-    assert_eq!(checked, 12 * 28);
+    assert_eq!(checked, 16 * 38);
     assert!(
         deviations.is_empty(),
         "{} of {checked} (state, input) pairs deviate from the intended semantics:\n{}",
@@ -1073,7 +1427,8 @@ fn every_state_input_pair_follows_the_semantics() {
 }
 
 /// Records in the same states with other data: timers pending or cleared, secrets exchanged,
-/// last attempts, an order refused by validation.
+/// last attempts, an order refused by validation, standing orders and bulks, cancellations from
+/// each state the bank holds.
 #[test]
 fn variant_records_follow_the_semantics() {
     let policy = Policy::default();
@@ -1121,6 +1476,85 @@ fn variant_records_follow_the_semantics() {
     run.step(initiate_invalid(id));
     records.push(("REJECTED (invalid initiation)", run.payment().clone()));
 
+    // The order's kind decides where a signature or a settlement leads.
+    records.push((
+        "RECEIVED (standing order)",
+        received_with(standing_order()).payment().clone(),
+    ));
+    records.push((
+        "SCA_PENDING (standing order)",
+        sca_pending_with(standing_order()).payment().clone(),
+    ));
+    let mut run = authorizing_with(standing_order());
+    records.push(("AUTHORIZING (standing order)", run.payment().clone()));
+    run.step(Input::TokenExchanged);
+    records.push((
+        "AUTHORIZING (standing order, code exchanged)",
+        run.payment().clone(),
+    ));
+    let mut run = sca_pending_with(standing_order());
+    run.step(observed(BankProgress::PartiallySigned));
+    records.push(("PARTIALLY_SIGNED (standing order)", run.payment().clone()));
+    records.push((
+        "SCA_PENDING (bulk)",
+        sca_pending_with(bulk_order()).payment().clone(),
+    ));
+    records.push(("SIGNED (bulk)", signed_with(bulk_order()).payment().clone()));
+
+    // An active standing order between polls and with a poll in flight.
+    let mut run = active();
+    run.next_at_timer();
+    run.step(Input::TimerFired);
+    records.push(("ACTIVE (poll in flight)", run.payment().clone()));
+    run.step(observed(BankProgress::Signed));
+    records.push(("ACTIVE (polled)", run.payment().clone()));
+
+    // Cancellations from every state the bank holds, and what follows them.
+    records.push((
+        "CANCELLING (from SCA_PENDING)",
+        cancelling_from(sca_pending()).payment().clone(),
+    ));
+    records.push((
+        "CANCELLING (from AUTHORIZING, code not exchanged)",
+        cancelling_from(authorizing()).payment().clone(),
+    ));
+    records.push((
+        "CANCELLING (from PARTIALLY_SIGNED)",
+        cancelling_from(partially_signed()).payment().clone(),
+    ));
+    records.push((
+        "CANCELLING (from ACTIVE)",
+        cancelling_from(active()).payment().clone(),
+    ));
+    records.push((
+        "CANCELLING (bulk, from SIGNED)",
+        cancelling_from(signed_with(bulk_order())).payment().clone(),
+    ));
+    let mut run = cancelling();
+    run.step(cancel_unconfirmed());
+    records.push((
+        "CANCELLING (unconfirmed, check in flight)",
+        run.payment().clone(),
+    ));
+    run.step(check_failed());
+    records.push((
+        "CANCELLING (unconfirmed, poll pending)",
+        run.payment().clone(),
+    ));
+    let mut run = cancelling();
+    run.step(cancel_refused());
+    records.push(("SIGNED (cancellation refused)", run.payment().clone()));
+    let mut run = cancelling_from(active());
+    run.step(cancel_unconfirmed());
+    run.step(observed(BankProgress::Signed));
+    records.push(("ACTIVE (cancellation not confirmed)", run.payment().clone()));
+    let mut run = cancelling();
+    run.step(cancel_confirmed(None));
+    records.push(("CANCELLED (at the bank)", run.payment().clone()));
+    let mut run = cancelling_from(active());
+    run.step(observed(BankProgress::Settled));
+    records.push(("COMPLETED (while cancelling)", run.payment().clone()));
+
     let records: Vec<(String, Payment)> = records
         .into_iter()
         .map(|(name, p)| (name.to_string(), p))
@@ -1147,6 +1581,10 @@ fn inputs_for_an_unknown_payment_id() {
         let input = (case.make)(&sample);
         let key = input_key(&input);
         let command = input.command_id().cloned();
+        let initiated = match &input {
+            Input::Initiate { order, .. } => Some(order.clone()),
+            _ => None,
+        };
         let now = case.at.millis();
         let outcome = decide(&payment_id(), None, input, now, &policy);
         let context = format!(
@@ -1155,16 +1593,17 @@ fn inputs_for_an_unknown_payment_id() {
             summary(&outcome)
         );
         match key {
-            "Initiate" | "InitiateInvalid" => {
+            "Initiate(Single)" | "Initiate(Standing)" | "Initiate(Bulk)" | "InitiateInvalid" => {
                 let Outcome::Changed(t) = &outcome else {
                     panic!("{context}")
                 };
-                let (state, effects) = if key == "Initiate" {
-                    (StateKind::Received, vec![Effect::StartInitiation])
-                } else {
+                let (state, effects) = if key == "InitiateInvalid" {
                     (StateKind::Rejected, vec![])
+                } else {
+                    (StateKind::Received, vec![Effect::StartInitiation])
                 };
                 assert_eq!(t.payment.state.kind(), state, "{context}");
+                assert_eq!(t.payment.order, initiated, "{context}");
                 assert_eq!(t.effects, effects, "{context}");
                 assert_eq!(t.events.len(), 1, "{context}");
                 assert_eq!(t.events[0].state, state, "{context}");
@@ -1174,8 +1613,10 @@ fn inputs_for_an_unknown_payment_id() {
                 assert_eq!(t.payment.seen_commands, vec![command.expect("a command")]);
                 assert_eq!(t.payment.payment_id, payment_id(), "{context}");
                 assert_eq!(t.payment.received_at, now, "{context}");
+                assert_eq!(t.payment.resume_after_cancel, None, "{context}");
             }
-            "CompleteSca(Code)" | "CompleteSca(Error)" | "Cancel" | "RefreshStatus" => {
+            "CompleteSca(Code)" | "CompleteSca(Error)" | "Cancel(token)" | "Cancel(no token)"
+            | "RefreshStatus" => {
                 assert!(
                     matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::UnknownPayment),
                     "{context}"
@@ -1202,7 +1643,8 @@ fn initiate_creates_a_received_payment() {
     let p = &t.payment;
     assert_eq!(p.state, PaymentState::Received);
     assert_eq!(p.psu_id, psu());
-    assert_eq!(p.order, Some(order()));
+    assert_eq!(p.order, Some(Order::Single(order())));
+    assert_eq!(p.resume_after_cancel, None);
     assert_eq!(p.seen_commands, vec![cmd("cmd-1")]);
     assert_eq!(p.initiation_attempts, 0);
     assert_eq!(p.reason, None);
@@ -1223,18 +1665,24 @@ fn initiate_creates_a_received_payment() {
     ));
     // Another order under the same payment id: refused, payment unchanged.
     let id = run.cmd();
-    let outcome = run.apply(Input::Initiate {
-        command_id: id,
-        psu_id: psu(),
-        order: other_order(),
-    });
+    let outcome = run.apply(initiate_order(id, other_order().into()));
     assert!(
         matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::DuplicatePaymentId),
         "{}",
         summary(&outcome)
     );
+    // Nor is the same transfer as a standing order or a bulk the same payment.
+    for other in [standing_order(), bulk_order()] {
+        let id = run.cmd();
+        let outcome = run.apply(initiate_order(id, other));
+        assert!(
+            matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::DuplicatePaymentId),
+            "{}",
+            summary(&outcome)
+        );
+    }
     assert_eq!(run.events.len(), 1);
-    assert_eq!(run.payment().order, Some(order()));
+    assert_eq!(run.payment().order, Some(order().into()));
 }
 
 #[test]
@@ -1349,11 +1797,13 @@ fn happy_path_settles_with_six_events() {
     assert_eq!(run.payment().sequence, 6);
 
     // Settled absorbs everything.
-    let id = run.cmd();
-    assert!(matches!(
-        run.apply(cancel(id)),
-        Outcome::Refused(r) if r.code == RefusalCode::AlreadyFinal
-    ));
+    for bank_token in [true, false] {
+        let id = run.cmd();
+        assert!(matches!(
+            run.apply(cancel(id, bank_token)),
+            Outcome::Refused(r) if r.code == RefusalCode::AlreadyFinal
+        ));
+    }
     assert!(matches!(
         run.apply(observed(BankProgress::Rejected)),
         Outcome::Ignored(Ignored::Stale)
@@ -1445,9 +1895,20 @@ fn final_bank_statuses_carry_their_reason() {
             StateKind::Cancelled,
             Some(ReasonCode::CancelledAtBank),
         ),
+        (
+            BankProgress::PartiallyAccepted,
+            StateKind::PartiallySettled,
+            Some(ReasonCode::BulkPartiallyRejected),
+        ),
         (BankProgress::Settled, StateKind::Settled, None),
     ] {
-        for mut run in [sca_pending(), authorizing(), partially_signed(), signed()] {
+        for mut run in [
+            sca_pending(),
+            authorizing(),
+            partially_signed(),
+            signed(),
+            signed_with(bulk_order()),
+        ] {
             let from = run.kind();
             let t = run.step(observed(progress));
             let context = format!("{progress:?} observed on {from:?}");
@@ -1470,12 +1931,58 @@ fn final_bank_statuses_carry_their_reason() {
 }
 
 #[test]
+fn final_bank_statuses_of_a_standing_order() {
+    for (progress, state, reason) in [
+        (
+            BankProgress::Rejected,
+            StateKind::Rejected,
+            Some(ReasonCode::BankRejected),
+        ),
+        (
+            BankProgress::Cancelled,
+            StateKind::Cancelled,
+            Some(ReasonCode::CancelledAtBank),
+        ),
+        (
+            BankProgress::PartiallyAccepted,
+            StateKind::PartiallySettled,
+            Some(ReasonCode::BulkPartiallyRejected),
+        ),
+        (BankProgress::Settled, StateKind::Completed, None),
+    ] {
+        for mut run in [
+            sca_pending_with(standing_order()),
+            authorizing_with(standing_order()),
+            active(),
+        ] {
+            let from = run.kind();
+            let t = run.step(observed(progress));
+            let context = format!("{progress:?} observed on a standing order {from:?}");
+            assert_eq!(t.payment.state.kind(), state, "{context}");
+            assert_eq!(reason_code(&t.payment), reason, "{context}");
+            assert_eq!(t.events.len(), 1, "{context}");
+            assert_eq!(t.events[0].state, state, "{context}");
+            assert_eq!(event_reason_code(&t.events[0]), reason, "{context}");
+            assert!(!has_secrets(&t.payment), "{context}");
+            assert_eq!(t.payment.next_check_at, None, "{context}");
+        }
+    }
+}
+
+#[test]
 fn cancel_before_the_bank_holds_the_payment() {
-    for mut run in [received(), initiating(), unknown_outcome()] {
+    for (mut run, bank_token) in [received(), initiating(), unknown_outcome()]
+        .into_iter()
+        .flat_map(|run| [(run.clone(), true), (run, false)])
+    {
         let from = run.kind();
         let id = run.cmd();
-        let t = run.step(cancel(id.clone()));
-        assert_eq!(t.payment.state, PaymentState::Cancelled, "from {from:?}");
+        let t = run.step(cancel(id.clone(), bank_token));
+        assert_eq!(
+            t.payment.state,
+            PaymentState::Cancelled,
+            "from {from:?}, bank token {bank_token}"
+        );
         assert_eq!(
             t.payment.reason.as_ref().map(|r| r.code),
             Some(ReasonCode::CancelledByClient)
@@ -1776,14 +2283,24 @@ fn restored_resumes_what_was_in_flight() {
         run.step(Input::Restored).effects,
         vec![Effect::StartInitiation]
     );
-    let mut run = sca_pending();
-    assert!(matches!(
-        run.apply(Input::Restored),
-        Outcome::Ignored(Ignored::Stale)
-    ));
-    run.next_at_timer();
-    run.step(Input::TimerFired);
-    assert_eq!(run.step(Input::Restored).effects, vec![Effect::CheckStatus]);
+    for mut run in [sca_pending(), active()] {
+        assert!(matches!(
+            run.apply(Input::Restored),
+            Outcome::Ignored(Ignored::Stale)
+        ));
+        run.next_at_timer();
+        run.step(Input::TimerFired);
+        assert_eq!(run.step(Input::Restored).effects, vec![Effect::CheckStatus]);
+    }
+
+    // A cancellation call may have been in flight: the bank's status tells.
+    let mut run = cancelling();
+    assert_eq!(run.payment().next_check_at, None);
+    let t = run.step(Input::Restored);
+    assert_eq!(t.payment.state, PaymentState::Cancelling);
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert!(t.events.is_empty());
+    assert_eq!(t.payment.resume_after_cancel, Some(PaymentState::Signed));
 }
 
 #[test]
@@ -1832,6 +2349,7 @@ fn duplicate_and_psu_checks_come_first() {
         let stranger = Input::Cancel {
             command_id: id.clone(),
             psu_id: other_psu(),
+            bank_token: true,
         };
         assert!(matches!(
             run.apply(stranger),
@@ -1841,6 +2359,7 @@ fn duplicate_and_psu_checks_come_first() {
     let stranger = Input::Cancel {
         command_id: cmd("new"),
         psu_id: other_psu(),
+        bank_token: true,
     };
     assert!(matches!(
         run.apply(stranger),
@@ -1850,7 +2369,7 @@ fn duplicate_and_psu_checks_come_first() {
     let stranger = Input::Initiate {
         command_id: cmd("new-2"),
         psu_id: other_psu(),
-        order: order(),
+        order: order().into(),
     };
     assert!(matches!(
         run.apply(stranger),
@@ -1894,11 +2413,500 @@ fn seen_commands_are_bounded_by_the_policy() {
     assert_eq!(run.payment().seen_commands.len(), 3);
 }
 
+#[test]
+fn standing_order_is_active_until_it_completes() {
+    let mut run = Run::new();
+    let t = run.initiate_order(standing_order());
+    assert_eq!(t.payment.order, Some(standing_order()));
+    assert_eq!(t.effects, vec![Effect::StartInitiation]);
+    run.step(begin());
+    run.step(bank_initiated());
+    let deadline = run.payment().sca_deadline.expect("deadline");
+    let policy = run.policy.clone();
+
+    // Signed at the bank: the standing order is in force.
+    let t = run.step(observed(BankProgress::Signed));
+    assert_eq!(t.payment.state, PaymentState::Active);
+    assert_eq!(t.payment.bank_status.as_deref(), Some("ACTC"));
+    assert_eq!(
+        t.payment.next_check_at,
+        Some(run.now + policy.standing_order_poll_ms)
+    );
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].state, StateKind::Active);
+    assert_eq!(t.events[0].reason, None);
+    assert_eq!(t.events[0].sca_redirect_url, None);
+    assert_eq!(t.events[0].bank_status.as_deref(), Some("ACTC"));
+
+    // Polled every standing_order_poll_ms, without events while nothing changes.
+    for _ in 0..3 {
+        assert!(matches!(
+            run.apply(Input::TimerFired),
+            Outcome::Ignored(Ignored::Stale)
+        ));
+        run.next_at_timer();
+        let t = run.step(Input::TimerFired);
+        assert_eq!(t.effects, vec![Effect::CheckStatus]);
+        assert_eq!(t.payment.next_check_at, None);
+        let t = run.step(observed(BankProgress::Signed));
+        assert_eq!(t.payment.state, PaymentState::Active);
+        assert!(t.events.is_empty());
+        assert_eq!(
+            t.payment.next_check_at,
+            Some(run.now + policy.standing_order_poll_ms)
+        );
+    }
+    let t = run.step(check_failed());
+    assert_eq!(t.payment.state, PaymentState::Active);
+    assert_eq!(
+        t.payment.next_check_at,
+        Some(run.now + policy.standing_order_poll_ms)
+    );
+    // Signed long ago: the SCA deadline no longer applies.
+    assert!(run.now > deadline);
+    let t = run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.payment.state, PaymentState::Active);
+    assert!(t.events.is_empty());
+    // Nothing to sign; a refresh polls now.
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(sca_code(id)),
+        Outcome::Refused(r) if r.code == RefusalCode::NotAwaitingSca
+    ));
+    let id = run.cmd();
+    let t = run.step(refresh(id));
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert!(t.events.is_empty());
+
+    // The last execution is done.
+    let t = run.step(observed(BankProgress::Settled));
+    assert_eq!(t.payment.state, PaymentState::Completed);
+    assert_eq!(t.payment.reason, None);
+    assert_eq!(t.payment.bank_status.as_deref(), Some("ACSC"));
+    assert_eq!(t.payment.next_check_at, None);
+    assert!(!has_secrets(&t.payment));
+    assert_eq!(
+        run.event_kinds(),
+        vec![
+            StateKind::Received,
+            StateKind::Initiating,
+            StateKind::ScaPending,
+            StateKind::Active,
+            StateKind::Completed,
+        ]
+    );
+    assert_eq!(run.sequences(), (1..=5).collect::<Vec<u64>>());
+
+    // Completed absorbs everything.
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(cancel(id, true)),
+        Outcome::Refused(r) if r.code == RefusalCode::AlreadyFinal
+    ));
+    for input in [
+        observed(BankProgress::Signed),
+        Input::TimerFired,
+        Input::Restored,
+        cancel_confirmed(Some("CANC")),
+    ] {
+        assert!(matches!(run.apply(input), Outcome::Ignored(Ignored::Stale)));
+    }
+    assert_eq!(run.events.len(), 5);
+}
+
+#[test]
+fn bank_cancellation_confirmed() {
+    let mut run = signed();
+    let published = run.events.len() as u64;
+    let id = run.cmd();
+    let t = run.step(cancel(id.clone(), true));
+    assert_eq!(t.payment.state, PaymentState::Cancelling);
+    assert_eq!(t.payment.resume_after_cancel, Some(PaymentState::Signed));
+    assert_eq!(t.effects, vec![Effect::CallCancel]);
+    assert_eq!(t.payment.next_check_at, None);
+    assert_eq!(t.events.len(), 1);
+    let e = &t.events[0];
+    assert_eq!(
+        (e.sequence, e.state),
+        (published + 1, StateKind::Cancelling)
+    );
+    assert_eq!(e.causation_id, id.to_string());
+
+    // The re-delivered command is a duplicate; another cancellation waits for this one.
+    assert!(matches!(
+        run.apply(cancel(id, true)),
+        Outcome::Ignored(Ignored::DuplicateCommand)
+    ));
+    for bank_token in [true, false] {
+        let id = run.cmd();
+        assert!(matches!(
+            run.apply(cancel(id, bank_token)),
+            Outcome::Ignored(Ignored::CancelInProgress)
+        ));
+    }
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(sca_code(id)),
+        Outcome::Refused(r) if r.code == RefusalCode::NotAwaitingSca
+    ));
+
+    let t = run.step(cancel_confirmed(Some("CANC")));
+    assert_eq!(t.payment.state, PaymentState::Cancelled);
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::CancelledByClient));
+    assert_eq!(t.payment.bank_status.as_deref(), Some("CANC"));
+    assert_eq!(t.payment.resume_after_cancel, None);
+    assert_eq!(t.payment.next_check_at, None);
+    assert!(!has_secrets(&t.payment));
+    assert!(t.effects.is_empty());
+    assert_eq!(t.events.len(), 1);
+    let e = &t.events[0];
+    assert_eq!((e.sequence, e.state), (published + 2, StateKind::Cancelled));
+    assert_eq!(event_reason_code(e), Some(ReasonCode::CancelledByClient));
+    assert_eq!(e.bank_status.as_deref(), Some("CANC"));
+    assert_eq!(
+        run.sequences(),
+        (1..=run.events.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        run.event_kinds()[run.events.len() - 3..],
+        [
+            StateKind::Signed,
+            StateKind::Cancelling,
+            StateKind::Cancelled
+        ]
+    );
+
+    // Cancelled absorbs everything.
+    assert!(matches!(
+        run.apply(cancel_confirmed(None)),
+        Outcome::Ignored(Ignored::Stale)
+    ));
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(cancel(id, true)),
+        Outcome::Refused(r) if r.code == RefusalCode::AlreadyFinal
+    ));
+}
+
+#[test]
+fn bank_cancellation_from_every_state_the_bank_holds() {
+    for (run, from) in [
+        (sca_pending(), PaymentState::ScaPending),
+        (authorizing(), PaymentState::Authorizing),
+        (partially_signed(), PaymentState::PartiallySigned),
+        (signed(), PaymentState::Signed),
+        (signed_with(bulk_order()), PaymentState::Signed),
+        (active(), PaymentState::Active),
+    ] {
+        let mut run = cancelling_from(run);
+        let p = run.payment();
+        assert_eq!(p.state, PaymentState::Cancelling, "from {from:?}");
+        assert_eq!(p.resume_after_cancel, Some(from));
+        assert_eq!(p.next_check_at, None, "from {from:?}");
+        assert_eq!(run.effects.last(), Some(&vec![Effect::CallCancel]));
+        let status = p.bank_status.clone();
+        // Confirmed without a status: the last one known stays.
+        let t = run.step(cancel_confirmed(None));
+        assert_eq!(t.payment.state, PaymentState::Cancelled, "from {from:?}");
+        assert_eq!(reason_code(&t.payment), Some(ReasonCode::CancelledByClient));
+        assert_eq!(t.payment.bank_status, status, "from {from:?}");
+        assert_eq!(t.events.len(), 1, "from {from:?}");
+        assert!(!has_secrets(&t.payment), "from {from:?}");
+    }
+}
+
+#[test]
+fn bank_cancellation_refused_returns_to_where_it_was() {
+    let mut run = cancelling();
+    let t = run.step(cancel_refused());
+    assert_eq!(t.payment.state, PaymentState::Signed);
+    assert_eq!(t.payment.reason, Some(cancel_refused_reason()));
+    assert_eq!(t.payment.resume_after_cancel, None);
+    assert_eq!(
+        t.payment.next_check_at,
+        Some(run.now + run.policy.fast_poll_ms)
+    );
+    assert!(t.effects.is_empty());
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].state, StateKind::Signed);
+    assert_eq!(t.events[0].reason, Some(cancel_refused_reason()));
+    assert_eq!(
+        run.event_kinds()[run.events.len() - 3..],
+        [StateKind::Signed, StateKind::Cancelling, StateKind::Signed]
+    );
+    assert_eq!(
+        run.sequences(),
+        (1..=run.events.len() as u64).collect::<Vec<_>>()
+    );
+    // Polling carries on, and the payment can still settle or be cancelled again.
+    run.next_at_timer();
+    assert_eq!(
+        run.step(Input::TimerFired).effects,
+        vec![Effect::CheckStatus]
+    );
+    let mut again = run.clone();
+    let id = again.cmd();
+    assert_eq!(
+        again.step(cancel(id, true)).payment.state,
+        PaymentState::Cancelling
+    );
+    let t = run.step(observed(BankProgress::Settled));
+    assert_eq!(t.payment.state, PaymentState::Settled);
+
+    // An active standing order stays active, polled at its own pace.
+    let mut run = cancelling_from(active());
+    let t = run.step(cancel_refused());
+    assert_eq!(t.payment.state, PaymentState::Active);
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::CancelRefused));
+    assert_eq!(
+        t.payment.next_check_at,
+        Some(run.now + run.policy.standing_order_poll_ms)
+    );
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].state, StateKind::Active);
+}
+
+#[test]
+fn unconfirmed_cancellation_resolved_as_cancelled_by_the_banks_status() {
+    let mut run = cancelling();
+    let t = run.step(cancel_unconfirmed());
+    assert_eq!(t.payment.state, PaymentState::Cancelling);
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert!(t.events.is_empty());
+    assert_eq!(t.payment.resume_after_cancel, Some(PaymentState::Signed));
+    // The check fails: poll again later, still cancelling.
+    let t = run.step(check_failed());
+    assert_eq!(t.payment.state, PaymentState::Cancelling);
+    assert!(t.events.is_empty());
+    assert!(t.payment.next_check_at.is_some());
+    run.next_at_timer();
+    assert_eq!(
+        run.step(Input::TimerFired).effects,
+        vec![Effect::CheckStatus]
+    );
+
+    let t = run.step(observed(BankProgress::Cancelled));
+    assert_eq!(t.payment.state, PaymentState::Cancelled);
+    assert_eq!(t.payment.bank_status.as_deref(), Some("CANC"));
+    assert!(
+        matches!(
+            reason_code(&t.payment),
+            Some(ReasonCode::CancelledByClient | ReasonCode::CancelledAtBank)
+        ),
+        "{:?}",
+        t.payment.reason
+    );
+    assert_eq!(t.payment.resume_after_cancel, None);
+    assert_eq!(t.payment.next_check_at, None);
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].state, StateKind::Cancelled);
+    assert_eq!(t.events[0].reason, t.payment.reason);
+    assert_eq!(
+        run.event_kinds()[run.events.len() - 3..],
+        [
+            StateKind::Signed,
+            StateKind::Cancelling,
+            StateKind::Cancelled
+        ]
+    );
+}
+
+#[test]
+fn unconfirmed_cancellation_of_a_payment_still_alive_returns_with_a_reason() {
+    let mut run = cancelling();
+    run.step(cancel_unconfirmed());
+    let t = run.step(observed(BankProgress::Signed));
+    assert_eq!(t.payment.state, PaymentState::Signed);
+    assert_eq!(
+        reason_code(&t.payment),
+        Some(ReasonCode::CancelNotConfirmed)
+    );
+    assert_eq!(t.payment.resume_after_cancel, None);
+    assert!(t.payment.next_check_at.is_some_and(|at| at > run.now));
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].state, StateKind::Signed);
+    assert_eq!(
+        event_reason_code(&t.events[0]),
+        Some(ReasonCode::CancelNotConfirmed)
+    );
+    assert_eq!(
+        run.event_kinds()[run.events.len() - 3..],
+        [StateKind::Signed, StateKind::Cancelling, StateKind::Signed]
+    );
+
+    // Whatever the bank reports of a live payment, it goes back where it was.
+    for (from, progress) in [
+        (active(), BankProgress::Signed),
+        (active(), BankProgress::AwaitingSca),
+        (sca_pending(), BankProgress::AwaitingSca),
+        (sca_pending(), BankProgress::Signed),
+        (partially_signed(), BankProgress::PartiallySigned),
+        (authorizing(), BankProgress::PartiallySigned),
+    ] {
+        let state = from.payment().state;
+        let mut run = cancelling_from(from);
+        run.step(cancel_unconfirmed());
+        let t = run.step(observed(progress));
+        let context = format!("{progress:?} while cancelling from {state:?}");
+        assert_eq!(t.payment.state, state, "{context}");
+        assert_eq!(
+            reason_code(&t.payment),
+            Some(ReasonCode::CancelNotConfirmed),
+            "{context}"
+        );
+        assert_eq!(t.events.len(), 1, "{context}");
+        assert_eq!(t.payment.resume_after_cancel, None, "{context}");
+    }
+}
+
+#[test]
+fn cancellation_overtaken_by_a_final_status() {
+    for (from, progress, state, reason) in [
+        (signed(), BankProgress::Settled, StateKind::Settled, None),
+        (active(), BankProgress::Settled, StateKind::Completed, None),
+        (
+            signed_with(bulk_order()),
+            BankProgress::PartiallyAccepted,
+            StateKind::PartiallySettled,
+            Some(ReasonCode::BulkPartiallyRejected),
+        ),
+        (
+            sca_pending(),
+            BankProgress::Rejected,
+            StateKind::Rejected,
+            Some(ReasonCode::BankRejected),
+        ),
+    ] {
+        let mut run = cancelling_from(from);
+        let t = run.step(observed(progress));
+        let context = format!("{progress:?} while cancelling");
+        assert_eq!(t.payment.state.kind(), state, "{context}");
+        assert_eq!(reason_code(&t.payment), reason, "{context}");
+        assert_eq!(t.events.len(), 1, "{context}");
+        assert_eq!(t.payment.next_check_at, None, "{context}");
+        assert!(!has_secrets(&t.payment), "{context}");
+        assert!(matches!(
+            run.apply(cancel_confirmed(None)),
+            Outcome::Ignored(Ignored::Stale)
+        ));
+    }
+}
+
+#[test]
+fn cancel_without_a_token_is_refused_while_the_bank_holds_the_payment() {
+    for mut run in [
+        sca_pending(),
+        authorizing(),
+        partially_signed(),
+        signed(),
+        active(),
+    ] {
+        let before = run.payment().clone();
+        let id = run.cmd();
+        let outcome = run.apply(cancel(id.clone(), false));
+        let context = format!("on {:?}: {}", before.state, summary(&outcome));
+        assert!(
+            matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::CancelNotPossible),
+            "{context}"
+        );
+        // The payment is unaffected: the same command with a token is a new command.
+        assert_eq!(run.payment().state, before.state, "{context}");
+        assert_eq!(run.payment().sequence, before.sequence, "{context}");
+        let t = run.step(cancel(id, true));
+        assert_eq!(t.payment.state, PaymentState::Cancelling, "{context}");
+    }
+}
+
+#[test]
+fn sca_deadline_applies_only_while_awaiting_signature() {
+    // Signed by the PSU: a slow bank does not expire the payment.
+    let mut run = authorizing();
+    run.step(Input::TokenExchanged);
+    run.next_at(LATE);
+    let t = run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.payment.state, PaymentState::Authorizing);
+    assert!(t.events.is_empty());
+
+    // Nor does a cancellation: it returns, and the next poll expires the payment.
+    let mut run = cancelling_from(sca_pending());
+    run.next_at(LATE);
+    let t = run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.payment.state, PaymentState::ScaPending);
+    assert_eq!(
+        reason_code(&t.payment),
+        Some(ReasonCode::CancelNotConfirmed)
+    );
+    let t = run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.payment.state, PaymentState::Expired);
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaExpired));
+}
+
+#[test]
+fn bulk_partially_settled() {
+    let mut run = Run::new();
+    let t = run.initiate_order(bulk_order());
+    assert_eq!(t.payment.order, Some(bulk_order()));
+    run.step(begin());
+    run.step(bank_initiated());
+    let id = run.cmd();
+    run.step(sca_code(id));
+    run.step(Input::TokenExchanged);
+    // A signed bulk is signed (only a standing order becomes active).
+    let t = run.step(observed(BankProgress::Signed));
+    assert_eq!(t.payment.state, PaymentState::Signed);
+    let t = run.step(observed(BankProgress::PartiallyAccepted));
+    assert_eq!(t.payment.state, PaymentState::PartiallySettled);
+    assert_eq!(
+        reason_code(&t.payment),
+        Some(ReasonCode::BulkPartiallyRejected)
+    );
+    assert_eq!(t.payment.bank_status.as_deref(), Some("PART"));
+    assert_eq!(t.payment.next_check_at, None);
+    assert!(!has_secrets(&t.payment));
+    assert!(t.effects.is_empty());
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(
+        event_reason_code(&t.events[0]),
+        Some(ReasonCode::BulkPartiallyRejected)
+    );
+    assert_eq!(t.events[0].bank_status.as_deref(), Some("PART"));
+    assert_eq!(
+        run.event_kinds(),
+        vec![
+            StateKind::Received,
+            StateKind::Initiating,
+            StateKind::ScaPending,
+            StateKind::Authorizing,
+            StateKind::Signed,
+            StateKind::PartiallySettled,
+        ]
+    );
+    assert_eq!(run.sequences(), (1..=6).collect::<Vec<u64>>());
+
+    // Terminal: absorbs everything.
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(cancel(id, true)),
+        Outcome::Refused(r) if r.code == RefusalCode::AlreadyFinal
+    ));
+    assert!(matches!(
+        run.apply(observed(BankProgress::Settled)),
+        Outcome::Ignored(Ignored::Stale)
+    ));
+
+    // A bulk with every transfer executed is settled.
+    let mut run = signed_with(bulk_order());
+    let t = run.step(observed(BankProgress::Settled));
+    assert_eq!(t.payment.state, PaymentState::Settled);
+    assert_eq!(t.payment.reason, None);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Properties over random input sequences
 // ---------------------------------------------------------------------------------------------
 
-/// A short SCA window and a small command memory, so expiry and forgetting happen in 40 steps.
+/// A short SCA window, a short standing-order poll and a small command memory, so expiry,
+/// polling and forgetting happen in 40 steps.
 fn prop_policy() -> Policy {
     Policy {
         sca_timeout_ms: 60_000,
@@ -1909,6 +2917,27 @@ fn prop_policy() -> Policy {
         reconcile_after_ms: 5_000,
         max_initiation_attempts: 3,
         remembered_commands: 4,
+        standing_order_poll_ms: 30_000,
+    }
+}
+
+/// Which order an initiation carries.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    Single,
+    OtherSingle,
+    Standing,
+    Bulk,
+}
+
+impl Pick {
+    fn order(self) -> Order {
+        match self {
+            Pick::Single => order().into(),
+            Pick::OtherSingle => other_order().into(),
+            Pick::Standing => standing_order(),
+            Pick::Bulk => bulk_order(),
+        }
     }
 }
 
@@ -1917,7 +2946,7 @@ enum Op {
     Initiate {
         cmd: u8,
         stranger: bool,
-        other_order: bool,
+        pick: Pick,
     },
     InitiateInvalid {
         cmd: u8,
@@ -1934,6 +2963,7 @@ enum Op {
     Cancel {
         cmd: u8,
         stranger: bool,
+        bank_token: bool,
     },
     Refresh {
         cmd: u8,
@@ -1948,10 +2978,16 @@ enum Op {
     TokenExchangeFailed,
     Observed(BankProgress),
     CheckFailed,
+    CancelConfirmed {
+        with_status: bool,
+    },
+    CancelRefused,
+    CancelUnconfirmed,
     Timer,
     Restored,
     /// What the engine does next: answers the last effect asked for (the bank answering a status
-    /// check with this progress), or else fires the timer.
+    /// check with this progress, or a cancellation as this progress suggests), or else fires the
+    /// timer.
     Follow(BankProgress),
 }
 
@@ -1963,11 +2999,11 @@ impl Op {
             Op::Initiate {
                 cmd,
                 stranger,
-                other_order: other,
+                pick,
             } => Input::Initiate {
                 command_id: id(cmd),
                 psu_id: who(stranger),
-                order: if other { other_order() } else { order() },
+                order: pick.order(),
             },
             Op::InitiateInvalid { cmd, stranger } => Input::InitiateInvalid {
                 command_id: id(cmd),
@@ -1987,9 +3023,14 @@ impl Op {
                     description: None,
                 },
             },
-            Op::Cancel { cmd, stranger } => Input::Cancel {
+            Op::Cancel {
+                cmd,
+                stranger,
+                bank_token,
+            } => Input::Cancel {
                 command_id: id(cmd),
                 psu_id: who(stranger),
+                bank_token,
             },
             Op::Refresh { cmd, stranger } => Input::RefreshStatus {
                 command_id: id(cmd),
@@ -2006,6 +3047,9 @@ impl Op {
             },
             Op::Observed(progress) => observed(progress),
             Op::CheckFailed => check_failed(),
+            Op::CancelConfirmed { with_status } => cancel_confirmed(with_status.then_some("CANC")),
+            Op::CancelRefused => cancel_refused(),
+            Op::CancelUnconfirmed => cancel_unconfirmed(),
             Op::Timer => Input::TimerFired,
             Op::Restored => Input::Restored,
             Op::Follow(progress) => match last_effect {
@@ -2013,23 +3057,43 @@ impl Op {
                 Some(Effect::CallInitiate) => bank_initiated(),
                 Some(Effect::ExchangeCode) => Input::TokenExchanged,
                 Some(Effect::CheckStatus) => observed(progress),
+                Some(Effect::CallCancel) => match progress {
+                    BankProgress::Cancelled | BankProgress::Settled => {
+                        cancel_confirmed(Some("CANC"))
+                    }
+                    BankProgress::Rejected | BankProgress::PartiallyAccepted => cancel_refused(),
+                    BankProgress::AwaitingSca
+                    | BankProgress::PartiallySigned
+                    | BankProgress::Signed => cancel_unconfirmed(),
+                },
                 None => Input::TimerFired,
             },
         }
     }
 }
 
+fn pick_strategy() -> impl Strategy<Value = Pick> {
+    prop_oneof![
+        4 => Just(Pick::Single),
+        1 => Just(Pick::OtherSingle),
+        2 => Just(Pick::Standing),
+        2 => Just(Pick::Bulk),
+    ]
+}
+
 fn op_strategy() -> impl Strategy<Value = Op> {
     let cmd = || 0u8..6;
     let stranger = || prop::bool::weighted(0.1);
     prop_oneof![
-        3 => (cmd(), stranger(), prop::bool::weighted(0.2)).prop_map(
-            |(cmd, stranger, other_order)| Op::Initiate { cmd, stranger, other_order }
+        3 => (cmd(), stranger(), pick_strategy()).prop_map(
+            |(cmd, stranger, pick)| Op::Initiate { cmd, stranger, pick }
         ),
         1 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::InitiateInvalid { cmd, stranger }),
         5 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::ScaCode { cmd, stranger }),
         1 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::ScaError { cmd, stranger }),
-        1 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::Cancel { cmd, stranger }),
+        2 => (cmd(), stranger(), prop::bool::weighted(0.7)).prop_map(
+            |(cmd, stranger, bank_token)| Op::Cancel { cmd, stranger, bank_token }
+        ),
         3 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::Refresh { cmd, stranger }),
         6 => Just(Op::Begin),
         6 => Just(Op::BankInitiated),
@@ -2040,6 +3104,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::TokenExchangeFailed),
         8 => bank_progress().prop_map(Op::Observed),
         2 => Just(Op::CheckFailed),
+        1 => any::<bool>().prop_map(|with_status| Op::CancelConfirmed { with_status }),
+        1 => Just(Op::CancelRefused),
+        1 => Just(Op::CancelUnconfirmed),
         6 => Just(Op::Timer),
         2 => Just(Op::Restored),
         12 => bank_progress().prop_map(Op::Follow),
@@ -2053,25 +3120,33 @@ fn bank_progress() -> impl Strategy<Value = BankProgress> {
         2 => Just(BankProgress::PartiallySigned),
         3 => Just(BankProgress::Signed),
         2 => Just(BankProgress::Settled),
+        1 => Just(BankProgress::PartiallyAccepted),
         1 => Just(BankProgress::Rejected),
         1 => Just(BankProgress::Cancelled),
     ]
 }
 
-/// Up to 40 inputs, most runs opening with a valid initiation.
+/// Up to 40 inputs, most runs opening with a valid initiation of a single, standing or bulk
+/// order.
 fn steps_strategy() -> impl Strategy<Value = Vec<(Op, Millis)>> {
-    let opening = Op::Initiate {
-        cmd: 0,
-        stranger: false,
-        other_order: false,
-    };
+    let opening = prop_oneof![
+        2 => Just(Pick::Single),
+        1 => Just(Pick::Standing),
+        1 => Just(Pick::Bulk),
+    ];
     (
         prop::bool::weighted(0.8),
+        opening,
         prop::collection::vec((op_strategy(), delay_strategy()), 0..=39),
     )
-        .prop_map(move |(open, mut steps)| {
+        .prop_map(|(open, pick, mut steps)| {
             if open || steps.is_empty() {
-                steps.insert(0, (opening.clone(), 0));
+                let opening = Op::Initiate {
+                    cmd: 0,
+                    stranger: false,
+                    pick,
+                };
+                steps.insert(0, (opening, 0));
             }
             steps
         })
@@ -2170,6 +3245,31 @@ fn check_sequence(steps: &[(Op, Millis)]) -> Result<(), TestCaseError> {
         if after.is_terminal() {
             prop_assert!(!has_secrets(&t.payment), "{}", context);
             prop_assert_eq!(t.payment.next_check_at, None, "{}", context);
+        }
+        // Where to resume is known exactly while cancelling, and is a state the bank holds.
+        match (after, t.payment.resume_after_cancel.map(PaymentState::kind)) {
+            (StateKind::Cancelling, Some(resume)) => prop_assert!(
+                is_polling(resume) && resume != StateKind::Cancelling,
+                "{}",
+                context
+            ),
+            (StateKind::Cancelling, None) => prop_assert!(false, "{}: nowhere to resume", context),
+            (_, resume) => prop_assert_eq!(resume, None, "{}", context),
+        }
+        // The order's kind decides the states a payment can be in.
+        let standing = t.payment.order.as_ref().map(Order::kind) == Some(PaymentKind::Periodic);
+        if standing {
+            prop_assert!(
+                !matches!(after, StateKind::Signed | StateKind::Settled),
+                "{}",
+                context
+            );
+        } else {
+            prop_assert!(
+                !matches!(after, StateKind::Active | StateKind::Completed),
+                "{}",
+                context
+            );
         }
         // An unsigned payment is polled no later than its deadline.
         if let (true, Some(at), Some(deadline)) = (

@@ -234,7 +234,11 @@ fn validate_address(address: &PostalAddress) -> Result<PostalAddress, Reason> {
     }
     let parts = [
         ("creditor_address.street", &address.street, 70),
-        ("creditor_address.building_number", &address.building_number, 16),
+        (
+            "creditor_address.building_number",
+            &address.building_number,
+            16,
+        ),
         ("creditor_address.postal_code", &address.postal_code, 16),
         ("creditor_address.town", &address.town, 35),
     ];
@@ -1403,6 +1407,9 @@ mod tests {
         for p in PaymentProduct::ALL {
             let raw = with(|r| {
                 r.payment_product = p.symbol().into();
+                if !p.is_sepa() {
+                    r.charge_bearer = Some("SHAR".into());
+                }
             });
             assert_eq!(validate(&raw).unwrap().product, p);
         }
@@ -1483,6 +1490,7 @@ mod tests {
         let order = validate(&with(|r| {
             r.payment_product = "CROSS_BORDER_CREDIT_TRANSFERS".into();
             r.currency = "USD".into();
+            r.charge_bearer = Some("DEBT".into());
         }))
         .unwrap();
         assert_eq!(order.currency, "USD");
@@ -1978,9 +1986,14 @@ mod order_kind_tests {
         ] {
             let mut raw = sepa();
             edit(&mut raw);
-            assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::FieldNotAllowed);
+            assert_eq!(
+                code(validate_initiation(&raw, &limits, today())),
+                ReasonCode::FieldNotAllowed
+            );
         }
-        assert!(validate_initiation(&sepa(), &limits, today()).is_ok_and(|o| o.cross_border.is_none()));
+        assert!(
+            validate_initiation(&sepa(), &limits, today()).is_ok_and(|o| o.cross_border.is_none())
+        );
     }
 
     #[test]
@@ -1994,27 +2007,45 @@ mod order_kind_tests {
 
         let mut raw = cross_border();
         raw.charge_bearer = None;
-        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::MissingField);
+        assert_eq!(
+            code(validate_initiation(&raw, &limits, today())),
+            ReasonCode::MissingField
+        );
         raw.charge_bearer = Some("OUR".into());
-        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::InvalidChargeBearer);
+        assert_eq!(
+            code(validate_initiation(&raw, &limits, today())),
+            ReasonCode::InvalidChargeBearer
+        );
 
         // Belfius refuses BBAN + BIC (B14821ZZ-1236-000000).
         let mut raw = cross_border();
         raw.creditor_bic = Some("CHASUS33".into());
-        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::FieldNotAllowed);
+        assert_eq!(
+            code(validate_initiation(&raw, &limits, today())),
+            ReasonCode::FieldNotAllowed
+        );
         let mut raw = cross_border();
         raw.creditor_bank_national_id = None;
-        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::MissingField);
+        assert_eq!(
+            code(validate_initiation(&raw, &limits, today())),
+            ReasonCode::MissingField
+        );
         // Neither IBAN nor BBAN.
         let mut raw = cross_border();
         raw.creditor_bban = None;
-        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::MissingField);
+        assert_eq!(
+            code(validate_initiation(&raw, &limits, today())),
+            ReasonCode::MissingField
+        );
         let mut raw = cross_border();
         raw.creditor_address = Some(PostalAddress {
             country: "usa".into(),
             ..PostalAddress::default()
         });
-        assert_eq!(code(validate_initiation(&raw, &limits, today())), ReasonCode::InvalidCharacters);
+        assert_eq!(
+            code(validate_initiation(&raw, &limits, today())),
+            ReasonCode::InvalidCharacters
+        );
     }
 
     fn periodic() -> RawPeriodicPayment {
@@ -2040,14 +2071,22 @@ mod order_kind_tests {
             validate_periodic(&raw, &limits, today())
         };
         // Belfius B14821ZZ-1259: the start must be in the future (today is not).
-        assert_eq!(code(with(|r| r.start_date = "2026-11-24".into())), ReasonCode::InvalidExecutionDate);
-        assert_eq!(code(with(|r| r.end_date = Some("2026-11-30".into()))), ReasonCode::InvalidExecutionDate);
+        assert_eq!(
+            code(with(|r| r.start_date = "2026-11-24".into())),
+            ReasonCode::InvalidExecutionDate
+        );
+        assert_eq!(
+            code(with(|r| r.end_date = Some("2026-11-30".into()))),
+            ReasonCode::InvalidExecutionDate
+        );
         // Quarterly from December: March, June... fit; May does not (B14821ZZ-1322).
-        assert!(with(|r| {
-            r.frequency = "QUARTERLY".into();
-            r.end_date = Some("2027-06-01".into());
-        })
-        .is_ok());
+        assert!(
+            with(|r| {
+                r.frequency = "QUARTERLY".into();
+                r.end_date = Some("2027-06-01".into());
+            })
+            .is_ok()
+        );
         assert_eq!(
             code(with(|r| {
                 r.frequency = "QUARTERLY".into();
@@ -2055,7 +2094,10 @@ mod order_kind_tests {
             })),
             ReasonCode::InvalidExecutionDate
         );
-        assert_eq!(code(with(|r| r.frequency = "HOURLY".into())), ReasonCode::InvalidFrequency);
+        assert_eq!(
+            code(with(|r| r.frequency = "HOURLY".into())),
+            ReasonCode::InvalidFrequency
+        );
         assert_eq!(
             code(with(|r| {
                 r.frequency = "WEEKLY".into();
@@ -2065,10 +2107,15 @@ mod order_kind_tests {
             ReasonCode::InvalidExecutionDate
         );
         assert_eq!(
-            code(with(|r| r.payment.requested_execution_date = Some("2026-12-01".into()))),
+            code(with(
+                |r| r.payment.requested_execution_date = Some("2026-12-01".into())
+            )),
             ReasonCode::FieldNotAllowed
         );
-        assert_eq!(code(with(|r| r.payment.amount = "0".into())), ReasonCode::InvalidAmount);
+        assert_eq!(
+            code(with(|r| r.payment.amount = "0".into())),
+            ReasonCode::InvalidAmount
+        );
     }
 
     fn bulk(n: usize) -> RawBulkPayment {
@@ -2097,22 +2144,44 @@ mod order_kind_tests {
     #[test]
     fn bulks_are_belfius_sepa_and_at_most_a_thousand_distinct_transfers() {
         let limits = ValidationLimits::default();
-        assert_eq!(validate_bulk(&bulk(1000), &limits, today()).map(|b| b.payments.len()), Ok(1000));
-        assert_eq!(code(validate_bulk(&bulk(1001), &limits, today())), ReasonCode::FieldTooLong);
-        assert_eq!(code(validate_bulk(&bulk(0), &limits, today())), ReasonCode::MissingField);
+        assert_eq!(
+            validate_bulk(&bulk(1000), &limits, today()).map(|b| b.payments.len()),
+            Ok(1000)
+        );
+        assert_eq!(
+            code(validate_bulk(&bulk(1001), &limits, today())),
+            ReasonCode::FieldTooLong
+        );
+        assert_eq!(
+            code(validate_bulk(&bulk(0), &limits, today())),
+            ReasonCode::MissingField
+        );
         let mut banx = bulk(2);
         banx.brand = "BANX".into();
-        assert_eq!(code(validate_bulk(&banx, &limits, today())), ReasonCode::InvalidBrand);
+        assert_eq!(
+            code(validate_bulk(&banx, &limits, today())),
+            ReasonCode::InvalidBrand
+        );
         let mut cross = bulk(2);
         cross.payment_product = "CROSS_BORDER_CREDIT_TRANSFERS".into();
-        assert_eq!(code(validate_bulk(&cross, &limits, today())), ReasonCode::InvalidProduct);
+        assert_eq!(
+            code(validate_bulk(&cross, &limits, today())),
+            ReasonCode::InvalidProduct
+        );
         let mut dup = bulk(3);
         dup.payments[2].end_to_end_id = "E2E-0".into();
-        assert_eq!(code(validate_bulk(&dup, &limits, today())), ReasonCode::InvalidIdentifier);
+        assert_eq!(
+            code(validate_bulk(&dup, &limits, today())),
+            ReasonCode::InvalidIdentifier
+        );
         let mut bad = bulk(3);
         bad.payments[1].creditor_iban = "BE68539007547035".into();
         let reason = validate_bulk(&bad, &limits, today()).expect_err("bad iban");
         assert_eq!(reason.code, ReasonCode::InvalidIban);
-        assert!(reason.message.starts_with("payments[1]:"), "{}", reason.message);
+        assert!(
+            reason.message.starts_with("payments[1]:"),
+            "{}",
+            reason.message
+        );
     }
 }

@@ -131,7 +131,13 @@ pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &Secr
         ));
     };
     match bank
-        .cancel_payment(order.kind(), order.brand(), order.product(), bank_id, access_token)
+        .cancel_payment(
+            order.kind(),
+            order.brand(),
+            order.product(),
+            bank_id,
+            access_token,
+        )
         .await
     {
         Ok(cancelled) => Input::CancelConfirmed {

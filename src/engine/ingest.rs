@@ -7,8 +7,8 @@ use rdkafka::message::OwnedMessage;
 use crate::contract::DecodeErrorClass;
 use crate::contract::command::{self, CommandBody, CommandEnvelope};
 use crate::domain::machine::{Input, ScaOutcome};
-use crate::domain::model::{CommandId, PaymentId, PsuId};
 use crate::domain::model::Order;
+use crate::domain::model::{CommandId, PaymentId, PsuId};
 use crate::domain::validation::{
     ValidationLimits, validate_bulk, validate_command_id, validate_initiation, validate_payment_id,
     validate_periodic, validate_psu_id,

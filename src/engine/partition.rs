@@ -23,11 +23,11 @@ use super::ingest::{Ingested, ingest};
 use super::offsets::OffsetTracker;
 use super::outbox::OutboxTracker;
 use super::{EngineDeps, now_millis};
+use crate::belfius::BankError;
 use crate::belfius::pkce::Pkce;
 use crate::domain::machine::{
     Effect, Input, Millis, Outcome, Payment, StateKind, StatusEvent, decide,
 };
-use crate::belfius::BankError;
 use crate::domain::model::{PaymentId, PsuId};
 use crate::domain::reason::{Reason, ReasonCode};
 use crate::kafka::state::{self, PsuTokens, RestoredPartition};
@@ -654,7 +654,11 @@ impl PartitionOwner {
     /// scope and issuing a new one kills the old: one operation per PSU at a time (DESIGN.md
     /// invariant 1), in arrival order.
     async fn token_op(&mut self, psu_id: PsuId, op: TokenOp) {
-        self.lanes.entry(psu_id.clone()).or_default().queue.push_back(op);
+        self.lanes
+            .entry(psu_id.clone())
+            .or_default()
+            .queue
+            .push_back(op);
         self.next_token_op(psu_id).await;
     }
 
@@ -703,7 +707,12 @@ impl PartitionOwner {
                 let now = now_millis();
                 let usable = self.psus.get(&psu_id).map(|t| {
                     let fresh = t.expires_at.is_none_or(|at| at > now + TOKEN_MARGIN_MS);
-                    (fresh, t.access_token.clone(), t.refresh_token.clone(), t.brand)
+                    (
+                        fresh,
+                        t.access_token.clone(),
+                        t.refresh_token.clone(),
+                        t.brand,
+                    )
                 });
                 match usable {
                     Some((true, access, _, _)) => {
@@ -759,14 +768,21 @@ impl PartitionOwner {
                 self.psus.remove(&psu_id);
                 let key = state::psu_key(&psu_id);
                 let seq = self.outbox.sent();
-                match self.deps.producer.send_state_tombstone(self.partition, &key).await {
+                match self
+                    .deps
+                    .producer
+                    .send_state_tombstone(self.partition, &key)
+                    .await
+                {
                     Ok(delivered) => {
                         let reply = self.reply_to();
                         let deps = self.deps.clone();
                         self.in_flight += 1;
                         tokio::spawn(async move {
                             match delivered.await {
-                                Ok(offset) => send(&reply, ActorMsg::AuxPersisted { seq, offset }).await,
+                                Ok(offset) => {
+                                    send(&reply, ActorMsg::AuxPersisted { seq, offset }).await
+                                }
                                 Err(e) => deps.fatal(format!("PSU token removal failed: {e}")),
                             }
                         });
@@ -778,7 +794,9 @@ impl PartitionOwner {
                 }
                 Input::CancelRefused(Reason::new(
                     ReasonCode::BankSecurityFailure,
-                    format!("the bank refused to refresh the PIS token ({error}); the PSU must authorize again"),
+                    format!(
+                        "the bank refused to refresh the PIS token ({error}); the PSU must authorize again"
+                    ),
                 ))
             }
             BankError::NotSent(_)
@@ -826,14 +844,20 @@ impl PartitionOwner {
         let (key, value) = match state::encode_psu(&self.deps.state_key, &record) {
             Ok(kv) => kv,
             Err(e) => {
-                self.deps.fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
+                self.deps
+                    .fatal(format!("encoding tokens of PSU {}: {e}", record.psu_id));
                 return;
             }
         };
         let access = record.access_token.clone();
         self.psus.insert(psu_id.clone(), record);
         let seq = self.outbox.sent();
-        let delivered = match self.deps.producer.send_state(self.partition, &key, &value).await {
+        let delivered = match self
+            .deps
+            .producer
+            .send_state(self.partition, &key, &value)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 self.deps.fatal(format!("writing PSU tokens: {e}"));

@@ -116,8 +116,9 @@ impl Producer {
     ) -> Result<Delivered, KafkaEdgeError> {
         let topic = self.topics.state.clone();
         loop {
-            let record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&topic).key(key.as_bytes()).partition(partition);
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+                .key(key.as_bytes())
+                .partition(partition);
             match self.inner.send_result(record) {
                 Ok(delivery) => {
                     let topic = topic.clone();

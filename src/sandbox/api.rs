@@ -1,8 +1,12 @@
-//! The simulated bank API (served over mutual TLS): initiation, status, token.
+//! The simulated bank API (served over mutual TLS): initiation of single payments, standing
+//! orders and bulks; status, details and cancellation of each; token.
 //!
-//! Validation follows what Belfius documents (belfius-api.md §2.2, §2.5, §3.2, §5); where the
-//! docs are silent the choice is marked [I] and listed in docs/belfius.md.
+//! One router per brand host: each knows its brand, and accounts of the other brand are refused
+//! like Belfius does (belfius-api.md §1.1). Validation follows what Belfius documents (§2.2,
+//! §2.5, §3.2, §5); where the docs are silent the choice is marked [I] and listed in
+//! docs/belfius.md.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,25 +20,38 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use chrono::{NaiveDate, Utc};
+use chrono::{Datelike as _, NaiveDate, Utc};
 use secrecy::ExposeSecret as _;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use super::Shared;
-use super::store::{AutoAction, Challenge, ChallengeMethod, GrantError, NewPayment, Scenario};
+use super::faults::{self, Faults};
+use super::store::{
+    AutoAction, BulkLine, CancelError, Challenge, ChallengeMethod, GrantError, NewPayment, Payment,
+    Scenario, Schedule, Store, TokenCheck,
+};
+use super::{Rules, Shared};
 use crate::belfius::ErrorBody;
 use crate::belfius::client::headers as h;
-use crate::domain::model::{Amount, Language, PaymentProduct};
+use crate::domain::model::{
+    Amount, Brand, ChargeBearer, Frequency, Language, MAX_BULK_ENTRIES, PaymentKind, PaymentProduct,
+};
 
 /// Versions the simulator accepts per endpoint (`Accept: ...; version=N`). The client's
-/// defaults are in `belfius::ApiVersions`; token accepts the versions seen in the wild [C][P].
+/// defaults are in `belfius::ApiVersions` and `belfius::client`; token accepts the versions
+/// seen in the wild [C][P].
 pub const INITIATION_VERSIONS: &[&str] = &["3"];
+/// [P §2.3] periodic payment initiation v2.
+pub const PERIODIC_VERSIONS: &[&str] = &["2"];
+/// [I] bulk initiation version not documented.
+pub const BULK_VERSIONS: &[&str] = &["1"];
+/// Status, details [P example version 1] and cancellation [I].
 pub const STATUS_VERSIONS: &[&str] = &["1"];
 pub const TOKEN_VERSIONS: &[&str] = &["1", "1.1", "3"];
 
 const MEDIA_TYPE: &str = "application/vnd.belfius.api+json";
 
-/// Magic words in `creditor_name` that pick a scenario (docs/belfius.md, "Scenarios").
+/// Magic words in `creditor_name` that pick a scenario (docs/belfius.md, "Scenarios"). For a
+/// bulk the first transfer's name counts, except `REJECT-ENTRY` which is per transfer.
 pub mod scenario {
     pub const AUTO_SIGN: &str = "AUTO-SIGN";
     pub const AUTO_REJECT: &str = "AUTO-REJECT";
@@ -44,21 +61,119 @@ pub mod scenario {
     pub const FAIL_503: &str = "FAIL-503";
     /// Refuse with 429 and `Retry-After: 1` before creating anything.
     pub const FAIL_429: &str = "FAIL-429";
+    /// `FAIL-CODE=<error_code>`: refuse with that documented error (status and token from
+    /// [`super::DOCUMENTED_ERRORS`]) before creating anything.
+    pub const FAIL_CODE: &str = "FAIL-CODE=";
     /// Create the payment, then answer only after [`super::SLOW_CREATE_DELAY`]: the client
     /// times out while the bank did act (outcome unknown).
     pub const SLOW_CREATE: &str = "SLOW-CREATE";
+    /// Bulk: this transfer is rejected at execution; the bulk ends PART.
+    pub const REJECT_ENTRY: &str = "REJECT-ENTRY";
 }
 
 pub const SLOW_CREATE_DELAY: Duration = Duration::from_secs(60);
 
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/payments/{product}", post(initiate))
-        .route("/payments/{product}/{id}/status", get(status))
+/// Every error of the Belfius error table (belfius-api.md §5): HTTP status, `error`,
+/// `error_code`. The simulator's own validation uses the same codes; `FAIL-CODE=` reaches the
+/// ones no validation rule produces (account blocked, consent revoked, …).
+pub const DOCUMENTED_ERRORS: &[(u16, &str, &str)] = &[
+    (400, "MISSING_INPUT", "GEN-1201-100001"),
+    (400, "MISSING_INPUT", "GEN-1201-100002"),
+    (400, "INVALID_INPUT", "GEN-1202-100001"),
+    (400, "INVALID_INPUT", "GEN-1202-100002"),
+    (400, "MISSING_INPUT", "B14821ZZ-1200-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1227-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1231-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1232-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1236-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1259-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1322-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-1345-000000"),
+    (400, "INVALID_INPUT", "B14821ZZ-2102-000000"),
+    (401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100003"),
+    (401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100004"),
+    (401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100008"),
+    (401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100009"),
+    (401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100010"),
+    (401, "SCA_REQUIRED", "B14800ZZ-0PLC-REDRCT"),
+    (403, "INVALID_TPP", "B14663ZZ-2100-000000"),
+    (403, "INVALID_ACCOUNT", "B14800ZZ-3002-000000"),
+    (403, "ACCESS_DENIED", "B14800ZZ-3004-000000"),
+    (403, "CHANNEL_NOT_PERMITTED", "B14800ZZ-3007-000000"),
+    (403, "ACCOUNT_NOT_SUPPORTED", "B14800-3008-000000"),
+    (403, "NO_ACTIVE_CONSENT", "B14800ZZ-3013-000000"),
+    (403, "INVALID_PAYMENT", "B14821ZZ-2121-000000"),
+    (403, "FORBIDDEN", "B14821ZZ-2101-000000"),
+];
+
+/// What every handler sees: the shared bank and the brand of the host it serves.
+#[derive(Clone)]
+pub struct ApiState {
+    shared: Arc<Shared>,
+    brand: Brand,
+}
+
+/// The bank API of one brand host, behind the fault injection.
+pub fn router(shared: Arc<Shared>, brand: Brand, faults: Faults) -> Router {
+    let mut router = Router::new();
+    for kind in [
+        PaymentKind::Single,
+        PaymentKind::Periodic,
+        PaymentKind::Bulk,
+    ] {
+        router = resource_routes(router, kind);
+    }
+    router
         .route("/token", post(token))
         .fallback(not_found)
+        // Faults inside the Response-ID layer: an injected error still echoes the Request-ID.
+        .layer(middleware::from_fn_with_state(faults, faults::middleware))
         .layer(middleware::from_fn(echo_request_id))
-        .with_state(shared)
+        .with_state(ApiState { shared, brand })
+}
+
+/// `/{prefix}/{product}` (POST), `…/{id}/status` (GET), `…/{id}` (GET details, DELETE).
+fn resource_routes(router: Router<ApiState>, kind: PaymentKind) -> Router<ApiState> {
+    let prefix = kind.path_prefix();
+    router
+        .route(
+            &format!("/{prefix}/{{product}}"),
+            post(
+                move |state: State<ApiState>,
+                      path: Path<String>,
+                      headers: HeaderMap,
+                      body: Bytes| initiate(state, kind, path, headers, body),
+            ),
+        )
+        .route(
+            &format!("/{prefix}/{{product}}/{{id}}/status"),
+            get(
+                move |state: State<ApiState>, path: Path<(String, String)>, headers: HeaderMap| {
+                    status(state, kind, path, headers)
+                },
+            ),
+        )
+        .route(
+            &format!("/{prefix}/{{product}}/{{id}}"),
+            get(
+                move |state: State<ApiState>, path: Path<(String, String)>, headers: HeaderMap| {
+                    details(state, kind, path, headers)
+                },
+            )
+            .delete(
+                move |state: State<ApiState>, path: Path<(String, String)>, headers: HeaderMap| {
+                    cancel(state, kind, path, headers)
+                },
+            ),
+        )
+}
+
+fn initiation_versions(kind: PaymentKind) -> &'static [&'static str] {
+    match kind {
+        PaymentKind::Single => INITIATION_VERSIONS,
+        PaymentKind::Periodic => PERIODIC_VERSIONS,
+        PaymentKind::Bulk => BULK_VERSIONS,
+    }
 }
 
 /// Every response carries `Response-ID` = the request's `Request-ID` [P][C].
@@ -138,12 +253,56 @@ impl ApiError {
         )
     }
 
+    /// A business rule on the payment fields, with its own documented code [P §5].
+    fn rule(code: &str, description: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_INPUT", code, description)
+    }
+
     fn bad_client() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "FAILED_SECURITY_VALIDATION",
             "GEN-1203-100009",
             "Invalid Client-ID or client credentials",
+        )
+    }
+
+    fn invalid_token() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "FAILED_SECURITY_VALIDATION",
+            "GEN-1203-100003",
+            "invalid access token",
+        )
+    }
+
+    /// [I] GEN-1203-100008 "invalid security parameter" is the closest documented code for a
+    /// missing or wrong QSeal signature (open question 7).
+    fn bad_signature(why: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "FAILED_SECURITY_VALIDATION",
+            "GEN-1203-100008",
+            format!("invalid security parameter: {why}"),
+        )
+    }
+
+    fn channel_not_permitted(why: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "CHANNEL_NOT_PERMITTED",
+            "B14800ZZ-3007-000000",
+            why,
+        )
+    }
+
+    fn payment_not_found() -> Self {
+        // [I] unknown id, or an id of another kind, product or brand: 404 (open question 11).
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "INVALID_INPUT",
+            "GEN-1202-100002",
+            "unknown payment id",
         )
     }
 
@@ -296,19 +455,41 @@ fn product(segment: &str) -> Result<PaymentProduct, ApiError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// POST /payments/{product}
+// POST /{payments|periodic-payments|bulk-payments}/{product}
 
 async fn initiate(
-    State(shared): State<Arc<Shared>>,
+    State(state): State<ApiState>,
+    kind: PaymentKind,
     Path(product_segment): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let shared = &state.shared;
     shared.store().count_initiation_request();
-    check_common(&shared, &headers, INITIATION_VERSIONS)?;
+    check_common(shared, &headers, initiation_versions(kind))?;
     let product = product(&product_segment)?;
+    match kind {
+        PaymentKind::Bulk => {
+            // [P flows] bulk payments are offered to Belfius clients only.
+            match state.brand {
+                Brand::Belfius => {}
+                Brand::Banx => {
+                    return Err(ApiError::channel_not_permitted(
+                        "bulk payments are not offered on the Banx channel",
+                    ));
+                }
+            }
+            // [I] a bulk is a batch of SEPA transfers (its entries carry no cross-border data).
+            if !product.is_sepa() {
+                return Err(ApiError::invalid_field(
+                    "payment-product",
+                    "bulk payments are SEPA transfers",
+                ));
+            }
+        }
+        PaymentKind::Single | PaymentKind::Periodic => {}
+    }
     check_content_type(&headers, "application/json")?;
-
     let redirect_uri = required_header(&headers, h::REDIRECT_URI)?;
     match url::Url::parse(redirect_uri) {
         Ok(url) if matches!(url.scheme(), "https" | "http") => {}
@@ -319,54 +500,60 @@ async fn initiate(
             ));
         }
     }
-    let challenge = authorization(&shared, &headers)?;
-    let fields = validate_body(product, &body)?;
+    let auth = authorization(shared, &headers)?;
+    check_signature(shared, &headers, &body, true)?;
 
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::invalid_field("body", "not valid JSON"))?;
+    let Value::Object(object) = value else {
+        return Err(ApiError::invalid_field("body", "must be a JSON object"));
+    };
+    let today = Utc::now().date_naive();
+    let fields = match kind {
+        PaymentKind::Single => validate_single(&object, product, &shared.rules, today)?,
+        PaymentKind::Periodic => validate_periodic(&object, product, &shared.rules, today)?,
+        PaymentKind::Bulk => validate_bulk(&object, product, &shared.rules, today)?,
+    };
+    if let Some(debtor) = &fields.debtor_iban {
+        check_debtor_brand(&shared.rules, state.brand, debtor)?;
+    }
+
+    let name = fields.creditor_name.as_str();
     let scenario = Scenario {
-        auto: if fields.creditor_name.contains(scenario::AUTO_REJECT) {
+        auto: if name.contains(scenario::AUTO_REJECT) {
             Some(AutoAction::Reject)
-        } else if fields.creditor_name.contains(scenario::AUTO_SIGN) {
+        } else if name.contains(scenario::AUTO_SIGN) {
             Some(AutoAction::Sign)
         } else {
             None
         },
-        multi_sign: fields.creditor_name.contains(scenario::MULTI_SIGN),
-        location_only: fields.creditor_name.contains(scenario::LOCATION_ONLY),
+        multi_sign: name.contains(scenario::MULTI_SIGN),
+        location_only: name.contains(scenario::LOCATION_ONLY),
     };
-    if fields.creditor_name.contains(scenario::FAIL_503) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal_server_error",
-            "",
-            "simulated outage",
-        ));
-    }
-    if fields.creditor_name.contains(scenario::FAIL_429) {
-        let mut error = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "TOO_MANY_REQUESTS",
-            "",
-            "simulated rate limit",
-        );
-        error.retry_after = Some(1);
-        return Err(error);
-    }
-    let slow = fields.creditor_name.contains(scenario::SLOW_CREATE);
+    scenario_failure(name)?;
+    let slow = name.contains(scenario::SLOW_CREATE);
 
     let payment_id = {
         let mut store = shared.store();
         let payment = store.insert_payment(
             NewPayment {
+                kind,
+                brand: state.brand,
                 product,
                 e2e: fields.e2e,
                 amount: fields.amount,
                 currency: fields.currency,
                 creditor_name: fields.creditor_name,
-                creditor_iban: fields.creditor_iban,
+                creditor_account: fields.creditor_account,
                 debtor_iban: fields.debtor_iban,
+                requested_execution_date: fields.requested_execution_date,
+                schedule: fields.schedule,
+                entries: fields.entries,
                 redirect_uri: redirect_uri.to_owned(),
-                challenge,
+                challenge: auth.challenge,
+                psu: auth.psu,
                 scenario,
+                request: Value::Object(object),
             },
             Instant::now(),
         );
@@ -374,7 +561,9 @@ async fn initiate(
     };
     tracing::info!(
         payment_id,
+        kind = kind.path_prefix(),
         product = product.path_segment(),
+        brand = state.brand.as_str(),
         "sandbox: payment initiated"
     );
     if slow {
@@ -404,25 +593,84 @@ async fn initiate(
     Ok(response)
 }
 
+/// The refusals a scenario word asks for, before anything is created.
+fn scenario_failure(name: &str) -> Result<(), ApiError> {
+    if name.contains(scenario::FAIL_503) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal_server_error",
+            "",
+            "simulated outage",
+        ));
+    }
+    if name.contains(scenario::FAIL_429) {
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_REQUESTS",
+            "",
+            "simulated rate limit",
+        );
+        error.retry_after = Some(1);
+        return Err(error);
+    }
+    if let Some((_, rest)) = name.split_once(scenario::FAIL_CODE) {
+        let code = rest.split_whitespace().next().unwrap_or_default();
+        return Err(
+            match DOCUMENTED_ERRORS.iter().find(|(_, _, c)| *c == code) {
+                Some((status, error, code)) => ApiError::new(
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
+                    error,
+                    code,
+                    "simulated by scenario FAIL-CODE",
+                ),
+                None => {
+                    ApiError::invalid_field("creditor_name", "FAIL-CODE= names no documented code")
+                }
+            },
+        );
+    }
+    Ok(())
+}
+
+/// What the initiation is authorised by: a PKCE challenge (a code will be issued), or the
+/// access token of a PSU.
+struct Authorization {
+    challenge: Option<Challenge>,
+    psu: Option<String>,
+}
+
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    Ok(
+        header_str(headers, header::AUTHORIZATION.as_str())?.map(|auth| {
+            auth.strip_prefix("Bearer ")
+                .or_else(|| auth.strip_prefix("bearer "))
+                .map(str::trim)
+                .unwrap_or_default()
+        }),
+    )
+}
+
+/// The PSU owning a live access token; anything else (missing, unknown, replaced by a newer
+/// pair, expired) is 401 GEN-1203-100003 [P].
+fn token_psu(shared: &Shared, token: Option<&str>) -> Result<String, ApiError> {
+    let token = token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(ApiError::invalid_token)?;
+    match shared.store().check_access_token(token, Instant::now()) {
+        TokenCheck::Valid { psu } => Ok(psu),
+        TokenCheck::Invalidated | TokenCheck::Expired | TokenCheck::Unknown => {
+            Err(ApiError::invalid_token())
+        }
+    }
+}
+
 /// A valid Bearer token replaces PKCE; without one, both PKCE headers are mandatory [P §2.2].
-/// Returns the challenge to bind the future authorization code to, if any.
-fn authorization(shared: &Shared, headers: &HeaderMap) -> Result<Option<Challenge>, ApiError> {
-    if let Some(auth) = header_str(headers, header::AUTHORIZATION.as_str())? {
-        let token = auth
-            .strip_prefix("Bearer ")
-            .or_else(|| auth.strip_prefix("bearer "))
-            .map(str::trim)
-            .unwrap_or_default();
-        return if !token.is_empty() && shared.store().access_token_valid(token, Instant::now()) {
-            Ok(None)
-        } else {
-            Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "FAILED_SECURITY_VALIDATION",
-                "GEN-1203-100003",
-                "invalid access token",
-            ))
-        };
+fn authorization(shared: &Shared, headers: &HeaderMap) -> Result<Authorization, ApiError> {
+    if let Some(token) = bearer(headers)? {
+        return Ok(Authorization {
+            challenge: None,
+            psu: Some(token_psu(shared, Some(token))?),
+        });
     }
     let challenge = required_header(headers, h::CODE_CHALLENGE)?;
     let method = required_header(headers, h::CODE_CHALLENGE_METHOD)?;
@@ -455,31 +703,123 @@ fn authorization(shared: &Shared, headers: &HeaderMap) -> Result<Option<Challeng
             "not an RFC 7636 challenge",
         ));
     }
-    Ok(Some(Challenge {
-        value: challenge.to_owned(),
-        method,
-    }))
+    Ok(Authorization {
+        challenge: Some(Challenge {
+            value: challenge.to_owned(),
+            method,
+        }),
+        psu: None,
+    })
 }
 
-struct BodyFields {
+/// The QSeal `Signature` over the exact body, when verification is switched on. `required`:
+/// initiations must carry one; on other calls [I] a signature is checked only if sent.
+fn check_signature(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &[u8],
+    required: bool,
+) -> Result<(), ApiError> {
+    if !shared.store().settings.verify_signatures {
+        return Ok(());
+    }
+    let signature = header_str(headers, h::SIGNATURE).ok().flatten();
+    if signature.is_none() && !required {
+        return Ok(());
+    }
+    let outcome = match (&shared.verifier, signature) {
+        (Some(verifier), Some(signature)) => {
+            verifier.verify(signature, body).map_err(|e| e.to_string())
+        }
+        (None, Some(_)) => Err("no QSeal certificate to verify with".to_owned()),
+        (_, None) => Err("missing Signature header".to_owned()),
+    };
+    shared.store().count_signature(outcome.is_ok());
+    outcome.map_err(|why| {
+        tracing::info!(why, "sandbox: signature refused");
+        ApiError::bad_signature(&why)
+    })
+}
+
+/// [P §1.1] a debtor account must be addressed on its own brand's host. [I] the brand is read
+/// from the Belgian bank code (IBAN characters 5-7); a non-Belgian IBAN is no account of
+/// either brand.
+fn check_debtor_brand(rules: &Rules, host: Brand, iban: &str) -> Result<(), ApiError> {
+    match account_brand(rules, iban) {
+        Some(brand) if brand == host => Ok(()),
+        Some(brand) => Err(ApiError::channel_not_permitted(&format!(
+            "the debtor account is a {} account: use its own host",
+            brand.as_str()
+        ))),
+        None => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "INVALID_ACCOUNT",
+            "B14800ZZ-3002-000000",
+            "the debtor account is not an account of this bank",
+        )),
+    }
+}
+
+/// Which brand holds a Belgian account; `None` for a foreign IBAN.
+pub fn account_brand(rules: &Rules, iban: &str) -> Option<Brand> {
+    if !iban.starts_with("BE") {
+        return None;
+    }
+    let bank_code = iban.get(4..7)?;
+    if rules.banx_bank_codes.iter().any(|c| c == bank_code) {
+        Some(Brand::Banx)
+    } else {
+        Some(Brand::Belfius)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Body validation.
+
+/// The validated initiation, whatever its kind.
+struct Fields {
     e2e: String,
     amount: Amount,
     currency: String,
     creditor_name: String,
-    creditor_iban: String,
+    creditor_account: String,
     debtor_iban: Option<String>,
+    requested_execution_date: Option<NaiveDate>,
+    schedule: Option<super::store::Schedule>,
+    entries: Vec<BulkLine>,
 }
 
-fn validate_body(product: PaymentProduct, body: &[u8]) -> Result<BodyFields, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| ApiError::invalid_field("body", "not valid JSON"))?;
-    let Some(object) = value.as_object() else {
-        return Err(ApiError::invalid_field("body", "must be a JSON object"));
-    };
+/// One transfer: a single payment's body, or one entry of a bulk.
+struct Transfer {
+    e2e: String,
+    amount: Amount,
+    currency: String,
+    creditor_name: String,
+    creditor_account: String,
+}
 
+/// Keys only the cross-border product may carry [P §2.5 table: "n/a" for SEPA products].
+const CROSS_BORDER_KEYS: [&str; 2] = ["charge_bearer", "creditor_address"];
+const CROSS_BORDER_ACCOUNT_KEYS: [&str; 3] = ["bban", "bankNationalID", "currency"];
+
+/// A string field: absent or empty gives `None`; another JSON type is refused.
+fn opt_str<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(ApiError::invalid_field(path, "must be a string")),
+    }
+}
+
+fn debtor(object: &Map<String, Value>) -> Result<Option<String>, ApiError> {
     // [P FAQ] No debtor account: omit the key. An empty object (or one without IBAN) is refused.
-    let debtor_iban = match object.get("debtor_account") {
-        None => None,
+    match object.get("debtor_account") {
+        None => Ok(None),
         Some(account) => {
             let iban = account.get("iban").and_then(Value::as_str).unwrap_or("");
             if iban.is_empty() {
@@ -494,9 +834,100 @@ fn validate_body(product: PaymentProduct, body: &[u8]) -> Result<BodyFields, Api
                     "not a valid IBAN",
                 ));
             }
-            Some(iban.to_owned())
+            Ok(Some(iban.to_owned()))
+        }
+    }
+}
+
+/// `yyyy-mm-dd`, `None` when absent.
+fn date_field(
+    object: &Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<NaiveDate>, ApiError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_str()
+            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid_field(path, "yyyy-mm-dd")),
+    }
+}
+
+fn execution_date(
+    object: &Map<String, Value>,
+    today: NaiveDate,
+) -> Result<Option<NaiveDate>, ApiError> {
+    let date = date_field(
+        object,
+        "requested_execution_date",
+        "requested_execution_date",
+    )?;
+    // [I] a past execution date is refused.
+    if date.is_some_and(|d| d < today) {
+        return Err(ApiError::invalid_field(
+            "requested_execution_date",
+            "must not be in the past",
+        ));
+    }
+    Ok(date)
+}
+
+/// [I] ISO 9362: 4 letters (bank), 2 letters (country), 2 alphanumerics, optionally 3 more.
+fn bic_valid(bic: &str) -> bool {
+    let b = bic.as_bytes();
+    matches!(b.len(), 8 | 11)
+        && b[..6].iter().all(u8::is_ascii_uppercase)
+        && b[6..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
+fn country_valid(country: &str) -> bool {
+    country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// The fields of one transfer, with the per-product rules of api §2.5 and the documented
+/// business codes of §5. `prefix` locates the transfer in error descriptions (`payments[3].`).
+fn transfer(
+    object: &Map<String, Value>,
+    product: PaymentProduct,
+    rules: &Rules,
+    prefix: &str,
+) -> Result<Transfer, ApiError> {
+    let path = |name: &str| format!("{prefix}{name}");
+    let sepa = product.is_sepa();
+    let account = match object.get("creditor_account") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(account)) => Some(account),
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                &path("creditor_account"),
+                "must be an object",
+            ));
         }
     };
+
+    // [P §2.5] cross-border fields are "n/a" on SEPA products. [I] refused rather than ignored.
+    if sepa {
+        for key in CROSS_BORDER_KEYS {
+            if object.contains_key(key) {
+                return Err(ApiError::invalid_field(
+                    &path(key),
+                    &format!("not allowed for {}", product.path_segment()),
+                ));
+            }
+        }
+        for key in CROSS_BORDER_ACCOUNT_KEYS {
+            if account.is_some_and(|a| a.contains_key(key)) {
+                return Err(ApiError::invalid_field(
+                    &path(&format!("creditor_account.{key}")),
+                    &format!("not allowed for {}", product.path_segment()),
+                ));
+            }
+        }
+    }
 
     // [P] missing endtoend_identification has its own code.
     let e2e = match object
@@ -509,28 +940,75 @@ fn validate_body(product: PaymentProduct, body: &[u8]) -> Result<BodyFields, Api
                 StatusCode::BAD_REQUEST,
                 "MISSING_INPUT",
                 "B14821ZZ-1200-000000",
-                "Missing required input 'endtoend_identification'",
+                format!(
+                    "Missing required input '{}'",
+                    path("endtoend_identification")
+                ),
             ));
         }
     };
     // [I] SEPA end-to-end ids are at most 35 characters.
     if e2e.chars().count() > 35 {
         return Err(ApiError::invalid_field(
-            "endtoend_identification",
+            &path("endtoend_identification"),
             "at most 35 characters",
         ));
     }
 
-    let creditor_iban = object
-        .get("creditor_account")
-        .and_then(|a| a.get("iban"))
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::missing_field("creditor_account.iban"))?;
-    if !iban_valid(creditor_iban) {
+    let account = account.ok_or_else(|| ApiError::missing_field(&path("creditor_account.iban")))?;
+    let iban = opt_str(account, "iban", &path("creditor_account.iban"))?;
+    let bban = opt_str(account, "bban", &path("creditor_account.bban"))?;
+    let bic = opt_str(account, "bic", &path("creditor_account.bic"))?;
+    let national_id = opt_str(
+        account,
+        "bankNationalID",
+        &path("creditor_account.bankNationalID"),
+    )?;
+    let creditor_currency = opt_str(account, "currency", &path("creditor_account.currency"))?;
+    let creditor_account = match (iban, bban) {
+        (Some(iban), None) => {
+            if !iban_valid(iban) {
+                return Err(ApiError::invalid_field(
+                    &path("creditor_account.iban"),
+                    "not a valid IBAN",
+                ));
+            }
+            iban
+        }
+        (None, Some(bban)) => {
+            // [P] a BBAN together with a BIC is refused.
+            if bic.is_some() {
+                return Err(ApiError::rule(
+                    "B14821ZZ-1236-000000",
+                    format!("{}: BBAN with BIC not authorised", path("creditor_account")),
+                ));
+            }
+            // [I] a national account number: 1 to 34 upper-case letters and digits.
+            let well_formed = (1..=34).contains(&bban.len())
+                && bban
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+            if !well_formed {
+                return Err(ApiError::invalid_field(
+                    &path("creditor_account.bban"),
+                    "1 to 34 upper-case letters and digits",
+                ));
+            }
+            bban
+        }
+        // [I] iban and bban are alternatives ("conditional" in the portal table).
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_field(
+                &path("creditor_account"),
+                "iban and bban are exclusive",
+            ));
+        }
+        (None, None) => return Err(ApiError::missing_field(&path("creditor_account.iban"))),
+    };
+    if bic.is_some_and(|b| !bic_valid(b)) {
         return Err(ApiError::invalid_field(
-            "creditor_account.iban",
-            "not a valid IBAN",
+            &path("creditor_account.bic"),
+            "not a BIC",
         ));
     }
 
@@ -538,33 +1016,80 @@ fn validate_body(product: PaymentProduct, body: &[u8]) -> Result<BodyFields, Api
         .get("creditor_name")
         .and_then(Value::as_str)
         .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| ApiError::missing_field("creditor_name"))?;
+        .ok_or_else(|| ApiError::missing_field(&path("creditor_name")))?;
     // [I] SEPA name length.
     if creditor_name.chars().count() > 70 {
         return Err(ApiError::invalid_field(
-            "creditor_name",
+            &path("creditor_name"),
             "at most 70 characters",
         ));
     }
 
+    let mut address_country = None;
+    if !sepa {
+        // [P] charge_bearer is required for cross-border; [I] ISO 20022 values.
+        let bearer = opt_str(object, "charge_bearer", &path("charge_bearer"))?
+            .ok_or_else(|| ApiError::missing_field(&path("charge_bearer")))?;
+        if ChargeBearer::parse(bearer).is_none() {
+            return Err(ApiError::invalid_field(
+                &path("charge_bearer"),
+                "one of DEBT, CRED, SHAR, SLEV",
+            ));
+        }
+        match object.get("creditor_address") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(address)) => {
+                for key in ["street", "building_number", "postal_code", "town"] {
+                    let field = path(&format!("creditor_address.{key}"));
+                    // [I] SEPA-like limit on address lines.
+                    if opt_str(address, key, &field)?.is_some_and(|v| v.chars().count() > 70) {
+                        return Err(ApiError::invalid_field(&field, "at most 70 characters"));
+                    }
+                }
+                let field = path("creditor_address.country");
+                let country = opt_str(address, "country", &field)?
+                    .ok_or_else(|| ApiError::missing_field(&field))?;
+                if !country_valid(country) {
+                    return Err(ApiError::invalid_field(&field, "ISO 3166 alpha-2 code"));
+                }
+                address_country = Some(country);
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_field(
+                    &path("creditor_address"),
+                    "must be an object",
+                ));
+            }
+        }
+        if creditor_currency.is_some_and(|c| !currency_well_formed(c)) {
+            return Err(ApiError::rule(
+                "B14821ZZ-1232-000000",
+                format!(
+                    "{}: currency is not valid",
+                    path("creditor_account.currency")
+                ),
+            ));
+        }
+    }
+
     let instructed = object
         .get("instructed_amount")
-        .ok_or_else(|| ApiError::missing_field("instructed_amount"))?;
+        .ok_or_else(|| ApiError::missing_field(&path("instructed_amount")))?;
     let amount_text = match instructed.get("amount") {
         Some(Value::String(s)) => s.trim().to_owned(),
         Some(Value::Number(n)) => n.to_string(),
-        Some(_) | None => return Err(ApiError::missing_field("instructed_amount.amount")),
+        Some(_) | None => {
+            return Err(ApiError::missing_field(&path("instructed_amount.amount")));
+        }
     };
     let amount = parse_amount(&amount_text)?;
     let currency = instructed
         .get("currency")
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::missing_field("instructed_amount.currency"))?;
-    let currency_ok = currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_uppercase());
-    if !currency_ok || (product.is_sepa() && currency != "EUR") {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "INVALID_INPUT",
+        .ok_or_else(|| ApiError::missing_field(&path("instructed_amount.currency")))?;
+    // [P] code; [I] SEPA products move euros only.
+    if !currency_well_formed(currency) || (sepa && currency != "EUR") {
+        return Err(ApiError::rule(
             "B14821ZZ-1232-000000",
             "Currency is not valid or not authorised",
         ));
@@ -576,34 +1101,213 @@ fn validate_body(product: PaymentProduct, body: &[u8]) -> Result<BodyFields, Api
             Some(text) if text.chars().count() <= 140 => {}
             Some(_) | None => {
                 return Err(ApiError::invalid_field(
-                    "remittance_information",
+                    &path("remittance_information"),
                     "a string of at most 140 characters",
                 ));
             }
         }
     }
 
-    if let Some(date) = object.get("requested_execution_date") {
-        let parsed = date
-            .as_str()
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-            .ok_or_else(|| ApiError::invalid_field("requested_execution_date", "yyyy-mm-dd"))?;
-        // [I] a past execution date is refused.
-        if parsed < Utc::now().date_naive() {
-            return Err(ApiError::invalid_field(
-                "requested_execution_date",
-                "must not be in the past",
+    // [P] beneficiary country not allowed; [I] the country is the IBAN's and the address's,
+    // the list is `SandboxConfig::denied_countries`.
+    let account_country = iban.and_then(|i| i.get(..2));
+    for country in [account_country, address_country].into_iter().flatten() {
+        if rules.denied_countries.iter().any(|c| c == country) {
+            return Err(ApiError::rule(
+                "B14821ZZ-1227-000000",
+                format!("Beneficiary country {country} is not allowed"),
             ));
         }
     }
+    // [P] the beneficiary BIC may be mandatory for some countries; [I] a bank national id
+    // (e.g. ABA routing number) identifies the bank as well; list in
+    // `SandboxConfig::bic_required_countries`.
+    if !sepa
+        && let Some(country) = account_country.or(address_country)
+        && rules.bic_required_countries.iter().any(|c| c == country)
+        && bic.is_none()
+        && national_id.is_none()
+    {
+        return Err(ApiError::rule(
+            "B14821ZZ-2102-000000",
+            format!("Beneficiary BIC is missing (mandatory for {country})"),
+        ));
+    }
 
-    Ok(BodyFields {
+    Ok(Transfer {
         e2e,
         amount,
         currency: currency.to_owned(),
         creditor_name: creditor_name.to_owned(),
-        creditor_iban: creditor_iban.to_owned(),
+        creditor_account: creditor_account.to_owned(),
+    })
+}
+
+fn currency_well_formed(currency: &str) -> bool {
+    currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+fn validate_single(
+    object: &Map<String, Value>,
+    product: PaymentProduct,
+    rules: &Rules,
+    today: NaiveDate,
+) -> Result<Fields, ApiError> {
+    let debtor_iban = debtor(object)?;
+    let t = transfer(object, product, rules, "")?;
+    let requested_execution_date = execution_date(object, today)?;
+    Ok(Fields {
+        e2e: t.e2e,
+        amount: t.amount,
+        currency: t.currency,
+        creditor_name: t.creditor_name,
+        creditor_account: t.creditor_account,
         debtor_iban,
+        requested_execution_date,
+        schedule: None,
+        entries: Vec::new(),
+    })
+}
+
+/// Months from `start` to `end` (calendar months, days ignored).
+fn months_between(start: NaiveDate, end: NaiveDate) -> i64 {
+    let index = |d: NaiveDate| i64::from(d.year()) * 12 + i64::from(d.month0());
+    index(end) - index(start)
+}
+
+/// [I] shape: the single body plus `start_date`, `end_date?`, `frequency`, `day_of_execution?`.
+fn validate_periodic(
+    object: &Map<String, Value>,
+    product: PaymentProduct,
+    rules: &Rules,
+    today: NaiveDate,
+) -> Result<Fields, ApiError> {
+    let mut fields = validate_single(object, product, rules, today)?;
+    let start = date_field(object, "start_date", "start_date")?
+        .ok_or_else(|| ApiError::missing_field("start_date"))?;
+    // [P] the begin date must be in the future.
+    if start <= today {
+        return Err(ApiError::rule(
+            "B14821ZZ-1259-000000",
+            "The begin date of the standing order must be in the future",
+        ));
+    }
+    let frequency = opt_str(object, "frequency", "frequency")?
+        .ok_or_else(|| ApiError::missing_field("frequency"))?;
+    // [I] Berlin Group spelling, exactly.
+    let frequency = Frequency::ALL
+        .into_iter()
+        .find(|f| f.as_str() == frequency)
+        .ok_or_else(|| ApiError::invalid_field("frequency", "not a Berlin Group frequency"))?;
+    let end = date_field(object, "end_date", "end_date")?;
+    if let Some(end) = end {
+        // [I] the portal's text for 1345 is cut ("end date …"): end before start is the
+        // obvious end-date error left once 1322 covers the periodicity.
+        if end < start {
+            return Err(ApiError::rule(
+                "B14821ZZ-1345-000000",
+                "The end date must not be before the begin date",
+            ));
+        }
+        // [P] the month of the end date must fit the periodicity.
+        if let Some(period) = frequency.months()
+            && months_between(start, end) % i64::from(period) != 0
+        {
+            return Err(ApiError::rule(
+                "B14821ZZ-1322-000000",
+                "The month of the end date is not consistent with the periodicity",
+            ));
+        }
+    }
+    let day_of_execution = match object.get("day_of_execution") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(
+            value
+                .as_u64()
+                .filter(|d| (1..=31).contains(d))
+                .and_then(|d| u8::try_from(d).ok())
+                .ok_or_else(|| ApiError::invalid_field("day_of_execution", "1 to 31"))?,
+        ),
+    };
+    fields.schedule = Some(Schedule::new(start, end, frequency, day_of_execution));
+    Ok(fields)
+}
+
+/// [I] shape: `{debtor_account?, batch_booking_preferred, requested_execution_date?,
+/// payments: [transfer…]}`; each transfer validated like a single SEPA payment.
+fn validate_bulk(
+    object: &Map<String, Value>,
+    product: PaymentProduct,
+    rules: &Rules,
+    today: NaiveDate,
+) -> Result<Fields, ApiError> {
+    let debtor_iban = debtor(object)?;
+    if object
+        .get("batch_booking_preferred")
+        .is_some_and(|v| !v.is_boolean())
+    {
+        return Err(ApiError::invalid_field(
+            "batch_booking_preferred",
+            "must be a boolean",
+        ));
+    }
+    let requested_execution_date = execution_date(object, today)?;
+    let payments = match object.get("payments") {
+        None | Some(Value::Null) => return Err(ApiError::missing_field("payments")),
+        Some(Value::Array(payments)) => payments,
+        Some(_) => return Err(ApiError::invalid_field("payments", "must be an array")),
+    };
+    // [T Exthand] at most 1000 payments per bulk.
+    if payments.is_empty() || payments.len() > MAX_BULK_ENTRIES {
+        return Err(ApiError::invalid_field(
+            "payments",
+            &format!("1 to {MAX_BULK_ENTRIES} transfers"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut total: i64 = 0;
+    let mut entries = Vec::with_capacity(payments.len());
+    let mut first: Option<Transfer> = None;
+    for (index, entry) in payments.iter().enumerate() {
+        let prefix = format!("payments[{index}].");
+        let Value::Object(entry) = entry else {
+            return Err(ApiError::invalid_field(&prefix, "must be an object"));
+        };
+        let t = transfer(entry, product, rules, &prefix)?;
+        // [I] end-to-end ids identify transfers: unique within a bulk.
+        if !seen.insert(t.e2e.clone()) {
+            return Err(ApiError::invalid_field(
+                &format!("{prefix}endtoend_identification"),
+                "duplicate within the bulk",
+            ));
+        }
+        total = total
+            .checked_add(t.amount.minor())
+            .ok_or_else(|| ApiError::invalid_field("payments", "total amount too large"))?;
+        entries.push(BulkLine {
+            endtoend_identification: t.e2e.clone(),
+            amount: t.amount.to_string(),
+            currency: t.currency.clone(),
+            creditor_name: t.creditor_name.clone(),
+            creditor_iban: t.creditor_account.clone(),
+            transaction_status: "RCVD",
+            reject: t.creditor_name.contains(scenario::REJECT_ENTRY),
+        });
+        if first.is_none() {
+            first = Some(t);
+        }
+    }
+    let first = first.ok_or_else(|| ApiError::missing_field("payments"))?;
+    Ok(Fields {
+        e2e: first.e2e,
+        amount: Amount::from_minor(total),
+        currency: first.currency,
+        creditor_name: first.creditor_name,
+        creditor_account: first.creditor_account,
+        debtor_iban,
+        requested_execution_date,
+        schedule: None,
+        entries,
     })
 }
 
@@ -665,46 +1369,137 @@ pub fn iban_valid(iban: &str) -> bool {
     }
     remainder == 1
 }
-
 // ---------------------------------------------------------------------------------------------
-// GET /payments/{product}/{id}/status
+// GET …/{id}/status, GET …/{id}, DELETE …/{id}
+
+/// The payment behind a resource path: same kind, product and brand host, else `None` [I].
+fn find<'s>(
+    store: &'s mut Store,
+    brand: Brand,
+    kind: PaymentKind,
+    product: PaymentProduct,
+    id: &str,
+) -> Option<&'s Payment> {
+    store
+        .payment(id, Instant::now())
+        .filter(|p| p.kind == kind && p.product == product && p.brand == brand)
+}
 
 async fn status(
-    State(shared): State<Arc<Shared>>,
+    State(state): State<ApiState>,
+    kind: PaymentKind,
     Path((product_segment, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let shared = &state.shared;
     shared.store().count_status_request();
-    check_common(&shared, &headers, STATUS_VERSIONS)?;
+    check_common(shared, &headers, STATUS_VERSIONS)?;
     let product = product(&product_segment)?;
     let mut store = shared.store();
-    // [I] unknown id, or an id of another product: 404 (open question 11).
-    match store.payment(&id, Instant::now()) {
-        Some(p) if p.product == product => Ok((
-            StatusCode::OK,
-            Json(json!({"transaction_status": p.status.as_str()})),
-        )
-            .into_response()),
-        Some(_) | None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "INVALID_INPUT",
-            "GEN-1202-100002",
-            "unknown payment id",
+    let p = find(&mut store, state.brand, kind, product, &id)
+        .ok_or_else(ApiError::payment_not_found)?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"transaction_status": p.status.as_str()})),
+    )
+        .into_response())
+}
+
+/// [P] a valid PIS token is required; [I] it must be the token of the PSU the payment belongs
+/// to (when the payment has one yet), else 401 GEN-1203-100003 like any invalid token.
+fn owner_check(payment: &Payment, psu: &str) -> Result<(), ApiError> {
+    match &payment.psu {
+        Some(owner) if owner != psu => Err(ApiError::invalid_token()),
+        Some(_) | None => Ok(()),
+    }
+}
+
+async fn details(
+    State(state): State<ApiState>,
+    kind: PaymentKind,
+    Path((product_segment, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let shared = &state.shared;
+    shared.store().count_details_request();
+    check_common(shared, &headers, STATUS_VERSIONS)?;
+    let product = product(&product_segment)?;
+    let psu = token_psu(shared, bearer(&headers)?)?;
+    let mut store = shared.store();
+    let p = find(&mut store, state.brand, kind, product, &id)
+        .ok_or_else(ApiError::payment_not_found)?;
+    owner_check(p, &psu)?;
+    // [I] open question 5: the initiation body as received, with id and status added (and each
+    // bulk transfer's own status).
+    let mut body = p.request.clone();
+    if let Value::Object(object) = &mut body {
+        object.insert("payment_id".into(), json!(p.id));
+        object.insert("transaction_status".into(), json!(p.status.as_str()));
+        if let Some(Value::Array(payments)) = object.get_mut("payments") {
+            for (entry, line) in payments.iter_mut().zip(&p.entries) {
+                if let Value::Object(entry) = entry {
+                    entry.insert("transaction_status".into(), json!(line.transaction_status));
+                }
+            }
+        }
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+async fn cancel(
+    State(state): State<ApiState>,
+    kind: PaymentKind,
+    Path((product_segment, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let shared = &state.shared;
+    shared.store().count_cancel_request();
+    check_common(shared, &headers, STATUS_VERSIONS)?;
+    let product = product(&product_segment)?;
+    // [P] cancellation needs the PSU's access token.
+    let psu = token_psu(shared, bearer(&headers)?)?;
+    check_signature(shared, &headers, b"", false)?;
+    let mut store = shared.store();
+    let p = find(&mut store, state.brand, kind, product, &id)
+        .ok_or_else(ApiError::payment_not_found)?;
+    owner_check(p, &psu)?;
+    let answer = store.settings.cancel_status;
+    match store.cancel(&id, Instant::now()) {
+        Ok(p) => {
+            tracing::info!(payment_id = p.id, "sandbox: payment cancelled");
+            // [I] 204 by default; 200/202 with the new status when configured.
+            Ok(match answer {
+                200 | 202 => (
+                    StatusCode::from_u16(answer).unwrap_or(StatusCode::OK),
+                    Json(json!({"transaction_status": p.status.as_str()})),
+                )
+                    .into_response(),
+                _ => StatusCode::NO_CONTENT.into_response(),
+            })
+        }
+        // [I] Belfius' answer to a late cancellation is not documented (open question 11).
+        Err(e @ CancelError::NotAllowed(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "CANCELLATION_NOT_ALLOWED",
+            "B14821ZZ-9000-000000",
+            e.to_string(),
         )),
+        Err(CancelError::NotFound) => Err(ApiError::payment_not_found()),
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // POST /token
 
+/// [I] one token service for both brand hosts: a PSU's pair works on either host.
 async fn token(
-    State(shared): State<Arc<Shared>>,
+    State(state): State<ApiState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let result = token_inner(&shared, &headers, &body);
+    let result = token_inner(&state.shared, &headers, &body);
     if result.is_err() {
-        shared.store().count_token_failure();
+        state.shared.store().count_token_failure();
     }
     result
 }

@@ -8,7 +8,11 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use secrecy::SecretString;
 
-use super::{SandboxConfig, start};
+use super::store::DEFAULT_PSU;
+use super::{
+    DEFAULT_BANX_BANK_CODES, DEFAULT_BIC_REQUIRED_COUNTRIES, DEFAULT_DENIED_COUNTRIES,
+    SandboxConfig, start,
+};
 
 pub const DEFAULT_CLIENT_ID: &str = "pis-worker-demo";
 pub const DEFAULT_CLIENT_SECRET: &str = "sandbox-secret";
@@ -20,9 +24,12 @@ fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
 /// Run the Belfius sandbox simulator.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SandboxArgs {
-    /// Bank API address (HTTPS with mandatory client certificate).
+    /// Belfius-brand bank API address (HTTPS with mandatory client certificate).
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
+    /// Banx-brand bank API address (HTTPS with mandatory client certificate).
+    #[arg(long, default_value = "127.0.0.1:8445")]
+    pub banx_listen: SocketAddr,
     /// Operator / PSU API address (plain HTTP; keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:8444")]
     pub admin_listen: SocketAddr,
@@ -51,12 +58,36 @@ pub struct SandboxArgs {
     /// An unsigned payment turns RJCT after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub sca_expiry_secs: u64,
+    /// Lifetime of PIS access tokens, in seconds.
+    #[arg(long, default_value_t = 900)]
+    pub access_token_lifetime_secs: u64,
+    /// Check the QSeal `Signature` header of initiations (test QSeal in --tls-dir).
+    #[arg(long)]
+    pub verify_signatures: bool,
+    /// Belgian bank codes (IBAN characters 5-7) of Banx accounts.
+    #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_BANX_BANK_CODES))]
+    pub banx_bank_codes: Vec<String>,
+    /// Beneficiary countries refused with B14821ZZ-1227-000000.
+    #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_DENIED_COUNTRIES))]
+    pub denied_countries: Vec<String>,
+    /// Countries whose cross-border transfers need a BIC or bank national id.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = strings(DEFAULT_BIC_REQUIRED_COUNTRIES)
+    )]
+    pub bic_required_countries: Vec<String>,
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 impl SandboxArgs {
     pub fn config(&self) -> SandboxConfig {
         SandboxConfig {
             listen: self.listen,
+            banx_listen: self.banx_listen,
             admin_listen: self.admin_listen,
             tls_dir: self.tls_dir.clone(),
             client_id: self.client_id.clone(),
@@ -64,6 +95,11 @@ impl SandboxArgs {
             auto_sign_after: self.auto_sign_after_ms.map(Duration::from_millis),
             settle_after: Duration::from_millis(self.settle_after_ms),
             sca_expiry: Duration::from_secs(self.sca_expiry_secs),
+            access_token_lifetime: Duration::from_secs(self.access_token_lifetime_secs),
+            verify_signatures: self.verify_signatures,
+            banx_bank_codes: self.banx_bank_codes.clone(),
+            denied_countries: self.denied_countries.clone(),
+            bic_required_countries: self.bic_required_countries.clone(),
         }
     }
 }
@@ -72,8 +108,9 @@ impl SandboxArgs {
 pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let sandbox = start(args.config()).await?;
     println!(
-        "sandbox: api {} admin {} tls-dir {}",
+        "sandbox: api {} banx-api {} admin {} tls-dir {}",
         sandbox.api_base_url(),
+        sandbox.banx_base_url(),
         sandbox.admin_base_url(),
         sandbox.tls_dir.display()
     );
@@ -103,6 +140,8 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 pub enum PsuAction {
     Sign,
     Reject,
+    /// The PSU never signs: the payment turns RJCT when the SCA expires.
+    Abandon,
 }
 
 impl PsuAction {
@@ -110,6 +149,7 @@ impl PsuAction {
         match self {
             PsuAction::Sign => "sign",
             PsuAction::Reject => "reject",
+            PsuAction::Abandon => "abandon",
         }
     }
 }
@@ -127,10 +167,16 @@ pub struct PsuArgs {
     /// End-to-end id of the payment.
     #[arg(long)]
     pub e2e: String,
+    /// Who signs or refuses: the authorization code (and so the tokens) belong to this PSU.
+    #[arg(long, default_value = DEFAULT_PSU)]
+    pub psu: String,
+    /// One signature of several (multi-signature): the payment stays PATC.
+    #[arg(long)]
+    pub partial: bool,
 }
 
 pub async fn run_psu(args: PsuArgs) -> anyhow::Result<()> {
-    let url = psu_url(&args.admin_url, &args.e2e, args.action)?;
+    let url = psu_url(&args)?;
     let response = reqwest::Client::new()
         .post(url.clone())
         .send()
@@ -158,13 +204,25 @@ pub async fn run_psu(args: PsuArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `{admin}/admin/e2e/{e2e}/{action}` with the id percent-encoded as one path segment.
-pub fn psu_url(admin: &url::Url, e2e: &str, action: PsuAction) -> anyhow::Result<url::Url> {
+/// `{admin}/admin/e2e/{e2e}/{action}?psu=…[&partial=true]` with the id percent-encoded as one
+/// path segment.
+pub fn psu_url(args: &PsuArgs) -> anyhow::Result<url::Url> {
+    let admin = &args.admin_url;
     let mut url = admin.clone();
     url.path_segments_mut()
         .map_err(|()| anyhow::anyhow!("admin URL {admin} cannot be a base"))?
         .pop_if_empty()
-        .extend(["admin", "e2e", e2e, action.path()]);
+        .extend(["admin", "e2e", &args.e2e, args.action.path()]);
+    match args.action {
+        PsuAction::Sign | PsuAction::Reject => {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("psu", &args.psu);
+            if args.partial {
+                query.append_pair("partial", "true");
+            }
+        }
+        PsuAction::Abandon => {}
+    }
     Ok(url)
 }
 
@@ -192,6 +250,12 @@ mod tests {
         };
         let config = args.config();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(config.banx_listen.to_string(), "127.0.0.1:8445");
+        assert_eq!(config.banx_bank_codes, ["977"]);
+        assert_eq!(config.denied_countries, ["KP", "IR"]);
+        assert_eq!(config.bic_required_countries, ["US"]);
+        assert_eq!(config.access_token_lifetime, Duration::from_secs(900));
+        assert!(!config.verify_signatures);
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:8444");
         assert_eq!(config.client_id, DEFAULT_CLIENT_ID);
         assert_eq!(config.settle_after, Duration::from_secs(2));
@@ -208,10 +272,60 @@ mod tests {
             panic!("wrong subcommand");
         };
         assert_eq!(args.action, PsuAction::Reject);
-        let url = psu_url(&args.admin_url, &args.e2e, args.action).unwrap();
+        let url = psu_url(&args).unwrap();
         assert_eq!(
             url.as_str(),
-            "http://127.0.0.1:8444/admin/e2e/E2E%2F1%20x/reject"
+            "http://127.0.0.1:8444/admin/e2e/E2E%2F1%20x/reject?psu=psu-default"
         );
+        let Command::Psu(args) = Cli::parse_from([
+            "x",
+            "psu",
+            "sign",
+            "--e2e",
+            "E1",
+            "--psu",
+            "alice",
+            "--partial",
+        ])
+        .command
+        else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(
+            psu_url(&args).unwrap().as_str(),
+            "http://127.0.0.1:8444/admin/e2e/E1/sign?psu=alice&partial=true"
+        );
+        let Command::Psu(args) = Cli::parse_from(["x", "psu", "abandon", "--e2e", "E1"]).command
+        else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(
+            psu_url(&args).unwrap().as_str(),
+            "http://127.0.0.1:8444/admin/e2e/E1/abandon"
+        );
+    }
+
+    #[test]
+    fn sandbox_lists_and_switches() {
+        let Command::Sandbox(args) = Cli::parse_from([
+            "x",
+            "sandbox",
+            "--banx-listen",
+            "127.0.0.1:9445",
+            "--verify-signatures",
+            "--banx-bank-codes",
+            "977,978",
+            "--denied-countries",
+            "KP",
+        ])
+        .command
+        else {
+            panic!("wrong subcommand");
+        };
+        let config = args.config();
+        assert_eq!(config.banx_listen.to_string(), "127.0.0.1:9445");
+        assert!(config.verify_signatures);
+        assert_eq!(config.banx_bank_codes, ["977", "978"]);
+        assert_eq!(config.denied_countries, ["KP"]);
     }
 }

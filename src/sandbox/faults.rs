@@ -77,12 +77,13 @@ impl FaultSettings {
                     rule.probability
                 ));
             }
-            if let Fault::Status { status, .. } = rule.fault {
-                if !(100..=599).contains(&status) {
+            match rule.fault {
+                Fault::Status { status, .. } if !(100..=599).contains(&status) => {
                     return Err(format!(
                         "rules[{index}].fault.status must be within 100..=599, got {status}"
                     ));
                 }
+                _ => {}
             }
         }
         Ok(())

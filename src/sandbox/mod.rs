@@ -2,13 +2,14 @@
 //! by tests and the demo. The real Belfius sandbox returns static answers without validation
 //! (belfius-api.md §7), so this one models the production behaviour instead.
 //!
-//! Two listeners: the bank API over HTTPS with a REQUIRED client certificate (mTLS, like the
-//! live API), and an operator/PSU API over plain HTTP meant for loopback. See docs/belfius.md.
+//! Three listeners: the bank API of each brand (Belfius, Banx) over HTTPS with a REQUIRED
+//! client certificate (mTLS, like the live API), and an operator/PSU API over plain HTTP meant
+//! for loopback. See docs/belfius.md.
 
-pub mod faults;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod faults;
 pub mod store;
 pub mod tls;
 
@@ -27,16 +28,23 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
-use crate::belfius::{ApiVersions, BelfiusConfig, QwacIdentity};
-use store::{Digest, Store, Timing};
+use crate::belfius::qseal::{self, QsealVerifier};
+use crate::belfius::{
+    ApiVersions, BelfiusConfig, QsealConfig, QwacIdentity, SignatureFormat, SignedOperations,
+};
+use crate::domain::model::Brand;
+use faults::Faults;
+use store::{Digest, Settings, Store};
 
 /// A client that connects but never finishes the handshake must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// Bank API (HTTPS, mutual TLS). Port 0 picks a free port.
+    /// Belfius-brand bank API (HTTPS, mutual TLS). Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Banx-brand bank API (HTTPS, mutual TLS), the second production host [P §1.1].
+    pub banx_listen: SocketAddr,
     /// Operator / PSU API (plain HTTP; keep it on loopback). Port 0 picks a free port.
     pub admin_listen: SocketAddr,
     /// Where the test PKI lives (`ca.pem`, `server.pem`, `client.pem`, `client-key.pem`, ...).
@@ -51,6 +59,34 @@ pub struct SandboxConfig {
     pub settle_after: Duration,
     /// An unsigned (RCVD) payment becomes RJCT ("SCA not completed") after this.
     pub sca_expiry: Duration,
+    /// PIS access-token lifetime (`expires_in`); [C] 900 s seen for AIS.
+    pub access_token_lifetime: Duration,
+    /// Check the QSeal `Signature` header of initiations against the test QSeal certificate.
+    pub verify_signatures: bool,
+    /// [I] Belgian bank codes (IBAN characters 5-7) of Banx accounts; every other Belgian
+    /// account is a Belfius account.
+    pub banx_bank_codes: Vec<String>,
+    /// [I] beneficiary countries refused with B14821ZZ-1227-000000.
+    pub denied_countries: Vec<String>,
+    /// [I] countries whose cross-border transfers need a BIC (or bank national id), else
+    /// B14821ZZ-2102-000000.
+    pub bic_required_countries: Vec<String>,
+}
+
+/// The [I] account rules of the simulated bank, fixed at start.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub banx_bank_codes: Vec<String>,
+    pub denied_countries: Vec<String>,
+    pub bic_required_countries: Vec<String>,
+}
+
+pub const DEFAULT_BANX_BANK_CODES: &[&str] = &["977"];
+pub const DEFAULT_DENIED_COUNTRIES: &[&str] = &["KP", "IR"];
+pub const DEFAULT_BIC_REQUIRED_COUNTRIES: &[&str] = &["US"];
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 impl SandboxConfig {
@@ -59,6 +95,7 @@ impl SandboxConfig {
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         Self {
             listen: loopback,
+            banx_listen: loopback,
             admin_listen: loopback,
             tls_dir: tls_dir.into(),
             client_id: cli::DEFAULT_CLIENT_ID.into(),
@@ -66,15 +103,23 @@ impl SandboxConfig {
             auto_sign_after: None,
             settle_after: Duration::from_secs(2),
             sca_expiry: Duration::from_secs(15 * 60),
+            access_token_lifetime: store::DEFAULT_ACCESS_TOKEN_LIFETIME,
+            verify_signatures: false,
+            banx_bank_codes: strings(DEFAULT_BANX_BANK_CODES),
+            denied_countries: strings(DEFAULT_DENIED_COUNTRIES),
+            bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
         }
     }
 }
 
-/// State shared by both routers.
+/// State shared by all routers.
 pub struct Shared {
     client_id: String,
     client_secret_digest: Digest,
     admin_base: url::Url,
+    rules: Rules,
+    /// `None` when no test QSeal certificate could be made: signatures cannot be verified.
+    verifier: Option<QsealVerifier>,
     store: Mutex<Store>,
 }
 
@@ -86,13 +131,19 @@ impl Shared {
     }
 }
 
-/// A started simulator. Dropping it stops both listeners and all connections.
+/// A started simulator. Dropping it stops the listeners and all connections.
 pub struct RunningSandbox {
+    /// Belfius-brand host.
     pub api_addr: SocketAddr,
+    /// Banx-brand host.
+    pub banx_api_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub tls_dir: PathBuf,
     client_id: String,
     client_secret: SecretString,
+    faults: Faults,
+    /// (`qseal.pem`, `qseal-key.pem`) when the test QSeal material exists and verifies.
+    qseal_files: Option<(PathBuf, PathBuf)>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -101,6 +152,7 @@ impl std::fmt::Debug for RunningSandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningSandbox")
             .field("api_addr", &self.api_addr)
+            .field("banx_api_addr", &self.banx_api_addr)
             .field("admin_addr", &self.admin_addr)
             .field("tls_dir", &self.tls_dir)
             .finish_non_exhaustive()
@@ -108,9 +160,29 @@ impl std::fmt::Debug for RunningSandbox {
 }
 
 impl RunningSandbox {
-    /// `https://127.0.0.1:PORT/`: the base URL for both brands.
+    /// `https://127.0.0.1:PORT/`: the Belfius-brand host.
     pub fn api_base_url(&self) -> url::Url {
         base_url("https", self.api_addr)
+    }
+
+    /// `https://127.0.0.1:PORT/`: the Banx-brand host.
+    pub fn banx_base_url(&self) -> url::Url {
+        base_url("https", self.banx_api_addr)
+    }
+
+    /// The fault switchboard of both bank hosts (also at `/admin/faults`).
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// The test QSeal certificate the simulator verifies with, if any.
+    pub fn qseal_cert_path(&self) -> Option<&Path> {
+        self.qseal_files.as_ref().map(|(cert, _)| cert.as_path())
+    }
+
+    /// The test QSeal private key a client signs with, if any.
+    pub fn qseal_key_path(&self) -> Option<&Path> {
+        self.qseal_files.as_ref().map(|(_, key)| key.as_path())
     }
 
     /// `http://127.0.0.1:PORT/`: operator API and SCA pages.
@@ -130,17 +202,28 @@ impl RunningSandbox {
         self.tls_dir.join(tls::CLIENT_KEY_FILE)
     }
 
-    /// A client configuration that reaches this simulator for both brands, trusting its CA and
-    /// presenting its client certificate.
+    /// A client configuration that reaches this simulator's two brand hosts, trusting its CA,
+    /// presenting its client certificate and (when the test QSeal exists) signing with it.
     pub fn belfius_config(&self) -> anyhow::Result<BelfiusConfig> {
         let read = |path: &Path| {
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))
         };
         let key = String::from_utf8(read(&self.client_key_path())?)
             .context("client key is not UTF-8 PEM")?;
+        let qseal = match &self.qseal_files {
+            Some((cert, key)) => Some(QsealConfig {
+                private_key_pem: String::from_utf8(read(key)?)
+                    .context("QSeal key is not UTF-8 PEM")?
+                    .into(),
+                certificate_pem: Some(read(cert)?),
+                format: SignatureFormat::default(),
+                sign: SignedOperations::default(),
+            }),
+            None => None,
+        };
         Ok(BelfiusConfig {
             belfius_base_url: self.api_base_url(),
-            banx_base_url: self.api_base_url(),
+            banx_base_url: self.banx_base_url(),
             client_id: self.client_id.clone(),
             client_secret: self.client_secret.clone(),
             extra_ca_pem: Some(read(&self.ca_pem_path())?),
@@ -151,7 +234,7 @@ impl RunningSandbox {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             versions: ApiVersions::default(),
-            qseal: None,
+            qseal,
         })
     }
 
@@ -194,21 +277,49 @@ fn base_url(scheme: &str, addr: SocketAddr) -> url::Url {
     url::Url::parse(&text).expect("a socket address always forms a valid URL authority")
 }
 
-/// Generates or reuses the test PKI, binds both listeners and serves them in spawned tasks.
+/// Generates or reuses the test PKI (TLS and QSeal), binds the three listeners and serves them
+/// in spawned tasks.
 pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
     let dir = config.tls_dir.clone();
-    let material = tokio::task::spawn_blocking(move || tls::load_or_create(&dir))
-        .await
-        .context("TLS material task failed")??;
+    let (material, qseal_files) = tokio::task::spawn_blocking(move || {
+        tls::load_or_create(&dir).map(|material| (material, qseal::ensure_test_qseal(&dir)))
+    })
+    .await
+    .context("TLS material task failed")??;
     let acceptor = TlsAcceptor::from(tls::server_config(&material)?);
+
+    // The QSeal verifier is optional: without it the simulator still serves, it just cannot
+    // be asked to verify signatures.
+    let qseal = qseal_files
+        .map_err(|e| e.to_string())
+        .and_then(|(cert, key)| {
+            let pem =
+                std::fs::read(&cert).map_err(|e| format!("reading {}: {e}", cert.display()))?;
+            let verifier = QsealVerifier::from_certificate_pem(&pem).map_err(|e| e.to_string())?;
+            Ok((verifier, (cert, key)))
+        });
+    let (verifier, qseal_files) = match qseal {
+        Ok((verifier, files)) => (Some(verifier), Some(files)),
+        Err(why) if config.verify_signatures => {
+            anyhow::bail!("--verify-signatures needs a test QSeal certificate: {why}")
+        }
+        Err(why) => {
+            tracing::warn!(why, "sandbox: no test QSeal; signatures cannot be verified");
+            (None, None)
+        }
+    };
 
     let api_listener = TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding bank API on {}", config.listen))?;
+        .with_context(|| format!("binding Belfius API on {}", config.listen))?;
+    let banx_listener = TcpListener::bind(config.banx_listen)
+        .await
+        .with_context(|| format!("binding Banx API on {}", config.banx_listen))?;
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding operator API on {}", config.admin_listen))?;
     let api_addr = api_listener.local_addr()?;
+    let banx_api_addr = banx_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     if !admin_addr.ip().is_loopback() {
         tracing::warn!(%admin_addr, "sandbox operator API is plain HTTP and not on loopback");
@@ -218,30 +329,54 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         client_id: config.client_id.clone(),
         client_secret_digest: store::digest(config.client_secret.expose_secret()),
         admin_base: base_url("http", admin_addr),
-        store: Mutex::new(Store::new(Timing {
+        rules: Rules {
+            banx_bank_codes: config.banx_bank_codes.clone(),
+            denied_countries: config.denied_countries.clone(),
+            bic_required_countries: config.bic_required_countries.clone(),
+        },
+        verifier,
+        store: Mutex::new(Store::new(Settings {
             auto_sign_after: config.auto_sign_after,
             settle_after: config.settle_after,
             sca_expiry: config.sca_expiry,
+            access_token_lifetime: config.access_token_lifetime,
+            verify_signatures: config.verify_signatures,
+            cancel_status: 204,
         })),
     });
+    let faults = Faults::default();
 
     let (shutdown, signal) = watch::channel(false);
     let tasks = vec![
         tokio::spawn(serve(
             api_listener,
-            Some(acceptor),
-            api::router(shared.clone()),
+            Some(acceptor.clone()),
+            api::router(shared.clone(), Brand::Belfius, faults.clone()),
             signal.clone(),
         )),
-        tokio::spawn(serve(admin_listener, None, admin::router(shared), signal)),
+        tokio::spawn(serve(
+            banx_listener,
+            Some(acceptor),
+            api::router(shared.clone(), Brand::Banx, faults.clone()),
+            signal.clone(),
+        )),
+        tokio::spawn(serve(
+            admin_listener,
+            None,
+            admin::router(shared).merge(faults::admin_router(faults.clone())),
+            signal,
+        )),
     ];
-    tracing::info!(%api_addr, %admin_addr, tls_dir = %config.tls_dir.display(), "sandbox started");
+    tracing::info!(%api_addr, %banx_api_addr, %admin_addr, tls_dir = %config.tls_dir.display(), "sandbox started");
     Ok(RunningSandbox {
         api_addr,
+        banx_api_addr,
         admin_addr,
         tls_dir: config.tls_dir,
         client_id: config.client_id,
         client_secret: config.client_secret,
+        faults,
+        qseal_files,
         shutdown,
         tasks,
     })

@@ -80,8 +80,13 @@ pub enum AutoAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PsuAction {
     /// `partial`: one signature of several (multi-signature), the payment stays PATC.
-    Sign { psu: String, partial: bool },
-    Reject { psu: String },
+    Sign {
+        psu: String,
+        partial: bool,
+    },
+    Reject {
+        psu: String,
+    },
 }
 
 /// Settings the operator may change while the simulator runs (`/admin/config`).
@@ -285,7 +290,11 @@ impl Payment {
 
     /// Whether `e2e` names this payment (a bulk: also any of its transfers).
     fn has_e2e(&self, e2e: &str) -> bool {
-        self.e2e == e2e || self.entries.iter().any(|e| e.endtoend_identification == e2e)
+        self.e2e == e2e
+            || self
+                .entries
+                .iter()
+                .any(|e| e.endtoend_identification == e2e)
     }
 }
 
@@ -345,7 +354,9 @@ pub enum GrantError {
 /// Result of presenting an access token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenCheck {
-    Valid { psu: String },
+    Valid {
+        psu: String,
+    },
     /// Replaced by a newer pair of the same PSU (one pair per PSU and scope [P §3.2]).
     Invalidated,
     Expired,
@@ -544,7 +555,12 @@ impl Store {
             .cloned()
     }
 
-    pub fn act(&mut self, id: &str, action: PsuAction, now: Instant) -> Result<PsuOutcome, PsuError> {
+    pub fn act(
+        &mut self,
+        id: &str,
+        action: PsuAction,
+        now: Instant,
+    ) -> Result<PsuOutcome, PsuError> {
         self.advance(id, now);
         self.apply(id, action, now)
     }
@@ -637,8 +653,7 @@ impl Store {
                     match p.kind {
                         // [I] an active standing order stays ACTC; after its end date ACSC.
                         PaymentKind::Periodic => {
-                            if p
-                                .schedule
+                            if p.schedule
                                 .as_ref()
                                 .and_then(|s| s.end_date)
                                 .is_some_and(|end| end < today)
@@ -966,7 +981,9 @@ impl Settings {
         }
         if let Some(status) = patch.cancel_status {
             if !matches!(status, 200 | 202 | 204) {
-                return Err(format!("cancel_status must be 200, 202 or 204, not {status}"));
+                return Err(format!(
+                    "cancel_status must be 200, 202 or 204, not {status}"
+                ));
             }
             next.cancel_status = status;
         }
@@ -1055,7 +1072,10 @@ mod tests {
             "{redirect}"
         );
         assert!(redirect.ends_with(&format!("&state={id}")));
-        assert_eq!(store.payment(&id, t0).unwrap().psu.as_deref(), Some("alice"));
+        assert_eq!(
+            store.payment(&id, t0).unwrap().psu.as_deref(),
+            Some("alice")
+        );
         assert_eq!(
             store
                 .payment(&id, t0 + Duration::from_secs(1))
@@ -1147,7 +1167,10 @@ mod tests {
             ),
             TokenCheck::Expired
         );
-        assert_eq!(store.check_access_token("nonsense", t0), TokenCheck::Unknown);
+        assert_eq!(
+            store.check_access_token("nonsense", t0),
+            TokenCheck::Unknown
+        );
         assert_eq!(store.counters.invalidated_token_uses, 3);
     }
 
@@ -1205,7 +1228,10 @@ mod tests {
         store.settings.sca_expiry = Duration::from_secs(3);
         let p = store.payment(&id, t0 + Duration::from_secs(3)).unwrap();
         assert_eq!(p.status, TransactionStatus::Rjct);
-        assert_eq!(store.abandon(&id, t0).err(), Some(PsuError::Conflict("RJCT")));
+        assert_eq!(
+            store.abandon(&id, t0).err(),
+            Some(PsuError::Conflict("RJCT"))
+        );
     }
 
     #[test]
@@ -1269,7 +1295,10 @@ mod tests {
         let first = store.act(&id, partial("a"), t0).unwrap();
         assert_eq!((first.status, first.redirect_url.is_some()), ("PATC", true));
         let second = store.act(&id, partial("b"), t0).unwrap();
-        assert_eq!((second.status, second.redirect_url.is_some()), ("PATC", false));
+        assert_eq!(
+            (second.status, second.redirect_url.is_some()),
+            ("PATC", false)
+        );
         assert_eq!(store.act(&id, sign("c"), t0).unwrap().status, "ACTC");
     }
 
@@ -1283,7 +1312,10 @@ mod tests {
             .insert_payment(new_payment("U", Scenario::default()), t0)
             .id
             .clone();
-        assert_eq!(store.cancel(&unsigned, t0).unwrap().status, TransactionStatus::Canc);
+        assert_eq!(
+            store.cancel(&unsigned, t0).unwrap().status,
+            TransactionStatus::Canc
+        );
         assert_eq!(
             store.cancel(&unsigned, t0).err(),
             Some(CancelError::NotAllowed("CANC"))
@@ -1305,17 +1337,15 @@ mod tests {
         store.act(&dated, sign("a"), t0).unwrap();
         // Not settled while the execution date is ahead, and still cancellable.
         let later = t0 + Duration::from_secs(60);
-        assert_eq!(store.payment(&dated, later).unwrap().status, TransactionStatus::Actc);
+        assert_eq!(
+            store.payment(&dated, later).unwrap().status,
+            TransactionStatus::Actc
+        );
         assert!(store.cancel(&dated, later).is_ok());
 
         let mut standing = new_payment("P", Scenario::default());
         standing.kind = PaymentKind::Periodic;
-        standing.schedule = Some(Schedule::new(
-            tomorrow,
-            None,
-            Frequency::Monthly,
-            None,
-        ));
+        standing.schedule = Some(Schedule::new(tomorrow, None, Frequency::Monthly, None));
         let standing = store.insert_payment(standing, t0).id.clone();
         store.act(&standing, sign("a"), t0).unwrap();
         assert_eq!(
@@ -1342,7 +1372,10 @@ mod tests {
         ));
         let id = store.insert_payment(standing, t0).id.clone();
         store.act(&id, sign("a"), t0).unwrap();
-        assert_eq!(store.payment(&id, t0).unwrap().status, TransactionStatus::Acsc);
+        assert_eq!(
+            store.payment(&id, t0).unwrap().status,
+            TransactionStatus::Acsc
+        );
     }
 
     #[test]
