@@ -24,6 +24,7 @@ trap cleanup EXIT
 KAFKA_PORT="$(scripts/free-port.sh)"
 API_PORT="$(scripts/free-port.sh)"
 ADMIN_PORT="$(scripts/free-port.sh)"
+BANX_PORT="$(scripts/free-port.sh)"
 export PIS_BROKERS="127.0.0.1:$KAFKA_PORT"
 export PIS_LOG="${PIS_LOG:-info,rdkafka=warn}"
 
@@ -31,7 +32,8 @@ echo "== starting the broker"
 scripts/broker.sh start "$KAFKA_PORT" "$RUN"
 
 echo "== starting the Belfius sandbox simulator (HTTPS, client certificate required)"
-"$BIN" sandbox --listen "127.0.0.1:$API_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+"$BIN" sandbox --listen "127.0.0.1:$API_PORT" --banx-listen "127.0.0.1:$BANX_PORT" \
+  --admin-listen "127.0.0.1:$ADMIN_PORT" --verify-signatures \
   --tls-dir "$RUN/tls" --settle-after-ms 3000 >"$RUN/sandbox.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 100); do [[ -f "$RUN/tls/client-key.pem" ]] && grep -q "sandbox:" "$RUN/sandbox.log" && break; sleep 0.1; done
@@ -41,7 +43,8 @@ echo "== starting the worker"
 "$BIN" keygen >"$RUN/state.key"
 PIS_STATE_KEY_FILE="$RUN/state.key" PIS_CLIENT_SECRET=sandbox-secret "$BIN" run \
   --client-id pis-worker-demo \
-  --belfius-url "https://127.0.0.1:$API_PORT/" --banx-url "https://127.0.0.1:$API_PORT/" \
+  --belfius-url "https://127.0.0.1:$API_PORT/" --banx-url "https://127.0.0.1:$BANX_PORT/" \
+  --qseal-key-file "$RUN/tls/qseal-key.pem" --qseal-cert-file "$RUN/tls/qseal.pem" \
   --bank-ca-file "$RUN/tls/ca.pem" \
   --qwac-cert-file "$RUN/tls/client.pem" --qwac-key-file "$RUN/tls/client-key.pem" \
   --create-topics 3 --session-timeout-ms 6000 --poll-fast-ms 1500 >"$RUN/worker.log" 2>&1 &
@@ -67,10 +70,10 @@ send raw --key psu-alice --value "this is not an Avro command"
 sleep 4
 
 echo "-- PSU alice signs demo-pay-1 at the bank; her browser returns with a code"
-URL1="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" sign --e2e demo-pay-1)"
+URL1="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" sign --e2e demo-pay-1 --psu psu-alice)"
 send complete-sca --payment-id demo-pay-1 --psu-id psu-alice --redirect-url "$URL1"
 echo "-- PSU bob refuses demo-pay-2; his browser returns with an error"
-URL2="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" reject --e2e demo-pay-2)"
+URL2="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" reject --e2e demo-pay-2 --psu psu-bob)"
 send complete-sca --payment-id demo-pay-2 --psu-id psu-bob --redirect-url "$URL2"
 
 wait "$WATCH" || { echo "demo: not every payment reached a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }

@@ -1,16 +1,27 @@
 //! Contract tests: the Belfius client against the sandbox simulator, over real HTTPS with mutual
-//! TLS, both in this process.
+//! TLS, both in this process. Every endpoint, every documented error code the simulator can
+//! produce (with its typed `BelfiusErrorCode`), token rotation, brand hosts, QSeal signatures
+//! and injected faults.
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use pis_worker::belfius::client::accept_header;
+use chrono::{Datelike as _, NaiveDate};
+use pis_worker::belfius::client::{Cancelled, accept_header};
+use pis_worker::belfius::errors::BelfiusErrorCode as E;
 use pis_worker::belfius::pkce::Pkce;
 use pis_worker::belfius::status::TransactionStatus;
-use pis_worker::belfius::{BankError, BelfiusClient, BelfiusConfig};
+use pis_worker::belfius::{
+    BankError, BelfiusClient, BelfiusConfig, ErrorBody, Initiated, QsealConfig, TokenPair,
+};
 use pis_worker::domain::bank::BankProgress;
 use pis_worker::domain::model::{
-    Amount, BankPaymentId, Brand, Language, PaymentOrder, PaymentProduct,
+    Amount, BankPaymentId, Brand, BulkEntry, BulkOrder, ChargeBearer, CrossBorder, Frequency,
+    Language, MAX_BULK_ENTRIES, PaymentKind, PaymentOrder, PaymentProduct, PostalAddress,
+    StandingOrder,
 };
+use pis_worker::sandbox::faults::{EndpointClass, Fault, FaultRule, FaultSettings, Latency};
 use pis_worker::sandbox::{self, RunningSandbox, SandboxConfig};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -21,17 +32,45 @@ use tempfile::TempDir;
 const REDIRECT: &str = "https://tpp.example/callback";
 /// Long enough that a status read right after signing still sees ACTC on a loaded machine.
 const SETTLE: Duration = Duration::from_millis(800);
+/// A Belfius-brand debtor account (bank code 539).
+const BELFIUS_DEBTOR: &str = "BE68539007547034";
+/// A Banx-brand debtor account (bank code 977, the simulator's default Banx code).
+const BANX_DEBTOR: &str = "BE76977123456795";
+
+/// One test PKI (TLS + QSeal) for the whole file: generating RSA keys per test would dominate
+/// the run time. It lives in cargo's per-target temporary directory and is reused across runs.
+fn shared_pki() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("belfius-sandbox-pki");
+        sandbox::tls::load_or_create(&dir).unwrap();
+        // Absent until the QSeal implementation exists; the sandbox then runs unsigned.
+        if let Err(e) = pis_worker::belfius::qseal::ensure_test_qseal(&dir) {
+            eprintln!("no test QSeal: {e}");
+        }
+        dir
+    })
+}
+
+/// A second QSeal key pair, for "signed with the wrong key".
+fn other_qseal() -> (PathBuf, PathBuf) {
+    static FILES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    FILES
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("belfius-other-qseal");
+            pis_worker::belfius::qseal::ensure_test_qseal(&dir).unwrap()
+        })
+        .clone()
+}
 
 struct Env {
     sandbox: RunningSandbox,
     client: BelfiusClient,
     admin: reqwest::Client,
-    _dir: TempDir,
 }
 
 async fn env_with(adjust: impl FnOnce(&mut SandboxConfig)) -> Env {
-    let dir = TempDir::new().unwrap();
-    let mut config = SandboxConfig::local(dir.path().join("tls"));
+    let mut config = SandboxConfig::local(shared_pki());
     config.settle_after = SETTLE;
     adjust(&mut config);
     let sandbox = sandbox::start(config).await.unwrap();
@@ -40,12 +79,15 @@ async fn env_with(adjust: impl FnOnce(&mut SandboxConfig)) -> Env {
         sandbox,
         client,
         admin: reqwest::Client::new(),
-        _dir: dir,
     }
 }
 
 async fn env() -> Env {
     env_with(|_| {}).await
+}
+
+fn today() -> NaiveDate {
+    chrono::Utc::now().date_naive()
 }
 
 fn order(e2e: &str) -> PaymentOrder {
@@ -67,6 +109,71 @@ fn order(e2e: &str) -> PaymentOrder {
     }
 }
 
+/// A cross-border transfer in dollars to a US account number with an ABA routing number.
+fn cross_border_order(e2e: &str) -> PaymentOrder {
+    PaymentOrder {
+        product: PaymentProduct::CrossBorderCreditTransfers,
+        currency: "USD".into(),
+        creditor_name: "Acme Inc".into(),
+        creditor_iban: String::new(),
+        creditor_bic: None,
+        cross_border: Some(CrossBorder {
+            charge_bearer: ChargeBearer::Shar,
+            creditor_address: Some(PostalAddress {
+                street: Some("5th Avenue".into()),
+                building_number: Some("1".into()),
+                postal_code: Some("10001".into()),
+                town: Some("New York".into()),
+                country: "US".into(),
+            }),
+            creditor_bban: Some("123456789".into()),
+            creditor_bank_national_id: Some("021000021".into()),
+            creditor_currency: Some("USD".into()),
+        }),
+        ..order(e2e)
+    }
+}
+
+fn standing(e2e: &str) -> StandingOrder {
+    let start = today() + chrono::Days::new(7);
+    StandingOrder {
+        order: order(e2e),
+        start_date: start,
+        end_date: None,
+        frequency: Frequency::Monthly,
+        day_of_execution: Some(u8::try_from(start.day()).unwrap()),
+    }
+}
+
+fn entry(e2e: &str) -> BulkEntry {
+    BulkEntry {
+        amount: Amount::from_minor(250),
+        currency: "EUR".into(),
+        creditor_name: "Supplier BV".into(),
+        creditor_iban: "BE71096123456769".into(),
+        creditor_bic: None,
+        end_to_end_id: e2e.into(),
+        remittance_information: Some("batch".into()),
+    }
+}
+
+fn bulk(entries: Vec<BulkEntry>) -> BulkOrder {
+    BulkOrder {
+        product: PaymentProduct::SepaCreditTransfers,
+        brand: Brand::Belfius,
+        debtor_iban: Some(BELFIUS_DEBTOR.into()),
+        batch_booking: true,
+        requested_execution_date: None,
+        payments: entries,
+        language: Language::Fr,
+        redirect_uri: REDIRECT.into(),
+    }
+}
+
+fn challenge() -> String {
+    Pkce::generate().challenge
+}
+
 impl Env {
     async fn admin_get(&self, path: &str) -> (StatusCode, Value) {
         let url = self.sandbox.admin_base_url().join(path).unwrap();
@@ -76,8 +183,16 @@ impl Env {
     }
 
     async fn admin_post(&self, path: &str) -> (StatusCode, Value) {
+        self.admin_post_json(path, None).await
+    }
+
+    async fn admin_post_json(&self, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let url = self.sandbox.admin_base_url().join(path).unwrap();
-        let response = self.admin.post(url).send().await.unwrap();
+        let mut request = self.admin.post(url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status();
         let body = response.json().await.unwrap_or(Value::Null);
         (status, body)
@@ -87,19 +202,52 @@ impl Env {
         self.admin_get("admin/counters").await.1
     }
 
-    async fn status(&self, id: &BankPaymentId) -> String {
+    async fn status_of(
+        &self,
+        kind: PaymentKind,
+        product: PaymentProduct,
+        id: &BankPaymentId,
+    ) -> String {
         self.client
-            .payment_status(Brand::Belfius, PaymentProduct::SepaCreditTransfers, id)
+            .payment_status(kind, Brand::Belfius, product, id)
             .await
             .unwrap()
     }
 
-    /// PSU signs; returns the redirect URL the browser would follow.
-    async fn sign(&self, e2e: &str) -> url::Url {
-        let (status, body) = self.admin_post(&format!("admin/e2e/{e2e}/sign")).await;
+    async fn status(&self, id: &BankPaymentId) -> String {
+        self.status_of(PaymentKind::Single, PaymentProduct::SepaCreditTransfers, id)
+            .await
+    }
+
+    /// The PSU `psu` signs; returns the redirect URL the browser would follow.
+    async fn sign_as(&self, e2e: &str, psu: &str) -> url::Url {
+        let (status, body) = self
+            .admin_post(&format!("admin/e2e/{e2e}/sign?psu={psu}"))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "ACTC");
         url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap()
+    }
+
+    async fn sign(&self, e2e: &str) -> url::Url {
+        self.sign_as(e2e, "psu-default").await
+    }
+
+    /// A single SEPA payment initiated with PKCE, signed by `psu`, and the PSU's token pair.
+    async fn signed_with_tokens(&self, e2e: &str, psu: &str) -> (Initiated, TokenPair) {
+        let pkce = Pkce::generate();
+        let initiated = self
+            .client
+            .initiate_payment(&order(e2e), &pkce.challenge, None)
+            .await
+            .unwrap();
+        let code = SecretString::from(query(&self.sign_as(e2e, psu).await, "code").unwrap());
+        let tokens = self
+            .client
+            .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+            .await
+            .unwrap();
+        (initiated, tokens)
     }
 
     /// A raw HTTPS client presenting the sandbox's client certificate.
@@ -128,18 +276,19 @@ impl Env {
         set("accept-language", "fr");
         set("client-id", self.sandbox.client_id());
         set("redirect-uri", REDIRECT);
-        set("code-challenge", &Pkce::generate().challenge);
+        set("code-challenge", &challenge());
         set("code-challenge-method", "S256");
         set("content-type", "application/json");
         headers
     }
 
-    async fn raw_initiation(&self, headers: HeaderMap, body: &Value) -> reqwest::Response {
-        let url = self
-            .sandbox
-            .api_base_url()
-            .join("payments/sepa-credit-transfers")
-            .unwrap();
+    async fn raw_initiation_at(
+        &self,
+        path: &str,
+        headers: HeaderMap,
+        body: &Value,
+    ) -> reqwest::Response {
+        let url = self.sandbox.api_base_url().join(path).unwrap();
         self.raw()
             .post(url)
             .headers(headers)
@@ -149,17 +298,26 @@ impl Env {
             .unwrap()
     }
 
+    async fn raw_initiation(&self, headers: HeaderMap, body: &Value) -> reqwest::Response {
+        self.raw_initiation_at("payments/sepa-credit-transfers", headers, body)
+            .await
+    }
+
     /// Status and `(error, error_code)` of an initiation answer.
     async fn raw_error(&self, headers: HeaderMap, body: &Value) -> (StatusCode, String, String) {
         let response = self.raw_initiation(headers, body).await;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap();
-        (
-            status,
-            body["error"].as_str().unwrap().to_owned(),
-            body["error_code"].as_str().unwrap().to_owned(),
-        )
+        error_triple(response).await
     }
+}
+
+async fn error_triple(response: reqwest::Response) -> (StatusCode, String, String) {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    (
+        status,
+        body["error"].as_str().unwrap().to_owned(),
+        body["error_code"].as_str().unwrap().to_owned(),
+    )
 }
 
 fn valid_body(e2e: &str) -> Value {
@@ -177,22 +335,36 @@ fn query(url: &url::Url, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-fn refused(
-    result: Result<impl std::fmt::Debug, BankError>,
-) -> (u16, pis_worker::belfius::ErrorBody) {
+fn refused(result: Result<impl std::fmt::Debug, BankError>) -> (u16, ErrorBody) {
     match result {
         Err(BankError::Refused { status, body }) => (status, body),
         other => panic!("expected Refused, got {other:?}"),
     }
 }
 
+/// HTTP status, error_code and the typed code of a refusal.
+fn refused_code(result: Result<impl std::fmt::Debug, BankError>) -> (u16, String, E) {
+    match result {
+        Err(error @ BankError::Refused { .. }) => {
+            let code = error.code().unwrap();
+            let BankError::Refused { status, body } = error else {
+                unreachable!()
+            };
+            (status, body.error_code, code)
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+// =============================================================================================
+// Single payments: the three products.
+
 #[tokio::test]
 async fn initiation_returns_bank_id_sca_url_and_rcvd() {
     let env = env().await;
-    let pkce = Pkce::generate();
     let initiated = env
         .client
-        .initiate_payment(&order("E2E-INIT"), &pkce.challenge, None)
+        .initiate_payment(&order("E2E-INIT"), &challenge(), None)
         .await
         .unwrap();
 
@@ -218,6 +390,8 @@ async fn initiation_returns_bank_id_sca_url_and_rcvd() {
     assert_eq!(view["redirect_uri"], REDIRECT);
     assert_eq!(view["pkce"], true);
     assert_eq!(view["debtor_iban"], Value::Null);
+    assert_eq!(view["brand"], "BELFIUS");
+    assert_eq!(view["payment_kind"], "payments");
 
     // The SCA page exists and names the payment.
     let page = env
@@ -238,6 +412,7 @@ async fn initiation_returns_bank_id_sca_url_and_rcvd() {
         .unwrap();
     let response = browser
         .post(format!("{}/sign", initiated.sca_redirect_url))
+        .form(&[("psu", "alice")])
         .send()
         .await
         .unwrap();
@@ -246,7 +421,173 @@ async fn initiation_returns_bank_id_sca_url_and_rcvd() {
     assert!(location.as_str().starts_with(REDIRECT), "{location}");
     assert!(query(&location, "code").is_some());
     assert_eq!(env.status(&initiated.bank_payment_id).await, "ACTC");
+    let (_, view) = env.admin_get(&format!("admin/payments/{id}")).await;
+    assert_eq!(view["psu"], "alice");
 }
+
+#[tokio::test]
+async fn every_product_initiates_and_reports_status_on_its_own_path() {
+    let env = env().await;
+    let mut instant = order("E2E-INST");
+    instant.product = PaymentProduct::InstantSepaCreditTransfers;
+    let cases = [order("E2E-SCT"), instant, cross_border_order("E2E-XB")];
+    for o in &cases {
+        let initiated = env
+            .client
+            .initiate_payment(o, &challenge(), None)
+            .await
+            .unwrap();
+        let id = &initiated.bank_payment_id;
+        assert_eq!(
+            env.status_of(PaymentKind::Single, o.product, id).await,
+            "RCVD"
+        );
+        // The status endpoint is per product, and per kind.
+        for other in PaymentProduct::ALL.into_iter().filter(|p| *p != o.product) {
+            let (status, _) = refused(
+                env.client
+                    .payment_status(PaymentKind::Single, Brand::Belfius, other, id)
+                    .await,
+            );
+            assert_eq!(status, 404, "{other:?}");
+        }
+        let (status, _) = refused(
+            env.client
+                .payment_status(PaymentKind::Periodic, Brand::Belfius, o.product, id)
+                .await,
+        );
+        assert_eq!(status, 404);
+    }
+    // What the simulator received for the cross-border transfer: the cross-border fields.
+    let (_, list) = env.admin_get("admin/payments").await;
+    let xb = &list.as_array().unwrap()[2];
+    assert_eq!(xb["payment_product"], "cross-border-credit-transfers");
+    assert_eq!(xb["creditor_iban"], "123456789");
+    assert_eq!(xb["currency"], "USD");
+    assert_eq!(env.counters().await["initiations"], 3);
+}
+
+#[tokio::test]
+async fn cross_border_rules_and_their_codes() {
+    let env = env().await;
+    let c = challenge();
+
+    // [P] charge_bearer is required for cross-border.
+    let mut no_bearer = cross_border_order("E2E-XB1");
+    no_bearer.cross_border = None;
+    no_bearer.creditor_iban = "GB29NWBK60161331926819".into();
+    let (status, code, typed) =
+        refused_code(env.client.initiate_payment(&no_bearer, &c, None).await);
+    assert_eq!((status, code.as_str()), (400, "GEN-1201-100002"));
+    assert_eq!(typed, E::MissingInput);
+
+    // BBAN together with a BIC.
+    let mut bban_bic = cross_border_order("E2E-XB2");
+    bban_bic.creditor_bic = Some("CHASUS33".into());
+    let (_, code, typed) = refused_code(env.client.initiate_payment(&bban_bic, &c, None).await);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1236-000000", E::BbanWithBic)
+    );
+
+    // A US account without BIC nor bank national id.
+    let mut no_bank = cross_border_order("E2E-XB3");
+    if let Some(x) = no_bank.cross_border.as_mut() {
+        x.creditor_bank_national_id = None;
+    }
+    let (_, code, typed) = refused_code(env.client.initiate_payment(&no_bank, &c, None).await);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-2102-000000", E::BicInvalidOrMissing)
+    );
+
+    // A beneficiary in a denied country (the IBAN's country counts).
+    let mut denied = cross_border_order("E2E-XB4");
+    denied.creditor_iban = "IR30062960000000100324200001".into();
+    if let Some(x) = denied.cross_border.as_mut() {
+        x.creditor_bban = None;
+        x.creditor_address = None;
+    }
+    let (_, code, typed) = refused_code(env.client.initiate_payment(&denied, &c, None).await);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1227-000000", E::CountryNotAllowed)
+    );
+
+    // Control: the full cross-border order passes.
+    env.client
+        .initiate_payment(&cross_border_order("E2E-XB5"), &c, None)
+        .await
+        .unwrap();
+    let counters = env.counters().await;
+    assert_eq!(counters["initiations"], 1);
+    assert_eq!(counters["initiation_requests"], 5);
+}
+
+#[tokio::test]
+async fn sepa_products_refuse_cross_border_fields() {
+    let env = env().await;
+    let fresh = || uuid::Uuid::new_v4().to_string();
+    let invalid = (
+        StatusCode::BAD_REQUEST,
+        "INVALID_INPUT".to_owned(),
+        "GEN-1202-100002".to_owned(),
+    );
+    for product in ["sepa-credit-transfers", "instant-sepa-credit-transfers"] {
+        let path = format!("payments/{product}");
+        let mut with_bearer = valid_body("E2E-S1");
+        with_bearer["charge_bearer"] = json!("SHAR");
+        let mut with_address = valid_body("E2E-S2");
+        with_address["creditor_address"] = json!({"country": "BE"});
+        let mut with_bban = valid_body("E2E-S3");
+        with_bban["creditor_account"]["bankNationalID"] = json!("123");
+        for body in [with_bearer, with_address, with_bban] {
+            let response = env
+                .raw_initiation_at(&path, env.initiation_headers(&fresh()), &body)
+                .await;
+            assert_eq!(error_triple(response).await, invalid, "{product} {body}");
+        }
+    }
+    assert_eq!(env.counters().await["initiations"], 0);
+}
+
+#[tokio::test]
+async fn zero_amount_and_foreign_currency_are_refused_by_code() {
+    let env = env().await;
+    let mut zero = order("E2E-ZERO");
+    zero.amount = Amount::from_minor(0);
+    let (status, code, typed) =
+        refused_code(env.client.initiate_payment(&zero, &challenge(), None).await);
+    assert_eq!(status, 400);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1231-000000", E::AmountNotPositive)
+    );
+
+    let mut dollars = order("E2E-USD");
+    dollars.currency = "USD".into();
+    let (_, code, typed) = refused_code(
+        env.client
+            .initiate_payment(&dollars, &challenge(), None)
+            .await,
+    );
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1232-000000", E::CurrencyNotAllowed)
+    );
+    let mut instant = dollars.clone();
+    instant.product = PaymentProduct::InstantSepaCreditTransfers;
+    let (_, code, _) = refused_code(
+        env.client
+            .initiate_payment(&instant, &challenge(), None)
+            .await,
+    );
+    assert_eq!(code, "B14821ZZ-1232-000000");
+    assert_eq!(env.counters().await["initiations"], 0);
+}
+
+// =============================================================================================
+// Tokens.
 
 #[tokio::test]
 async fn sign_settle_and_token_exchange_rules() {
@@ -318,26 +659,16 @@ async fn sign_settle_and_token_exchange_rules() {
 }
 
 #[tokio::test]
-async fn access_token_replaces_pkce_and_refresh_rotates_the_pair() {
+async fn token_rotation_one_pair_per_psu() {
     let env = env().await;
-    let pkce = Pkce::generate();
-    env.client
-        .initiate_payment(&order("E2E-T1"), &pkce.challenge, None)
-        .await
-        .unwrap();
-    let code = SecretString::from(query(&env.sign("E2E-T1").await, "code").unwrap());
-    let tokens = env
-        .client
-        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
-        .await
-        .unwrap();
+    let (_, tokens) = env.signed_with_tokens("E2E-T1", "alice").await;
 
     // Second payment with the token: accepted without PKCE, and no code comes back.
     env.client
         .initiate_payment(&order("E2E-T2"), "", Some(&tokens.access_token))
         .await
         .unwrap();
-    let redirect = env.sign("E2E-T2").await;
+    let redirect = env.sign_as("E2E-T2", "alice").await;
     assert_eq!(query(&redirect, "code"), None);
     assert!(query(&redirect, "state").is_some());
 
@@ -351,50 +682,667 @@ async fn access_token_replaces_pkce_and_refresh_rotates_the_pair() {
         rotated.access_token.expose_secret(),
         tokens.access_token.expose_secret()
     );
-    // One pair per scope: the old access token and the old refresh token are dead.
-    let (status, body) = refused(
+    // One pair per PSU: the old access token is dead everywhere, and its use is counted.
+    let (status, code, typed) = refused_code(
         env.client
             .initiate_payment(&order("E2E-T3"), "", Some(&tokens.access_token))
             .await,
     );
-    assert_eq!((status, body.error_code.as_str()), (401, "GEN-1203-100003"));
-    let (status, body) = refused(env.client.refresh_token(Brand::Belfius, &refresh).await);
-    assert_eq!((status, body.error_code.as_str()), (401, "GEN-1203-100004"));
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
+    assert_eq!(typed, E::InvalidAccessToken);
+    assert_eq!(env.counters().await["invalidated_token_uses"], 1);
+    // The old refresh token too.
+    let (status, code, typed) =
+        refused_code(env.client.refresh_token(Brand::Belfius, &refresh).await);
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100004"));
+    assert_eq!(typed, E::InvalidRefreshToken);
+
+    // Another PSU's pair does not disturb alice's.
+    let (_, bob) = env.signed_with_tokens("E2E-T4", "bob").await;
     env.client
-        .initiate_payment(&order("E2E-T3"), "", Some(&rotated.access_token))
+        .initiate_payment(&order("E2E-T5"), "", Some(&rotated.access_token))
+        .await
+        .unwrap();
+    // A new code exchange for alice replaces her rotated pair.
+    let (_, again) = env.signed_with_tokens("E2E-T6", "alice").await;
+    let (status, _) = refused(
+        env.client
+            .initiate_payment(&order("E2E-T7"), "", Some(&rotated.access_token))
+            .await,
+    );
+    assert_eq!(status, 401);
+    for live in [&bob, &again] {
+        env.client
+            .initiate_payment(&order("E2E-T8"), "", Some(&live.access_token))
+            .await
+            .unwrap();
+    }
+
+    let counters = env.counters().await;
+    assert_eq!(counters["refreshes"], 1);
+    assert_eq!(counters["tokens_issued"], 4);
+    assert_eq!(counters["invalidated_token_uses"], 3);
+}
+
+#[tokio::test]
+async fn expired_access_token_is_refused() {
+    let env = env_with(|c| c.access_token_lifetime = Duration::from_millis(1000)).await;
+    let (initiated, tokens) = env.signed_with_tokens("E2E-EXP", "alice").await;
+    env.client
+        .payment_details(
+            PaymentKind::Single,
+            Brand::Belfius,
+            PaymentProduct::SepaCreditTransfers,
+            &initiated.bank_payment_id,
+            &tokens.access_token,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, code, _) = refused_code(
+        env.client
+            .payment_details(
+                PaymentKind::Single,
+                Brand::Belfius,
+                PaymentProduct::SepaCreditTransfers,
+                &initiated.bank_payment_id,
+                &tokens.access_token,
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
+    // Expired is not "replaced": not counted as such. A refresh still works.
+    assert_eq!(env.counters().await["invalidated_token_uses"], 0);
+    env.client
+        .refresh_token(Brand::Belfius, tokens.refresh_token.as_ref().unwrap())
         .await
         .unwrap();
 }
 
 #[tokio::test]
-async fn psu_reject_gives_rjct_and_an_error_redirect() {
+async fn wrong_client_secret_is_refused_at_token() {
     let env = env().await;
-    let initiated = env
-        .client
-        .initiate_payment(&order("E2E-REJ"), &Pkce::generate().challenge, None)
+    let pkce = Pkce::generate();
+    env.client
+        .initiate_payment(&order("E2E-SECRET"), &pkce.challenge, None)
         .await
         .unwrap();
-    let (status, body) = env.admin_post("admin/e2e/E2E-REJ/reject").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let redirect = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
-    assert_eq!(query(&redirect, "error").as_deref(), Some("access_denied"));
-    assert_eq!(
-        query(&redirect, "error_description").as_deref(),
-        Some("PSU refused")
+    let code = SecretString::from(query(&env.sign("E2E-SECRET").await, "code").unwrap());
+    let mut config = env.sandbox.belfius_config().unwrap();
+    config.client_secret = SecretString::from("not-the-secret");
+    let impostor = BelfiusClient::new(config).unwrap();
+    let (status, code_str, typed) = refused_code(
+        impostor
+            .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+            .await,
     );
-    assert_eq!(
-        query(&redirect, "state").as_deref(),
-        Some(initiated.bank_payment_id.as_str())
-    );
-    assert_eq!(query(&redirect, "code"), None);
-    assert_eq!(env.status(&initiated.bank_payment_id).await, "RJCT");
-
-    // Acting again on a final payment is a conflict.
-    let (status, body) = env.admin_post("admin/e2e/E2E-REJ/sign").await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let (status, _) = env.admin_post("admin/e2e/NO-SUCH-E2E/sign").await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!((status, code_str.as_str()), (401, "GEN-1203-100009"));
+    assert_eq!(typed, E::InvalidClientId);
+    // The code was not burnt by the impostor.
+    env.client
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
 }
+
+// =============================================================================================
+// Details and cancellation.
+
+#[tokio::test]
+async fn details_need_the_token_of_the_payments_psu() {
+    let env = env().await;
+    let (initiated, alice) = env.signed_with_tokens("E2E-DET", "alice").await;
+    let id = &initiated.bank_payment_id;
+    let details = |token: SecretString| {
+        let client = env.client.clone();
+        let id = id.clone();
+        async move {
+            client
+                .payment_details(
+                    PaymentKind::Single,
+                    Brand::Belfius,
+                    PaymentProduct::SepaCreditTransfers,
+                    &id,
+                    &token,
+                )
+                .await
+        }
+    };
+    let body = details(alice.access_token.clone()).await.unwrap();
+    assert_eq!(body["payment_id"], id.as_str());
+    assert_eq!(body["transaction_status"], "ACTC");
+    assert_eq!(body["endtoend_identification"], "E2E-DET");
+    assert_eq!(body["instructed_amount"]["amount"], "12.34");
+    assert_eq!(body["creditor_account"]["bic"], "GKCCBEBB");
+
+    // Another PSU's valid token, and a made-up token: both 401 GEN-1203-100003.
+    let (_, bob) = env.signed_with_tokens("E2E-DET2", "bob").await;
+    for token in [bob.access_token.clone(), SecretString::from("made-up")] {
+        let (status, code, typed) = refused_code(details(token).await);
+        assert_eq!(
+            (status, code.as_str(), typed),
+            (401, "GEN-1203-100003", E::InvalidAccessToken)
+        );
+    }
+    // Unknown id with a valid token: 404.
+    let (status, _) = refused(
+        env.client
+            .payment_details(
+                PaymentKind::Single,
+                Brand::Belfius,
+                PaymentProduct::SepaCreditTransfers,
+                &BankPaymentId::new("nope"),
+                &alice.access_token,
+            )
+            .await,
+    );
+    assert_eq!(status, 404);
+    assert_eq!(env.counters().await["details_requests"], 4);
+}
+
+#[tokio::test]
+async fn cancellation_allowed_and_refused() {
+    let env = env().await;
+    let (signed, tokens) = env.signed_with_tokens("E2E-C1", "alice").await;
+    let cancel = |id: BankPaymentId, kind: PaymentKind| {
+        let client = env.client.clone();
+        let token = tokens.access_token.clone();
+        async move {
+            client
+                .cancel_payment(
+                    kind,
+                    Brand::Belfius,
+                    PaymentProduct::SepaCreditTransfers,
+                    &id,
+                    &token,
+                )
+                .await
+        }
+    };
+
+    // Signed for execution today: too late.
+    let (status, code, typed) =
+        refused_code(cancel(signed.bank_payment_id.clone(), PaymentKind::Single).await);
+    assert_eq!(
+        (status, code.as_str(), typed),
+        (409, "B14821ZZ-9000-000000", E::CancellationNotAllowed)
+    );
+
+    // Not signed yet (initiated with the token, so it is alice's): cancellable, 204.
+    let unsigned = env
+        .client
+        .initiate_payment(&order("E2E-C2"), "", Some(&tokens.access_token))
+        .await
+        .unwrap();
+    let cancelled = cancel(unsigned.bank_payment_id.clone(), PaymentKind::Single)
+        .await
+        .unwrap();
+    assert_eq!(
+        cancelled,
+        Cancelled {
+            transaction_status: None
+        }
+    );
+    assert_eq!(env.status(&unsigned.bank_payment_id).await, "CANC");
+    assert_eq!(
+        TransactionStatus::parse("CANC").map(TransactionStatus::progress),
+        Some(BankProgress::Cancelled)
+    );
+
+    // Signed but dated tomorrow: still cancellable; this time the bank answers 202 + body.
+    let (status, _) = env
+        .admin_post_json("admin/config", Some(json!({"cancel_status": 202})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut dated = order("E2E-C3");
+    dated.requested_execution_date = Some(today() + chrono::Days::new(1));
+    let dated = env
+        .client
+        .initiate_payment(&dated, "", Some(&tokens.access_token))
+        .await
+        .unwrap();
+    env.sign_as("E2E-C3", "alice").await;
+    tokio::time::sleep(SETTLE + Duration::from_millis(100)).await;
+    assert_eq!(env.status(&dated.bank_payment_id).await, "ACTC");
+    let cancelled = cancel(dated.bank_payment_id.clone(), PaymentKind::Single)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.transaction_status.as_deref(), Some("CANC"));
+    // And 200 + body is read the same way.
+    env.admin_post_json("admin/config", Some(json!({"cancel_status": 200})))
+        .await;
+    let another = env
+        .client
+        .initiate_payment(&order("E2E-C4"), "", Some(&tokens.access_token))
+        .await
+        .unwrap();
+    let cancelled = cancel(another.bank_payment_id.clone(), PaymentKind::Single)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.transaction_status.as_deref(), Some("CANC"));
+
+    // Cancelled is final: a second cancellation is refused.
+    let (status, _, _) =
+        refused_code(cancel(unsigned.bank_payment_id.clone(), PaymentKind::Single).await);
+    assert_eq!(status, 409);
+    // No token: 401.
+    let no_token = env
+        .client
+        .cancel_payment(
+            PaymentKind::Single,
+            Brand::Belfius,
+            PaymentProduct::SepaCreditTransfers,
+            &another.bank_payment_id,
+            &SecretString::from(""),
+        )
+        .await;
+    assert_eq!(refused(no_token).0, 401);
+    let counters = env.counters().await;
+    assert_eq!(counters["cancellations"], 3);
+    assert_eq!(counters["cancel_requests"], 6);
+}
+
+// =============================================================================================
+// Standing orders.
+
+#[tokio::test]
+async fn standing_order_initiate_status_details_cancel() {
+    let env = env().await;
+    let pkce = Pkce::generate();
+    let initiated = env
+        .client
+        .initiate_periodic(&standing("E2E-SO"), &pkce.challenge, None)
+        .await
+        .unwrap();
+    let id = &initiated.bank_payment_id;
+    let product = PaymentProduct::SepaCreditTransfers;
+    assert_eq!(
+        env.status_of(PaymentKind::Periodic, product, id).await,
+        "RCVD"
+    );
+    // Not a single payment.
+    assert_eq!(
+        refused(
+            env.client
+                .payment_status(PaymentKind::Single, Brand::Belfius, product, id)
+                .await
+        )
+        .0,
+        404
+    );
+
+    let code = SecretString::from(query(&env.sign_as("E2E-SO", "carol").await, "code").unwrap());
+    let tokens = env
+        .client
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
+    // An active standing order stays ACTC past the settlement delay.
+    tokio::time::sleep(SETTLE + Duration::from_millis(100)).await;
+    assert_eq!(
+        env.status_of(PaymentKind::Periodic, product, id).await,
+        "ACTC"
+    );
+
+    let details = env
+        .client
+        .payment_details(
+            PaymentKind::Periodic,
+            Brand::Belfius,
+            product,
+            id,
+            &tokens.access_token,
+        )
+        .await
+        .unwrap();
+    assert_eq!(details["frequency"], "Monthly");
+    assert_eq!(
+        details["start_date"],
+        (today() + chrono::Days::new(7))
+            .format("%Y-%m-%d")
+            .to_string()
+    );
+    assert_eq!(details["transaction_status"], "ACTC");
+
+    let cancelled = env
+        .client
+        .cancel_payment(
+            PaymentKind::Periodic,
+            Brand::Belfius,
+            product,
+            id,
+            &tokens.access_token,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled.transaction_status, None);
+    assert_eq!(
+        env.status_of(PaymentKind::Periodic, product, id).await,
+        "CANC"
+    );
+    assert_eq!(env.counters().await["initiations_by_e2e"]["E2E-SO"], 1);
+}
+
+#[tokio::test]
+async fn standing_order_date_rules() {
+    let env = env().await;
+    let c = challenge();
+    let mut today_start = standing("E2E-SO1");
+    today_start.start_date = today();
+    let (_, code, typed) = refused_code(env.client.initiate_periodic(&today_start, &c, None).await);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1259-000000", E::StartDateNotInFuture)
+    );
+
+    let mut before = standing("E2E-SO2");
+    before.end_date = Some(before.start_date - chrono::Days::new(1));
+    let (_, code, typed) = refused_code(env.client.initiate_periodic(&before, &c, None).await);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1345-000000", E::EndDateInvalid)
+    );
+
+    // Quarterly from month M: an end date in month M+1 does not fit.
+    let mut quarterly = standing("E2E-SO3");
+    quarterly.frequency = Frequency::Quarterly;
+    quarterly.end_date = quarterly
+        .start_date
+        .checked_add_months(chrono::Months::new(1));
+    let (_, code, typed) = refused_code(env.client.initiate_periodic(&quarterly, &c, None).await);
+    assert_eq!(
+        (code.as_str(), typed),
+        ("B14821ZZ-1322-000000", E::EndDateInconsistentWithFrequency)
+    );
+    // M+3 fits.
+    quarterly.end_date = quarterly
+        .start_date
+        .checked_add_months(chrono::Months::new(3));
+    env.client
+        .initiate_periodic(&quarterly, &c, None)
+        .await
+        .unwrap();
+    // Weekly has no month rule.
+    let mut weekly = standing("E2E-SO4");
+    weekly.frequency = Frequency::Weekly;
+    weekly.day_of_execution = Some(3);
+    weekly.end_date = weekly.start_date.checked_add_days(chrono::Days::new(40));
+    env.client
+        .initiate_periodic(&weekly, &c, None)
+        .await
+        .unwrap();
+    assert_eq!(env.counters().await["initiations"], 2);
+}
+
+// =============================================================================================
+// Bulk payments.
+
+#[tokio::test]
+async fn bulk_initiate_status_settle_and_partial_rejection() {
+    let env = env().await;
+    let product = PaymentProduct::SepaCreditTransfers;
+    let pkce = Pkce::generate();
+    let ok = env
+        .client
+        .initiate_bulk(
+            &bulk(vec![entry("BULK-1"), entry("BULK-2")]),
+            &pkce.challenge,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut bad = entry("BULK-4");
+    bad.creditor_name = "REJECT-ENTRY Ltd".into();
+    let part = env
+        .client
+        .initiate_bulk(&bulk(vec![entry("BULK-3"), bad]), &challenge(), None)
+        .await
+        .unwrap();
+    for initiated in [&ok, &part] {
+        assert_eq!(
+            env.status_of(PaymentKind::Bulk, product, &initiated.bank_payment_id)
+                .await,
+            "RCVD"
+        );
+    }
+    let code = SecretString::from(query(&env.sign("BULK-1").await, "code").unwrap());
+    env.sign("BULK-4").await;
+    tokio::time::sleep(SETTLE + Duration::from_millis(100)).await;
+    assert_eq!(
+        env.status_of(PaymentKind::Bulk, product, &ok.bank_payment_id)
+            .await,
+        "ACSC"
+    );
+    assert_eq!(
+        env.status_of(PaymentKind::Bulk, product, &part.bank_payment_id)
+            .await,
+        "PART"
+    );
+
+    // Details list each transfer with its own status.
+    let tokens = env
+        .client
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
+    let details = env
+        .client
+        .payment_details(
+            PaymentKind::Bulk,
+            Brand::Belfius,
+            product,
+            &part.bank_payment_id,
+            &tokens.access_token,
+        )
+        .await;
+    // The PART bulk was signed by the default PSU too: same PSU, so the token fits.
+    let details = details.unwrap();
+    assert_eq!(details["payments"][0]["transaction_status"], "ACSC");
+    assert_eq!(details["payments"][1]["transaction_status"], "RJCT");
+    assert_eq!(details["batch_booking_preferred"], true);
+
+    let counters = env.counters().await;
+    assert_eq!(
+        counters["bulk_initiations"],
+        json!({"BULK-1": 1, "BULK-3": 1})
+    );
+    assert_eq!(counters["initiations"], 2);
+}
+
+#[tokio::test]
+async fn bulk_size_and_entry_rules() {
+    let env = env().await;
+    let c = challenge();
+    let (status, code, typed) =
+        refused_code(env.client.initiate_bulk(&bulk(vec![]), &c, None).await);
+    assert_eq!(
+        (status, code.as_str(), typed),
+        (400, "GEN-1202-100002", E::InvalidInput)
+    );
+
+    let too_many: Vec<_> = (0..=MAX_BULK_ENTRIES)
+        .map(|i| entry(&format!("BIG-{i}")))
+        .collect();
+    let (_, code, _) = refused_code(env.client.initiate_bulk(&bulk(too_many), &c, None).await);
+    assert_eq!(code, "GEN-1202-100002");
+
+    // Each transfer is validated like a single SEPA payment.
+    let mut zero = entry("BULK-Z");
+    zero.amount = Amount::from_minor(0);
+    let (_, code, _) = refused_code(
+        env.client
+            .initiate_bulk(&bulk(vec![entry("BULK-A"), zero]), &c, None)
+            .await,
+    );
+    assert_eq!(code, "B14821ZZ-1231-000000");
+    let mut dollars = entry("BULK-D");
+    dollars.currency = "USD".into();
+    let (_, code, _) = refused_code(
+        env.client
+            .initiate_bulk(&bulk(vec![dollars]), &c, None)
+            .await,
+    );
+    assert_eq!(code, "B14821ZZ-1232-000000");
+    let (_, code, _) = refused_code(
+        env.client
+            .initiate_bulk(&bulk(vec![entry("DUP"), entry("DUP")]), &c, None)
+            .await,
+    );
+    assert_eq!(code, "GEN-1202-100002");
+
+    // Exactly the maximum is fine.
+    let max: Vec<_> = (0..MAX_BULK_ENTRIES)
+        .map(|i| entry(&format!("MAX-{i}")))
+        .collect();
+    env.client
+        .initiate_bulk(&bulk(max), &c, None)
+        .await
+        .unwrap();
+    assert_eq!(env.counters().await["initiations"], 1);
+}
+
+// =============================================================================================
+// Brand hosts.
+
+#[tokio::test]
+async fn banx_accounts_belong_on_the_banx_host() {
+    let env = env().await;
+    let c = challenge();
+    let mut banx = order("E2E-BX1");
+    banx.brand = Brand::Banx;
+    banx.debtor_iban = Some(BANX_DEBTOR.into());
+    let initiated = env.client.initiate_payment(&banx, &c, None).await.unwrap();
+    let id = &initiated.bank_payment_id;
+    assert_eq!(
+        env.client
+            .payment_status(
+                PaymentKind::Single,
+                Brand::Banx,
+                PaymentProduct::SepaCreditTransfers,
+                id
+            )
+            .await
+            .unwrap(),
+        "RCVD"
+    );
+    // The Belfius host does not know the Banx payment.
+    assert_eq!(
+        refused(
+            env.client
+                .payment_status(
+                    PaymentKind::Single,
+                    Brand::Belfius,
+                    PaymentProduct::SepaCreditTransfers,
+                    id
+                )
+                .await
+        )
+        .0,
+        404
+    );
+    let (_, view) = env.admin_get(&format!("admin/payments/{id}")).await;
+    assert_eq!(view["brand"], "BANX");
+
+    // A Banx account on the Belfius host, and a Belfius account on the Banx host.
+    let mut wrong_host = banx.clone();
+    wrong_host.brand = Brand::Belfius;
+    let mut wrong_account = banx.clone();
+    wrong_account.debtor_iban = Some(BELFIUS_DEBTOR.into());
+    for o in [wrong_host, wrong_account] {
+        let (status, code, typed) = refused_code(env.client.initiate_payment(&o, &c, None).await);
+        assert_eq!(
+            (status, code.as_str(), typed),
+            (403, "B14800ZZ-3007-000000", E::ChannelNotPermitted)
+        );
+    }
+    // A foreign debtor account belongs to neither brand.
+    let mut foreign = order("E2E-BX2");
+    foreign.debtor_iban = Some("NL91ABNA0417164300".into());
+    let (status, code, typed) = refused_code(env.client.initiate_payment(&foreign, &c, None).await);
+    assert_eq!(
+        (status, code.as_str(), typed),
+        (403, "B14800ZZ-3002-000000", E::InvalidAccount)
+    );
+
+    // Standing orders exist on Banx; bulks do not.
+    let mut so = standing("E2E-BX3");
+    so.order.brand = Brand::Banx;
+    so.order.debtor_iban = Some(BANX_DEBTOR.into());
+    env.client.initiate_periodic(&so, &c, None).await.unwrap();
+    let mut banx_bulk = bulk(vec![entry("BX-B1")]);
+    banx_bulk.brand = Brand::Banx;
+    banx_bulk.debtor_iban = Some(BANX_DEBTOR.into());
+    let (status, code, typed) = refused_code(env.client.initiate_bulk(&banx_bulk, &c, None).await);
+    assert_eq!(
+        (status, code.as_str(), typed),
+        (403, "B14800ZZ-3007-000000", E::ChannelNotPermitted)
+    );
+    assert_eq!(env.counters().await["initiations"], 2);
+}
+
+// =============================================================================================
+// Documented error codes that no validation rule reaches, via the FAIL-CODE= scenario.
+
+#[tokio::test]
+async fn every_documented_error_code_is_typed() {
+    let expected = [
+        ("GEN-1201-100001", 400, E::MissingHeader),
+        ("GEN-1201-100002", 400, E::MissingInput),
+        ("GEN-1202-100001", 400, E::InvalidHeader),
+        ("GEN-1202-100002", 400, E::InvalidInput),
+        ("B14821ZZ-1200-000000", 400, E::MissingPaymentField),
+        ("B14821ZZ-1227-000000", 400, E::CountryNotAllowed),
+        ("B14821ZZ-1231-000000", 400, E::AmountNotPositive),
+        ("B14821ZZ-1232-000000", 400, E::CurrencyNotAllowed),
+        ("B14821ZZ-1236-000000", 400, E::BbanWithBic),
+        ("B14821ZZ-1259-000000", 400, E::StartDateNotInFuture),
+        (
+            "B14821ZZ-1322-000000",
+            400,
+            E::EndDateInconsistentWithFrequency,
+        ),
+        ("B14821ZZ-1345-000000", 400, E::EndDateInvalid),
+        ("B14821ZZ-2102-000000", 400, E::BicInvalidOrMissing),
+        ("GEN-1203-100003", 401, E::InvalidAccessToken),
+        ("GEN-1203-100004", 401, E::InvalidRefreshToken),
+        ("GEN-1203-100008", 401, E::InvalidSecurityParameter),
+        ("GEN-1203-100009", 401, E::InvalidClientId),
+        ("GEN-1203-100010", 401, E::InvalidJwt),
+        ("B14800ZZ-0PLC-REDRCT", 401, E::ScaRequired),
+        ("B14663ZZ-2100-000000", 403, E::InvalidTpp),
+        ("B14800ZZ-3002-000000", 403, E::InvalidAccount),
+        ("B14800ZZ-3004-000000", 403, E::AccessDenied),
+        ("B14800ZZ-3007-000000", 403, E::ChannelNotPermitted),
+        ("B14800-3008-000000", 403, E::AccountNotSupported),
+        ("B14800ZZ-3013-000000", 403, E::NoActiveConsent),
+        ("B14821ZZ-2121-000000", 403, E::InvalidPayment),
+        ("B14821ZZ-2101-000000", 403, E::Forbidden),
+    ];
+    // Every code of the simulator's table is covered here.
+    assert_eq!(sandbox::api::DOCUMENTED_ERRORS.len(), expected.len());
+    let env = env().await;
+    for (code, status, typed) in expected {
+        let (_, token, _) = sandbox::api::DOCUMENTED_ERRORS
+            .iter()
+            .find(|(_, _, c)| *c == code)
+            .unwrap();
+        let mut o = order("E2E-CODE");
+        o.creditor_name = format!("FAIL-CODE={code}");
+        let result = env.client.initiate_payment(&o, &challenge(), None).await;
+        let BankError::Refused { status: got, body } = result.as_ref().unwrap_err() else {
+            panic!("{code}: {result:?}");
+        };
+        assert_eq!((*got, body.error_code.as_str()), (status, code));
+        assert_eq!(body.error, *token);
+        let got_typed = result.unwrap_err().code().unwrap();
+        assert_eq!(got_typed, typed, "{code}");
+        assert!(!got_typed.retryable());
+    }
+    assert_eq!(env.counters().await["initiations"], 0);
+}
+
+// =============================================================================================
+// Header and body validation (raw requests).
 
 #[tokio::test]
 async fn missing_accept_language_is_406_and_response_id_echoes_request_id() {
@@ -413,6 +1361,16 @@ async fn missing_accept_language_is_406_and_response_id_echoes_request_id() {
     headers.insert("accept-language", HeaderValue::from_static("en"));
     let response = env.raw_initiation(headers, &valid_body("E2E-406")).await;
     assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
+
+    // Through the client the 406 is typed too.
+    let error = BankError::Refused {
+        status: 406,
+        body: ErrorBody {
+            error: "Not Acceptable".into(),
+            ..ErrorBody::default()
+        },
+    };
+    assert_eq!(error.code(), Some(E::NotAcceptable));
 
     // Control: the same request, well-formed, is accepted, and carries the SCA URL twice.
     let request_id = uuid::Uuid::new_v4().to_string();
@@ -484,8 +1442,19 @@ async fn header_validation_errors() {
     headers.insert("code-challenge", HeaderValue::from_static("too-short"));
     assert_eq!(env.raw_error(headers, &body).await, invalid_header);
 
+    // Periodic initiation wants version 2, bulk version 1.
+    let mut headers = env.initiation_headers(&fresh());
+    headers.insert(
+        "accept",
+        HeaderValue::from_str(&accept_header("3")).unwrap(),
+    );
+    let response = env
+        .raw_initiation_at("periodic-payments/sepa-credit-transfers", headers, &body)
+        .await;
+    assert_eq!(error_triple(response).await, invalid_header);
+
     assert_eq!(env.counters().await["initiations"], 0);
-    assert_eq!(env.counters().await["initiation_requests"], 7);
+    assert_eq!(env.counters().await["initiation_requests"], 8);
 }
 
 #[tokio::test]
@@ -533,7 +1502,7 @@ async fn body_validation_errors() {
 
     // Control: with a debtor IBAN it is accepted.
     let mut with_debtor = valid_body("E2E-B5");
-    with_debtor["debtor_account"] = json!({"iban": "BE68539007547034"});
+    with_debtor["debtor_account"] = json!({"iban": BELFIUS_DEBTOR});
     let response = env
         .raw_initiation(env.initiation_headers(&fresh()), &with_debtor)
         .await;
@@ -543,73 +1512,18 @@ async fn body_validation_errors() {
     assert_eq!(counters["initiation_requests"], 5);
 
     // Unknown product in the path.
-    let url = env.sandbox.api_base_url().join("payments/bitcoin").unwrap();
     let response = env
-        .raw()
-        .post(url)
-        .headers(env.initiation_headers(&fresh()))
-        .body(serde_json::to_vec(&valid_body("E2E-B6")).unwrap())
-        .send()
-        .await
-        .unwrap();
+        .raw_initiation_at(
+            "payments/bitcoin",
+            env.initiation_headers(&fresh()),
+            &valid_body("E2E-B6"),
+        )
+        .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn zero_amount_and_foreign_currency_are_refused_by_code() {
-    let env = env().await;
-    let mut zero = order("E2E-ZERO");
-    zero.amount = Amount::from_minor(0);
-    let (status, body) = refused(
-        env.client
-            .initiate_payment(&zero, &Pkce::generate().challenge, None)
-            .await,
-    );
-    assert_eq!(status, 400);
-    assert_eq!(body.error, "INVALID_INPUT");
-    assert_eq!(body.error_code, "B14821ZZ-1231-000000");
-
-    let mut dollars = order("E2E-USD");
-    dollars.currency = "USD".into();
-    let (_, body) = refused(
-        env.client
-            .initiate_payment(&dollars, &Pkce::generate().challenge, None)
-            .await,
-    );
-    assert_eq!(body.error_code, "B14821ZZ-1232-000000");
-
-    // Cross-border may be in another currency.
-    let mut cross = dollars.clone();
-    cross.product = PaymentProduct::CrossBorderCreditTransfers;
-    cross.end_to_end_id = "E2E-XB".into();
-    let initiated = env
-        .client
-        .initiate_payment(&cross, &Pkce::generate().challenge, None)
-        .await
-        .unwrap();
-    // The status endpoint is per product.
-    let status = env
-        .client
-        .payment_status(
-            Brand::Banx,
-            PaymentProduct::CrossBorderCreditTransfers,
-            &initiated.bank_payment_id,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, "RCVD");
-    let (status, _) = refused(
-        env.client
-            .payment_status(
-                Brand::Belfius,
-                PaymentProduct::SepaCreditTransfers,
-                &initiated.bank_payment_id,
-            )
-            .await,
-    );
-    assert_eq!(status, 404);
-    assert_eq!(env.counters().await["initiations"], 1);
-}
+// =============================================================================================
+// Transport security: mTLS and QSeal.
 
 #[tokio::test]
 async fn client_without_certificate_is_stopped_at_the_handshake() {
@@ -618,7 +1532,7 @@ async fn client_without_certificate_is_stopped_at_the_handshake() {
     config.qwac = None;
     let no_cert = BelfiusClient::new(config).unwrap();
     let result = no_cert
-        .initiate_payment(&order("E2E-NOCERT"), &Pkce::generate().challenge, None)
+        .initiate_payment(&order("E2E-NOCERT"), &challenge(), None)
         .await;
     // Refused during the handshake: the bank processed nothing, so a retry is safe.
     match &result {
@@ -627,7 +1541,8 @@ async fn client_without_certificate_is_stopped_at_the_handshake() {
     }
     let status = no_cert
         .payment_status(
-            Brand::Belfius,
+            PaymentKind::Single,
+            Brand::Banx,
             PaymentProduct::SepaCreditTransfers,
             &BankPaymentId::new("whatever"),
         )
@@ -639,60 +1554,191 @@ async fn client_without_certificate_is_stopped_at_the_handshake() {
 
     // Control: the same call with the certificate gets through.
     env.client
-        .initiate_payment(&order("E2E-NOCERT"), &Pkce::generate().challenge, None)
+        .initiate_payment(&order("E2E-NOCERT"), &challenge(), None)
         .await
         .unwrap();
     assert_eq!(env.counters().await["initiation_requests"], 1);
 }
 
+/// Needs the QSeal implementation (`belfius::qseal`): until it exists the sandbox cannot
+/// verify and this test fails at start-up.
 #[tokio::test]
-async fn counters_count_initiations_per_end_to_end_id() {
-    let env = env().await;
-    for e2e in ["E2E-A", "E2E-A", "E2E-B"] {
-        env.client
-            .initiate_payment(&order(e2e), &Pkce::generate().challenge, None)
-            .await
-            .unwrap();
-    }
+async fn qseal_signatures_are_verified() {
+    let env = env_with(|c| c.verify_signatures = true).await;
+    let config = env.sandbox.belfius_config().unwrap();
+    assert!(
+        config.qseal.is_some(),
+        "belfius_config signs with the test QSeal"
+    );
+
+    // Right key: accepted, for every kind of initiation.
+    env.client
+        .initiate_payment(&order("E2E-SIG1"), &challenge(), None)
+        .await
+        .unwrap();
+    env.client
+        .initiate_periodic(&standing("E2E-SIG2"), &challenge(), None)
+        .await
+        .unwrap();
+    env.client
+        .initiate_bulk(&bulk(vec![entry("E2E-SIG3")]), &challenge(), None)
+        .await
+        .unwrap();
     let counters = env.counters().await;
     assert_eq!(
-        counters["initiations_by_e2e"],
-        json!({"E2E-A": 2, "E2E-B": 1})
+        (
+            counters["signatures_checked"].as_u64(),
+            counters["signatures_failed"].as_u64()
+        ),
+        (Some(3), Some(0))
     );
-    assert_eq!(counters["initiations"], 3);
-    let (_, list) = env.admin_get("admin/payments").await;
-    assert_eq!(list.as_array().unwrap().len(), 3);
 
-    let (status, _) = env.admin_post("admin/reset").await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Another key: 401 GEN-1203-100008.
+    let (cert, key) = other_qseal();
+    let mut wrong = config.clone();
+    wrong.qseal = Some(QsealConfig {
+        private_key_pem: std::fs::read_to_string(key).unwrap().into(),
+        certificate_pem: Some(std::fs::read(cert).unwrap()),
+        ..config.qseal.clone().unwrap()
+    });
+    let impostor = BelfiusClient::new(wrong).unwrap();
+    let (status, code, typed) = refused_code(
+        impostor
+            .initiate_payment(&order("E2E-SIG4"), &challenge(), None)
+            .await,
+    );
+    assert_eq!(
+        (status, code.as_str(), typed.clone()),
+        (401, "GEN-1203-100008", E::InvalidSecurityParameter)
+    );
+    assert_eq!(
+        typed.reason(),
+        pis_worker::domain::reason::ReasonCode::BankSecurityFailure
+    );
+
+    // No signature at all: refused the same way.
+    let mut unsigned = config.clone();
+    unsigned.qseal = None;
+    let unsigned = BelfiusClient::new(unsigned).unwrap();
+    let (status, code, _) = refused_code(
+        unsigned
+            .initiate_payment(&order("E2E-SIG5"), &challenge(), None)
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100008"));
+
+    // The operator switches verification off at run time: unsigned passes.
+    let (status, body) = env
+        .admin_post_json("admin/config", Some(json!({"verify_signatures": false})))
+        .await;
+    assert_eq!(
+        (status, body["verify_signatures"].as_bool()),
+        (StatusCode::OK, Some(false))
+    );
+    unsigned
+        .initiate_payment(&order("E2E-SIG6"), &challenge(), None)
+        .await
+        .unwrap();
+
     let counters = env.counters().await;
-    assert_eq!(counters["initiations"], 0);
-    assert_eq!(counters["initiations_by_e2e"], json!({}));
+    assert_eq!(counters["signatures_checked"], 5);
+    assert_eq!(counters["signatures_failed"], 2);
+    assert_eq!(counters["initiations"], 4);
+}
+
+// =============================================================================================
+// The PSU: abandon, partial signatures, scenarios.
+
+#[tokio::test]
+async fn abandoned_payment_expires_and_partial_signatures_keep_it_patc() {
+    let env = env_with(|c| c.auto_sign_after = Some(Duration::from_millis(1000))).await;
+    let c = challenge();
+    let abandoned = env
+        .client
+        .initiate_payment(&order("E2E-ABN"), &c, None)
+        .await
+        .unwrap();
+    let (status, body) = env.admin_post("admin/e2e/E2E-ABN/abandon").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("RCVD"))
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The automatic signature did not happen: the PSU walked away.
+    assert_eq!(env.status(&abandoned.bank_payment_id).await, "RCVD");
+    // The operator shortens the SCA expiry at run time: the payment expires.
+    let (status, body) = env
+        .admin_post_json(
+            "admin/config",
+            Some(json!({"sca_expiry_ms": 200, "auto_sign_after_ms": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["sca_expiry_ms"], 200);
+    assert_eq!(env.status(&abandoned.bank_payment_id).await, "RJCT");
+
+    env.admin_post_json("admin/config", Some(json!({"sca_expiry_ms": 60_000})))
+        .await;
+    let multi = env
+        .client
+        .initiate_payment(&order("E2E-PART"), &c, None)
+        .await
+        .unwrap();
+    let (_, first) = env
+        .admin_post("admin/e2e/E2E-PART/sign?psu=alice&partial=true")
+        .await;
+    assert_eq!(first["status"], "PATC");
+    assert!(first["redirect_url"].as_str().unwrap().contains("code="));
+    let (_, second) = env
+        .admin_post("admin/e2e/E2E-PART/sign?psu=bob&partial=true")
+        .await;
+    assert_eq!(
+        (second["status"].as_str(), &second["redirect_url"]),
+        (Some("PATC"), &Value::Null)
+    );
+    assert_eq!(env.status(&multi.bank_payment_id).await, "PATC");
+    assert_eq!(
+        TransactionStatus::parse("PATC").map(TransactionStatus::progress),
+        Some(BankProgress::PartiallySigned)
+    );
+    let (_, last) = env.admin_post("admin/e2e/E2E-PART/sign?psu=carol").await;
+    assert_eq!(last["status"], "ACTC");
+    let (_, view) = env
+        .admin_get(&format!("admin/payments/{}", multi.bank_payment_id))
+        .await;
+    assert_eq!(view["psu"], "alice");
+    let (status, _) = env.admin_post("admin/e2e/E2E-PART/dance").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
-async fn wrong_client_secret_is_refused_at_token() {
+async fn psu_reject_gives_rjct_and_an_error_redirect() {
     let env = env().await;
-    let pkce = Pkce::generate();
-    env.client
-        .initiate_payment(&order("E2E-SECRET"), &pkce.challenge, None)
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-REJ"), &challenge(), None)
         .await
         .unwrap();
-    let code = SecretString::from(query(&env.sign("E2E-SECRET").await, "code").unwrap());
-    let mut config = env.sandbox.belfius_config().unwrap();
-    config.client_secret = SecretString::from("not-the-secret");
-    let impostor = BelfiusClient::new(config).unwrap();
-    let (status, body) = refused(
-        impostor
-            .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
-            .await,
+    let (status, body) = env.admin_post("admin/e2e/E2E-REJ/reject").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let redirect = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&redirect, "error").as_deref(), Some("access_denied"));
+    assert_eq!(
+        query(&redirect, "error_description").as_deref(),
+        Some("PSU refused")
     );
-    assert_eq!((status, body.error_code.as_str()), (401, "GEN-1203-100009"));
-    // The code was not burnt by the impostor.
-    env.client
-        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
-        .await
-        .unwrap();
+    assert_eq!(
+        query(&redirect, "state").as_deref(),
+        Some(initiated.bank_payment_id.as_str())
+    );
+    assert_eq!(query(&redirect, "code"), None);
+    assert_eq!(env.status(&initiated.bank_payment_id).await, "RJCT");
+
+    // Acting again on a final payment is a conflict.
+    let (status, body) = env.admin_post("admin/e2e/E2E-REJ/sign").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, _) = env.admin_post("admin/e2e/NO-SUCH-E2E/sign").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -702,7 +1748,7 @@ async fn location_only_answer_is_understood() {
     o.creditor_name = "LOCATION-ONLY NV".into();
     let initiated = env
         .client
-        .initiate_payment(&o, &Pkce::generate().challenge, None)
+        .initiate_payment(&o, &challenge(), None)
         .await
         .unwrap();
     assert!(
@@ -714,25 +1760,17 @@ async fn location_only_answer_is_understood() {
 
 #[tokio::test]
 async fn scenarios_auto_reject_multi_sign_and_expiry() {
-    let env = env_with(|c| c.sca_expiry = Duration::from_millis(2500)).await;
-    let challenge = Pkce::generate().challenge;
+    let env = env_with(|c| c.sca_expiry = Duration::from_millis(1500)).await;
+    let c = challenge();
     let mut auto = order("E2E-AUTO");
     auto.creditor_name = "AUTO-REJECT BV".into();
-    let auto = env
-        .client
-        .initiate_payment(&auto, &challenge, None)
-        .await
-        .unwrap();
+    let auto = env.client.initiate_payment(&auto, &c, None).await.unwrap();
     let mut multi = order("E2E-MULTI");
     multi.creditor_name = "MULTI-SIGN BV".into();
-    let multi = env
-        .client
-        .initiate_payment(&multi, &challenge, None)
-        .await
-        .unwrap();
+    let multi = env.client.initiate_payment(&multi, &c, None).await.unwrap();
     let idle = env
         .client
-        .initiate_payment(&order("E2E-IDLE"), &challenge, None)
+        .initiate_payment(&order("E2E-IDLE"), &c, None)
         .await
         .unwrap();
 
@@ -746,7 +1784,7 @@ async fn scenarios_auto_reject_multi_sign_and_expiry() {
 
     assert_eq!(env.status(&auto.bank_payment_id).await, "RCVD");
     assert_eq!(env.status(&idle.bank_payment_id).await, "RCVD");
-    tokio::time::sleep(Duration::from_millis(2600)).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(env.status(&auto.bank_payment_id).await, "RJCT");
     assert_eq!(env.status(&idle.bank_payment_id).await, "RJCT");
     let (_, view) = env
@@ -769,7 +1807,7 @@ async fn global_auto_sign_then_settlement() {
     let env = env_with(|c| c.auto_sign_after = Some(Duration::from_millis(500))).await;
     let initiated = env
         .client
-        .initiate_payment(&order("E2E-GLOBAL"), &Pkce::generate().challenge, None)
+        .initiate_payment(&order("E2E-GLOBAL"), &challenge(), None)
         .await
         .unwrap();
     assert_eq!(env.status(&initiated.bank_payment_id).await, "RCVD");
@@ -780,13 +1818,170 @@ async fn global_auto_sign_then_settlement() {
 }
 
 #[tokio::test]
-async fn outages_rate_limits_and_lost_responses_map_to_bank_errors() {
+async fn counters_count_initiations_per_end_to_end_id() {
     let env = env().await;
-    let challenge = Pkce::generate().challenge;
+    for e2e in ["E2E-A", "E2E-A", "E2E-B"] {
+        env.client
+            .initiate_payment(&order(e2e), &challenge(), None)
+            .await
+            .unwrap();
+    }
+    env.client
+        .initiate_periodic(&standing("E2E-B"), &challenge(), None)
+        .await
+        .unwrap();
+    let counters = env.counters().await;
+    assert_eq!(
+        counters["initiations_by_e2e"],
+        json!({"E2E-A": 2, "E2E-B": 2})
+    );
+    assert_eq!(counters["initiations"], 4);
+    let (_, list) = env.admin_get("admin/payments").await;
+    assert_eq!(list.as_array().unwrap().len(), 4);
+
+    let (status, _) = env.admin_post("admin/reset").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let counters = env.counters().await;
+    assert_eq!(counters["initiations"], 0);
+    assert_eq!(counters["initiations_by_e2e"], json!({}));
+}
+
+// =============================================================================================
+// Faults: what each failure looks like to the client.
+
+fn rule(endpoint: EndpointClass, fault: Fault) -> FaultRule {
+    FaultRule {
+        endpoint,
+        probability: 1.0,
+        fault,
+        remaining: Some(1),
+    }
+}
+
+#[tokio::test]
+async fn injected_faults_map_to_bank_errors() {
+    let env = env().await;
+    let faults = env.sandbox.faults();
+    let c = challenge();
+
+    // Latency is observed by the client.
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-F0"), &c, None)
+        .await
+        .unwrap();
+    faults.set(FaultSettings {
+        latency: Latency {
+            fixed_ms: 300,
+            ..Latency::default()
+        },
+        rules: vec![],
+    });
+    let started = Instant::now();
+    env.status(&initiated.bank_payment_id).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    faults.clear();
+
+    // 503: Unavailable, retryable, nothing created.
+    faults.set(FaultSettings {
+        latency: Latency::default(),
+        rules: vec![rule(
+            EndpointClass::Initiate,
+            Fault::Status {
+                status: 503,
+                retry_after_secs: None,
+            },
+        )],
+    });
+    let error = env
+        .client
+        .initiate_payment(&order("E2E-F1"), &c, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, BankError::Unavailable { status: 503, .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.code(), Some(E::ServerError));
+    assert!(error.code().unwrap().retryable());
+
+    // 429 with Retry-After.
+    faults.set(FaultSettings {
+        latency: Latency::default(),
+        rules: vec![rule(
+            EndpointClass::Status,
+            Fault::Status {
+                status: 429,
+                retry_after_secs: Some(2),
+            },
+        )],
+    });
+    match env
+        .client
+        .payment_status(
+            PaymentKind::Single,
+            Brand::Belfius,
+            PaymentProduct::SepaCreditTransfers,
+            &initiated.bank_payment_id,
+        )
+        .await
+    {
+        Err(BankError::RateLimited { retry_after }) => {
+            assert_eq!(retry_after, Some(Duration::from_secs(2)))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Reset: the connection closes without a status line. The client cannot tell whether the
+    // bank acted, so it reports NoResponse (outcome unknown), never NotSent.
+    faults.set(FaultSettings {
+        latency: Latency::default(),
+        rules: vec![rule(EndpointClass::Initiate, Fault::Reset)],
+    });
+    let error = env
+        .client
+        .initiate_payment(&order("E2E-F2"), &c, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BankError::NoResponse(_)), "{error:?}");
+    assert_eq!(error.code(), None);
+
+    // Response lost: the bank DID create the payment, the client sees NoResponse.
+    faults.set(FaultSettings {
+        latency: Latency::default(),
+        rules: vec![rule(
+            EndpointClass::Initiate,
+            Fault::ResponseLost { hang_ms: 100 },
+        )],
+    });
+    let error = env
+        .client
+        .initiate_payment(&order("E2E-F3"), &c, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BankError::NoResponse(_)), "{error:?}");
+    let counters = env.counters().await;
+    assert_eq!(counters["initiations_by_e2e"]["E2E-F3"], 1);
+    assert_eq!(counters["initiations_by_e2e"].get("E2E-F1"), None);
+    assert_eq!(counters["initiations_by_e2e"].get("E2E-F2"), None);
+
+    // The operator view of the faults counts each injection.
+    let (_, view) = env.admin_get("admin/faults").await;
+    assert_eq!(view["counters"]["total"], 4);
+}
+
+#[tokio::test]
+async fn scenario_outages_rate_limits_and_slow_answers() {
+    let env = env().await;
+    let c = challenge();
 
     let mut down = order("E2E-503");
     down.creditor_name = "FAIL-503".into();
-    match env.client.initiate_payment(&down, &challenge, None).await {
+    match env.client.initiate_payment(&down, &c, None).await {
         Err(BankError::Unavailable {
             status: 503,
             body: Some(body),
@@ -798,11 +1993,7 @@ async fn outages_rate_limits_and_lost_responses_map_to_bank_errors() {
 
     let mut limited = order("E2E-429");
     limited.creditor_name = "FAIL-429".into();
-    match env
-        .client
-        .initiate_payment(&limited, &challenge, None)
-        .await
-    {
+    match env.client.initiate_payment(&limited, &c, None).await {
         Err(BankError::RateLimited { retry_after }) => {
             assert_eq!(retry_after, Some(Duration::from_secs(1)))
         }
@@ -816,7 +2007,7 @@ async fn outages_rate_limits_and_lost_responses_map_to_bank_errors() {
     let impatient = BelfiusClient::new(config).unwrap();
     let mut slow = order("E2E-SLOW");
     slow.creditor_name = "SLOW-CREATE".into();
-    match impatient.initiate_payment(&slow, &challenge, None).await {
+    match impatient.initiate_payment(&slow, &c, None).await {
         Err(BankError::NoResponse(_)) => {}
         other => panic!("{other:?}"),
     }
@@ -827,6 +2018,14 @@ async fn outages_rate_limits_and_lost_responses_map_to_bank_errors() {
 async fn restarted_sandbox_reuses_its_pki() {
     let dir = TempDir::new().unwrap();
     let tls_dir = dir.path().join("tls");
+    // Copy the shared PKI so this test does not generate keys of its own.
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    for file in std::fs::read_dir(shared_pki()).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), tls_dir.join(file.file_name())).unwrap();
+    }
+    std::fs::remove_file(tls_dir.join("server.pem")).unwrap();
+    // A missing file makes the sandbox generate a fresh TLS set on first start.
     let first = sandbox::start(SandboxConfig::local(&tls_dir))
         .await
         .unwrap();
@@ -852,12 +2051,19 @@ async fn restarted_sandbox_reuses_its_pki() {
             .mode();
         assert_eq!(mode & 0o077, 0, "private key readable by others: {mode:o}");
     }
-    // The old client configuration (old certificate, new port) still works.
+    // The old client configuration (old certificate, new ports) still works, on both hosts.
     let mut config = config;
     config.belfius_base_url = second.api_base_url();
+    config.banx_base_url = second.banx_base_url();
     let client = BelfiusClient::new(config).unwrap();
     client
-        .initiate_payment(&order("E2E-RESTART"), &Pkce::generate().challenge, None)
+        .initiate_payment(&order("E2E-RESTART"), &challenge(), None)
+        .await
+        .unwrap();
+    let mut banx = order("E2E-RESTART-BX");
+    banx.brand = Brand::Banx;
+    client
+        .initiate_payment(&banx, &challenge(), None)
         .await
         .unwrap();
 }

@@ -27,35 +27,33 @@ async fn cancellation_goes_through_the_bank_with_the_psus_token() {
     let env = TestEnv::new(|c| c.settle_after = Duration::from_secs(3600)).await;
     let worker = env.start_worker("a", CLIENT_DRIVEN);
     worker.wait_restored(PARTITIONS as usize).await;
+    let cancel = |id: &str| command(id, "psu-c", CommandBody::Cancel { reason: None });
 
     // Without any token for the PSU, a payment the bank holds cannot be cancelled.
     env.send(&initiate("no-token-1", "psu-c", "5.00", "Shop"))
         .await;
     env.wait_for_state("no-token-1", StateKind::ScaPending)
         .await;
-    env.send(&command(
-        "no-token-1",
-        "psu-c",
-        CommandBody::Cancel { reason: None },
-    ))
-    .await;
+    env.send(&cancel("no-token-1")).await;
     let dlq = env.wait_for_dlq(1).await;
     assert_eq!(
         header(&dlq[0], "pis.error.class").as_deref(),
         Some("CANCEL_NOT_POSSIBLE")
     );
 
-    // The first signed payment gives the worker the PSU's PIS token...
-    env.send(&initiate("cancel-1", "psu-c", "6.00", "Shop"))
-        .await;
+    // The first signed payment gives the worker the PSU's PIS token. It executes in five days,
+    // so the bank still lets it be cancelled, with that token.
+    let mut future = initiate("cancel-1", "psu-c", "6.00", "Shop");
+    if let CommandBody::Initiate(raw) = &mut future.body {
+        raw.requested_execution_date = Some(
+            (chrono::Utc::now().date_naive() + chrono::Duration::days(5))
+                .format("%Y-%m-%d")
+                .to_string(),
+        );
+    }
+    env.send(&future).await;
     sign_through_redirect(&env, "cancel-1", "psu-c", StateKind::Signed).await;
-    // ...with which a signed payment is cancelled at the bank...
-    env.send(&command(
-        "cancel-1",
-        "psu-c",
-        CommandBody::Cancel { reason: None },
-    ))
-    .await;
+    env.send(&cancel("cancel-1")).await;
     let events = env.wait_for_state("cancel-1", StateKind::Cancelled).await;
     assert_eq!(
         states(&timeline(&events, "cancel-1")),
@@ -70,14 +68,37 @@ async fn cancellation_goes_through_the_bank_with_the_psus_token() {
         ]
     );
     assert_well_formed(&events, "cancel-1");
-    // ...and so is the earlier unsigned one, now that a token exists.
-    env.send(&command(
-        "no-token-1",
-        "psu-c",
-        CommandBody::Cancel { reason: None },
-    ))
-    .await;
+
+    // The earlier unsigned one can be cancelled too, now that a token exists.
+    env.send(&cancel("no-token-1")).await;
     env.wait_for_state("no-token-1", StateKind::Cancelled).await;
+
+    // A signed payment due now is past cancelling: the bank refuses and it stays SIGNED.
+    env.send(&initiate("too-late-1", "psu-c", "7.00", "Shop"))
+        .await;
+    sign_through_redirect(&env, "too-late-1", "psu-c", StateKind::Signed).await;
+    env.send(&cancel("too-late-1")).await;
+    let events = env
+        .wait_for(
+            "too-late-1 back to SIGNED",
+            Duration::from_secs(60),
+            |events| {
+                states(&timeline(events, "too-late-1")).ends_with(&[
+                    StateKind::Signed,
+                    StateKind::Cancelling,
+                    StateKind::Signed,
+                ])
+            },
+        )
+        .await;
+    let back = timeline(&events, "too-late-1").pop().expect("event");
+    assert_eq!(
+        back.reason_code.as_deref(),
+        Some("CANCEL_REFUSED"),
+        "{back:?}"
+    );
+    assert!(!back.is_final);
+    assert_well_formed(&events, "too-late-1");
     let counters = env.counters().await;
     assert_eq!(counters["cancellations"], 2, "{counters}");
     assert_eq!(counters["invalidated_token_uses"], 0, "{counters}");
@@ -161,7 +182,8 @@ async fn a_bulk_payment_is_signed_once_and_settles() {
     env.send(&complete_sca("bulk-1", "psu-b", &redirect)).await;
     let events = env.wait_for_state("bulk-1", StateKind::Settled).await;
     assert_well_formed(&events, "bulk-1");
-    assert_eq!(env.counters().await["bulk_initiations"], 1);
+    let counters = env.counters().await;
+    assert_eq!(counters["bulk_initiations"]["bulk-1-1"], 1, "{counters}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,4 +226,45 @@ async fn initiations_are_sealed_and_an_unsealed_worker_is_refused() {
         Some("BANK_SECURITY_FAILURE"),
         "{rejected:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refreshed_once_for_queued_cancellations() {
+    let env = TestEnv::new(|c| {
+        c.settle_after = Duration::from_secs(3600);
+        c.access_token_lifetime = Duration::from_secs(2);
+    })
+    .await;
+    let worker = env.start_worker("a", CLIENT_DRIVEN);
+    worker.wait_restored(PARTITIONS as usize).await;
+    let in_five_days = (chrono::Utc::now().date_naive() + chrono::Duration::days(5))
+        .format("%Y-%m-%d")
+        .to_string();
+    for id in ["refresh-1", "refresh-2"] {
+        let mut future = initiate(id, "psu-t", "9.00", "Shop");
+        if let CommandBody::Initiate(raw) = &mut future.body {
+            raw.requested_execution_date = Some(in_five_days.clone());
+        }
+        env.send(&future).await;
+        env.wait_for_state(id, StateKind::ScaPending).await;
+    }
+    // Each redirect hands back a code; each exchange issues a new pair, killing the previous.
+    sign_through_redirect(&env, "refresh-1", "psu-t", StateKind::Signed).await;
+    sign_through_redirect(&env, "refresh-2", "psu-t", StateKind::Signed).await;
+    assert_eq!(env.counters().await["tokens_issued"], 2);
+    // Let the access token expire, then ask for both cancellations at once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for id in ["refresh-1", "refresh-2"] {
+        env.send(&command(id, "psu-t", CommandBody::Cancel { reason: None }))
+            .await;
+    }
+    env.wait_for_state("refresh-1", StateKind::Cancelled).await;
+    let events = env.wait_for_state("refresh-2", StateKind::Cancelled).await;
+    assert_well_formed(&events, "refresh-2");
+    let counters = env.counters().await;
+    // One refresh served both: the second cancellation waited in the PSU's lane and used the
+    // fresh pair; nobody used an invalidated token.
+    assert_eq!(counters["refreshes"], 1, "{counters}");
+    assert_eq!(counters["invalidated_token_uses"], 0, "{counters}");
+    assert_eq!(counters["cancellations"], 2, "{counters}");
 }

@@ -33,12 +33,6 @@ pub mod headers {
     pub const SIGNATURE: &str = "signature";
 }
 
-/// [P §2.3] the current periodic-payment initiation is v2. Not yet in `ApiVersions` (owned by
-/// `belfius::mod`): the one place to change until it is.
-pub const PERIODIC_INITIATION_VERSION: &str = "2";
-/// [I] the bulk initiation version is not documented.
-pub const BULK_INITIATION_VERSION: &str = "1";
-
 /// What the bank answered to a successful cancellation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cancelled {
@@ -218,7 +212,7 @@ impl BelfiusClient {
                 product: order.order.product,
                 language: order.order.language,
                 redirect_uri: &order.order.redirect_uri,
-                version: PERIODIC_INITIATION_VERSION,
+                version: &self.config.versions.periodic_initiation,
                 body,
             },
             code_challenge,
@@ -243,7 +237,7 @@ impl BelfiusClient {
                 product: order.product,
                 language: order.language,
                 redirect_uri: &order.redirect_uri,
-                version: BULK_INITIATION_VERSION,
+                version: &self.config.versions.bulk_initiation,
                 body,
             },
             code_challenge,
@@ -400,7 +394,7 @@ impl BelfiusClient {
             Method::GET,
             url,
             // [P] the details reference shows the same version example as status.
-            &self.config.versions.payment_status,
+            &self.config.versions.payment_details,
             Language::Fr,
         );
         let req = req
@@ -436,7 +430,7 @@ impl BelfiusClient {
         let (mut req, request_id) = self.request(
             Method::DELETE,
             url,
-            &self.config.versions.payment_status,
+            &self.config.versions.payment_cancellation,
             Language::Fr,
         );
         req = req

@@ -120,7 +120,12 @@ impl std::fmt::Debug for QwacIdentity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiVersions {
     pub payment_initiation: String,
+    /// Standing orders: v2 takes no debtor account [P FAQ].
+    pub periodic_initiation: String,
+    pub bulk_initiation: String,
     pub payment_status: String,
+    pub payment_details: String,
+    pub payment_cancellation: String,
     pub token: String,
 }
 
@@ -128,7 +133,11 @@ impl Default for ApiVersions {
     fn default() -> Self {
         Self {
             payment_initiation: "3".into(),
+            periodic_initiation: "2".into(),
+            bulk_initiation: "1".into(),
             payment_status: "1".into(),
+            payment_details: "1".into(),
+            payment_cancellation: "1".into(),
             token: "1".into(),
         }
     }

@@ -88,7 +88,9 @@ impl TransactionStatus {
             TransactionStatus::Rcvd | TransactionStatus::Pdng => BankProgress::AwaitingSca,
             // [I] Multi-signature (§4): the first signer signed through the redirect, others
             // still have to sign in Belfius channels. PART (bulk partially accepted) is the
-            // nearest equivalent for a single payment: not fully authorised yet.
+            // nearest equivalent for a single payment: not fully authorised yet. For a bulk,
+            // PART means "executed, some transfers rejected": the engine maps that per kind
+            // (`engine::bank::progress_for`), this table stays kind-independent.
             TransactionStatus::Patc | TransactionStatus::Part => BankProgress::PartiallySigned,
             // [I] The accepted-but-not-settled family: authorised by the PSU, queued or in
             // execution; none of them is final.

@@ -93,6 +93,14 @@ pub struct RunArgs {
     pub api_version_status: String,
     #[arg(long, env = "PIS_API_VERSION_TOKEN", default_value = "1")]
     pub api_version_token: String,
+    #[arg(long, env = "PIS_API_VERSION_PERIODIC", default_value = "2")]
+    pub api_version_periodic: String,
+    #[arg(long, env = "PIS_API_VERSION_BULK", default_value = "1")]
+    pub api_version_bulk: String,
+    #[arg(long, env = "PIS_API_VERSION_DETAILS", default_value = "1")]
+    pub api_version_details: String,
+    #[arg(long, env = "PIS_API_VERSION_CANCELLATION", default_value = "1")]
+    pub api_version_cancellation: String,
     #[arg(long, env = "PIS_BANK_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
     pub bank_connect_timeout_ms: u64,
     #[arg(long, env = "PIS_BANK_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -223,6 +231,10 @@ impl RunArgs {
                     payment_initiation: self.api_version_initiation.clone(),
                     payment_status: self.api_version_status.clone(),
                     token: self.api_version_token.clone(),
+                    periodic_initiation: self.api_version_periodic.clone(),
+                    bulk_initiation: self.api_version_bulk.clone(),
+                    payment_details: self.api_version_details.clone(),
+                    payment_cancellation: self.api_version_cancellation.clone(),
                 },
                 qseal,
             },

@@ -110,7 +110,7 @@ struct PsuLane {
     queue: VecDeque<TokenOp>,
 }
 
-/// A token this close to expiry is refreshed before use.
+/// A token this close to expiry (at most) is refreshed before use.
 const TOKEN_MARGIN_MS: i64 = 30_000;
 
 fn continue_with(payment_id: PaymentId, input: Input, release_lane: Option<PsuId>) -> ActorMsg {
@@ -706,7 +706,12 @@ impl PartitionOwner {
                 };
                 let now = now_millis();
                 let usable = self.psus.get(&psu_id).map(|t| {
-                    let fresh = t.expires_at.is_none_or(|at| at > now + TOKEN_MARGIN_MS);
+                    // Refresh a little before expiry: a quarter of the lifetime, at most 30 s.
+                    let margin = t
+                        .expires_at
+                        .map(|at| ((at - t.updated_at) / 4).clamp(0, TOKEN_MARGIN_MS))
+                        .unwrap_or(0);
+                    let fresh = t.expires_at.is_none_or(|at| at > now + margin);
                     (
                         fresh,
                         t.access_token.clone(),

@@ -110,7 +110,7 @@ impl TestEnv {
             .args(["--session-timeout-ms", "6000"])
             .args(["--client-id", self.sandbox.client_id()])
             .args(["--belfius-url", self.sandbox.api_base_url().as_str()])
-            .args(["--banx-url", self.sandbox.api_base_url().as_str()])
+            .args(["--banx-url", self.sandbox.banx_base_url().as_str()])
             .arg("--bank-ca-file")
             .arg(tls.join("ca.pem"))
             .arg("--qwac-cert-file")
