@@ -55,17 +55,19 @@ grep -q "partition restored" "$RUN/worker.log" || { echo "worker did not start; 
 echo "worker: running (log $RUN/worker.log)"
 
 echo "== status events (pis-worker watch)"
-"$BIN" watch --from-beginning --until-final 4 --timeout-secs 120 &
+"$BIN" watch --from-beginning --until-final 5 --timeout-secs 120 &
 WATCH=$!
 PIDS+=($WATCH)
 sleep 1
 
 send() { "$BIN" send "$@" >/dev/null; }
-echo "-- client: 4 payments, and one record that is not a command"
+echo "-- client: 4 payments, a standing order, and one record that is not a command"
 send initiate --payment-id demo-pay-1 --psu-id psu-alice --amount 25.00 --creditor-name "Bakkerij Peeters" --creditor-iban BE68539007547034 --remittance "bread"
 send initiate --payment-id demo-pay-2 --psu-id psu-bob --amount 1200.50 --creditor-name "Garage Dupont" --creditor-iban BE71096123456769 --language nl
 send initiate --payment-id demo-pay-3 --psu-id psu-carol --amount 10.00 --creditor-name "Typo" --creditor-iban BE68539007547035
 send initiate --payment-id demo-pay-4 --psu-id psu-dave --amount 42.00 --creditor-name "AUTO-SIGN Shop" --creditor-iban DE89370400440532013000
+send periodic --payment-id demo-so-5 --psu-id psu-alice --amount 750.00 --creditor-name "Landlord" \
+  --creditor-iban BE71096123456769 --start-date "$(date -d '+7 days' +%F)" --frequency MONTHLY
 send raw --key psu-alice --value "this is not an Avro command"
 sleep 4
 
@@ -76,7 +78,19 @@ echo "-- PSU bob refuses demo-pay-2; his browser returns with an error"
 URL2="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" reject --e2e demo-pay-2 --psu psu-bob)"
 send complete-sca --payment-id demo-pay-2 --psu-id psu-bob --redirect-url "$URL2"
 
+echo "-- alice signs her standing order demo-so-5 too; it becomes ACTIVE"
+URL5="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" sign --e2e demo-so-5 --psu psu-alice)"
+send complete-sca --payment-id demo-so-5 --psu-id psu-alice --redirect-url "$URL5"
+sleep 4
+echo "-- the client cancels demo-so-5: the worker asks the bank, with alice's PIS token"
+send cancel --payment-id demo-so-5 --psu-id psu-alice
+
 wait "$WATCH" || { echo "demo: not every payment reached a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }
 echo "== dead-lettered: $(grep -c 'command dead-lettered' "$RUN/worker.log") record(s); from the worker log:"
 grep 'command dead-lettered' "$RUN/worker.log" | sed -e 's/\x1b\[[0-9;]*m//g' | sed -e 's/^.*command dead-lettered/  command dead-lettered/'
+echo "== the sandbox's counters (QSeal signatures it verified, tokens, cancellations)"
+curl -s "http://127.0.0.1:$ADMIN_PORT/admin/counters" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)
+print("  " + ", ".join(f"{k}={c[k]}" for k in ("initiations", "signatures_checked", "signatures_failed", "tokens_issued", "cancellations", "invalidated_token_uses") if k in c))'
 echo "== demo complete; stopping broker, sandbox and worker"

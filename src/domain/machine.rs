@@ -788,6 +788,16 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 },
                 vec![Effect::CheckStatus],
             ),
+            // A late code exchanged for its token only: nothing else changes.
+            PaymentState::Signed | PaymentState::Active if payment.authorization_code.is_some() => {
+                step.same(
+                    |p| {
+                        p.authorization_code = None;
+                        p.pkce_verifier = None;
+                    },
+                    vec![],
+                )
+            }
             other => stale_unless(other, &[]),
         },
         Input::StatusObserved {
@@ -823,9 +833,8 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             PaymentState::Cancelling => step.to(
                 PaymentState::Cancelled,
                 |p| {
-                    if bank_status.is_some() {
-                        p.bank_status = bank_status;
-                    }
+                    // A cancellation the bank confirmed without a body (204) is ISO CANC.
+                    p.bank_status = Some(bank_status.unwrap_or_else(|| "CANC".into()));
                     p.reason = Some(Reason::new(
                         ReasonCode::CancelledByClient,
                         "cancelled at the bank at the client's request",
@@ -920,12 +929,25 @@ fn complete_sca(step: Step<'_>, state: PaymentState, outcome: ScaOutcome) -> Out
                 )
             }
         },
+        // A status poll saw the signature before the redirect's code arrived. The code still
+        // carries the PSU's PIS token pair (needed to cancel later): exchange it, state unchanged.
+        PaymentState::Signed | PaymentState::Active => match outcome {
+            ScaOutcome::Code(code) => step.same(
+                |p| p.authorization_code = Some(code),
+                vec![Effect::ExchangeCode],
+            ),
+            ScaOutcome::Error { .. } => refuse(
+                RefusalCode::NotAwaitingSca,
+                format!(
+                    "payment is already {} at the bank; the SCA error is stale",
+                    state.kind().symbol()
+                ),
+            ),
+        },
         PaymentState::Received
         | PaymentState::Initiating { .. }
         | PaymentState::OutcomeUnknown { .. }
         | PaymentState::Authorizing
-        | PaymentState::Signed
-        | PaymentState::Active
         | PaymentState::Cancelling => refuse(
             RefusalCode::NotAwaitingSca,
             format!(
@@ -1098,7 +1120,9 @@ fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> 
         ),
         // Exchange the code again if it was not yet exchanged; if it was, the bank refuses the
         // reused code and status polling carries the payment on.
-        PaymentState::Authorizing if payment.authorization_code.is_some() => {
+        PaymentState::Authorizing | PaymentState::Signed | PaymentState::Active
+            if payment.authorization_code.is_some() =>
+        {
             step.same(|_| {}, vec![Effect::ExchangeCode])
         }
         PaymentState::Received if no_timer => step.same(|_| {}, vec![Effect::StartInitiation]),

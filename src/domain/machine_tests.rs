@@ -799,8 +799,14 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
         // An invalid order is never the order the payment was created with.
         Input::InitiateInvalid { .. } => Expect::Refused(RefusalCode::DuplicatePaymentId),
         Input::CompleteSca { outcome, .. } => {
+            // A code that arrives after a poll already saw the signature is still exchanged:
+            // it carries the PSU's token pair. The state does not change.
+            let late_code =
+                matches!(kind, K::Signed | K::Active) && matches!(outcome, ScaOutcome::Code(_));
             if terminal {
                 already_final
+            } else if late_code {
+                stay(vec![Effect::ExchangeCode]).code(true).into()
             } else if !awaiting_sca {
                 Expect::Refused(RefusalCode::NotAwaitingSca)
             } else {
@@ -891,6 +897,9 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 .code(false)
                 .verifier(false)
                 .into(),
+            K::Signed | K::Active if p.authorization_code.is_some() => {
+                stay(vec![]).code(false).verifier(false).into()
+            }
             _ => stale,
         },
         Input::StatusObserved { progress, .. } => {
@@ -954,7 +963,8 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             K::Cancelling => go(K::Cancelled, vec![])
                 .reason(ReasonCode::CancelledByClient)
                 .resume(None)
-                .bank_status(bank_status.clone().or_else(|| p.bank_status.clone()))
+                // Confirmed without a body (204): the cancellation itself is ISO CANC.
+                .bank_status(bank_status.clone().or_else(|| Some("CANC".into())))
                 .into(),
             _ => stale,
         },
@@ -2467,12 +2477,16 @@ fn standing_order_is_active_until_it_completes() {
     let t = run.step(observed(BankProgress::AwaitingSca));
     assert_eq!(t.payment.state, PaymentState::Active);
     assert!(t.events.is_empty());
-    // Nothing to sign; a refresh polls now.
+    // A late code is exchanged for the PSU's token, and nothing else changes.
     let id = run.cmd();
-    assert!(matches!(
-        run.apply(sca_code(id)),
-        Outcome::Refused(r) if r.code == RefusalCode::NotAwaitingSca
-    ));
+    let t = run.step(sca_code(id));
+    assert_eq!(t.payment.state, PaymentState::Active);
+    assert_eq!(t.effects, vec![Effect::ExchangeCode]);
+    assert!(t.events.is_empty());
+    let t = run.step(Input::TokenExchanged);
+    assert!(t.payment.authorization_code.is_none());
+    assert!(t.effects.is_empty() && t.events.is_empty());
+    // A refresh polls now.
     let id = run.cmd();
     let t = run.step(refresh(id));
     assert_eq!(t.effects, vec![Effect::CheckStatus]);
@@ -2604,12 +2618,11 @@ fn bank_cancellation_from_every_state_the_bank_holds() {
         assert_eq!(p.resume_after_cancel, Some(from));
         assert_eq!(p.next_check_at, None, "from {from:?}");
         assert_eq!(run.effects.last(), Some(&vec![Effect::CallCancel]));
-        let status = p.bank_status.clone();
-        // Confirmed without a status: the last one known stays.
+        // Confirmed without a status (204): the cancellation itself is ISO CANC.
         let t = run.step(cancel_confirmed(None));
         assert_eq!(t.payment.state, PaymentState::Cancelled, "from {from:?}");
         assert_eq!(reason_code(&t.payment), Some(ReasonCode::CancelledByClient));
-        assert_eq!(t.payment.bank_status, status, "from {from:?}");
+        assert_eq!(t.payment.bank_status.as_deref(), Some("CANC"), "from {from:?}");
         assert_eq!(t.events.len(), 1, "from {from:?}");
         assert!(!has_secrets(&t.payment), "from {from:?}");
     }
