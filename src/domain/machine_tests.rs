@@ -2622,7 +2622,11 @@ fn bank_cancellation_from_every_state_the_bank_holds() {
         let t = run.step(cancel_confirmed(None));
         assert_eq!(t.payment.state, PaymentState::Cancelled, "from {from:?}");
         assert_eq!(reason_code(&t.payment), Some(ReasonCode::CancelledByClient));
-        assert_eq!(t.payment.bank_status.as_deref(), Some("CANC"), "from {from:?}");
+        assert_eq!(
+            t.payment.bank_status.as_deref(),
+            Some("CANC"),
+            "from {from:?}"
+        );
         assert_eq!(t.events.len(), 1, "from {from:?}");
         assert!(!has_secrets(&t.payment), "from {from:?}");
     }
