@@ -62,6 +62,13 @@ pub struct BrokerArgs {
         default_value = "pis.payment-commands.dlq"
     )]
     pub topic_dlq: String,
+    /// Consumer-group assignment: cooperative-sticky (incremental rebalances), range, roundrobin.
+    #[arg(
+        long,
+        env = "PIS_ASSIGNMENT_STRATEGY",
+        default_value = "cooperative-sticky"
+    )]
+    pub assignment_strategy: String,
     /// Extra librdkafka property, `key=value` (repeatable): security.protocol, sasl.*, ssl.*...
     #[arg(long = "kafka-property", value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
@@ -86,6 +93,7 @@ impl BrokerArgs {
                 dlq: self.topic_dlq.clone(),
             },
             session_timeout_ms,
+            assignment_strategy: self.assignment_strategy.clone(),
             extra: self.kafka_properties.clone(),
         }
     }

@@ -99,6 +99,10 @@ pub fn run<P: Partitions>(
             settings.session_timeout_ms.to_string(),
         )
         .set(
+            "partition.assignment.strategy",
+            &settings.assignment_strategy,
+        )
+        .set(
             "heartbeat.interval.ms",
             (settings.session_timeout_ms / 3).max(100).to_string(),
         )

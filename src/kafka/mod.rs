@@ -35,6 +35,9 @@ pub struct KafkaSettings {
     pub group_id: String,
     pub topics: Topics,
     pub session_timeout_ms: u32,
+    /// `partition.assignment.strategy`: `cooperative-sticky` moves only the partitions that
+    /// must move on a rebalance; `range` / `roundrobin` stop the whole group.
+    pub assignment_strategy: String,
     /// Extra librdkafka properties (`key=value`), e.g. security.protocol, sasl.*, ssl.*.
     pub extra: Vec<(String, String)>,
 }

@@ -63,6 +63,7 @@ impl TestEnv {
                 dlq: format!("{prefix}.dlq"),
             },
             session_timeout_ms: 6_000,
+            assignment_strategy: "cooperative-sticky".into(),
             extra: vec![],
         };
         pis_worker::kafka::admin::ensure_topics(&settings, PARTITIONS, 1)
