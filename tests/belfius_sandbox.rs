@@ -1966,6 +1966,40 @@ async fn injected_faults_map_to_bank_errors() {
     assert!(matches!(error, BankError::NoResponse(_)), "{error:?}");
     let counters = env.counters().await;
     assert_eq!(counters["initiations_by_e2e"]["E2E-F3"], 1);
+    // Nobody saw its SCA URL: it is an orphan no PSU can sign, and an e2e lookup skips it.
+    assert_eq!(counters["orphaned_initiations"], 1);
+    let (_, payments) = env.admin_get("admin/payments").await;
+    let orphan = payments
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|p| p["endtoend_identification"] == "E2E-F3")
+        })
+        .expect("the orphan is listed");
+    assert_eq!(orphan["orphaned"], true);
+    let id = orphan["payment_id"].as_str().expect("id").to_owned();
+    let signed = reqwest::Client::new()
+        .post(
+            env.sandbox
+                .admin_base_url()
+                .join(&format!("admin/payments/{id}/sign"))
+                .expect("url"),
+        )
+        .send()
+        .await
+        .expect("admin call");
+    assert_eq!(signed.status(), reqwest::StatusCode::CONFLICT);
+    let by_e2e = reqwest::Client::new()
+        .post(
+            env.sandbox
+                .admin_base_url()
+                .join("admin/e2e/E2E-F3/sign")
+                .expect("url"),
+        )
+        .send()
+        .await
+        .expect("admin call");
+    assert_eq!(by_e2e.status(), reqwest::StatusCode::NOT_FOUND);
     assert_eq!(counters["initiations_by_e2e"].get("E2E-F1"), None);
     assert_eq!(counters["initiations_by_e2e"].get("E2E-F2"), None);
 

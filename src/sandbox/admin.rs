@@ -46,7 +46,9 @@ fn psu_response(result: Result<PsuOutcome, PsuError>) -> Response {
     match result {
         Ok(outcome) => Json(outcome).into_response(),
         Err(e @ PsuError::NotFound) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ PsuError::Conflict(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ (PsuError::Conflict(_) | PsuError::Orphaned)) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
     }
 }
 
@@ -245,7 +247,7 @@ fn browser_response(result: Result<PsuOutcome, PsuError>) -> Response {
         Err(e @ PsuError::NotFound) => {
             (StatusCode::NOT_FOUND, Html(format!("<p>{e}</p>"))).into_response()
         }
-        Err(e @ PsuError::Conflict(_)) => {
+        Err(e @ (PsuError::Conflict(_) | PsuError::Orphaned)) => {
             (StatusCode::CONFLICT, Html(format!("<p>{e}</p>"))).into_response()
         }
     }

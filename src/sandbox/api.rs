@@ -590,6 +590,12 @@ async fn initiate(
     if let Ok(location) = HeaderValue::from_str(&sca_url) {
         response.headers_mut().insert(header::LOCATION, location);
     }
+    // For the fault layer: a lost answer must leave this payment unsignable (see faults).
+    if let Ok(id) = HeaderValue::from_str(&payment_id) {
+        response
+            .headers_mut()
+            .insert(crate::sandbox::faults::CREATED_PAYMENT_HEADER, id);
+    }
     Ok(response)
 }
 

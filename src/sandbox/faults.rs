@@ -42,8 +42,16 @@ pub struct Faults {
     inner: Arc<Inner>,
 }
 
+/// Response header naming the payment a successful initiation created; lets a lost answer
+/// mark that payment as an orphan.
+pub const CREATED_PAYMENT_HEADER: &str = "x-sandbox-created-payment";
+
+type LostHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 #[derive(Default)]
 struct Inner {
+    /// Called with the id of a payment whose initiation answer was lost.
+    on_lost: Mutex<Option<LostHook>>,
     settings: Mutex<FaultSettings>,
     /// (fault label, endpoint label) → injections.
     counters: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -194,6 +202,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Faults {
+    /// Registers what to do with a payment whose initiation answer was lost.
+    pub fn on_response_lost(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        let mut slot = self.inner.on_lost.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(Arc::new(hook));
+    }
+
+    fn payment_lost(&self, id: &str) {
+        let hook = self
+            .inner
+            .on_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(id);
+        }
+    }
+
     pub fn new(settings: FaultSettings) -> Self {
         let faults = Self::default();
         faults.set(settings);
@@ -328,9 +354,18 @@ pub async fn middleware(State(faults): State<Faults>, request: Request, next: Ne
             aborted_response()
         }
         Fault::ResponseLost { hang_ms } => {
-            // The bank acts: the handler runs to completion and its answer is lost.
+            // The bank acts: the handler runs to completion and its answer is lost. A payment
+            // it created is an orphan: nobody ever saw its SCA URL, so no PSU can sign it.
             let answered = next.run(request).await;
+            let created = answered
+                .headers()
+                .get(CREATED_PAYMENT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             drop(answered);
+            if let Some(id) = created {
+                faults.payment_lost(&id);
+            }
             tokio::time::sleep(Duration::from_millis(hang_ms)).await;
             aborted_response()
         }

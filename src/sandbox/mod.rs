@@ -345,6 +345,10 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         })),
     });
     let faults = Faults::default();
+    {
+        let shared = shared.clone();
+        faults.on_response_lost(move |id| shared.store().orphan(id));
+    }
 
     let (shutdown, signal) = watch::channel(false);
     let tasks = vec![

@@ -209,6 +209,9 @@ pub struct Payment {
     auto_at: Option<(Instant, AutoAction)>,
     /// The PSU's last browser redirect back to the TPP; holds an authorization code.
     last_redirect: Option<SecretString>,
+    /// The initiation's answer was lost: nobody has this payment's SCA URL, so no PSU can
+    /// sign it. It stays RCVD until it expires, as an unsigned orphan does at a real bank.
+    orphaned: bool,
 }
 
 /// JSON view of a payment for the operator API. No Debug: `redirect_url` may hold a code.
@@ -235,6 +238,8 @@ pub struct PaymentView {
     pub pkce: bool,
     /// Operator view only: contains the authorization code, as the PSU's browser would.
     pub redirect_url: Option<String>,
+    /// The initiation's answer was lost (fault injection): nobody can sign it.
+    pub orphaned: bool,
 }
 
 impl Payment {
@@ -263,6 +268,7 @@ impl Payment {
                 .last_redirect
                 .as_ref()
                 .map(|r| r.expose_secret().to_owned()),
+            orphaned: self.orphaned,
         }
     }
 
@@ -323,6 +329,8 @@ impl std::fmt::Debug for PsuOutcome {
 pub enum PsuError {
     #[error("no such payment")]
     NotFound,
+    #[error("the initiation's answer was lost: nobody has this payment's SCA URL")]
+    Orphaned,
     #[error("payment is {0}, the PSU cannot act on it any more")]
     Conflict(&'static str),
 }
@@ -398,6 +406,8 @@ pub struct Counters {
     /// Successful initiations of single payments and standing orders per end-to-end id:
     /// proves "no double initiation".
     pub initiations_by_e2e: BTreeMap<String, u64>,
+    /// Initiations whose answer was lost (fault injection): unsignable orphans.
+    pub orphaned_initiations: u64,
     /// Successful bulk initiations per end-to-end id of the bulk's first transfer.
     pub bulk_initiations: BTreeMap<String, u64>,
     /// Successful initiations, all kinds.
@@ -527,6 +537,7 @@ impl Store {
             signed_at: None,
             auto_at,
             last_redirect: None,
+            orphaned: false,
         })
     }
 
@@ -545,14 +556,28 @@ impl Store {
             .collect()
     }
 
-    /// The most recent payment with this end-to-end id (there may be several: that is exactly
-    /// what the counters are there to reveal). A bulk matches any of its transfers' ids.
+    /// The most recent payment with this end-to-end id that a PSU can see (there may be
+    /// several: that is exactly what the counters are there to reveal; orphans are skipped).
+    /// A bulk matches any of its transfers' ids.
     pub fn latest_by_e2e(&self, e2e: &str) -> Option<String> {
         self.order
             .iter()
             .rev()
-            .find(|id| self.payments.get(*id).is_some_and(|p| p.has_e2e(e2e)))
+            .find(|id| {
+                self.payments
+                    .get(*id)
+                    .is_some_and(|p| p.has_e2e(e2e) && !p.orphaned)
+            })
             .cloned()
+    }
+
+    /// The initiation's answer never reached the TPP: nobody can sign this payment.
+    pub fn orphan(&mut self, id: &str) {
+        if let Some(p) = self.payments.get_mut(id) {
+            p.orphaned = true;
+            p.auto_at = None;
+            self.counters.orphaned_initiations += 1;
+        }
     }
 
     pub fn act(
@@ -562,6 +587,9 @@ impl Store {
         now: Instant,
     ) -> Result<PsuOutcome, PsuError> {
         self.advance(id, now);
+        if self.payments.get(id).is_some_and(|p| p.orphaned) {
+            return Err(PsuError::Orphaned);
+        }
         self.apply(id, action, now)
     }
 
