@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build test lint demo broker-install clean
+.PHONY: help build test lint demo chaos chaos-ci broker-install clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,12 @@ lint: ## cargo fmt --check and clippy -D warnings
 
 demo: ## Broker + Belfius sandbox + worker; payments move through their states
 	@scripts/demo.sh
+
+chaos: ## Full chaos run: 10,000 payments, 3 replicas, SIGKILLs, bank faults, broker restarts
+	@scripts/chaos.sh full
+
+chaos-ci: ## Reduced chaos run (a few minutes), also part of make test
+	@scripts/chaos.sh ci
 
 broker-install: ## Install the Tansu broker into .tools/
 	@scripts/broker.sh install

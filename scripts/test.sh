@@ -20,3 +20,6 @@ export PIS_TEST_BROKERS="127.0.0.1:$PORT"
 
 echo "== tests (broker $PIS_TEST_BROKERS)"
 cargo test --locked --all-targets -- --test-threads "${PIS_TEST_THREADS:-2}"
+
+echo "== chaos (reduced): SIGKILLed replicas and bank faults, checked end to end"
+scripts/chaos.sh ci

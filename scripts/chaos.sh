@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# make chaos / make chaos-ci: the chaos suite (src/bin/pis-chaos.rs) with its own broker.
+#   full: 10,000 payments, 3 replicas, a SIGKILL every 20 s, bank faults, broker restarts
+#         (persistent storage), release build.
+#   ci:   400 payments, 2 replicas, a SIGKILL every 8 s, bank faults; memory storage, debug
+#         build (already built by the tests).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+[[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+mode="${1:-ci}"
+scripts/prereqs.sh
+case "$mode" in
+  full)
+    cargo build --locked --release --bins
+    args=(--payments "${CHAOS_PAYMENTS:-10000}" --psus 500 --partitions 6 --workers 3
+          --kill-every-secs 20 --timeout-secs 3000 --run-dir .run/chaos)
+    if scripts/broker.sh install persistent; then
+      args+=(--persistent --broker-restart-every-secs 90)
+    else
+      echo "chaos: persistent broker storage unavailable: running without broker restarts" >&2
+    fi
+    exec target/release/pis-chaos "${args[@]}"
+    ;;
+  ci)
+    cargo build --locked --bins
+    exec target/debug/pis-chaos --payments "${CHAOS_PAYMENTS:-400}" --psus 60 --partitions 4 \
+      --workers 2 --kill-every-secs 8 --timeout-secs 600 --run-dir .run/chaos-ci
+    ;;
+  *) echo "usage: $0 full|ci" >&2; exit 2 ;;
+esac

@@ -1,0 +1,980 @@
+//! The chaos suite: N payments with scripted PSU outcomes through several worker replicas that
+//! are SIGKILLed and replaced, against a sandbox injecting 5xx / 429 / lost responses, and a
+//! broker that is restarted (with persistent storage). At the end it checks, from the status
+//! topic, the state topic and the bank's own records, that nothing was lost, doubled or
+//! contradicted. Prints a summary; exits 1 on any violation.
+//!
+//! `make chaos` (full) and `make chaos-ci` (reduced, part of `make test`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use pis_worker::contract::command::{self, CommandBody, CommandEnvelope, ScaRedirect};
+use pis_worker::contract::status::{self, StatusRecord};
+use pis_worker::domain::machine::StateKind;
+use pis_worker::domain::model::RawInitiatePayment;
+use pis_worker::kafka::state::{self as state_topic, DecodedRecord};
+use pis_worker::kafka::{KafkaSettings, Topics};
+use pis_worker::sandbox::faults::{EndpointClass, Fault, FaultRule, FaultSettings, Latency};
+use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
+use pis_worker::secret::StateKey;
+use rand::Rng;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use secrecy::{ExposeSecret, SecretString};
+
+#[derive(Debug, Parser)]
+#[command(about = "Chaos suite for pis-worker")]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    payments: usize,
+    #[arg(long, default_value_t = 500)]
+    psus: usize,
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    /// SIGKILL a random worker (and start a replacement) this often; 0 = never.
+    #[arg(long, default_value_t = 20)]
+    kill_every_secs: u64,
+    /// Restart the broker this often (needs --persistent); 0 = never.
+    #[arg(long, default_value_t = 0)]
+    broker_restart_every_secs: u64,
+    /// Start the broker with persistent storage (scripts/broker.sh ... persistent).
+    #[arg(long)]
+    persistent: bool,
+    /// Inject bank faults (5xx, 429, lost responses, latency).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    faults: bool,
+    /// Use this broker instead of starting one.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+    #[arg(long, default_value = ".run/chaos")]
+    run_dir: PathBuf,
+    /// The worker binary (default: pis-worker next to this one).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+}
+
+/// What the scripted PSU does with a payment, and so which final state it must reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Script {
+    /// The bank's `AUTO-SIGN` scenario: the PSU signs in the bank's app; found by polling.
+    SignAtBank,
+    /// The bank's `AUTO-REJECT` scenario.
+    RejectAtBank,
+    /// The PSU signs through the redirect; the client sends CompleteSca with the code.
+    SignThroughRedirect,
+    /// Nobody signs: the payment must expire.
+    Abandon,
+    /// Invalid input: rejected at the edge, never reaches the bank.
+    Invalid,
+}
+
+impl Script {
+    fn of(i: usize) -> Script {
+        if i % 100 == 99 {
+            return Script::Invalid;
+        }
+        match i % 10 {
+            0..=5 => Script::SignAtBank,
+            6 | 7 => Script::RejectAtBank,
+            8 => Script::SignThroughRedirect,
+            _ => Script::Abandon,
+        }
+    }
+
+    fn creditor(self) -> &'static str {
+        match self {
+            Script::SignAtBank => "AUTO-SIGN Shop",
+            Script::RejectAtBank => "AUTO-REJECT Shop",
+            Script::SignThroughRedirect | Script::Abandon | Script::Invalid => "Shop",
+        }
+    }
+
+    fn expected(self) -> StateKind {
+        match self {
+            Script::SignAtBank | Script::SignThroughRedirect => StateKind::Settled,
+            Script::RejectAtBank | Script::Invalid => StateKind::Rejected,
+            Script::Abandon => StateKind::Expired,
+        }
+    }
+}
+
+fn payment_id(i: usize) -> String {
+    format!("c{i:06}")
+}
+
+fn psu_of(i: usize, psus: usize) -> String {
+    format!("chaos-psu-{}", i % psus.max(1))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn broker_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker.sh")
+}
+
+fn broker(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("bash")
+        .arg(broker_script())
+        .args(args)
+        .status()
+        .context("running scripts/broker.sh")?;
+    if !status.success() {
+        bail!("scripts/broker.sh {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+struct Workers {
+    bin: PathBuf,
+    base_args: Vec<String>,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+    running: Vec<(usize, Child)>,
+    started: usize,
+    killed: usize,
+}
+
+impl Workers {
+    fn start_one(&mut self) -> anyhow::Result<()> {
+        let n = self.started;
+        self.started += 1;
+        let log = std::fs::File::create(self.dir.join(format!("worker-{n}.log")))?;
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .args(&self.base_args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.running.push((n, child));
+        Ok(())
+    }
+
+    fn kill_random(&mut self) -> anyhow::Result<()> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        let at = rand::thread_rng().gen_range(0..self.running.len());
+        let (n, mut child) = self.running.remove(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        self.killed += 1;
+        println!("chaos: SIGKILL worker {n}; starting a replacement");
+        self.start_one()
+    }
+
+    /// Graceful stop of everyone still running (SIGTERM, then wait).
+    fn stop_all(&mut self) {
+        for (_, child) in &self.running {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (_, child) in &mut self.running {
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.running.clear();
+    }
+}
+
+/// Follows a topic from the beginning on its own thread.
+fn follow(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    stop: Arc<AtomicBool>,
+    mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", format!("chaos-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                on_record(&m);
+            }
+        }
+    }))
+}
+
+fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
+    let script = Script::of(i);
+    CommandEnvelope {
+        command_id: format!("cmd-{i}"),
+        payment_id: payment_id(i),
+        psu_id: psu_of(i, psus),
+        issued_at: chrono::Utc::now().timestamp_millis(),
+        body: CommandBody::Initiate(Box::new(RawInitiatePayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            amount: if script == Script::Invalid {
+                "0".into()
+            } else {
+                format!("{}.{:02}", 1 + i % 500, i % 100)
+            },
+            currency: "EUR".into(),
+            creditor_name: script.creditor().into(),
+            creditor_iban: "BE68539007547034".into(),
+            end_to_end_id: payment_id(i),
+            language: if i % 2 == 0 { "fr".into() } else { "nl".into() },
+            redirect_uri: "https://client.example/callback".into(),
+            ..RawInitiatePayment::default()
+        })),
+    }
+}
+
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    envelope: &CommandEnvelope,
+) -> anyhow::Result<()> {
+    let bytes = command::encode(envelope).map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(envelope.psu_id.as_bytes())
+                .payload(&bytes),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("send: {e}"))?;
+    Ok(())
+}
+
+/// The PSU signs through the redirect; the client hands the code back.
+async fn sign_through_redirect(
+    admin: &url::Url,
+    producer: &FutureProducer,
+    topic: &str,
+    i: usize,
+    psus: usize,
+) -> anyhow::Result<()> {
+    let url = admin.join(&format!(
+        "admin/e2e/{}/sign?psu={}",
+        payment_id(i),
+        psu_of(i, psus)
+    ))?;
+    let body: serde_json::Value = reqwest::Client::new()
+        .post(url)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let redirect = body["redirect_url"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no redirect_url in {body}"))?;
+    let envelope = CommandEnvelope {
+        command_id: format!("sca-{i}"),
+        payment_id: payment_id(i),
+        psu_id: psu_of(i, psus),
+        issued_at: chrono::Utc::now().timestamp_millis(),
+        body: CommandBody::CompleteSca(ScaRedirect::from_redirect_url(&url::Url::parse(redirect)?)),
+    };
+    send(producer, topic, &envelope).await
+}
+
+fn faults() -> FaultSettings {
+    let rule = |endpoint, probability, fault| FaultRule {
+        endpoint,
+        probability,
+        fault,
+        remaining: None,
+    };
+    FaultSettings {
+        latency: Latency {
+            fixed_ms: 2,
+            jitter_ms: 10,
+            p99_spike_ms: 300,
+        },
+        rules: vec![
+            rule(
+                EndpointClass::Initiate,
+                0.02,
+                Fault::Status {
+                    status: 503,
+                    retry_after_secs: None,
+                },
+            ),
+            rule(
+                EndpointClass::Initiate,
+                0.02,
+                Fault::Status {
+                    status: 429,
+                    retry_after_secs: Some(1),
+                },
+            ),
+            // Longer than the worker's request timeout: the worker sees no answer.
+            rule(
+                EndpointClass::Initiate,
+                0.02,
+                Fault::ResponseLost { hang_ms: 2_500 },
+            ),
+            rule(EndpointClass::Initiate, 0.01, Fault::Reset),
+            rule(
+                EndpointClass::Status,
+                0.03,
+                Fault::Status {
+                    status: 502,
+                    retry_after_secs: None,
+                },
+            ),
+            rule(
+                EndpointClass::Token,
+                0.02,
+                Fault::Status {
+                    status: 503,
+                    retry_after_secs: None,
+                },
+            ),
+        ],
+    }
+}
+
+struct Report {
+    violations: Vec<String>,
+    rows: Vec<(String, String)>,
+}
+
+impl Report {
+    fn row(&mut self, name: &str, value: impl std::fmt::Display) {
+        self.rows.push((name.to_owned(), value.to_string()));
+    }
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 50 {
+            println!("VIOLATION: {what}");
+        }
+        self.violations.push(what);
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("chaos: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    if args.broker_restart_every_secs > 0 && !args.persistent {
+        bail!("--broker-restart-every-secs needs --persistent (memory storage loses everything)");
+    }
+    let _ = std::fs::remove_dir_all(&args.run_dir);
+    std::fs::create_dir_all(&args.run_dir)?;
+    let run_dir = std::fs::canonicalize(&args.run_dir)?;
+    let run_dir_str = run_dir.to_string_lossy().into_owned();
+
+    // The broker.
+    let (brokers, own_broker_port) = match &args.brokers {
+        Some(b) => (b.clone(), None),
+        None => {
+            let port = free_port()?;
+            let port_s = port.to_string();
+            let mut a = vec!["start", port_s.as_str(), run_dir_str.as_str()];
+            if args.persistent {
+                a.push("persistent");
+            }
+            broker(&a)?;
+            (format!("127.0.0.1:{port}"), Some(port))
+        }
+    };
+    let outcome = chaos(&args, &run_dir, &brokers, own_broker_port, started).await;
+    if own_broker_port.is_some() {
+        let _ = broker(&["stop", run_dir_str.as_str()]);
+    }
+    outcome
+}
+
+async fn chaos(
+    args: &Args,
+    run_dir: &Path,
+    brokers: &str,
+    own_broker_port: Option<u16>,
+    started: Instant,
+) -> anyhow::Result<bool> {
+    let prefix = format!("chaos-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let settings = KafkaSettings {
+        brokers: brokers.to_owned(),
+        group_id: format!("{prefix}-workers"),
+        topics: Topics {
+            commands: format!("{prefix}.commands"),
+            status: format!("{prefix}.status"),
+            state: format!("{prefix}.state"),
+            dlq: format!("{prefix}.dlq"),
+        },
+        session_timeout_ms: 6_000,
+        assignment_strategy: "cooperative-sticky".into(),
+        extra: vec![],
+    };
+    pis_worker::kafka::admin::ensure_topics(&settings, args.partitions, 1).await?;
+
+    let mut config = SandboxConfig::local(run_dir.join("tls"));
+    config.settle_after = Duration::from_millis(500);
+    config.sca_expiry = Duration::from_secs(3600);
+    let sandbox: RunningSandbox = pis_worker::sandbox::start(config).await?;
+    if args.faults {
+        sandbox.faults().set(faults());
+    }
+    let admin = sandbox.admin_base_url();
+    let state_key_hex: SecretString = StateKey::generate_hex();
+    let state_key =
+        Arc::new(StateKey::from_hex(&state_key_hex).map_err(|e| anyhow::anyhow!("{e}"))?);
+
+    let bin = match &args.worker_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("pis-worker"))
+            .ok_or_else(|| anyhow::anyhow!("no directory for the worker binary"))?,
+    };
+    let tls = sandbox.tls_dir.clone();
+    let base_args: Vec<String> = [
+        "--brokers",
+        brokers,
+        "--group-id",
+        &settings.group_id,
+        "--topic-commands",
+        &settings.topics.commands,
+        "--topic-status",
+        &settings.topics.status,
+        "--topic-state",
+        &settings.topics.state,
+        "--topic-dlq",
+        &settings.topics.dlq,
+        "--session-timeout-ms",
+        "6000",
+        "--drain-timeout-ms",
+        "3000",
+        "--client-id",
+        sandbox.client_id(),
+        "--belfius-url",
+        sandbox.api_base_url().as_str(),
+        "--banx-url",
+        sandbox.banx_base_url().as_str(),
+        "--bank-request-timeout-ms",
+        "1500",
+        "--poll-fast-ms",
+        "500",
+        "--poll-fast-count",
+        "30",
+        "--poll-slow-ms",
+        "2000",
+        "--sca-timeout-secs",
+        "30",
+        "--max-initiation-attempts",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--bank-ca-file".to_owned(),
+        tls.join("ca.pem").to_string_lossy().into_owned(),
+        "--qwac-cert-file".to_owned(),
+        tls.join("client.pem").to_string_lossy().into_owned(),
+        "--qwac-key-file".to_owned(),
+        tls.join("client-key.pem").to_string_lossy().into_owned(),
+    ])
+    .collect();
+    let mut workers = Workers {
+        bin,
+        base_args,
+        env: vec![
+            (
+                "PIS_STATE_KEY".into(),
+                state_key_hex.expose_secret().to_owned(),
+            ),
+            (
+                "PIS_CLIENT_SECRET".into(),
+                sandbox.client_secret().expose_secret().to_owned(),
+            ),
+            ("PIS_LOG".into(), "info,rdkafka=warn".into()),
+            ("NO_COLOR".into(), "1".into()),
+        ],
+        dir: run_dir.to_path_buf(),
+        running: Vec::new(),
+        started: 0,
+        killed: 0,
+    };
+    for _ in 0..args.workers {
+        workers.start_one()?;
+    }
+
+    // Status events, as a client sees them; SCA_PENDING of redirect-driven payments triggers
+    // the scripted PSU.
+    let stop = Arc::new(AtomicBool::new(false));
+    let events: Arc<Mutex<Vec<StatusRecord>>> = Arc::new(Mutex::new(Vec::new()));
+    let undecodable = Arc::new(AtomicUsize::new(0));
+    let (pending_tx, mut pending_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let follower = {
+        let events = events.clone();
+        let undecodable = undecodable.clone();
+        let mut asked: HashSet<String> = HashSet::new();
+        follow(
+            &settings,
+            &settings.topics.status,
+            args.partitions,
+            stop.clone(),
+            move |m| match status::decode(m.payload().unwrap_or_default()) {
+                Ok(record) => {
+                    if record.state == StateKind::ScaPending
+                        && asked.insert(record.payment_id.clone())
+                    {
+                        if let Some(i) = record
+                            .payment_id
+                            .strip_prefix('c')
+                            .and_then(|n| n.parse::<usize>().ok())
+                        {
+                            if Script::of(i) == Script::SignThroughRedirect {
+                                let _ = pending_tx.send(i);
+                            }
+                        }
+                    }
+                    events
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(record);
+                }
+                Err(_) => {
+                    undecodable.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        )?
+    };
+    let producer: FutureProducer = settings
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "120000")
+        .create()?;
+    let redirect_failures = Arc::new(AtomicUsize::new(0));
+    let psu_driver = {
+        let producer = producer.clone();
+        let topic = settings.topics.commands.clone();
+        let admin = admin.clone();
+        let psus = args.psus;
+        let failures = redirect_failures.clone();
+        tokio::spawn(async move {
+            while let Some(i) = pending_rx.recv().await {
+                let (producer, topic, admin, failures) = (
+                    producer.clone(),
+                    topic.clone(),
+                    admin.clone(),
+                    failures.clone(),
+                );
+                tokio::spawn(async move {
+                    for attempt in 0..5 {
+                        match sign_through_redirect(&admin, &producer, &topic, i, psus).await {
+                            Ok(()) => return,
+                            Err(e) if attempt == 4 => {
+                                println!("chaos: PSU could not sign {}: {e}", payment_id(i));
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                        }
+                    }
+                });
+            }
+        })
+    };
+
+    // Load.
+    println!(
+        "chaos: {} payments, {} PSUs, {} partitions, {} workers, kill every {}s, broker restart every {}s, faults {}",
+        args.payments,
+        args.psus,
+        args.partitions,
+        args.workers,
+        args.kill_every_secs,
+        args.broker_restart_every_secs,
+        if args.faults { "on" } else { "off" }
+    );
+    let load = {
+        let producer = producer.clone();
+        let topic = settings.topics.commands.clone();
+        let (n, psus) = (args.payments, args.psus);
+        tokio::spawn(async move {
+            let mut sends = Vec::new();
+            for i in 0..n {
+                let (producer, topic) = (producer.clone(), topic.clone());
+                sends.push(tokio::spawn(async move {
+                    send(&producer, &topic, &initiate_command(i, psus)).await
+                }));
+                if sends.len() >= 200 {
+                    for s in sends.drain(..) {
+                        s.await??;
+                    }
+                }
+            }
+            for s in sends {
+                s.await??;
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    // Chaos and progress until every payment is final (or the time is up).
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    let mut next_kill = Instant::now() + Duration::from_secs(args.kill_every_secs.max(1));
+    let mut next_broker_restart =
+        Instant::now() + Duration::from_secs(args.broker_restart_every_secs.max(1));
+    let mut broker_restarts = 0usize;
+    let mut last_print = Instant::now();
+    let mut load = Some(load);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(handle) = load.as_ref() {
+            if handle.is_finished() {
+                if let Some(handle) = load.take() {
+                    handle.await??;
+                    println!("chaos: all {} initiations published", args.payments);
+                }
+            }
+        }
+        let finals = {
+            let events = events.lock().unwrap_or_else(|p| p.into_inner());
+            events
+                .iter()
+                .filter(|e| e.is_final)
+                .map(|e| e.payment_id.as_str())
+                .collect::<HashSet<_>>()
+                .len()
+        };
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            println!(
+                "chaos: {:>6.0}s  final {finals}/{}  workers started {} killed {}  broker restarts {broker_restarts}",
+                started.elapsed().as_secs_f64(),
+                args.payments,
+                workers.started,
+                workers.killed
+            );
+        }
+        if finals >= args.payments && load.is_none() {
+            break;
+        }
+        if Instant::now() > deadline {
+            println!("chaos: time is up with {finals}/{} final", args.payments);
+            break;
+        }
+        if args.kill_every_secs > 0 && Instant::now() >= next_kill {
+            next_kill = Instant::now() + Duration::from_secs(args.kill_every_secs);
+            workers.kill_random()?;
+        }
+        if args.broker_restart_every_secs > 0 && Instant::now() >= next_broker_restart {
+            if let Some(port) = own_broker_port {
+                next_broker_restart =
+                    Instant::now() + Duration::from_secs(args.broker_restart_every_secs);
+                let dir = run_dir.to_string_lossy().into_owned();
+                println!("chaos: restarting the broker");
+                broker(&["kill", &dir])?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                broker(&["start", &port.to_string(), &dir, "persistent"])?;
+                broker_restarts += 1;
+            }
+        }
+    }
+    workers.stop_all();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = follower.join();
+    psu_driver.abort();
+
+    // Checks.
+    let mut report = Report {
+        violations: Vec::new(),
+        rows: Vec::new(),
+    };
+    let events = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    check_events(args, &events, &mut report);
+    check_bank(args, &admin, &settings, &state_key, &mut report).await?;
+    report.row(
+        "elapsed",
+        format!("{:.0} s", started.elapsed().as_secs_f64()),
+    );
+    report.row(
+        "workers started / SIGKILLed",
+        format!("{} / {}", workers.started, workers.killed),
+    );
+    report.row("broker restarts", broker_restarts);
+    report.row(
+        "undecodable status records",
+        undecodable.load(Ordering::Relaxed),
+    );
+    report.row(
+        "PSU redirect signings that failed",
+        redirect_failures.load(Ordering::Relaxed),
+    );
+    let fault_counters = sandbox.faults().counters();
+    report.row("bank faults injected", fault_counters["total"].clone());
+    println!("\nchaos summary");
+    println!("{}", "-".repeat(70));
+    for (name, value) in &report.rows {
+        println!("{name:<44} {value}");
+    }
+    println!("{:<44} {}", "VIOLATIONS", report.violations.len());
+    sandbox.shutdown().await;
+    Ok(report.violations.is_empty())
+}
+
+fn check_events(args: &Args, events: &[StatusRecord], report: &mut Report) {
+    // De-duplicate by (payment_id, sequence) as a client must; two different events with the
+    // same key are a contradiction.
+    let mut by_key: HashMap<(String, i64), &StatusRecord> = HashMap::new();
+    let mut republished = 0usize;
+    for e in events {
+        match by_key.get(&(e.payment_id.clone(), e.sequence)) {
+            Some(first) => {
+                republished += 1;
+                if first.event_id != e.event_id || first.state != e.state {
+                    report.violation(format!(
+                        "{} #{}: two different events ({} vs {})",
+                        e.payment_id,
+                        e.sequence,
+                        first.state.symbol(),
+                        e.state.symbol()
+                    ));
+                }
+            }
+            None => {
+                by_key.insert((e.payment_id.clone(), e.sequence), e);
+            }
+        }
+    }
+    let mut timelines: HashMap<&str, BTreeMap<i64, &StatusRecord>> = HashMap::new();
+    for ((id, seq), e) in &by_key {
+        timelines.entry(id.as_str()).or_default().insert(*seq, e);
+    }
+    let mut finals: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut unexpected: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..args.payments {
+        let id = payment_id(i);
+        let Some(line) = timelines.get(id.as_str()) else {
+            report.violation(format!("{id}: no status event at all (command lost)"));
+            continue;
+        };
+        for (n, (seq, _)) in line.iter().enumerate() {
+            if *seq != n as i64 + 1 {
+                report.violation(format!("{id}: sequence gap at #{seq}"));
+                break;
+            }
+        }
+        let final_events: Vec<_> = line.values().filter(|e| e.is_final).collect();
+        match final_events.as_slice() {
+            [] => report.violation(format!(
+                "{id}: no final state (last {})",
+                line.values()
+                    .last()
+                    .map(|e| e.state.symbol())
+                    .unwrap_or("-")
+            )),
+            [only] => {
+                if line.values().last().map(|e| e.sequence) != Some(only.sequence) {
+                    report.violation(format!("{id}: events after the final one"));
+                }
+                *finals.entry(only.state.symbol()).or_default() += 1;
+                let script = Script::of(i);
+                // Under injected faults an initiation may fail for good; anything else must
+                // match the script.
+                if only.state != script.expected() && only.state != StateKind::Failed {
+                    *unexpected
+                        .entry(format!("{script:?} -> {}", only.state.symbol()))
+                        .or_default() += 1;
+                    report.violation(format!(
+                        "{id}: scripted {script:?} ended {} ({:?})",
+                        only.state.symbol(),
+                        only.reason_code
+                    ));
+                }
+            }
+            many => report.violation(format!("{id}: {} final events", many.len())),
+        }
+    }
+    report.row("payments", args.payments);
+    report.row(
+        "status events (raw / after de-dup)",
+        format!("{} / {}", events.len(), by_key.len()),
+    );
+    report.row(
+        "re-published events (same id, dropped by de-dup)",
+        republished,
+    );
+    for (state, n) in finals {
+        report.row(&format!("final {state}"), n);
+    }
+    for (what, n) in unexpected {
+        report.row(&format!("unexpected {what}"), n);
+    }
+}
+
+/// The bank's side: no end-to-end id signed twice, and every bank-side initiation counted by
+/// the state machine (`initiation_attempts` in the state topic).
+async fn check_bank(
+    args: &Args,
+    admin: &url::Url,
+    settings: &KafkaSettings,
+    key: &Arc<StateKey>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let payments: serde_json::Value = reqwest::get(admin.join("admin/payments")?)
+        .await?
+        .json()
+        .await?;
+    let counters: serde_json::Value = reqwest::get(admin.join("admin/counters")?)
+        .await?
+        .json()
+        .await?;
+    let mut signed_per_e2e: HashMap<String, usize> = HashMap::new();
+    let mut bank_payments = 0usize;
+    for p in payments.as_array().into_iter().flatten() {
+        bank_payments += 1;
+        let status = p["transaction_status"].as_str().unwrap_or_default();
+        if matches!(
+            status,
+            "ACTC" | "ACCP" | "ACSP" | "ACWC" | "ACFC" | "ACSC" | "PATC" | "PART"
+        ) {
+            *signed_per_e2e
+                .entry(
+                    p["endtoend_identification"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+                .or_default() += 1;
+        }
+    }
+    for (e2e, n) in &signed_per_e2e {
+        if *n > 1 {
+            report.violation(format!(
+                "{e2e}: {n} bank payments signed (money would move {n} times)"
+            ));
+        }
+    }
+    // The latest state of every payment, from the state topic (read until it is quiet: Tansu's
+    // high watermark cannot be trusted).
+    let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    let decode_errors = Arc::new(AtomicUsize::new(0));
+    let last_record = Arc::new(Mutex::new(Instant::now()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let attempts = attempts.clone();
+        let decode_errors = decode_errors.clone();
+        let last_record = last_record.clone();
+        let key = key.clone();
+        follow(
+            settings,
+            &settings.topics.state,
+            args.partitions,
+            stop.clone(),
+            move |m| {
+                *last_record.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                let record_key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                let Some(payload) = m.payload() else { return };
+                match state_topic::decode(&key, &record_key, payload) {
+                    Ok(DecodedRecord::Payment { payment, .. }) => {
+                        attempts
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(payment.payment_id.to_string(), payment.initiation_attempts);
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        decode_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            },
+        )?
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if last_record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            > Duration::from_secs(3)
+        {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    let attempts = attempts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let by_e2e = counters["initiations_by_e2e"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let mut unknown = 0usize;
+    for (e2e, n) in &by_e2e {
+        let bank = n.as_u64().unwrap_or(0);
+        let known = attempts.get(e2e).copied().unwrap_or(0) as u64;
+        if bank > known {
+            unknown += 1;
+            report.violation(format!(
+                "{e2e}: {bank} initiations at the bank but the state machine recorded {known}"
+            ));
+        }
+    }
+    report.row(
+        "bank payments (incl. orphans of lost answers)",
+        bank_payments,
+    );
+    report.row(
+        "orphaned initiations (answer lost, never signable)",
+        counters["orphaned_initiations"].clone(),
+    );
+    report.row("bank initiations unknown to the state machine", unknown);
+    report.row(
+        "state records that did not decode",
+        decode_errors.load(Ordering::Relaxed),
+    );
+    report.row(
+        "tokens issued / refreshes / invalidated-token uses",
+        format!(
+            "{} / {} / {}",
+            counters["tokens_issued"], counters["refreshes"], counters["invalidated_token_uses"]
+        ),
+    );
+    if counters["invalidated_token_uses"].as_u64().unwrap_or(0) > 0 {
+        report.violation("a replaced PSU token was used (refresh race)".into());
+    }
+    Ok(())
+}
