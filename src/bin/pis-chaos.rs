@@ -66,12 +66,14 @@ struct Args {
     worker_bin: Option<PathBuf>,
 }
 
-/// What the scripted PSU does with a payment, and so which final state it must reach.
+/// What the scripted PSU does with a payment, and so which final state it must reach. The PSU
+/// acts on the bank payment whose SCA URL the worker published, as a real PSU can only open the
+/// URL they were given: a bank payment from an unanswered attempt is never signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Script {
-    /// The bank's `AUTO-SIGN` scenario: the PSU signs in the bank's app; found by polling.
+    /// The PSU signs at the bank; the worker finds out by polling.
     SignAtBank,
-    /// The bank's `AUTO-REJECT` scenario.
+    /// The PSU refuses at the bank.
     RejectAtBank,
     /// The PSU signs through the redirect; the client sends CompleteSca with the code.
     SignThroughRedirect,
@@ -91,14 +93,6 @@ impl Script {
             6 | 7 => Script::RejectAtBank,
             8 => Script::SignThroughRedirect,
             _ => Script::Abandon,
-        }
-    }
-
-    fn creditor(self) -> &'static str {
-        match self {
-            Script::SignAtBank => "AUTO-SIGN Shop",
-            Script::RejectAtBank => "AUTO-REJECT Shop",
-            Script::SignThroughRedirect | Script::Abandon | Script::Invalid => "Shop",
         }
     }
 
@@ -245,7 +239,7 @@ fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
                 format!("{}.{:02}", 1 + i % 500, i % 100)
             },
             currency: "EUR".into(),
-            creditor_name: script.creditor().into(),
+            creditor_name: "Shop".into(),
             creditor_iban: "BE68539007547034".into(),
             end_to_end_id: payment_id(i),
             language: if i % 2 == 0 { "fr".into() } else { "nl".into() },
@@ -273,25 +267,33 @@ async fn send(
     Ok(())
 }
 
-/// The PSU signs through the redirect; the client hands the code back.
-async fn sign_through_redirect(
+/// The scripted PSU opens the SCA URL of `bank_id` and acts; for a redirect-driven payment the
+/// client then hands the redirect's code back.
+async fn psu_acts(
     admin: &url::Url,
     producer: &FutureProducer,
     topic: &str,
     i: usize,
+    bank_id: &str,
     psus: usize,
 ) -> anyhow::Result<()> {
+    let action = match Script::of(i) {
+        Script::SignAtBank | Script::SignThroughRedirect => "sign",
+        Script::RejectAtBank => "reject",
+        Script::Abandon | Script::Invalid => return Ok(()),
+    };
     let url = admin.join(&format!(
-        "admin/e2e/{}/sign?psu={}",
-        payment_id(i),
+        "admin/payments/{bank_id}/{action}?psu={}",
         psu_of(i, psus)
     ))?;
-    let body: serde_json::Value = reqwest::Client::new()
-        .post(url)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let response = reqwest::Client::new().post(url).send().await?;
+    if !response.status().is_success() {
+        bail!("PSU {action} of {bank_id}: HTTP {}", response.status());
+    }
+    if Script::of(i) != Script::SignThroughRedirect {
+        return Ok(());
+    }
+    let body: serde_json::Value = response.json().await?;
     let redirect = body["redirect_url"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("no redirect_url in {body}"))?;
@@ -541,7 +543,7 @@ async fn chaos(
     let stop = Arc::new(AtomicBool::new(false));
     let events: Arc<Mutex<Vec<StatusRecord>>> = Arc::new(Mutex::new(Vec::new()));
     let undecodable = Arc::new(AtomicUsize::new(0));
-    let (pending_tx, mut pending_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let (pending_tx, mut pending_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
     let follower = {
         let events = events.clone();
         let undecodable = undecodable.clone();
@@ -556,14 +558,12 @@ async fn chaos(
                     if record.state == StateKind::ScaPending
                         && asked.insert(record.payment_id.clone())
                     {
-                        if let Some(i) = record
+                        let index = record
                             .payment_id
                             .strip_prefix('c')
-                            .and_then(|n| n.parse::<usize>().ok())
-                        {
-                            if Script::of(i) == Script::SignThroughRedirect {
-                                let _ = pending_tx.send(i);
-                            }
+                            .and_then(|n| n.parse::<usize>().ok());
+                        if let (Some(i), Some(bank_id)) = (index, record.bank_payment_id.clone()) {
+                            let _ = pending_tx.send((i, bank_id));
                         }
                     }
                     events
@@ -591,7 +591,7 @@ async fn chaos(
         let psus = args.psus;
         let failures = redirect_failures.clone();
         tokio::spawn(async move {
-            while let Some(i) = pending_rx.recv().await {
+            while let Some((i, bank_id)) = pending_rx.recv().await {
                 let (producer, topic, admin, failures) = (
                     producer.clone(),
                     topic.clone(),
@@ -600,10 +600,10 @@ async fn chaos(
                 );
                 tokio::spawn(async move {
                     for attempt in 0..5 {
-                        match sign_through_redirect(&admin, &producer, &topic, i, psus).await {
+                        match psu_acts(&admin, &producer, &topic, i, &bank_id, psus).await {
                             Ok(()) => return,
                             Err(e) if attempt == 4 => {
-                                println!("chaos: PSU could not sign {}: {e}", payment_id(i));
+                                println!("chaos: the PSU could not act on {}: {e}", payment_id(i));
                                 failures.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -738,7 +738,7 @@ async fn chaos(
         undecodable.load(Ordering::Relaxed),
     );
     report.row(
-        "PSU redirect signings that failed",
+        "PSU actions that failed",
         redirect_failures.load(Ordering::Relaxed),
     );
     let fault_counters = sandbox.faults().counters();
