@@ -16,7 +16,7 @@ case "$mode" in
     args=(--payments "${CHAOS_PAYMENTS:-10000}" --psus 500 --partitions 6 --workers 3
           --kill-every-secs 20 --timeout-secs 3000 --run-dir .run/chaos)
     if scripts/broker.sh install persistent; then
-      args+=(--persistent --broker-restart-every-secs 90)
+      args+=(--persistent --broker-restart-every-secs 30)
     else
       echo "chaos: persistent broker storage unavailable: running without broker restarts" >&2
     fi
