@@ -14,7 +14,12 @@ const CLIENT_DRIVEN: &[&str] = &["--poll-fast-ms", "60000", "--poll-slow-ms", "6
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_payments_and_tokens_are_taken_over() {
-    let env = TestEnv::new(|c| c.settle_after = Duration::from_secs(3600)).await;
+    let env = TestEnv::new(|c| {
+        c.settle_after = Duration::from_secs(3600);
+        // Short-lived tokens: the surviving replica must refresh the dead one's pairs.
+        c.access_token_lifetime = Duration::from_secs(2);
+    })
+    .await;
     let mut a = env.start_worker("a", CLIENT_DRIVEN);
     let b = env.start_worker("b", CLIENT_DRIVEN);
     // Each replica owns one of the two partitions once the group has settled.
@@ -49,6 +54,8 @@ async fn a_killed_replicas_payments_and_tokens_are_taken_over() {
     // Replica a dies; b takes over its partition, restoring payments and sealed tokens.
     a.kill();
     b.wait_restored(2).await;
+    // Every access token is expired by now: each cancellation starts with a refresh.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for (i, psu) in psus.iter().enumerate() {
         env.send(&command(
             &format!("rep-{i}"),
@@ -82,6 +89,8 @@ async fn a_killed_replicas_payments_and_tokens_are_taken_over() {
     }
     let counters = env.counters().await;
     assert_eq!(counters["cancellations"], 8, "{counters}");
+    // One refresh per PSU, by the one replica that owns it, and no use of a replaced pair.
+    assert_eq!(counters["refreshes"], 8, "{counters}");
     assert_eq!(counters["invalidated_token_uses"], 0, "{counters}");
     for i in 0..psus.len() {
         assert_eq!(

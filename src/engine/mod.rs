@@ -156,6 +156,19 @@ impl Partitions for PartitionSet {
     }
 }
 
+/// Creates the topics if asked, and checks the command/state partition invariant. A `Setup`
+/// error (missing topic, partition mismatch) is a configuration fault; a `Kafka` error may be a
+/// broker that is not up yet.
+async fn prepare_topics(config: &WorkerConfig) -> Result<i32, crate::kafka::KafkaEdgeError> {
+    if let Some(partitions) = config.create_topics {
+        admin::ensure_topics(&config.kafka, partitions, 1).await?;
+    }
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || admin::check_partition_invariant(&kafka))
+        .await
+        .map_err(|e| crate::kafka::KafkaEdgeError::Setup(format!("topic check task: {e}")))?
+}
+
 /// Runs a worker until `shutdown` resolves (graceful: drain, commit, leave the group) or a fatal
 /// error occurs (returned as the error).
 pub async fn run(
@@ -165,12 +178,17 @@ pub async fn run(
     crate::contract::schemas().map_err(|e| anyhow::anyhow!("schemas: {e}"))?;
     let state_key =
         StateKey::from_hex(&config.state_key).map_err(|e| anyhow::anyhow!("state key: {e}"))?;
-    if let Some(partitions) = config.create_topics {
-        admin::ensure_topics(&config.kafka, partitions, 1).await?;
-    }
-    let partitions = {
-        let kafka = config.kafka.clone();
-        tokio::task::spawn_blocking(move || admin::check_partition_invariant(&kafka)).await??
+    // A broker that is down or restarting is waited for (with back-off), not a reason to exit:
+    // a replica started during a broker restart must join once the broker is back.
+    let partitions = loop {
+        match prepare_topics(&config).await {
+            Ok(partitions) => break partitions,
+            Err(e @ crate::kafka::KafkaEdgeError::Setup(_)) => return Err(e.into()),
+            Err(e) => {
+                warn!(error = %e, "broker not reachable yet; retrying in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
     };
     info!(partitions, "topics checked");
     let producer = Producer::new(&config.kafka)?;
