@@ -890,7 +890,8 @@ async fn check_bank(
     // high watermark cannot be trusted).
     let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
     let decode_errors = Arc::new(AtomicUsize::new(0));
-    let last_record = Arc::new(Mutex::new(Instant::now()));
+    // None until the first record: a slow broker may take a while to serve the first fetch.
+    let last_record: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let attempts = attempts.clone();
@@ -903,7 +904,7 @@ async fn check_bank(
             args.partitions,
             stop.clone(),
             move |m| {
-                *last_record.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                *last_record.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 let record_key = m
                     .key()
                     .map(|k| String::from_utf8_lossy(k).into_owned())
@@ -924,16 +925,21 @@ async fn check_bank(
             },
         )?
     };
+    let reading_since = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if last_record
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            > Duration::from_secs(3)
-        {
+        let last = *last_record.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet = last.is_some_and(|at| at.elapsed() > Duration::from_secs(5));
+        if quiet || reading_since.elapsed() > Duration::from_secs(180) {
             break;
         }
+    }
+    if last_record
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none()
+    {
+        report.violation("the state topic could not be read back".into());
     }
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
