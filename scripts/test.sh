@@ -13,13 +13,17 @@ cargo clippy --all-targets --locked -- -D warnings
 
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/pis-test.XXXXXX")"
 PORT="$(scripts/free-port.sh)"
-cleanup() { scripts/broker.sh stop "$RUN_DIR"; rm -rf "$RUN_DIR"; }
+cleanup() { scripts/broker.sh stop "$RUN_DIR" >/dev/null 2>&1; rm -rf "$RUN_DIR"; }
 trap cleanup EXIT
 scripts/broker.sh start "$PORT" "$RUN_DIR"
 export PIS_TEST_BROKERS="127.0.0.1:$PORT"
 
 echo "== tests (broker $PIS_TEST_BROKERS)"
-cargo test --locked --all-targets -- --test-threads "${PIS_TEST_THREADS:-2}"
+cargo test --locked --all-targets -- --test-threads "${PIS_TEST_THREADS:-2}" 2>&1 | tee "$RUN_DIR/cargo-test.log"
 
 echo "== chaos (reduced): SIGKILLed replicas and bank faults, checked end to end"
 scripts/chaos.sh ci
+
+# One closing line for the whole run (pipefail above already failed the run on any failure).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$RUN_DIR/cargo-test.log"
