@@ -59,8 +59,24 @@ impl Producer {
         value: &[u8],
         headers: Option<OwnedHeaders>,
     ) -> Result<Delivered, KafkaEdgeError> {
+        self.enqueue_value(topic, partition, key, Some(value), headers)
+            .await
+    }
+
+    /// `value: None` writes a tombstone.
+    async fn enqueue_value(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> Result<Delivered, KafkaEdgeError> {
         loop {
-            let mut record = FutureRecord::to(topic).key(key).payload(value);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key);
+            if let Some(value) = value {
+                record = record.payload(value);
+            }
             if let Some(p) = partition {
                 record = record.partition(p);
             }
@@ -115,34 +131,8 @@ impl Producer {
         key: &str,
     ) -> Result<Delivered, KafkaEdgeError> {
         let topic = self.topics.state.clone();
-        loop {
-            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
-                .key(key.as_bytes())
-                .partition(partition);
-            match self.inner.send_result(record) {
-                Ok(delivery) => {
-                    let topic = topic.clone();
-                    return Ok(Box::pin(async move {
-                        match delivery.await {
-                            Ok(Ok(delivered)) => Ok(delivered.offset),
-                            Ok(Err((e, _))) => {
-                                Err(KafkaEdgeError::kafka(format!("delivering to {topic}"), e))
-                            }
-                            Err(_canceled) => Err(KafkaEdgeError::Setup(format!(
-                                "producer dropped a delivery to {topic}"
-                            ))),
-                        }
-                    }));
-                }
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    _,
-                )) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err((e, _)) => {
-                    return Err(KafkaEdgeError::kafka(format!("enqueueing to {topic}"), e));
-                }
-            }
-        }
+        self.enqueue_value(&topic, Some(partition), key.as_bytes(), None, None)
+            .await
     }
 
     /// Publishes one status event, keyed by payment id.
