@@ -3,10 +3,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build test lint demo chaos chaos-ci broker-install clean
+.PHONY: help build test lint demo chaos chaos-ci alerts-test alerts-e2e helm-test broker-install clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 build: ## Build the pis-worker binary
 	@scripts/prereqs.sh
@@ -22,11 +22,20 @@ lint: ## cargo fmt --check and clippy -D warnings
 demo: ## Broker + Belfius sandbox + worker; payments move through their states
 	@scripts/demo.sh
 
-chaos: ## Full chaos run: 10,000 payments, 3 replicas, SIGKILLs, bank faults, broker restarts
+chaos: ## Full chaos run: 10,000 payments, 3 replicas, SIGKILLs, bank faults, broker restarts (persistent)
 	@scripts/chaos.sh full
 
 chaos-ci: ## Reduced chaos run (a few minutes), also part of make test
 	@scripts/chaos.sh ci
+
+alerts-test: ## promtool check + unit tests of the alert rules (also part of make test)
+	@scripts/alerts-test.sh
+
+alerts-e2e: ## Real Prometheus scrapes a worker; a failing bank makes the alert fire
+	@scripts/alerts-e2e.sh
+
+helm-test: ## helm lint, helm template (default + full values), schema validation (also in make test)
+	@scripts/helm-test.sh
 
 broker-install: ## Install the Tansu broker into .tools/
 	@scripts/broker.sh install

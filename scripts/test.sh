@@ -24,6 +24,12 @@ cargo test --locked --all-targets -- --test-threads "${PIS_TEST_THREADS:-2}" 2>&
 echo "== chaos (reduced): SIGKILLed replicas and bank faults, checked end to end"
 scripts/chaos.sh ci
 
+echo "== alert rules (promtool check + unit tests)"
+scripts/alerts-test.sh
+
+echo "== helm chart (lint, render, schema validation)"
+scripts/helm-test.sh
+
 # One closing line for the whole run (pipefail above already failed the run on any failure).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$RUN_DIR/cargo-test.log"

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod contract;
 pub mod domain;
 pub mod engine;
+pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod sandbox;
 pub mod secret;

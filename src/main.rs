@@ -31,6 +31,7 @@ async fn main() -> std::process::ExitCode {
                 .and_then(|r| r)
         }
         Command::Topics(args) => pis_worker::cli::run::topics(*args).await,
+        Command::Dlq(args) => pis_worker::cli::dlq::run(*args).await,
         Command::Schemas => pis_worker::contract::schemas()
             .map(|s| {
                 for known in [&s.command, &s.status] {

@@ -13,7 +13,8 @@ use pis_worker::belfius::errors::BelfiusErrorCode as E;
 use pis_worker::belfius::pkce::Pkce;
 use pis_worker::belfius::status::TransactionStatus;
 use pis_worker::belfius::{
-    BankError, BelfiusClient, BelfiusConfig, ErrorBody, Initiated, QsealConfig, TokenPair,
+    BankError, BelfiusClient, BelfiusConfig, ErrorBody, GuardConfig, Initiated, QsealConfig,
+    TokenPair,
 };
 use pis_worker::domain::bank::BankProgress;
 use pis_worker::domain::model::{
@@ -1530,7 +1531,8 @@ async fn client_without_certificate_is_stopped_at_the_handshake() {
     let env = env().await;
     let mut config: BelfiusConfig = env.sandbox.belfius_config().unwrap();
     config.qwac = None;
-    let no_cert = BelfiusClient::new(config).unwrap();
+    // One attempt per call: a refused handshake is NotSent, which reads would retry.
+    let no_cert = BelfiusClient::with_guard(config, GuardConfig::none()).unwrap();
     let result = no_cert
         .initiate_payment(&order("E2E-NOCERT"), &challenge(), None)
         .await;
@@ -1858,9 +1860,14 @@ fn rule(endpoint: EndpointClass, fault: Fault) -> FaultRule {
     }
 }
 
+/// One HTTP attempt per call (no retries, limits or breaker): what each fault maps to. What the
+/// guard then does with it is `tests/bank_faults.rs`.
 #[tokio::test]
 async fn injected_faults_map_to_bank_errors() {
-    let env = env().await;
+    let mut env = env().await;
+    env.client =
+        BelfiusClient::with_guard(env.sandbox.belfius_config().unwrap(), GuardConfig::none())
+            .unwrap();
     let faults = env.sandbox.faults();
     let c = challenge();
 

@@ -13,6 +13,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::guard::{Call, Guard, GuardConfig, StatusClass};
 use super::pkce::METHOD_S256;
 use super::qseal::QsealSigner;
 use super::{BankError, BelfiusConfig, ErrorBody, Initiated, TokenPair};
@@ -20,6 +21,7 @@ use crate::domain::model::{
     BankPaymentId, Brand, BulkOrder, Language, PaymentKind, PaymentOrder, PaymentProduct,
     StandingOrder,
 };
+use crate::metrics::metrics;
 
 /// Header names of the Belfius API [P §2.2]. HTTP header names are case-insensitive.
 pub mod headers {
@@ -57,13 +59,15 @@ pub enum ClientBuildError {
     Qseal(String),
 }
 
-/// Cheap to clone: one connection pool and one configuration shared by all clones.
+/// Cheap to clone: one connection pool, one configuration and one [`Guard`] (retries, limits,
+/// circuit breakers) shared by all clones.
 #[derive(Clone)]
 pub struct BelfiusClient {
     http: reqwest::Client,
     config: Arc<BelfiusConfig>,
     /// Built once from `config.qseal`: parsing the key per request would be wasted work.
     signer: Option<Arc<QsealSigner>>,
+    guard: Arc<Guard>,
 }
 
 impl std::fmt::Debug for BelfiusClient {
@@ -71,12 +75,19 @@ impl std::fmt::Debug for BelfiusClient {
         // BelfiusConfig's own Debug hides the secret (SecretString) and the QWAC key.
         f.debug_struct("BelfiusClient")
             .field("config", &self.config)
+            .field("guard", &self.guard)
             .finish_non_exhaustive()
     }
 }
 
 impl BelfiusClient {
+    /// A client with the default [`GuardConfig`] (the worker's defaults).
     pub fn new(config: BelfiusConfig) -> Result<Self, ClientBuildError> {
+        Self::with_guard(config, GuardConfig::default())
+    }
+
+    /// A client whose calls run under `guard` (retries, per-host limits, circuit breakers).
+    pub fn with_guard(config: BelfiusConfig, guard: GuardConfig) -> Result<Self, ClientBuildError> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .connect_timeout(config.connect_timeout)
@@ -122,11 +133,17 @@ impl BelfiusClient {
             http,
             config: Arc::new(config),
             signer,
+            guard: Arc::new(Guard::new(guard)),
         })
     }
 
     pub fn config(&self) -> &BelfiusConfig {
         &self.config
+    }
+
+    /// The retry policy, limits and circuit breakers this client's calls run under.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// Belfius and Banx customers must be addressed on their own brand's host [P §1.1].
@@ -150,23 +167,19 @@ impl BelfiusClient {
         Ok(url)
     }
 
-    /// Headers every call carries [P §2.2]. Request-ID is a fresh UUID v4 per HTTP call and is
-    /// NOT an idempotency key (§9).
+    /// Headers every call carries [P §2.2]. `Request-ID` is added by [`Self::send`] per HTTP
+    /// attempt: a fresh UUID v4 each time, NOT an idempotency key (§9).
     fn request(
         &self,
         method: Method,
         url: url::Url,
         version: &str,
         language: Language,
-    ) -> (RequestBuilder, String) {
-        let request_id = uuid::Uuid::new_v4().to_string();
-        let builder = self
-            .http
+    ) -> RequestBuilder {
+        self.http
             .request(method, url)
-            .header(headers::REQUEST_ID, &request_id)
             .header(header::ACCEPT, accept_header(version))
-            .header(header::ACCEPT_LANGUAGE, language.as_str());
-        (builder, request_id)
+            .header(header::ACCEPT_LANGUAGE, language.as_str())
     }
 
     /// `POST {base}/payments/{product}` with the v3 body and its per-product rules [P §2.5].
@@ -270,7 +283,7 @@ impl BelfiusClient {
         } else {
             None
         };
-        let (mut req, request_id) = self.request(
+        let mut req = self.request(
             Method::POST,
             url.clone(),
             initiation.version,
@@ -291,7 +304,12 @@ impl BelfiusClient {
                 .header(headers::CODE_CHALLENGE_METHOD, METHOD_S256),
         };
 
-        let response = self.send(req, &request_id, "initiate").await?;
+        let call = match initiation.kind {
+            PaymentKind::Single => Call::Initiate,
+            PaymentKind::Periodic => Call::InitiatePeriodic,
+            PaymentKind::Bulk => Call::InitiateBulk,
+        };
+        let response = self.send(call, initiation.brand, req).await?;
         let parsed: InitiationResponse = response.json_or_empty()?;
         let payment_id = parsed
             .payment_id
@@ -315,7 +333,7 @@ impl BelfiusClient {
             .map_err(|e| BankError::Protocol(format!("SCA redirect URL is not a URL: {e}")))?
             .to_string();
         tracing::debug!(
-            request_id,
+            request_id = response.request_id,
             payment_id,
             kind = initiation.kind.path_prefix(),
             "payment initiated"
@@ -361,7 +379,7 @@ impl BelfiusClient {
         id: &BankPaymentId,
     ) -> Result<String, BankError> {
         let url = self.resource(kind, brand, product, id, Some("status"))?;
-        let (req, request_id) = self.request(
+        let req = self.request(
             Method::GET,
             url,
             &self.config.versions.payment_status,
@@ -369,7 +387,7 @@ impl BelfiusClient {
             Language::Fr,
         );
         let req = req.header(headers::CLIENT_ID, &self.config.client_id);
-        let response = self.send(req, &request_id, "status").await?;
+        let response = self.send(Call::Status, brand, req).await?;
         let parsed: StatusResponse = response.json()?;
         parsed
             .transaction_status
@@ -390,7 +408,7 @@ impl BelfiusClient {
         access_token: &SecretString,
     ) -> Result<serde_json::Value, BankError> {
         let url = self.resource(kind, brand, product, id, None)?;
-        let (req, request_id) = self.request(
+        let req = self.request(
             Method::GET,
             url,
             // [P] the details reference shows the same version example as status.
@@ -400,7 +418,7 @@ impl BelfiusClient {
         let req = req
             .header(headers::CLIENT_ID, &self.config.client_id)
             .bearer_auth(access_token.expose_secret());
-        let response = self.send(req, &request_id, "details").await?;
+        let response = self.send(Call::Details, brand, req).await?;
         response.json()
     }
 
@@ -427,7 +445,7 @@ impl BelfiusClient {
         } else {
             None
         };
-        let (mut req, request_id) = self.request(
+        let mut req = self.request(
             Method::DELETE,
             url,
             &self.config.versions.payment_cancellation,
@@ -439,7 +457,7 @@ impl BelfiusClient {
         if let Some(signature) = signature {
             req = req.header(headers::SIGNATURE, signature);
         }
-        let response = self.send(req, &request_id, "cancel").await?;
+        let response = self.send(Call::Cancel, brand, req).await?;
         let parsed: StatusResponse = response.json_or_empty()?;
         Ok(Cancelled {
             transaction_status: parsed.transaction_status.filter(|s| !s.trim().is_empty()),
@@ -461,7 +479,14 @@ impl BelfiusClient {
             ("code_verifier", code_verifier.expose_secret()),
         ])
         .map_err(|_| BankError::NotSent("cannot encode token request".into()))?;
-        self.token_call(brand, form.into()).await
+        let result = self
+            .token_call(brand, Call::TokenExchange, form.into())
+            .await;
+        metrics()
+            .token_exchanges
+            .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
+            .inc();
+        result
     }
 
     /// `POST {base}/token`, grant `refresh_token` [C]. Belfius keeps ONE pair per scope: the
@@ -476,13 +501,24 @@ impl BelfiusClient {
             ("refresh_token", refresh_token.expose_secret()),
         ])
         .map_err(|_| BankError::NotSent("cannot encode token request".into()))?;
-        self.token_call(brand, form.into()).await
+        let result = self
+            .token_call(brand, Call::TokenRefresh, form.into())
+            .await;
+        metrics()
+            .token_refreshes
+            .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
+            .inc();
+        result
     }
 
-    async fn token_call(&self, brand: Brand, form: SecretString) -> Result<TokenPair, BankError> {
+    async fn token_call(
+        &self,
+        brand: Brand,
+        call: Call,
+        form: SecretString,
+    ) -> Result<TokenPair, BankError> {
         let url = self.endpoint(brand, &["token"])?;
-        let (req, request_id) =
-            self.request(Method::POST, url, &self.config.versions.token, Language::Fr);
+        let req = self.request(Method::POST, url, &self.config.versions.token, Language::Fr);
         let req = req
             .basic_auth(
                 &self.config.client_id,
@@ -490,7 +526,7 @@ impl BelfiusClient {
             )
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(form.expose_secret().to_owned());
-        let response = self.send(req, &request_id, "token").await?;
+        let response = self.send(call, brand, req).await?;
         let parsed: TokenResponse = response.json_redacted()?;
         if let Some(kind) = &parsed.token_type
             && !kind.eq_ignore_ascii_case("bearer")
@@ -507,28 +543,73 @@ impl BelfiusClient {
         })
     }
 
-    /// Sends a request and maps every failure to [`BankError`]; returns 2xx responses only.
+    /// Sends a request under the guard of `brand`'s host (retries as `call`'s policy allows,
+    /// concurrency and rate limits, circuit breaker) and maps every failure to [`BankError`];
+    /// returns 2xx responses only. The single place where requests leave the worker.
     async fn send(
         &self,
+        call: Call,
+        brand: Brand,
         req: RequestBuilder,
-        request_id: &str,
-        operation: &'static str,
     ) -> Result<Success, BankError> {
-        let response = match req.send().await {
+        let template = req.build().map_err(|e| {
+            BankError::NotSent(format!("cannot build the request: {}", error_chain(&e)))
+        })?;
+        let template = &template;
+        self.guard
+            .run(call, brand, move || self.attempt(call, template))
+            .await
+    }
+
+    /// One HTTP exchange: a copy of `template` with a fresh `Request-ID`, sent and read.
+    async fn attempt(
+        &self,
+        call: Call,
+        template: &reqwest::Request,
+    ) -> (Result<Success, BankError>, StatusClass) {
+        let operation = call.endpoint();
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let Some(mut request) = template.try_clone() else {
+            // Only streaming bodies cannot be copied; this client sends none.
+            return (
+                Err(BankError::NotSent("request body cannot be replayed".into())),
+                StatusClass::Transport,
+            );
+        };
+        match HeaderValue::from_str(&request_id) {
+            Ok(value) => {
+                request.headers_mut().insert(headers::REQUEST_ID, value);
+            }
+            Err(_) => {
+                return (
+                    Err(BankError::NotSent(
+                        "Request-ID is not a header value".into(),
+                    )),
+                    StatusClass::Transport,
+                );
+            }
+        }
+        let response = match self.http.execute(request).await {
             Ok(response) => response,
             Err(e) => {
                 let error = map_transport_error(&e);
                 tracing::warn!(request_id, operation, %error, "bank call failed");
-                return Err(error);
+                return (Err(error), transport_class(&e));
             }
         };
         let status = response.status();
         let response_headers = response.headers().clone();
         // Once a status line is in, the bank has acted (or refused): a failed body read leaves
         // the outcome unknown.
-        let body = response.bytes().await.map_err(|e| {
-            BankError::NoResponse(format!("reading response body: {}", error_chain(&e)))
-        })?;
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(e) => {
+                let error =
+                    BankError::NoResponse(format!("reading response body: {}", error_chain(&e)));
+                tracing::warn!(request_id, operation, %error, "bank call failed");
+                return (Err(error), transport_class(&e));
+            }
+        };
         tracing::debug!(
             request_id,
             operation,
@@ -539,23 +620,39 @@ impl BelfiusClient {
                 .unwrap_or(""),
             "bank answered"
         );
+        let class = StatusClass::of_status(status.as_u16());
         match map_status(status, &response_headers, &body) {
-            Ok(()) => Ok(Success {
-                location: response_headers
-                    .get(header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-                body: body.to_vec(),
-            }),
+            Ok(()) => (
+                Ok(Success {
+                    request_id,
+                    location: response_headers
+                        .get(header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                    body: body.to_vec(),
+                }),
+                class,
+            ),
             Err(error) => {
                 tracing::info!(request_id, operation, %error, "bank did not accept the call");
-                Err(error)
+                (Err(error), class)
             }
         }
     }
 }
 
+/// The metrics class of a failure without an HTTP status.
+fn transport_class(e: &reqwest::Error) -> StatusClass {
+    if e.is_timeout() {
+        StatusClass::Timeout
+    } else {
+        StatusClass::Transport
+    }
+}
+
 struct Success {
+    /// The `Request-ID` of the attempt that got this answer.
+    request_id: String,
     location: Option<String>,
     body: Vec<u8>,
 }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod errors;
+pub mod guard;
 pub mod identity;
 pub mod pkce;
 pub mod qseal;
@@ -16,6 +17,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 pub use client::BelfiusClient;
+pub use guard::GuardConfig;
 
 use crate::domain::model::BankPaymentId;
 
@@ -34,7 +36,10 @@ pub struct BelfiusConfig {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// QWAC client certificate chain and private key (PEM) for mutual TLS.
     pub qwac: Option<QwacIdentity>,
+    /// TCP connect (and TLS handshake) bound of every call.
     pub connect_timeout: Duration,
+    /// Whole-exchange bound of every HTTP attempt (connect, request, response body), token
+    /// calls included; retries each get their own.
     pub request_timeout: Duration,
     pub versions: ApiVersions,
     /// QSeal request signing (`Signature` header); `None` sends no signature (sandbox).

@@ -142,6 +142,9 @@ struct Workers {
     running: Vec<(usize, Child)>,
     started: usize,
     killed: usize,
+    /// Workers that stopped by themselves (a fatal error: crash-only) and were restarted, as
+    /// a Deployment's restart policy would.
+    exited: usize,
 }
 
 impl Workers {
@@ -172,6 +175,25 @@ impl Workers {
         self.killed += 1;
         println!("chaos: SIGKILL worker {n}; starting a replacement");
         self.start_one()
+    }
+
+    /// Restarts workers that exited by themselves; their log's last line says why.
+    fn replace_exited(&mut self) -> anyhow::Result<()> {
+        let mut exited = Vec::new();
+        self.running
+            .retain_mut(|(n, child)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    exited.push((*n, status));
+                    false
+                }
+                Ok(None) | Err(_) => true,
+            });
+        for (n, status) in exited {
+            self.exited += 1;
+            println!("chaos: worker {n} exited by itself ({status}); starting a replacement");
+            self.start_one()?;
+        }
+        Ok(())
     }
 
     /// Graceful stop of everyone still running (SIGTERM, then wait).
@@ -444,6 +466,8 @@ async fn chaos(
         session_timeout_ms: 6_000,
         assignment_strategy: "cooperative-sticky".into(),
         extra: vec![],
+        // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
+        state_compaction: false,
     };
     pis_worker::kafka::admin::ensure_topics(&settings, args.partitions, 1).await?;
 
@@ -527,12 +551,14 @@ async fn chaos(
                 sandbox.client_secret().expose_secret().to_owned(),
             ),
             ("PIS_LOG".into(), "info,rdkafka=warn".into()),
+            ("PIS_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             ("NO_COLOR".into(), "1".into()),
         ],
         dir: run_dir.to_path_buf(),
         running: Vec::new(),
         started: 0,
         killed: 0,
+        exited: 0,
     };
     for _ in 0..args.workers {
         workers.start_one()?;
@@ -693,6 +719,7 @@ async fn chaos(
             println!("chaos: time is up with {finals}/{} final", args.payments);
             break;
         }
+        workers.replace_exited()?;
         if args.kill_every_secs > 0 && Instant::now() >= next_kill {
             next_kill = Instant::now() + Duration::from_secs(args.kill_every_secs);
             workers.kill_random()?;
@@ -729,8 +756,11 @@ async fn chaos(
         format!("{:.0} s", started.elapsed().as_secs_f64()),
     );
     report.row(
-        "workers started / SIGKILLed",
-        format!("{} / {}", workers.started, workers.killed),
+        "workers started / SIGKILLed / exited by themselves",
+        format!(
+            "{} / {} / {}",
+            workers.started, workers.killed, workers.exited
+        ),
     );
     report.row("broker restarts", broker_restarts);
     report.row(
@@ -890,14 +920,17 @@ async fn check_bank(
     // high watermark cannot be trusted).
     let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
     let decode_errors = Arc::new(AtomicUsize::new(0));
+    let zombie_records = Arc::new(AtomicUsize::new(0));
     // None until the first record: a slow broker may take a while to serve the first fetch.
     let last_record: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let attempts = attempts.clone();
         let decode_errors = decode_errors.clone();
+        let zombie_records = zombie_records.clone();
         let last_record = last_record.clone();
         let key = key.clone();
+        let mut epoch_floor: HashMap<i32, i64> = HashMap::new();
         follow(
             settings,
             &settings.topics.state,
@@ -910,14 +943,22 @@ async fn check_bank(
                     .map(|k| String::from_utf8_lossy(k).into_owned())
                     .unwrap_or_default();
                 let Some(payload) = m.payload() else { return };
-                match state_topic::decode(&key, &record_key, payload) {
-                    Ok(DecodedRecord::Payment { payment, .. }) => {
+                // Read as a restore does: a record older than a claim read before it was
+                // written by a superseded owner and does not count (docs/guarantees.md).
+                let floor = epoch_floor.entry(m.partition()).or_insert(-1);
+                match state_topic::decode_with_epoch(&key, &record_key, payload) {
+                    Ok((DecodedRecord::RestoreMarker, _)) => *floor = (*floor).max(m.offset()),
+                    Ok((_, epoch)) if epoch >= 0 && epoch < *floor => {
+                        zombie_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok((DecodedRecord::Payment { payment, .. }, epoch)) => {
+                        *floor = (*floor).max(epoch);
                         attempts
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .insert(payment.payment_id.to_string(), payment.initiation_attempts);
                     }
-                    Ok(_) => {}
+                    Ok((_, epoch)) => *floor = (*floor).max(epoch),
                     Err(_) => {
                         decode_errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -971,6 +1012,10 @@ async fn check_bank(
     report.row(
         "state records that did not decode",
         decode_errors.load(Ordering::Relaxed),
+    );
+    report.row(
+        "state records of superseded owners (skipped, as restore does)",
+        zombie_records.load(Ordering::Relaxed),
     );
     report.row(
         "tokens issued / refreshes / invalidated-token uses",

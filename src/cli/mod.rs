@@ -1,5 +1,6 @@
 //! The `pis-worker` command line: the worker itself and the tools around it.
 
+pub mod dlq;
 pub mod run;
 pub mod send;
 pub mod watch;
@@ -32,6 +33,8 @@ pub enum Command {
     Send(Box<send::SendArgs>),
     /// Print payment status events as they arrive.
     Watch(Box<watch::WatchArgs>),
+    /// List or replay the dead-letter topic's records.
+    Dlq(Box<dlq::DlqArgs>),
     /// Create the topics (idempotent).
     Topics(Box<run::TopicsArgs>),
     /// Print a fresh state-encryption key (64 hex characters).
@@ -72,6 +75,10 @@ pub struct BrokerArgs {
     /// Extra librdkafka property, `key=value` (repeatable): security.protocol, sasl.*, ssl.*...
     #[arg(long = "kafka-property", value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
+    /// Create the state topic compacted (needs a broker that honours min.compaction.lag.ms;
+    /// false for Tansu 0.6, see docs/guarantees.md).
+    #[arg(long, env = "PIS_STATE_COMPACTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub state_compaction: bool,
 }
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
@@ -95,6 +102,7 @@ impl BrokerArgs {
             session_timeout_ms,
             assignment_strategy: self.assignment_strategy.clone(),
             extra: self.kafka_properties.clone(),
+            state_compaction: self.state_compaction,
         }
     }
 }

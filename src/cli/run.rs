@@ -31,6 +31,9 @@ pub struct RunArgs {
     /// Create missing topics with this many partitions at start-up.
     #[arg(long, env = "PIS_CREATE_TOPICS")]
     pub create_topics: Option<i32>,
+    /// Serve /metrics, /healthz and /readyz here; "off" to not serve them.
+    #[arg(long, env = "PIS_HTTP_ADDR", default_value = "0.0.0.0:9400")]
+    pub http_addr: String,
     /// Belfius-brand API base URL.
     #[arg(
         long,
@@ -105,6 +108,9 @@ pub struct RunArgs {
     pub bank_connect_timeout_ms: u64,
     #[arg(long, env = "PIS_BANK_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub bank_request_timeout_ms: u64,
+    /// Retries, per-host limits and circuit breaker of bank calls (docs/belfius.md §1.5).
+    #[command(flatten)]
+    pub bank_guard: crate::belfius::guard::GuardArgs,
     /// How long the PSU has to sign.
     #[arg(long, env = "PIS_SCA_TIMEOUT_SECS", default_value_t = 900)]
     pub sca_timeout_secs: u64,
@@ -124,6 +130,9 @@ pub struct RunArgs {
     /// Bound for finishing in-flight work when a partition is revoked.
     #[arg(long, env = "PIS_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// Schema registry and extra writer schemas (docs/schemas.md).
+    #[command(flatten)]
+    pub contract: crate::contract::registry::ContractArgs,
 }
 
 fn read_secret_file(path: &PathBuf, what: &str) -> anyhow::Result<SecretString> {
@@ -250,13 +259,26 @@ impl RunArgs {
             restore_timeout: Duration::from_secs(300),
             checkpoint_interval: Duration::from_secs(1),
             create_topics: self.create_topics,
+            bank_guard: self.bank_guard.config(),
+            http_addr: match self.http_addr.as_str() {
+                "off" => None,
+                addr => Some(
+                    addr.parse()
+                        .with_context(|| format!("--http-addr {addr:?} is not host:port"))?,
+                ),
+            },
         })
     }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    crate::engine::run(config, super::stop_signal()).await
+    (args.contract)
+        .install(&args.broker.topic_status, super::stop_signal())
+        .await?;
+    let result = crate::engine::run(config, super::stop_signal()).await;
+    crate::contract::registry::exit_if_waiting(&result);
+    result
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -4,8 +4,8 @@ use apache_avro::types::Value;
 use chrono::NaiveDate;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::framing::{frame, unframe};
-use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, schemas};
+use super::framing::{WriterRef, frame, unframe_any};
+use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, WriterSchema, schemas};
 use crate::domain::model::{
     PostalAddress, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
 };
@@ -323,35 +323,49 @@ pub(super) fn opt_string(value: Option<&str>) -> Value {
     }
 }
 
-/// Decodes a single-object encoded command, resolving the writer schema against this build's
-/// reader schema.
+/// How long a decode may wait for the schema registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// One request: an unreachable registry is a `RegistryUnavailable` error.
+    Once,
+    /// Until the registry answers (back-off with jitter): what the worker does, so that a
+    /// registry outage neither dead-letters nor skips a record.
+    UntilAnswered,
+}
+
+/// Decodes a command in single-object encoding or (with a registry) Confluent framing, with the
+/// writer schema its header names, waiting for an unreachable registry (see [`Patience`]).
 pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<CommandEnvelope, DecodeError> {
+    decode_with(bytes, max_bytes, Patience::UntilAnswered)
+}
+
+/// [`decode`] with a choice of how long to wait for the registry.
+pub fn decode_with(
+    bytes: &[u8],
+    max_bytes: usize,
+    patience: Patience,
+) -> Result<CommandEnvelope, DecodeError> {
     if bytes.len() > max_bytes {
         return Err(DecodeError::new(
             DecodeErrorClass::Oversized,
             format!("{} bytes exceeds the maximum of {max_bytes}", bytes.len()),
         ));
     }
-    let (fingerprint, mut datum) = unframe(bytes)?;
-    let schemas = schemas()?;
-    let writer = match schemas.writer(&fingerprint) {
-        Some((SchemaRole::Command, schema)) => schema,
-        Some((SchemaRole::Status, _)) => {
+    let (writer_ref, mut datum) = unframe_any(bytes)?;
+    let writer = writer_schema(writer_ref, patience)?;
+    match writer.role {
+        SchemaRole::Command => {}
+        SchemaRole::Status => {
             return Err(DecodeError::new(
                 DecodeErrorClass::WrongRecordType,
                 "a PaymentStatusEvent was published to the command topic",
             ));
         }
-        None => {
-            return Err(DecodeError::new(
-                DecodeErrorClass::UnknownSchema,
-                format!(
-                    "writer schema fingerprint {} is not a known PaymentCommand schema",
-                    hex::encode(fingerprint)
-                ),
-            ));
-        }
-    };
+    }
+    let writer = &writer.schema;
+    // apache-avro reads a value cut off by the end of the bytes as null: check the datum's
+    // structure first, so that a truncated command is malformed, not a different command.
+    super::binary::check_datum(writer, datum).map_err(malformed)?;
     // Read with the writer schema alone and resolve by name below: apache-avro 0.21 resolves a
     // union of records structurally when given a reader schema, which turned a CancelPayment
     // into a CompleteSca with all-default fields (see docs/contract.md).
@@ -364,6 +378,40 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<CommandEnvelope, DecodeE
         ));
     }
     envelope_from_value(value, writer)
+}
+
+/// The writer schema a message header names: a known fingerprint, or a registry id.
+pub(super) fn writer_schema(
+    writer_ref: WriterRef,
+    patience: Patience,
+) -> Result<std::sync::Arc<WriterSchema>, DecodeError> {
+    match writer_ref {
+        WriterRef::Fingerprint(fingerprint) => schemas()?.writer(&fingerprint).ok_or_else(|| {
+            DecodeError::new(
+                DecodeErrorClass::UnknownSchema,
+                format!(
+                    "writer schema fingerprint {} is not a schema this worker knows \
+                     (built in, schemas/history, or PIS_WRITER_SCHEMAS_DIR)",
+                    hex::encode(fingerprint)
+                ),
+            )
+        }),
+        WriterRef::RegistryId(id) => {
+            let Some(registry) = super::registry::current() else {
+                return Err(DecodeError::new(
+                    DecodeErrorClass::UnknownSchema,
+                    format!(
+                        "Confluent framing (schema id {id}) but no schema registry is configured \
+                         (PIS_SCHEMA_REGISTRY_URL)"
+                    ),
+                ));
+            };
+            match patience {
+                Patience::Once => registry.writer_by_id(id),
+                Patience::UntilAnswered => registry.writer_by_id_waiting(id),
+            }
+        }
+    }
 }
 
 /// The record name of branch `index` of the writer's `body` union.
@@ -754,6 +802,24 @@ mod tests {
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(class(&trailing, 100), Err(DecodeErrorClass::MalformedAvro));
+    }
+
+    /// No prefix of a command decodes: apache-avro alone read a cut-off union or string as
+    /// null, which turned a truncated initiation into a valid one.
+    #[test]
+    fn every_truncation_of_a_command_is_malformed() {
+        let good = encode(&envelope(CommandBody::Initiate(
+            Box::new(sample_initiate()),
+        )))
+        .expect("encode");
+        for n in 10..good.len() {
+            assert_eq!(
+                decode(&good[..n], 65_536).map(|_| ()).map_err(|e| e.class),
+                Err(DecodeErrorClass::MalformedAvro),
+                "cut at {n} of {}",
+                good.len()
+            );
+        }
     }
 }
 

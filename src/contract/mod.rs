@@ -4,13 +4,17 @@
 //! Values are built and read field by field rather than through serde, so that every decoding
 //! failure names the field and the class of error (for the DLQ headers).
 
+pub mod binary;
 pub mod canonical;
 pub mod command;
+pub mod compat;
 pub mod framing;
+pub mod registry;
 pub mod status;
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::path::Path;
+use std::sync::{Arc, LazyLock, RwLock};
 
 use apache_avro::Schema;
 
@@ -38,6 +42,9 @@ pub enum DecodeErrorClass {
     WrongRecordType,
     /// A payment command whose envelope fields are invalid (ids, key mismatch).
     InvalidEnvelope,
+    /// The schema registry did not answer (down, 5xx, timeout). Transient: the worker waits
+    /// and retries; such a record is never dead-lettered.
+    RegistryUnavailable,
 }
 
 impl DecodeErrorClass {
@@ -50,7 +57,25 @@ impl DecodeErrorClass {
             DecodeErrorClass::MalformedAvro => "MALFORMED_AVRO",
             DecodeErrorClass::WrongRecordType => "WRONG_RECORD_TYPE",
             DecodeErrorClass::InvalidEnvelope => "INVALID_ENVELOPE",
+            DecodeErrorClass::RegistryUnavailable => "REGISTRY_UNAVAILABLE",
         }
+    }
+
+    /// Every class, for documentation checks.
+    pub const ALL: [DecodeErrorClass; 8] = [
+        DecodeErrorClass::Empty,
+        DecodeErrorClass::Oversized,
+        DecodeErrorClass::BadFraming,
+        DecodeErrorClass::UnknownSchema,
+        DecodeErrorClass::MalformedAvro,
+        DecodeErrorClass::WrongRecordType,
+        DecodeErrorClass::InvalidEnvelope,
+        DecodeErrorClass::RegistryUnavailable,
+    ];
+
+    /// Whether the cause may go away by itself (retry), rather than being in the record.
+    pub fn is_transient(self) -> bool {
+        matches!(self, DecodeErrorClass::RegistryUnavailable)
     }
 }
 
@@ -100,18 +125,32 @@ pub struct KnownSchema {
     pub fingerprint: [u8; 8],
 }
 
+/// What a writer schema writes: commands or status events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaRole {
+    Command,
+    Status,
+}
+
+/// Full names of the root records, which tell a writer schema's role.
+pub const COMMAND_RECORD: &str = "be.pisworker.v1.PaymentCommand";
+pub const STATUS_RECORD: &str = "be.pisworker.v1.PaymentStatusEvent";
+
+/// A writer schema this process can read records of.
+#[derive(Debug)]
+pub struct WriterSchema {
+    pub role: SchemaRole,
+    pub schema: Schema,
+    /// Where it came from (`built-in`, `schemas/history`, a file, `registry id 7`), for logs.
+    pub origin: String,
+}
+
 /// The schemas this build writes, and every writer schema it can read.
 pub struct Schemas {
     pub command: KnownSchema,
     pub status: KnownSchema,
     /// Every writer schema this build reads: the current ones and the history.
-    writers: HashMap<[u8; 8], (SchemaRole, Schema)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SchemaRole {
-    Command,
-    Status,
+    writers: HashMap<[u8; 8], Arc<WriterSchema>>,
 }
 
 fn known(name: &'static str, json: &str) -> Result<KnownSchema, String> {
@@ -128,14 +167,21 @@ impl Schemas {
     fn load() -> Result<Self, String> {
         let command = known("PaymentCommand", COMMAND_SCHEMA_JSON)?;
         let status = known("PaymentStatusEvent", STATUS_SCHEMA_JSON)?;
+        let writer = |role, schema: &Schema, origin: &str| {
+            Arc::new(WriterSchema {
+                role,
+                schema: schema.clone(),
+                origin: origin.to_owned(),
+            })
+        };
         let mut writers = HashMap::from([
             (
                 command.fingerprint,
-                (SchemaRole::Command, command.schema.clone()),
+                writer(SchemaRole::Command, &command.schema, "built-in"),
             ),
             (
                 status.fingerprint,
-                (SchemaRole::Status, status.schema.clone()),
+                writer(SchemaRole::Status, &status.schema, "built-in"),
             ),
         ]);
         for (role, history) in [
@@ -144,7 +190,9 @@ impl Schemas {
         ] {
             for (name, json) in history {
                 let old = known("history", json).map_err(|e| format!("{name}: {e}"))?;
-                writers.entry(old.fingerprint).or_insert((role, old.schema));
+                writers
+                    .entry(old.fingerprint)
+                    .or_insert_with(|| writer(role, &old.schema, name));
             }
         }
         Ok(Self {
@@ -154,11 +202,21 @@ impl Schemas {
         })
     }
 
-    /// The role and schema of a writer fingerprint, if this build can read it.
-    fn writer(&self, fingerprint: &[u8; 8]) -> Option<(SchemaRole, &Schema)> {
-        self.writers
-            .get(fingerprint)
-            .map(|(role, schema)| (*role, schema))
+    /// The writer schema of a single-object fingerprint, if this process can read it: built in,
+    /// or accepted at start-up from the writer-schemas directory.
+    pub fn writer(&self, fingerprint: &[u8; 8]) -> Option<Arc<WriterSchema>> {
+        if let Some(known) = self.writers.get(fingerprint) {
+            return Some(known.clone());
+        }
+        extra_writers().get(fingerprint).cloned()
+    }
+
+    /// The reader schema JSON of a role.
+    pub fn reader_json(role: SchemaRole) -> &'static str {
+        match role {
+            SchemaRole::Command => COMMAND_SCHEMA_JSON,
+            SchemaRole::Status => STATUS_SCHEMA_JSON,
+        }
     }
 }
 
@@ -170,6 +228,86 @@ pub fn schemas() -> Result<&'static Schemas, DecodeError> {
     SCHEMAS
         .as_ref()
         .map_err(|e| DecodeError::new(DecodeErrorClass::UnknownSchema, e.clone()))
+}
+
+/// Writer schemas accepted at run time (single-object fingerprints), beside the built-in ones.
+static EXTRA_WRITERS: LazyLock<RwLock<HashMap<[u8; 8], Arc<WriterSchema>>>> =
+    LazyLock::new(|| RwLock::new(HashMap::new()));
+
+fn extra_writers() -> std::sync::RwLockReadGuard<'static, HashMap<[u8; 8], Arc<WriterSchema>>> {
+    // A poisoned lock only means a panic elsewhere; the map is always consistent.
+    EXTRA_WRITERS.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Checks that this build can read records written with `json` and returns its role and parsed
+/// form. A writer may add fields (with or without defaults: the reader ignores them), enum
+/// symbols and union branches (a record that uses one is refused on its own); it may not remove
+/// a field the reader needs nor change a type.
+pub fn readable_writer(json: &str, origin: &str) -> Result<WriterSchema, String> {
+    let parsed = compat::Parsed::parse(json).map_err(|e| format!("{origin}: {e}"))?;
+    let role = match parsed.root_name() {
+        Some(COMMAND_RECORD) => SchemaRole::Command,
+        Some(STATUS_RECORD) => SchemaRole::Status,
+        other => {
+            return Err(format!(
+                "{origin}: the root type is {}, not {COMMAND_RECORD} or {STATUS_RECORD}",
+                other.unwrap_or("unnamed")
+            ));
+        }
+    };
+    let reader = compat::Parsed::parse(Schemas::reader_json(role))
+        .map_err(|e| format!("reader schema: {e}"))?;
+    let blocking: Vec<String> = compat::can_read(&reader, &parsed)
+        .into_iter()
+        .filter(|p| !p.is_addition())
+        .map(|p| p.to_string())
+        .collect();
+    if !blocking.is_empty() {
+        return Err(format!(
+            "{origin}: records written with it cannot be read: {}",
+            blocking.join("; ")
+        ));
+    }
+    let schema = Schema::parse_str(json).map_err(|e| format!("{origin}: {e}"))?;
+    Ok(WriterSchema {
+        role,
+        schema,
+        origin: origin.to_owned(),
+    })
+}
+
+/// Accepts one more single-object writer schema (see [`readable_writer`]); returns its role and
+/// fingerprint.
+pub fn accept_writer_schema(json: &str, origin: &str) -> Result<(SchemaRole, [u8; 8]), String> {
+    let writer = readable_writer(json, origin)?;
+    let fingerprint = canonical::fingerprint(json).map_err(|e| format!("{origin}: {e}"))?;
+    let role = writer.role;
+    EXTRA_WRITERS
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(fingerprint, Arc::new(writer));
+    Ok((role, fingerprint))
+}
+
+/// Loads every `*.avsc` of `dir` as an accepted writer schema (sorted by name). Any file that is
+/// not a readable command or status schema is an error: a configuration fault to fix before the
+/// worker starts, not a reason to dead-letter the records later.
+pub fn load_writer_schemas(dir: &Path) -> Result<Vec<(String, SchemaRole, [u8; 8])>, String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "avsc"))
+        .collect();
+    files.sort();
+    let mut accepted = Vec::new();
+    for path in files {
+        let origin = path.display().to_string();
+        let json = std::fs::read_to_string(&path).map_err(|e| format!("{origin}: {e}"))?;
+        let (role, fingerprint) = accept_writer_schema(&json, &origin)?;
+        accepted.push((origin, role, fingerprint));
+    }
+    Ok(accepted)
 }
 
 #[cfg(test)]

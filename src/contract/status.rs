@@ -2,8 +2,8 @@
 
 use apache_avro::types::Value;
 
-use super::command::{Fields, opt_string};
-use super::framing::{frame, unframe};
+use super::command::{Fields, Patience, opt_string, writer_schema};
+use super::framing::{frame, frame_confluent, unframe_any};
 use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, schemas};
 use crate::domain::machine::{StateKind, StatusEvent};
 
@@ -25,7 +25,8 @@ pub struct StatusRecord {
     pub occurred_at: i64,
 }
 
-/// Encodes a status event with single-object framing.
+/// Encodes a status event: with Confluent framing (the registered status schema's id) when a
+/// schema registry is configured, single-object framing otherwise.
 pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
     let schemas = schemas().map_err(|e| EncodeError::Schema(e.message))?;
     let state_index = StateKind::ALL
@@ -75,28 +76,26 @@ pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
         ),
     ]);
     let datum = apache_avro::to_avro_datum(&schemas.status.schema, value)?;
-    Ok(frame(&schemas.status.fingerprint, &datum))
+    Ok(match super::registry::status_schema_id() {
+        Some(id) => frame_confluent(id, &datum),
+        None => frame(&schemas.status.fingerprint, &datum),
+    })
 }
 
-/// Decodes a single-object encoded status event.
+/// Decodes a status event in single-object encoding or (with a registry configured in this
+/// process) Confluent framing. Asks the registry once: a status reader must not hang.
 pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
-    let (fingerprint, mut datum) = unframe(bytes)?;
-    let schemas = schemas()?;
-    let writer = match schemas.writer(&fingerprint) {
-        Some((SchemaRole::Status, schema)) => schema,
-        Some((SchemaRole::Command, _)) => {
-            return Err(DecodeError::new(
-                DecodeErrorClass::WrongRecordType,
-                "a PaymentCommand, not a status event",
-            ));
-        }
-        None => {
-            return Err(DecodeError::new(
-                DecodeErrorClass::UnknownSchema,
-                format!("unknown writer fingerprint {}", hex::encode(fingerprint)),
-            ));
-        }
-    };
+    let (writer_ref, mut datum) = unframe_any(bytes)?;
+    let writer = writer_schema(writer_ref, Patience::Once)?;
+    if writer.role != SchemaRole::Status {
+        return Err(DecodeError::new(
+            DecodeErrorClass::WrongRecordType,
+            "a PaymentCommand, not a status event",
+        ));
+    }
+    let writer = &writer.schema;
+    super::binary::check_datum(writer, datum)
+        .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e))?;
     let value = apache_avro::from_avro_datum(writer, &mut datum, None)
         .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
     let mut f = Fields::of(value, "PaymentStatusEvent")?;

@@ -272,8 +272,12 @@ pub enum InitiationFailure {
     /// The bank refused it (4xx): definite, nothing to retry.
     Refused(Reason),
     /// The request provably never reached the bank, or the bank turned it away before acting
-    /// (connect error, 429): retry later.
-    NotProcessed { message: String },
+    /// (connect error, 429): retry later, after `retry_after_ms` when the bank said so
+    /// (`Retry-After`), else after `Policy::initiation_retry_ms`.
+    NotProcessed {
+        message: String,
+        retry_after_ms: Option<Millis>,
+    },
     /// No answer (timeout, reset, 5xx): the bank may hold the payment.
     Unknown { message: String },
 }
@@ -1062,7 +1066,10 @@ fn initiation_failed(
             },
             vec![],
         ),
-        InitiationFailure::NotProcessed { message } => {
+        InitiationFailure::NotProcessed {
+            message,
+            retry_after_ms,
+        } => {
             if attempt >= policy.max_initiation_attempts {
                 step.to(
                     PaymentState::Failed,
@@ -1079,11 +1086,13 @@ fn initiation_failed(
                     vec![],
                 )
             } else {
-                // Back to Received: the next attempt starts after the retry delay.
+                // Back to Received: the next attempt starts after the bank's Retry-After, or the
+                // policy's retry delay.
+                let delay = retry_after_ms.map_or(policy.initiation_retry_ms, |ms| ms.max(0));
                 step.silently(
                     PaymentState::Received,
                     |p| {
-                        p.next_check_at = Some(now + policy.initiation_retry_ms);
+                        p.next_check_at = Some(now + delay);
                         p.pkce_verifier = None;
                     },
                     vec![],

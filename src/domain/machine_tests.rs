@@ -192,6 +192,15 @@ fn initiation_refused() -> Input {
 fn not_processed() -> Input {
     Input::InitiationFailed(InitiationFailure::NotProcessed {
         message: "connection refused".into(),
+        retry_after_ms: None,
+    })
+}
+
+/// A 429 whose `Retry-After` (7 s) differs from the policy's retry delay.
+fn rate_limited() -> Input {
+    Input::InitiationFailed(InitiationFailure::NotProcessed {
+        message: "rate limited by the bank (HTTP 429, Retry-After 7 s)".into(),
+        retry_after_ms: Some(7_000),
     })
 }
 
@@ -305,9 +314,14 @@ fn input_key(input: &Input) -> &'static str {
         Input::BeginInitiation { .. } => "BeginInitiation",
         Input::BankInitiated { .. } => "BankInitiated",
         Input::InitiationFailed(InitiationFailure::Refused(_)) => "InitiationFailed(Refused)",
-        Input::InitiationFailed(InitiationFailure::NotProcessed { .. }) => {
-            "InitiationFailed(NotProcessed)"
-        }
+        Input::InitiationFailed(InitiationFailure::NotProcessed {
+            retry_after_ms: None,
+            ..
+        }) => "InitiationFailed(NotProcessed)",
+        Input::InitiationFailed(InitiationFailure::NotProcessed {
+            retry_after_ms: Some(_),
+            ..
+        }) => "InitiationFailed(NotProcessed, Retry-After)",
         Input::InitiationFailed(InitiationFailure::Unknown { .. }) => "InitiationFailed(Unknown)",
         Input::TokenExchanged => "TokenExchanged",
         Input::TokenExchangeFailed { .. } => "TokenExchangeFailed",
@@ -332,7 +346,7 @@ fn input_key(input: &Input) -> &'static str {
     }
 }
 
-const ALL_INPUT_KEYS: [&str; 30] = [
+const ALL_INPUT_KEYS: [&str; 31] = [
     "Initiate(Single)",
     "Initiate(Standing)",
     "Initiate(Bulk)",
@@ -346,6 +360,7 @@ const ALL_INPUT_KEYS: [&str; 30] = [
     "BankInitiated",
     "InitiationFailed(Refused)",
     "InitiationFailed(NotProcessed)",
+    "InitiationFailed(NotProcessed, Retry-After)",
     "InitiationFailed(Unknown)",
     "TokenExchanged",
     "TokenExchangeFailed",
@@ -874,13 +889,18 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             (PaymentState::Initiating { .. }, InitiationFailure::Refused(reason)) => {
                 go(K::Rejected, vec![]).reason(reason.code).into()
             }
-            (PaymentState::Initiating { attempt }, InitiationFailure::NotProcessed { .. }) => {
+            (
+                PaymentState::Initiating { attempt },
+                InitiationFailure::NotProcessed { retry_after_ms, .. },
+            ) => {
                 if attempt >= policy.max_initiation_attempts {
                     go(K::Failed, vec![]).into()
                 } else {
-                    // Silently back to Received, to retry after the delay.
+                    // Silently back to Received, to retry after the bank's Retry-After or the
+                    // policy's delay.
+                    let delay = retry_after_ms.unwrap_or(policy.initiation_retry_ms);
                     Change::new(K::Received, 0, vec![])
-                        .timer(Timer::At(now + policy.initiation_retry_ms))
+                        .timer(Timer::At(now + delay))
                         .verifier(false)
                         .into()
                 }
@@ -1303,6 +1323,11 @@ fn cases() -> Vec<Case> {
         case("InitiationFailed(NotProcessed)", At::Now, |_| {
             not_processed()
         }),
+        case(
+            "InitiationFailed(NotProcessed, Retry-After)",
+            At::Now,
+            |_| rate_limited(),
+        ),
         case("InitiationFailed(Unknown)", At::Now, |_| outcome_unknown()),
         case("TokenExchanged", At::Now, |_| Input::TokenExchanged),
         case("TokenExchangeFailed", At::Now, |_| {
@@ -1427,7 +1452,7 @@ fn every_state_input_pair_follows_the_semantics() {
     assert_every_input_variant_covered(&cases, &records[0].1);
     let (checked, deviations) = run_table(&records, &cases, &policy);
     assert_eq!(checked, StateKind::ALL.len() * cases.len(), "pairs skipped");
-    assert_eq!(checked, 16 * 38);
+    assert_eq!(checked, 16 * 39);
     assert!(
         deviations.is_empty(),
         "{} of {checked} (state, input) pairs deviate from the intended semantics:\n{}",
@@ -2135,6 +2160,49 @@ fn not_processed_initiation_retries_silently() {
         ]
     );
     assert_eq!(run.sequences(), vec![1, 2, 3]);
+}
+
+/// A 429 with `Retry-After`: the next attempt waits as long as the bank asked, not the policy's
+/// fixed delay; the attempt still counts, and the last one still ends in FAILED.
+#[test]
+fn rate_limited_initiation_retries_after_the_banks_delay() {
+    let mut run = initiating();
+    assert_ne!(run.policy.initiation_retry_ms, 7_000);
+    let t = run.step(rate_limited());
+    assert_eq!(t.payment.state, PaymentState::Received);
+    assert!(t.events.is_empty());
+    assert_eq!(t.payment.initiation_attempts, 1);
+    assert_eq!(t.payment.next_check_at, Some(run.now + 7_000));
+    // Not due at the policy's delay, only at the bank's.
+    run.next_at(run.now + run.policy.initiation_retry_ms);
+    assert!(matches!(
+        run.apply(Input::TimerFired),
+        Outcome::Ignored(Ignored::Stale)
+    ));
+    run.next_at_timer();
+    assert_eq!(
+        run.step(Input::TimerFired).effects,
+        vec![Effect::StartInitiation]
+    );
+    run.step(begin());
+    assert_eq!(run.kind(), StateKind::Initiating);
+
+    // A negative delay (clock skew in a header parser) is treated as "now".
+    let t = run.step(Input::InitiationFailed(InitiationFailure::NotProcessed {
+        message: "429".into(),
+        retry_after_ms: Some(-5),
+    }));
+    assert_eq!(t.payment.next_check_at, Some(run.now));
+
+    // The attempt limit applies to rate-limited attempts too.
+    let mut last = initiating();
+    last.policy.max_initiation_attempts = 1;
+    let t = last.step(rate_limited());
+    assert_eq!(t.payment.state, PaymentState::Failed);
+    assert_eq!(
+        t.payment.reason.as_ref().map(|r| r.code),
+        Some(ReasonCode::BankUnavailable)
+    );
 }
 
 #[test]

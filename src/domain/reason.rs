@@ -50,6 +50,46 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
+    /// Every code, in declaration order (docs/contract.md lists each; a test keeps them equal).
+    pub const ALL: [ReasonCode; 31] = [
+        ReasonCode::MissingField,
+        ReasonCode::InvalidIban,
+        ReasonCode::InvalidBic,
+        ReasonCode::InvalidAmount,
+        ReasonCode::AmountTooLarge,
+        ReasonCode::InvalidCurrency,
+        ReasonCode::InvalidCharacters,
+        ReasonCode::FieldTooLong,
+        ReasonCode::InvalidExecutionDate,
+        ReasonCode::InvalidLanguage,
+        ReasonCode::InvalidRedirectUri,
+        ReasonCode::InvalidProduct,
+        ReasonCode::InvalidBrand,
+        ReasonCode::InvalidIdentifier,
+        ReasonCode::FieldNotAllowed,
+        ReasonCode::InvalidChargeBearer,
+        ReasonCode::InvalidFrequency,
+        ReasonCode::BankRejected,
+        ReasonCode::BankInputRejected,
+        ReasonCode::BankAccountRefused,
+        ReasonCode::BankSecurityFailure,
+        ReasonCode::BankConsentRevoked,
+        ReasonCode::BankUnavailable,
+        ReasonCode::ScaFailed,
+        ReasonCode::ScaExpired,
+        ReasonCode::CancelledByClient,
+        ReasonCode::CancelledAtBank,
+        ReasonCode::CancelRefused,
+        ReasonCode::CancelNotConfirmed,
+        ReasonCode::BulkPartiallyRejected,
+        ReasonCode::OutcomeUnresolved,
+    ];
+
+    /// The code of a wire value.
+    pub fn from_wire(value: &str) -> Option<ReasonCode> {
+        Self::ALL.into_iter().find(|code| code.as_str() == value)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReasonCode::MissingField => "MISSING_FIELD",
@@ -99,6 +139,104 @@ impl Reason {
         Self {
             code,
             message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Position of a code in `ALL`. The match is exhaustive: a new code does not compile until
+    /// it has a position, and the test below fails until `ALL` (and the docs) list it.
+    fn ordinal(code: ReasonCode) -> usize {
+        match code {
+            ReasonCode::MissingField => 0,
+            ReasonCode::InvalidIban => 1,
+            ReasonCode::InvalidBic => 2,
+            ReasonCode::InvalidAmount => 3,
+            ReasonCode::AmountTooLarge => 4,
+            ReasonCode::InvalidCurrency => 5,
+            ReasonCode::InvalidCharacters => 6,
+            ReasonCode::FieldTooLong => 7,
+            ReasonCode::InvalidExecutionDate => 8,
+            ReasonCode::InvalidLanguage => 9,
+            ReasonCode::InvalidRedirectUri => 10,
+            ReasonCode::InvalidProduct => 11,
+            ReasonCode::InvalidBrand => 12,
+            ReasonCode::InvalidIdentifier => 13,
+            ReasonCode::FieldNotAllowed => 14,
+            ReasonCode::InvalidChargeBearer => 15,
+            ReasonCode::InvalidFrequency => 16,
+            ReasonCode::BankRejected => 17,
+            ReasonCode::BankInputRejected => 18,
+            ReasonCode::BankAccountRefused => 19,
+            ReasonCode::BankSecurityFailure => 20,
+            ReasonCode::BankConsentRevoked => 21,
+            ReasonCode::BankUnavailable => 22,
+            ReasonCode::ScaFailed => 23,
+            ReasonCode::ScaExpired => 24,
+            ReasonCode::CancelledByClient => 25,
+            ReasonCode::CancelledAtBank => 26,
+            ReasonCode::CancelRefused => 27,
+            ReasonCode::CancelNotConfirmed => 28,
+            ReasonCode::BulkPartiallyRejected => 29,
+            ReasonCode::OutcomeUnresolved => 30,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_code_once_with_a_distinct_wire_value() {
+        for (i, code) in ReasonCode::ALL.iter().enumerate() {
+            assert_eq!(ordinal(*code), i, "{code:?} is out of place in ALL");
+            assert_eq!(ReasonCode::from_wire(code.as_str()), Some(*code));
+        }
+        let wire: BTreeSet<&str> = ReasonCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(wire.len(), ReasonCode::ALL.len());
+    }
+
+    /// The backticked codes in the first column of the table under `heading` in a markdown
+    /// document, with the text of the row's last column.
+    pub(crate) fn table_codes(doc: &str, heading: &str) -> Vec<(String, String)> {
+        let section = doc
+            .split("\n## ")
+            .find(|s| s.starts_with(heading))
+            .unwrap_or_else(|| panic!("no section {heading:?}"));
+        let mut out = Vec::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+            let last = cells.last().copied().unwrap_or_default().to_owned();
+            for (i, part) in cells[0].split('`').enumerate() {
+                if i % 2 == 1 {
+                    out.push((part.to_owned(), last.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// docs/contract.md lists every reason code, once, and nothing else; each row says whether
+    /// the client may retry.
+    #[test]
+    fn the_contract_documents_exactly_the_reason_codes() {
+        let doc = include_str!("../../docs/contract.md");
+        let rows = table_codes(doc, "Reason codes");
+        let documented: Vec<&str> = rows.iter().map(|(code, _)| code.as_str()).collect();
+        let unique: BTreeSet<&str> = documented.iter().copied().collect();
+        assert_eq!(unique.len(), documented.len(), "a code is listed twice");
+        let ours: BTreeSet<&str> = ReasonCode::ALL.iter().map(|c| c.as_str()).collect();
+        let missing: Vec<_> = ours.difference(&unique).collect();
+        let unknown: Vec<_> = unique.difference(&ours).collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            "docs/contract.md: missing {missing:?}, not a ReasonCode {unknown:?}"
+        );
+        for (code, retry) in &rows {
+            assert!(
+                ["yes", "no"].iter().any(|w| retry.starts_with(w)),
+                "{code}: the retry column must start with yes or no, got {retry:?}"
+            );
         }
     }
 }

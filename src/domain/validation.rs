@@ -93,6 +93,7 @@ pub fn validate_initiation(
     let brand = validate_brand(&raw.brand)?;
     let amount = validate_amount(&raw.amount, limits)?;
     let currency = validate_currency(&raw.currency, product)?;
+    validate_amount_for_currency(amount, &currency)?;
     let creditor_name = validate_creditor_name(&raw.creditor_name)?;
     let cross_border = validate_cross_border(raw, product)?;
     // A cross-border creditor may be addressed by BBAN instead of IBAN.
@@ -208,6 +209,12 @@ fn validate_cross_border(
             return Err(reason(
                 ReasonCode::InvalidCurrency,
                 "creditor_currency must be an ISO 4217 code (3 upper-case letters)",
+            ));
+        }
+        if !is_payable_currency(code) {
+            return Err(reason(
+                ReasonCode::InvalidCurrency,
+                "creditor_currency must be an active ISO 4217 currency",
             ));
         }
     }
@@ -536,7 +543,55 @@ fn validate_currency(value: &str, product: PaymentProduct) -> Result<String, Rea
             format!("currency must be EUR for {}", product.symbol()),
         ));
     }
+    if !is_payable_currency(value) {
+        return Err(reason(
+            ReasonCode::InvalidCurrency,
+            "currency must be an active ISO 4217 currency (not a fund, metal or test code)",
+        ));
+    }
     Ok(value.to_owned())
+}
+
+/// Active ISO 4217 currencies a transfer can be made in (ISO 4217 list one, 2025), without the
+/// fund codes (BOV, CHE, CHW, CLF, COU, MXV, USN, UYI, UYW), precious metals (XAU, XAG, XPD,
+/// XPT), bond-market units (XBA..XBD), SDR-like units (XDR, XSU, XUA) and test codes (XTS, XXX).
+/// Sorted, for a binary search.
+const PAYABLE_CURRENCIES: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
+    "BGN", "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD",
+    "CDF", "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD",
+    "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ",
+    "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD",
+    "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR",
+    "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR",
+    "MWK", "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN",
+    "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR",
+    "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB",
+    "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS",
+    "VED", "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW",
+    "ZWG",
+];
+
+/// Currencies without minor units (ISO 4217 exponent 0): an amount in them is a whole number.
+const ZERO_DECIMAL_CURRENCIES: &[&str] = &[
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV",
+    "XAF", "XOF", "XPF",
+];
+
+/// Whether `code` is an active ISO 4217 currency that a transfer can be made in.
+pub fn is_payable_currency(code: &str) -> bool {
+    PAYABLE_CURRENCIES.binary_search(&code).is_ok()
+}
+
+/// Checks the amount against the currency's minor units (whole numbers for JPY, KRW...).
+fn validate_amount_for_currency(amount: Amount, currency: &str) -> Result<(), Reason> {
+    if ZERO_DECIMAL_CURRENCIES.contains(&currency) && amount.minor() % 100 != 0 {
+        return Err(reason(
+            ReasonCode::InvalidAmount,
+            format!("amount must be a whole number in {currency}, which has no minor unit"),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_creditor_name(value: &str) -> Result<String, Reason> {
@@ -1500,6 +1555,51 @@ mod tests {
                 r.currency = "usd".into();
             })),
             ReasonCode::InvalidCurrency
+        );
+    }
+
+    #[test]
+    fn currency_must_be_an_active_payable_iso_4217_code() {
+        let cross_border = |currency: &str, amount: &str| {
+            let (currency, amount) = (currency.to_owned(), amount.to_owned());
+            with(move |r| {
+                r.payment_product = "CROSS_BORDER_CREDIT_TRANSFERS".into();
+                r.currency = currency;
+                r.amount = amount;
+                r.charge_bearer = Some("DEBT".into());
+            })
+        };
+        for good in ["USD", "GBP", "CHF", "JPY", "XOF", "EUR"] {
+            let amount = if good == "JPY" || good == "XOF" {
+                "100"
+            } else {
+                "10.50"
+            };
+            assert!(validate(&cross_border(good, amount)).is_ok(), "{good}");
+        }
+        // Shaped like a code, but not a currency one can pay in.
+        for bad in ["XYZ", "XAU", "XTS", "XXX", "XDR", "HRK", "CHE"] {
+            assert_eq!(
+                code_of(&cross_border(bad, "10.00")),
+                ReasonCode::InvalidCurrency,
+                "{bad}"
+            );
+        }
+        // No minor unit: whole amounts only.
+        assert_eq!(
+            code_of(&cross_border("JPY", "100.50")),
+            ReasonCode::InvalidAmount
+        );
+        assert!(validate(&cross_border("JPY", "100.00")).is_ok());
+        assert!(
+            PAYABLE_CURRENCIES.windows(2).all(|w| w[0] < w[1]),
+            "sorted and unique"
+        );
+        assert!(
+            ZERO_DECIMAL_CURRENCIES
+                .iter()
+                .all(|c| is_payable_currency(c)),
+            "every zero-decimal currency is payable"
         );
     }
 

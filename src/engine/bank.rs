@@ -27,9 +27,18 @@ pub fn classify_initiation_error(error: &BankError) -> InitiationFailure {
     match error {
         BankError::NotSent(message) => InitiationFailure::NotProcessed {
             message: message.clone(),
+            retry_after_ms: None,
         },
-        BankError::RateLimited { .. } => InitiationFailure::NotProcessed {
-            message: "rate limited by the bank (HTTP 429)".into(),
+        // The next attempt waits as long as the bank asked (Retry-After), if it said.
+        BankError::RateLimited { retry_after } => InitiationFailure::NotProcessed {
+            message: match retry_after {
+                Some(after) => format!(
+                    "rate limited by the bank (HTTP 429, Retry-After {} s)",
+                    after.as_secs()
+                ),
+                None => "rate limited by the bank (HTTP 429)".into(),
+            },
+            retry_after_ms: retry_after.map(|after| after.as_millis().min(i64::MAX as u128) as i64),
         },
         // The bank may have created the payment before failing or before the answer was lost.
         BankError::NoResponse(message) => InitiationFailure::Unknown {

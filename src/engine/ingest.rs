@@ -1,4 +1,9 @@
 //! The edge of the engine: raw Kafka record -> validated machine input, or a dead-letter verdict.
+//!
+//! Metrics: a dead-letter verdict taken here counts `pis_dlq_records_total{class}` and
+//! `pis_commands_consumed_total{type, outcome="dead_lettered"}`. Whether an applied command was
+//! accepted, a duplicate, rejected or refused is decided by the state machine: the partition
+//! owner counts it with [`CommandLabel::record`].
 
 use chrono::NaiveDate;
 use rdkafka::Message;
@@ -6,7 +11,7 @@ use rdkafka::message::OwnedMessage;
 
 use crate::contract::DecodeErrorClass;
 use crate::contract::command::{self, CommandBody, CommandEnvelope};
-use crate::domain::machine::{Input, ScaOutcome};
+use crate::domain::machine::{Ignored, Input, Outcome, ScaOutcome};
 use crate::domain::model::Order;
 use crate::domain::model::{CommandId, PaymentId, PsuId};
 use crate::domain::validation::{
@@ -29,11 +34,113 @@ pub enum Ingested {
     },
 }
 
+/// The `type` label of a command body in `pis_commands_consumed_total`.
+pub fn body_type(body: &CommandBody) -> &'static str {
+    match body {
+        CommandBody::Initiate(_) => "initiate",
+        CommandBody::InitiatePeriodic(_) => "initiate_periodic",
+        CommandBody::InitiateBulk(_) => "initiate_bulk",
+        CommandBody::CompleteSca(_) => "complete_sca",
+        CommandBody::Cancel { .. } => "cancel",
+        CommandBody::RefreshStatus => "refresh",
+    }
+}
+
+/// Label of a record that was not read as a command.
+pub const UNKNOWN_TYPE: &str = "unknown";
+
+/// Counts one dead-lettered command record (from here or from a refusal of the machine).
+pub fn count_dead_letter(command_type: &str, class: &str) {
+    let m = crate::metrics::metrics();
+    m.dlq_records.with_label_values(&[class]).inc();
+    m.commands_consumed
+        .with_label_values(&[command_type, "dead_lettered"])
+        .inc();
+}
+
+/// How a command input is labelled in the metrics once the machine has decided on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandLabel {
+    pub command_type: &'static str,
+    /// An initiation that failed validation: applying it means a `REJECTED` payment.
+    invalid: bool,
+}
+
+impl CommandLabel {
+    /// The label of a client command (`None` for the engine's own inputs). An initiation that
+    /// failed validation does not say its kind any more: it counts as `initiate`.
+    pub fn of(input: &Input) -> Option<CommandLabel> {
+        let (command_type, invalid) = match input {
+            Input::Initiate { order, .. } => (
+                match order {
+                    Order::Single(_) => "initiate",
+                    Order::Standing(_) => "initiate_periodic",
+                    Order::Bulk(_) => "initiate_bulk",
+                },
+                false,
+            ),
+            Input::InitiateInvalid { .. } => ("initiate", true),
+            Input::CompleteSca { .. } => ("complete_sca", false),
+            Input::Cancel { .. } => ("cancel", false),
+            Input::RefreshStatus { .. } => ("refresh", false),
+            Input::BeginInitiation { .. }
+            | Input::BankInitiated { .. }
+            | Input::InitiationFailed(_)
+            | Input::TokenExchanged
+            | Input::TokenExchangeFailed { .. }
+            | Input::StatusObserved { .. }
+            | Input::StatusCheckFailed { .. }
+            | Input::CancelConfirmed { .. }
+            | Input::CancelRefused(_)
+            | Input::CancelUnconfirmed { .. }
+            | Input::TimerFired
+            | Input::Restored => return None,
+        };
+        Some(CommandLabel {
+            command_type,
+            invalid,
+        })
+    }
+
+    /// The `outcome` label of the machine's decision.
+    pub fn outcome(self, outcome: &Outcome) -> &'static str {
+        match outcome {
+            Outcome::Changed(_) if self.invalid => "rejected",
+            Outcome::Changed(_) => "accepted",
+            Outcome::Ignored(Ignored::DuplicateCommand | Ignored::DuplicateInitiation) => {
+                "duplicate"
+            }
+            // A cancellation while one is under way, or a command with nothing left to do:
+            // taken, and it changed nothing.
+            Outcome::Ignored(Ignored::CancelInProgress | Ignored::Stale) => "accepted",
+            Outcome::Refused(_) => "dead_lettered",
+        }
+    }
+
+    /// Counts the decision on a command record; a refusal also counts as a DLQ record of its
+    /// refusal code.
+    pub fn record(self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Refused(refusal) => {
+                count_dead_letter(self.command_type, refusal.code.as_str());
+            }
+            other => {
+                crate::metrics::metrics()
+                    .commands_consumed
+                    .with_label_values(&[self.command_type, self.outcome(other)])
+                    .inc();
+            }
+        }
+    }
+}
+
 fn dead(
     class: DecodeErrorClass,
     message: impl Into<String>,
     payment_id: Option<String>,
+    command_type: &str,
 ) -> Ingested {
+    count_dead_letter(command_type, class.as_str());
     Ingested::DeadLetter {
         class: class.as_str(),
         message: message.into(),
@@ -42,6 +149,9 @@ fn dead(
 }
 
 /// `has_token` tells whether the worker holds a PIS token for a PSU (a cancellation needs one).
+///
+/// A record framed for a schema registry that does not answer is waited for here (back-off
+/// with jitter, `contract::registry`): it is neither dead-lettered nor skipped.
 pub fn ingest(
     message: &OwnedMessage,
     max_bytes: usize,
@@ -50,11 +160,21 @@ pub fn ingest(
     has_token: &dyn Fn(&PsuId) -> bool,
 ) -> Ingested {
     let Some(payload) = message.payload() else {
-        return dead(DecodeErrorClass::Empty, "record has no value", None);
+        return dead(
+            DecodeErrorClass::Empty,
+            "record has no value",
+            None,
+            UNKNOWN_TYPE,
+        );
     };
-    let envelope = match command::decode(payload, max_bytes) {
-        Ok(envelope) => envelope,
-        Err(e) => return dead(e.class, e.message, None),
+    let envelope = loop {
+        match command::decode(payload, max_bytes) {
+            Ok(envelope) => break envelope,
+            // `decode` waits for the registry until it answers; this only guards the rule
+            // that a transient failure never becomes a dead letter.
+            Err(e) if e.class.is_transient() => continue,
+            Err(e) => return dead(e.class, e.message, None, UNKNOWN_TYPE),
+        }
     };
     to_input(envelope, message.key(), limits, today, has_token)
 }
@@ -66,6 +186,7 @@ fn to_input(
     today: NaiveDate,
     has_token: &dyn Fn(&PsuId) -> bool,
 ) -> Ingested {
+    let command_type = body_type(&envelope.body);
     let readable_id = validate_payment_id(&envelope.payment_id)
         .is_ok()
         .then(|| envelope.payment_id.clone());
@@ -80,6 +201,7 @@ fn to_input(
                 DecodeErrorClass::InvalidEnvelope,
                 format!("{field}: {}", reason.message),
                 readable_id,
+                command_type,
             );
         }
     }
@@ -90,6 +212,7 @@ fn to_input(
             DecodeErrorClass::InvalidEnvelope,
             "the record key must equal psu_id",
             readable_id,
+            command_type,
         );
     }
     let command_id = CommandId::new(envelope.command_id);
@@ -124,6 +247,7 @@ fn to_input(
                         DecodeErrorClass::InvalidEnvelope,
                         "CompleteSca carries both authorization_code and error",
                         Some(payment_id.to_string()),
+                        command_type,
                     );
                 }
                 (None, None) => {
@@ -131,6 +255,7 @@ fn to_input(
                         DecodeErrorClass::InvalidEnvelope,
                         "CompleteSca needs authorization_code or error",
                         Some(payment_id.to_string()),
+                        command_type,
                     );
                 }
             };
@@ -173,5 +298,369 @@ fn initiate(
             psu_id,
             reason,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::command::ScaRedirect;
+    use crate::contract::framing;
+    use crate::domain::machine::{Policy, decide};
+    use crate::domain::model::RawInitiatePayment;
+    use crate::domain::reason::ReasonCode;
+    use rdkafka::Timestamp;
+    use rdkafka::message::OwnedHeaders;
+
+    fn today() -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 3, 2).expect("date")
+    }
+
+    fn raw() -> RawInitiatePayment {
+        RawInitiatePayment {
+            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+            brand: "BELFIUS".into(),
+            amount: "12.34".into(),
+            currency: "EUR".into(),
+            creditor_name: "Alice".into(),
+            creditor_iban: "BE68539007547034".into(),
+            end_to_end_id: "E2E-1".into(),
+            language: "fr".into(),
+            redirect_uri: "https://client.example/cb".into(),
+            ..Default::default()
+        }
+    }
+
+    fn envelope(body: CommandBody) -> CommandEnvelope {
+        CommandEnvelope {
+            command_id: "c-1".into(),
+            payment_id: "p-1".into(),
+            psu_id: "psu-1".into(),
+            issued_at: 1,
+            body,
+        }
+    }
+
+    fn record(key: Option<&str>, value: Option<Vec<u8>>) -> OwnedMessage {
+        OwnedMessage::new(
+            value,
+            key.map(|k| k.as_bytes().to_vec()),
+            "commands".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            Some(OwnedHeaders::new()),
+        )
+    }
+
+    fn run(message: &OwnedMessage, has_token: bool) -> Ingested {
+        ingest(
+            message,
+            65_536,
+            &ValidationLimits::default(),
+            today(),
+            &|_| has_token,
+        )
+    }
+
+    fn class_of(verdict: &Ingested) -> Option<&'static str> {
+        match verdict {
+            Ingested::DeadLetter { class, .. } => Some(class),
+            Ingested::Apply { .. } => None,
+        }
+    }
+
+    fn encoded(envelope: &CommandEnvelope) -> Vec<u8> {
+        command::encode(envelope).expect("encode")
+    }
+
+    #[test]
+    fn a_valid_initiation_becomes_an_initiate_input() {
+        let verdict = run(
+            &record(
+                Some("psu-1"),
+                Some(encoded(&envelope(CommandBody::Initiate(Box::new(raw()))))),
+            ),
+            false,
+        );
+        let Ingested::Apply {
+            payment_id, input, ..
+        } = verdict
+        else {
+            panic!("not applied: {verdict:?}")
+        };
+        assert_eq!(payment_id.as_str(), "p-1");
+        assert!(matches!(*input, Input::Initiate { .. }));
+    }
+
+    /// Every validation failure reaches the machine as an invalid initiation that carries the
+    /// reason: a `REJECTED` status with that code, not a dead letter.
+    #[test]
+    fn an_invalid_initiation_becomes_a_rejection_with_its_reason() {
+        let cases: Vec<(ReasonCode, Box<dyn Fn(&mut RawInitiatePayment)>)> = vec![
+            (
+                ReasonCode::InvalidIban,
+                Box::new(|r| r.creditor_iban = "BE68539007547035".into()),
+            ),
+            (
+                ReasonCode::InvalidBic,
+                Box::new(|r| r.creditor_bic = Some("GKCC".into())),
+            ),
+            (
+                ReasonCode::InvalidAmount,
+                Box::new(|r| r.amount = "1.234".into()),
+            ),
+            (
+                ReasonCode::AmountTooLarge,
+                Box::new(|r| r.amount = "1000000.01".into()),
+            ),
+            (
+                ReasonCode::InvalidCurrency,
+                Box::new(|r| r.currency = "USD".into()),
+            ),
+            (
+                ReasonCode::InvalidCharacters,
+                Box::new(|r| r.creditor_name = "Zoë".into()),
+            ),
+            (
+                ReasonCode::FieldTooLong,
+                Box::new(|r| r.end_to_end_id = "E".repeat(36)),
+            ),
+            (
+                ReasonCode::InvalidExecutionDate,
+                Box::new(|r| r.requested_execution_date = Some("2026-03-01".into())),
+            ),
+            (
+                ReasonCode::InvalidLanguage,
+                Box::new(|r| r.language = "de".into()),
+            ),
+            (
+                ReasonCode::InvalidRedirectUri,
+                Box::new(|r| r.redirect_uri = "http://client.example/cb".into()),
+            ),
+            (
+                ReasonCode::MissingField,
+                Box::new(|r| r.creditor_name = String::new()),
+            ),
+        ];
+        for (code, edit) in cases {
+            let mut raw = raw();
+            edit(&mut raw);
+            let verdict = run(
+                &record(
+                    Some("psu-1"),
+                    Some(encoded(&envelope(CommandBody::Initiate(Box::new(raw))))),
+                ),
+                false,
+            );
+            match verdict {
+                Ingested::Apply { input, .. } => match *input {
+                    Input::InitiateInvalid { reason, .. } => {
+                        assert_eq!(reason.code, code, "{}", reason.message)
+                    }
+                    other => panic!("{code:?}: not an invalid initiation: {other:?}"),
+                },
+                other => panic!("{code:?}: dead-lettered: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_psu_id_is_an_invalid_envelope() {
+        let bytes = encoded(&envelope(CommandBody::RefreshStatus));
+        for key in [Some("psu-2"), None] {
+            let verdict = run(&record(key, Some(bytes.clone())), false);
+            assert_eq!(class_of(&verdict), Some("INVALID_ENVELOPE"), "{key:?}");
+            let Ingested::DeadLetter {
+                payment_id,
+                message,
+                ..
+            } = verdict
+            else {
+                unreachable!()
+            };
+            assert_eq!(payment_id.as_deref(), Some("p-1"), "the id is readable");
+            assert!(message.contains("key"), "{message}");
+        }
+    }
+
+    #[test]
+    fn invalid_ids_are_invalid_envelopes() {
+        for edit in [
+            (|e: &mut CommandEnvelope| e.command_id = String::new()) as fn(&mut CommandEnvelope),
+            |e| e.payment_id = "has space".into(),
+            |e| e.payment_id = "p".repeat(36),
+            |e| e.psu_id = "psu/1".into(),
+        ] {
+            let mut env = envelope(CommandBody::RefreshStatus);
+            edit(&mut env);
+            let key = env.psu_id.clone();
+            let verdict = run(&record(Some(&key), Some(encoded(&env))), false);
+            assert_eq!(class_of(&verdict), Some("INVALID_ENVELOPE"), "{env:?}");
+        }
+    }
+
+    #[test]
+    fn complete_sca_needs_exactly_one_of_code_and_error() {
+        let sca = |url: &str| {
+            CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
+                &url::Url::parse(url).expect("url"),
+            ))
+        };
+        for url in [
+            "https://c.example/cb?state=p-1",
+            "https://c.example/cb?code=x&error=access_denied",
+        ] {
+            let verdict = run(
+                &record(Some("psu-1"), Some(encoded(&envelope(sca(url))))),
+                false,
+            );
+            assert_eq!(class_of(&verdict), Some("INVALID_ENVELOPE"), "{url}");
+        }
+        let verdict = run(
+            &record(
+                Some("psu-1"),
+                Some(encoded(&envelope(sca("https://c.example/cb?code=x")))),
+            ),
+            false,
+        );
+        assert!(matches!(verdict, Ingested::Apply { .. }));
+    }
+
+    #[test]
+    fn undecodable_records_are_dead_lettered_by_class() {
+        let good = encoded(&envelope(CommandBody::RefreshStatus));
+        let mut unknown = good.clone();
+        unknown[3] ^= 0xFF;
+        let status = crate::contract::status::encode(&crate::domain::machine::StatusEvent {
+            payment_id: PaymentId::new("p-1"),
+            psu_id: PsuId::new("psu-1"),
+            sequence: 1,
+            state: crate::domain::machine::StateKind::Received,
+            bank_status: None,
+            bank_payment_id: None,
+            sca_redirect_url: None,
+            reason: None,
+            causation_id: "c".into(),
+            occurred_at: 0,
+        })
+        .expect("status");
+        let cases: Vec<(Option<Vec<u8>>, &str)> = vec![
+            (None, "EMPTY"),
+            (Some(vec![]), "EMPTY"),
+            (Some(vec![b'x'; 70_000]), "OVERSIZED"),
+            (Some(b"{\"json\":1}".to_vec()), "BAD_FRAMING"),
+            (Some(unknown), "UNKNOWN_SCHEMA"),
+            (Some(good[..good.len() - 2].to_vec()), "MALFORMED_AVRO"),
+            (Some(status), "WRONG_RECORD_TYPE"),
+            // Confluent framing without a registry configured in this process.
+            (
+                Some(framing::frame_confluent(3, &good[10..])),
+                "UNKNOWN_SCHEMA",
+            ),
+        ];
+        for (value, class) in cases {
+            let verdict = run(&record(Some("psu-1"), value.clone()), false);
+            assert_eq!(class_of(&verdict), Some(class), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn cancel_carries_whether_the_psu_has_a_token() {
+        let bytes = encoded(&envelope(CommandBody::Cancel { reason: None }));
+        for has in [true, false] {
+            let Ingested::Apply { input, .. } =
+                run(&record(Some("psu-1"), Some(bytes.clone())), has)
+            else {
+                panic!("not applied")
+            };
+            assert!(matches!(*input, Input::Cancel { bank_token, .. } if bank_token == has));
+        }
+    }
+
+    #[test]
+    fn dead_letters_are_counted_per_class_and_type() {
+        let m = crate::metrics::metrics();
+        let dlq = || m.dlq_records.with_label_values(&["BAD_FRAMING"]).get();
+        let consumed = || {
+            m.commands_consumed
+                .with_label_values(&["unknown", "dead_lettered"])
+                .get()
+        };
+        let (dlq_before, consumed_before) = (dlq(), consumed());
+        run(
+            &record(Some("psu-1"), Some(b"garbage!!!!!!".to_vec())),
+            false,
+        );
+        assert!(dlq() > dlq_before);
+        assert!(consumed() > consumed_before);
+        let refresh = || {
+            m.commands_consumed
+                .with_label_values(&["refresh", "dead_lettered"])
+                .get()
+        };
+        let before = refresh();
+        run(
+            &record(
+                Some("someone-else"),
+                Some(encoded(&envelope(CommandBody::RefreshStatus))),
+            ),
+            false,
+        );
+        assert!(refresh() > before, "a decoded command keeps its type");
+    }
+
+    #[test]
+    fn decisions_are_labelled() {
+        let policy = Policy::default();
+        let id = PaymentId::new("p-1");
+        let Ingested::Apply { input, .. } = run(
+            &record(
+                Some("psu-1"),
+                Some(encoded(&envelope(CommandBody::Initiate(Box::new(raw()))))),
+            ),
+            false,
+        ) else {
+            panic!("not applied")
+        };
+        let label = CommandLabel::of(&input).expect("a command");
+        assert_eq!(label.command_type, "initiate");
+        let outcome = decide(&id, None, (*input).clone(), 0, &policy);
+        assert_eq!(label.outcome(&outcome), "accepted");
+        let Outcome::Changed(transition) = outcome else {
+            panic!("not changed")
+        };
+        let again = decide(&id, Some(&transition.payment), *input, 1, &policy);
+        assert_eq!(label.outcome(&again), "duplicate");
+        let cancel_unknown = decide(
+            &PaymentId::new("nope"),
+            None,
+            Input::Cancel {
+                command_id: CommandId::new("c-9"),
+                psu_id: PsuId::new("psu-1"),
+                bank_token: false,
+            },
+            0,
+            &policy,
+        );
+        assert_eq!(
+            CommandLabel::of(&Input::Cancel {
+                command_id: CommandId::new("c-9"),
+                psu_id: PsuId::new("psu-1"),
+                bank_token: false,
+            })
+            .expect("command")
+            .outcome(&cancel_unknown),
+            "dead_lettered"
+        );
+        let invalid = Input::InitiateInvalid {
+            command_id: CommandId::new("c-2"),
+            psu_id: PsuId::new("psu-1"),
+            reason: crate::domain::reason::Reason::new(ReasonCode::InvalidIban, "x"),
+        };
+        let label = CommandLabel::of(&invalid).expect("command");
+        let outcome = decide(&PaymentId::new("p-2"), None, invalid, 0, &policy);
+        assert_eq!(label.outcome(&outcome), "rejected");
+        assert_eq!(CommandLabel::of(&Input::TimerFired), None);
     }
 }

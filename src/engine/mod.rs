@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod offsets;
 pub mod outbox;
 pub mod partition;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +50,10 @@ pub struct WorkerConfig {
     pub checkpoint_interval: Duration,
     /// Create missing topics with this many partitions at start-up (None: topics must exist).
     pub create_topics: Option<i32>,
+    /// Retries, per-host limits and circuit breakers of bank calls (docs/belfius.md §1.5).
+    pub bank_guard: crate::belfius::GuardConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not served).
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 /// Shared, read-only dependencies of the partition owners.
@@ -94,10 +99,14 @@ impl PartitionSet {
 impl Partitions for PartitionSet {
     fn assign(&self, partition: i32) {
         let handle = partition::spawn(partition, self.deps.clone(), &self.runtime);
-        if let Some(old) = self.owners().insert(partition, handle) {
+        let mut owners = self.owners();
+        if let Some(old) = owners.insert(partition, handle) {
             warn!(partition, "partition assigned twice; replacing its owner");
             drop(old);
         }
+        crate::metrics::metrics()
+            .assigned_partitions
+            .set(owners.len() as i64);
     }
 
     fn revoke(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
@@ -131,6 +140,9 @@ impl Partitions for PartitionSet {
                 }
             }
         }
+        crate::metrics::metrics()
+            .assigned_partitions
+            .set(owners.len() as i64);
         out
     }
 
@@ -156,6 +168,27 @@ impl Partitions for PartitionSet {
     }
 }
 
+/// Every 10 s: asks the broker for metadata (readiness) and samples the producer queue.
+fn spawn_broker_probe(producer: Producer, health: Arc<crate::http::Health>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let probe = producer.clone();
+            let answered =
+                tokio::task::spawn_blocking(move || probe.broker_answers(Duration::from_secs(5)))
+                    .await
+                    .unwrap_or(false);
+            if answered {
+                health.broker_answered(now_millis());
+            }
+            crate::metrics::metrics()
+                .producer_queue_depth
+                .set(i64::from(producer.queue_depth()));
+        }
+    });
+}
+
 /// Creates the topics if asked, and checks the command/state partition invariant. A `Setup`
 /// error (missing topic, partition mismatch) is a configuration fault; a `Kafka` error may be a
 /// broker that is not up yet.
@@ -176,6 +209,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::contract::schemas().map_err(|e| anyhow::anyhow!("schemas: {e}"))?;
+    let health = Arc::new(crate::http::Health::default());
+    if let Some(addr) = config.http_addr {
+        let bound = crate::http::serve(addr, health.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("serving /metrics on {addr}: {e}"))?;
+        info!(%bound, "serving /metrics, /healthz, /readyz");
+    }
     let state_key =
         StateKey::from_hex(&config.state_key).map_err(|e| anyhow::anyhow!("state key: {e}"))?;
     // A broker that is down or restarting is waited for (with back-off), not a reason to exit:
@@ -191,8 +231,10 @@ pub async fn run(
         }
     };
     info!(partitions, "topics checked");
+    health.broker_answered(now_millis());
     let producer = Producer::new(&config.kafka)?;
-    let bank = BelfiusClient::new(config.bank.clone())
+    spawn_broker_probe(producer.clone(), health.clone());
+    let bank = BelfiusClient::with_guard(config.bank.clone(), config.bank_guard.clone())
         .map_err(|e| anyhow::anyhow!("belfius client: {e}"))?;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let deps = Arc::new(EngineDeps {

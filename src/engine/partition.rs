@@ -30,6 +30,7 @@ use crate::domain::machine::{
 };
 use crate::domain::model::{PaymentId, PsuId};
 use crate::domain::reason::{Reason, ReasonCode};
+use crate::kafka::fence::{self, Fence, FenceError};
 use crate::kafka::state::{self, PsuTokens, RestoredPartition};
 
 /// Messages to a partition owner.
@@ -145,6 +146,42 @@ pub struct PartitionOwner {
     revoking: Option<(std::sync::mpsc::Sender<()>, tokio::time::Instant)>,
     /// Restored outbox events to re-publish before anything else.
     pending_republish: Vec<(i64, Vec<StatusEvent>)>,
+    /// This owner's claim on the partition; its writes carry the claim's offset as epoch.
+    fence: Arc<Fence>,
+    /// When each payment entered its current state (for the age gauges; approximated by the
+    /// last update for restored payments).
+    entered: HashMap<PaymentId, Millis>,
+    /// Payments a superseded owner wrote after our claim's predecessors: re-written on start.
+    to_heal: HashSet<PaymentId>,
+    /// Bank-call tasks, aborted when the owner finishes.
+    bank_tasks: Vec<tokio::task::AbortHandle>,
+}
+
+/// How often an owner refreshes its share of the payment gauges.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a persisted write may wait for the state tail before the process gives up.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the fence lets this owner act on its write at `offset`; a superseded owner stops
+/// the process (crash-only: nothing it wrote after the newer claim is acted on or restored).
+async fn confirmed(fence: &Fence, deps: &EngineDeps, offset: i64, what: &str) -> bool {
+    match fence.confirm(offset, FENCE_TIMEOUT).await {
+        Ok(()) => true,
+        // The owner released the partition (revoked past its drain bound): the next owner
+        // resolves this write from state.
+        Err(FenceError::Stopped { .. }) => {
+            debug!(%what, "partition released; not acting on a late write");
+            false
+        }
+        Err(e) => {
+            if matches!(e, FenceError::Superseded { .. }) {
+                crate::metrics::metrics().fenced_owners.inc();
+            }
+            deps.fatal(format!("not acting on {what}: {e}"));
+            false
+        }
+    }
 }
 
 /// Starts the owner of `partition`; it restores before handling any record.
@@ -167,6 +204,8 @@ pub fn spawn(
                 return;
             }
         };
+        let m = crate::metrics::metrics();
+        m.restores_in_progress.inc();
         let restored = {
             let deps = deps.clone();
             tokio::task::spawn_blocking(move || {
@@ -180,7 +219,8 @@ pub fn spawn(
             })
             .await
         };
-        let restored = match restored {
+        m.restores_in_progress.dec();
+        let (restored, tail) = match restored {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 deps.fatal(format!("restoring partition {partition}: {e}"));
@@ -191,7 +231,24 @@ pub fn spawn(
                 return;
             }
         };
-        let owner = PartitionOwner::new(partition, deps, rx, weak, owner_committable, restored);
+        m.restore_duration.observe(restored.duration.as_secs_f64());
+        m.restore_last_duration.set(restored.duration.as_secs_f64());
+        let fence = Fence::new(partition, marker_offset);
+        if let Err(e) = fence::spawn_tail(tail, fence.clone()) {
+            deps.fatal(format!(
+                "starting the state tail of partition {partition}: {e}"
+            ));
+            return;
+        }
+        let owner = PartitionOwner::new(
+            partition,
+            deps,
+            rx,
+            weak,
+            owner_committable,
+            restored,
+            fence,
+        );
         owner.run(owner_revoked).await;
     });
     OwnerHandle {
@@ -221,6 +278,7 @@ impl PartitionOwner {
         tx: mpsc::WeakSender<ActorMsg>,
         committable: Arc<AtomicI64>,
         restored: RestoredPartition,
+        fence: Arc<Fence>,
     ) -> Self {
         info!(
             partition,
@@ -248,6 +306,10 @@ impl PartitionOwner {
             in_flight: 0,
             revoking: None,
             pending_republish: restored.unpublished,
+            fence,
+            entered: HashMap::new(),
+            to_heal: restored.zombie_payments,
+            bank_tasks: Vec::new(),
         };
         for (id, payment) in restored.payments {
             owner.set_payment(id, payment);
@@ -263,6 +325,7 @@ impl PartitionOwner {
                 partition = self.partition,
                 "revoked while restoring: not starting"
             );
+            self.fence.stop();
             // The Revoke message is waiting in the mailbox; acknowledge it without any work.
             while let Ok(message) = self.rx.try_recv() {
                 if let ActorMsg::Revoke(ack) = message {
@@ -272,9 +335,12 @@ impl PartitionOwner {
             return;
         }
         self.republish_restored().await;
+        self.heal_restored().await;
         self.resume_restored().await;
         let mut checkpoint_tick = tokio::time::interval(self.deps.checkpoint_interval);
         checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.revoke_complete() {
                 break;
@@ -287,8 +353,13 @@ impl PartitionOwner {
                 },
                 _ = tokio::time::sleep(sleep_for) => self.fire_due_timers().await,
                 _ = checkpoint_tick.tick() => self.write_checkpoint_if_due().await,
+                _ = stats_tick.tick() => {
+                    self.publish_stats();
+                    self.heal_stale().await;
+                }
             }
         }
+        super::stats::forget(self.partition);
         self.finish().await;
     }
 
@@ -433,6 +504,13 @@ impl PartitionOwner {
                 let volatile = current.is_some_and(|p| transition.is_volatile(p, source.is_some()));
                 let next = transition.payment.state.kind();
                 if previous != Some(next) {
+                    crate::metrics::metrics()
+                        .state_transitions
+                        .with_label_values(&[
+                            previous.map(StateKind::symbol).unwrap_or("NONE"),
+                            next.symbol(),
+                        ])
+                        .inc();
                     info!(
                         partition = self.partition,
                         payment_id = %payment_id,
@@ -503,7 +581,7 @@ impl PartitionOwner {
         effects: Vec<Effect>,
         source: Option<Box<OwnedMessage>>,
     ) {
-        let encoded = state::encode_payment(&self.deps.state_key, &payment, &events);
+        let encoded = state::encode_payment(&self.deps.state_key, self.epoch(), &payment, &events);
         self.set_payment(payment_id.clone(), payment);
         let (key, value) = match encoded {
             Ok(kv) => kv,
@@ -529,10 +607,14 @@ impl PartitionOwner {
         };
         let reply = self.reply_to();
         let deps = self.deps.clone();
+        let fence = self.fence.clone();
         self.in_flight += 1;
         tokio::spawn(async move {
             match delivered.await {
                 Ok(offset) => {
+                    if !confirmed(&fence, &deps, offset, &format!("state of {payment_id}")).await {
+                        return;
+                    }
                     send(
                         &reply,
                         ActorMsg::Persisted {
@@ -627,14 +709,14 @@ impl PartitionOwner {
             }
             Effect::CallInitiate => {
                 self.in_flight += 1;
-                tokio::spawn(async move {
+                self.spawn_bank(async move {
                     let input = bank::initiate(&bank_client, &payment).await;
                     send(&reply, continue_with(payment_id, input, None)).await;
                 });
             }
             Effect::CheckStatus => {
                 self.in_flight += 1;
-                tokio::spawn(async move {
+                self.spawn_bank(async move {
                     let input = bank::check_status(&bank_client, &payment).await;
                     send(&reply, continue_with(payment_id, input, None)).await;
                 });
@@ -683,7 +765,7 @@ impl PartitionOwner {
                     return;
                 };
                 self.in_flight += 1;
-                tokio::spawn(async move {
+                self.spawn_bank(async move {
                     let message = match bank::exchange_code(&bank_client, &payment).await {
                         Ok(tokens) => ActorMsg::TokensReceived {
                             payment_id,
@@ -722,14 +804,14 @@ impl PartitionOwner {
                 match usable {
                     Some((true, access, _, _)) => {
                         self.in_flight += 1;
-                        tokio::spawn(async move {
+                        self.spawn_bank(async move {
                             let input = bank::cancel(&bank_client, &payment, &access).await;
                             send(&reply, continue_with(payment_id, input, Some(psu_id))).await;
                         });
                     }
                     Some((false, _, Some(refresh), brand)) => {
                         self.in_flight += 1;
-                        tokio::spawn(async move {
+                        self.spawn_bank(async move {
                             let message = match bank_client.refresh_token(brand, &refresh).await {
                                 Ok(tokens) => ActorMsg::TokensReceived {
                                     payment_id,
@@ -846,7 +928,7 @@ impl PartitionOwner {
             expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
             updated_at: now,
         };
-        let (key, value) = match state::encode_psu(&self.deps.state_key, &record) {
+        let (key, value) = match state::encode_psu(&self.deps.state_key, self.epoch(), &record) {
             Ok(kv) => kv,
             Err(e) => {
                 self.deps
@@ -872,11 +954,15 @@ impl PartitionOwner {
         let reply = self.reply_to();
         let deps = self.deps.clone();
         let bank_client = self.deps.bank.clone();
+        let fence = self.fence.clone();
         // `AuxPersisted` and the continuation each decrement once.
         self.in_flight += 2;
-        tokio::spawn(async move {
+        self.spawn_bank(async move {
             match delivered.await {
                 Ok(offset) => {
+                    if !confirmed(&fence, &deps, offset, "new PSU tokens").await {
+                        return;
+                    }
                     send(&reply, ActorMsg::AuxPersisted { seq, offset }).await;
                     let input = match then {
                         AfterTokens::Exchanged => Input::TokenExchanged,
@@ -941,6 +1027,24 @@ impl PartitionOwner {
     }
 
     fn set_payment(&mut self, id: PaymentId, payment: Payment) {
+        let kind = payment.state.kind();
+        let previous = self.payments.get(&id).map(|old| old.state.kind());
+        if previous != Some(kind) {
+            let now = now_millis();
+            if previous == Some(StateKind::ScaPending) {
+                if let Some(since) = self.entered.get(&id) {
+                    crate::metrics::metrics()
+                        .sca_pending_duration
+                        .observe(((now - since).max(0) as f64) / 1000.0);
+                }
+            }
+            let since = if previous.is_none() {
+                payment.updated_at
+            } else {
+                now
+            };
+            self.entered.insert(id.clone(), since);
+        }
         if let Some(old) = self.payments.get(&id) {
             if let Some(at) = old.next_check_at {
                 self.timers.remove(&(at, id.clone()));
@@ -996,12 +1100,62 @@ impl PartitionOwner {
         }
     }
 
+    /// Re-writes (under this owner's epoch) the payments whose latest record a superseded owner
+    /// wrote: with compaction, that stale record could otherwise outlive the valid one. Each
+    /// payment resumes (below) once its copy is durable.
+    async fn heal_restored(&mut self) {
+        let ids: Vec<PaymentId> = std::mem::take(&mut self.to_heal).into_iter().collect();
+        if !ids.is_empty() {
+            warn!(
+                partition = self.partition,
+                payments = ids.len(),
+                "re-writing payments a superseded owner wrote last"
+            );
+        }
+        for id in ids {
+            let Some(payment) = self.payments.get(&id).cloned() else {
+                continue;
+            };
+            let terminal = payment.state.is_terminal();
+            self.busy.insert(id.clone());
+            if !terminal {
+                self.queues
+                    .entry(id.clone())
+                    .or_default()
+                    .push_back(Queued {
+                        input: Input::Restored,
+                        source: None,
+                    });
+            }
+            self.persist(id, payment, Vec::new(), Vec::new(), None)
+                .await;
+        }
+    }
+
+    /// Re-writes idle payments that a superseded owner wrote after this owner's claim (seen by
+    /// the state tail); a busy one is re-written by its own next write anyway.
+    async fn heal_stale(&mut self) {
+        for id in self.fence.take_stale_payments() {
+            let id = PaymentId::new(id);
+            if self.busy.contains(&id) {
+                continue;
+            }
+            let Some(payment) = self.payments.get(&id).cloned() else {
+                continue;
+            };
+            warn!(partition = self.partition, payment_id = %id, "re-writing a payment a superseded owner wrote");
+            self.busy.insert(id.clone());
+            self.persist(id, payment, Vec::new(), Vec::new(), None)
+                .await;
+        }
+    }
+
     /// Gives every restored payment the chance to resume work that was in flight.
     async fn resume_restored(&mut self) {
         let ids: Vec<PaymentId> = self
             .payments
             .iter()
-            .filter(|(_, p)| !p.state.is_terminal())
+            .filter(|(id, p)| !p.state.is_terminal() && !self.busy.contains(*id))
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -1014,7 +1168,7 @@ impl PartitionOwner {
         let Some(through) = self.outbox.checkpoint_due() else {
             return;
         };
-        let (key, value) = match state::encode_checkpoint(self.partition, through) {
+        let (key, value) = match state::encode_checkpoint(self.partition, self.epoch(), through) {
             Ok(kv) => kv,
             Err(e) => {
                 self.deps.fatal(format!("encoding checkpoint: {e}"));
@@ -1095,9 +1249,51 @@ impl PartitionOwner {
             committable = self.committable.load(Ordering::Acquire),
             "partition released"
         );
+        let abandoned = self.bank_tasks.iter().filter(|t| !t.is_finished()).count();
+        for task in self.bank_tasks.drain(..) {
+            task.abort();
+        }
+        if abandoned > 0 {
+            info!(
+                partition = self.partition,
+                abandoned, "bank calls abandoned at release; the next owner reconciles from state"
+            );
+        }
+        self.fence.stop();
         if let Some((ack, _)) = self.revoking.take() {
             let _ = ack.send(());
         }
+    }
+
+    /// Spawns a task that calls the bank; `finish` aborts those still running, so no call of
+    /// this owner leaves after it released the partition (a call held behind an open circuit
+    /// would otherwise go out later, e.g. a token refresh behind the next owner's back).
+    fn spawn_bank(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.bank_tasks.len() >= 256 {
+            self.bank_tasks.retain(|t| !t.is_finished());
+        }
+        self.bank_tasks.push(tokio::spawn(task).abort_handle());
+    }
+
+    /// Publishes this partition's payment counts and oldest entries for the gauges.
+    fn publish_stats(&self) {
+        let mut summary = super::stats::Summary::default();
+        for (id, payment) in &self.payments {
+            let kind = payment.state.kind();
+            *summary.per_state.entry(kind).or_default() += 1;
+            if super::stats::AGED_STATES.contains(&kind) {
+                if let Some(&since) = self.entered.get(id) {
+                    let oldest = summary.oldest_entry.entry(kind).or_insert(since);
+                    *oldest = (*oldest).min(since);
+                }
+            }
+        }
+        super::stats::publish(self.partition, summary);
+    }
+
+    /// The epoch stamped on this owner's writes: the offset of its restore marker.
+    fn epoch(&self) -> i64 {
+        self.fence.own_marker()
     }
 
     fn reply_to(&self) -> mpsc::WeakSender<ActorMsg> {

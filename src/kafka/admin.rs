@@ -23,7 +23,18 @@ pub async fn ensure_topics(
         .create()
         .map_err(|e| KafkaEdgeError::kafka("creating admin client", e))?;
     let topics = &settings.topics;
-    let compact = [("cleanup.policy", "compact")];
+    // A superseded owner's late write must not make compaction drop the live owner's record
+    // of the same key before the live owner re-writes it (docs/guarantees.md): the lag keeps
+    // every record for an hour. No config at all when compaction is off: a `delete` policy
+    // would expire state.
+    let compact: &[(&str, &str)] = if settings.state_compaction {
+        &[
+            ("cleanup.policy", "compact"),
+            ("min.compaction.lag.ms", "3600000"),
+        ]
+    } else {
+        &[]
+    };
     let new_topics = [
         NewTopic::new(
             &topics.commands,

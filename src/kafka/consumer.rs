@@ -31,7 +31,29 @@ struct GroupContext<P: Partitions> {
     topic: String,
 }
 
-impl<P: Partitions> ClientContext for GroupContext<P> {}
+impl<P: Partitions> ClientContext for GroupContext<P> {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let lag = &crate::metrics::metrics().consumer_lag;
+        for (partition, stats) in &topic.partitions {
+            // -1 is the internal "unassigned" partition and partitions this member does not
+            // fetch report a lag of -1.
+            if *partition < 0 {
+                continue;
+            }
+            let label = partition.to_string();
+            if stats.consumer_lag >= 0 {
+                lag.with_label_values(&[&self.topic, &label])
+                    .set(stats.consumer_lag);
+            } else {
+                let _ = lag.remove_label_values(&[&self.topic, &label]);
+            }
+        }
+    }
+}
 
 impl<P: Partitions> ConsumerContext for GroupContext<P> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -106,6 +128,7 @@ pub fn run<P: Partitions>(
             "heartbeat.interval.ms",
             (settings.session_timeout_ms / 3).max(100).to_string(),
         )
+        .set("statistics.interval.ms", "5000")
         .create_with_context(context)
         .map_err(|e| KafkaEdgeError::kafka("creating consumer", e))?;
     consumer

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod fence;
 pub mod producer;
 pub mod state;
 
@@ -40,6 +41,9 @@ pub struct KafkaSettings {
     pub assignment_strategy: String,
     /// Extra librdkafka properties (`key=value`), e.g. security.protocol, sasl.*, ssl.*.
     pub extra: Vec<(String, String)>,
+    /// Create the state topic compacted (with `min.compaction.lag.ms`, see admin.rs). Off only
+    /// for brokers that compact without honouring the lag (Tansu 0.6 with sqlite).
+    pub state_compaction: bool,
 }
 
 impl KafkaSettings {

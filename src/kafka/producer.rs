@@ -231,7 +231,15 @@ impl Producer {
     }
 
     /// Records waiting in the local queue (a metric).
-    pub fn in_flight(&self) -> i32 {
+    pub fn queue_depth(&self) -> i32 {
         self.inner.in_flight_count()
+    }
+
+    /// Whether the broker answers a metadata request within `timeout` (blocking).
+    pub fn broker_answers(&self, timeout: Duration) -> bool {
+        self.inner
+            .client()
+            .fetch_metadata(None, timeout)
+            .is_ok_and(|m| !m.brokers().is_empty())
     }
 }

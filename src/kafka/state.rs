@@ -5,7 +5,13 @@
 //! - `payment/{payment_id}`: the payment's full state plus the status events this change emits
 //!   (the outbox), secrets sealed with the state key;
 //! - `psu/{psu_id}`: the PSU's PIS token pair, sealed;
-//! - `outbox-checkpoint/{partition}`: every event in records up to this offset is published.
+//! - `outbox-checkpoint/{partition}`: every event in records up to this offset is published;
+//! - `restore-marker/{partition}/{owner}`: a new owner's claim on the partition. Unique per
+//!   owner, so compaction keeps every claim.
+//!
+//! Every record but a marker carries its writer's `epoch`: the offset of the writer's own
+//! restore marker. A record whose epoch is older than a marker read before it was written by an
+//! owner that had already been superseded (a zombie), and restore skips it (docs/guarantees.md).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,8 +40,17 @@ pub fn checkpoint_key(partition: i32) -> String {
     format!("outbox-checkpoint/{partition}")
 }
 
-pub fn restore_marker_key(partition: i32) -> String {
-    format!("restore-marker/{partition}")
+pub const RESTORE_MARKER_PREFIX: &str = "restore-marker/";
+
+pub fn restore_marker_key(partition: i32, owner: &str) -> String {
+    format!("{RESTORE_MARKER_PREFIX}{partition}/{owner}")
+}
+
+/// Epoch of records written before epochs existed: never skipped.
+const NO_EPOCH: i64 = -1;
+
+fn no_epoch() -> i64 {
+    NO_EPOCH
 }
 
 /// A PSU's PIS token pair (Belfius keeps one pair per scope).
@@ -70,12 +85,16 @@ struct PaymentSecrets {
 enum StoredRecord {
     Payment {
         v: u32,
+        #[serde(default = "no_epoch")]
+        epoch: i64,
         payment: Box<Payment>,
         secrets: PaymentSecrets,
         events: Vec<StatusEvent>,
     },
     Psu {
         v: u32,
+        #[serde(default = "no_epoch")]
+        epoch: i64,
         psu_id: PsuId,
         brand: Brand,
         access_token: Sealed,
@@ -85,14 +104,13 @@ enum StoredRecord {
     },
     OutboxCheckpoint {
         v: u32,
+        #[serde(default = "no_epoch")]
+        epoch: i64,
         published_through: i64,
     },
     /// Written by a new owner before it restores; reading up to it reads every write that was
     /// acknowledged before it. Carries no state.
-    RestoreMarker {
-        v: u32,
-        owner: String,
-    },
+    RestoreMarker { v: u32, owner: String },
 }
 
 fn codec_error(context: &str, e: impl std::fmt::Display) -> KafkaEdgeError {
@@ -101,6 +119,7 @@ fn codec_error(context: &str, e: impl std::fmt::Display) -> KafkaEdgeError {
 
 pub fn encode_payment(
     key: &StateKey,
+    epoch: i64,
     payment: &Payment,
     events: &[StatusEvent],
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
@@ -113,6 +132,7 @@ pub fn encode_payment(
     };
     let record = StoredRecord::Payment {
         v: FORMAT_VERSION,
+        epoch,
         payment: Box::new(payment.clone()),
         secrets: PaymentSecrets {
             pkce_verifier: seal(&payment.pkce_verifier)?,
@@ -124,7 +144,11 @@ pub fn encode_payment(
     Ok((record_key, bytes))
 }
 
-pub fn encode_psu(key: &StateKey, tokens: &PsuTokens) -> Result<(String, Vec<u8>), KafkaEdgeError> {
+pub fn encode_psu(
+    key: &StateKey,
+    epoch: i64,
+    tokens: &PsuTokens,
+) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record_key = psu_key(&tokens.psu_id);
     let seal = |s: &SecretString| {
         key.seal(s, &record_key)
@@ -132,6 +156,7 @@ pub fn encode_psu(key: &StateKey, tokens: &PsuTokens) -> Result<(String, Vec<u8>
     };
     let record = StoredRecord::Psu {
         v: FORMAT_VERSION,
+        epoch,
         psu_id: tokens.psu_id.clone(),
         brand: tokens.brand,
         access_token: seal(&tokens.access_token)?,
@@ -145,10 +170,12 @@ pub fn encode_psu(key: &StateKey, tokens: &PsuTokens) -> Result<(String, Vec<u8>
 
 pub fn encode_checkpoint(
     partition: i32,
+    epoch: i64,
     published_through: i64,
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record = StoredRecord::OutboxCheckpoint {
         v: FORMAT_VERSION,
+        epoch,
         published_through,
     };
     let bytes = serde_json::to_vec(&record).map_err(|e| codec_error("encoding checkpoint", e))?;
@@ -165,7 +192,7 @@ pub fn encode_restore_marker(
         owner: owner.to_owned(),
     };
     let bytes = serde_json::to_vec(&record).map_err(|e| codec_error("encoding marker", e))?;
-    Ok((restore_marker_key(partition), bytes))
+    Ok((restore_marker_key(partition, owner), bytes))
 }
 
 pub enum DecodedRecord {
@@ -183,6 +210,15 @@ pub fn decode(
     record_key: &str,
     bytes: &[u8],
 ) -> Result<DecodedRecord, KafkaEdgeError> {
+    decode_with_epoch(key, record_key, bytes).map(|(record, _)| record)
+}
+
+/// Like [`decode`], with the writer's epoch (-1 for a marker or a record older than epochs).
+pub fn decode_with_epoch(
+    key: &StateKey,
+    record_key: &str,
+    bytes: &[u8],
+) -> Result<(DecodedRecord, i64), KafkaEdgeError> {
     let record: StoredRecord = serde_json::from_slice(bytes)
         .map_err(|e| codec_error(&format!("decoding {record_key}"), e))?;
     let open = |s: &Sealed| {
@@ -194,15 +230,17 @@ pub fn decode(
             payment,
             secrets,
             events,
+            epoch,
             ..
         } => {
             let mut payment = payment;
             payment.pkce_verifier = secrets.pkce_verifier.as_ref().map(open).transpose()?;
             payment.authorization_code =
                 secrets.authorization_code.as_ref().map(open).transpose()?;
-            Ok(DecodedRecord::Payment { payment, events })
+            Ok((DecodedRecord::Payment { payment, events }, epoch))
         }
         StoredRecord::Psu {
+            epoch,
             psu_id,
             brand,
             access_token,
@@ -210,18 +248,23 @@ pub fn decode(
             expires_at,
             updated_at,
             ..
-        } => Ok(DecodedRecord::Psu(PsuTokens {
-            psu_id,
-            brand,
-            access_token: open(&access_token)?,
-            refresh_token: refresh_token.as_ref().map(open).transpose()?,
-            expires_at,
-            updated_at,
-        })),
+        } => Ok((
+            DecodedRecord::Psu(PsuTokens {
+                psu_id,
+                brand,
+                access_token: open(&access_token)?,
+                refresh_token: refresh_token.as_ref().map(open).transpose()?,
+                expires_at,
+                updated_at,
+            }),
+            epoch,
+        )),
         StoredRecord::OutboxCheckpoint {
-            published_through, ..
-        } => Ok(DecodedRecord::Checkpoint(published_through)),
-        StoredRecord::RestoreMarker { .. } => Ok(DecodedRecord::RestoreMarker),
+            published_through,
+            epoch,
+            ..
+        } => Ok((DecodedRecord::Checkpoint(published_through), epoch)),
+        StoredRecord::RestoreMarker { .. } => Ok((DecodedRecord::RestoreMarker, NO_EPOCH)),
     }
 }
 
@@ -238,10 +281,16 @@ pub struct RestoredPartition {
     /// The offset the next state write will get, at restore time.
     pub end_offset: i64,
     pub duration: Duration,
+    /// Records skipped because a superseded owner wrote them after a newer claim.
+    pub zombie_records: u64,
+    /// Payments with such a record: the new owner re-writes them, so that the latest record
+    /// of the key is valid again before compaction can drop the older, valid one.
+    pub zombie_payments: std::collections::HashSet<PaymentId>,
 }
 
 /// Reads state partition `partition` from the beginning up to and including the restore marker
-/// at `marker_offset`, which the caller wrote and saw acknowledged (blocking).
+/// at `marker_offset`, which the caller wrote and saw acknowledged (blocking). Returns the
+/// restored state and the consumer, positioned after the marker, for the fence's tail.
 ///
 /// The end is the caller's own marker, not the high watermark: Tansu 0.6 reports a high
 /// watermark that counts produce batches, not records (a 3-record batch moved it by 1), and a
@@ -252,7 +301,7 @@ pub fn restore(
     partition: i32,
     marker_offset: i64,
     timeout: Duration,
-) -> Result<RestoredPartition, KafkaEdgeError> {
+) -> Result<(RestoredPartition, BaseConsumer), KafkaEdgeError> {
     let started = Instant::now();
     let topic = &settings.topics.state;
     let consumer: BaseConsumer = settings
@@ -260,6 +309,8 @@ pub fn restore(
         .set("group.id", format!("{}-restore", settings.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // The same consumer then tails the partition for the fence: answer fetches quickly.
+        .set("fetch.wait.max.ms", "20")
         .create()
         .map_err(|e| KafkaEdgeError::kafka("creating restore consumer", e))?;
     let mut out = RestoredPartition {
@@ -275,6 +326,8 @@ pub fn restore(
         .assign(&assignment)
         .map_err(|e| KafkaEdgeError::kafka(format!("assigning {topic}/{partition}"), e))?;
     let mut events_by_offset: Vec<(i64, Vec<StatusEvent>)> = Vec::new();
+    // The newest claim read so far: records of older epochs after it come from a zombie.
+    let mut epoch_floor = NO_EPOCH;
     let mut next = 0;
     while next <= marker_offset {
         if started.elapsed() > timeout {
@@ -285,9 +338,19 @@ pub fn restore(
         let Some(result) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let message =
-            result.map_err(|e| KafkaEdgeError::kafka(format!("reading {topic}/{partition}"), e))?;
-        next = message.offset() + 1;
+        // Consumer errors here are librdkafka's reports of a broker going away or a leader
+        // moving (a broker restart): it reconnects by itself, so keep reading until the
+        // timeout instead of giving the partition up.
+        let message = match result {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(%topic, partition, next, error = %e, "restore read failed; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        let offset = message.offset();
+        next = offset + 1;
         out.records_read += 1;
         let record_key = message
             .key()
@@ -302,21 +365,42 @@ pub fn restore(
             }
             continue;
         };
-        match decode(key, &record_key, payload)? {
+        let (record, epoch) = decode_with_epoch(key, &record_key, payload)?;
+        if let DecodedRecord::RestoreMarker = record {
+            epoch_floor = epoch_floor.max(offset);
+            continue;
+        }
+        if epoch != NO_EPOCH && epoch < epoch_floor {
+            out.zombie_records += 1;
+            if let Some(id) = record_key.strip_prefix("payment/") {
+                out.zombie_payments.insert(PaymentId::new(id));
+            }
+            continue;
+        }
+        epoch_floor = epoch_floor.max(epoch);
+        match record {
             DecodedRecord::Payment { payment, events } => {
                 if !events.is_empty() {
-                    events_by_offset.push((message.offset(), events));
+                    events_by_offset.push((offset, events));
                 }
                 out.payments.insert(payment.payment_id.clone(), *payment);
             }
             DecodedRecord::Psu(tokens) => {
                 out.psus.insert(tokens.psu_id.clone(), tokens);
             }
-            DecodedRecord::Checkpoint(offset) => {
-                out.checkpoint = out.checkpoint.max(offset);
+            DecodedRecord::Checkpoint(through) => {
+                out.checkpoint = out.checkpoint.max(through);
             }
             DecodedRecord::RestoreMarker => {}
         }
+    }
+    if out.zombie_records > 0 {
+        tracing::warn!(
+            %topic,
+            partition,
+            records = out.zombie_records,
+            "restore skipped records written by superseded owners"
+        );
     }
     let checkpoint = out.checkpoint;
     out.unpublished = events_by_offset
@@ -324,7 +408,7 @@ pub fn restore(
         .filter(|(offset, _)| *offset > checkpoint)
         .collect();
     out.duration = started.elapsed();
-    Ok(out)
+    Ok((out, consumer))
 }
 
 #[cfg(test)]
@@ -385,7 +469,7 @@ mod tests {
         ) else {
             panic!("not changed")
         };
-        let (record_key, bytes) = encode_payment(&k, &t2.payment, &t2.events).expect("encode");
+        let (record_key, bytes) = encode_payment(&k, 7, &t2.payment, &t2.events).expect("encode");
         assert_eq!(record_key, "payment/p-1");
         assert!(!String::from_utf8_lossy(&bytes).contains("the-verifier"));
         let DecodedRecord::Payment { payment, events } =
@@ -418,14 +502,14 @@ mod tests {
             expires_at: Some(99),
             updated_at: 5,
         };
-        let (record_key, bytes) = encode_psu(&k, &tokens).expect("encode");
+        let (record_key, bytes) = encode_psu(&k, 7, &tokens).expect("encode");
         assert!(!String::from_utf8_lossy(&bytes).contains("\"at\""));
         let DecodedRecord::Psu(back) = decode(&k, &record_key, &bytes).expect("decode") else {
             panic!("wrong record")
         };
         assert_eq!(back.access_token.expose_secret(), "at");
         assert_eq!(back.brand, Brand::Banx);
-        let (record_key, bytes) = encode_checkpoint(3, 41).expect("encode");
+        let (record_key, bytes) = encode_checkpoint(3, 7, 41).expect("encode");
         assert_eq!(record_key, "outbox-checkpoint/3");
         assert!(matches!(
             decode(&k, &record_key, &bytes).expect("decode"),

@@ -5,19 +5,24 @@
 //!
 //! * `GET /admin/faults` → `{"settings": FaultSettings, "counters": {...}}`
 //! * `PUT /admin/faults` with a [`FaultSettings`] body → 204 (400 if invalid)
-//! * `DELETE /admin/faults` → 204, back to no faults (counters are kept)
+//! * `DELETE /admin/faults` → 204, back to no faults (counters and traffic are kept)
+//! * `DELETE /admin/faults/traffic` → 204, forgets the recorded traffic
 //!
 //! Fault kinds, as a client sees them:
 //! * [`Fault::Status`]: an HTTP error with the Belfius error body (and `Retry-After`).
 //! * [`Fault::Reset`]: the connection closes before the request is processed; no HTTP status.
 //! * [`Fault::ResponseLost`]: the request IS processed (e.g. the payment exists), then the
 //!   connection hangs for `hang_ms` and closes without an answer: the outcome is unknown.
+//!
+//! The layer also records the traffic it sees ([`Faults::traffic`], `traffic` in
+//! `GET /admin/faults`): every request's arrival time, endpoint and host, and the most requests
+//! in progress at once, per host. Tests check retries, rate and concurrency limits with it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -55,6 +60,70 @@ struct Inner {
     settings: Mutex<FaultSettings>,
     /// (fault label, endpoint label) → injections.
     counters: Mutex<BTreeMap<(String, &'static str), u64>>,
+    traffic: Mutex<TrafficState>,
+}
+
+/// Arrivals kept by the traffic recorder (the oldest are dropped first).
+pub const MAX_ARRIVALS: usize = 10_000;
+
+#[derive(Default)]
+struct TrafficState {
+    /// Arrival times are milliseconds since this instant (the first request, or the reset).
+    epoch: Option<Instant>,
+    arrivals: VecDeque<Arrival>,
+    in_flight: BTreeMap<String, usize>,
+    max_in_flight: BTreeMap<String, usize>,
+}
+
+/// A request as the fault layer saw it arrive (before latency or a fault was applied).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Arrival {
+    /// Milliseconds (monotonic clock) since the recorder's epoch.
+    pub at_ms: u64,
+    pub endpoint: EndpointClass,
+    /// The request's `Host` header: one bank host (brand) per listener.
+    pub host: String,
+}
+
+/// What [`Faults::traffic`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Traffic {
+    /// Oldest first, at most [`MAX_ARRIVALS`].
+    pub arrivals: Vec<Arrival>,
+    /// Requests in progress now (arrived, no response produced yet), per host.
+    pub in_flight: BTreeMap<String, usize>,
+    /// The most requests in progress at once, per host, since the last reset.
+    pub max_in_flight: BTreeMap<String, usize>,
+}
+
+impl Traffic {
+    /// Arrivals for one endpoint class, oldest first.
+    pub fn arrivals_at(&self, endpoint: EndpointClass) -> Vec<&Arrival> {
+        self.arrivals
+            .iter()
+            .filter(|a| endpoint.matches(a.endpoint))
+            .collect()
+    }
+
+    /// The largest `max_in_flight` of any host.
+    pub fn max_in_flight_any_host(&self) -> usize {
+        self.max_in_flight.values().copied().max().unwrap_or(0)
+    }
+}
+
+/// A request in progress; counted out when dropped (answered, failed or abandoned).
+struct Visit {
+    faults: Faults,
+    host: String,
+}
+
+impl Drop for Visit {
+    fn drop(&mut self) {
+        let mut traffic = lock(&self.faults.inner.traffic);
+        if let Some(count) = traffic.in_flight.get_mut(&self.host) {
+            *count = count.saturating_sub(1);
+        }
+    }
 }
 
 impl std::fmt::Debug for Faults {
@@ -261,6 +330,51 @@ impl Faults {
         lock(&self.inner.counters).clear();
     }
 
+    /// The traffic seen since the last [`Self::reset_traffic`].
+    pub fn traffic(&self) -> Traffic {
+        let traffic = lock(&self.inner.traffic);
+        Traffic {
+            arrivals: traffic.arrivals.iter().cloned().collect(),
+            in_flight: traffic.in_flight.clone(),
+            max_in_flight: traffic.max_in_flight.clone(),
+        }
+    }
+
+    /// Forgets arrivals and maxima (requests in progress stay counted); the clock restarts.
+    pub fn reset_traffic(&self) {
+        let mut traffic = lock(&self.inner.traffic);
+        traffic.epoch = Some(Instant::now());
+        traffic.arrivals.clear();
+        traffic.max_in_flight = traffic.in_flight.clone();
+    }
+
+    /// Records an arriving request; it is in progress until the returned value is dropped.
+    fn arrive(&self, endpoint: EndpointClass, host: &str) -> Visit {
+        let mut traffic = lock(&self.inner.traffic);
+        let now = Instant::now();
+        let epoch = *traffic.epoch.get_or_insert(now);
+        let at_ms = now.saturating_duration_since(epoch).as_millis() as u64;
+        if traffic.arrivals.len() >= MAX_ARRIVALS {
+            traffic.arrivals.pop_front();
+        }
+        traffic.arrivals.push_back(Arrival {
+            at_ms,
+            endpoint,
+            host: host.to_owned(),
+        });
+        let count = {
+            let count = traffic.in_flight.entry(host.to_owned()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        let max = traffic.max_in_flight.entry(host.to_owned()).or_insert(0);
+        *max = (*max).max(count);
+        Visit {
+            faults: self.clone(),
+            host: host.to_owned(),
+        }
+    }
+
     /// The latency to add and the fault to inject (if any) for one request; spends one use of
     /// the chosen rule and counts the injection.
     pub fn decide(&self, endpoint: EndpointClass) -> (Duration, Option<Fault>) {
@@ -336,6 +450,15 @@ pub fn classify(method: &Method, path: &str) -> EndpointClass {
 /// For `axum::middleware::from_fn_with_state(faults, middleware)` on the bank API router.
 pub async fn middleware(State(faults): State<Faults>, request: Request, next: Next) -> Response {
     let endpoint = classify(request.method(), request.uri().path());
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    // In progress until this function returns (or its future is dropped): latency and a lost
+    // answer's hang count as time spent at the bank.
+    let _visit = faults.arrive(endpoint, &host);
     let (latency, fault) = faults.decide(endpoint);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -424,6 +547,10 @@ pub fn admin_router(faults: Faults) -> Router {
             "/admin/faults",
             get(show_faults).put(put_faults).delete(delete_faults),
         )
+        .route(
+            "/admin/faults/traffic",
+            axum::routing::delete(delete_traffic),
+        )
         .with_state(faults)
 }
 
@@ -431,6 +558,7 @@ async fn show_faults(State(faults): State<Faults>) -> Json<serde_json::Value> {
     Json(json!({
         "settings": faults.settings(),
         "counters": faults.counters(),
+        "traffic": faults.traffic(),
     }))
 }
 
@@ -445,6 +573,11 @@ async fn put_faults(State(faults): State<Faults>, Json(settings): Json<FaultSett
             (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
         }
     }
+}
+
+async fn delete_traffic(State(faults): State<Faults>) -> StatusCode {
+    faults.reset_traffic();
+    StatusCode::NO_CONTENT
 }
 
 async fn delete_faults(State(faults): State<Faults>) -> StatusCode {
@@ -612,5 +745,39 @@ mod tests {
         assert_eq!(counters["total"], 2);
         assert_eq!(counters["by_fault"]["reset"]["token"], 1);
         assert_eq!(counters["by_fault"]["status_503"]["status"], 1);
+    }
+
+    #[test]
+    fn traffic_counts_arrivals_and_requests_in_progress_per_host() {
+        let faults = Faults::default();
+        let a = faults.arrive(EndpointClass::Status, "h1");
+        let b = faults.arrive(EndpointClass::Initiate, "h1");
+        let c = faults.arrive(EndpointClass::Status, "h2");
+        let traffic = faults.traffic();
+        assert_eq!(traffic.arrivals.len(), 3);
+        assert_eq!(traffic.in_flight["h1"], 2);
+        assert_eq!(traffic.max_in_flight["h1"], 2);
+        assert_eq!(traffic.max_in_flight["h2"], 1);
+        assert_eq!(traffic.max_in_flight_any_host(), 2);
+        assert_eq!(traffic.arrivals_at(EndpointClass::Status).len(), 2);
+        assert_eq!(traffic.arrivals_at(EndpointClass::Any).len(), 3);
+        assert!(
+            traffic
+                .arrivals
+                .windows(2)
+                .all(|w| w[0].at_ms <= w[1].at_ms)
+        );
+        drop((a, b));
+        let d = faults.arrive(EndpointClass::Token, "h1");
+        let traffic = faults.traffic();
+        assert_eq!(traffic.in_flight["h1"], 1);
+        assert_eq!(traffic.max_in_flight["h1"], 2);
+        faults.reset_traffic();
+        let traffic = faults.traffic();
+        assert!(traffic.arrivals.is_empty());
+        // In progress across the reset: still counted.
+        assert_eq!(traffic.max_in_flight["h1"], 1);
+        drop((c, d));
+        assert_eq!(faults.traffic().in_flight["h2"], 0);
     }
 }

@@ -65,6 +65,8 @@ impl TestEnv {
             session_timeout_ms: 6_000,
             assignment_strategy: "cooperative-sticky".into(),
             extra: vec![],
+            // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
+            state_compaction: false,
         };
         pis_worker::kafka::admin::ensure_topics(&settings, PARTITIONS, 1)
             .await
@@ -125,6 +127,8 @@ impl TestEnv {
                 self.sandbox.client_secret().expose_secret(),
             )
             .env("PIS_LOG", "info,pis_worker=debug,rdkafka=warn")
+            // Tests run several workers at once: any free port (tests that scrape set their own).
+            .env("PIS_HTTP_ADDR", "127.0.0.1:0")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
@@ -476,5 +480,129 @@ pub fn complete_sca(payment_id: &str, psu_id: &str, redirect_url: &str) -> Comma
         body: CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
             &url::Url::parse(redirect_url).expect("redirect url"),
         )),
+    }
+}
+
+// Helpers for the bad-input, DLQ and schema tests (tests/bad_input.rs, tests/avro_interop.rs).
+
+pub mod registry;
+
+impl TestEnv {
+    /// Sends one record with full control: `partition` (None: by key), `value` (None: a null
+    /// value) and headers. Returns where it landed.
+    pub async fn send_record(
+        &self,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> (i32, i64) {
+        let mut owned = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.settings.topics.commands).headers(owned);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        let delivered = self
+            .producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("send record");
+        (delivered.partition, delivered.offset)
+    }
+
+    /// The status topic's records as they are on the wire (framing checks).
+    pub fn status_messages(&self) -> Vec<OwnedMessage> {
+        self.status.snapshot()
+    }
+
+    /// Waits until `done` holds on the DLQ records, and returns them.
+    pub async fn wait_for_dlq_where(
+        &self,
+        what: &str,
+        done: impl Fn(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
+        let started = Instant::now();
+        loop {
+            let records = self.dlq_records();
+            if done(&records) {
+                return records;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let classes: Vec<_> = records
+                    .iter()
+                    .map(|r| header(r, "pis.error.class"))
+                    .collect();
+                panic!("timed out waiting for DLQ {what}; classes so far: {classes:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs `pis-worker <args>` against this env's broker and topics; returns its stdout and
+    /// panics (with stderr) if it fails.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_pis-worker"))
+            .args(args)
+            .args(["--brokers", &self.settings.brokers])
+            .args(["--topic-commands", &self.settings.topics.commands])
+            .args(["--topic-status", &self.settings.topics.status])
+            .args(["--topic-state", &self.settings.topics.state])
+            .args(["--topic-dlq", &self.settings.topics.dlq])
+            .env("PIS_LOG", "warn")
+            .output()
+            .await
+            .expect("run pis-worker");
+        assert!(
+            output.status.success(),
+            "pis-worker {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The value of a Prometheus sample `name{labels}` (labels as rendered, e.g.
+/// `class="BAD_FRAMING"`) in a worker's `/metrics`, waiting up to 10 s for it to appear.
+pub async fn metric(port: u16, sample: &str) -> f64 {
+    let started = Instant::now();
+    loop {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let value = text
+            .lines()
+            .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok());
+        if let Some(value) = value {
+            return value;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            panic!("no sample {sample} in /metrics:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

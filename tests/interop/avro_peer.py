@@ -3,6 +3,9 @@ that pis-worker's Avro single-object bytes are what the specification says.
 
   avro_peer.py decode <schema.avsc> <file>   -> JSON of the datum on stdout
   avro_peer.py encode-cancel <schema.avsc> <file>  -> writes a CancelPayment command
+  avro_peer.py encode-initiate <schema.avsc> <file> <payment_id> <psu_id>
+      -> writes an InitiatePayment command with every field the schema has (a newer schema's
+         extra fields included), single-object framed with that schema's fingerprint
 """
 import io
 import json
@@ -55,6 +58,44 @@ def main():
             "issued_at": 1700000000000,
             "body": ("be.pisworker.v1.CancelPayment", {"reason": "from python"}),
         })
+        open(file_path, "wb").write(out.getvalue())
+    elif mode == "encode-initiate":
+        payment_id, psu_id = sys.argv[4:6]
+        initiate = {
+            "payment_product": "SEPA_CREDIT_TRANSFERS",
+            "brand": "BELFIUS",
+            "amount": "21.50",
+            "currency": "EUR",
+            "creditor_name": "Python Peer",
+            "creditor_iban": "BE68539007547034",
+            "creditor_bic": None,
+            "debtor_iban": None,
+            "end_to_end_id": payment_id,
+            "remittance_information": "written by fastavro",
+            "requested_execution_date": None,
+            "language": "nl",
+            "redirect_uri": "https://client.example/callback",
+        }
+        envelope = {
+            "command_id": "py-" + payment_id,
+            "payment_id": payment_id,
+            "psu_id": psu_id,
+            "issued_at": 1700000000000,
+        }
+        # A newer schema's fields: set them, so that the record really carries them.
+        with open(schema_path) as f:
+            raw = json.load(f)
+        names = [f["name"] for f in raw["fields"]]
+        if "trace_id" in names:
+            envelope["trace_id"] = "trace-" + payment_id
+        body = next(f for f in raw["fields"] if f["name"] == "body")
+        initiate_type = next(b for b in body["type"] if isinstance(b, dict) and b["name"] == "InitiatePayment")
+        if any(f["name"] == "purpose_code" for f in initiate_type["fields"]):
+            initiate["purpose_code"] = "SUPP"
+        envelope["body"] = ("be.pisworker.v1.InitiatePayment", initiate)
+        out = io.BytesIO()
+        out.write(header)
+        fastavro.schemaless_writer(out, schema, envelope)
         open(file_path, "wb").write(out.getvalue())
     else:
         sys.exit(2)

@@ -1,0 +1,250 @@
+//! Owner fencing on the state partition.
+//!
+//! A consumer group can hand a partition to a new member while the old one still believes it
+//! owns it (a missed revoke, a paused process, a broker that lost group state: all seen with
+//! the test broker). Every owner claims its partition by writing a restore marker; the newest
+//! claim wins. An owner tails its state partition from its own marker on, and nothing it
+//! persisted becomes visible outside (bank call, status event, committed offset) until the tail
+//! has read past that write with no newer claim before it. So if a newer owner claimed the
+//! partition first, the old owner stops without acting; if the old owner's write came first,
+//! the newer owner's restore (which reads up to its own marker) includes it. Either way every
+//! bank call is preceded by a state write that the current owner knows.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::BaseConsumer;
+use tokio::sync::Notify;
+
+use super::state::RESTORE_MARKER_PREFIX;
+
+/// Why a write may not be acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("partition {partition} was claimed by a newer owner at state offset {claimed_at}")]
+    Superseded { partition: i32, claimed_at: i64 },
+    #[error("partition {partition}: the state tail did not reach offset {offset} in {waited:?}")]
+    Timeout {
+        partition: i32,
+        offset: i64,
+        waited: Duration,
+    },
+    #[error("partition {partition}: the state tail stopped")]
+    Stopped { partition: i32 },
+}
+
+/// The shared view of one owner's state tail.
+pub struct Fence {
+    partition: i32,
+    own_marker: i64,
+    /// Highest offset the tail has read.
+    read_through: AtomicI64,
+    /// Offset of the first newer claim read, `i64::MAX` while there is none.
+    claimed_at: AtomicI64,
+    stopped: AtomicBool,
+    changed: Notify,
+    /// Payments a superseded owner wrote after this owner's claim: the owner re-writes them.
+    stale_payments: Mutex<HashSet<String>>,
+}
+
+impl Fence {
+    pub fn new(partition: i32, own_marker: i64) -> Arc<Self> {
+        Arc::new(Fence {
+            partition,
+            own_marker,
+            read_through: AtomicI64::new(own_marker),
+            claimed_at: AtomicI64::new(i64::MAX),
+            stopped: AtomicBool::new(false),
+            changed: Notify::new(),
+            stale_payments: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Resolves once the tail has read through `offset` (a write of this owner) and no newer
+    /// claim precedes it.
+    pub async fn confirm(&self, offset: i64, timeout: Duration) -> Result<(), FenceError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Created before the checks, so a change between check and wait still wakes us.
+            let changed = self.changed.notified();
+            let claimed_at = self.claimed_at.load(Ordering::Acquire);
+            if claimed_at < offset {
+                return Err(FenceError::Superseded {
+                    partition: self.partition,
+                    claimed_at,
+                });
+            }
+            if self.read_through.load(Ordering::Acquire) >= offset {
+                return Ok(());
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                return Err(FenceError::Stopped {
+                    partition: self.partition,
+                });
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(FenceError::Timeout {
+                    partition: self.partition,
+                    offset,
+                    waited: timeout,
+                });
+            }
+        }
+    }
+
+    /// The offset of this owner's own claim: the epoch of its writes.
+    pub fn own_marker(&self) -> i64 {
+        self.own_marker
+    }
+
+    /// The first newer claim, if the tail has seen one.
+    pub fn superseded_at(&self) -> Option<i64> {
+        let at = self.claimed_at.load(Ordering::Acquire);
+        (at != i64::MAX).then_some(at)
+    }
+
+    /// Ends the tail (the owner is done).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Payment ids a superseded owner wrote since the last call.
+    pub fn take_stale_payments(&self) -> Vec<String> {
+        let mut stale = self
+            .stale_payments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        stale.drain().collect()
+    }
+
+    fn observe(&self, offset: i64, key: Option<&[u8]>) {
+        if offset > self.own_marker
+            && key.is_some_and(|k| k.starts_with(RESTORE_MARKER_PREFIX.as_bytes()))
+        {
+            self.claimed_at.fetch_min(offset, Ordering::AcqRel);
+        }
+        self.read_through.fetch_max(offset, Ordering::AcqRel);
+    }
+
+    /// A payment record written after this owner's claim by an older owner.
+    fn observe_payment(&self, offset: i64, key: &[u8], payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Epoch {
+            epoch: Option<i64>,
+        }
+        if offset <= self.own_marker {
+            return;
+        }
+        let Some(id) = key.strip_prefix(b"payment/") else {
+            return;
+        };
+        if let Ok(Epoch { epoch: Some(epoch) }) = serde_json::from_slice::<Epoch>(payload) {
+            if epoch < self.own_marker {
+                self.stale_payments
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+    }
+}
+
+/// Tails the state partition on its own thread until the fence is stopped. `consumer` is the
+/// restore consumer, positioned right after the owner's marker.
+pub fn spawn_tail(consumer: BaseConsumer, fence: Arc<Fence>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("state-tail-{}", fence.partition))
+        .spawn(move || {
+            while !fence.stopped.load(Ordering::Acquire) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => continue,
+                    Some(Ok(message)) => {
+                        if let (Some(key), Some(payload)) = (message.key(), message.payload()) {
+                            fence.observe_payment(message.offset(), key, payload);
+                        }
+                        fence.observe(message.offset(), message.key());
+                        fence.changed.notify_waiters();
+                    }
+                    // Broker restarts and leader moves: librdkafka reconnects by itself.
+                    Some(Err(e)) => {
+                        tracing::debug!(partition = fence.partition, error = %e, "state tail");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_is_confirmed_once_the_tail_reads_past_it() {
+        let fence = Fence::new(0, 10);
+        let waiter = {
+            let fence = fence.clone();
+            tokio::spawn(async move { fence.confirm(12, Duration::from_secs(5)).await })
+        };
+        fence.observe(11, Some(b"payment/a"));
+        fence.changed.notify_waiters();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        fence.observe(12, Some(b"payment/a"));
+        fence.changed.notify_waiters();
+        assert!(waiter.await.expect("join").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_newer_claim_before_the_write_fences_it_and_after_it_does_not() {
+        let fence = Fence::new(0, 10);
+        fence.observe(14, Some(b"restore-marker/0/other"));
+        fence.observe(20, Some(b"payment/a"));
+        // Written before the newer claim: the new owner's restore has it.
+        assert!(fence.confirm(13, Duration::from_secs(1)).await.is_ok());
+        // Written after it: must not be acted on.
+        assert!(matches!(
+            fence.confirm(15, Duration::from_secs(1)).await,
+            Err(FenceError::Superseded { claimed_at: 14, .. })
+        ));
+        assert_eq!(fence.superseded_at(), Some(14));
+    }
+
+    #[test]
+    fn a_payment_written_by_an_older_owner_after_the_claim_is_reported_once() {
+        let fence = Fence::new(0, 10);
+        fence.observe_payment(9, b"payment/before", br#"{"epoch":3}"#);
+        fence.observe_payment(11, b"payment/mine", br#"{"epoch":10}"#);
+        fence.observe_payment(12, b"payment/zombie", br#"{"type":"payment","epoch":3}"#);
+        fence.observe_payment(13, b"psu/x", br#"{"epoch":3}"#);
+        assert_eq!(fence.take_stale_payments(), vec!["zombie".to_owned()]);
+        assert!(fence.take_stale_payments().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_own_marker_is_not_a_newer_claim() {
+        let fence = Fence::new(0, 10);
+        fence.observe(10, Some(b"restore-marker/0/me"));
+        fence.observe(11, Some(b"payment/a"));
+        assert!(fence.confirm(11, Duration::from_secs(1)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_tail_that_never_arrives_times_out_and_a_stopped_one_says_so() {
+        let fence = Fence::new(0, 10);
+        assert!(matches!(
+            fence.confirm(11, Duration::from_millis(50)).await,
+            Err(FenceError::Timeout { .. })
+        ));
+        fence.stop();
+        assert!(matches!(
+            fence.confirm(11, Duration::from_secs(1)).await,
+            Err(FenceError::Stopped { .. })
+        ));
+    }
+}
