@@ -29,6 +29,7 @@ export PIS_BROKERS="127.0.0.1:$KAFKA_PORT"
 export PIS_LOG="${PIS_LOG:-info,rdkafka=warn}"
 # Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
 export PIS_STATE_COMPACTION=false
+export PIS_HTTP_ADDR="127.0.0.1:$(scripts/free-port.sh)"
 
 echo "== starting the broker"
 scripts/broker.sh start "$KAFKA_PORT" "$RUN"
@@ -95,4 +96,10 @@ curl -s "http://127.0.0.1:$ADMIN_PORT/admin/counters" | python3 -c '
 import json, sys
 c = json.load(sys.stdin)
 print("  " + ", ".join(f"{k}={c[k]}" for k in ("initiations", "signatures_checked", "signatures_failed", "tokens_issued", "cancellations", "invalidated_token_uses") if k in c))'
+echo "== the worker's metrics (curl http://$PIS_HTTP_ADDR/metrics, non-zero samples of a few series)"
+sleep 6 # the payment gauges refresh every 5 s
+curl -s "http://$PIS_HTTP_ADDR/metrics" \
+  | grep -E '^pis_(payments|state_transitions_total|bank_requests_total|assigned_partitions|commands_consumed_total|dlq_records_total)' \
+  | grep -v ' 0$' | sed 's/^/  /' || true
+echo "  readyz: $(curl -s "http://$PIS_HTTP_ADDR/readyz")"
 echo "== demo complete; stopping broker, sandbox and worker"

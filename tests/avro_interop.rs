@@ -130,3 +130,244 @@ fn a_peer_decodes_our_status_event() {
     assert_eq!(json["sca_redirect_url"], "https://bank.example/sca/7");
     assert_eq!(json["reason"], serde_json::Value::Null);
 }
+
+/// A record written by a peer with a newer writer schema (the v3 candidate in
+/// tests/interop/schemas: v2 plus optional fields) is unknown until that schema is accepted;
+/// then it resolves by name, the new fields ignored.
+#[test]
+fn a_newer_writer_schema_from_a_peer_resolves_once_accepted() {
+    use pis_worker::contract::command::{Patience, decode_with};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("v3.bin");
+    let v3 = root().join("tests/interop/schemas/payment-command.v3-candidate.avsc");
+    peer(&[
+        "encode-initiate",
+        v3.to_str().expect("path"),
+        file.to_str().expect("path"),
+        "py-v3-1",
+        "psu-v3",
+    ]);
+    let bytes = std::fs::read(&file).expect("read");
+    let before = decode_with(&bytes, 65_536, Patience::Once).expect_err("not known yet");
+    assert_eq!(before.class.as_str(), "UNKNOWN_SCHEMA");
+    let json = std::fs::read_to_string(&v3).expect("v3");
+    let (role, fingerprint) =
+        pis_worker::contract::accept_writer_schema(&json, "v3 candidate").expect("accepted");
+    assert_eq!(role, pis_worker::contract::SchemaRole::Command);
+    assert_eq!(
+        &bytes[2..10],
+        &fingerprint,
+        "the peer's fingerprint is ours"
+    );
+    let decoded = decode_with(&bytes, 65_536, Patience::Once).expect("resolved");
+    assert_eq!(decoded.payment_id, "py-v3-1");
+    let CommandBody::Initiate(raw) = decoded.body else {
+        panic!("wrong body: {:?}", decoded.body)
+    };
+    assert_eq!(raw.amount, "21.50");
+    assert_eq!(raw.language, "nl");
+    assert_eq!(
+        raw.remittance_information.as_deref(),
+        Some("written by fastavro")
+    );
+}
+
+/// A writer schema this build cannot read (a field the reader needs was removed) is refused at
+/// start-up, not accepted and then dead-lettered record by record.
+#[test]
+fn an_unreadable_writer_schema_is_refused() {
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("schemas/payment-command.avsc")).expect("schema"),
+    )
+    .expect("json");
+    let fields = json["fields"].as_array_mut().expect("fields");
+    fields.retain(|f| f["name"] != "psu_id");
+    let error = pis_worker::contract::accept_writer_schema(&json.to_string(), "broken")
+        .expect_err("refused");
+    assert!(error.contains("psu_id"), "{error}");
+}
+
+mod common;
+
+mod registry_framing {
+    use std::time::Duration;
+
+    use super::common::registry::StubRegistry;
+    use super::common::*;
+    use super::{peer, root};
+    use pis_worker::contract::command;
+    use pis_worker::contract::framing::{HEADER_LEN, frame_confluent};
+    use pis_worker::contract::registry::{self, RegistryConfig};
+    use pis_worker::domain::machine::{StateKind, StatusEvent};
+    use pis_worker::domain::model::{PaymentId, PsuId};
+    use rdkafka::Message;
+
+    const CLIENT_DRIVEN: [&str; 4] = ["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
+
+    /// Confluent Schema Registry framing end to end, against a minimal Confluent-compatible
+    /// registry: commands framed with a registry id are read with the registry's schema; status
+    /// events are written with the id the worker registered; an unknown id is dead-lettered as
+    /// UNKNOWN_SCHEMA; and while the registry is down, a command whose schema the worker has
+    /// not fetched yet waits (the commands behind it too) and is processed once the registry is
+    /// back: neither dead-lettered nor lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registry_framed_commands_and_events_survive_a_registry_outage() {
+        let mut stub = StubRegistry::start_new().await;
+        let env = TestEnv::new(|_| {}).await;
+        // This process reads the worker's status events through the registry too.
+        registry::configure(RegistryConfig {
+            url: stub.url().parse().expect("url"),
+            auto_register: false,
+            timeout: Duration::from_secs(2),
+        })
+        .expect("registry");
+        let mut args = CLIENT_DRIVEN.to_vec();
+        let url = stub.url();
+        args.extend(["--schema-registry-url", &url]);
+        let worker = env.start_worker("a", &args);
+        worker.wait_restored(PARTITIONS as usize).await;
+
+        // At start-up the worker registered the status schema under {status topic}-value.
+        let status_ids = stub.subject_ids(&format!("{}-value", env.settings.topics.status));
+        assert_eq!(status_ids.len(), 1, "{:?}", stub.requests());
+        let status_id = status_ids[0];
+
+        // A client's serializer registers the command schema and frames with its id.
+        let commands_subject = format!("{}-value", env.settings.topics.commands);
+        let command_id =
+            stub.register(&commands_subject, pis_worker::contract::COMMAND_SCHEMA_JSON);
+        let framed = |envelope: &pis_worker::contract::command::CommandEnvelope| {
+            let single = command::encode(envelope).expect("encode");
+            frame_confluent(command_id, &single[HEADER_LEN..])
+        };
+        let psu = "psu-registry";
+        env.send_raw(psu, &framed(&initiate("reg-1", psu, "5.00", "Reggie")))
+            .await;
+        env.wait_for_state("reg-1", StateKind::ScaPending).await;
+        let wire = env.status_messages();
+        assert!(!wire.is_empty());
+        for message in &wire {
+            let payload = message.payload().expect("value");
+            assert_eq!(payload[0], 0, "magic byte");
+            assert_eq!(
+                &payload[1..5],
+                &status_id.to_be_bytes(),
+                "the status schema's id"
+            );
+        }
+
+        // An id the registry does not know, and a status event on the command topic.
+        env.send_raw(
+            psu,
+            &frame_confluent(9_999, &framed(&initiate("reg-x", psu, "1.00", "X"))[5..]),
+        )
+        .await;
+        let event = pis_worker::contract::status::encode(&StatusEvent {
+            payment_id: PaymentId::new("reg-status"),
+            psu_id: PsuId::new(psu),
+            sequence: 1,
+            state: StateKind::Received,
+            bank_status: None,
+            bank_payment_id: None,
+            sca_redirect_url: None,
+            reason: None,
+            causation_id: "c".into(),
+            occurred_at: 0,
+        })
+        .expect("status");
+        env.send_raw(psu, &frame_confluent(status_id, &event[HEADER_LEN..]))
+            .await;
+        let dlq = env.wait_for_dlq(2).await;
+        let classes: Vec<_> = dlq.iter().map(|r| header(r, "pis.error.class")).collect();
+        assert_eq!(
+            classes,
+            vec![
+                Some("UNKNOWN_SCHEMA".to_owned()),
+                Some("WRONG_RECORD_TYPE".to_owned())
+            ]
+        );
+
+        // A newer schema (the v3 candidate), registered by a client; the worker has not
+        // fetched it yet. Then the registry goes down.
+        let v3_json = std::fs::read_to_string(
+            root().join("tests/interop/schemas/payment-command.v3-candidate.avsc"),
+        )
+        .expect("v3");
+        let v3_id = stub.register(&commands_subject, &v3_json);
+        assert_ne!(v3_id, command_id);
+        let file = env.dir.path().join("v3.bin");
+        peer(&[
+            "encode-initiate",
+            root()
+                .join("tests/interop/schemas/payment-command.v3-candidate.avsc")
+                .to_str()
+                .expect("path"),
+            file.to_str().expect("path"),
+            "reg-outage",
+            psu,
+        ]);
+        let v3_single = std::fs::read(&file).expect("peer output");
+        stub.stop().await;
+        env.send_raw(psu, &frame_confluent(v3_id, &v3_single[HEADER_LEN..]))
+            .await;
+        // Behind it, on the same partition: must wait its turn, not overtake.
+        env.send_raw(psu, &framed(&initiate("reg-behind", psu, "2.00", "Behind")))
+            .await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(
+            env.dlq_records().len(),
+            2,
+            "nothing dead-lettered during the outage"
+        );
+        let events = env.status_events();
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.payment_id == "reg-outage" || e.payment_id == "reg-behind"),
+            "nothing processed while the schema is unknown: {}",
+            describe(&events)
+        );
+        assert!(
+            worker.log().contains("schema registry unavailable"),
+            "the worker says it waits:\n{}",
+            worker.log()
+        );
+
+        // A graceful stop while a partition owner waits: the process ends (the waiting record
+        // uncommitted), and the next worker reads it again.
+        let mut worker = worker;
+        let status = worker.stop();
+        assert!(
+            status.success(),
+            "graceful stop while waiting:\n{}",
+            worker.log()
+        );
+        assert!(
+            worker
+                .log()
+                .contains("not committed and will be read again")
+        );
+        stub.start().await;
+        let worker = env.start_worker("b", &args);
+        worker.wait_restored(PARTITIONS as usize).await;
+        env.wait_for_state("reg-outage", StateKind::ScaPending)
+            .await;
+        let events = env
+            .wait_for_state("reg-behind", StateKind::ScaPending)
+            .await;
+        assert_well_formed(&events, "reg-outage");
+        assert_eq!(
+            env.dlq_records().len(),
+            2,
+            "the waiting record was not dead-lettered"
+        );
+        assert!(
+            stub.requests()
+                .iter()
+                .any(|r| r == &format!("GET /schemas/ids/{v3_id}")),
+            "{:?}",
+            stub.requests()
+        );
+        registry::unconfigure();
+    }
+}

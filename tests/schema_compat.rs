@@ -1,187 +1,211 @@
-//! Every schema in schemas/ must stay compatible with each of its earlier versions in
-//! schemas/history/ (the policy in docs/contract.md): named types keep their fields, new fields
-//! have defaults, enums only gain symbols at the end, unions only gain branches.
+//! Every schema in schemas/ is held to the compatibility policy of docs/schemas.md against every
+//! earlier version in schemas/history/ (transitively: each version against each later one):
+//!
+//! - BACKWARD: the newer schema reads everything the older one wrote (Avro resolution rules);
+//! - FORWARD except additions: the older schema reads what the newer one writes, unless the
+//!   record uses a new enum symbol or union branch (documented: upgrade consumers first);
+//! - additive: named types, fields and union branches are kept, new fields have defaults, enum
+//!   symbols are only appended.
+//!
+//! Candidates for the next version (tests/interop/schemas/) must be FULL: both directions clean.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use pis_worker::contract::compat::{Parsed, can_read, policy_problems};
+use pis_worker::contract::{SchemaRole, canonical, schemas};
 
-/// Named types of a schema, by full name.
-fn named_types(schema: &Value, namespace: Option<&str>, out: &mut BTreeMap<String, Value>) {
-    match schema {
-        Value::Array(branches) => {
-            for b in branches {
-                named_types(b, namespace, out);
-            }
-        }
-        Value::Object(o) => {
-            let kind = o.get("type").and_then(Value::as_str).unwrap_or_default();
-            let ns = o.get("namespace").and_then(Value::as_str).or(namespace);
-            if let Some(name) = o.get("name").and_then(Value::as_str) {
-                if matches!(kind, "record" | "enum" | "fixed") {
-                    let full = match ns {
-                        Some(ns) if !name.contains('.') => format!("{ns}.{name}"),
-                        _ => name.to_owned(),
-                    };
-                    out.insert(full, schema.clone());
-                }
-            }
-            if let Some(fields) = o.get("fields").and_then(Value::as_array) {
-                for f in fields {
-                    if let Some(t) = f.get("type") {
-                        named_types(t, ns, out);
-                    }
-                }
-            }
-            for key in ["items", "values"] {
-                if let Some(t) = o.get(key) {
-                    named_types(t, ns, out);
-                }
-            }
-            if let Some(t @ (Value::Object(_) | Value::Array(_))) = o.get("type") {
-                named_types(t, ns, out);
-            }
-        }
-        _ => {}
-    }
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn branch_names(t: &Value) -> Vec<String> {
-    match t {
-        Value::Array(branches) => branches.iter().flat_map(branch_names).collect(),
-        Value::String(s) => vec![s.clone()],
-        Value::Object(o) => o
-            .get("name")
-            .or_else(|| o.get("type"))
-            .and_then(Value::as_str)
-            .map(|s| vec![s.to_owned()])
-            .unwrap_or_default(),
-        _ => vec![],
-    }
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn check(old: &Value, new: &Value) -> Vec<String> {
-    let mut problems = Vec::new();
-    let (mut old_types, mut new_types) = (BTreeMap::new(), BTreeMap::new());
-    named_types(old, None, &mut old_types);
-    named_types(new, None, &mut new_types);
-    for (name, old_type) in &old_types {
-        let Some(new_type) = new_types.get(name) else {
-            problems.push(format!("{name} was removed"));
-            continue;
-        };
-        if let Some(old_symbols) = old_type.get("symbols").and_then(Value::as_array) {
-            let new_symbols = new_type.get("symbols").and_then(Value::as_array);
-            if new_symbols.is_none_or(|n| !n.starts_with(old_symbols)) {
-                problems.push(format!("{name}: enum symbols must only be appended"));
-            }
-        }
-        if let Some(old_fields) = old_type.get("fields").and_then(Value::as_array) {
-            let new_fields = new_type
-                .get("fields")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            for f in old_fields {
-                let field = f["name"].as_str().unwrap_or_default();
-                match new_fields.iter().find(|n| n["name"] == f["name"]) {
-                    None => problems.push(format!("{name}.{field} was removed")),
-                    Some(n) => {
-                        let (ob, nb) = (branch_names(&f["type"]), branch_names(&n["type"]));
-                        for b in ob.iter().filter(|b| !nb.contains(b)) {
-                            problems.push(format!("{name}.{field}: type/branch {b} was removed"));
-                        }
-                    }
-                }
-            }
-            for n in &new_fields {
-                let known = old_fields.iter().any(|f| f["name"] == n["name"]);
-                if !known && n.get("default").is_none() {
-                    problems.push(format!(
-                        "{name}.{}: a new field needs a default",
-                        n["name"].as_str().unwrap_or_default()
-                    ));
-                }
-            }
+/// Every schema family of schemas/ with its versions, oldest first, the current one last.
+fn families() -> BTreeMap<String, Vec<(String, String)>> {
+    let mut out: BTreeMap<String, Vec<(u32, String, String)>> = BTreeMap::new();
+    for entry in std::fs::read_dir(root().join("schemas")).expect("schemas dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "avsc") {
+            let family = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .expect("name")
+                .to_owned();
+            out.entry(family.clone()).or_default().push((
+                u32::MAX,
+                format!("{family}.avsc"),
+                read(&path),
+            ));
         }
     }
-    problems
-}
-
-fn load(path: &str) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-#[test]
-fn every_schema_is_compatible_with_its_history() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(format!("{root}/schemas/history")).expect("history dir") {
+    for entry in std::fs::read_dir(root().join("schemas/history")).expect("history dir") {
         let path = entry.expect("entry").path();
         let file = path
             .file_name()
             .and_then(|f| f.to_str())
-            .unwrap_or_default()
+            .expect("name")
             .to_owned();
-        let current = file.split(".v").next().unwrap_or_default();
-        let problems = check(
-            &load(path.to_str().expect("path")),
-            &load(&format!("{root}/schemas/{current}.avsc")),
+        let (family, rest) = file
+            .split_once(".v")
+            .unwrap_or_else(|| panic!("{file}: history files are <family>.v<N>.avsc"));
+        let version: u32 = rest
+            .trim_end_matches(".avsc")
+            .parse()
+            .unwrap_or_else(|_| panic!("{file}: no version number"));
+        let versions = out
+            .get_mut(family)
+            .unwrap_or_else(|| panic!("{file}: no schemas/{family}.avsc"));
+        versions.push((version, file.clone(), read(&path)));
+    }
+    out.into_iter()
+        .map(|(family, mut versions)| {
+            versions.sort_by_key(|(v, _, _)| *v);
+            (
+                family,
+                versions.into_iter().map(|(_, f, j)| (f, j)).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_schema_keeps_the_policy_with_every_earlier_version() {
+    let mut checked = 0;
+    for (family, versions) in families() {
+        assert!(versions.len() >= 2, "{family} has a history");
+        for (i, (old_name, old)) in versions.iter().enumerate() {
+            for (new_name, new) in &versions[i + 1..] {
+                let problems = policy_problems(old, new).expect("schemas parse");
+                assert!(
+                    problems.is_empty(),
+                    "{old_name} -> {new_name}: {problems:#?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "both schemas against their history");
+}
+
+/// A reader of each published version is compiled into the worker: records written with any
+/// of them are read (and each has its own fingerprint).
+#[test]
+fn every_published_version_is_readable_by_this_build() {
+    let known = schemas().expect("schemas");
+    let mut fingerprints = std::collections::BTreeSet::new();
+    for (family, versions) in families() {
+        let role = match family.as_str() {
+            "payment-command" => SchemaRole::Command,
+            "payment-status" => SchemaRole::Status,
+            other => panic!("unexpected schema family {other}"),
+        };
+        for (name, json) in versions {
+            let fingerprint = canonical::fingerprint(&json).expect("fingerprint");
+            assert!(
+                fingerprints.insert(fingerprint),
+                "{name}: fingerprint reused"
+            );
+            let writer = known
+                .writer(&fingerprint)
+                .unwrap_or_else(|| panic!("{name} is not in contract::*_SCHEMA_HISTORY"));
+            assert_eq!(writer.role, role, "{name}");
+        }
+    }
+}
+
+/// The next version's candidates are FULL-compatible with the current schema: each reads the
+/// other's records with no exception, so clients and workers may upgrade in any order.
+#[test]
+fn candidates_for_the_next_version_are_fully_compatible() {
+    let families = families();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("tests/interop/schemas")).expect("candidates") {
+        let path = entry.expect("entry").path();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .expect("name")
+            .to_owned();
+        let family = file.split(".v").next().expect("family");
+        let (_, current) = families[family].last().expect("current").clone();
+        let candidate = read(&path);
+        let problems = policy_problems(&current, &candidate).expect("parse");
+        assert!(problems.is_empty(), "{file}: {problems:#?}");
+        let (current, candidate) = (
+            Parsed::parse(&current).expect("current"),
+            Parsed::parse(&candidate).expect("candidate"),
         );
-        assert!(
-            problems.is_empty(),
-            "{file} -> {current}.avsc: {problems:#?}"
+        assert_eq!(
+            can_read(&candidate, &current),
+            vec![],
+            "{file} reads the current"
         );
+        assert_eq!(
+            can_read(&current, &candidate),
+            vec![],
+            "the current reads {file}"
+        );
+        // And the worker would accept it at start-up (PIS_WRITER_SCHEMAS_DIR).
+        pis_worker::contract::readable_writer(&read(&path), &file).expect("accepted");
         checked += 1;
     }
-    assert!(checked >= 2, "history holds both schemas");
+    assert!(checked >= 1);
 }
 
 #[test]
 fn the_checker_catches_incompatible_changes() {
-    let old: Value = serde_json::from_str(
-        r#"{"type":"record","name":"R","namespace":"n","fields":[
+    let old = r#"{"type":"record","name":"R","namespace":"n","fields":[
             {"name":"a","type":"string"},
             {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y"]}},
-            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#,
-    )
-    .expect("json");
-    let removed_field = serde_json::from_str(
-        r#"{"type":"record","name":"R","namespace":"n","fields":[
+            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#;
+    let removed_field = r#"{"type":"record","name":"R","namespace":"n","fields":[
             {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y"]}},
-            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#,
-    )
-    .expect("json");
-    let reordered_enum = serde_json::from_str(
-        r#"{"type":"record","name":"R","namespace":"n","fields":[
+            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#;
+    let reordered_enum = r#"{"type":"record","name":"R","namespace":"n","fields":[
             {"name":"a","type":"string"},
             {"name":"e","type":{"type":"enum","name":"E","symbols":["Y","X"]}},
-            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#,
-    )
-    .expect("json");
-    let new_field_without_default = serde_json::from_str(
-        r#"{"type":"record","name":"R","namespace":"n","fields":[
+            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#;
+    let new_field_without_default = r#"{"type":"record","name":"R","namespace":"n","fields":[
             {"name":"a","type":"string"},
             {"name":"b","type":"string"},
             {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y","Z"]}},
-            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#,
-    )
-    .expect("json");
-    let dropped_branch = serde_json::from_str(
-        r#"{"type":"record","name":"R","namespace":"n","fields":[
+            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#;
+    let dropped_branch = r#"{"type":"record","name":"R","namespace":"n","fields":[
             {"name":"a","type":"string"},
             {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y"]}},
-            {"name":"u","type":["null"]}]}"#,
-    )
-    .expect("json");
-    assert!(check(&old, &old).is_empty());
+            {"name":"u","type":["null"]}]}"#;
+    let changed_type = r#"{"type":"record","name":"R","namespace":"n","fields":[
+            {"name":"a","type":"int"},
+            {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y"]}},
+            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]}]}]}"#;
+    let added_optional = r#"{"type":"record","name":"R","namespace":"n","fields":[
+            {"name":"a","type":"string"},
+            {"name":"o","type":["null","string"],"default":null},
+            {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y","Z"]}},
+            {"name":"u","type":["null",{"type":"record","name":"B1","fields":[]},
+                                {"type":"record","name":"B2","fields":[]}]}]}"#;
+    assert_eq!(
+        policy_problems(old, old).expect("parse"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        policy_problems(old, added_optional).expect("parse"),
+        Vec::<String>::new(),
+        "optional fields, appended symbols and new branches are allowed"
+    );
     for (what, new) in [
         ("removed field", removed_field),
         ("reordered enum", reordered_enum),
         ("field without default", new_field_without_default),
         ("dropped union branch", dropped_branch),
+        ("changed type", changed_type),
     ] {
-        assert!(!check(&old, &new).is_empty(), "{what} not caught");
+        assert!(
+            !policy_problems(old, new).expect("parse").is_empty(),
+            "{what} not caught"
+        );
     }
 }

@@ -26,6 +26,10 @@ pub struct WatchArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Confluent Schema Registry, to read registry-framed events (the worker's
+    /// PIS_SCHEMA_REGISTRY_URL); single-object events are read either way.
+    #[arg(long, env = "PIS_SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<url::Url>,
 }
 
 pub fn format_text(r: &StatusRecord) -> String {
@@ -69,6 +73,14 @@ pub fn format_json(r: &StatusRecord) -> String {
 }
 
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.schema_registry_url {
+        crate::contract::registry::configure(crate::contract::registry::RegistryConfig {
+            url: url.clone(),
+            auto_register: false,
+            timeout: std::time::Duration::from_secs(5),
+        })
+        .map_err(|e| anyhow::anyhow!("schema registry: {e}"))?;
+    }
     let settings = args
         .broker
         .settings(&format!("pis-watch-{}", uuid::Uuid::new_v4()), 6_000);

@@ -55,11 +55,9 @@ impl<'a> Cursor<'a> {
 
 fn collect<'s>(schema: &'s Schema, names: &mut HashMap<Name, &'s Schema>) {
     match schema {
-        Schema::Record(record) => {
-            if names.insert(record.name.clone(), schema).is_none() {
-                for field in &record.fields {
-                    collect(&field.schema, names);
-                }
+        Schema::Record(record) if names.insert(record.name.clone(), schema).is_none() => {
+            for field in &record.fields {
+                collect(&field.schema, names);
             }
         }
         Schema::Enum(e) => {

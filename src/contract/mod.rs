@@ -320,6 +320,48 @@ mod tests {
         assert_ne!(s.command.fingerprint, s.status.fingerprint);
     }
 
+    /// docs/contract.md lists every class a DLQ record can carry, and nothing else: the decode
+    /// classes (but the transient one, which is never dead-lettered) and the machine's
+    /// refusal codes.
+    #[test]
+    fn the_contract_documents_exactly_the_dead_letter_classes() {
+        use crate::domain::machine::RefusalCode;
+        // Exhaustive: a new refusal code does not compile until it is listed here.
+        let refusal = |code: RefusalCode| match code {
+            RefusalCode::UnknownPayment
+            | RefusalCode::PsuMismatch
+            | RefusalCode::DuplicatePaymentId
+            | RefusalCode::AlreadyFinal
+            | RefusalCode::NotAwaitingSca
+            | RefusalCode::CancelNotPossible => code.as_str(),
+        };
+        let mut ours: Vec<&str> = DecodeErrorClass::ALL
+            .iter()
+            .filter(|c| !c.is_transient())
+            .map(|c| c.as_str())
+            .collect();
+        ours.extend(
+            [
+                RefusalCode::UnknownPayment,
+                RefusalCode::PsuMismatch,
+                RefusalCode::DuplicatePaymentId,
+                RefusalCode::AlreadyFinal,
+                RefusalCode::NotAwaitingSca,
+                RefusalCode::CancelNotPossible,
+            ]
+            .map(refusal),
+        );
+        ours.sort_unstable();
+        let doc = include_str!("../../docs/contract.md");
+        let mut documented: Vec<String> =
+            crate::domain::reason::tests::table_codes(doc, "Dead-letter classes")
+                .into_iter()
+                .map(|(code, _)| code)
+                .collect();
+        documented.sort_unstable();
+        assert_eq!(documented, ours);
+    }
+
     /// The fingerprint fastavro computes for the command schema (checked end to end by
     /// tests/avro_interop.rs); apache-avro 0.21 computes a different one.
     #[test]

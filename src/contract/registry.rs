@@ -426,12 +426,24 @@ impl Registry {
     /// [`Self::writer_by_id`], waiting out an unreachable registry (back-off with jitter) for as
     /// long as it takes: such a record must be neither dead-lettered nor skipped.
     pub fn writer_by_id_waiting(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
+        /// Counts this decode in `WAITING` from its first failure until it returns.
+        struct Waiting;
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                WAITING.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         let mut backoff = Backoff::default();
         let mut attempts = 0u64;
+        let mut waiting: Option<Waiting> = None;
         loop {
             match self.writer_by_id(id) {
                 Err(e) if e.class.is_transient() => {
                     attempts += 1;
+                    if waiting.is_none() {
+                        WAITING.fetch_add(1, Ordering::AcqRel);
+                        waiting = Some(Waiting);
+                    }
                     let wait = backoff.next_delay();
                     warn!(
                         schema_id = id,
@@ -440,11 +452,10 @@ impl Registry {
                         error = %e.message,
                         "schema registry unavailable: waiting (the record is kept)"
                     );
-                    WAITING.fetch_add(1, Ordering::AcqRel);
                     blocking(|| std::thread::sleep(wait));
-                    WAITING.fetch_sub(1, Ordering::AcqRel);
                 }
                 other => {
+                    drop(waiting);
                     if attempts > 0 {
                         info!(schema_id = id, attempts, "schema registry answered again");
                     }

@@ -397,7 +397,8 @@ mod tests {
     /// reason: a `REJECTED` status with that code, not a dead letter.
     #[test]
     fn an_invalid_initiation_becomes_a_rejection_with_its_reason() {
-        let cases: Vec<(ReasonCode, Box<dyn Fn(&mut RawInitiatePayment)>)> = vec![
+        type Edit = Box<dyn Fn(&mut RawInitiatePayment)>;
+        let cases: Vec<(ReasonCode, Edit)> = vec![
             (
                 ReasonCode::InvalidIban,
                 Box::new(|r| r.creditor_iban = "BE68539007547035".into()),

@@ -157,6 +157,16 @@ pub struct PartitionOwner {
     bank_tasks: Vec<tokio::task::AbortHandle>,
 }
 
+/// The span of a payment's bank call: every log line of the call (client, guard) carries the
+/// payment and its state. Ids only: secrets are typed and never formatted.
+fn payment_span(payment: &Payment) -> tracing::Span {
+    tracing::info_span!(
+        "payment",
+        payment_id = %payment.payment_id,
+        state = payment.state.kind().symbol()
+    )
+}
+
 /// How often an owner refreshes its share of the payment gauges.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -497,7 +507,15 @@ impl PartitionOwner {
     ) {
         let now = now_millis();
         let current = self.payments.get(&payment_id);
-        match decide(&payment_id, current, input, now, &self.deps.policy) {
+        // Client commands are counted once the machine has decided on them.
+        let label = source
+            .as_ref()
+            .and_then(|_| super::ingest::CommandLabel::of(&input));
+        let outcome = decide(&payment_id, current, input, now, &self.deps.policy);
+        if let Some(label) = label {
+            label.record(&outcome);
+        }
+        match outcome {
             Outcome::Changed(transition) => {
                 let transition = *transition;
                 let previous = current.map(|p| p.state.kind());
@@ -709,14 +727,14 @@ impl PartitionOwner {
             }
             Effect::CallInitiate => {
                 self.in_flight += 1;
-                self.spawn_bank(async move {
+                self.spawn_bank(payment_span(&payment), async move {
                     let input = bank::initiate(&bank_client, &payment).await;
                     send(&reply, continue_with(payment_id, input, None)).await;
                 });
             }
             Effect::CheckStatus => {
                 self.in_flight += 1;
-                self.spawn_bank(async move {
+                self.spawn_bank(payment_span(&payment), async move {
                     let input = bank::check_status(&bank_client, &payment).await;
                     send(&reply, continue_with(payment_id, input, None)).await;
                 });
@@ -765,7 +783,7 @@ impl PartitionOwner {
                     return;
                 };
                 self.in_flight += 1;
-                self.spawn_bank(async move {
+                self.spawn_bank(payment_span(&payment), async move {
                     let message = match bank::exchange_code(&bank_client, &payment).await {
                         Ok(tokens) => ActorMsg::TokensReceived {
                             payment_id,
@@ -804,14 +822,14 @@ impl PartitionOwner {
                 match usable {
                     Some((true, access, _, _)) => {
                         self.in_flight += 1;
-                        self.spawn_bank(async move {
+                        self.spawn_bank(payment_span(&payment), async move {
                             let input = bank::cancel(&bank_client, &payment, &access).await;
                             send(&reply, continue_with(payment_id, input, Some(psu_id))).await;
                         });
                     }
                     Some((false, _, Some(refresh), brand)) => {
                         self.in_flight += 1;
-                        self.spawn_bank(async move {
+                        self.spawn_bank(payment_span(&payment), async move {
                             let message = match bank_client.refresh_token(brand, &refresh).await {
                                 Ok(tokens) => ActorMsg::TokensReceived {
                                     payment_id,
@@ -957,7 +975,7 @@ impl PartitionOwner {
         let fence = self.fence.clone();
         // `AuxPersisted` and the continuation each decrement once.
         self.in_flight += 2;
-        self.spawn_bank(async move {
+        self.spawn_bank(payment_span(&payment), async move {
             match delivered.await {
                 Ok(offset) => {
                     if !confirmed(&fence, &deps, offset, "new PSU tokens").await {
@@ -1268,10 +1286,15 @@ impl PartitionOwner {
     /// Spawns a task that calls the bank; `finish` aborts those still running, so no call of
     /// this owner leaves after it released the partition (a call held behind an open circuit
     /// would otherwise go out later, e.g. a token refresh behind the next owner's back).
-    fn spawn_bank(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    fn spawn_bank(
+        &mut self,
+        span: tracing::Span,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         if self.bank_tasks.len() >= 256 {
             self.bank_tasks.retain(|t| !t.is_finished());
         }
+        let task = tracing::Instrument::instrument(task, span);
         self.bank_tasks.push(tokio::spawn(task).abort_handle());
     }
 

@@ -152,7 +152,11 @@ impl Producer {
             })
             .insert(Header {
                 key: "content-type",
-                value: Some("application/vnd.apache.avro+binary; framing=single-object"),
+                value: Some(if contract::registry::status_schema_id().is_some() {
+                    "application/vnd.apache.avro+binary; framing=confluent"
+                } else {
+                    "application/vnd.apache.avro+binary; framing=single-object"
+                }),
             });
         let topic = self.topics.status.clone();
         self.enqueue(
@@ -213,11 +217,12 @@ impl Producer {
             });
         }
         let topic = self.topics.dlq.clone();
-        self.enqueue(
+        // The original value as it was: a null (tombstone) stays null.
+        self.enqueue_value(
             &topic,
             Some(original.partition()),
             original.key().unwrap_or_default(),
-            original.payload().unwrap_or_default(),
+            original.payload(),
             Some(headers),
         )
         .await
