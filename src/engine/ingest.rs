@@ -32,6 +32,9 @@ pub enum Ingested {
         message: String,
         payment_id: Option<String>,
     },
+    /// The schema registry did not answer for this record's schema id: keep the record (and
+    /// everything behind it on the partition) and ask again later. Never a dead letter.
+    Wait { message: String },
 }
 
 /// The `type` label of a command body in `pis_commands_consumed_total`.
@@ -150,8 +153,9 @@ fn dead(
 
 /// `has_token` tells whether the worker holds a PIS token for a PSU (a cancellation needs one).
 ///
-/// A record framed for a schema registry that does not answer is waited for here (back-off
-/// with jitter, `contract::registry`): it is neither dead-lettered nor skipped.
+/// A record framed for a schema registry that does not answer after one request is
+/// [`Ingested::Wait`]: the partition owner keeps it and asks again with back-off, so the owner
+/// stays free for bank answers and timers meanwhile.
 pub fn ingest(
     message: &OwnedMessage,
     max_bytes: usize,
@@ -167,14 +171,11 @@ pub fn ingest(
             UNKNOWN_TYPE,
         );
     };
-    let envelope = loop {
-        match command::decode(payload, max_bytes) {
-            Ok(envelope) => break envelope,
-            // `decode` waits for the registry until it answers; this only guards the rule
-            // that a transient failure never becomes a dead letter.
-            Err(e) if e.class.is_transient() => continue,
-            Err(e) => return dead(e.class, e.message, None, UNKNOWN_TYPE),
-        }
+    let envelope = match command::decode_with(payload, max_bytes, command::Patience::Once) {
+        Ok(envelope) => envelope,
+        // A transient failure never becomes a dead letter.
+        Err(e) if e.class.is_transient() => return Ingested::Wait { message: e.message },
+        Err(e) => return dead(e.class, e.message, None, UNKNOWN_TYPE),
     };
     to_input(envelope, message.key(), limits, today, has_token)
 }
@@ -366,7 +367,7 @@ mod tests {
     fn class_of(verdict: &Ingested) -> Option<&'static str> {
         match verdict {
             Ingested::DeadLetter { class, .. } => Some(class),
-            Ingested::Apply { .. } => None,
+            Ingested::Apply { .. } | Ingested::Wait { .. } => None,
         }
     }
 

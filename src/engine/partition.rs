@@ -155,6 +155,11 @@ pub struct PartitionOwner {
     to_heal: HashSet<PaymentId>,
     /// Bank-call tasks, aborted when the owner finishes.
     bank_tasks: Vec<tokio::task::AbortHandle>,
+    /// Command records waiting for the schema registry, in partition order (offsets begun, so
+    /// nothing past them is committed); dropped on revoke for the next owner to read again.
+    parked: VecDeque<Box<OwnedMessage>>,
+    /// When to ask the registry again for the first parked record, and the back-off.
+    parked_retry: Option<(tokio::time::Instant, crate::contract::registry::Backoff)>,
 }
 
 /// The span of a payment's bank call: every log line of the call (client, guard) carries the
@@ -320,6 +325,8 @@ impl PartitionOwner {
             entered: HashMap::new(),
             to_heal: restored.zombie_payments,
             bank_tasks: Vec::new(),
+            parked: VecDeque::new(),
+            parked_retry: None,
         };
         for (id, payment) in restored.payments {
             owner.set_payment(id, payment);
@@ -361,13 +368,17 @@ impl PartitionOwner {
                     Some(message) => self.handle(message).await,
                     None => break,
                 },
-                _ = tokio::time::sleep(sleep_for) => self.fire_due_timers().await,
+                _ = tokio::time::sleep(sleep_for) => {}
                 _ = checkpoint_tick.tick() => self.write_checkpoint_if_due().await,
                 _ = stats_tick.tick() => {
                     self.publish_stats();
                     self.heal_stale().await;
                 }
             }
+            // After every wake-up, not only when the sleep wins: a steady stream of messages
+            // must not starve the timers.
+            self.fire_due_timers().await;
+            self.retry_parked().await;
         }
         super::stats::forget(self.partition);
         self.finish().await;
@@ -456,8 +467,44 @@ impl PartitionOwner {
     }
 
     async fn on_command(&mut self, record: Box<OwnedMessage>) {
+        self.offsets.begin(record.offset());
+        if !self.parked.is_empty() {
+            // Behind a record that waits for the schema registry: keep the partition's order.
+            self.parked.push_back(record);
+            return;
+        }
+        if let Some(record) = self.ingest_record(record).await {
+            self.parked.push_back(record);
+        }
+    }
+
+    /// Asks the registry again for the first parked record once its back-off is over, then
+    /// handles the records behind it in order until one has to wait again.
+    async fn retry_parked(&mut self) {
+        let due = self
+            .parked_retry
+            .as_ref()
+            .is_some_and(|(at, _)| tokio::time::Instant::now() >= *at);
+        if !due || self.revoking.is_some() {
+            return;
+        }
+        while let Some(record) = self.parked.pop_front() {
+            if let Some(record) = self.ingest_record(record).await {
+                self.parked.push_front(record);
+                return;
+            }
+        }
+        info!(
+            partition = self.partition,
+            "schema registry answered: parked commands handled"
+        );
+        self.parked_retry = None;
+    }
+
+    /// Decodes, validates and applies (or dead-letters) one command record whose offset is
+    /// begun. Returns the record if it must wait for the schema registry.
+    async fn ingest_record(&mut self, record: Box<OwnedMessage>) -> Option<Box<OwnedMessage>> {
         let offset = record.offset();
-        self.offsets.begin(offset);
         let today = chrono::Utc::now().date_naive();
         let psus = &self.psus;
         let has_token = |psu: &PsuId| psus.contains_key(psu);
@@ -468,6 +515,29 @@ impl PartitionOwner {
             today,
             &has_token,
         ) {
+            Ingested::Wait { message } => {
+                let backoff = &mut self
+                    .parked_retry
+                    .get_or_insert_with(|| {
+                        (
+                            tokio::time::Instant::now(),
+                            crate::contract::registry::Backoff::default(),
+                        )
+                    })
+                    .1;
+                let delay = backoff.next_delay();
+                warn!(
+                    partition = self.partition,
+                    offset,
+                    %message,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "schema registry unavailable: waiting (the record is kept)"
+                );
+                if let Some((at, _)) = self.parked_retry.as_mut() {
+                    *at = tokio::time::Instant::now() + delay;
+                }
+                return Some(record);
+            }
             Ingested::DeadLetter {
                 class,
                 message,
@@ -496,6 +566,7 @@ impl PartitionOwner {
                 }
             }
         }
+        None
     }
 
     /// Applies one input. `source` is the command record, if the input is a command.
@@ -1267,6 +1338,13 @@ impl PartitionOwner {
             committable = self.committable.load(Ordering::Acquire),
             "partition released"
         );
+        if !self.parked.is_empty() {
+            info!(
+                partition = self.partition,
+                records = self.parked.len(),
+                "commands waiting for the schema registry are not committed and will be read again"
+            );
+        }
         let abandoned = self.bank_tasks.iter().filter(|t| !t.is_finished()).count();
         for task in self.bank_tasks.drain(..) {
             task.abort();
