@@ -198,8 +198,7 @@ mod registry_framing {
     use pis_worker::contract::command;
     use pis_worker::contract::framing::{HEADER_LEN, frame_confluent};
     use pis_worker::contract::registry::{self, RegistryConfig};
-    use pis_worker::domain::machine::{StateKind, StatusEvent};
-    use pis_worker::domain::model::{PaymentId, PsuId};
+    use pis_worker::domain::machine::StateKind;
     use rdkafka::Message;
 
     const CLIENT_DRIVEN: [&str; 4] = ["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
@@ -262,19 +261,7 @@ mod registry_framing {
             &frame_confluent(9_999, &framed(&initiate("reg-x", psu, "1.00", "X"))[5..]),
         )
         .await;
-        let event = pis_worker::contract::status::encode(&StatusEvent {
-            payment_id: PaymentId::new("reg-status"),
-            psu_id: PsuId::new(psu),
-            sequence: 1,
-            state: StateKind::Received,
-            bank_status: None,
-            bank_payment_id: None,
-            sca_redirect_url: None,
-            reason: None,
-            causation_id: "c".into(),
-            occurred_at: 0,
-        })
-        .expect("status");
+        let event = status_event_bytes("reg-status", psu);
         env.send_raw(psu, &frame_confluent(status_id, &event[HEADER_LEN..]))
             .await;
         let dlq = env.wait_for_dlq(2).await;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use common::*;
 use pis_worker::contract::command::{self, CommandBody, ScaRedirect};
 use pis_worker::contract::framing;
-use pis_worker::domain::machine::{StateKind, StatusEvent};
+use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::{
-    PaymentId, PsuId, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
+    RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
 };
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -497,19 +497,7 @@ async fn commands_that_cannot_apply_are_dead_lettered_and_the_payment_is_unaffec
 }
 
 fn status_bytes() -> Vec<u8> {
-    pis_worker::contract::status::encode(&StatusEvent {
-        payment_id: PaymentId::new("p-status"),
-        psu_id: PsuId::new("psu-poison"),
-        sequence: 1,
-        state: StateKind::Received,
-        bank_status: None,
-        bank_payment_id: None,
-        sca_redirect_url: None,
-        reason: None,
-        causation_id: "c".into(),
-        occurred_at: 0,
-    })
-    .expect("status")
+    status_event_bytes("p-status", "psu-poison")
 }
 
 /// Every class of undecodable record: dead-lettered with its original key, value and headers

@@ -331,19 +331,28 @@ fn classify_schema_answer(id: u32, status: u16, body: &str) -> Result<String, Fa
 }
 
 impl Registry {
+    /// Hands one request to the registry thread; `reply` receives its answer.
+    fn submit(
+        &self,
+        path: String,
+        post: Option<String>,
+        reply: impl FnOnce(Result<(u16, String), String>) + Send + 'static,
+    ) -> Result<(), String> {
+        self.jobs
+            .send(Job {
+                post,
+                path,
+                reply: Box::new(reply),
+            })
+            .map_err(|_| "registry thread stopped".to_owned())
+    }
+
     /// Sends one request and waits (blocking) for its answer.
     fn call_blocking(&self, path: String, post: Option<String>) -> Result<(u16, String), String> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let job = Job {
-            post,
-            path,
-            reply: Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        };
-        self.jobs
-            .send(job)
-            .map_err(|_| "registry thread stopped".to_owned())?;
+        self.submit(path, post, move |result| {
+            let _ = tx.send(result);
+        })?;
         blocking(|| {
             rx.recv_timeout(self.timeout + Duration::from_secs(1))
                 .map_err(|_| "registry request timed out".to_owned())?
@@ -352,16 +361,9 @@ impl Registry {
 
     async fn call(&self, path: String, post: Option<String>) -> Result<(u16, String), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = Job {
-            post,
-            path,
-            reply: Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        };
-        self.jobs
-            .send(job)
-            .map_err(|_| "registry thread stopped".to_owned())?;
+        self.submit(path, post, move |result| {
+            let _ = tx.send(result);
+        })?;
         rx.await
             .map_err(|_| "registry thread dropped a request".to_owned())?
     }

@@ -606,3 +606,21 @@ pub async fn metric(port: u16, sample: &str) -> f64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A status event record (single-object encoding): what a client must never put on the commands
+/// topic (`WRONG_RECORD_TYPE`), and what registry-framing tests re-frame.
+pub fn status_event_bytes(payment_id: &str, psu_id: &str) -> Vec<u8> {
+    status::encode(&pis_worker::domain::machine::StatusEvent {
+        payment_id: pis_worker::domain::model::PaymentId::new(payment_id),
+        psu_id: pis_worker::domain::model::PsuId::new(psu_id),
+        sequence: 1,
+        state: StateKind::Received,
+        bank_status: None,
+        bank_payment_id: None,
+        sca_redirect_url: None,
+        reason: None,
+        causation_id: "c".into(),
+        occurred_at: 0,
+    })
+    .expect("status")
+}
