@@ -280,7 +280,7 @@ async fn write_restore_marker(
     let owner = format!("{}:{}", std::process::id(), uuid::Uuid::new_v4());
     let (key, value) = state::encode_restore_marker(partition, &owner)?;
     deps.producer
-        .send_state(partition, &key, &value)
+        .send_state(partition, &key, &value, None)
         .await?
         .await
 }
@@ -684,7 +684,7 @@ impl PartitionOwner {
         let delivered = match self
             .deps
             .producer
-            .send_state(self.partition, &key, &value)
+            .send_state(self.partition, &key, &value, Some(self.epoch()))
             .await
         {
             Ok(d) => d,
@@ -1031,7 +1031,7 @@ impl PartitionOwner {
         let delivered = match self
             .deps
             .producer
-            .send_state(self.partition, &key, &value)
+            .send_state(self.partition, &key, &value, Some(self.epoch()))
             .await
         {
             Ok(d) => d,
@@ -1268,7 +1268,7 @@ impl PartitionOwner {
         let delivered = match self
             .deps
             .producer
-            .send_state(self.partition, &key, &value)
+            .send_state(self.partition, &key, &value, Some(self.epoch()))
             .await
         {
             Ok(d) => d,

@@ -130,27 +130,35 @@ impl Fence {
         self.read_through.fetch_max(offset, Ordering::AcqRel);
     }
 
-    /// A payment record written after this owner's claim by an older owner.
-    fn observe_payment(&self, offset: i64, key: &[u8], payload: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct Epoch {
-            epoch: Option<i64>,
-        }
+    /// A payment record written after this owner's claim by an older owner (its `pis.epoch`
+    /// header is below this owner's epoch).
+    fn observe_payment(&self, offset: i64, key: &[u8], epoch: Option<i64>) {
         if offset <= self.own_marker {
             return;
         }
-        let Some(id) = key.strip_prefix(b"payment/") else {
+        let (Some(id), Some(epoch)) = (key.strip_prefix(b"payment/"), epoch) else {
             return;
         };
-        if let Ok(Epoch { epoch: Some(epoch) }) = serde_json::from_slice::<Epoch>(payload) {
-            if epoch < self.own_marker {
-                self.stale_payments
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(String::from_utf8_lossy(id).into_owned());
-            }
+        if epoch < self.own_marker {
+            self.stale_payments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(String::from_utf8_lossy(id).into_owned());
         }
     }
+}
+
+/// The writer's epoch from a state record's `pis.epoch` header (the producer sets it, so the
+/// tail need not parse the record).
+fn epoch_header(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == super::producer::EPOCH_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Tails the state partition on its own thread until the fence is stopped. `consumer` is the
@@ -163,8 +171,8 @@ pub fn spawn_tail(consumer: BaseConsumer, fence: Arc<Fence>) -> std::io::Result<
                 match consumer.poll(Duration::from_millis(100)) {
                     None => continue,
                     Some(Ok(message)) => {
-                        if let (Some(key), Some(payload)) = (message.key(), message.payload()) {
-                            fence.observe_payment(message.offset(), key, payload);
+                        if let Some(key) = message.key() {
+                            fence.observe_payment(message.offset(), key, epoch_header(&message));
                         }
                         fence.observe(message.offset(), message.key());
                         fence.changed.notify_waiters();
@@ -218,10 +226,11 @@ mod tests {
     #[test]
     fn a_payment_written_by_an_older_owner_after_the_claim_is_reported_once() {
         let fence = Fence::new(0, 10);
-        fence.observe_payment(9, b"payment/before", br#"{"epoch":3}"#);
-        fence.observe_payment(11, b"payment/mine", br#"{"epoch":10}"#);
-        fence.observe_payment(12, b"payment/zombie", br#"{"type":"payment","epoch":3}"#);
-        fence.observe_payment(13, b"psu/x", br#"{"epoch":3}"#);
+        fence.observe_payment(9, b"payment/before", Some(3));
+        fence.observe_payment(11, b"payment/mine", Some(10));
+        fence.observe_payment(12, b"payment/zombie", Some(3));
+        fence.observe_payment(13, b"psu/x", Some(3));
+        fence.observe_payment(14, b"payment/no-header", None);
         assert_eq!(fence.take_stale_payments(), vec!["zombie".to_owned()]);
         assert!(fence.take_stale_payments().is_empty());
     }

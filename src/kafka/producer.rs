@@ -24,6 +24,9 @@ pub mod dlq_headers {
     pub const PAYMENT_ID: &str = "pis.payment.id";
 }
 
+/// Header of a state record naming its writer's epoch.
+pub const EPOCH_HEADER: &str = "pis.epoch";
+
 #[derive(Clone)]
 pub struct Producer {
     inner: FutureProducer,
@@ -113,14 +116,23 @@ impl Producer {
     }
 
     /// Writes a state record to the state partition that mirrors the command partition.
+    /// `epoch` (the writer's claim, see `kafka::fence`) goes in the `pis.epoch` header too.
     pub async fn send_state(
         &self,
         partition: i32,
         key: &str,
         value: &[u8],
+        epoch: Option<i64>,
     ) -> Result<Delivered, KafkaEdgeError> {
         let topic = self.topics.state.clone();
-        self.enqueue(&topic, Some(partition), key.as_bytes(), value, None)
+        let epoch = epoch.map(|e| e.to_string());
+        let headers = epoch.as_ref().map(|e| {
+            OwnedHeaders::new().insert(Header {
+                key: EPOCH_HEADER,
+                value: Some(e.as_bytes()),
+            })
+        });
+        self.enqueue(&topic, Some(partition), key.as_bytes(), value, headers)
             .await
     }
 
