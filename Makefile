@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build test lint demo chaos chaos-ci alerts-test alerts-e2e helm-test broker-install clean
+.PHONY: help build test lint demo bench chaos chaos-ci alerts-test alerts-e2e helm-test broker-install clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ lint: ## cargo fmt --check and clippy -D warnings
 
 demo: ## Broker + Belfius sandbox + worker; payments move through their states
 	@scripts/demo.sh
+
+bench: ## Benchmarks: hot-path CPU per step, end-to-end throughput/latency with 1 and 2 replicas
+	@scripts/bench.sh
 
 chaos: ## Full chaos run: 10,000 payments, 3 replicas, SIGKILLs, bank faults, broker restarts (persistent)
 	@scripts/chaos.sh full

@@ -6,16 +6,18 @@
 //!
 //! `make chaos` (full) and `make chaos-ci` (reduced, part of `make test`).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Parser;
-use pis_worker::contract::command::{self, CommandBody, CommandEnvelope, ScaRedirect};
+use common::{Workers, broker, follow, free_port, send};
+use pis_worker::contract::command::{CommandBody, CommandEnvelope, ScaRedirect};
 use pis_worker::contract::status::{self, StatusRecord};
 use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::RawInitiatePayment;
@@ -24,10 +26,8 @@ use pis_worker::kafka::{KafkaSettings, Topics};
 use pis_worker::sandbox::faults::{EndpointClass, Fault, FaultRule, FaultSettings, Latency};
 use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
 use pis_worker::secret::StateKey;
-use rand::Rng;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::Message;
+use rdkafka::producer::FutureProducer;
 use secrecy::{ExposeSecret, SecretString};
 
 #[derive(Debug, Parser)]
@@ -113,138 +113,6 @@ fn psu_of(i: usize, psus: usize) -> String {
     format!("chaos-psu-{}", i % psus.max(1))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn broker_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker.sh")
-}
-
-fn broker(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new("bash")
-        .arg(broker_script())
-        .args(args)
-        .status()
-        .context("running scripts/broker.sh")?;
-    if !status.success() {
-        bail!("scripts/broker.sh {} failed", args.join(" "));
-    }
-    Ok(())
-}
-
-struct Workers {
-    bin: PathBuf,
-    base_args: Vec<String>,
-    env: Vec<(String, String)>,
-    dir: PathBuf,
-    running: Vec<(usize, Child)>,
-    started: usize,
-    killed: usize,
-    /// Workers that stopped by themselves (a fatal error: crash-only) and were restarted, as
-    /// a Deployment's restart policy would.
-    exited: usize,
-}
-
-impl Workers {
-    fn start_one(&mut self) -> anyhow::Result<()> {
-        let n = self.started;
-        self.started += 1;
-        let log = std::fs::File::create(self.dir.join(format!("worker-{n}.log")))?;
-        let child = Command::new(&self.bin)
-            .arg("run")
-            .args(&self.base_args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        self.running.push((n, child));
-        Ok(())
-    }
-
-    fn kill_random(&mut self) -> anyhow::Result<()> {
-        if self.running.is_empty() {
-            return Ok(());
-        }
-        let at = rand::thread_rng().gen_range(0..self.running.len());
-        let (n, mut child) = self.running.remove(at);
-        let _ = child.kill();
-        let _ = child.wait();
-        self.killed += 1;
-        println!("chaos: SIGKILL worker {n}; starting a replacement");
-        self.start_one()
-    }
-
-    /// Restarts workers that exited by themselves; their log's last line says why.
-    fn replace_exited(&mut self) -> anyhow::Result<()> {
-        let mut exited = Vec::new();
-        self.running
-            .retain_mut(|(n, child)| match child.try_wait() {
-                Ok(Some(status)) => {
-                    exited.push((*n, status));
-                    false
-                }
-                Ok(None) | Err(_) => true,
-            });
-        for (n, status) in exited {
-            self.exited += 1;
-            println!("chaos: worker {n} exited by itself ({status}); starting a replacement");
-            self.start_one()?;
-        }
-        Ok(())
-    }
-
-    /// Graceful stop of everyone still running (SIGTERM, then wait).
-    fn stop_all(&mut self) {
-        for (_, child) in &self.running {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (_, child) in &mut self.running {
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.running.clear();
-    }
-}
-
-/// Follows a topic from the beginning on its own thread.
-fn follow(
-    settings: &KafkaSettings,
-    topic: &str,
-    partitions: i32,
-    stop: Arc<AtomicBool>,
-    mut on_record: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
-        .set("group.id", format!("chaos-reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    Ok(std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                on_record(&m);
-            }
-        }
-    }))
-}
-
 fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
     let script = Script::of(i);
     CommandEnvelope {
@@ -269,24 +137,6 @@ fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
             ..RawInitiatePayment::default()
         })),
     }
-}
-
-async fn send(
-    producer: &FutureProducer,
-    topic: &str,
-    envelope: &CommandEnvelope,
-) -> anyhow::Result<()> {
-    let bytes = command::encode(envelope).map_err(|e| anyhow::anyhow!("encode: {e}"))?;
-    producer
-        .send(
-            FutureRecord::to(topic)
-                .key(envelope.psu_id.as_bytes())
-                .payload(&bytes),
-            Duration::from_secs(60),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("send: {e}"))?;
-    Ok(())
 }
 
 /// The scripted PSU opens the SCA URL of `bank_id` and acts; for a redirect-driven payment the
@@ -483,65 +333,23 @@ async fn chaos(
     let state_key =
         Arc::new(StateKey::from_hex(&state_key_hex).map_err(|e| anyhow::anyhow!("{e}"))?);
 
-    let bin = match &args.worker_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("pis-worker"))
-            .ok_or_else(|| anyhow::anyhow!("no directory for the worker binary"))?,
-    };
-    let tls = sandbox.tls_dir.clone();
-    let base_args: Vec<String> = [
-        "--brokers",
-        brokers,
-        "--group-id",
-        &settings.group_id,
-        "--topic-commands",
-        &settings.topics.commands,
-        "--topic-status",
-        &settings.topics.status,
-        "--topic-state",
-        &settings.topics.state,
-        "--topic-dlq",
-        &settings.topics.dlq,
-        "--session-timeout-ms",
-        "6000",
-        "--drain-timeout-ms",
-        "3000",
-        "--client-id",
-        sandbox.client_id(),
-        "--belfius-url",
-        sandbox.api_base_url().as_str(),
-        "--banx-url",
-        sandbox.banx_base_url().as_str(),
-        "--bank-request-timeout-ms",
-        "1500",
-        "--poll-fast-ms",
-        "500",
-        "--poll-fast-count",
-        "30",
-        "--poll-slow-ms",
-        "2000",
-        "--sca-timeout-secs",
-        "30",
-        "--max-initiation-attempts",
-        "4",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "--bank-ca-file".to_owned(),
-        tls.join("ca.pem").to_string_lossy().into_owned(),
-        "--qwac-cert-file".to_owned(),
-        tls.join("client.pem").to_string_lossy().into_owned(),
-        "--qwac-key-file".to_owned(),
-        tls.join("client-key.pem").to_string_lossy().into_owned(),
-    ])
-    .collect();
-    let mut workers = Workers {
-        bin,
+    let base_args = common::worker_args(
+        &settings,
+        &sandbox,
+        &[
+            ("--drain-timeout-ms", "3000"),
+            ("--bank-request-timeout-ms", "1500"),
+            ("--poll-fast-ms", "500"),
+            ("--poll-fast-count", "30"),
+            ("--poll-slow-ms", "2000"),
+            ("--sca-timeout-secs", "30"),
+            ("--max-initiation-attempts", "4"),
+        ],
+    );
+    let mut workers = Workers::new(
+        Workers::binary(args.worker_bin.as_ref())?,
         base_args,
-        env: vec![
+        vec![
             (
                 "PIS_STATE_KEY".into(),
                 state_key_hex.expose_secret().to_owned(),
@@ -554,12 +362,8 @@ async fn chaos(
             ("PIS_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             ("NO_COLOR".into(), "1".into()),
         ],
-        dir: run_dir.to_path_buf(),
-        running: Vec::new(),
-        started: 0,
-        killed: 0,
-        exited: 0,
-    };
+        run_dir,
+    );
     for _ in 0..args.workers {
         workers.start_one()?;
     }
@@ -603,12 +407,7 @@ async fn chaos(
             },
         )?
     };
-    let producer: FutureProducer = settings
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("message.timeout.ms", "120000")
-        .create()?;
+    let producer = common::command_producer(&settings)?;
     let redirect_failures = Arc::new(AtomicUsize::new(0));
     let psu_driver = {
         let producer = producer.clone();
