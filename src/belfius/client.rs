@@ -773,13 +773,26 @@ fn map_status(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<()
     )))
 }
 
-/// `Retry-After` in delta-seconds; an HTTP-date is not worth guessing at for this bank.
+/// `Retry-After` as delta-seconds or as an HTTP-date (RFC 9110 §10.2.3; IMF-fixdate, the form
+/// senders must use). A date in the past means "now".
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
+    retry_after_at(headers, chrono::Utc::now())
+}
+
+fn retry_after_at(headers: &HeaderMap, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = headers
         .get(header::RETRY_AFTER)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .and_then(|v: &HeaderValue| v.to_str().ok())?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// The error and its sources in one line. reqwest errors carry the URL (no secrets in our URLs)
@@ -1288,6 +1301,31 @@ mod tests {
                 ]
             })
         );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-25T08:49:30Z")
+            .map(|d| d.with_timezone(&chrono::Utc))
+            .unwrap();
+        let with = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static(value));
+            retry_after_at(&h, now)
+        };
+        assert_eq!(with("120"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            with("Wed, 25 Nov 2026 08:49:37 GMT"),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            with("Wed, 25 Nov 2026 08:00:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past: retry now"
+        );
+        assert_eq!(with("soon"), None);
+        assert_eq!(with("-5"), None);
+        assert_eq!(retry_after_at(&HeaderMap::new(), now), None);
     }
 
     #[test]
