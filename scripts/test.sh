@@ -24,6 +24,11 @@ cargo test --locked --all-targets -- --test-threads "${PIS_TEST_THREADS:-2}" 2>&
 echo "== chaos (reduced): SIGKILLed replicas and bank faults, checked end to end"
 scripts/chaos.sh ci
 
+echo "== benchmark harness, smoke run: 1 and 2 replicas, every payment must settle exactly once"
+echo "   (a debug build on a shared machine: these figures are not benchmarks; make bench is)"
+target/debug/pis-bench --brokers "$PIS_TEST_BROKERS" --payments 300 --warmup 20 --workers 1,2 \
+  --run-dir "$RUN_DIR/bench-smoke"
+
 echo "== alert rules (promtool check + unit tests)"
 scripts/alerts-test.sh
 
