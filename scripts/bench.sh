@@ -22,7 +22,7 @@ out=.run/bench-results.md
   echo
   echo "## Hot path (cargo bench --bench hot_path)"
   echo
-  cargo bench --locked --bench hot_path 2>/dev/null
+  cargo bench --locked --bench hot_path
   echo
   echo "## End to end, throughput (pis-bench)"
   echo
