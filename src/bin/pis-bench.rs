@@ -26,7 +26,7 @@ use pis_worker::contract::command::{CommandBody, CommandEnvelope};
 use pis_worker::contract::status;
 use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::RawInitiatePayment;
-use pis_worker::kafka::{KafkaSettings, Topics};
+use pis_worker::kafka::KafkaSettings;
 use pis_worker::sandbox::SandboxConfig;
 use pis_worker::secret::StateKey;
 use rdkafka::Message;
@@ -169,22 +169,7 @@ async fn scenario(
     dir: &Path,
     replicas: usize,
 ) -> anyhow::Result<ScenarioResult> {
-    let prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let settings = KafkaSettings {
-        brokers: brokers.to_owned(),
-        group_id: format!("{prefix}-workers"),
-        topics: Topics {
-            commands: format!("{prefix}.commands"),
-            status: format!("{prefix}.status"),
-            state: format!("{prefix}.state"),
-            dlq: format!("{prefix}.dlq"),
-        },
-        session_timeout_ms: 6_000,
-        assignment_strategy: "cooperative-sticky".into(),
-        extra: vec![],
-        // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
-        state_compaction: false,
-    };
+    let settings = common::harness_settings(brokers, "bench");
     pis_worker::kafka::admin::ensure_topics(&settings, args.partitions, 1).await?;
 
     // The PSU signs as soon as the bank created the payment; the worker learns it by polling.

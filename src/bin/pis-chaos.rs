@@ -21,8 +21,8 @@ use pis_worker::contract::command::{CommandBody, CommandEnvelope, ScaRedirect};
 use pis_worker::contract::status::{self, StatusRecord};
 use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::RawInitiatePayment;
+use pis_worker::kafka::KafkaSettings;
 use pis_worker::kafka::state::{self as state_topic, DecodedRecord};
-use pis_worker::kafka::{KafkaSettings, Topics};
 use pis_worker::sandbox::faults::{EndpointClass, Fault, FaultRule, FaultSettings, Latency};
 use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
 use pis_worker::secret::StateKey;
@@ -303,22 +303,7 @@ async fn chaos(
     own_broker_port: Option<u16>,
     started: Instant,
 ) -> anyhow::Result<bool> {
-    let prefix = format!("chaos-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let settings = KafkaSettings {
-        brokers: brokers.to_owned(),
-        group_id: format!("{prefix}-workers"),
-        topics: Topics {
-            commands: format!("{prefix}.commands"),
-            status: format!("{prefix}.status"),
-            state: format!("{prefix}.state"),
-            dlq: format!("{prefix}.dlq"),
-        },
-        session_timeout_ms: 6_000,
-        assignment_strategy: "cooperative-sticky".into(),
-        extra: vec![],
-        // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
-        state_compaction: false,
-    };
+    let settings = common::harness_settings(brokers, "chaos");
     pis_worker::kafka::admin::ensure_topics(&settings, args.partitions, 1).await?;
 
     let mut config = SandboxConfig::local(run_dir.join("tls"));

@@ -18,6 +18,18 @@ pub struct Topics {
     pub dlq: String,
 }
 
+impl Topics {
+    /// `{prefix}.commands`, `{prefix}.status`, ...: one isolated set of topics per test or run.
+    pub fn prefixed(prefix: &str) -> Self {
+        Self {
+            commands: format!("{prefix}.commands"),
+            status: format!("{prefix}.status"),
+            state: format!("{prefix}.state"),
+            dlq: format!("{prefix}.dlq"),
+        }
+    }
+}
+
 impl Default for Topics {
     fn default() -> Self {
         Self {

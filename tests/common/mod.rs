@@ -56,12 +56,7 @@ impl TestEnv {
         let settings = KafkaSettings {
             brokers: brokers(),
             group_id: format!("{prefix}-workers"),
-            topics: Topics {
-                commands: format!("{prefix}.commands"),
-                status: format!("{prefix}.status"),
-                state: format!("{prefix}.state"),
-                dlq: format!("{prefix}.dlq"),
-            },
+            topics: Topics::prefixed(&prefix),
             session_timeout_ms: 6_000,
             assignment_strategy: "cooperative-sticky".into(),
             extra: vec![],

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use pis_worker::contract::command::{self, CommandEnvelope};
-use pis_worker::kafka::KafkaSettings;
+use pis_worker::kafka::{KafkaSettings, Topics};
 use pis_worker::sandbox::RunningSandbox;
 use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,6 +20,22 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Settings for a run of its own on the test broker: fresh topics and group under a random
+/// prefix, a short session timeout so SIGKILLed replicas are noticed quickly.
+pub fn harness_settings(brokers: &str, kind: &str) -> KafkaSettings {
+    let prefix = format!("{kind}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    KafkaSettings {
+        brokers: brokers.to_owned(),
+        group_id: format!("{prefix}-workers"),
+        topics: Topics::prefixed(&prefix),
+        session_timeout_ms: 6_000,
+        assignment_strategy: "cooperative-sticky".into(),
+        extra: vec![],
+        // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
+        state_compaction: false,
+    }
 }
 
 fn broker_script() -> PathBuf {
