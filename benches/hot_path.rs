@@ -8,6 +8,10 @@
 //! Under `cargo test` (no `--bench` argument) each case runs once, as a smoke test, and no
 //! figures are printed: a debug build's timings are not benchmarks.
 
+// The same machine line as pis-bench prints.
+#[path = "../src/bin/common/machine.rs"]
+mod host;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -121,11 +125,7 @@ fn main() -> anyhow::Result<()> {
     if !benchmarking() {
         println!("hot_path: smoke run, each step once (figures: cargo bench --bench hot_path)");
     } else {
-        println!(
-            "machine: {} cores, {}",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_model()
-        );
+        println!("machine: {}", host::describe());
         println!(
             "| {:<44} | {:>10} | {:>10} | {:>6} |",
             "step", "µs/op", "ops/s", "IQR"
@@ -166,16 +166,4 @@ fn main() -> anyhow::Result<()> {
         black_box(command::encode(black_box(&envelope)).ok());
     });
     Ok(())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }

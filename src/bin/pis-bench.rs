@@ -30,7 +30,6 @@ use pis_worker::kafka::KafkaSettings;
 use pis_worker::sandbox::SandboxConfig;
 use pis_worker::secret::StateKey;
 use rdkafka::Message;
-use secrecy::ExposeSecret;
 
 #[derive(Debug, Parser)]
 #[command(about = "End-to-end throughput and latency benchmark for pis-worker")]
@@ -194,18 +193,7 @@ async fn scenario(
     let mut workers = Workers::new(
         Workers::binary(args.worker_bin.as_ref())?,
         base_args,
-        vec![
-            (
-                "PIS_STATE_KEY".into(),
-                state_key_hex.expose_secret().to_owned(),
-            ),
-            (
-                "PIS_CLIENT_SECRET".into(),
-                sandbox.client_secret().expose_secret().to_owned(),
-            ),
-            ("PIS_LOG".into(), "warn".into()),
-            ("NO_COLOR".into(), "1".into()),
-        ],
+        common::worker_env(&sandbox, &state_key_hex, "warn"),
         dir,
     );
     // Each replica serves /readyz and /metrics on a port of its own.
@@ -568,7 +556,7 @@ fn print_report(args: &Args, results: &[ScenarioResult]) {
             args.kafka_properties.join(" ")
         );
     }
-    println!("machine: {}", machine());
+    println!("machine: {}", common::machine::describe());
     println!();
     println!(
         "| workers | publish/s | initiated/s | settled/s | SCA_PENDING p50 / p95 / p99 (ms) | worker CPU ms/payment | broker CPU ms/payment | sandbox+client CPU ms/payment | bank calls/payment |"
@@ -606,19 +594,4 @@ fn print_report(args: &Args, results: &[ScenarioResult]) {
             );
         }
     }
-}
-
-/// The CPU model and core count, so figures can be read with the machine in mind.
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {model}")
 }

@@ -28,7 +28,7 @@ use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
 use pis_worker::secret::StateKey;
 use rdkafka::Message;
 use rdkafka::producer::FutureProducer;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 #[derive(Debug, Parser)]
 #[command(about = "Chaos suite for pis-worker")]
@@ -334,19 +334,11 @@ async fn chaos(
     let mut workers = Workers::new(
         Workers::binary(args.worker_bin.as_ref())?,
         base_args,
-        vec![
-            (
-                "PIS_STATE_KEY".into(),
-                state_key_hex.expose_secret().to_owned(),
-            ),
-            (
-                "PIS_CLIENT_SECRET".into(),
-                sandbox.client_secret().expose_secret().to_owned(),
-            ),
-            ("PIS_LOG".into(), "info,rdkafka=warn".into()),
-            ("PIS_HTTP_ADDR".into(), "127.0.0.1:0".into()),
-            ("NO_COLOR".into(), "1".into()),
-        ],
+        {
+            let mut env = common::worker_env(&sandbox, &state_key_hex, "info,rdkafka=warn");
+            env.push(("PIS_HTTP_ADDR".into(), "127.0.0.1:0".into()));
+            env
+        },
         run_dir,
     );
     for _ in 0..args.workers {
@@ -547,6 +539,7 @@ async fn chaos(
         ),
     );
     report.row("broker restarts", broker_restarts);
+    report.row("machine", common::machine::describe());
     report.row(
         "undecodable status records",
         undecodable.load(Ordering::Relaxed),

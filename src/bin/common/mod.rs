@@ -2,6 +2,8 @@
 //! started from the built binary, a topic follower and a command sender. Both drive real
 //! processes over a real broker; nothing here is a mock.
 
+pub mod machine;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use secrecy::{ExposeSecret, SecretString};
 
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -97,6 +100,27 @@ pub fn worker_args(
         args.push((*value).to_owned());
     }
     args
+}
+
+/// The environment every harness worker gets: the state key, the bank client secret, `log` as
+/// the tracing filter, plain (uncoloured) log lines.
+pub fn worker_env(
+    sandbox: &RunningSandbox,
+    state_key_hex: &SecretString,
+    log: &str,
+) -> Vec<(String, String)> {
+    vec![
+        (
+            "PIS_STATE_KEY".into(),
+            state_key_hex.expose_secret().to_owned(),
+        ),
+        (
+            "PIS_CLIENT_SECRET".into(),
+            sandbox.client_secret().expose_secret().to_owned(),
+        ),
+        ("PIS_LOG".into(), log.to_owned()),
+        ("NO_COLOR".into(), "1".into()),
+    ]
 }
 
 /// Worker processes, as a Deployment runs them: started from the binary, SIGKILLed on demand,
