@@ -32,6 +32,9 @@ pub struct Metrics {
     pub producer_queue_depth: IntGauge,
     pub broker_reachable: IntGauge,
     pub fenced_owners: prometheus::IntCounter,
+    pub token_refresh_refusals: IntCounterVec,
+    pub state_quarantined_records: IntGauge,
+    pub orphans_suspected: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -233,6 +236,23 @@ impl Metrics {
                 "1 when the broker answered a metadata request in the last 30 s",
             ),
             fenced_owners,
+            token_refresh_refusals: counter(
+                r,
+                "pis_token_refresh_refusals_total",
+                "Token refreshes the bank refused: revoked (the grant is dead, the pair is deleted) or other (the pair is kept; check the worker's credentials)",
+                &["kind"],
+            ),
+            state_quarantined_records: gauge(
+                r,
+                "pis_state_quarantined_records",
+                "State records of owned partitions that could not be read; the payments they name are held",
+            ),
+            orphans_suspected: counter(
+                r,
+                "pis_initiations_unanswered_total",
+                "Initiation attempts that got no answer (a bank-side payment may exist), by what the worker did next",
+                &["policy"],
+            ),
             registry,
         }
     }
@@ -252,13 +272,14 @@ impl Metrics {
             "transport",
             "circuit_open",
         ];
-        const COMMAND_TYPES: [&str; 7] = [
+        const COMMAND_TYPES: [&str; 8] = [
             "initiate",
             "initiate_periodic",
             "initiate_bulk",
             "complete_sca",
             "cancel",
             "refresh",
+            "resolve",
             "unknown",
         ];
         const OUTCOMES: [&str; 4] = ["accepted", "duplicate", "rejected", "dead_lettered"];
@@ -279,6 +300,12 @@ impl Metrics {
         }
         for host in ["belfius", "banx"] {
             self.circuit_breaker_state.with_label_values(&[host]);
+        }
+        for kind in ["revoked", "other"] {
+            self.token_refresh_refusals.with_label_values(&[kind]);
+        }
+        for policy in ["hold", "reinitiate"] {
+            self.orphans_suspected.with_label_values(&[policy]);
         }
         self
     }

@@ -29,6 +29,52 @@ pub enum CommandBody {
     CompleteSca(ScaRedirect),
     Cancel { reason: Option<String> },
     RefreshStatus,
+    /// A person's decision on a payment the worker cannot resolve itself.
+    Resolve(ResolveOutcome),
+}
+
+/// `ResolveOutcome` (command schema v3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveOutcome {
+    pub action: ResolveAction,
+    pub bank_payment_id: Option<String>,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveAction {
+    Reinitiate,
+    Adopt,
+    Abandon,
+}
+
+impl ResolveAction {
+    pub const ALL: [ResolveAction; 3] = [
+        ResolveAction::Reinitiate,
+        ResolveAction::Adopt,
+        ResolveAction::Abandon,
+    ];
+
+    /// The Avro enum symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            ResolveAction::Reinitiate => "REINITIATE",
+            ResolveAction::Adopt => "ADOPT",
+            ResolveAction::Abandon => "ABANDON",
+        }
+    }
+
+    pub fn from_symbol(symbol: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.symbol() == symbol)
+    }
+
+    fn index(self) -> u32 {
+        match self {
+            ResolveAction::Reinitiate => 0,
+            ResolveAction::Adopt => 1,
+            ResolveAction::Abandon => 2,
+        }
+    }
 }
 
 impl CommandBody {
@@ -41,6 +87,7 @@ impl CommandBody {
             CommandBody::CompleteSca(_) => "CompleteSca",
             CommandBody::Cancel { .. } => "CancelPayment",
             CommandBody::RefreshStatus => "RefreshStatus",
+            CommandBody::Resolve(_) => "ResolveOutcome",
         }
     }
 }
@@ -104,6 +151,20 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
             )])),
         ),
         CommandBody::RefreshStatus => Value::Union(3, Box::new(Value::Record(vec![]))),
+        CommandBody::Resolve(resolve) => Value::Union(
+            6,
+            Box::new(Value::Record(vec![
+                (
+                    "action".into(),
+                    Value::Enum(resolve.action.index(), resolve.action.symbol().into()),
+                ),
+                (
+                    "bank_payment_id".into(),
+                    opt_string(resolve.bank_payment_id.as_deref()),
+                ),
+                ("note".into(), opt_string(resolve.note.as_deref())),
+            ])),
+        ),
         CommandBody::InitiatePeriodic(raw) => Value::Union(
             4,
             Box::new(Value::Record(vec![
@@ -337,6 +398,20 @@ pub enum Patience {
 /// writer schema its header names, waiting for an unreachable registry (see [`Patience`]).
 pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<CommandEnvelope, DecodeError> {
     decode_with(bytes, max_bytes, Patience::UntilAnswered)
+}
+
+/// Decodes like [`decode_with`] (`Patience::Once`), but asks the registry for an unknown schema
+/// id without blocking the calling task. A `RegistryUnavailable` error means "ask again later".
+pub async fn decode_async(bytes: &[u8], max_bytes: usize) -> Result<CommandEnvelope, DecodeError> {
+    if bytes.len() <= max_bytes {
+        if let Ok((WriterRef::RegistryId(id), _)) = unframe_any(bytes) {
+            if let Some(registry) = super::registry::current() {
+                // Cached afterwards, so the decode below does not block.
+                registry.writer_by_id_async(id).await?;
+            }
+        }
+    }
+    decode_with(bytes, max_bytes, Patience::Once)
 }
 
 /// [`decode`] with a choice of how long to wait for the registry.
@@ -684,6 +759,22 @@ fn envelope_from_value(
             reason: body_fields.opt_string("reason")?,
         },
         "RefreshStatus" => CommandBody::RefreshStatus,
+        "ResolveOutcome" => {
+            let action = match body_fields.value("action")? {
+                Value::Enum(_, symbol) => ResolveAction::from_symbol(&symbol).ok_or_else(|| {
+                    DecodeError::new(
+                        DecodeErrorClass::WrongRecordType,
+                        format!("unknown ResolveOutcome action {symbol:?} (a newer writer's symbol)"),
+                    )
+                })?,
+                other => return Err(malformed(format!("action: expected an enum, got {other:?}"))),
+            };
+            CommandBody::Resolve(ResolveOutcome {
+                action,
+                bank_payment_id: body_fields.opt_string("bank_payment_id")?,
+                note: body_fields.opt_string("note")?,
+            })
+        }
         other => {
             return Err(DecodeError::new(
                 DecodeErrorClass::WrongRecordType,

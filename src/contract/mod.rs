@@ -42,6 +42,9 @@ pub enum DecodeErrorClass {
     WrongRecordType,
     /// A payment command whose envelope fields are invalid (ids, key mismatch).
     InvalidEnvelope,
+    /// A command on a partition its key does not hash to (a producer using another
+    /// partitioner): it would miss its PSU's owner.
+    WrongPartition,
     /// The schema registry did not answer (down, 5xx, timeout). Transient: the worker waits
     /// and retries; such a record is never dead-lettered.
     RegistryUnavailable,
@@ -57,12 +60,13 @@ impl DecodeErrorClass {
             DecodeErrorClass::MalformedAvro => "MALFORMED_AVRO",
             DecodeErrorClass::WrongRecordType => "WRONG_RECORD_TYPE",
             DecodeErrorClass::InvalidEnvelope => "INVALID_ENVELOPE",
+            DecodeErrorClass::WrongPartition => "WRONG_PARTITION",
             DecodeErrorClass::RegistryUnavailable => "REGISTRY_UNAVAILABLE",
         }
     }
 
     /// Every class, for documentation checks.
-    pub const ALL: [DecodeErrorClass; 8] = [
+    pub const ALL: [DecodeErrorClass; 9] = [
         DecodeErrorClass::Empty,
         DecodeErrorClass::Oversized,
         DecodeErrorClass::BadFraming,
@@ -70,6 +74,7 @@ impl DecodeErrorClass {
         DecodeErrorClass::MalformedAvro,
         DecodeErrorClass::WrongRecordType,
         DecodeErrorClass::InvalidEnvelope,
+        DecodeErrorClass::WrongPartition,
         DecodeErrorClass::RegistryUnavailable,
     ];
 
@@ -108,10 +113,16 @@ pub const STATUS_SCHEMA_JSON: &str = include_str!("../../schemas/payment-status.
 
 /// Earlier versions of the schemas: records written with them are still read (by name, with
 /// defaults for what they lack). Never remove an entry while such records may exist.
-pub const COMMAND_SCHEMA_HISTORY: &[(&str, &str)] = &[(
-    "PaymentCommand v1",
-    include_str!("../../schemas/history/payment-command.v1.avsc"),
-)];
+pub const COMMAND_SCHEMA_HISTORY: &[(&str, &str)] = &[
+    (
+        "PaymentCommand v1",
+        include_str!("../../schemas/history/payment-command.v1.avsc"),
+    ),
+    (
+        "PaymentCommand v2",
+        include_str!("../../schemas/history/payment-command.v2.avsc"),
+    ),
+];
 pub const STATUS_SCHEMA_HISTORY: &[(&str, &str)] = &[(
     "PaymentStatusEvent v1",
     include_str!("../../schemas/history/payment-status.v1.avsc"),
@@ -333,7 +344,9 @@ mod tests {
             | RefusalCode::DuplicatePaymentId
             | RefusalCode::AlreadyFinal
             | RefusalCode::NotAwaitingSca
-            | RefusalCode::CancelNotPossible => code.as_str(),
+            | RefusalCode::CancelNotPossible
+            | RefusalCode::StateMismatch
+            | RefusalCode::ResolutionNotApplicable => code.as_str(),
         };
         let mut ours: Vec<&str> = DecodeErrorClass::ALL
             .iter()
@@ -348,9 +361,13 @@ mod tests {
                 RefusalCode::AlreadyFinal,
                 RefusalCode::NotAwaitingSca,
                 RefusalCode::CancelNotPossible,
+                RefusalCode::StateMismatch,
+                RefusalCode::ResolutionNotApplicable,
             ]
             .map(refusal),
         );
+        // Classes of the owner's own: a command for a quarantined payment.
+        ours.push(crate::engine::core::QUARANTINED);
         ours.sort_unstable();
         let doc = include_str!("../../docs/contract.md");
         let mut documented: Vec<String> =
@@ -367,6 +384,6 @@ mod tests {
     #[test]
     fn command_fingerprint_is_the_standard_one() {
         let s = schemas().expect("schemas load");
-        assert_eq!(hex::encode(s.command.fingerprint), "a29859248b354fe4");
+        assert_eq!(hex::encode(s.command.fingerprint), "94c8c8df78f419fb");
     }
 }

@@ -391,11 +391,29 @@ impl Registry {
         if let Some(known) = self.cached(id) {
             return Ok(known);
         }
+        let answer = self.call_blocking(format!("schemas/ids/{id}"), None);
+        self.accept_schema_answer(id, answer)
+    }
+
+    /// [`Self::writer_by_id`] without blocking the calling task: the partition owner's
+    /// decoder awaits it, so bank answers and timers go on meanwhile.
+    pub async fn writer_by_id_async(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
+        if let Some(known) = self.cached(id) {
+            return Ok(known);
+        }
+        let answer = self.call(format!("schemas/ids/{id}"), None).await;
+        self.accept_schema_answer(id, answer)
+    }
+
+    /// Reads the registry's answer for schema `id` and remembers an accepted writer schema.
+    fn accept_schema_answer(
+        &self,
+        id: u32,
+        answer: Result<(u16, String), String>,
+    ) -> Result<Arc<WriterSchema>, DecodeError> {
         let unavailable =
             |m: String| DecodeError::new(DecodeErrorClass::RegistryUnavailable, m.clone());
-        let (status, body) = self
-            .call_blocking(format!("schemas/ids/{id}"), None)
-            .map_err(unavailable)?;
+        let (status, body) = answer.map_err(unavailable)?;
         let json = match classify_schema_answer(id, status, &body) {
             Ok(json) => json,
             Err(Fault::Transient(m)) => return Err(unavailable(m)),

@@ -49,8 +49,13 @@ pub enum PaymentState {
     /// Terminal: the worker gave up (e.g. an outcome it could not resolve).
     Failed,
     /// A bank initiation call (attempt N) ended without an answer: the bank may or may not hold
-    /// the payment. The reconciler resolves it.
+    /// the payment. Resolved by a new attempt or by a person, per `Policy::unknown_outcome`.
     OutcomeUnknown { attempt: u32 },
+    /// The worker asked the bank to end an unsigned payment (SCA deadline passed, or the PSU
+    /// refused) and the bank has not confirmed within `Policy::expiry_horizon_ms`: the PSU may
+    /// still sign it. Polled slowly until the bank reports a final status. Kind
+    /// `OUTCOME_UNKNOWN`.
+    Unconfirmed,
 }
 
 /// The state without its data: the `state` field of status events.
@@ -178,7 +183,9 @@ impl PaymentState {
             PaymentState::Rejected => StateKind::Rejected,
             PaymentState::Expired => StateKind::Expired,
             PaymentState::Failed => StateKind::Failed,
-            PaymentState::OutcomeUnknown { .. } => StateKind::OutcomeUnknown,
+            PaymentState::OutcomeUnknown { .. } | PaymentState::Unconfirmed => {
+                StateKind::OutcomeUnknown
+            }
             PaymentState::Active => StateKind::Active,
             PaymentState::Cancelling => StateKind::Cancelling,
             PaymentState::PartiallySettled => StateKind::PartiallySettled,
@@ -228,6 +235,121 @@ pub struct Payment {
     /// While `Cancelling`: the state to return to if the bank does not cancel.
     #[serde(default)]
     pub resume_after_cancel: Option<PaymentState>,
+    /// The OAuth `state` of the current initiation attempt: the worker appends it to the SCA
+    /// URL and a `CompleteSca` must bring it back. `None` on records written before it existed.
+    #[serde(default)]
+    pub sca_state: Option<String>,
+    /// Digests of the authorization codes received: a code is exchanged at most once per
+    /// payment, however many commands the de-duplication window remembers.
+    #[serde(default)]
+    pub received_codes: Vec<String>,
+    /// The worker is asking the bank to end this unsigned payment (deadline or PSU refusal).
+    #[serde(default)]
+    pub withdrawal: Option<Withdrawal>,
+    /// Offset of the last command record applied to this payment (set by the engine): a
+    /// re-delivered record at or below it is a duplicate, however many commands came since.
+    #[serde(default)]
+    pub last_command_offset: Option<i64>,
+}
+
+/// Why the worker wants the bank to end an unsigned payment, and how far it got. The payment
+/// becomes final only when the bank agrees (RJCT or CANC); a signature meanwhile wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawal {
+    pub cause: WithdrawalCause,
+    /// When the worker started asking.
+    pub since: Millis,
+    /// Whether the bank's cancellation was asked for (it needs the PSU's PIS token).
+    pub cancel_asked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WithdrawalCause {
+    /// The SCA deadline passed: ends `EXPIRED`.
+    Deadline,
+    /// The PSU came back from the SCA redirect with an error: ends `REJECTED` (`SCA_FAILED`).
+    PsuRefused { message: String },
+}
+
+impl WithdrawalCause {
+    /// The final state once the bank confirms, and why.
+    fn end(&self) -> (PaymentState, Reason) {
+        match self {
+            WithdrawalCause::Deadline => (
+                PaymentState::Expired,
+                Reason::new(
+                    ReasonCode::ScaExpired,
+                    "the PSU did not sign before the SCA deadline; the bank confirmed",
+                ),
+            ),
+            WithdrawalCause::PsuRefused { message } => (
+                PaymentState::Rejected,
+                Reason::new(ReasonCode::ScaFailed, message.clone()),
+            ),
+        }
+    }
+}
+
+/// How a person resolves a payment the worker cannot resolve itself (`ResolveOutcome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Nothing of this attempt is at the bank: make a new attempt.
+    Reinitiate,
+    /// The bank holds this payment for the attempt: track it.
+    Adopt { bank_payment_id: BankPaymentId },
+    /// Nothing to track: end the payment (`FAILED`, or `EXPIRED` for an unconfirmed expiry).
+    Abandon { note: Option<String> },
+}
+
+/// What to do with an initiation that got no answer (docs/guarantees.md, "Lost initiation
+/// answers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownOutcomePolicy {
+    /// Stay `OUTCOME_UNKNOWN` until a person resolves it (`ResolveOutcome`): no second bank
+    /// payment can exist for a PSU to sign twice.
+    Hold,
+    /// Make a new attempt after `reconcile_after_ms`: no person needed, but if the PSU can see
+    /// and sign the unanswered attempt at the bank, money can move twice.
+    Reinitiate,
+}
+
+impl UnknownOutcomePolicy {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "hold" => Some(UnknownOutcomePolicy::Hold),
+            "reinitiate" => Some(UnknownOutcomePolicy::Reinitiate),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnknownOutcomePolicy::Hold => "hold",
+            UnknownOutcomePolicy::Reinitiate => "reinitiate",
+        }
+    }
+}
+
+/// The digest under which an authorization code is remembered (never the code itself).
+pub fn code_digest(code: &SecretString) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(code.expose_secret().as_bytes());
+    hex::encode(&digest[..16])
+}
+
+/// The SCA URL the PSU is sent to: the bank's, with the attempt's OAuth `state` appended
+/// (TPPs append it themselves, docs/belfius.md). An unparsable URL gets it appended as text.
+pub fn sca_url_with_state(url: &str, state: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            parsed.query_pairs_mut().append_pair("state", state);
+            parsed.to_string()
+        }
+        Err(_) => {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{separator}state={state}")
+        }
+    }
 }
 
 /// A status event as the machine emits it (the Avro encoding lives in `contract`).
@@ -247,11 +369,17 @@ pub struct StatusEvent {
 }
 
 impl StatusEvent {
-    /// Deterministic, so a re-published event carries the same id.
+    /// Deterministic, so a re-published event carries the same id. The PSU is part of it: a
+    /// `payment_id` is unique per PSU (two PSUs' payments can share one only across command
+    /// partitions, which the worker cannot see together), so two payments never share an id.
     pub fn event_id(&self) -> uuid::Uuid {
         uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("pis-worker/{}/{}", self.payment_id, self.sequence).as_bytes(),
+            format!(
+                "pis-worker/v2/{}/{}/{}",
+                self.psu_id, self.payment_id, self.sequence
+            )
+            .as_bytes(),
         )
     }
 }
@@ -304,6 +432,8 @@ pub enum Input {
         command_id: CommandId,
         psu_id: PsuId,
         outcome: ScaOutcome,
+        /// The redirect's OAuth `state`: must be the current attempt's.
+        state: Option<String>,
     },
     Cancel {
         command_id: CommandId,
@@ -315,10 +445,18 @@ pub enum Input {
         command_id: CommandId,
         psu_id: PsuId,
     },
+    /// A person's decision on a payment the worker cannot resolve itself.
+    Resolve {
+        command_id: CommandId,
+        psu_id: PsuId,
+        resolution: Resolution,
+    },
     // Inputs from the engine.
-    /// Start the next initiation attempt with a freshly generated PKCE verifier.
+    /// Start the next initiation attempt with a freshly generated PKCE verifier and OAuth
+    /// `state`.
     BeginInitiation {
         pkce_verifier: SecretString,
+        sca_state: String,
     },
     BankInitiated {
         bank_payment_id: BankPaymentId,
@@ -362,7 +500,8 @@ impl Input {
             | Input::InitiateInvalid { command_id, .. }
             | Input::CompleteSca { command_id, .. }
             | Input::Cancel { command_id, .. }
-            | Input::RefreshStatus { command_id, .. } => Some(command_id),
+            | Input::RefreshStatus { command_id, .. }
+            | Input::Resolve { command_id, .. } => Some(command_id),
             Input::BeginInitiation { .. }
             | Input::BankInitiated { .. }
             | Input::InitiationFailed(_)
@@ -378,13 +517,14 @@ impl Input {
         }
     }
 
-    fn psu_id(&self) -> Option<&PsuId> {
+    pub fn psu_id(&self) -> Option<&PsuId> {
         match self {
             Input::Initiate { psu_id, .. }
             | Input::InitiateInvalid { psu_id, .. }
             | Input::CompleteSca { psu_id, .. }
             | Input::Cancel { psu_id, .. }
-            | Input::RefreshStatus { psu_id, .. } => Some(psu_id),
+            | Input::RefreshStatus { psu_id, .. }
+            | Input::Resolve { psu_id, .. } => Some(psu_id),
             Input::BeginInitiation { .. }
             | Input::BankInitiated { .. }
             | Input::InitiationFailed(_)
@@ -406,7 +546,8 @@ impl Input {
             | Input::InitiateInvalid { command_id, .. }
             | Input::CompleteSca { command_id, .. }
             | Input::Cancel { command_id, .. }
-            | Input::RefreshStatus { command_id, .. } => command_id.to_string(),
+            | Input::RefreshStatus { command_id, .. }
+            | Input::Resolve { command_id, .. } => command_id.to_string(),
             Input::BeginInitiation { .. } => "worker:begin-initiation".into(),
             Input::BankInitiated { .. } | Input::InitiationFailed(_) => "bank:initiation".into(),
             Input::CancelConfirmed { .. }
@@ -456,6 +597,7 @@ impl Transition {
         !from_command
             && self.events.is_empty()
             && self.payment.state == previous.state
+            && self.payment.withdrawal == previous.withdrawal
             && self.effects.iter().all(|e| e.is_idempotent_read())
     }
 }
@@ -489,6 +631,11 @@ pub enum RefusalCode {
     AlreadyFinal,
     NotAwaitingSca,
     CancelNotPossible,
+    /// A `CompleteSca` whose OAuth `state` is not the current attempt's (forged, replayed, or
+    /// from an older attempt): the payment is untouched.
+    StateMismatch,
+    /// A `ResolveOutcome` for a payment that is not waiting for a person.
+    ResolutionNotApplicable,
 }
 
 impl RefusalCode {
@@ -500,6 +647,8 @@ impl RefusalCode {
             RefusalCode::AlreadyFinal => "ALREADY_FINAL",
             RefusalCode::NotAwaitingSca => "NOT_AWAITING_SCA",
             RefusalCode::CancelNotPossible => "CANCEL_NOT_POSSIBLE",
+            RefusalCode::StateMismatch => "STATE_MISMATCH",
+            RefusalCode::ResolutionNotApplicable => "RESOLUTION_NOT_APPLICABLE",
         }
     }
 }
@@ -536,8 +685,14 @@ pub struct Policy {
     pub max_initiation_attempts: u32,
     /// Command ids remembered per payment for de-duplication.
     pub remembered_commands: usize,
-    /// Status poll interval of an active standing order (it changes rarely).
+    /// Status poll interval of an active standing order (it changes rarely), and of a payment
+    /// whose end the bank has not confirmed (`Unconfirmed`).
     pub standing_order_poll_ms: Millis,
+    /// What to do with an initiation that got no answer.
+    pub unknown_outcome: UnknownOutcomePolicy,
+    /// How long after asking the bank to end an unsigned payment the worker waits for the
+    /// bank's confirmation before reporting `OUTCOME_UNKNOWN` (`EXPIRY_UNCONFIRMED`).
+    pub expiry_horizon_ms: Millis,
 }
 
 impl Default for Policy {
@@ -552,6 +707,8 @@ impl Default for Policy {
             max_initiation_attempts: 3,
             remembered_commands: 32,
             standing_order_poll_ms: 3_600_000,
+            unknown_outcome: UnknownOutcomePolicy::Hold,
+            expiry_horizon_ms: 3_600_000,
         }
     }
 }
@@ -569,7 +726,7 @@ impl Policy {
     /// expiry is noticed on time.
     fn poll_at(&self, payment: &Payment, now: Millis) -> Millis {
         let next = match payment.state {
-            PaymentState::Active => now + self.standing_order_poll_ms,
+            PaymentState::Active | PaymentState::Unconfirmed => now + self.standing_order_poll_ms,
             PaymentState::Received
             | PaymentState::Initiating { .. }
             | PaymentState::ScaPending
@@ -586,6 +743,11 @@ impl Policy {
             | PaymentState::Failed
             | PaymentState::OutcomeUnknown { .. } => self.next_poll(now, payment.polls_in_state),
         };
+        // Once the worker has asked the bank to end the payment, the deadline is past: poll at
+        // the slow rate.
+        if payment.withdrawal.is_some() && payment.state != PaymentState::Unconfirmed {
+            return now + self.slow_poll_ms;
+        }
         match payment.sca_deadline {
             Some(deadline) if payment.state.kind().awaits_signature() && deadline > now => {
                 next.min(deadline)
@@ -631,9 +793,12 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
             let payment = Payment::new(payment_id.clone(), psu_id, None, command_id, now);
             Step::from(payment, now).to(PaymentState::Rejected, |p| p.reason = Some(reason), vec![])
         }
-        Input::CompleteSca { .. } | Input::Cancel { .. } | Input::RefreshStatus { .. } => refuse(
+        Input::CompleteSca { .. }
+        | Input::Cancel { .. }
+        | Input::RefreshStatus { .. }
+        | Input::Resolve { .. } => refuse(
             RefusalCode::UnknownPayment,
-            "no payment with this payment_id",
+            "no payment with this payment_id for this psu_id",
         ),
         Input::BeginInitiation { .. }
         | Input::BankInitiated { .. }
@@ -679,6 +844,10 @@ impl Payment {
             seen_commands: vec![command_id],
             reason: None,
             resume_after_cancel: None,
+            sca_state: None,
+            received_codes: Vec::new(),
+            withdrawal: None,
+            last_command_offset: None,
         }
     }
 }
@@ -688,6 +857,49 @@ fn refuse(code: RefusalCode, message: impl Into<String>) -> Outcome {
         code,
         message: message.into(),
     })
+}
+
+/// States in which the bank holds a payment that still waits for the PSU's signature, so the
+/// SCA deadline applies and the PSU may still sign.
+fn awaiting_signature(state: PaymentState) -> bool {
+    match state {
+        PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed => {
+            true
+        }
+        PaymentState::Received
+        | PaymentState::Initiating { .. }
+        | PaymentState::Authorizing
+        | PaymentState::Signed
+        | PaymentState::Active
+        | PaymentState::Cancelling
+        | PaymentState::OutcomeUnknown { .. }
+        | PaymentState::Settled
+        | PaymentState::PartiallySettled
+        | PaymentState::Completed
+        | PaymentState::Cancelled
+        | PaymentState::Rejected
+        | PaymentState::Expired
+        | PaymentState::Failed => false,
+    }
+}
+
+/// The end-to-end id a person looks the payment up by at the bank (a bulk: its first transfer's).
+fn end_to_end_id(payment: &Payment) -> &str {
+    match &payment.order {
+        Some(Order::Single(order)) => &order.end_to_end_id,
+        Some(Order::Standing(standing)) => &standing.order.end_to_end_id,
+        Some(Order::Bulk(bulk)) => bulk
+            .payments
+            .first()
+            .map_or("", |entry| entry.end_to_end_id.as_str()),
+        None => "",
+    }
+}
+
+fn rfc3339(at: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(at)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| at.to_string())
 }
 
 fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy) -> Outcome {
@@ -702,6 +914,26 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 RefusalCode::PsuMismatch,
                 "the command's psu_id differs from the payment's",
             );
+        }
+    }
+    if let Input::CompleteSca { outcome, state, .. } = &input {
+        // A code is exchanged at most once, whatever command id it comes under.
+        if let ScaOutcome::Code(code) = outcome {
+            if payment.received_codes.contains(&code_digest(code)) {
+                return Outcome::Ignored(Ignored::DuplicateCommand);
+            }
+        }
+        // The redirect must carry the state of the SCA URL this payment's PSU was sent to.
+        if let Some(expected) = &payment.sca_state {
+            if state.as_deref() != Some(expected.as_str()) {
+                return refuse(
+                    RefusalCode::StateMismatch,
+                    match state {
+                        None => "the redirect carries no OAuth state; pass the `state` query parameter the PSU's browser brought back",
+                        Some(_) => "the redirect's OAuth state is not the one of this payment's SCA URL (forged, replayed, or from an earlier attempt)",
+                    },
+                );
+            }
         }
     }
     let state = payment.state;
@@ -721,15 +953,16 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             RefusalCode::DuplicatePaymentId,
             "payment_id already used; this initiation is also invalid",
         ),
-        Input::CompleteSca { outcome, .. } => complete_sca(step, state, outcome),
-        Input::Cancel { bank_token, .. } => cancel(step, state, bank_token, policy),
+        Input::CompleteSca { outcome, .. } => complete_sca(step, payment, outcome, now),
+        Input::Cancel { bank_token, .. } => cancel(step, state, bank_token),
         Input::RefreshStatus { .. } => match state {
             PaymentState::ScaPending
             | PaymentState::Authorizing
             | PaymentState::PartiallySigned
             | PaymentState::Signed
             | PaymentState::Active
-            | PaymentState::Cancelling => {
+            | PaymentState::Cancelling
+            | PaymentState::Unconfirmed => {
                 step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
             }
             // Nothing at the bank to ask about yet; record the command so it is not re-run.
@@ -744,7 +977,11 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             | PaymentState::Expired
             | PaymentState::Failed => already_final(state),
         },
-        Input::BeginInitiation { pkce_verifier } => match state {
+        Input::Resolve { resolution, .. } => resolve(step, payment, resolution, now, policy),
+        Input::BeginInitiation {
+            pkce_verifier,
+            sca_state,
+        } => match state {
             PaymentState::Received => {
                 let attempt = payment.initiation_attempts + 1;
                 step.to(
@@ -752,6 +989,7 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     |p| {
                         p.initiation_attempts = attempt;
                         p.pkce_verifier = Some(pkce_verifier);
+                        p.sca_state = Some(sca_state);
                         p.next_check_at = None;
                     },
                     vec![Effect::CallInitiate],
@@ -768,9 +1006,13 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 PaymentState::ScaPending,
                 |p| {
                     p.bank_payment_id = Some(bank_payment_id);
-                    p.sca_redirect_url = Some(sca_redirect_url);
+                    p.sca_redirect_url = Some(match &p.sca_state {
+                        Some(state) => sca_url_with_state(&sca_redirect_url, state),
+                        None => sca_redirect_url,
+                    });
                     p.bank_status = bank_status;
                     p.sca_deadline = Some(now + policy.sca_timeout_ms);
+                    p.withdrawal = None;
                     p.next_check_at = Some(policy.poll_at(p, now));
                 },
                 vec![],
@@ -779,7 +1021,7 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
         },
         Input::InitiationFailed(failure) => match state {
             PaymentState::Initiating { attempt } => {
-                initiation_failed(step, attempt, failure, now, policy)
+                initiation_failed(step, attempt, failure, payment, now, policy)
             }
             other => stale_unless(other, &[]),
         },
@@ -813,8 +1055,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             | PaymentState::PartiallySigned
             | PaymentState::Signed
             | PaymentState::Active
-            | PaymentState::Cancelling => {
-                observe_status(step, state, progress, bank_status, payment, now, policy)
+            | PaymentState::Cancelling
+            | PaymentState::Unconfirmed => {
+                observe_status(step, payment, progress, bank_status, now, policy)
             }
             other => stale_unless(other, &[]),
         },
@@ -824,7 +1067,8 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             | PaymentState::PartiallySigned
             | PaymentState::Signed
             | PaymentState::Active
-            | PaymentState::Cancelling => step.same(
+            | PaymentState::Cancelling
+            | PaymentState::Unconfirmed => step.same(
                 |p| {
                     p.next_check_at = Some(policy.poll_at(p, now));
                     p.polls_in_state = p.polls_in_state.saturating_add(1);
@@ -847,15 +1091,37 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 },
                 vec![],
             ),
+            // The bank ended the unsigned payment the worker asked it to end.
+            PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+                if payment.withdrawal.is_some() =>
+            {
+                end_withdrawal(
+                    step,
+                    payment,
+                    Some(bank_status.unwrap_or_else(|| "CANC".into())),
+                )
+            }
             other => stale_unless(other, &[]),
         },
         Input::CancelRefused(reason) => match state {
             PaymentState::Cancelling => back_from_cancel(step, payment, reason, None, now, policy),
+            // The bank would not end it (or there was no token to ask with): the bank's own
+            // expiry, a refusal or a signature will show in the status. Keep watching.
+            PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+                if payment.withdrawal.is_some() =>
+            {
+                step.same(|p| p.next_check_at = Some(policy.poll_at(p, now)), vec![])
+            }
             other => stale_unless(other, &[]),
         },
         // The DELETE may or may not have been applied: ask the bank.
         Input::CancelUnconfirmed { .. } => match state {
             PaymentState::Cancelling => {
+                step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
+            }
+            PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+                if payment.withdrawal.is_some() =>
+            {
                 step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
             }
             other => stale_unless(other, &[]),
@@ -874,12 +1140,15 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 | PaymentState::PartiallySigned
                 | PaymentState::Signed
                 | PaymentState::Active
-                | PaymentState::Cancelling => {
+                | PaymentState::Cancelling
+                | PaymentState::Unconfirmed => {
                     step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
                 }
-                PaymentState::OutcomeUnknown { attempt } => {
-                    reconcile(step, attempt, payment, policy)
-                }
+                PaymentState::OutcomeUnknown { attempt } => match policy.unknown_outcome {
+                    UnknownOutcomePolicy::Reinitiate => reconcile(step, attempt, payment, policy),
+                    // A timer set under the other policy: the payment now waits for a person.
+                    UnknownOutcomePolicy::Hold => step.same(|p| p.next_check_at = None, vec![]),
+                },
                 other => stale_unless(other, &[]),
             }
         }
@@ -900,6 +1169,7 @@ fn stale_unless(state: PaymentState, _applies: &[StateKind]) -> Outcome {
         | PaymentState::Active
         | PaymentState::Cancelling
         | PaymentState::OutcomeUnknown { .. }
+        | PaymentState::Unconfirmed
         | PaymentState::Settled
         | PaymentState::PartiallySettled
         | PaymentState::Completed
@@ -910,34 +1180,54 @@ fn stale_unless(state: PaymentState, _applies: &[StateKind]) -> Outcome {
     }
 }
 
-fn complete_sca(step: Step<'_>, state: PaymentState, outcome: ScaOutcome) -> Outcome {
+fn complete_sca(step: Step<'_>, payment: &Payment, outcome: ScaOutcome, now: Millis) -> Outcome {
+    let state = payment.state;
     match state {
-        PaymentState::ScaPending | PaymentState::PartiallySigned => match outcome {
-            ScaOutcome::Code(code) => step.to(
-                PaymentState::Authorizing,
-                |p| {
-                    p.authorization_code = Some(code);
-                    p.next_check_at = None;
-                },
-                vec![Effect::ExchangeCode],
-            ),
-            ScaOutcome::Error { error, description } => {
-                let message = match description {
-                    Some(d) => format!("PSU returned from SCA with error {error}: {d}"),
-                    None => format!("PSU returned from SCA with error {error}"),
-                };
-                step.to(
-                    PaymentState::Rejected,
-                    |p| p.reason = Some(Reason::new(ReasonCode::ScaFailed, message)),
-                    vec![],
-                )
+        PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed => {
+            match outcome {
+                ScaOutcome::Code(code) => step.to(
+                    PaymentState::Authorizing,
+                    |p| {
+                        p.received_codes.push(code_digest(&code));
+                        p.authorization_code = Some(code);
+                        p.withdrawal = None;
+                        p.next_check_at = None;
+                    },
+                    vec![Effect::ExchangeCode],
+                ),
+                // Not final yet: a forged or mistaken error must not stop the worker from
+                // tracking a payment the PSU can still sign. The bank confirms first.
+                ScaOutcome::Error { error, description } => {
+                    let message = match description {
+                        Some(d) => format!("PSU returned from SCA with error {error}: {d}"),
+                        None => format!("PSU returned from SCA with error {error}"),
+                    };
+                    step.same(
+                        |p| {
+                            let (since, cancel_asked) = p
+                                .withdrawal
+                                .as_ref()
+                                .map_or((now, false), |w| (w.since, w.cancel_asked));
+                            p.withdrawal = Some(Withdrawal {
+                                cause: WithdrawalCause::PsuRefused { message },
+                                since,
+                                cancel_asked,
+                            });
+                            p.next_check_at = None;
+                        },
+                        vec![Effect::CheckStatus],
+                    )
+                }
             }
-        },
+        }
         // A status poll saw the signature before the redirect's code arrived. The code still
         // carries the PSU's PIS token pair (needed to cancel later): exchange it, state unchanged.
         PaymentState::Signed | PaymentState::Active => match outcome {
             ScaOutcome::Code(code) => step.same(
-                |p| p.authorization_code = Some(code),
+                |p| {
+                    p.received_codes.push(code_digest(&code));
+                    p.authorization_code = Some(code);
+                },
                 vec![Effect::ExchangeCode],
             ),
             ScaOutcome::Error { .. } => refuse(
@@ -969,11 +1259,10 @@ fn complete_sca(step: Step<'_>, state: PaymentState, outcome: ScaOutcome) -> Out
     }
 }
 
-fn cancel(step: Step<'_>, state: PaymentState, bank_token: bool, policy: &Policy) -> Outcome {
-    let _ = policy;
+fn cancel(step: Step<'_>, state: PaymentState, bank_token: bool) -> Outcome {
     match state {
-        // No bank-side payment anyone can sign exists yet (an unanswered attempt's SCA URL
-        // never reached the PSU), so the cancellation is final here.
+        // No bank-side payment whose SCA URL reached anyone exists yet, so the cancellation is
+        // final here.
         PaymentState::Received
         | PaymentState::Initiating { .. }
         | PaymentState::OutcomeUnknown { .. } => step.to(
@@ -994,7 +1283,8 @@ fn cancel(step: Step<'_>, state: PaymentState, bank_token: bool, policy: &Policy
         | PaymentState::Authorizing
         | PaymentState::PartiallySigned
         | PaymentState::Signed
-        | PaymentState::Active => {
+        | PaymentState::Active
+        | PaymentState::Unconfirmed => {
             if bank_token {
                 step.to(
                     PaymentState::Cancelling,
@@ -1015,6 +1305,101 @@ fn cancel(step: Step<'_>, state: PaymentState, bank_token: bool, policy: &Policy
             }
         }
         PaymentState::Cancelling => Outcome::Ignored(Ignored::CancelInProgress),
+        PaymentState::Settled
+        | PaymentState::PartiallySettled
+        | PaymentState::Completed
+        | PaymentState::Cancelled
+        | PaymentState::Rejected
+        | PaymentState::Expired
+        | PaymentState::Failed => already_final(state),
+    }
+}
+
+/// A person's decision (`ResolveOutcome`) on a payment the worker cannot resolve itself.
+fn resolve(
+    step: Step<'_>,
+    payment: &Payment,
+    resolution: Resolution,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
+    let state = payment.state;
+    let with_note = |text: &str, note: &Option<String>| match note {
+        Some(note) => format!("{text}: {note}"),
+        None => text.to_owned(),
+    };
+    match state {
+        PaymentState::OutcomeUnknown { .. } => match resolution {
+            // Checked at the bank: nothing of the unanswered attempt is there.
+            Resolution::Reinitiate => step.silently(
+                PaymentState::Received,
+                |p| {
+                    p.reason = None;
+                    p.next_check_at = None;
+                    p.pkce_verifier = None;
+                },
+                vec![Effect::StartInitiation],
+            ),
+            // The bank holds the unanswered attempt's payment: track it from its status.
+            Resolution::Adopt { bank_payment_id } => step.to(
+                PaymentState::ScaPending,
+                |p| {
+                    p.bank_payment_id = Some(bank_payment_id);
+                    p.sca_redirect_url = None;
+                    p.bank_status = None;
+                    p.sca_deadline = Some(now + policy.sca_timeout_ms);
+                    p.next_check_at = None;
+                },
+                vec![Effect::CheckStatus],
+            ),
+            Resolution::Abandon { note } => step.to(
+                PaymentState::Failed,
+                |p| {
+                    p.reason = Some(Reason::new(
+                        ReasonCode::OutcomeUnresolved,
+                        with_note(
+                            "resolved by a person: no payment of this attempt to track at the bank",
+                            &note,
+                        ),
+                    ));
+                },
+                vec![],
+            ),
+        },
+        PaymentState::Unconfirmed => match resolution {
+            Resolution::Abandon { note } => step.to(
+                PaymentState::Expired,
+                |p| {
+                    p.reason = Some(Reason::new(
+                        ReasonCode::ScaExpired,
+                        with_note(
+                            "a person confirmed at the bank that it will not be executed",
+                            &note,
+                        ),
+                    ));
+                    p.withdrawal = None;
+                },
+                vec![],
+            ),
+            Resolution::Reinitiate | Resolution::Adopt { .. } => refuse(
+                RefusalCode::ResolutionNotApplicable,
+                "the worker already tracks this payment at the bank; only ABANDON applies",
+            ),
+        },
+        PaymentState::Received
+        | PaymentState::Initiating { .. }
+        | PaymentState::ScaPending
+        | PaymentState::Authorizing
+        | PaymentState::PartiallySigned
+        | PaymentState::Signed
+        | PaymentState::Active
+        | PaymentState::Cancelling => refuse(
+            RefusalCode::ResolutionNotApplicable,
+            format!(
+                "payment is {}: ResolveOutcome applies to OUTCOME_UNKNOWN only",
+                state.kind().symbol()
+            ),
+        ),
         PaymentState::Settled
         | PaymentState::PartiallySettled
         | PaymentState::Completed
@@ -1049,10 +1434,58 @@ fn back_from_cancel(
     )
 }
 
+/// The bank ended (RJCT or CANC) the unsigned payment the worker asked it to end.
+fn end_withdrawal(step: Step<'_>, payment: &Payment, bank_status: Option<String>) -> Outcome {
+    let (end, reason) = match &payment.withdrawal {
+        Some(w) => w.cause.end(),
+        None => WithdrawalCause::Deadline.end(),
+    };
+    step.to(
+        end,
+        |p| {
+            if bank_status.is_some() {
+                p.bank_status = bank_status;
+            }
+            p.reason = Some(reason);
+            p.withdrawal = None;
+            p.resume_after_cancel = None;
+        },
+        vec![],
+    )
+}
+
+/// Why the outcome of an initiation is unknown, with what a person needs to look it up.
+fn unknown_reason(
+    payment: &Payment,
+    attempt: u32,
+    cause: &str,
+    now: Millis,
+    policy: &Policy,
+) -> Reason {
+    let message = match policy.unknown_outcome {
+        UnknownOutcomePolicy::Reinitiate => cause.to_owned(),
+        UnknownOutcomePolicy::Hold => format!(
+            "{cause}; attempt {attempt}, end-to-end id {}, sent by {}: held until a person checks the bank and sends ResolveOutcome",
+            end_to_end_id(payment),
+            rfc3339(now)
+        ),
+    };
+    Reason::new(ReasonCode::OutcomeUnresolved, message)
+}
+
+/// The timer of an unknown outcome: the reconciler's, or none while it waits for a person.
+fn unknown_timer(now: Millis, policy: &Policy) -> Option<Millis> {
+    match policy.unknown_outcome {
+        UnknownOutcomePolicy::Reinitiate => Some(now + policy.reconcile_after_ms),
+        UnknownOutcomePolicy::Hold => None,
+    }
+}
+
 fn initiation_failed(
     step: Step<'_>,
     attempt: u32,
     failure: InitiationFailure,
+    payment: &Payment,
     now: Millis,
     policy: &Policy,
 ) -> Outcome {
@@ -1099,14 +1532,23 @@ fn initiation_failed(
                 )
             }
         }
-        InitiationFailure::Unknown { message } => step.to(
-            PaymentState::OutcomeUnknown { attempt },
-            |p| {
-                p.reason = Some(Reason::new(ReasonCode::OutcomeUnresolved, message));
-                p.next_check_at = Some(now + policy.reconcile_after_ms);
-            },
-            vec![],
-        ),
+        InitiationFailure::Unknown { message } => {
+            let reason = unknown_reason(
+                payment,
+                attempt,
+                &format!("no answer to the initiation: {message}"),
+                now,
+                policy,
+            );
+            step.to(
+                PaymentState::OutcomeUnknown { attempt },
+                |p| {
+                    p.reason = Some(reason);
+                    p.next_check_at = unknown_timer(now, policy);
+                },
+                vec![],
+            )
+        }
     }
 }
 
@@ -1114,19 +1556,26 @@ fn initiation_failed(
 /// waiting; this covers what was *in flight*, which leaves no timer behind.
 fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> Outcome {
     let no_timer = payment.next_check_at.is_none();
+    let cancel_in_flight = payment.withdrawal.as_ref().is_some_and(|w| w.cancel_asked);
     match payment.state {
         // The previous owner may have sent the call and died before recording the answer.
-        PaymentState::Initiating { attempt } => step.to(
-            PaymentState::OutcomeUnknown { attempt },
-            |p| {
-                p.reason = Some(Reason::new(
-                    ReasonCode::OutcomeUnresolved,
-                    "the worker stopped while the initiation call was in flight",
-                ));
-                p.next_check_at = Some(now + policy.reconcile_after_ms);
-            },
-            vec![],
-        ),
+        PaymentState::Initiating { attempt } => {
+            let reason = unknown_reason(
+                payment,
+                attempt,
+                "the worker stopped while the initiation call was in flight",
+                now,
+                policy,
+            );
+            step.to(
+                PaymentState::OutcomeUnknown { attempt },
+                |p| {
+                    p.reason = Some(reason);
+                    p.next_check_at = unknown_timer(now, policy);
+                },
+                vec![],
+            )
+        }
         // Exchange the code again if it was not yet exchanged; if it was, the bank refuses the
         // reused code and status polling carries the payment on.
         PaymentState::Authorizing | PaymentState::Signed | PaymentState::Active
@@ -1135,21 +1584,32 @@ fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> 
             step.same(|_| {}, vec![Effect::ExchangeCode])
         }
         PaymentState::Received if no_timer => step.same(|_| {}, vec![Effect::StartInitiation]),
-        // A cancellation may have been in flight: the bank's status tells.
+        // The DELETE may never have been sent: send it again (idempotent at the bank). Only its
+        // answer can take the payment back; a status check alone would read "still alive".
+        PaymentState::Cancelling if no_timer => step.same(|_| {}, vec![Effect::CallCancel]),
+        PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+            if no_timer && cancel_in_flight =>
+        {
+            step.same(|_| {}, vec![Effect::CallCancel])
+        }
+        // A status check was in flight: the bank's status tells.
         PaymentState::ScaPending
         | PaymentState::Authorizing
         | PaymentState::PartiallySigned
         | PaymentState::Signed
         | PaymentState::Active
-        | PaymentState::Cancelling
+        | PaymentState::Unconfirmed
             if no_timer =>
         {
             step.same(|_| {}, vec![Effect::CheckStatus])
         }
-        PaymentState::OutcomeUnknown { .. } if no_timer => step.same(
-            |p| p.next_check_at = Some(now + policy.reconcile_after_ms),
-            vec![],
-        ),
+        PaymentState::OutcomeUnknown { .. } if no_timer => match policy.unknown_outcome {
+            UnknownOutcomePolicy::Reinitiate => step.same(
+                |p| p.next_check_at = Some(now + policy.reconcile_after_ms),
+                vec![],
+            ),
+            UnknownOutcomePolicy::Hold => Outcome::Ignored(Ignored::Stale),
+        },
         PaymentState::Received
         | PaymentState::ScaPending
         | PaymentState::Authorizing
@@ -1158,6 +1618,7 @@ fn restored(step: Step<'_>, payment: &Payment, now: Millis, policy: &Policy) -> 
         | PaymentState::Active
         | PaymentState::Cancelling
         | PaymentState::OutcomeUnknown { .. }
+        | PaymentState::Unconfirmed
         | PaymentState::Settled
         | PaymentState::PartiallySettled
         | PaymentState::Completed
@@ -1175,9 +1636,10 @@ fn already_final(state: PaymentState) -> Outcome {
     )
 }
 
-/// The reconciler's decision for an unknown outcome: without a bank payment id there is nothing
-/// to look up, so make a new attempt (recorded as such: `initiation_attempts` grows). An unsigned
-/// orphan moves no money because every Belfius payment needs the PSU's SCA.
+/// The reconciler's decision for an unknown outcome (policy `Reinitiate`): without a bank
+/// payment id there is nothing to look up, so make a new attempt (recorded as such:
+/// `initiation_attempts` grows). The unanswered attempt's payment may still exist at the bank
+/// (docs/guarantees.md says when that can move money twice).
 fn reconcile(step: Step<'_>, attempt: u32, payment: &Payment, policy: &Policy) -> Outcome {
     if attempt >= policy.max_initiation_attempts {
         let attempts = payment.initiation_attempts;
@@ -1206,17 +1668,13 @@ fn reconcile(step: Step<'_>, attempt: u32, payment: &Payment, policy: &Policy) -
 
 /// Where a bank status takes a payment, by the kind of order: a signed standing order is
 /// `Active` and an ended one `Completed`; a bulk with rejected transfers is `PartiallySettled`.
-fn target_for(
-    state: PaymentState,
-    progress: BankProgress,
-    kind: Option<PaymentKind>,
-    expired: bool,
-) -> PaymentState {
+/// A payment still waiting for its signature stays where it is (the deadline is handled by
+/// `still_unsigned`).
+fn target_for(state: PaymentState, progress: BankProgress, kind: Option<PaymentKind>) -> PaymentState {
     let standing = kind == Some(PaymentKind::Periodic);
     match progress {
-        BankProgress::AwaitingSca if expired => PaymentState::Expired,
         BankProgress::AwaitingSca => state,
-        BankProgress::PartiallySigned if expired => PaymentState::Expired,
+        BankProgress::PartiallySigned if state == PaymentState::Unconfirmed => state,
         BankProgress::PartiallySigned => PaymentState::PartiallySigned,
         BankProgress::Signed if standing => PaymentState::Active,
         BankProgress::Signed => PaymentState::Signed,
@@ -1230,17 +1688,16 @@ fn target_for(
 
 fn observe_status(
     step: Step<'_>,
-    state: PaymentState,
+    payment: &Payment,
     progress: BankProgress,
     bank_status: String,
-    payment: &Payment,
     now: Millis,
     policy: &Policy,
 ) -> Outcome {
-    let expired = payment.sca_deadline.is_some_and(|d| now >= d) && state.kind().awaits_signature();
+    let state = payment.state;
     let kind = payment.order.as_ref().map(Order::kind);
+    let target = target_for(state, progress, kind);
     if state == PaymentState::Cancelling {
-        let target = target_for(state, progress, kind, false);
         return match target.kind() {
             // Cancelled, or final by other means (settled before the cancellation took hold).
             StateKind::Cancelled
@@ -1272,8 +1729,105 @@ fn observe_status(
             ),
         };
     }
-    let target = target_for(state, progress, kind, expired);
-    status_transition(step, state, target, bank_status, now, policy)
+    if !awaiting_signature(state) {
+        return status_transition(step, state, target, bank_status, now, policy);
+    }
+    match progress {
+        BankProgress::AwaitingSca | BankProgress::PartiallySigned => {
+            still_unsigned(step, payment, target, bank_status, now, policy)
+        }
+        // The bank ended it: as the worker asked, or on its own.
+        BankProgress::Rejected | BankProgress::Cancelled if payment.withdrawal.is_some() => {
+            end_withdrawal(step, payment, Some(bank_status))
+        }
+        // Rejected before any signature: the PSU refused in the bank's screens, or the bank's
+        // own SCA session ended. The same code as a refusal through the redirect.
+        BankProgress::Rejected => step.to(
+            PaymentState::Rejected,
+            |p| {
+                p.reason = Some(Reason::new(
+                    ReasonCode::ScaFailed,
+                    format!(
+                        "the bank reports {bank_status} before the payment was signed: the PSU refused or the bank's SCA session ended"
+                    ),
+                ));
+                p.bank_status = Some(bank_status);
+                p.next_check_at = None;
+            },
+            vec![],
+        ),
+        BankProgress::Signed
+        | BankProgress::Settled
+        | BankProgress::PartiallyAccepted
+        | BankProgress::Cancelled => status_transition(step, state, target, bank_status, now, policy),
+    }
+}
+
+/// The bank still waits for the PSU's signature. Past the SCA deadline the worker asks the bank
+/// to end the payment and keeps watching: it is `EXPIRED` only when the bank agrees, and after
+/// `expiry_horizon_ms` without an answer it is `OUTCOME_UNKNOWN` (`Unconfirmed`).
+fn still_unsigned(
+    step: Step<'_>,
+    payment: &Payment,
+    target: PaymentState,
+    bank_status: String,
+    now: Millis,
+    policy: &Policy,
+) -> Outcome {
+    let past_deadline = payment.sca_deadline.is_some_and(|d| now >= d);
+    match &payment.withdrawal {
+        None if past_deadline => step.to(
+            target,
+            |p| {
+                p.bank_status = Some(bank_status);
+                p.withdrawal = Some(Withdrawal {
+                    cause: WithdrawalCause::Deadline,
+                    since: now,
+                    cancel_asked: true,
+                });
+                p.next_check_at = None;
+            },
+            vec![Effect::CallCancel],
+        ),
+        None => status_transition(step, payment.state, target, bank_status, now, policy),
+        Some(w) if !w.cancel_asked => step.to(
+            target,
+            |p| {
+                p.bank_status = Some(bank_status);
+                if let Some(w) = p.withdrawal.as_mut() {
+                    w.cancel_asked = true;
+                }
+                p.next_check_at = None;
+            },
+            vec![Effect::CallCancel],
+        ),
+        Some(w) if now >= w.since + policy.expiry_horizon_ms && target != PaymentState::Unconfirmed => {
+            let since = rfc3339(w.since);
+            step.to(
+                PaymentState::Unconfirmed,
+                |p| {
+                    p.bank_status = Some(bank_status);
+                    p.reason = Some(Reason::new(
+                        ReasonCode::ExpiryUnconfirmed,
+                        format!(
+                            "the worker asked the bank to end this unsigned payment at {since} and the bank still reports it waiting for a signature; the PSU may still sign it"
+                        ),
+                    ));
+                    p.next_check_at = Some(policy.poll_at(p, now));
+                },
+                vec![],
+            )
+        }
+        Some(_) => step.to(
+            target,
+            |p| {
+                p.bank_status = Some(bank_status);
+                p.next_check_at = Some(policy.poll_at(p, now));
+                p.polls_in_state = p.polls_in_state.saturating_add(1);
+            },
+            vec![],
+        ),
+    }
 }
 
 fn status_transition(
@@ -1330,6 +1884,9 @@ fn status_transition(
             p.bank_status = Some(bank_status);
             p.reason = reason;
             p.resume_after_cancel = None;
+            if !awaiting_signature(target) {
+                p.withdrawal = None;
+            }
             p.next_check_at = if target.is_terminal() {
                 None
             } else {

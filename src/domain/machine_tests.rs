@@ -133,11 +133,19 @@ fn initiate_invalid(command_id: CommandId) -> Input {
     }
 }
 
+/// The OAuth `state` of every initiation attempt of these tests (`begin`).
+const SCA_STATE: &str = "state-0123456789";
+
 fn sca_code(command_id: CommandId) -> Input {
+    sca_code_with(command_id, "auth-code-123", Some(SCA_STATE))
+}
+
+fn sca_code_with(command_id: CommandId, code: &str, state: Option<&str>) -> Input {
     Input::CompleteSca {
         command_id,
         psu_id: psu(),
-        outcome: ScaOutcome::Code(SecretString::from("auth-code-123")),
+        outcome: ScaOutcome::Code(SecretString::from(code)),
+        state: state.map(str::to_owned),
     }
 }
 
@@ -149,6 +157,27 @@ fn sca_error(command_id: CommandId) -> Input {
             error: "access_denied".into(),
             description: Some("the PSU declined".into()),
         },
+        state: Some(SCA_STATE.into()),
+    }
+}
+
+fn resolve(command_id: CommandId, resolution: Resolution) -> Input {
+    Input::Resolve {
+        command_id,
+        psu_id: psu(),
+        resolution,
+    }
+}
+
+fn adopt() -> Resolution {
+    Resolution::Adopt {
+        bank_payment_id: BankPaymentId::new("bank-orphan-1"),
+    }
+}
+
+fn abandon() -> Resolution {
+    Resolution::Abandon {
+        note: Some("nothing at the bank".into()),
     }
 }
 
@@ -171,6 +200,7 @@ fn refresh(command_id: CommandId) -> Input {
 fn begin() -> Input {
     Input::BeginInitiation {
         pkce_verifier: SecretString::from("pkce-verifier-0123456789"),
+        sca_state: SCA_STATE.into(),
     }
 }
 
@@ -270,7 +300,8 @@ fn command_psu(input: &Input) -> Option<&PsuId> {
         | Input::InitiateInvalid { psu_id, .. }
         | Input::CompleteSca { psu_id, .. }
         | Input::Cancel { psu_id, .. }
-        | Input::RefreshStatus { psu_id, .. } => Some(psu_id),
+        | Input::RefreshStatus { psu_id, .. }
+        | Input::Resolve { psu_id, .. } => Some(psu_id),
         Input::BeginInitiation { .. }
         | Input::BankInitiated { .. }
         | Input::InitiationFailed(_)
@@ -311,6 +342,18 @@ fn input_key(input: &Input) -> &'static str {
             bank_token: false, ..
         } => "Cancel(no token)",
         Input::RefreshStatus { .. } => "RefreshStatus",
+        Input::Resolve {
+            resolution: Resolution::Reinitiate,
+            ..
+        } => "Resolve(Reinitiate)",
+        Input::Resolve {
+            resolution: Resolution::Adopt { .. },
+            ..
+        } => "Resolve(Adopt)",
+        Input::Resolve {
+            resolution: Resolution::Abandon { .. },
+            ..
+        } => "Resolve(Abandon)",
         Input::BeginInitiation { .. } => "BeginInitiation",
         Input::BankInitiated { .. } => "BankInitiated",
         Input::InitiationFailed(InitiationFailure::Refused(_)) => "InitiationFailed(Refused)",
@@ -346,7 +389,7 @@ fn input_key(input: &Input) -> &'static str {
     }
 }
 
-const ALL_INPUT_KEYS: [&str; 31] = [
+const ALL_INPUT_KEYS: [&str; 34] = [
     "Initiate(Single)",
     "Initiate(Standing)",
     "Initiate(Bulk)",
@@ -356,6 +399,9 @@ const ALL_INPUT_KEYS: [&str; 31] = [
     "Cancel(token)",
     "Cancel(no token)",
     "RefreshStatus",
+    "Resolve(Reinitiate)",
+    "Resolve(Adopt)",
+    "Resolve(Abandon)",
     "BeginInitiation",
     "BankInitiated",
     "InitiationFailed(Refused)",
@@ -605,18 +651,39 @@ fn cancelled() -> Run {
     run
 }
 
+/// The PSU refused through the redirect, and the bank confirms.
 fn rejected() -> Run {
     let mut run = sca_pending();
     let id = run.cmd();
     run.step(sca_error(id));
+    run.step(observed(BankProgress::Rejected));
     run
 }
 
+/// Past the SCA deadline the worker asks the bank to cancel; the bank confirms.
 fn expired() -> Run {
+    let mut run = past_deadline();
+    run.step(cancel_confirmed(None));
+    run
+}
+
+/// The SCA deadline passed with the bank still waiting: the cancellation is asked for.
+fn past_deadline() -> Run {
     let mut run = sca_pending();
     let deadline = run.payment().sca_deadline.expect("deadline");
     run.next_at(deadline);
     run.step(observed(BankProgress::AwaitingSca));
+    run
+}
+
+/// Past the deadline, no token to cancel with, and the bank silent past the horizon.
+fn unconfirmed() -> Run {
+    let mut run = past_deadline();
+    run.step(cancel_refused());
+    let since = run.payment().withdrawal.as_ref().expect("withdrawal").since;
+    run.next_at(since + run.policy.expiry_horizon_ms);
+    run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(run.payment().state, PaymentState::Unconfirmed);
     run
 }
 
@@ -633,9 +700,21 @@ fn failed() -> Run {
     run
 }
 
+/// A lost initiation answer under the default policy: held for a person.
 fn unknown_outcome() -> Run {
     let mut run = initiating();
     run.step(outcome_unknown());
+    run
+}
+
+/// The reinitiate policy: the reconciler makes new attempts on its own.
+fn reinitiating() -> Run {
+    let mut run = Run::with_policy(Policy {
+        unknown_outcome: UnknownOutcomePolicy::Reinitiate,
+        ..Policy::default()
+    });
+    run.initiate();
+    run.step(begin());
     run
 }
 
@@ -790,9 +869,25 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             return Expect::Refused(RefusalCode::PsuMismatch);
         }
     }
+    if let Input::CompleteSca { outcome, state, .. } = input {
+        // A code is exchanged at most once, under whatever command id it comes again.
+        if let ScaOutcome::Code(code) = outcome {
+            if p.received_codes.contains(&code_digest(code)) {
+                return Expect::Ignored(Ignored::DuplicateCommand);
+            }
+        }
+        // Only the state of the SCA URL the PSU was sent to completes the SCA.
+        if p.sca_state.is_some() && state != &p.sca_state {
+            return Expect::Refused(RefusalCode::StateMismatch);
+        }
+    }
     let terminal = kind.is_terminal();
-    let polling = is_polling(kind);
-    let awaiting_sca = matches!(kind, K::ScaPending | K::PartiallySigned);
+    let unconfirmed = p.state == PaymentState::Unconfirmed;
+    // The bank holds the payment and its status is polled.
+    let polling = is_polling(kind) || unconfirmed;
+    // The bank holds the payment and the PSU may still sign it.
+    let awaiting_sca = matches!(kind, K::ScaPending | K::PartiallySigned) || unconfirmed;
+    let withdrawing = awaiting_sca && p.withdrawal.is_some();
     let standing = p.order.as_ref().map(Order::kind) == Some(PaymentKind::Periodic);
     // Where a cancellation the bank did not carry out returns to (a record the machine made in
     // `Cancelling` always knows).
@@ -803,6 +898,22 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
     let stay = |effects: Vec<Effect>| Change::new(kind, 0, effects);
     let stale = Expect::Ignored(Ignored::Stale);
     let already_final = Expect::Refused(RefusalCode::AlreadyFinal);
+    let hold = policy.unknown_outcome == UnknownOutcomePolicy::Hold;
+    // An unknown initiation outcome waits for a person (hold) or for the reconciler.
+    let unknown_timer = if hold {
+        Timer::Cleared
+    } else {
+        Timer::At(now + policy.reconcile_after_ms)
+    };
+    // What a withdrawal ends in once the bank agrees.
+    let withdrawn = || match p.withdrawal.as_ref().map(|w| &w.cause) {
+        Some(WithdrawalCause::PsuRefused { .. }) => {
+            go(K::Rejected, vec![]).reason(ReasonCode::ScaFailed)
+        }
+        Some(WithdrawalCause::Deadline) | None => {
+            go(K::Expired, vec![]).reason(ReasonCode::ScaExpired)
+        }
+    };
     match input {
         Input::Initiate { order, .. } => {
             if p.order.as_ref() == Some(order) {
@@ -829,39 +940,53 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                     ScaOutcome::Code(_) => go(K::Authorizing, vec![Effect::ExchangeCode])
                         .code(true)
                         .into(),
+                    // Not final on the redirect's word: the bank's status is asked first.
                     ScaOutcome::Error { .. } => {
-                        go(K::Rejected, vec![]).reason(ReasonCode::ScaFailed).into()
+                        stay(vec![Effect::CheckStatus]).timer(Timer::Cleared).into()
                     }
                 }
             }
         }
-        Input::Cancel { bank_token, .. } => match kind {
-            // No bank-side payment anyone can sign yet: cancelled here, token or not.
-            K::Received | K::Initiating | K::OutcomeUnknown => go(K::Cancelled, vec![])
-                .reason(ReasonCode::CancelledByClient)
-                .timer(Timer::Cleared)
-                .verifier(false)
-                .into(),
-            // The bank holds the payment: only the bank's cancellation, with the PSU's token.
-            K::ScaPending | K::Authorizing | K::PartiallySigned | K::Signed | K::Active => {
-                if *bank_token {
+        Input::Cancel { bank_token, .. } => {
+            if unconfirmed {
+                return if *bank_token {
                     go(K::Cancelling, vec![Effect::CallCancel])
                         .timer(Timer::Cleared)
                         .resume(Some(p.state))
                         .into()
                 } else {
                     Expect::Refused(RefusalCode::CancelNotPossible)
-                }
+                };
             }
-            K::Cancelling => Expect::Ignored(Ignored::CancelInProgress),
-            K::Settled
-            | K::PartiallySettled
-            | K::Completed
-            | K::Cancelled
-            | K::Rejected
-            | K::Expired
-            | K::Failed => already_final,
-        },
+            match kind {
+                // No bank-side payment whose SCA URL reached anyone: cancelled here.
+                K::Received | K::Initiating | K::OutcomeUnknown => go(K::Cancelled, vec![])
+                    .reason(ReasonCode::CancelledByClient)
+                    .timer(Timer::Cleared)
+                    .verifier(false)
+                    .into(),
+                // The bank holds the payment: only the bank's cancellation, with the PSU's
+                // token.
+                K::ScaPending | K::Authorizing | K::PartiallySigned | K::Signed | K::Active => {
+                    if *bank_token {
+                        go(K::Cancelling, vec![Effect::CallCancel])
+                            .timer(Timer::Cleared)
+                            .resume(Some(p.state))
+                            .into()
+                    } else {
+                        Expect::Refused(RefusalCode::CancelNotPossible)
+                    }
+                }
+                K::Cancelling => Expect::Ignored(Ignored::CancelInProgress),
+                K::Settled
+                | K::PartiallySettled
+                | K::Completed
+                | K::Cancelled
+                | K::Rejected
+                | K::Expired
+                | K::Failed => already_final,
+            }
+        }
         Input::RefreshStatus { .. } => {
             if terminal {
                 already_final
@@ -871,6 +996,29 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 stay(vec![]).into()
             }
         }
+        Input::Resolve { resolution, .. } => match (p.state, resolution) {
+            (PaymentState::OutcomeUnknown { .. }, Resolution::Reinitiate) => {
+                // Silently back to RECEIVED, to start a new attempt.
+                Change::new(K::Received, 0, vec![Effect::StartInitiation])
+                    .timer(Timer::Cleared)
+                    .into()
+            }
+            (PaymentState::OutcomeUnknown { .. }, Resolution::Adopt { .. }) => {
+                go(K::ScaPending, vec![Effect::CheckStatus])
+                    .timer(Timer::Cleared)
+                    .into()
+            }
+            (PaymentState::OutcomeUnknown { .. }, Resolution::Abandon { .. }) => {
+                go(K::Failed, vec![])
+                    .reason(ReasonCode::OutcomeUnresolved)
+                    .into()
+            }
+            (PaymentState::Unconfirmed, Resolution::Abandon { .. }) => {
+                go(K::Expired, vec![]).reason(ReasonCode::ScaExpired).into()
+            }
+            _ if terminal => already_final,
+            _ => Expect::Refused(RefusalCode::ResolutionNotApplicable),
+        },
         Input::BeginInitiation { .. } => match kind {
             K::Received => Change::new(
                 K::Initiating,
@@ -907,7 +1055,8 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             }
             (PaymentState::Initiating { .. }, InitiationFailure::Unknown { .. }) => {
                 go(K::OutcomeUnknown, vec![])
-                    .timer(Timer::At(now + policy.reconcile_after_ms))
+                    .reason(ReasonCode::OutcomeUnresolved)
+                    .timer(unknown_timer)
                     .into()
             }
             _ => stale,
@@ -949,18 +1098,10 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 };
                 return change.into();
             }
-            // The SCA deadline applies only while the PSU's signature is outstanding.
-            let expired = awaiting_sca && p.sca_deadline.is_some_and(|d| now >= d);
-            let change = match progress {
-                BankProgress::AwaitingSca | BankProgress::PartiallySigned if expired => {
-                    go(K::Expired, vec![]).reason(ReasonCode::ScaExpired)
-                }
-                BankProgress::AwaitingSca => stay(vec![]).timer(Timer::Poll),
-                BankProgress::PartiallySigned => go(K::PartiallySigned, vec![]).timer(Timer::Poll),
-                BankProgress::Signed => {
-                    let signed = if standing { K::Active } else { K::Signed };
-                    go(signed, vec![]).timer(Timer::Poll)
-                }
+            let signed = if standing { K::Active } else { K::Signed };
+            // Where a status leads once the PSU's signature is no longer awaited.
+            let follow = |progress: BankProgress| match progress {
+                BankProgress::Signed => go(signed, vec![]).timer(Timer::Poll),
                 BankProgress::Settled => go(settled, vec![]),
                 BankProgress::PartiallyAccepted => {
                     go(K::PartiallySettled, vec![]).reason(ReasonCode::BulkPartiallyRejected)
@@ -969,6 +1110,46 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 BankProgress::Cancelled => {
                     go(K::Cancelled, vec![]).reason(ReasonCode::CancelledAtBank)
                 }
+                BankProgress::AwaitingSca => stay(vec![]).timer(Timer::Poll),
+                BankProgress::PartiallySigned => go(K::PartiallySigned, vec![]).timer(Timer::Poll),
+            };
+            if !awaiting_sca {
+                return follow(*progress).into();
+            }
+            // Unsigned at the bank: the deadline and the withdrawal decide.
+            let past_deadline = p.sca_deadline.is_some_and(|d| now >= d);
+            // The state an unsigned payment stays in (PATC moves SCA_PENDING to
+            // PARTIALLY_SIGNED; an unconfirmed one stays unconfirmed).
+            let unsigned = match progress {
+                BankProgress::PartiallySigned if !unconfirmed => K::PartiallySigned,
+                _ => kind,
+            };
+            let change = match progress {
+                BankProgress::AwaitingSca | BankProgress::PartiallySigned => {
+                    match &p.withdrawal {
+                        // Past the deadline: ask the bank to end it; not final yet.
+                        None if past_deadline => {
+                            go(unsigned, vec![Effect::CallCancel]).timer(Timer::Cleared)
+                        }
+                        None => go(unsigned, vec![]).timer(Timer::Poll),
+                        Some(w) if !w.cancel_asked => {
+                            go(unsigned, vec![Effect::CallCancel]).timer(Timer::Cleared)
+                        }
+                        Some(w) if now >= w.since + policy.expiry_horizon_ms && !unconfirmed => {
+                            go(K::OutcomeUnknown, vec![])
+                                .reason(ReasonCode::ExpiryUnconfirmed)
+                                .timer(Timer::Poll)
+                        }
+                        Some(_) => go(unsigned, vec![]).timer(Timer::Poll),
+                    }
+                }
+                BankProgress::Rejected | BankProgress::Cancelled if withdrawing => withdrawn(),
+                // Rejected before any signature: the PSU refused, or the bank's session ended.
+                BankProgress::Rejected => go(K::Rejected, vec![]).reason(ReasonCode::ScaFailed),
+                BankProgress::Signed
+                | BankProgress::Settled
+                | BankProgress::PartiallyAccepted
+                | BankProgress::Cancelled => follow(*progress),
             };
             change.into()
         }
@@ -979,27 +1160,44 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 stale
             }
         }
-        Input::CancelConfirmed { bank_status } => match kind {
-            K::Cancelling => go(K::Cancelled, vec![])
-                .reason(ReasonCode::CancelledByClient)
-                .resume(None)
-                // Confirmed without a body (204): the cancellation itself is ISO CANC.
-                .bank_status(bank_status.clone().or_else(|| Some("CANC".into())))
-                .into(),
-            _ => stale,
-        },
-        Input::CancelRefused(reason) => match kind {
-            K::Cancelling => go(resume, vec![])
-                .reason(reason.code)
-                .timer(Timer::Poll)
-                .resume(None)
-                .into(),
-            _ => stale,
-        },
-        Input::CancelUnconfirmed { .. } => match kind {
-            K::Cancelling => stay(vec![Effect::CheckStatus]).into(),
-            _ => stale,
-        },
+        Input::CancelConfirmed { bank_status } => {
+            if withdrawing {
+                // The bank ended the unsigned payment the worker asked it to end.
+                return withdrawn()
+                    .bank_status(bank_status.clone().or_else(|| Some("CANC".into())))
+                    .into();
+            }
+            match kind {
+                K::Cancelling => go(K::Cancelled, vec![])
+                    .reason(ReasonCode::CancelledByClient)
+                    .resume(None)
+                    // Confirmed without a body (204): the cancellation itself is ISO CANC.
+                    .bank_status(bank_status.clone().or_else(|| Some("CANC".into())))
+                    .into(),
+                _ => stale,
+            }
+        }
+        Input::CancelRefused(reason) => {
+            if withdrawing {
+                // Keep watching: the bank's expiry, a refusal or a signature will show.
+                return stay(vec![]).timer(Timer::Poll).into();
+            }
+            match kind {
+                K::Cancelling => go(resume, vec![])
+                    .reason(reason.code)
+                    .timer(Timer::Poll)
+                    .resume(None)
+                    .into(),
+                _ => stale,
+            }
+        }
+        Input::CancelUnconfirmed { .. } => {
+            if withdrawing || kind == K::Cancelling {
+                stay(vec![Effect::CheckStatus]).timer(Timer::Cleared).into()
+            } else {
+                stale
+            }
+        }
         Input::TimerFired => {
             let due = p.next_check_at.is_some_and(|at| at <= now);
             if !due {
@@ -1014,8 +1212,13 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                 | PaymentState::PartiallySigned
                 | PaymentState::Signed
                 | PaymentState::Active
-                | PaymentState::Cancelling => {
+                | PaymentState::Cancelling
+                | PaymentState::Unconfirmed => {
                     stay(vec![Effect::CheckStatus]).timer(Timer::Cleared).into()
+                }
+                // A timer left from the reinitiate policy: a held payment keeps waiting.
+                PaymentState::OutcomeUnknown { .. } if hold => {
+                    stay(vec![]).timer(Timer::Cleared).into()
                 }
                 PaymentState::OutcomeUnknown { attempt } => {
                     if attempt < policy.max_initiation_attempts {
@@ -1039,18 +1242,23 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
         }
         Input::Restored => {
             let no_timer = p.next_check_at.is_none();
+            let cancel_in_flight = p.withdrawal.as_ref().is_some_and(|w| w.cancel_asked);
             match kind {
                 K::Initiating => go(K::OutcomeUnknown, vec![])
-                    .timer(Timer::At(now + policy.reconcile_after_ms))
+                    .reason(ReasonCode::OutcomeUnresolved)
+                    .timer(unknown_timer)
                     .into(),
-                K::Authorizing if p.authorization_code.is_some() => {
+                K::Authorizing | K::Signed | K::Active if p.authorization_code.is_some() => {
                     stay(vec![Effect::ExchangeCode]).into()
                 }
                 K::Received if no_timer => stay(vec![Effect::StartInitiation]).into(),
+                // The DELETE may never have left: send it again (idempotent at the bank).
+                K::Cancelling if no_timer => stay(vec![Effect::CallCancel]).into(),
+                _ if awaiting_sca && no_timer && cancel_in_flight => {
+                    stay(vec![Effect::CallCancel]).into()
+                }
                 _ if polling && no_timer => stay(vec![Effect::CheckStatus]).into(),
-                // Not reachable through the machine (an unknown outcome always has its reconcile
-                // timer); resuming it means re-arming that timer.
-                K::OutcomeUnknown if no_timer => stay(vec![])
+                K::OutcomeUnknown if no_timer && !hold => stay(vec![])
                     .timer(Timer::At(now + policy.reconcile_after_ms))
                     .into(),
                 _ => stale,
@@ -1152,7 +1360,7 @@ fn check_change(
                 problems.push(format!("timer {:?}, want {at}", after.next_check_at));
             }
         }
-        Timer::Poll if kind == StateKind::Active => {
+        Timer::Poll if kind == StateKind::Active || after.state == PaymentState::Unconfirmed => {
             let at = now + policy.standing_order_poll_ms;
             if after.next_check_at != Some(at) {
                 problems.push(format!(
@@ -1195,7 +1403,9 @@ fn check_change(
     }
     // Where to resume is known exactly while cancelling, and is a state the bank holds.
     match (kind, after.resume_after_cancel.map(PaymentState::kind)) {
-        (StateKind::Cancelling, Some(resume)) if is_polling(resume) && resume != kind => {}
+        (StateKind::Cancelling, Some(resume))
+            if (is_polling(resume) && resume != kind)
+                || after.resume_after_cancel == Some(PaymentState::Unconfirmed) => {}
         (StateKind::Cancelling, other) => {
             problems.push(format!("cancelling with resume_after_cancel {other:?}"));
         }
@@ -1303,6 +1513,22 @@ fn cases() -> Vec<Case> {
             cancel(cmd("t-cancel-no-token"), false)
         }),
         case("RefreshStatus", At::Now, |_| refresh(cmd("t-refresh"))),
+        case("CompleteSca(Code) with a forged state", At::Now, |_| {
+            sca_code_with(cmd("t-sca-forged"), "auth-code-456", Some("forged"))
+        }),
+        case("CompleteSca(Code) without a state", At::Now, |_| {
+            sca_code_with(cmd("t-sca-stateless"), "auth-code-789", None)
+        }),
+        case("CompleteSca(Code) re-sent under a new command id", At::Now, |_| {
+            sca_code(cmd("t-sca-again"))
+        }),
+        case("Resolve(Reinitiate)", At::Now, |_| {
+            resolve(cmd("t-resolve-re"), Resolution::Reinitiate)
+        }),
+        case("Resolve(Adopt)", At::Now, |_| resolve(cmd("t-resolve-adopt"), adopt())),
+        case("Resolve(Abandon)", At::Now, |_| {
+            resolve(cmd("t-resolve-abandon"), abandon())
+        }),
         case("Cancel (re-delivered command id)", At::Now, |p| {
             cancel(
                 p.seen_commands.last().expect("a seen command").clone(),
@@ -1452,7 +1678,7 @@ fn every_state_input_pair_follows_the_semantics() {
     assert_every_input_variant_covered(&cases, &records[0].1);
     let (checked, deviations) = run_table(&records, &cases, &policy);
     assert_eq!(checked, StateKind::ALL.len() * cases.len(), "pairs skipped");
-    assert_eq!(checked, 16 * 39);
+    assert_eq!(checked, 16 * 45);
     assert!(
         deviations.is_empty(),
         "{} of {checked} (state, input) pairs deviate from the intended semantics:\n{}",
@@ -1590,6 +1816,62 @@ fn variant_records_follow_the_semantics() {
     run.step(observed(BankProgress::Settled));
     records.push(("COMPLETED (while cancelling)", run.payment().clone()));
 
+    // Withdrawals: the worker asks the bank to end an unsigned payment.
+    records.push((
+        "SCA_PENDING (past the deadline, cancellation asked)",
+        past_deadline().payment().clone(),
+    ));
+    let mut run = past_deadline();
+    run.step(cancel_refused());
+    records.push((
+        "SCA_PENDING (past the deadline, no token, polling)",
+        run.payment().clone(),
+    ));
+    let mut run = past_deadline();
+    run.step(cancel_unconfirmed());
+    records.push((
+        "SCA_PENDING (past the deadline, cancellation unconfirmed)",
+        run.payment().clone(),
+    ));
+    let mut run = sca_pending();
+    let id = run.cmd();
+    run.step(sca_error(id));
+    records.push((
+        "SCA_PENDING (PSU refused, status check in flight)",
+        run.payment().clone(),
+    ));
+    run.step(observed(BankProgress::AwaitingSca));
+    records.push((
+        "SCA_PENDING (PSU refused, cancellation asked)",
+        run.payment().clone(),
+    ));
+    let mut run = partially_signed();
+    let deadline = run.payment().sca_deadline.expect("deadline");
+    run.next_at(deadline);
+    run.step(observed(BankProgress::PartiallySigned));
+    records.push((
+        "PARTIALLY_SIGNED (past the deadline, cancellation asked)",
+        run.payment().clone(),
+    ));
+    let run = unconfirmed();
+    records.push(("OUTCOME_UNKNOWN (unconfirmed expiry)", run.payment().clone()));
+    let mut run = unconfirmed();
+    run.next_at_timer();
+    run.step(Input::TimerFired);
+    records.push((
+        "OUTCOME_UNKNOWN (unconfirmed expiry, poll in flight)",
+        run.payment().clone(),
+    ));
+    records.push((
+        "CANCELLING (from an unconfirmed expiry)",
+        cancelling_from(unconfirmed()).payment().clone(),
+    ));
+    // A payment adopted by a person after a lost initiation answer.
+    let mut run = unknown_outcome();
+    let id = run.cmd();
+    run.step(resolve(id, adopt()));
+    records.push(("SCA_PENDING (adopted, check in flight)", run.payment().clone()));
+
     let records: Vec<(String, Payment)> = records
         .into_iter()
         .map(|(name, p)| (name.to_string(), p))
@@ -1597,6 +1879,39 @@ fn variant_records_follow_the_semantics() {
     let cases = cases();
     let (checked, deviations) = run_table(&records, &cases, &policy);
     assert_eq!(checked, records.len() * cases.len());
+    assert!(
+        deviations.is_empty(),
+        "{} pairs deviate:\n{}",
+        deviations.len(),
+        report(&deviations)
+    );
+}
+
+/// The same table under the other policy for lost initiation answers: the reconciler makes a
+/// new attempt instead of waiting for a person.
+#[test]
+fn every_state_input_pair_follows_the_semantics_when_lost_answers_are_reinitiated() {
+    let policy = Policy {
+        unknown_outcome: UnknownOutcomePolicy::Reinitiate,
+        ..Policy::default()
+    };
+    let records: Vec<(String, Payment)> = StateKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let mut run = representative(kind);
+            if kind == StateKind::OutcomeUnknown {
+                // As the reinitiate policy leaves it: with its reconcile timer.
+                run = Run::with_policy(policy.clone());
+                run.initiate();
+                run.step(begin());
+                run.step(outcome_unknown());
+            }
+            (kind.symbol().to_string(), run.payment().clone())
+        })
+        .collect();
+    let cases = cases();
+    let (checked, deviations) = run_table(&records, &cases, &policy);
+    assert_eq!(checked, StateKind::ALL.len() * cases.len());
     assert!(
         deviations.is_empty(),
         "{} pairs deviate:\n{}",
@@ -1651,7 +1966,7 @@ fn inputs_for_an_unknown_payment_id() {
                 assert_eq!(t.payment.resume_after_cancel, None, "{context}");
             }
             "CompleteSca(Code)" | "CompleteSca(Error)" | "Cancel(token)" | "Cancel(no token)"
-            | "RefreshStatus" => {
+            | "RefreshStatus" | "Resolve(Reinitiate)" | "Resolve(Adopt)" | "Resolve(Abandon)" => {
                 assert!(
                     matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::UnknownPayment),
                     "{context}"
@@ -1780,9 +2095,11 @@ fn happy_path_settles_with_six_events() {
     );
     let e = &t.events[0];
     assert_eq!(e.state, StateKind::ScaPending);
+    // The bank's SCA URL with the attempt's OAuth state appended: the redirect must bring it
+    // back.
     assert_eq!(
         e.sca_redirect_url.as_deref(),
-        Some("https://bank.example/sca/77")
+        Some("https://bank.example/sca/77?state=state-0123456789")
     );
     assert_eq!(e.bank_payment_id, Some(BankPaymentId::new("bank-pay-77")));
 
@@ -1875,45 +2192,167 @@ fn event_ids_are_deterministic_per_payment_and_sequence() {
     assert_eq!(again, ids_in_order);
 }
 
+/// Defect c: an `error` on the redirect made the payment final at once, so a forged or
+/// replayed `?error=access_denied` stopped the worker from tracking a payment the PSU could
+/// still sign. Now the bank confirms first.
 #[test]
-fn psu_rejection_at_sca() {
+fn psu_refusal_through_the_redirect_is_final_only_once_the_bank_agrees() {
     let mut run = sca_pending();
     assert!(run.payment().pkce_verifier.is_some());
     let id = run.cmd();
     let t = run.step(sca_error(id.clone()));
+    assert_eq!(t.payment.state, PaymentState::ScaPending);
+    assert!(t.events.is_empty(), "nothing final on the redirect's word");
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert!(matches!(
+        t.payment.withdrawal.as_ref().map(|w| &w.cause),
+        Some(WithdrawalCause::PsuRefused { .. })
+    ));
+    // The bank still waits for a signature: ask it to cancel.
+    let t = run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.effects, vec![Effect::CallCancel]);
+    assert!(t.events.is_empty());
+    // Confirmed: REJECTED with the PSU's own words.
+    let mut confirmed = run.clone();
+    let t = confirmed.step(cancel_confirmed(None));
     assert_eq!(t.payment.state, PaymentState::Rejected);
-    assert_eq!(
-        t.payment.reason.as_ref().map(|r| r.code),
-        Some(ReasonCode::ScaFailed)
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaFailed));
+    assert!(
+        t.payment
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.message.contains("the PSU declined")),
+        "{:?}",
+        t.payment.reason
     );
-    assert!(t.effects.is_empty());
     assert!(!has_secrets(&t.payment));
-    assert_eq!(t.payment.next_check_at, None);
     let e = &t.events[0];
     assert_eq!((e.sequence, e.state), (4, StateKind::Rejected));
-    assert_eq!(
-        e.reason.as_ref().map(|r| r.code),
-        Some(ReasonCode::ScaFailed)
+    assert_eq!(e.causation_id, "bank:cancellation");
+    // No token to cancel with: keep watching; the bank's own RJCT ends it the same way.
+    let mut no_token = run.clone();
+    let t = no_token.step(cancel_refused());
+    assert_eq!(t.payment.state, PaymentState::ScaPending);
+    assert!(t.payment.next_check_at.is_some());
+    let t = no_token.step(observed(BankProgress::Rejected));
+    assert_eq!(t.payment.state, PaymentState::Rejected);
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaFailed));
+    // The error was forged or mistaken and the PSU signs: the payment goes on.
+    let mut signed_after_all = run.clone();
+    let t = signed_after_all.step(observed(BankProgress::Signed));
+    assert_eq!(t.payment.state, PaymentState::Signed);
+    assert_eq!(t.payment.withdrawal, None);
+}
+
+/// Defect c: the OAuth `state` was parsed and ignored. A `CompleteSca` must bring back the
+/// state of the SCA URL its payment's PSU was sent to; anything else leaves the payment as it
+/// is (the command goes to the DLQ as `STATE_MISMATCH`).
+#[test]
+fn complete_sca_with_a_forged_or_missing_state_leaves_the_payment_untouched() {
+    let run = sca_pending();
+    let p = run.payment().clone();
+    assert_eq!(p.sca_state.as_deref(), Some(SCA_STATE));
+    let attempts = [
+        sca_code_with(cmd("forged"), "right-code", Some("forged-state")),
+        sca_code_with(cmd("missing"), "right-code", None),
+        Input::CompleteSca {
+            command_id: cmd("forged-error"),
+            psu_id: psu(),
+            outcome: ScaOutcome::Error {
+                error: "access_denied".into(),
+                description: None,
+            },
+            state: Some("replayed-from-another-attempt".into()),
+        },
+    ];
+    for input in attempts {
+        let outcome = decide(&p.payment_id, Some(&p), input, NOW, &run.policy);
+        assert!(
+            matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::StateMismatch),
+            "{}",
+            summary(&outcome)
+        );
+    }
+    // The right state completes it.
+    let outcome = decide(
+        &p.payment_id,
+        Some(&p),
+        sca_code_with(cmd("right"), "right-code", Some(SCA_STATE)),
+        NOW,
+        &run.policy,
     );
-    assert_eq!(e.causation_id, id.to_string());
-    // The re-delivered command and any later one change nothing.
-    assert!(matches!(
-        run.apply(sca_error(id)),
-        Outcome::Ignored(Ignored::DuplicateCommand)
-    ));
+    assert!(matches!(outcome, Outcome::Changed(t) if t.payment.state == PaymentState::Authorizing));
+    // A record written before states existed accepts any (an upgrade in the middle of an SCA).
+    let mut old = p.clone();
+    old.sca_state = None;
+    let outcome = decide(
+        &old.payment_id,
+        Some(&old),
+        sca_code_with(cmd("old"), "right-code", None),
+        NOW,
+        &run.policy,
+    );
+    assert!(matches!(outcome, Outcome::Changed(_)));
+}
+
+/// Each attempt has its own state: a redirect of an earlier attempt does not complete the
+/// current one.
+#[test]
+fn every_initiation_attempt_gets_its_own_state_in_its_sca_url() {
+    let mut run = sca_pending();
+    let first_url = run.payment().sca_redirect_url.clone().expect("url");
+    assert!(first_url.ends_with(&format!("state={SCA_STATE}")), "{first_url}");
+    // The answer to a second attempt (a person re-initiated) under a new state.
+    let mut again = unknown_outcome();
+    let id = again.cmd();
+    again.step(resolve(id, Resolution::Reinitiate));
+    again.step(Input::BeginInitiation {
+        pkce_verifier: SecretString::from("v2"),
+        sca_state: "second-state".into(),
+    });
+    let t = again.step(bank_initiated());
+    assert!(
+        t.events[0]
+            .sca_redirect_url
+            .as_deref()
+            .is_some_and(|u| u.ends_with("state=second-state")),
+        "{:?}",
+        t.events[0].sca_redirect_url
+    );
+    let outcome = again.apply(sca_code_with(cmd("old-redirect"), "c", Some(SCA_STATE)));
+    assert!(
+        matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::StateMismatch),
+        "{}",
+        summary(&outcome)
+    );
+    let _ = run.step(sca_code(cmd("ok")));
+}
+
+/// Defect k: a code is exchanged at most once per payment, whatever command id it comes
+/// under and however many commands the de-duplication window has forgotten.
+#[test]
+fn an_authorization_code_is_exchanged_at_most_once() {
+    let mut run = authorizing();
+    assert_eq!(run.payment().received_codes.len(), 1);
+    assert!(
+        !run.payment()
+            .received_codes
+            .iter()
+            .any(|d| d.contains("auth-code-123")),
+        "a digest, never the code"
+    );
+    run.step(Input::TokenExchanged);
+    // More commands than the window remembers.
+    for _ in 0..(run.policy.remembered_commands + 5) {
+        let id = run.cmd();
+        run.step(refresh(id));
+    }
     let id = run.cmd();
-    assert!(matches!(
-        run.apply(sca_code(id)),
-        Outcome::Refused(r) if r.code == RefusalCode::AlreadyFinal
-    ));
-    assert_eq!(
-        run.event_kinds(),
-        vec![
-            StateKind::Received,
-            StateKind::Initiating,
-            StateKind::ScaPending,
-            StateKind::Rejected
-        ]
+    let outcome = run.apply(sca_code(id));
+    assert!(
+        matches!(outcome, Outcome::Ignored(Ignored::DuplicateCommand)),
+        "{}",
+        summary(&outcome)
     );
 }
 
@@ -1948,6 +2387,13 @@ fn final_bank_statuses_carry_their_reason() {
             let t = run.step(observed(progress));
             let context = format!("{progress:?} observed on {from:?}");
             assert_eq!(t.payment.state.kind(), state, "{context}");
+            // Rejected before any signature: the PSU refused or the bank's session ended.
+            let reason = match (progress, from) {
+                (BankProgress::Rejected, StateKind::ScaPending | StateKind::PartiallySigned) => {
+                    Some(ReasonCode::ScaFailed)
+                }
+                _ => reason,
+            };
             assert_eq!(
                 t.payment.reason.as_ref().map(|r| r.code),
                 reason,
@@ -1994,6 +2440,11 @@ fn final_bank_statuses_of_a_standing_order() {
             let t = run.step(observed(progress));
             let context = format!("{progress:?} observed on a standing order {from:?}");
             assert_eq!(t.payment.state.kind(), state, "{context}");
+            // Rejected before any signature: the PSU refused or the bank's session ended.
+            let reason = match (progress, from) {
+                (BankProgress::Rejected, StateKind::ScaPending) => Some(ReasonCode::ScaFailed),
+                _ => reason,
+            };
             assert_eq!(reason_code(&t.payment), reason, "{context}");
             assert_eq!(t.events.len(), 1, "{context}");
             assert_eq!(t.events[0].state, state, "{context}");
@@ -2029,8 +2480,12 @@ fn cancel_before_the_bank_holds_the_payment() {
     }
 }
 
+/// Defect b: at the SCA deadline the worker declared the payment EXPIRED on its own while the
+/// bank still held it, and never looked again: a late signature moved money under a final
+/// EXPIRED. Now it asks the bank to end it and keeps watching; EXPIRED only when the bank
+/// agrees.
 #[test]
-fn unsigned_payment_expires_at_the_deadline() {
+fn unsigned_payment_past_the_deadline_expires_only_when_the_bank_agrees() {
     let policy = Policy {
         sca_timeout_ms: 25_000,
         ..Policy::default()
@@ -2041,6 +2496,7 @@ fn unsigned_payment_expires_at_the_deadline() {
     run.step(bank_initiated());
     let deadline = run.payment().sca_deadline.expect("deadline");
     // Poll until the bank's answer arrives on or after the deadline; polls never overshoot it.
+    let mut at_deadline = None;
     for _ in 0..100 {
         let poll = run.payment().next_check_at.expect("a poll is scheduled");
         assert!(
@@ -2055,23 +2511,27 @@ fn unsigned_payment_expires_at_the_deadline() {
         let t = run.step(Input::TimerFired);
         assert_eq!(t.effects, vec![Effect::CheckStatus]);
         let t = run.step(observed(BankProgress::AwaitingSca));
-        if t.payment.state.is_terminal() {
-            break;
-        }
         assert_eq!(t.payment.state, PaymentState::ScaPending);
         assert!(t.events.is_empty());
+        if t.payment.withdrawal.is_some() {
+            at_deadline = Some(t);
+            break;
+        }
     }
-    let p = run.payment();
-    assert_eq!(p.state, PaymentState::Expired);
+    let t = at_deadline.expect("the deadline was reached");
     assert!(run.now >= deadline && run.now <= deadline + 1);
+    assert_eq!(t.effects, vec![Effect::CallCancel], "ask the bank to cancel");
+    assert_eq!(t.payment.next_check_at, None);
+
+    // The bank cancels: EXPIRED, with the bank's word.
+    let mut cancelled = run.clone();
+    let t = cancelled.step(cancel_confirmed(None));
+    assert_eq!(t.payment.state, PaymentState::Expired);
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaExpired));
+    assert_eq!(t.payment.bank_status.as_deref(), Some("CANC"));
+    assert!(!has_secrets(&t.payment) && t.payment.next_check_at.is_none());
     assert_eq!(
-        p.reason.as_ref().map(|r| r.code),
-        Some(ReasonCode::ScaExpired)
-    );
-    assert!(!has_secrets(p));
-    assert_eq!(p.next_check_at, None);
-    assert_eq!(
-        run.event_kinds(),
+        cancelled.event_kinds(),
         vec![
             StateKind::Received,
             StateKind::Initiating,
@@ -2079,10 +2539,55 @@ fn unsigned_payment_expires_at_the_deadline() {
             StateKind::Expired
         ]
     );
+
+    // No token to cancel with: polled slowly until the bank's own expiry says RJCT.
+    let mut waiting = run.clone();
+    let t = waiting.step(cancel_refused());
+    assert_eq!(t.payment.state, PaymentState::ScaPending);
+    let poll = t.payment.next_check_at.expect("polled");
+    assert_eq!(poll, waiting.now + waiting.policy.slow_poll_ms);
+    waiting.next_at_timer();
+    waiting.step(Input::TimerFired);
+    let t = waiting.step(observed(BankProgress::AwaitingSca));
+    assert!(t.effects.is_empty() && t.events.is_empty());
+    let mut rejected = waiting.clone();
+    let t = rejected.step(observed(BankProgress::Rejected));
+    assert_eq!(t.payment.state, PaymentState::Expired);
+    assert_eq!(t.payment.bank_status.as_deref(), Some("RJCT"));
+
+    // The PSU signs late: the payment goes on and settles; never EXPIRED.
+    let mut late = waiting.clone();
+    let t = late.step(observed(BankProgress::Signed));
+    assert_eq!(t.payment.state, PaymentState::Signed);
+    assert_eq!(t.payment.withdrawal, None);
+    let t = late.step(observed(BankProgress::Settled));
+    assert_eq!(t.payment.state, PaymentState::Settled);
+    assert!(!late.event_kinds().contains(&StateKind::Expired));
+
+    // The bank stays silent past the horizon: OUTCOME_UNKNOWN (alerted), still watched hourly,
+    // and the bank's final word ends it.
+    let mut silent = waiting.clone();
+    let since = silent.payment().withdrawal.as_ref().expect("w").since;
+    silent.next_at(since + silent.policy.expiry_horizon_ms);
+    let t = silent.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.payment.state, PaymentState::Unconfirmed);
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].state, StateKind::OutcomeUnknown);
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::ExpiryUnconfirmed));
     assert_eq!(
-        run.events[3].reason.as_ref().map(|r| r.code),
-        Some(ReasonCode::ScaExpired)
+        t.payment.next_check_at,
+        Some(silent.now + silent.policy.standing_order_poll_ms)
     );
+    silent.next_at_timer();
+    assert_eq!(
+        silent.step(Input::TimerFired).effects,
+        vec![Effect::CheckStatus]
+    );
+    let mut ends = silent.clone();
+    let t = ends.step(observed(BankProgress::Rejected));
+    assert_eq!(t.payment.state, PaymentState::Expired);
+    let t = silent.step(observed(BankProgress::Settled));
+    assert_eq!(t.payment.state, PaymentState::Settled);
 }
 
 #[test]
@@ -2112,11 +2617,11 @@ fn partially_signed_payment_expires_unless_fully_signed() {
 
     let mut late = run.clone();
     let t = late.step(observed(BankProgress::PartiallySigned));
+    assert_eq!(t.payment.state, PaymentState::PartiallySigned);
+    assert_eq!(t.effects, vec![Effect::CallCancel]);
+    let t = late.step(cancel_confirmed(Some("CANC")));
     assert_eq!(t.payment.state, PaymentState::Expired);
-    assert_eq!(
-        t.payment.reason.as_ref().map(|r| r.code),
-        Some(ReasonCode::ScaExpired)
-    );
+    assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaExpired));
 
     // All signatures in: no longer waiting for the PSU, so the deadline does not apply.
     let t = run.step(observed(BankProgress::Signed));
@@ -2241,7 +2746,8 @@ fn refused_initiation_is_rejected_with_the_banks_reason() {
 
 #[test]
 fn reconcile_returns_silently_to_received() {
-    let mut run = unknown_outcome();
+    let mut run = reinitiating();
+    run.step(outcome_unknown());
     run.next_at_timer();
     let t = run.step(Input::TimerFired);
     assert_eq!(t.payment.state, PaymentState::Received);
@@ -2255,7 +2761,7 @@ fn reconcile_returns_silently_to_received() {
 
 #[test]
 fn unknown_outcome_reconciles_into_a_successful_second_attempt() {
-    let mut run = initiating();
+    let mut run = reinitiating();
     let t = run.step(outcome_unknown());
     assert_eq!(t.payment.state, PaymentState::OutcomeUnknown { attempt: 1 });
     assert_eq!(
@@ -2303,7 +2809,7 @@ fn unknown_outcome_reconciles_into_a_successful_second_attempt() {
 
 #[test]
 fn unresolved_outcomes_exhaust_into_failed() {
-    let mut run = initiating();
+    let mut run = reinitiating();
     for attempt in 1..=3 {
         let t = run.step(outcome_unknown());
         assert_eq!(t.payment.state, PaymentState::OutcomeUnknown { attempt });
@@ -2337,10 +2843,18 @@ fn unresolved_outcomes_exhaust_into_failed() {
 
 #[test]
 fn restored_resumes_what_was_in_flight() {
-    // An initiation call in flight has an unknown outcome.
+    // An initiation call in flight has an unknown outcome: held for a person (the default).
     let mut run = initiating();
     let t = run.step(Input::Restored);
     assert_eq!(t.payment.state, PaymentState::OutcomeUnknown { attempt: 1 });
+    assert_eq!(t.payment.next_check_at, None);
+    assert!(matches!(
+        run.apply(Input::Restored),
+        Outcome::Ignored(Ignored::Stale)
+    ));
+    // ... or reconciled after a delay (the reinitiate policy).
+    let mut run = reinitiating();
+    let t = run.step(Input::Restored);
     assert_eq!(
         t.payment.next_check_at,
         Some(run.now + run.policy.reconcile_after_ms)
@@ -2371,14 +2885,113 @@ fn restored_resumes_what_was_in_flight() {
         assert_eq!(run.step(Input::Restored).effects, vec![Effect::CheckStatus]);
     }
 
-    // A cancellation call may have been in flight: the bank's status tells.
+    // Defect h: a cancellation may never have been sent. Only asking the status left the
+    // payment SIGNED with "the bank still reports ACTC after the cancellation request" when no
+    // request existed. The DELETE is sent again (idempotent at the bank).
     let mut run = cancelling();
     assert_eq!(run.payment().next_check_at, None);
     let t = run.step(Input::Restored);
     assert_eq!(t.payment.state, PaymentState::Cancelling);
-    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert_eq!(t.effects, vec![Effect::CallCancel]);
     assert!(t.events.is_empty());
     assert_eq!(t.payment.resume_after_cancel, Some(PaymentState::Signed));
+    // The same for a withdrawal's cancellation past the SCA deadline.
+    let mut run = past_deadline();
+    assert_eq!(run.step(Input::Restored).effects, vec![Effect::CallCancel]);
+    // A status check after an unconfirmed cancellation is a status check again.
+    let mut run = cancelling();
+    run.step(cancel_unconfirmed());
+    assert_eq!(run.step(Input::Restored).effects, vec![Effect::CallCancel]);
+}
+
+/// Part 3: under the default policy a lost initiation answer is not re-initiated: the payment
+/// waits at OUTCOME_UNKNOWN, with what a person needs to look it up at the bank.
+#[test]
+fn a_lost_initiation_answer_waits_for_a_person_by_default() {
+    assert_eq!(Policy::default().unknown_outcome, UnknownOutcomePolicy::Hold);
+    let mut run = initiating();
+    let t = run.step(outcome_unknown());
+    assert_eq!(t.payment.state, PaymentState::OutcomeUnknown { attempt: 1 });
+    assert_eq!(t.payment.next_check_at, None, "no reconcile timer");
+    let reason = t.payment.reason.clone().expect("a reason");
+    assert_eq!(reason.code, ReasonCode::OutcomeUnresolved);
+    assert!(reason.message.contains("e2e-0001"), "{}", reason.message);
+    assert!(reason.message.contains("attempt 1"), "{}", reason.message);
+    assert!(reason.message.contains("ResolveOutcome"), "{}", reason.message);
+    assert_eq!(t.events[0].reason.as_ref(), Some(&reason));
+    // Nothing the worker does on its own moves it.
+    for input in [Input::TimerFired, Input::Restored] {
+        assert!(matches!(run.apply(input), Outcome::Ignored(Ignored::Stale)));
+    }
+    // A timer set under the reinitiate policy (before a switch) is consumed, not acted on.
+    let mut switched = run.clone();
+    let mut p = switched.payment().clone();
+    p.next_check_at = Some(switched.now);
+    switched.payment = Some(p);
+    let t = switched.step(Input::TimerFired);
+    assert_eq!(t.payment.state, PaymentState::OutcomeUnknown { attempt: 1 });
+    assert!(t.effects.is_empty() && t.payment.next_check_at.is_none());
+}
+
+/// A person's three answers to a held payment, and where they do not apply.
+#[test]
+fn a_person_resolves_a_held_payment() {
+    // Nothing at the bank: a new attempt.
+    let mut run = unknown_outcome();
+    let id = run.cmd();
+    let t = run.step(resolve(id, Resolution::Reinitiate));
+    assert_eq!(t.payment.state, PaymentState::Received);
+    assert_eq!(t.effects, vec![Effect::StartInitiation]);
+    assert!(t.events.is_empty());
+    run.step(begin());
+    assert_eq!(run.payment().initiation_attempts, 2);
+
+    // The bank holds it: tracked from its status.
+    let mut run = unknown_outcome();
+    let id = run.cmd();
+    let t = run.step(resolve(id, adopt()));
+    assert_eq!(t.payment.state, PaymentState::ScaPending);
+    assert_eq!(
+        t.payment.bank_payment_id,
+        Some(BankPaymentId::new("bank-orphan-1"))
+    );
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert_eq!(t.events[0].sca_redirect_url, None);
+    let t = run.step(observed(BankProgress::Signed));
+    assert_eq!(t.payment.state, PaymentState::Signed);
+
+    // Nothing to track: FAILED, with the person's note.
+    let mut run = unknown_outcome();
+    let id = run.cmd();
+    let t = run.step(resolve(id, abandon()));
+    assert_eq!(t.payment.state, PaymentState::Failed);
+    assert!(
+        t.payment
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.message.contains("nothing at the bank")),
+        "{:?}",
+        t.payment.reason
+    );
+
+    // An unconfirmed expiry can only be abandoned (EXPIRED); other states refuse.
+    let mut run = unconfirmed();
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(resolve(id, Resolution::Reinitiate)),
+        Outcome::Refused(r) if r.code == RefusalCode::ResolutionNotApplicable
+    ));
+    let id = run.cmd();
+    assert_eq!(
+        run.step(resolve(id, abandon())).payment.state,
+        PaymentState::Expired
+    );
+    let mut run = signed();
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(resolve(id, abandon())),
+        Outcome::Refused(r) if r.code == RefusalCode::ResolutionNotApplicable
+    ));
 }
 
 #[test]
@@ -2628,7 +3241,7 @@ fn bank_cancellation_confirmed() {
     }
     let id = run.cmd();
     assert!(matches!(
-        run.apply(sca_code(id)),
+        run.apply(sca_code_with(id, "a-fresh-code", Some(SCA_STATE))),
         Outcome::Refused(r) if r.code == RefusalCode::NotAwaitingSca
     ));
 
@@ -2922,6 +3535,9 @@ fn sca_deadline_applies_only_while_awaiting_signature() {
         Some(ReasonCode::CancelNotConfirmed)
     );
     let t = run.step(observed(BankProgress::AwaitingSca));
+    assert_eq!(t.payment.state, PaymentState::ScaPending);
+    assert_eq!(t.effects, vec![Effect::CallCancel]);
+    let t = run.step(observed(BankProgress::Rejected));
     assert_eq!(t.payment.state, PaymentState::Expired);
     assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaExpired));
 }
@@ -3003,6 +3619,8 @@ fn prop_policy() -> Policy {
         max_initiation_attempts: 3,
         remembered_commands: 4,
         standing_order_poll_ms: 30_000,
+        unknown_outcome: UnknownOutcomePolicy::Reinitiate,
+        expiry_horizon_ms: 120_000,
     }
 }
 
@@ -3054,6 +3672,11 @@ enum Op {
         cmd: u8,
         stranger: bool,
     },
+    /// A person's resolution: 0 re-initiate, 1 adopt, 2 abandon.
+    Resolve {
+        cmd: u8,
+        which: u8,
+    },
     Begin,
     BankInitiated,
     InitiationRefused,
@@ -3098,7 +3721,8 @@ impl Op {
             Op::ScaCode { cmd, stranger } => Input::CompleteSca {
                 command_id: id(cmd),
                 psu_id: who(stranger),
-                outcome: ScaOutcome::Code(SecretString::from("code")),
+                outcome: ScaOutcome::Code(SecretString::from(format!("code-{cmd}"))),
+                state: Some(SCA_STATE.into()),
             },
             Op::ScaError { cmd, stranger } => Input::CompleteSca {
                 command_id: id(cmd),
@@ -3107,6 +3731,7 @@ impl Op {
                     error: "access_denied".into(),
                     description: None,
                 },
+                state: Some(SCA_STATE.into()),
             },
             Op::Cancel {
                 cmd,
@@ -3121,6 +3746,14 @@ impl Op {
                 command_id: id(cmd),
                 psu_id: who(stranger),
             },
+            Op::Resolve { cmd, which } => resolve(
+                id(cmd),
+                match which {
+                    0 => Resolution::Reinitiate,
+                    1 => adopt(),
+                    _ => abandon(),
+                },
+            ),
             Op::Begin => begin(),
             Op::BankInitiated => bank_initiated(),
             Op::InitiationRefused => initiation_refused(),
@@ -3180,6 +3813,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             |(cmd, stranger, bank_token)| Op::Cancel { cmd, stranger, bank_token }
         ),
         3 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::Refresh { cmd, stranger }),
+        2 => (cmd(), 0u8..3).prop_map(|(cmd, which)| Op::Resolve { cmd, which }),
         6 => Just(Op::Begin),
         6 => Just(Op::BankInitiated),
         1 => Just(Op::InitiationRefused),
@@ -3248,7 +3882,11 @@ fn delay_strategy() -> impl Strategy<Value = Millis> {
 }
 
 fn check_sequence(steps: &[(Op, Millis)]) -> Result<(), TestCaseError> {
-    let policy = prop_policy();
+    check_sequence_with(steps, &prop_policy())
+}
+
+fn check_sequence_with(steps: &[(Op, Millis)], policy: &Policy) -> Result<(), TestCaseError> {
+    let policy = policy.clone();
     let id = payment_id();
     let mut now = T0;
     let mut current: Option<Payment> = None;
@@ -3334,7 +3972,8 @@ fn check_sequence(steps: &[(Op, Millis)]) -> Result<(), TestCaseError> {
         // Where to resume is known exactly while cancelling, and is a state the bank holds.
         match (after, t.payment.resume_after_cancel.map(PaymentState::kind)) {
             (StateKind::Cancelling, Some(resume)) => prop_assert!(
-                is_polling(resume) && resume != StateKind::Cancelling,
+                (is_polling(resume) && resume != StateKind::Cancelling)
+                    || t.payment.resume_after_cancel == Some(PaymentState::Unconfirmed),
                 "{}",
                 context
             ),
@@ -3395,5 +4034,16 @@ proptest! {
         steps in steps_strategy()
     ) {
         check_sequence(&steps)?;
+    }
+
+    /// The same under the default policy for lost answers (held for a person).
+    #[test]
+    fn random_input_sequences_keep_the_invariants_when_lost_answers_are_held(
+        steps in steps_strategy()
+    ) {
+        check_sequence_with(&steps, &Policy {
+            unknown_outcome: UnknownOutcomePolicy::Hold,
+            ..prop_policy()
+        })?;
     }
 }

@@ -48,7 +48,7 @@ id_type!(
 );
 
 /// Belfius runs two brands on separate hosts; an account must be addressed on its own brand's host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Brand {
     Belfius,
@@ -63,6 +63,10 @@ impl Brand {
             Brand::Belfius => "BELFIUS",
             Brand::Banx => "BANX",
         }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.as_str() == text)
     }
 }
 

@@ -47,11 +47,14 @@ pub enum ReasonCode {
     /// A bulk payment executed with some transfers rejected.
     BulkPartiallyRejected,
     OutcomeUnresolved,
+    /// The worker asked the bank to end an unsigned payment (SCA deadline, PSU refusal) and the
+    /// bank has not confirmed within the horizon: the PSU may still sign it.
+    ExpiryUnconfirmed,
 }
 
 impl ReasonCode {
     /// Every code, in declaration order (docs/contract.md lists each; a test keeps them equal).
-    pub const ALL: [ReasonCode; 31] = [
+    pub const ALL: [ReasonCode; 32] = [
         ReasonCode::MissingField,
         ReasonCode::InvalidIban,
         ReasonCode::InvalidBic,
@@ -83,6 +86,7 @@ impl ReasonCode {
         ReasonCode::CancelNotConfirmed,
         ReasonCode::BulkPartiallyRejected,
         ReasonCode::OutcomeUnresolved,
+        ReasonCode::ExpiryUnconfirmed,
     ];
 
     /// The code of a wire value.
@@ -123,6 +127,7 @@ impl ReasonCode {
             ReasonCode::CancelNotConfirmed => "CANCEL_NOT_CONFIRMED",
             ReasonCode::BulkPartiallyRejected => "BULK_PARTIALLY_REJECTED",
             ReasonCode::OutcomeUnresolved => "OUTCOME_UNRESOLVED",
+            ReasonCode::ExpiryUnconfirmed => "EXPIRY_UNCONFIRMED",
         }
     }
 }
@@ -183,6 +188,7 @@ pub(crate) mod tests {
             ReasonCode::CancelNotConfirmed => 28,
             ReasonCode::BulkPartiallyRejected => 29,
             ReasonCode::OutcomeUnresolved => 30,
+            ReasonCode::ExpiryUnconfirmed => 31,
         }
     }
 

@@ -829,6 +829,36 @@ pub fn validate_command_id(value: &str) -> Result<(), Reason> {
     )
 }
 
+/// A bank payment id named by a person (`ResolveOutcome` ADOPT): 1 to 64 characters of
+/// `[A-Za-z0-9._-]` (the ids Belfius is reported to use fit in 35 of `[a-zA-Z0-9-]`).
+pub fn validate_bank_payment_id(value: &str) -> Result<(), Reason> {
+    identifier(
+        "bank_payment_id",
+        value,
+        64,
+        |b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'),
+        "A-Z a-z 0-9 . _ -",
+    )
+}
+
+/// A person's note (`ResolveOutcome`): at most 140 characters of the SEPA set, as it goes into
+/// a status event's reason.
+pub fn validate_note(value: &str) -> Result<(), Reason> {
+    if value.chars().count() > 140 {
+        return Err(Reason::new(
+            ReasonCode::FieldTooLong,
+            "note: more than 140 characters",
+        ));
+    }
+    if !is_sepa_text(value) {
+        return Err(Reason::new(
+            ReasonCode::InvalidCharacters,
+            "note: outside the SEPA character set",
+        ));
+    }
+    Ok(())
+}
+
 /// Removes spaces and upper-cases ASCII letters (the paper format `be68 5390 ...` becomes
 /// `BE68539007547034`). Other characters are kept so that validation still sees them.
 pub fn normalise_iban(value: &str) -> String {

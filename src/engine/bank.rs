@@ -3,6 +3,8 @@
 
 use secrecy::{ExposeSecret, SecretString};
 
+use super::core::{BankAnswer, BankCall, RefreshFailure};
+use crate::belfius::errors::BelfiusErrorCode;
 use crate::belfius::status::TransactionStatus;
 use crate::belfius::{BankError, BelfiusClient, TokenPair, pkce};
 use crate::domain::bank::BankProgress;
@@ -168,5 +170,102 @@ pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &Secr
         ) => Input::CancelUnconfirmed {
             message: error.to_string(),
         },
+    }
+}
+
+/// Runs one bank call of the owner's core and classifies its result for it.
+pub async fn run_call(bank: &BelfiusClient, payment: &Payment, call: BankCall) -> BankAnswer {
+    match call {
+        BankCall::Initiate => BankAnswer::Input(initiate(bank, payment).await),
+        BankCall::Status => BankAnswer::Input(check_status(bank, payment).await),
+        BankCall::Exchange => match exchange_code(bank, payment).await {
+            Ok(pair) => BankAnswer::Tokens(pair),
+            Err(message) => BankAnswer::Input(Input::TokenExchangeFailed { message }),
+        },
+        BankCall::Cancel { access_token } => {
+            BankAnswer::Input(cancel(bank, payment, &access_token).await)
+        }
+        BankCall::Refresh {
+            brand,
+            refresh_token,
+        } => match bank.refresh_token(brand, &refresh_token).await {
+            Ok(pair) => BankAnswer::Tokens(pair),
+            Err(error) => BankAnswer::RefreshFailed(classify_refresh_error(&error)),
+        },
+    }
+}
+
+/// Only a definitive refusal of the grant itself (Belfius' invalid refresh token, RFC 6749
+/// `invalid_grant`) means the pair is dead. Any other refusal, such as a rotated client secret
+/// (`invalid_client`), says nothing about the PSU's pair: deleting every pair then would lock
+/// every PSU out.
+pub fn classify_refresh_error(error: &BankError) -> RefreshFailure {
+    let message = error.to_string();
+    match error {
+        BankError::Refused { status, body } => {
+            let revoked = matches!(
+                crate::belfius::errors::classify(*status, body),
+                BelfiusErrorCode::InvalidRefreshToken | BelfiusErrorCode::LegacyInvalidGrant
+            ) || body.error.eq_ignore_ascii_case("invalid_grant");
+            if revoked {
+                RefreshFailure::Revoked { message }
+            } else {
+                RefreshFailure::Refused { message }
+            }
+        }
+        BankError::NotSent(_)
+        | BankError::NoResponse(_)
+        | BankError::RateLimited { .. }
+        | BankError::Unavailable { .. }
+        | BankError::Protocol(_) => RefreshFailure::Transient { message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::belfius::ErrorBody;
+
+    fn refused(status: u16, error: &str, code: &str) -> BankError {
+        BankError::Refused {
+            status,
+            body: ErrorBody {
+                error: error.into(),
+                error_code: code.into(),
+                error_description: String::new(),
+            },
+        }
+    }
+
+    /// Defect d: any 4xx on a refresh deleted the pair, so a rotated client secret wiped every
+    /// PSU's tokens as cancellations were tried.
+    #[test]
+    fn only_a_dead_grant_deletes_the_pair() {
+        let revoked = [
+            refused(401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100004"),
+            refused(400, "invalid_grant", "10006"),
+            refused(400, "invalid_grant", ""),
+        ];
+        for e in &revoked {
+            assert!(
+                matches!(classify_refresh_error(e), RefreshFailure::Revoked { .. }),
+                "{e}"
+            );
+        }
+        let kept = [
+            refused(401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100009"),
+            refused(401, "invalid_client", ""),
+            refused(403, "INVALID_TPP", "B14663ZZ-2100-000000"),
+        ];
+        for e in &kept {
+            assert!(
+                matches!(classify_refresh_error(e), RefreshFailure::Refused { .. }),
+                "{e}"
+            );
+        }
+        assert!(matches!(
+            classify_refresh_error(&BankError::NoResponse("reset".into())),
+            RefreshFailure::Transient { .. }
+        ));
     }
 }

@@ -1,4 +1,6 @@
 //! The edge of the engine: raw Kafka record -> validated machine input, or a dead-letter verdict.
+//! Two steps: [`decode`] (the owner's decoder, asynchronous because a schema may have to be
+//! fetched from the registry) and [`to_input`] (pure, run by the owner's core).
 //!
 //! Metrics: a dead-letter verdict taken here counts `pis_dlq_records_total{class}` and
 //! `pis_commands_consumed_total{type, outcome="dead_lettered"}`. Whether an applied command was
@@ -10,8 +12,8 @@ use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
 use crate::contract::DecodeErrorClass;
-use crate::contract::command::{self, CommandBody, CommandEnvelope};
-use crate::domain::machine::{Ignored, Input, Outcome, ScaOutcome};
+use crate::contract::command::{self, CommandBody, CommandEnvelope, ResolveAction, ResolveOutcome};
+use crate::domain::machine::{Ignored, Input, Outcome, Resolution, ScaOutcome};
 use crate::domain::model::Order;
 use crate::domain::model::{CommandId, PaymentId, PsuId};
 use crate::domain::validation::{
@@ -19,7 +21,7 @@ use crate::domain::validation::{
     validate_periodic, validate_psu_id,
 };
 
-/// What to do with one command record.
+/// What to do with one decoded command.
 #[derive(Debug)]
 pub enum Ingested {
     Apply {
@@ -31,6 +33,16 @@ pub enum Ingested {
         class: &'static str,
         message: String,
         payment_id: Option<String>,
+    },
+}
+
+/// What decoding one record gave.
+#[derive(Debug)]
+pub enum Decoding {
+    Command(Box<CommandEnvelope>),
+    DeadLetter {
+        class: &'static str,
+        message: String,
     },
     /// The schema registry did not answer for this record's schema id: keep the record (and
     /// everything behind it on the partition) and ask again later. Never a dead letter.
@@ -46,6 +58,7 @@ pub fn body_type(body: &CommandBody) -> &'static str {
         CommandBody::CompleteSca(_) => "complete_sca",
         CommandBody::Cancel { .. } => "cancel",
         CommandBody::RefreshStatus => "refresh",
+        CommandBody::Resolve(_) => "resolve",
     }
 }
 
@@ -86,6 +99,7 @@ impl CommandLabel {
             Input::CompleteSca { .. } => ("complete_sca", false),
             Input::Cancel { .. } => ("cancel", false),
             Input::RefreshStatus { .. } => ("refresh", false),
+            Input::Resolve { .. } => ("resolve", false),
             Input::BeginInitiation { .. }
             | Input::BankInitiated { .. }
             | Input::InitiationFailed(_)
@@ -151,41 +165,40 @@ fn dead(
     }
 }
 
-/// `has_token` tells whether the worker holds a PIS token for a PSU (a cancellation needs one).
-///
-/// A record framed for a schema registry that does not answer after one request is
-/// [`Ingested::Wait`]: the partition owner keeps it and asks again with back-off, so the owner
-/// stays free for bank answers and timers meanwhile.
-pub fn ingest(
-    message: &OwnedMessage,
-    max_bytes: usize,
-    limits: &ValidationLimits,
-    today: NaiveDate,
-    has_token: &dyn Fn(&PsuId) -> bool,
-) -> Ingested {
+/// Decodes one command record. A record framed for a schema registry that does not answer is
+/// [`Decoding::Wait`]: the owner's decoder keeps it (and the records behind it) and asks again
+/// with back-off, without blocking the owner.
+pub async fn decode(message: &OwnedMessage, max_bytes: usize) -> Decoding {
     let Some(payload) = message.payload() else {
-        return dead(
-            DecodeErrorClass::Empty,
-            "record has no value",
-            None,
-            UNKNOWN_TYPE,
-        );
+        count_dead_letter(UNKNOWN_TYPE, DecodeErrorClass::Empty.as_str());
+        return Decoding::DeadLetter {
+            class: DecodeErrorClass::Empty.as_str(),
+            message: "record has no value (null)".into(),
+        };
     };
-    let envelope = match command::decode_with(payload, max_bytes, command::Patience::Once) {
-        Ok(envelope) => envelope,
+    match command::decode_async(payload, max_bytes).await {
+        Ok(envelope) => Decoding::Command(Box::new(envelope)),
         // A transient failure never becomes a dead letter.
-        Err(e) if e.class.is_transient() => return Ingested::Wait { message: e.message },
-        Err(e) => return dead(e.class, e.message, None, UNKNOWN_TYPE),
-    };
-    to_input(envelope, message.key(), limits, today, has_token)
+        Err(e) if e.class.is_transient() => Decoding::Wait { message: e.message },
+        Err(e) => {
+            count_dead_letter(UNKNOWN_TYPE, e.class.as_str());
+            Decoding::DeadLetter {
+                class: e.class.as_str(),
+                message: e.message,
+            }
+        }
+    }
 }
 
-fn to_input(
+/// Validates a decoded command against its record (`key`, `partition` of `partitions`) and
+/// turns it into the machine's input, or a dead-letter verdict. Pure.
+pub fn to_input(
     envelope: CommandEnvelope,
     key: Option<&[u8]>,
+    partition: i32,
+    partitions: i32,
     limits: &ValidationLimits,
     today: NaiveDate,
-    has_token: &dyn Fn(&PsuId) -> bool,
 ) -> Ingested {
     let command_type = body_type(&envelope.body);
     let readable_id = validate_payment_id(&envelope.payment_id)
@@ -212,6 +225,20 @@ fn to_input(
         return dead(
             DecodeErrorClass::InvalidEnvelope,
             "the record key must equal psu_id",
+            readable_id,
+            command_type,
+        );
+    }
+    // A PSU's commands must all reach the one owner of its partition; a producer that hashes
+    // keys differently would split them (docs/contract.md, "Keys and partitions").
+    let expected = crate::kafka::partitioner::partition_for(envelope.psu_id.as_bytes(), partitions);
+    if partitions > 0 && expected != partition {
+        return dead(
+            DecodeErrorClass::WrongPartition,
+            format!(
+                "key {:?} belongs on partition {expected} of {partitions} (murmur2, Kafka's default partitioner: Java clients' default, librdkafka's partitioner=murmur2_random); the record is on partition {partition}: set your producer's partitioner",
+                envelope.psu_id
+            ),
             readable_id,
             command_type,
         );
@@ -264,22 +291,59 @@ fn to_input(
                 command_id,
                 psu_id,
                 outcome,
+                state: sca.state,
             }
         }
-        CommandBody::Cancel { .. } => {
-            let bank_token = has_token(&psu_id);
-            Input::Cancel {
+        // Whether a PIS token is at hand is the owner's to say (it knows the payment's brand).
+        CommandBody::Cancel { .. } => Input::Cancel {
+            command_id,
+            psu_id,
+            bank_token: false,
+        },
+        CommandBody::RefreshStatus => Input::RefreshStatus { command_id, psu_id },
+        CommandBody::Resolve(resolve) => match resolution(&resolve) {
+            Ok(resolution) => Input::Resolve {
                 command_id,
                 psu_id,
-                bank_token,
+                resolution,
+            },
+            Err(message) => {
+                return dead(
+                    DecodeErrorClass::InvalidEnvelope,
+                    message,
+                    Some(payment_id.to_string()),
+                    command_type,
+                );
             }
-        }
-        CommandBody::RefreshStatus => Input::RefreshStatus { command_id, psu_id },
+        },
     };
     Ingested::Apply {
         payment_id,
         input: Box::new(input),
         kind,
+    }
+}
+
+/// A person's resolution, checked: ADOPT names the bank's payment id, the others do not.
+fn resolution(resolve: &ResolveOutcome) -> Result<Resolution, String> {
+    let note = resolve.note.clone();
+    if let Some(note) = &note {
+        crate::domain::validation::validate_note(note).map_err(|r| format!("note: {}", r.message))?;
+    }
+    match (resolve.action, &resolve.bank_payment_id) {
+        (ResolveAction::Reinitiate, None) => Ok(Resolution::Reinitiate),
+        (ResolveAction::Abandon, None) => Ok(Resolution::Abandon { note }),
+        (ResolveAction::Adopt, Some(id)) => {
+            crate::domain::validation::validate_bank_payment_id(id)
+                .map_err(|r| format!("bank_payment_id: {}", r.message))?;
+            Ok(Resolution::Adopt {
+                bank_payment_id: crate::domain::model::BankPaymentId::new(id.clone()),
+            })
+        }
+        (ResolveAction::Adopt, None) => Err("ADOPT needs bank_payment_id".into()),
+        (ResolveAction::Reinitiate | ResolveAction::Abandon, Some(_)) => {
+            Err("bank_payment_id is only for ADOPT".into())
+        }
     }
 }
 
@@ -354,20 +418,38 @@ mod tests {
         )
     }
 
-    fn run(message: &OwnedMessage, has_token: bool) -> Ingested {
-        ingest(
-            message,
-            65_536,
-            &ValidationLimits::default(),
-            today(),
-            &|_| has_token,
-        )
+    /// Decodes and validates a record on partition 0 of `partitions`.
+    fn run_on(message: &OwnedMessage, partitions: i32) -> Ingested {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        match runtime.block_on(decode(message, 65_536)) {
+            Decoding::Command(envelope) => to_input(
+                *envelope,
+                message.key(),
+                message.partition(),
+                partitions,
+                &ValidationLimits::default(),
+                today(),
+            ),
+            Decoding::DeadLetter { class, message } => Ingested::DeadLetter {
+                class,
+                message,
+                payment_id: None,
+            },
+            Decoding::Wait { message } => panic!("waits: {message}"),
+        }
+    }
+
+    fn run(message: &OwnedMessage, _has_token: bool) -> Ingested {
+        run_on(message, 1)
     }
 
     fn class_of(verdict: &Ingested) -> Option<&'static str> {
         match verdict {
             Ingested::DeadLetter { class, .. } => Some(class),
-            Ingested::Apply { .. } | Ingested::Wait { .. } => None,
+            Ingested::Apply { .. } => None,
         }
     }
 
@@ -567,16 +649,99 @@ mod tests {
         }
     }
 
+    /// Part 4: a client whose library hashes keys differently (librdkafka's default CRC32)
+    /// put a PSU's commands on another partition, where they met no payment. Now such a
+    /// record is dead-lettered with its own class and a message that says what to fix.
     #[test]
-    fn cancel_carries_whether_the_psu_has_a_token() {
-        let bytes = encoded(&envelope(CommandBody::Cancel { reason: None }));
-        for has in [true, false] {
-            let Ingested::Apply { input, .. } =
-                run(&record(Some("psu-1"), Some(bytes.clone())), has)
-            else {
-                panic!("not applied")
-            };
-            assert!(matches!(*input, Input::Cancel { bank_token, .. } if bank_token == has));
+    fn a_command_on_the_wrong_partition_for_its_key_is_dead_lettered() {
+        let bytes = encoded(&envelope(CommandBody::RefreshStatus));
+        let right = crate::kafka::partitioner::partition_for(b"psu-1", 6);
+        let wrong = (right + 1) % 6;
+        let on = |partition: i32| {
+            OwnedMessage::new(
+                Some(bytes.clone()),
+                Some(b"psu-1".to_vec()),
+                "commands".into(),
+                Timestamp::NotAvailable,
+                7,
+                partition as i64,
+                None,
+            )
+        };
+        let mut message = on(wrong);
+        // OwnedMessage::new(payload, key, topic, timestamp, partition, offset, headers)
+        message = OwnedMessage::new(
+            message.payload().map(<[u8]>::to_vec),
+            Some(b"psu-1".to_vec()),
+            "commands".into(),
+            Timestamp::NotAvailable,
+            wrong,
+            7,
+            None,
+        );
+        let verdict = run_on(&message, 6);
+        assert_eq!(class_of(&verdict), Some("WRONG_PARTITION"));
+        let Ingested::DeadLetter { message: why, .. } = verdict else {
+            unreachable!()
+        };
+        assert!(why.contains(&format!("partition {right}")), "{why}");
+        assert!(why.contains("murmur2"), "{why}");
+        let _ = on(right);
+        let ok = OwnedMessage::new(
+            Some(bytes.clone()),
+            Some(b"psu-1".to_vec()),
+            "commands".into(),
+            Timestamp::NotAvailable,
+            right,
+            7,
+            None,
+        );
+        assert!(matches!(run_on(&ok, 6), Ingested::Apply { .. }));
+    }
+
+    #[test]
+    fn complete_sca_carries_the_redirects_state() {
+        let body = CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
+            &url::Url::parse("https://c.example/cb?code=x&state=abc").expect("url"),
+        ));
+        let Ingested::Apply { input, .. } =
+            run(&record(Some("psu-1"), Some(encoded(&envelope(body)))), false)
+        else {
+            panic!("not applied")
+        };
+        assert!(matches!(*input, Input::CompleteSca { state: Some(ref s), .. } if s == "abc"));
+    }
+
+    #[test]
+    fn resolve_outcome_needs_a_bank_id_exactly_for_adopt() {
+        use crate::contract::command::{ResolveAction, ResolveOutcome};
+        let resolve = |action, bank_payment_id: Option<&str>| {
+            CommandBody::Resolve(ResolveOutcome {
+                action,
+                bank_payment_id: bank_payment_id.map(str::to_owned),
+                note: Some("checked at the bank".into()),
+            })
+        };
+        let cases = [
+            (resolve(ResolveAction::Adopt, Some("bank-1")), true),
+            (resolve(ResolveAction::Adopt, None), false),
+            (resolve(ResolveAction::Reinitiate, None), true),
+            (resolve(ResolveAction::Reinitiate, Some("bank-1")), false),
+            (resolve(ResolveAction::Abandon, None), true),
+            (resolve(ResolveAction::Adopt, Some("bad id!")), false),
+        ];
+        for (body, ok) in cases {
+            let what = format!("{body:?}");
+            let verdict = run(&record(Some("psu-1"), Some(encoded(&envelope(body)))), false);
+            match (ok, &verdict) {
+                (true, Ingested::Apply { input, .. }) => {
+                    assert!(matches!(**input, Input::Resolve { .. }), "{what}")
+                }
+                (false, Ingested::DeadLetter { class, .. }) => {
+                    assert_eq!(*class, "INVALID_ENVELOPE", "{what}")
+                }
+                (_, other) => panic!("{what}: {other:?}"),
+            }
         }
     }
 

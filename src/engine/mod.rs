@@ -2,10 +2,12 @@
 //! assigned partition.
 
 pub mod bank;
+pub mod core;
 pub mod ingest;
 pub mod offsets;
 pub mod outbox;
 pub mod partition;
+pub mod restore;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -26,7 +28,7 @@ use crate::kafka::consumer::Partitions;
 use crate::kafka::producer::Producer;
 use crate::kafka::{KafkaSettings, admin};
 use crate::secret::StateKey;
-use partition::{ActorMsg, OwnerHandle};
+use partition::OwnerHandle;
 
 pub fn now_millis() -> Millis {
     chrono::Utc::now().timestamp_millis()
@@ -59,6 +61,8 @@ pub struct WorkerConfig {
 /// Shared, read-only dependencies of the partition owners.
 pub struct EngineDeps {
     pub kafka: KafkaSettings,
+    /// Partitions of the command topic (a command must be on the one its key hashes to).
+    pub partitions: i32,
     pub producer: Producer,
     pub bank: BelfiusClient,
     pub state_key: StateKey,
@@ -110,58 +114,54 @@ impl Partitions for PartitionSet {
     }
 
     fn revoke(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
-        let mut waiting = Vec::new();
-        for &partition in partitions {
-            let tx = self.owners().get(&partition).map(|h| {
-                h.revoked.store(true, Ordering::Release);
-                h.tx.clone()
-            });
-            let Some(tx) = tx else { continue };
-            let (ack_tx, ack_rx) = std::sync::mpsc::channel();
-            if tx.blocking_send(ActorMsg::Revoke(ack_tx)).is_ok() {
-                waiting.push((partition, ack_rx));
-            }
+        let handles: Vec<(i32, OwnerHandle)> = {
+            let mut owners = self.owners();
+            let handles = partitions
+                .iter()
+                .filter_map(|p| owners.remove(p).map(|h| (*p, h)))
+                .collect();
+            crate::metrics::metrics()
+                .assigned_partitions
+                .set(owners.len() as i64);
+            handles
+        };
+        // Never blocks: the request does not queue behind records (an owner still restoring
+        // gives up at once).
+        for (_, handle) in &handles {
+            handle.request_revoke();
         }
         // The owners drain in parallel within their own bound; allow a margin on top.
         let deadline = std::time::Instant::now() + self.deps.drain_timeout + Duration::from_secs(3);
-        for (partition, ack) in &waiting {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if ack.recv_timeout(left).is_err() {
-                warn!(partition, "owner did not acknowledge the revoke in time");
-            }
-        }
         let mut out = Vec::new();
-        let mut owners = self.owners();
-        for &partition in partitions {
-            if let Some(handle) = owners.remove(&partition) {
-                let offset = handle.committable.load(Ordering::Acquire);
-                if offset >= 0 {
-                    out.push((partition, offset));
-                }
+        for (partition, handle) in &handles {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !handle.wait_released(left) {
+                warn!(partition, "owner did not release the partition in time");
+            }
+            let offset = handle.committable();
+            if offset >= 0 {
+                out.push((*partition, offset));
             }
         }
-        crate::metrics::metrics()
-            .assigned_partitions
-            .set(owners.len() as i64);
         out
     }
 
     fn dispatch(&self, message: OwnedMessage) -> Result<(), String> {
         let partition = message.partition();
-        let tx = self
-            .owners()
+        let owners = self.owners();
+        let handle = owners
             .get(&partition)
-            .map(|h| h.tx.clone())
             .ok_or_else(|| format!("no owner for partition {partition}"))?;
-        tx.blocking_send(ActorMsg::Command(Box::new(message)))
-            .map_err(|_| format!("owner of partition {partition} stopped"))
+        handle
+            .dispatch(message)
+            .map_err(|e| format!("partition {partition}: {e}"))
     }
 
     fn committable(&self) -> Vec<(i32, i64)> {
         self.owners()
             .iter()
             .filter_map(|(p, h)| {
-                let offset = h.committable.load(Ordering::Acquire);
+                let offset = h.committable();
                 (offset >= 0).then_some((*p, offset))
             })
             .collect()
@@ -239,6 +239,7 @@ pub async fn run(
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let deps = Arc::new(EngineDeps {
         kafka: config.kafka.clone(),
+        partitions,
         producer: producer.clone(),
         bank,
         state_key,

@@ -34,6 +34,16 @@ impl OutboxTracker {
         }
     }
 
+    /// The number the next state write will get.
+    pub fn next_send(&self) -> u64 {
+        self.next_send
+    }
+
+    /// The last checkpoint written (or restored).
+    pub fn last_checkpoint(&self) -> i64 {
+        self.last_checkpoint
+    }
+
     /// Numbers a state write; call in the order writes are enqueued.
     pub fn sent(&mut self) -> u64 {
         let seq = self.next_send;

@@ -21,6 +21,8 @@ pub struct Summary {
     pub per_state: HashMap<StateKind, i64>,
     /// Earliest time a payment still in that state entered it.
     pub oldest_entry: HashMap<StateKind, Millis>,
+    /// State records that could not be read (quarantined).
+    pub quarantined: i64,
 }
 
 fn summaries() -> &'static Mutex<HashMap<i32, Summary>> {
@@ -74,6 +76,8 @@ pub fn export() {
         })
         .sum();
     m.outcome_unknown.set(unknown);
+    m.state_quarantined_records
+        .set(all.values().map(|s| s.quarantined).sum());
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! the newer owner's restore (which reads up to its own marker) includes it. Either way every
 //! bank call is preceded by a state write that the current owner knows.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,8 +46,9 @@ pub struct Fence {
     claimed_at: AtomicI64,
     stopped: AtomicBool,
     changed: Notify,
-    /// Payments a superseded owner wrote after this owner's claim: the owner re-writes them.
-    stale_payments: Mutex<HashSet<String>>,
+    /// Keys (payments and token pairs) a superseded owner wrote after this owner's claim, with
+    /// the offset of that record: the owner re-writes them.
+    stale_keys: Mutex<HashMap<String, i64>>,
 }
 
 impl Fence {
@@ -59,7 +60,7 @@ impl Fence {
             claimed_at: AtomicI64::new(i64::MAX),
             stopped: AtomicBool::new(false),
             changed: Notify::new(),
-            stale_payments: Mutex::new(HashSet::new()),
+            stale_keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -106,18 +107,31 @@ impl Fence {
         (at != i64::MAX).then_some(at)
     }
 
+    /// Resolves with the offset of the first newer claim once the tail has read one, or never
+    /// once the tail is stopped without one.
+    pub async fn superseded(&self) -> i64 {
+        loop {
+            let changed = self.changed.notified();
+            if let Some(at) = self.superseded_at() {
+                return at;
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+            changed.await;
+        }
+    }
+
     /// Ends the tail (the owner is done).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.changed.notify_waiters();
     }
 
-    /// Payment ids a superseded owner wrote since the last call.
-    pub fn take_stale_payments(&self) -> Vec<String> {
-        let mut stale = self
-            .stale_payments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    /// Record keys a superseded owner wrote since the last call, with the offset of the
+    /// latest such record of each.
+    pub fn take_stale_keys(&self) -> Vec<(String, i64)> {
+        let mut stale = self.stale_keys.lock().unwrap_or_else(|p| p.into_inner());
         stale.drain().collect()
     }
 
@@ -130,27 +144,28 @@ impl Fence {
         self.read_through.fetch_max(offset, Ordering::AcqRel);
     }
 
-    /// A payment record written after this owner's claim by an older owner (its `pis.epoch`
-    /// header is below this owner's epoch).
-    fn observe_payment(&self, offset: i64, key: &[u8], epoch: Option<i64>) {
+    /// A payment or token record (or tombstone) written after this owner's claim by an older
+    /// owner (its `pis.epoch` header is below this owner's epoch).
+    fn observe_entity(&self, offset: i64, key: &[u8], epoch: Option<i64>) {
         if offset <= self.own_marker {
             return;
         }
-        let (Some(id), Some(epoch)) = (key.strip_prefix(b"payment/"), epoch) else {
+        let entity = key.starts_with(b"payment/") || key.starts_with(b"psu/");
+        let Some(epoch) = epoch else {
             return;
         };
-        if epoch < self.own_marker {
-            self.stale_payments
+        if entity && epoch < self.own_marker {
+            self.stale_keys
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(String::from_utf8_lossy(id).into_owned());
+                .insert(String::from_utf8_lossy(key).into_owned(), offset);
         }
     }
 }
 
 /// The writer's epoch from a state record's `pis.epoch` header (the producer sets it, so the
 /// tail need not parse the record).
-fn epoch_header(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
+pub fn epoch_header(message: &impl Message) -> Option<i64> {
     use rdkafka::message::Headers;
     let headers = message.headers()?;
     headers
@@ -172,7 +187,7 @@ pub fn spawn_tail(consumer: BaseConsumer, fence: Arc<Fence>) -> std::io::Result<
                     None => continue,
                     Some(Ok(message)) => {
                         if let Some(key) = message.key() {
-                            fence.observe_payment(message.offset(), key, epoch_header(&message));
+                            fence.observe_entity(message.offset(), key, epoch_header(&message));
                         }
                         fence.observe(message.offset(), message.key());
                         fence.changed.notify_waiters();
@@ -224,15 +239,40 @@ mod tests {
     }
 
     #[test]
-    fn a_payment_written_by_an_older_owner_after_the_claim_is_reported_once() {
+    fn an_entity_written_by_an_older_owner_after_the_claim_is_reported_once() {
         let fence = Fence::new(0, 10);
-        fence.observe_payment(9, b"payment/before", Some(3));
-        fence.observe_payment(11, b"payment/mine", Some(10));
-        fence.observe_payment(12, b"payment/zombie", Some(3));
-        fence.observe_payment(13, b"psu/x", Some(3));
-        fence.observe_payment(14, b"payment/no-header", None);
-        assert_eq!(fence.take_stale_payments(), vec!["zombie".to_owned()]);
-        assert!(fence.take_stale_payments().is_empty());
+        fence.observe_entity(9, b"payment/before", Some(3));
+        fence.observe_entity(11, b"payment/mine", Some(10));
+        fence.observe_entity(12, b"payment/zombie", Some(3));
+        fence.observe_entity(13, b"psu/BELFIUS/x", Some(3));
+        fence.observe_entity(14, b"payment/no-header", None);
+        fence.observe_entity(15, b"outbox-checkpoint/0", Some(3));
+        let mut stale = fence.take_stale_keys();
+        stale.sort();
+        assert_eq!(
+            stale,
+            vec![
+                ("payment/zombie".to_owned(), 12),
+                ("psu/BELFIUS/x".to_owned(), 13)
+            ]
+        );
+        assert!(fence.take_stale_keys().is_empty());
+    }
+
+    #[tokio::test]
+    async fn superseded_resolves_with_the_first_newer_claim() {
+        let fence = Fence::new(0, 10);
+        let waiter = {
+            let fence = fence.clone();
+            tokio::spawn(async move { fence.superseded().await })
+        };
+        fence.observe(12, Some(b"payment/a"));
+        fence.changed.notify_waiters();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        fence.observe(13, Some(b"restore-marker/0/other"));
+        fence.changed.notify_waiters();
+        assert_eq!(waiter.await.expect("join"), 13);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod consumer;
 pub mod fence;
+pub mod partitioner;
 pub mod producer;
 pub mod state;
 

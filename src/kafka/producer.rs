@@ -62,21 +62,24 @@ impl Producer {
         value: &[u8],
         headers: Option<OwnedHeaders>,
     ) -> Result<Delivered, KafkaEdgeError> {
-        self.enqueue_value(topic, partition, key, Some(value), headers)
+        self.enqueue_value(topic, partition, Some(key), Some(value), headers)
             .await
     }
 
-    /// `value: None` writes a tombstone.
+    /// `value: None` writes a tombstone; `key: None` a record without a key.
     async fn enqueue_value(
         &self,
         topic: &str,
         partition: Option<i32>,
-        key: &[u8],
+        key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
     ) -> Result<Delivered, KafkaEdgeError> {
         loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
             if let Some(value) = value {
                 record = record.payload(value);
             }
@@ -115,13 +118,15 @@ impl Producer {
         }
     }
 
-    /// Writes a state record to the state partition that mirrors the command partition.
-    /// `epoch` (the writer's claim, see `kafka::fence`) goes in the `pis.epoch` header too.
+    /// Writes a state record to the state partition that mirrors the command partition, or a
+    /// tombstone (`value: None`) that deletes its key. `epoch` (the writer's claim, see
+    /// `kafka::fence`) goes in the `pis.epoch` header: the only place a tombstone can carry it,
+    /// so restore and the fence's tail can tell a superseded owner's deletion.
     pub async fn send_state(
         &self,
         partition: i32,
         key: &str,
-        value: &[u8],
+        value: Option<&[u8]>,
         epoch: Option<i64>,
     ) -> Result<Delivered, KafkaEdgeError> {
         let topic = self.topics.state.clone();
@@ -132,18 +137,7 @@ impl Producer {
                 value: Some(e.as_bytes()),
             })
         });
-        self.enqueue(&topic, Some(partition), key.as_bytes(), value, headers)
-            .await
-    }
-
-    /// Deletes a key of the state partition (a tombstone: null value).
-    pub async fn send_state_tombstone(
-        &self,
-        partition: i32,
-        key: &str,
-    ) -> Result<Delivered, KafkaEdgeError> {
-        let topic = self.topics.state.clone();
-        self.enqueue_value(&topic, Some(partition), key.as_bytes(), None, None)
+        self.enqueue_value(&topic, Some(partition), Some(key.as_bytes()), value, headers)
             .await
     }
 
@@ -229,11 +223,11 @@ impl Producer {
             });
         }
         let topic = self.topics.dlq.clone();
-        // The original value as it was: a null (tombstone) stays null.
+        // The original key and value as they were: a null stays null.
         self.enqueue_value(
             &topic,
             Some(original.partition()),
-            original.key().unwrap_or_default(),
+            original.key(),
             original.payload(),
             Some(headers),
         )

@@ -4,16 +4,19 @@
 //! keeps the latest of each:
 //! - `payment/{payment_id}`: the payment's full state plus the status events this change emits
 //!   (the outbox), secrets sealed with the state key;
-//! - `psu/{psu_id}`: the PSU's PIS token pair, sealed;
+//! - `psu/{brand}/{psu_id}`: the PSU's PIS token pair at that brand, sealed (Belfius and Banx
+//!   are separate token hosts). Records of older versions are keyed `psu/{psu_id}` and name
+//!   their brand inside; they are still read;
 //! - `outbox-checkpoint/{partition}`: every event in records up to this offset is published;
 //! - `restore-marker/{partition}/{owner}`: a new owner's claim on the partition. Unique per
 //!   owner, so compaction keeps every claim.
 //!
 //! Every record but a marker carries its writer's `epoch`: the offset of the writer's own
-//! restore marker. A record whose epoch is older than a marker read before it was written by an
-//! owner that had already been superseded (a zombie), and restore skips it (docs/guarantees.md).
+//! restore marker, in the value and in the `pis.epoch` header (a tombstone has only the
+//! header). A record whose epoch is older than a marker read before it was written by an owner
+//! that had already been superseded (a zombie), and restore skips it (docs/guarantees.md). The
+//! fold over the records is `engine::restore`; this module reads them and encodes them.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -32,8 +35,63 @@ pub fn payment_key(payment_id: &PaymentId) -> String {
     format!("payment/{payment_id}")
 }
 
-pub fn psu_key(psu_id: &PsuId) -> String {
-    format!("psu/{psu_id}")
+/// Which PIS token pair: one per brand (token host) and PSU.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenKey {
+    pub brand: Brand,
+    pub psu_id: PsuId,
+}
+
+impl TokenKey {
+    pub fn new(brand: Brand, psu_id: PsuId) -> Self {
+        Self { brand, psu_id }
+    }
+}
+
+impl std::fmt::Display for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.brand.as_str(), self.psu_id)
+    }
+}
+
+pub fn psu_key(key: &TokenKey) -> String {
+    format!("psu/{}/{}", key.brand.as_str(), key.psu_id)
+}
+
+/// What a state record's key names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordKey {
+    Payment(PaymentId),
+    Tokens(TokenKey),
+    /// `psu/{psu_id}`, written before pairs were kept per brand: the brand is in the value.
+    LegacyTokens(PsuId),
+    Checkpoint,
+    RestoreMarker,
+    Unknown,
+}
+
+impl RecordKey {
+    pub fn parse(key: &str) -> RecordKey {
+        if let Some(id) = key.strip_prefix("payment/") {
+            return RecordKey::Payment(PaymentId::new(id));
+        }
+        if let Some(rest) = key.strip_prefix("psu/") {
+            let brand = rest
+                .split_once('/')
+                .and_then(|(brand, psu)| Some((Brand::parse(brand)?, psu)));
+            return match brand {
+                Some((brand, psu)) => RecordKey::Tokens(TokenKey::new(brand, PsuId::new(psu))),
+                None => RecordKey::LegacyTokens(PsuId::new(rest)),
+            };
+        }
+        if key.starts_with("outbox-checkpoint/") {
+            return RecordKey::Checkpoint;
+        }
+        if key.starts_with(RESTORE_MARKER_PREFIX) {
+            return RecordKey::RestoreMarker;
+        }
+        RecordKey::Unknown
+    }
 }
 
 pub fn checkpoint_key(partition: i32) -> String {
@@ -47,7 +105,7 @@ pub fn restore_marker_key(partition: i32, owner: &str) -> String {
 }
 
 /// Epoch of records written before epochs existed: never skipped.
-const NO_EPOCH: i64 = -1;
+pub const NO_EPOCH: i64 = -1;
 
 fn no_epoch() -> i64 {
     NO_EPOCH
@@ -149,7 +207,7 @@ pub fn encode_psu(
     epoch: i64,
     tokens: &PsuTokens,
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
-    let record_key = psu_key(&tokens.psu_id);
+    let record_key = psu_key(&TokenKey::new(tokens.brand, tokens.psu_id.clone()));
     let seal = |s: &SecretString| {
         key.seal(s, &record_key)
             .map_err(|e| codec_error("sealing", e))
@@ -268,40 +326,22 @@ pub fn decode_with_epoch(
     }
 }
 
-/// Everything a partition owner needs, rebuilt from its state partition.
-#[derive(Default)]
-pub struct RestoredPartition {
-    pub payments: HashMap<PaymentId, Payment>,
-    pub psus: HashMap<PsuId, PsuTokens>,
-    /// Events of records written after the last outbox checkpoint, in offset order: they may not
-    /// have reached the status topic.
-    pub unpublished: Vec<(i64, Vec<StatusEvent>)>,
-    pub checkpoint: i64,
-    pub records_read: u64,
-    /// The offset the next state write will get, at restore time.
-    pub end_offset: i64,
-    pub duration: Duration,
-    /// Records skipped because a superseded owner wrote them after a newer claim.
-    pub zombie_records: u64,
-    /// Payments with such a record: the new owner re-writes them, so that the latest record
-    /// of the key is valid again before compaction can drop the older, valid one.
-    pub zombie_payments: std::collections::HashSet<PaymentId>,
-}
-
 /// Reads state partition `partition` from the beginning up to and including the restore marker
-/// at `marker_offset`, which the caller wrote and saw acknowledged (blocking). Returns the
-/// restored state and the consumer, positioned after the marker, for the fence's tail.
+/// at `marker_offset`, which the caller wrote and saw acknowledged (blocking), and folds every
+/// record into `fold`. Returns the consumer, positioned after the marker, for the fence's tail.
+/// Gives up early (an error) once `stop` is set: the partition was revoked meanwhile.
 ///
 /// The end is the caller's own marker, not the high watermark: Tansu 0.6 reports a high
 /// watermark that counts produce batches, not records (a 3-record batch moved it by 1), and a
 /// marker also orders the restore after every write the previous owner had acknowledged.
-pub fn restore(
+pub fn read_partition(
     settings: &KafkaSettings,
-    key: &StateKey,
     partition: i32,
     marker_offset: i64,
     timeout: Duration,
-) -> Result<(RestoredPartition, BaseConsumer), KafkaEdgeError> {
+    stop: &std::sync::atomic::AtomicBool,
+    fold: &mut crate::engine::restore::RestoreFold<'_>,
+) -> Result<BaseConsumer, KafkaEdgeError> {
     let started = Instant::now();
     let topic = &settings.topics.state;
     let consumer: BaseConsumer = settings
@@ -313,11 +353,6 @@ pub fn restore(
         .set("fetch.wait.max.ms", "20")
         .create()
         .map_err(|e| KafkaEdgeError::kafka("creating restore consumer", e))?;
-    let mut out = RestoredPartition {
-        checkpoint: -1,
-        end_offset: marker_offset + 1,
-        ..RestoredPartition::default()
-    };
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, partition, Offset::Beginning)
@@ -325,11 +360,13 @@ pub fn restore(
     consumer
         .assign(&assignment)
         .map_err(|e| KafkaEdgeError::kafka(format!("assigning {topic}/{partition}"), e))?;
-    let mut events_by_offset: Vec<(i64, Vec<StatusEvent>)> = Vec::new();
-    // The newest claim read so far: records of older epochs after it come from a zombie.
-    let mut epoch_floor = NO_EPOCH;
     let mut next = 0;
     while next <= marker_offset {
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(KafkaEdgeError::Setup(format!(
+                "restore of {topic}/{partition} stopped at offset {next}: the partition was revoked"
+            )));
+        }
         if started.elapsed() > timeout {
             return Err(KafkaEdgeError::Setup(format!(
                 "restore of {topic}/{partition} timed out at offset {next}, marker at {marker_offset}"
@@ -351,64 +388,14 @@ pub fn restore(
         };
         let offset = message.offset();
         next = offset + 1;
-        out.records_read += 1;
-        let record_key = message
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_default();
-        let Some(payload) = message.payload() else {
-            // A tombstone: the entity was deleted.
-            if let Some(id) = record_key.strip_prefix("payment/") {
-                out.payments.remove(&PaymentId::new(id));
-            } else if let Some(id) = record_key.strip_prefix("psu/") {
-                out.psus.remove(&PsuId::new(id));
-            }
-            continue;
-        };
-        let (record, epoch) = decode_with_epoch(key, &record_key, payload)?;
-        if let DecodedRecord::RestoreMarker = record {
-            epoch_floor = epoch_floor.max(offset);
-            continue;
-        }
-        if epoch != NO_EPOCH && epoch < epoch_floor {
-            out.zombie_records += 1;
-            if let Some(id) = record_key.strip_prefix("payment/") {
-                out.zombie_payments.insert(PaymentId::new(id));
-            }
-            continue;
-        }
-        epoch_floor = epoch_floor.max(epoch);
-        match record {
-            DecodedRecord::Payment { payment, events } => {
-                if !events.is_empty() {
-                    events_by_offset.push((offset, events));
-                }
-                out.payments.insert(payment.payment_id.clone(), *payment);
-            }
-            DecodedRecord::Psu(tokens) => {
-                out.psus.insert(tokens.psu_id.clone(), tokens);
-            }
-            DecodedRecord::Checkpoint(through) => {
-                out.checkpoint = out.checkpoint.max(through);
-            }
-            DecodedRecord::RestoreMarker => {}
-        }
-    }
-    if out.zombie_records > 0 {
-        tracing::warn!(
-            %topic,
-            partition,
-            records = out.zombie_records,
-            "restore skipped records written by superseded owners"
+        fold.apply(
+            offset,
+            message.key(),
+            message.payload(),
+            super::fence::epoch_header(&message),
         );
     }
-    let checkpoint = out.checkpoint;
-    out.unpublished = events_by_offset
-        .into_iter()
-        .filter(|(offset, _)| *offset > checkpoint)
-        .collect();
-    out.duration = started.elapsed();
-    Ok((out, consumer))
+    Ok(consumer)
 }
 
 #[cfg(test)]
@@ -463,6 +450,7 @@ mod tests {
             Some(&t.payment),
             Input::BeginInitiation {
                 pkce_verifier: SecretString::from("the-verifier"),
+                sca_state: "state-1".into(),
             },
             2,
             &Policy::default(),

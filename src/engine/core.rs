@@ -1,0 +1,1501 @@
+//! The partition owner's decisions, without I/O: `OwnerCore::on(event, now) -> Vec<Action>`,
+//! the way `decide()` is for one payment. The shell (`engine::partition`) runs the actions
+//! (state writes, status events, bank calls, dead letters, offsets) and feeds their results
+//! back as events. No tokio, no broker, no clock: every interleaving can be replayed in a test.
+//!
+//! What the core owns:
+//! - per-payment scheduling: one input at a time per payment (busy set, FIFO queues), durable
+//!   timers of idle payments only;
+//! - the PSU token lanes: one operation at a time per (brand, PSU) pair, in arrival order;
+//! - the outbox (events published once their record is confirmed), the command offsets, and the
+//!   fence: nothing leaves the owner (bank call, event, dead letter, committed offset) before a
+//!   write of this owner made after the decision was confirmed by the state tail;
+//! - its phase: running, draining (with a deadline), finishing, released or fenced.
+//!
+//! Outstanding work is derived from what the core waits for (writes, calls, publications,
+//! dead letters, deferred verdicts, token lanes); nothing is counted by hand.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use secrecy::SecretString;
+use tracing::{debug, info, warn};
+
+use super::ingest::{self, CommandLabel, Ingested};
+use super::offsets::OffsetTracker;
+use super::outbox::OutboxTracker;
+use super::restore::{Quarantined, Restored};
+use crate::belfius::TokenPair;
+use crate::contract::command::CommandEnvelope;
+use crate::domain::machine::{
+    Effect, Ignored, Input, Millis, Outcome, Payment, Policy, StateKind, StatusEvent, decide,
+};
+use crate::domain::model::{Brand, PaymentId};
+use crate::domain::reason::{Reason, ReasonCode};
+use crate::domain::validation::ValidationLimits;
+use crate::kafka::state::{PsuTokens, RecordKey, TokenKey, payment_key, psu_key};
+
+/// Numbers the owner's state writes, in the order they are enqueued (the outbox's send order).
+pub type WriteId = u64;
+/// Numbers the owner's bank calls.
+pub type CallId = u64;
+
+/// A token this close to expiry (at most) is refreshed before use.
+const TOKEN_MARGIN_MS: Millis = 30_000;
+
+/// What the core is configured with.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub partition: i32,
+    /// Partitions of the command topic: a record must be on the partition its key hashes to.
+    pub partitions: i32,
+    /// This owner's claim (the offset of its restore marker): the epoch of its writes.
+    pub epoch: i64,
+    pub policy: Policy,
+    pub limits: ValidationLimits,
+    pub drain_timeout_ms: Millis,
+    pub checkpoint_interval_ms: Millis,
+    /// How long a released owner waits for its last checkpoint.
+    pub finish_timeout_ms: Millis,
+}
+
+/// Where secrets come from (PKCE verifiers, OAuth `state` values): random in the shell,
+/// predictable in tests.
+pub trait Randomness: Send + Sync {
+    fn pkce_verifier(&mut self) -> SecretString;
+    fn sca_state(&mut self) -> String;
+}
+
+/// The operating system's randomness.
+pub struct OsRandom;
+
+impl Randomness for OsRandom {
+    fn pkce_verifier(&mut self) -> SecretString {
+        crate::belfius::pkce::Pkce::generate().verifier
+    }
+
+    fn sca_state(&mut self) -> String {
+        // 128 random bits, URL-safe: unguessable, so a forged redirect cannot carry it.
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+}
+
+/// A command record as the shell hands it over: the record (kept for a dead letter) and what
+/// decoding it gave.
+#[derive(Debug)]
+pub struct CommandRecord {
+    pub message: OwnedMessage,
+    pub decoded: Decoded,
+}
+
+#[derive(Debug)]
+pub enum Decoded {
+    Envelope(Box<CommandEnvelope>),
+    /// Not a readable command: dead-lettered with this class.
+    Undecodable { class: &'static str, message: String },
+}
+
+/// Everything that can happen to an owner.
+#[derive(Debug)]
+pub enum Event {
+    /// Restore is done: re-publish, heal, resume (once, first).
+    Start,
+    Command(Box<CommandRecord>),
+    /// Stop taking work; finish what is in flight within the drain bound.
+    Revoke,
+    /// A state write is acknowledged at `offset` (and, if it asked to, confirmed by the fence).
+    Written { write: WriteId, offset: i64 },
+    /// Every event of the record at `state_offset` is on the status topic.
+    Published { state_offset: i64 },
+    DeadLettered { command_offset: i64 },
+    Answered { call: CallId, answer: BankAnswer },
+    /// The state tail read a record of this key written by a superseded owner at `offset`.
+    StaleRecord { key: String, offset: i64 },
+    /// The state tail read a newer claim on the partition.
+    Superseded { claimed_at: i64 },
+    /// Time passed (timers, checkpoints, deadlines).
+    Tick,
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Encode and enqueue a state record (in order), then report `Event::Written`.
+    Write {
+        id: WriteId,
+        write: StateWrite,
+        fence: FenceWait,
+    },
+    /// Publish these events, then report `Event::Published`.
+    Publish {
+        state_offset: i64,
+        events: Vec<StatusEvent>,
+    },
+    /// Call the bank for this payment, then report `Event::Answered`. The shell checks the fence
+    /// again right before the call leaves.
+    Call {
+        id: CallId,
+        payment: Box<Payment>,
+        call: BankCall,
+    },
+    /// Dead-letter the original record, then report `Event::DeadLettered`.
+    DeadLetter {
+        record: Box<OwnedMessage>,
+        class: &'static str,
+        message: String,
+        payment_id: Option<String>,
+    },
+    /// The next command offset to consume after a restart (everything before it is done).
+    Committable(i64),
+    /// The partition is released (drain finished or its bound reached).
+    Released,
+    /// A newer owner claimed the partition: stop the process (crash-only).
+    Fenced { claimed_at: i64 },
+}
+
+/// A state record to write.
+#[derive(Debug)]
+pub enum StateWrite {
+    Payment {
+        payment: Box<Payment>,
+        events: Vec<StatusEvent>,
+    },
+    Tokens(Box<PsuTokens>),
+    /// A tombstone of a pair's key.
+    DeleteTokens(TokenKey),
+    /// A tombstone of any other key (healing a key a superseded owner wrote).
+    DeleteKey(String),
+    /// "Every event in records up to `through` is published." Also the owner's fence barrier.
+    Checkpoint { through: i64 },
+}
+
+impl StateWrite {
+    pub fn key(&self, partition: i32) -> String {
+        match self {
+            StateWrite::Payment { payment, .. } => payment_key(&payment.payment_id),
+            StateWrite::Tokens(tokens) => {
+                psu_key(&TokenKey::new(tokens.brand, tokens.psu_id.clone()))
+            }
+            StateWrite::DeleteTokens(key) => psu_key(key),
+            StateWrite::DeleteKey(key) => key.clone(),
+            StateWrite::Checkpoint { .. } => crate::kafka::state::checkpoint_key(partition),
+        }
+    }
+}
+
+/// Whether the shell waits for the fence (the state tail read past the write with no newer
+/// claim before it) before reporting the write. The reason is part of the action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceWait {
+    Confirm { why: &'static str },
+    AckOnly { why: &'static str },
+}
+
+impl FenceWait {
+    pub fn confirms(self) -> bool {
+        match self {
+            FenceWait::Confirm { .. } => true,
+            FenceWait::AckOnly { .. } => false,
+        }
+    }
+}
+
+const ACTED_ON: FenceWait = FenceWait::Confirm {
+    why: "its events, its command's offset and the effect that follows act on it",
+};
+const TOKENS_USED: FenceWait = FenceWait::Confirm {
+    why: "a new token pair is used only once it is durable for the current owner",
+};
+const HEAL: FenceWait = FenceWait::Confirm {
+    why: "a re-write must be the current owner's, or it heals nothing",
+};
+const BARRIER: FenceWait = FenceWait::Confirm {
+    why: "releases dead letters and ignored commands decided before it: they act on the owner's view",
+};
+const CHECKPOINT: FenceWait = FenceWait::AckOnly {
+    why: "a checkpoint only lets a restore skip re-publishing; a superseded owner's carries an old epoch and restore skips it",
+};
+
+/// A bank call the shell makes.
+#[derive(Debug)]
+pub enum BankCall {
+    Initiate,
+    Status,
+    Exchange,
+    Cancel { access_token: SecretString },
+    Refresh { brand: Brand, refresh_token: SecretString },
+}
+
+/// A bank call's result, as the shell classifies it.
+#[derive(Debug)]
+pub enum BankAnswer {
+    Input(Input),
+    Tokens(TokenPair),
+    RefreshFailed(RefreshFailure),
+}
+
+/// Why a token refresh failed: only a definitive refusal of the grant deletes the pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshFailure {
+    /// `invalid_grant` (Belfius: invalid refresh token): the pair is dead.
+    Revoked { message: String },
+    /// Refused for another reason (a rotated client secret, a refused certificate...): the pair
+    /// may be fine; an operator must look.
+    Refused { message: String },
+    /// No usable answer: nothing is known.
+    Transient { message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining { deadline: Millis },
+    Finishing { checkpoint: WriteId, deadline: Millis },
+    Released,
+    Fenced,
+}
+
+#[derive(Debug)]
+enum LaneOp {
+    Exchange(PaymentId),
+    Cancel(PaymentId),
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    running: bool,
+    queue: VecDeque<LaneOp>,
+}
+
+#[derive(Debug)]
+enum Purpose {
+    Payment,
+    Exchange { lane: TokenKey },
+    Cancel { lane: TokenKey },
+    RefreshToCancel { lane: TokenKey },
+}
+
+#[derive(Debug)]
+struct PendingCall {
+    payment_id: PaymentId,
+    purpose: Purpose,
+}
+
+#[derive(Debug)]
+enum AfterWrite {
+    Payment {
+        payment_id: PaymentId,
+        source: Option<i64>,
+        events: Vec<StatusEvent>,
+        effect: Option<Effect>,
+    },
+    Tokens {
+        lane: TokenKey,
+        payment_id: PaymentId,
+        then: AfterTokens,
+    },
+    /// A dead pair's tombstone: then the operation that needed it ends with `input`.
+    TokensDeleted {
+        lane: TokenKey,
+        payment_id: PaymentId,
+        input: Box<Input>,
+    },
+    Heal {
+        key: String,
+    },
+    Checkpoint,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum AfterTokens {
+    Exchanged,
+    Cancel,
+}
+
+#[derive(Debug)]
+struct PendingWrite {
+    after: AfterWrite,
+    confirmed: bool,
+}
+
+/// A decision on a command that needs no state write: it leaves the owner only once a later
+/// write of this owner is confirmed by the fence (a superseded owner's view may be stale).
+#[derive(Debug)]
+enum Verdict {
+    Done(i64),
+    DeadLetter {
+        record: Box<OwnedMessage>,
+        class: &'static str,
+        message: String,
+        payment_id: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+struct Deferred {
+    /// Released by a confirmed write with an id at least this.
+    after: WriteId,
+    verdict: Verdict,
+}
+
+#[derive(Debug)]
+struct Queued {
+    input: Input,
+    source: Option<Box<OwnedMessage>>,
+}
+
+/// The owner of one command partition, without I/O.
+pub struct OwnerCore {
+    config: CoreConfig,
+    random: Box<dyn Randomness>,
+    phase: Phase,
+    payments: HashMap<PaymentId, Payment>,
+    tokens: HashMap<TokenKey, PsuTokens>,
+    lanes: HashMap<TokenKey, Lane>,
+    busy: HashSet<PaymentId>,
+    queues: HashMap<PaymentId, VecDeque<Queued>>,
+    /// Timers of idle payments only: a busy payment's timer is looked at when it is released.
+    timers: BTreeSet<(Millis, PaymentId)>,
+    offsets: OffsetTracker,
+    outbox: OutboxTracker,
+    writes: BTreeMap<WriteId, PendingWrite>,
+    calls: HashMap<CallId, PendingCall>,
+    next_call: CallId,
+    publishing: HashSet<i64>,
+    dead_lettering: HashSet<i64>,
+    deferred: VecDeque<Deferred>,
+    /// Record keys a superseded owner wrote, with the offset of that record (-1: seen by
+    /// restore): healed by a write of this owner after it.
+    stale: HashMap<String, i64>,
+    quarantined: BTreeMap<String, Quarantined>,
+    quarantined_payments: HashSet<PaymentId>,
+    restored: Option<Restored>,
+    /// Payments whose queue or timer may have work now.
+    ready: VecDeque<PaymentId>,
+    next_checkpoint_at: Millis,
+    last_committable: Option<i64>,
+    /// When each payment entered its current state (the age gauges).
+    entered: HashMap<PaymentId, Millis>,
+    out: Vec<Action>,
+}
+
+impl OwnerCore {
+    pub fn new(
+        config: CoreConfig,
+        restored: Restored,
+        random: Box<dyn Randomness>,
+        now: Millis,
+    ) -> Self {
+        let outbox = OutboxTracker::new(restored.end_offset, restored.checkpoint);
+        let quarantined_payments = restored.quarantined_payments().collect();
+        let next_checkpoint_at = now + config.checkpoint_interval_ms;
+        OwnerCore {
+            config,
+            random,
+            phase: Phase::Running,
+            payments: HashMap::new(),
+            tokens: HashMap::new(),
+            lanes: HashMap::new(),
+            busy: HashSet::new(),
+            queues: HashMap::new(),
+            timers: BTreeSet::new(),
+            offsets: OffsetTracker::default(),
+            outbox,
+            writes: BTreeMap::new(),
+            calls: HashMap::new(),
+            next_call: 0,
+            publishing: HashSet::new(),
+            dead_lettering: HashSet::new(),
+            deferred: VecDeque::new(),
+            stale: HashMap::new(),
+            quarantined: restored.quarantined.clone(),
+            quarantined_payments,
+            restored: Some(restored),
+            ready: VecDeque::new(),
+            next_checkpoint_at,
+            last_committable: None,
+            entered: HashMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Handles one event; returns what the shell must do, in order.
+    pub fn on(&mut self, event: Event, now: Millis) -> Vec<Action> {
+        match self.phase {
+            Phase::Released | Phase::Fenced => return Vec::new(),
+            Phase::Running | Phase::Draining { .. } | Phase::Finishing { .. } => {}
+        }
+        match event {
+            Event::Start => self.start(now),
+            Event::Command(record) => self.on_command(*record, now),
+            Event::Revoke => {
+                if self.phase == Phase::Running {
+                    info!(
+                        partition = self.config.partition,
+                        outstanding = self.outstanding(),
+                        "revoking: draining"
+                    );
+                    self.phase = Phase::Draining {
+                        deadline: now + self.config.drain_timeout_ms,
+                    };
+                }
+            }
+            Event::Written { write, offset } => self.on_written(write, offset, now),
+            Event::Published { state_offset } => {
+                self.publishing.remove(&state_offset);
+                self.outbox.published(state_offset);
+            }
+            Event::DeadLettered { command_offset } => {
+                self.dead_lettering.remove(&command_offset);
+                self.offsets.done(command_offset);
+            }
+            Event::Answered { call, answer } => self.on_answer(call, answer, now),
+            Event::StaleRecord { key, offset } => self.on_stale(key, offset, now),
+            Event::Superseded { claimed_at } => {
+                warn!(
+                    partition = self.config.partition,
+                    claimed_at, "a newer owner claimed the partition"
+                );
+                self.phase = Phase::Fenced;
+                self.out.push(Action::Fenced { claimed_at });
+                return std::mem::take(&mut self.out);
+            }
+            Event::Tick => {}
+        }
+        self.settle(now);
+        std::mem::take(&mut self.out)
+    }
+
+    /// When the shell must wake the core up at the latest (`Event::Tick`).
+    pub fn next_wake(&self) -> Option<Millis> {
+        let timer = match self.phase {
+            Phase::Running => self.timers.first().map(|(at, _)| *at),
+            Phase::Draining { .. }
+            | Phase::Finishing { .. }
+            | Phase::Released
+            | Phase::Fenced => None,
+        };
+        let deadline = match self.phase {
+            Phase::Draining { deadline } | Phase::Finishing { deadline, .. } => Some(deadline),
+            Phase::Running | Phase::Released | Phase::Fenced => None,
+        };
+        let checkpoint = match self.phase {
+            Phase::Running | Phase::Draining { .. } => Some(self.next_checkpoint_at),
+            Phase::Finishing { .. } | Phase::Released | Phase::Fenced => None,
+        };
+        [timer, deadline, checkpoint].into_iter().flatten().min()
+    }
+
+    /// Whether the shell should hand over command records (it keeps them otherwise).
+    pub fn accepts_commands(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Released | Phase::Fenced)
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.config.epoch
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.config.partition
+    }
+
+    pub fn payment(&self, id: &PaymentId) -> Option<&Payment> {
+        self.payments.get(id)
+    }
+
+    pub fn tokens(&self, key: &TokenKey) -> Option<&PsuTokens> {
+        self.tokens.get(key)
+    }
+
+    pub fn quarantined(&self) -> &BTreeMap<String, Quarantined> {
+        &self.quarantined
+    }
+
+    /// Work the owner still waits for. A drain ends when there is none.
+    pub fn outstanding(&self) -> usize {
+        self.writes.len()
+            + self.calls.len()
+            + self.publishing.len()
+            + self.dead_lettering.len()
+            + self.deferred.len()
+            + self.lanes.values().map(|l| l.queue.len()).sum::<usize>()
+    }
+
+    /// Per-state counts and oldest entries, for the gauges.
+    pub fn summary(&self) -> super::stats::Summary {
+        let mut summary = super::stats::Summary {
+            quarantined: self.quarantined.len() as i64,
+            ..super::stats::Summary::default()
+        };
+        for (id, payment) in &self.payments {
+            let kind = payment.state.kind();
+            *summary.per_state.entry(kind).or_default() += 1;
+            if super::stats::AGED_STATES.contains(&kind) {
+                if let Some(&since) = self.entered.get(id) {
+                    let oldest = summary.oldest_entry.entry(kind).or_insert(since);
+                    *oldest = (*oldest).min(since);
+                }
+            }
+        }
+        summary
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Start
+
+    fn start(&mut self, now: Millis) {
+        let Some(restored) = self.restored.take() else {
+            return;
+        };
+        info!(
+            partition = self.config.partition,
+            payments = restored.payments.len(),
+            token_pairs = restored.tokens.len(),
+            records = restored.records_read,
+            unpublished = restored.unpublished.len(),
+            quarantined = restored.quarantined.len(),
+            "partition restored"
+        );
+        for (key, q) in &restored.quarantined {
+            warn!(
+                partition = self.config.partition,
+                record_key = %key,
+                offset = q.offset,
+                error = %q.error,
+                "state record quarantined: the payment it names is held (pis-worker state quarantined)"
+            );
+        }
+        self.tokens = restored.tokens;
+        for (id, payment) in restored.payments {
+            self.set_payment(id, payment, now);
+        }
+        for (offset, events) in restored.unpublished {
+            self.outbox.restored_unpublished(offset);
+            self.publish(offset, events);
+        }
+        let mut zombies: Vec<String> = restored.zombie_keys.into_iter().collect();
+        zombies.sort();
+        if !zombies.is_empty() {
+            warn!(
+                partition = self.config.partition,
+                keys = zombies.len(),
+                "re-writing keys a superseded owner wrote last"
+            );
+        }
+        for key in zombies {
+            self.on_stale(key, -1, now);
+        }
+        let mut resume: Vec<PaymentId> = self
+            .payments
+            .iter()
+            .filter(|(id, p)| !p.state.is_terminal() && !self.quarantined_payments.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        resume.sort();
+        for id in resume {
+            if self.busy.contains(&id) {
+                // Being healed: resume once the copy is durable.
+                self.queues.entry(id).or_default().push_back(Queued {
+                    input: Input::Restored,
+                    source: None,
+                });
+            } else {
+                self.set_busy(&id);
+                self.apply(id, Input::Restored, None, now);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Commands
+
+    fn on_command(&mut self, record: CommandRecord, now: Millis) {
+        if self.phase != Phase::Running {
+            // Not begun, so not committed: the next owner reads it again.
+            return;
+        }
+        let CommandRecord { message, decoded } = record;
+        let offset = message.offset();
+        self.offsets.begin(offset);
+        let today = chrono::DateTime::from_timestamp_millis(now)
+            .map(|t| t.date_naive())
+            .unwrap_or_default();
+        let verdict = match decoded {
+            Decoded::Undecodable { class, message: why } => Ingested::DeadLetter {
+                class,
+                message: why,
+                payment_id: None,
+            },
+            Decoded::Envelope(envelope) => ingest::to_input(
+                *envelope,
+                message.key(),
+                message.partition(),
+                self.config.partitions,
+                &self.config.limits,
+                today,
+            ),
+        };
+        match verdict {
+            Ingested::DeadLetter {
+                class,
+                message: why,
+                payment_id,
+            } => {
+                warn!(partition = self.config.partition, offset, class, message = %why, "command dead-lettered");
+                self.defer(Verdict::DeadLetter {
+                    record: Box::new(message),
+                    class,
+                    message: why,
+                    payment_id,
+                });
+            }
+            Ingested::Apply {
+                payment_id, input, ..
+            } => {
+                if self.quarantined_payments.contains(&payment_id) {
+                    let label = CommandLabel::of(&input).map_or(ingest::UNKNOWN_TYPE, |l| l.command_type);
+                    ingest::count_dead_letter(label, QUARANTINED);
+                    self.defer(Verdict::DeadLetter {
+                        record: Box::new(message),
+                        class: QUARANTINED,
+                        message: "the payment's state record could not be read and is quarantined (pis-worker state quarantined); replay this command once it is resolved".into(),
+                        payment_id: Some(payment_id.to_string()),
+                    });
+                } else if self.busy.contains(&payment_id) {
+                    self.queues.entry(payment_id).or_default().push_back(Queued {
+                        input: *input,
+                        source: Some(Box::new(message)),
+                    });
+                } else {
+                    self.set_busy(&payment_id);
+                    self.apply(payment_id, *input, Some(Box::new(message)), now);
+                }
+            }
+        }
+    }
+
+    /// Applies one input to a payment marked busy. `source` is the command record, if any.
+    fn apply(
+        &mut self,
+        payment_id: PaymentId,
+        input: Input,
+        source: Option<Box<OwnedMessage>>,
+        now: Millis,
+    ) {
+        let label = source.as_ref().and_then(|_| CommandLabel::of(&input));
+        // A re-delivered record (a crash before its offset was committed) is recognised by its
+        // offset: exact, however many commands the payment took since.
+        if let (Some(record), Some(current)) = (&source, self.payments.get(&payment_id)) {
+            if current
+                .last_command_offset
+                .is_some_and(|last| record.offset() <= last)
+            {
+                if let Some(label) = label {
+                    label.record(&Outcome::Ignored(Ignored::DuplicateCommand));
+                }
+                debug!(partition = self.config.partition, %payment_id, offset = record.offset(), "re-delivered command ignored");
+                self.defer(Verdict::Done(record.offset()));
+                self.release(&payment_id);
+                return;
+            }
+        }
+        let input = self.with_token_knowledge(&payment_id, input);
+        let current = self.payments.get(&payment_id);
+        let outcome = decide(&payment_id, current, input, now, &self.config.policy);
+        if let Some(label) = label {
+            label.record(&outcome);
+        }
+        match outcome {
+            Outcome::Changed(transition) => {
+                let mut transition = *transition;
+                let previous = current.map(|p| p.state.kind());
+                let volatile = current.is_some_and(|p| transition.is_volatile(p, source.is_some()));
+                let next = transition.payment.state.kind();
+                if previous != Some(next) {
+                    crate::metrics::metrics()
+                        .state_transitions
+                        .with_label_values(&[
+                            previous.map(StateKind::symbol).unwrap_or("NONE"),
+                            next.symbol(),
+                        ])
+                        .inc();
+                    info!(
+                        partition = self.config.partition,
+                        payment_id = %payment_id,
+                        from = previous.map(StateKind::symbol).unwrap_or("NEW"),
+                        to = next.symbol(),
+                        events = transition.events.len(),
+                        "transition"
+                    );
+                }
+                debug_assert!(
+                    transition.effects.len() <= 1,
+                    "a transition asks for one effect at most"
+                );
+                let effect = transition.effects.first().copied();
+                if let Some(record) = &source {
+                    transition.payment.last_command_offset = Some(record.offset());
+                }
+                if volatile {
+                    // Polling bookkeeping: not written (see `Transition::is_volatile`).
+                    self.set_payment(payment_id.clone(), transition.payment, now);
+                    match effect {
+                        Some(effect) => self.run_effect(payment_id, effect, now),
+                        None => self.release(&payment_id),
+                    }
+                    return;
+                }
+                let events = transition.events;
+                self.write(
+                    StateWrite::Payment {
+                        payment: Box::new(transition.payment.clone()),
+                        events: events.clone(),
+                    },
+                    ACTED_ON,
+                    AfterWrite::Payment {
+                        payment_id: payment_id.clone(),
+                        source: source.map(|r| r.offset()),
+                        events,
+                        effect,
+                    },
+                );
+                self.set_payment(payment_id, transition.payment, now);
+            }
+            Outcome::Ignored(why) => {
+                debug!(partition = self.config.partition, %payment_id, ?why, "input ignored");
+                if let Some(record) = source {
+                    self.defer(Verdict::Done(record.offset()));
+                }
+                self.release(&payment_id);
+            }
+            Outcome::Refused(refusal) => {
+                warn!(
+                    partition = self.config.partition,
+                    %payment_id,
+                    code = refusal.code.as_str(),
+                    message = %refusal.message,
+                    "command refused"
+                );
+                if let Some(record) = source {
+                    self.defer(Verdict::DeadLetter {
+                        record,
+                        class: refusal.code.as_str(),
+                        message: refusal.message,
+                        payment_id: Some(payment_id.to_string()),
+                    });
+                }
+                self.release(&payment_id);
+            }
+        }
+    }
+
+    /// A cancellation needs the PSU's pair at the payment's own brand.
+    fn with_token_knowledge(&self, payment_id: &PaymentId, input: Input) -> Input {
+        match input {
+            Input::Cancel {
+                command_id, psu_id, ..
+            } => {
+                let bank_token = self
+                    .payments
+                    .get(payment_id)
+                    .and_then(|p| p.order.as_ref())
+                    .is_some_and(|order| {
+                        self.tokens
+                            .contains_key(&TokenKey::new(order.brand(), psu_id.clone()))
+                    });
+                Input::Cancel {
+                    command_id,
+                    psu_id,
+                    bank_token,
+                }
+            }
+            other => other,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Effects and token lanes
+
+    fn run_effect(&mut self, payment_id: PaymentId, effect: Effect, now: Millis) {
+        if !self.payments.contains_key(&payment_id) {
+            self.release(&payment_id);
+            return;
+        }
+        match effect {
+            Effect::StartInitiation => {
+                // A new bank-side intent: not while draining (the next owner starts it; a
+                // `RECEIVED` payment without a timer resumes with it).
+                if self.phase != Phase::Running {
+                    self.release(&payment_id);
+                    return;
+                }
+                let input = Input::BeginInitiation {
+                    pkce_verifier: self.random.pkce_verifier(),
+                    sca_state: self.random.sca_state(),
+                };
+                self.apply(payment_id, input, None, now);
+            }
+            Effect::CallInitiate => self.call(payment_id, BankCall::Initiate, Purpose::Payment),
+            Effect::CheckStatus => self.call(payment_id, BankCall::Status, Purpose::Payment),
+            Effect::ExchangeCode => self.lane_op(payment_id, LaneOp::Exchange, now),
+            Effect::CallCancel => self.lane_op(payment_id, LaneOp::Cancel, now),
+        }
+    }
+
+    /// Queues an operation on the pair of the payment's brand and PSU.
+    fn lane_op(&mut self, payment_id: PaymentId, op: fn(PaymentId) -> LaneOp, now: Millis) {
+        let lane = self
+            .payments
+            .get(&payment_id)
+            .and_then(|p| Some(TokenKey::new(p.order.as_ref()?.brand(), p.psu_id.clone())));
+        let Some(lane) = lane else {
+            self.release(&payment_id);
+            return;
+        };
+        self.lanes
+            .entry(lane.clone())
+            .or_default()
+            .queue
+            .push_back(op(payment_id));
+        self.next_lane_op(lane, now);
+    }
+
+    fn call(&mut self, payment_id: PaymentId, call: BankCall, purpose: Purpose) {
+        let Some(payment) = self.payments.get(&payment_id) else {
+            return;
+        };
+        let id = self.next_call;
+        self.next_call += 1;
+        self.out.push(Action::Call {
+            id,
+            payment: Box::new(payment.clone()),
+            call,
+        });
+        self.calls.insert(
+            id,
+            PendingCall {
+                payment_id,
+                purpose,
+            },
+        );
+    }
+
+    /// Starts the lane's next operation if none is running. Operations issue or use the PSU's
+    /// pair, and Belfius kills the old pair when it issues a new one: one at a time.
+    fn next_lane_op(&mut self, key: TokenKey, now: Millis) {
+        match self.phase {
+            Phase::Running | Phase::Draining { .. } => {}
+            Phase::Finishing { .. } | Phase::Released | Phase::Fenced => return,
+        }
+        let Some(lane) = self.lanes.get_mut(&key) else {
+            return;
+        };
+        if lane.running {
+            return;
+        }
+        let Some(op) = lane.queue.pop_front() else {
+            self.lanes.remove(&key);
+            return;
+        };
+        lane.running = true;
+        match op {
+            LaneOp::Exchange(payment_id) => {
+                let has_code = self
+                    .payments
+                    .get(&payment_id)
+                    .is_some_and(|p| p.authorization_code.is_some());
+                if has_code {
+                    self.call(payment_id, BankCall::Exchange, Purpose::Exchange { lane: key });
+                } else {
+                    self.lane_done(&key, now);
+                    let input = Input::TokenExchangeFailed {
+                        message: "internal: no authorization code to exchange".into(),
+                    };
+                    self.apply(payment_id, input, None, now);
+                }
+            }
+            LaneOp::Cancel(payment_id) => {
+                let usable = self.tokens.get(&key).map(|t| {
+                    // Refresh a little before expiry: a quarter of the lifetime, at most 30 s.
+                    let margin = t
+                        .expires_at
+                        .map(|at| ((at - t.updated_at) / 4).clamp(0, TOKEN_MARGIN_MS))
+                        .unwrap_or(0);
+                    let fresh = t.expires_at.is_none_or(|at| at > now + margin);
+                    (fresh, t.access_token.clone(), t.refresh_token.clone())
+                });
+                match usable {
+                    Some((true, access_token, _)) => self.call(
+                        payment_id,
+                        BankCall::Cancel { access_token },
+                        Purpose::Cancel { lane: key },
+                    ),
+                    Some((false, _, Some(refresh_token))) => self.call(
+                        payment_id,
+                        BankCall::Refresh {
+                            brand: key.brand,
+                            refresh_token,
+                        },
+                        Purpose::RefreshToCancel { lane: key },
+                    ),
+                    Some((false, _, None)) | None => {
+                        self.lane_done(&key, now);
+                        let input = Input::CancelRefused(Reason::new(
+                            ReasonCode::CancelRefused,
+                            "no valid PIS token for this PSU: the PSU must authorize again",
+                        ));
+                        self.apply(payment_id, input, None, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn lane_done(&mut self, key: &TokenKey, now: Millis) {
+        if let Some(lane) = self.lanes.get_mut(key) {
+            lane.running = false;
+        }
+        self.next_lane_op(key.clone(), now);
+    }
+
+    fn on_answer(&mut self, call: CallId, answer: BankAnswer, now: Millis) {
+        let Some(PendingCall {
+            payment_id,
+            purpose,
+        }) = self.calls.remove(&call)
+        else {
+            return;
+        };
+        match (purpose, answer) {
+            (Purpose::Payment, BankAnswer::Input(input)) => {
+                self.apply(payment_id, input, None, now);
+            }
+            (Purpose::Exchange { lane }, BankAnswer::Tokens(pair)) => {
+                self.store_tokens(lane, payment_id, pair, AfterTokens::Exchanged, now);
+            }
+            (Purpose::RefreshToCancel { lane }, BankAnswer::Tokens(pair)) => {
+                self.store_tokens(lane, payment_id, pair, AfterTokens::Cancel, now);
+            }
+            (Purpose::Exchange { lane } | Purpose::Cancel { lane }, BankAnswer::Input(input)) => {
+                self.lane_done(&lane, now);
+                self.apply(payment_id, input, None, now);
+            }
+            (Purpose::RefreshToCancel { lane }, BankAnswer::RefreshFailed(failure)) => {
+                self.refresh_failed(lane, payment_id, failure, now);
+            }
+            (purpose, answer) => {
+                warn!(?purpose, ?answer, "internal: a bank answer that does not fit its call");
+                if let Purpose::Exchange { lane }
+                | Purpose::Cancel { lane }
+                | Purpose::RefreshToCancel { lane } = purpose
+                {
+                    self.lane_done(&lane, now);
+                }
+                self.release(&payment_id);
+            }
+        }
+    }
+
+    /// A new pair is durable (and confirmed) before anything uses it: Belfius invalidated the
+    /// previous one, so losing the new one would lock the PSU out.
+    fn store_tokens(
+        &mut self,
+        lane: TokenKey,
+        payment_id: PaymentId,
+        pair: TokenPair,
+        then: AfterTokens,
+        now: Millis,
+    ) {
+        let record = PsuTokens {
+            psu_id: lane.psu_id.clone(),
+            brand: lane.brand,
+            access_token: pair.access_token,
+            // A refresh answer without a new refresh token keeps the old one usable.
+            refresh_token: pair
+                .refresh_token
+                .or_else(|| self.tokens.get(&lane).and_then(|t| t.refresh_token.clone())),
+            expires_at: pair
+                .expires_in
+                .map(|d| now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)),
+            updated_at: now,
+        };
+        self.tokens.insert(lane.clone(), record.clone());
+        self.write(
+            StateWrite::Tokens(Box::new(record)),
+            TOKENS_USED,
+            AfterWrite::Tokens {
+                lane,
+                payment_id,
+                then,
+            },
+        );
+    }
+
+    fn refresh_failed(
+        &mut self,
+        lane: TokenKey,
+        payment_id: PaymentId,
+        failure: RefreshFailure,
+        now: Millis,
+    ) {
+        let m = crate::metrics::metrics();
+        match failure {
+            // The grant is dead: forget the pair (durably, fenced like any write), so the next
+            // operation does not try it again.
+            RefreshFailure::Revoked { message } => {
+                m.token_refresh_refusals.with_label_values(&["revoked"]).inc();
+                self.tokens.remove(&lane);
+                let input = Input::CancelRefused(Reason::new(
+                    ReasonCode::BankSecurityFailure,
+                    format!(
+                        "the bank refused to refresh the PIS token ({message}); the PSU must authorize again"
+                    ),
+                ));
+                self.write(
+                    StateWrite::DeleteTokens(lane.clone()),
+                    TOKENS_USED,
+                    AfterWrite::TokensDeleted {
+                        lane,
+                        payment_id,
+                        input: Box::new(input),
+                    },
+                );
+            }
+            // Perhaps our credentials, not the PSU's grant: keep the pair, alert.
+            RefreshFailure::Refused { message } => {
+                m.token_refresh_refusals.with_label_values(&["other"]).inc();
+                warn!(partition = self.config.partition, psu = %lane, %message, "token refresh refused for a reason other than a dead grant: the pair is kept");
+                self.lane_done(&lane, now);
+                let input = Input::CancelRefused(Reason::new(
+                    ReasonCode::BankSecurityFailure,
+                    format!(
+                        "the bank refused the token refresh ({message}); the PIS token is kept: an operator must check the worker's credentials"
+                    ),
+                ));
+                self.apply(payment_id, input, None, now);
+            }
+            // Nothing was sent to cancel: say so; the client may send CancelPayment again.
+            RefreshFailure::Transient { message } => {
+                self.lane_done(&lane, now);
+                let input = Input::CancelRefused(Reason::new(
+                    ReasonCode::CancelNotConfirmed,
+                    format!(
+                        "the cancellation was not sent: the token refresh failed ({message}); send CancelPayment again"
+                    ),
+                ));
+                self.apply(payment_id, input, None, now);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writes
+
+    fn write(&mut self, write: StateWrite, fence: FenceWait, after: AfterWrite) -> WriteId {
+        let id = self.outbox.sent();
+        self.writes.insert(
+            id,
+            PendingWrite {
+                after,
+                confirmed: fence.confirms(),
+            },
+        );
+        self.out.push(Action::Write { id, write, fence });
+        id
+    }
+
+    fn on_written(&mut self, write: WriteId, offset: i64, now: Millis) {
+        let Some(PendingWrite { after, confirmed }) = self.writes.remove(&write) else {
+            return;
+        };
+        let has_events = matches!(&after, AfterWrite::Payment { events, .. } if !events.is_empty());
+        self.outbox.acked(write, offset, has_events);
+        if confirmed {
+            self.release_deferred(write);
+        }
+        match after {
+            AfterWrite::Payment {
+                payment_id,
+                source,
+                events,
+                effect,
+            } => {
+                self.healed(&payment_key(&payment_id), offset);
+                if !events.is_empty() {
+                    self.publish(offset, events);
+                }
+                if let Some(command_offset) = source {
+                    self.offsets.done(command_offset);
+                }
+                match effect {
+                    Some(effect) => self.run_effect(payment_id, effect, now),
+                    None => self.release(&payment_id),
+                }
+            }
+            AfterWrite::Tokens {
+                lane,
+                payment_id,
+                then,
+            } => {
+                self.healed(&psu_key(&lane), offset);
+                match then {
+                    AfterTokens::Exchanged => {
+                        self.lane_done(&lane, now);
+                        self.apply(payment_id, Input::TokenExchanged, None, now);
+                    }
+                    // The lane stays with this operation: the cancellation uses the new pair.
+                    AfterTokens::Cancel => match self.tokens.get(&lane) {
+                        Some(tokens) => {
+                            let access_token = tokens.access_token.clone();
+                            self.call(
+                                payment_id,
+                                BankCall::Cancel { access_token },
+                                Purpose::Cancel { lane },
+                            );
+                        }
+                        None => {
+                            self.lane_done(&lane, now);
+                            self.release(&payment_id);
+                        }
+                    },
+                }
+            }
+            AfterWrite::TokensDeleted {
+                lane,
+                payment_id,
+                input,
+            } => {
+                self.healed(&psu_key(&lane), offset);
+                self.lane_done(&lane, now);
+                self.apply(payment_id, *input, None, now);
+            }
+            AfterWrite::Heal { key } => self.healed(&key, offset),
+            AfterWrite::Checkpoint => {
+                if let Phase::Finishing { checkpoint, .. } = self.phase {
+                    if checkpoint == write {
+                        self.release_partition();
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, state_offset: i64, events: Vec<StatusEvent>) {
+        self.publishing.insert(state_offset);
+        self.out.push(Action::Publish {
+            state_offset,
+            events,
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Verdicts that wait for the fence
+
+    fn defer(&mut self, verdict: Verdict) {
+        self.deferred.push_back(Deferred {
+            after: self.outbox.next_send(),
+            verdict,
+        });
+    }
+
+    fn release_deferred(&mut self, confirmed: WriteId) {
+        while self
+            .deferred
+            .front()
+            .is_some_and(|d| d.after <= confirmed)
+        {
+            let Some(Deferred { verdict, .. }) = self.deferred.pop_front() else {
+                break;
+            };
+            match verdict {
+                Verdict::Done(offset) => self.offsets.done(offset),
+                Verdict::DeadLetter {
+                    record,
+                    class,
+                    message,
+                    payment_id,
+                } => {
+                    self.dead_lettering.insert(record.offset());
+                    self.out.push(Action::DeadLetter {
+                        record,
+                        class,
+                        message,
+                        payment_id,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Deferred verdicts need a confirmed write after them; write a barrier if none is coming.
+    fn ensure_barrier(&mut self) {
+        let Some(last) = self.deferred.back().map(|d| d.after) else {
+            return;
+        };
+        let coming = self
+            .writes
+            .range(last..)
+            .any(|(_, pending)| pending.confirmed);
+        if !coming {
+            let through = self.outbox.last_checkpoint();
+            self.write(
+                StateWrite::Checkpoint { through },
+                BARRIER,
+                AfterWrite::Checkpoint,
+            );
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Healing keys a superseded owner wrote
+
+    fn on_stale(&mut self, key: String, offset: i64, _now: Millis) {
+        match self.phase {
+            Phase::Running | Phase::Draining { .. } => {}
+            Phase::Finishing { .. } | Phase::Released | Phase::Fenced => return,
+        }
+        let known = self.stale.get(&key).copied().unwrap_or(i64::MIN);
+        self.stale.insert(key.clone(), known.max(offset));
+        match RecordKey::parse(&key) {
+            RecordKey::Payment(id) => {
+                if self.busy.contains(&id) {
+                    // Healed by its next write, or when it is released.
+                    return;
+                }
+                match self.payments.get(&id) {
+                    Some(_) => {
+                        self.set_busy(&id);
+                        self.heal_payment(id);
+                    }
+                    // A payment this owner does not know: delete what the zombie wrote.
+                    None => {
+                        self.write(
+                            StateWrite::DeleteKey(key.clone()),
+                            HEAL,
+                            AfterWrite::Heal { key },
+                        );
+                    }
+                }
+            }
+            RecordKey::Tokens(token_key) => {
+                let write = match self.tokens.get(&token_key) {
+                    Some(tokens) => StateWrite::Tokens(Box::new(tokens.clone())),
+                    None => StateWrite::DeleteTokens(token_key),
+                };
+                self.write(write, HEAL, AfterWrite::Heal { key });
+            }
+            RecordKey::LegacyTokens(_) => {
+                self.write(
+                    StateWrite::DeleteKey(key.clone()),
+                    HEAL,
+                    AfterWrite::Heal { key },
+                );
+            }
+            RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {
+                self.stale.remove(&key);
+            }
+        }
+    }
+
+    /// Re-writes a (busy) payment as it is, under this owner's epoch.
+    fn heal_payment(&mut self, id: PaymentId) {
+        let Some(payment) = self.payments.get(&id) else {
+            self.release(&id);
+            return;
+        };
+        warn!(partition = self.config.partition, payment_id = %id, "re-writing a payment a superseded owner wrote");
+        self.write(
+            StateWrite::Payment {
+                payment: Box::new(payment.clone()),
+                events: Vec::new(),
+            },
+            HEAL,
+            AfterWrite::Payment {
+                payment_id: id,
+                source: None,
+                events: Vec::new(),
+                effect: None,
+            },
+        );
+    }
+
+    fn healed(&mut self, key: &str, written_at: i64) {
+        if self.stale.get(key).is_some_and(|&stale| written_at > stale) {
+            self.stale.remove(key);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Scheduling
+
+    fn set_busy(&mut self, id: &PaymentId) {
+        self.busy.insert(id.clone());
+        if let Some(at) = self.payments.get(id).and_then(|p| p.next_check_at) {
+            self.timers.remove(&(at, id.clone()));
+        }
+    }
+
+    /// The payment is idle again: heal it if a superseded owner wrote it meanwhile, else its
+    /// next queued input or its timer gets a turn (in `settle`).
+    fn release(&mut self, id: &PaymentId) {
+        if self.stale.contains_key(&payment_key(id)) && self.payments.contains_key(id) {
+            self.heal_payment(id.clone());
+            return;
+        }
+        self.busy.remove(id);
+        if let Some(at) = self.payments.get(id).and_then(|p| p.next_check_at) {
+            if !self.quarantined_payments.contains(id) {
+                self.timers.insert((at, id.clone()));
+            }
+        }
+        self.ready.push_back(id.clone());
+    }
+
+    fn set_payment(&mut self, id: PaymentId, payment: Payment, now: Millis) {
+        let kind = payment.state.kind();
+        let previous = self.payments.get(&id).map(|old| old.state.kind());
+        if previous != Some(kind) {
+            if previous == Some(StateKind::ScaPending) {
+                if let Some(since) = self.entered.get(&id) {
+                    crate::metrics::metrics()
+                        .sca_pending_duration
+                        .observe(((now - since).max(0) as f64) / 1000.0);
+                }
+            }
+            let since = if previous.is_none() {
+                payment.updated_at
+            } else {
+                now
+            };
+            self.entered.insert(id.clone(), since);
+        }
+        if !self.busy.contains(&id) {
+            if let Some(at) = self.payments.get(&id).and_then(|p| p.next_check_at) {
+                self.timers.remove(&(at, id.clone()));
+            }
+            if let Some(at) = payment.next_check_at {
+                if !self.quarantined_payments.contains(&id) {
+                    self.timers.insert((at, id.clone()));
+                }
+            }
+        }
+        self.payments.insert(id, payment);
+    }
+
+    /// After every event: queued inputs and due timers get their turn, checkpoints and
+    /// barriers are written, the drain is checked, and the committable offset is reported.
+    fn settle(&mut self, now: Millis) {
+        if self.phase == Phase::Running {
+            loop {
+                if let Some(id) = self.ready.pop_front() {
+                    if self.busy.contains(&id) {
+                        continue;
+                    }
+                    let next = self.queues.get_mut(&id).and_then(VecDeque::pop_front);
+                    if self.queues.get(&id).is_some_and(VecDeque::is_empty) {
+                        self.queues.remove(&id);
+                    }
+                    if let Some(queued) = next {
+                        self.set_busy(&id);
+                        self.apply(id, queued.input, queued.source, now);
+                    }
+                    continue;
+                }
+                let due = self
+                    .timers
+                    .first()
+                    .filter(|(at, _)| *at <= now)
+                    .map(|(_, id)| id.clone());
+                let Some(id) = due else {
+                    break;
+                };
+                self.set_busy(&id);
+                self.apply(id, Input::TimerFired, None, now);
+            }
+        } else {
+            self.ready.clear();
+        }
+        match self.phase {
+            Phase::Running | Phase::Draining { .. } if now >= self.next_checkpoint_at => {
+                self.next_checkpoint_at = now + self.config.checkpoint_interval_ms;
+                self.write_checkpoint_if_due();
+            }
+            Phase::Running
+            | Phase::Draining { .. }
+            | Phase::Finishing { .. }
+            | Phase::Released
+            | Phase::Fenced => {}
+        }
+        self.ensure_barrier();
+        match self.phase {
+            Phase::Draining { deadline } => {
+                if self.outstanding() == 0 {
+                    match self.write_checkpoint_if_due() {
+                        Some(id) => {
+                            self.phase = Phase::Finishing {
+                                checkpoint: id,
+                                deadline: now + self.config.finish_timeout_ms,
+                            };
+                        }
+                        None => self.release_partition(),
+                    }
+                } else if now >= deadline {
+                    warn!(
+                        partition = self.config.partition,
+                        outstanding = self.outstanding(),
+                        "drain bound reached with work in flight; the next owner resolves it from state"
+                    );
+                    self.release_partition();
+                }
+            }
+            Phase::Finishing { deadline, .. } if now >= deadline => self.release_partition(),
+            Phase::Running | Phase::Finishing { .. } | Phase::Released | Phase::Fenced => {}
+        }
+        self.report_committable();
+    }
+
+    fn write_checkpoint_if_due(&mut self) -> Option<WriteId> {
+        let through = self.outbox.checkpoint_due()?;
+        let id = self.write(
+            StateWrite::Checkpoint { through },
+            CHECKPOINT,
+            AfterWrite::Checkpoint,
+        );
+        // Not written again until a later one is due.
+        self.outbox.checkpoint_written(through);
+        Some(id)
+    }
+
+    fn release_partition(&mut self) {
+        self.report_committable();
+        self.phase = Phase::Released;
+        info!(
+            partition = self.config.partition,
+            committable = self.last_committable,
+            "partition released"
+        );
+        self.out.push(Action::Released);
+    }
+
+    fn report_committable(&mut self) {
+        let Some(offset) = self.offsets.committable() else {
+            return;
+        };
+        if self.last_committable != Some(offset) {
+            self.last_committable = Some(offset);
+            self.out.push(Action::Committable(offset));
+        }
+    }
+}
+
+/// Dead-letter class of a command for a payment whose state record is quarantined.
+pub const QUARANTINED: &str = "QUARANTINED";
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -1,0 +1,484 @@
+//! Restore as a pure fold over the records of one state partition, in offset order: what a new
+//! owner knows when it starts. No broker here: `kafka::state::read_partition` feeds it, tests
+//! feed it records directly.
+//!
+//! Rules (docs/guarantees.md, "Owner fencing"):
+//! - a restore marker is a claim: records of an older epoch after it are a superseded owner's
+//!   and are skipped (their keys are reported for healing);
+//! - a tombstone deletes its key, under the same epoch rule (its epoch is its `pis.epoch`
+//!   header);
+//! - a record that does not decode is quarantined, not fatal: the partition keeps running, and
+//!   the payment it names is held (never acted on) until a later valid record replaces it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::domain::machine::{Payment, StatusEvent};
+use crate::domain::model::{Brand, PaymentId, PsuId};
+use crate::kafka::state::{self, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, TokenKey};
+use crate::secret::StateKey;
+
+/// A state record that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub offset: i64,
+    pub error: String,
+}
+
+/// Everything a partition owner needs, rebuilt from its state partition.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub payments: HashMap<PaymentId, Payment>,
+    pub tokens: HashMap<TokenKey, PsuTokens>,
+    /// Events of records written after the last outbox checkpoint, in offset order: they may not
+    /// have reached the status topic.
+    pub unpublished: Vec<(i64, Vec<StatusEvent>)>,
+    pub checkpoint: i64,
+    pub records_read: u64,
+    /// The offset the next state write will get, at restore time.
+    pub end_offset: i64,
+    /// Records skipped because a superseded owner wrote them after a newer claim.
+    pub zombie_records: u64,
+    /// Keys whose latest record is such a skipped one: the new owner re-writes them, so the
+    /// latest record of the key is valid again before compaction can drop the older valid one.
+    pub zombie_keys: HashSet<String>,
+    /// Records that did not decode, by record key (the latest of each key).
+    pub quarantined: BTreeMap<String, Quarantined>,
+}
+
+impl Restored {
+    /// The payments a quarantined record names: held until a valid record replaces it.
+    pub fn quarantined_payments(&self) -> impl Iterator<Item = PaymentId> + '_ {
+        self.quarantined
+            .keys()
+            .filter_map(|key| match RecordKey::parse(key) {
+                RecordKey::Payment(id) => Some(id),
+                RecordKey::Tokens(_)
+                | RecordKey::LegacyTokens(_)
+                | RecordKey::Checkpoint
+                | RecordKey::RestoreMarker
+                | RecordKey::Unknown => None,
+            })
+    }
+}
+
+/// The fold. Feed every record of the partition up to the owner's own marker, then `finish`.
+pub struct RestoreFold<'k> {
+    key: &'k StateKey,
+    marker_offset: i64,
+    out: Restored,
+    /// The newest claim (or writer epoch) read so far.
+    epoch_floor: i64,
+    events_by_offset: BTreeMap<i64, Vec<StatusEvent>>,
+    /// The brand of each PSU's latest legacy (`psu/{psu}`) record, for its tombstone.
+    legacy_brands: HashMap<PsuId, Brand>,
+}
+
+impl<'k> RestoreFold<'k> {
+    pub fn new(key: &'k StateKey, marker_offset: i64) -> Self {
+        Self {
+            key,
+            marker_offset,
+            out: Restored {
+                checkpoint: -1,
+                end_offset: marker_offset + 1,
+                ..Restored::default()
+            },
+            epoch_floor: NO_EPOCH,
+            events_by_offset: BTreeMap::new(),
+            legacy_brands: HashMap::new(),
+        }
+    }
+
+    /// One record: `value: None` is a tombstone; `epoch_header` its `pis.epoch` header.
+    pub fn apply(
+        &mut self,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        epoch_header: Option<i64>,
+    ) {
+        if offset > self.marker_offset {
+            return;
+        }
+        self.out.records_read += 1;
+        let record_key = key
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        let parsed = RecordKey::parse(&record_key);
+        // A claim counts whatever its value says: the key alone makes it one.
+        if parsed == RecordKey::RestoreMarker {
+            self.epoch_floor = self.epoch_floor.max(offset);
+            return;
+        }
+        let Some(value) = value else {
+            self.tombstone(&record_key, parsed, epoch_header);
+            return;
+        };
+        let (record, epoch) = match state::decode_with_epoch(self.key, &record_key, value) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                self.out.quarantined.insert(
+                    record_key,
+                    Quarantined {
+                        offset,
+                        error: e.to_string(),
+                    },
+                );
+                return;
+            }
+        };
+        if self.is_zombie(epoch) {
+            self.zombie(&record_key);
+            return;
+        }
+        self.epoch_floor = self.epoch_floor.max(epoch);
+        // A valid record replaces whatever could not be read before it.
+        self.out.quarantined.remove(&record_key);
+        self.out.zombie_keys.remove(&record_key);
+        match record {
+            DecodedRecord::Payment { payment, events } => {
+                if !events.is_empty() {
+                    self.events_by_offset.insert(offset, events);
+                }
+                self.out.payments.insert(payment.payment_id.clone(), *payment);
+            }
+            DecodedRecord::Psu(tokens) => {
+                if let RecordKey::LegacyTokens(psu) = &parsed {
+                    self.legacy_brands.insert(psu.clone(), tokens.brand);
+                }
+                let key = TokenKey::new(tokens.brand, tokens.psu_id.clone());
+                self.out.tokens.insert(key, tokens);
+            }
+            DecodedRecord::Checkpoint(through) => {
+                self.out.checkpoint = self.out.checkpoint.max(through);
+            }
+            DecodedRecord::RestoreMarker => {}
+        }
+    }
+
+    fn is_zombie(&self, epoch: i64) -> bool {
+        epoch != NO_EPOCH && epoch < self.epoch_floor
+    }
+
+    fn zombie(&mut self, record_key: &str) {
+        self.out.zombie_records += 1;
+        match RecordKey::parse(record_key) {
+            RecordKey::Payment(_) | RecordKey::Tokens(_) | RecordKey::LegacyTokens(_) => {
+                self.out.zombie_keys.insert(record_key.to_owned());
+            }
+            RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {}
+        }
+    }
+
+    fn tombstone(&mut self, record_key: &str, parsed: RecordKey, epoch: Option<i64>) {
+        let epoch = epoch.unwrap_or(NO_EPOCH);
+        if self.is_zombie(epoch) {
+            self.zombie(record_key);
+            return;
+        }
+        self.epoch_floor = self.epoch_floor.max(epoch);
+        self.out.quarantined.remove(record_key);
+        self.out.zombie_keys.remove(record_key);
+        match parsed {
+            RecordKey::Payment(id) => {
+                self.out.payments.remove(&id);
+                // A deleted payment has nothing left to re-publish.
+                self.events_by_offset
+                    .retain(|_, events| events.first().is_none_or(|e| e.payment_id != id));
+            }
+            RecordKey::Tokens(key) => {
+                self.out.tokens.remove(&key);
+            }
+            RecordKey::LegacyTokens(psu) => {
+                if let Some(brand) = self.legacy_brands.remove(&psu) {
+                    self.out.tokens.remove(&TokenKey::new(brand, psu));
+                }
+            }
+            RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {}
+        }
+    }
+
+    pub fn finish(mut self) -> Restored {
+        let checkpoint = self.out.checkpoint;
+        self.out.unpublished = self
+            .events_by_offset
+            .into_iter()
+            .filter(|(offset, _)| *offset > checkpoint)
+            .collect();
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::machine::{Input, Outcome, Policy, decide};
+    use crate::domain::model::{Amount, CommandId, Language, PaymentOrder, PaymentProduct};
+    use secrecy::{ExposeSecret, SecretString};
+
+    fn key() -> StateKey {
+        StateKey::from_hex(&StateKey::generate_hex()).expect("key")
+    }
+
+    fn payment(id: &str) -> (Payment, Vec<StatusEvent>) {
+        let order = PaymentOrder {
+            product: PaymentProduct::SepaCreditTransfers,
+            brand: Brand::Belfius,
+            amount: Amount::from_minor(1234),
+            currency: "EUR".into(),
+            creditor_name: "Alice".into(),
+            creditor_iban: "BE68539007547034".into(),
+            creditor_bic: None,
+            debtor_iban: None,
+            end_to_end_id: format!("E2E-{id}"),
+            remittance_information: None,
+            requested_execution_date: None,
+            language: Language::Fr,
+            redirect_uri: "https://c.example/cb".into(),
+            cross_border: None,
+        };
+        let Outcome::Changed(t) = decide(
+            &PaymentId::new(id),
+            None,
+            Input::Initiate {
+                command_id: CommandId::new(format!("c-{id}")),
+                psu_id: PsuId::new("psu-1"),
+                order: order.into(),
+            },
+            1,
+            &Policy::default(),
+        ) else {
+            panic!("not changed")
+        };
+        (t.payment, t.events)
+    }
+
+    fn tokens(brand: Brand, access: &str) -> PsuTokens {
+        PsuTokens {
+            psu_id: PsuId::new("psu-1"),
+            brand,
+            access_token: SecretString::from(access),
+            refresh_token: None,
+            expires_at: None,
+            updated_at: 1,
+        }
+    }
+
+    /// A partition written record by record, as the broker would hand it to restore.
+    struct Log<'k> {
+        key: &'k StateKey,
+        records: Vec<(Option<String>, Option<Vec<u8>>, Option<i64>)>,
+    }
+
+    impl<'k> Log<'k> {
+        fn new(key: &'k StateKey) -> Self {
+            Self {
+                key,
+                records: Vec::new(),
+            }
+        }
+        fn offset(&self) -> i64 {
+            self.records.len() as i64
+        }
+        /// A claim: returns its offset (the claimant's epoch).
+        fn marker(&mut self, owner: &str) -> i64 {
+            let (k, v) = state::encode_restore_marker(0, owner).expect("marker");
+            self.records.push((Some(k), Some(v), None));
+            self.offset() - 1
+        }
+        fn payment(&mut self, epoch: i64, p: &Payment, events: &[StatusEvent]) -> i64 {
+            let (k, v) = state::encode_payment(self.key, epoch, p, events).expect("encode");
+            self.records.push((Some(k), Some(v), Some(epoch)));
+            self.offset() - 1
+        }
+        fn tokens(&mut self, epoch: i64, t: &PsuTokens) {
+            let (k, v) = state::encode_psu(self.key, epoch, t).expect("encode");
+            self.records.push((Some(k), Some(v), Some(epoch)));
+        }
+        fn raw(&mut self, key: &str, value: Option<&[u8]>, epoch: Option<i64>) {
+            self.records
+                .push((Some(key.to_owned()), value.map(<[u8]>::to_vec), epoch));
+        }
+        /// Everything written so far, as a reader (not a new owner) sees it.
+        fn read_all(&self) -> Restored {
+            self.restore(self.offset() - 1)
+        }
+        fn restore(&self, marker: i64) -> Restored {
+            let mut fold = RestoreFold::new(self.key, marker);
+            for (offset, (k, v, e)) in self.records.iter().enumerate() {
+                fold.apply(offset as i64, k.as_deref().map(str::as_bytes), v.as_deref(), *e);
+            }
+            fold.finish()
+        }
+    }
+
+    #[test]
+    fn the_latest_valid_record_of_each_key_wins_and_events_after_the_checkpoint_are_unpublished() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let first = log.marker("a");
+        let (p1, e1) = payment("p-1");
+        log.payment(first, &p1, &e1);
+        let (ck, cv) = state::encode_checkpoint(0, first, 1).expect("checkpoint");
+        log.raw(&ck, Some(&cv), Some(first));
+        let (p2, e2) = payment("p-2");
+        let p2_at = log.payment(first, &p2, &e2);
+        let mine = log.marker("b");
+        let restored = log.restore(mine);
+        assert_eq!(restored.payments.len(), 2);
+        assert_eq!(restored.checkpoint, 1);
+        assert_eq!(
+            restored.unpublished.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            vec![p2_at]
+        );
+        assert_eq!(restored.records_read, 5);
+        assert_eq!(restored.end_offset, mine + 1);
+    }
+
+    /// Defect d: a superseded owner's tombstone (its epoch only in the header) deleted the
+    /// live owner's freshly written token pair, because restore applied tombstones before any
+    /// epoch check.
+    #[test]
+    fn zombie_token_tombstone_after_a_newer_claim_does_not_delete_the_live_pair() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let old = log.marker("old");
+        let new = log.marker("new");
+        log.tokens(new, &tokens(Brand::Belfius, "fresh"));
+        log.raw("psu/BELFIUS/psu-1", None, Some(old));
+        let mine = log.marker("next");
+        let restored = log.restore(mine);
+        let pair = restored
+            .tokens
+            .get(&TokenKey::new(Brand::Belfius, PsuId::new("psu-1")))
+            .expect("the live pair survives");
+        assert_eq!(pair.access_token.expose_secret(), "fresh");
+        assert_eq!(restored.zombie_records, 1);
+        assert!(restored.zombie_keys.contains("psu/BELFIUS/psu-1"));
+    }
+
+    #[test]
+    fn a_tombstone_of_the_current_owner_deletes_its_key() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let epoch = log.marker("a");
+        log.tokens(epoch, &tokens(Brand::Belfius, "t"));
+        log.raw("psu/BELFIUS/psu-1", None, Some(epoch));
+        let marker = log.marker("b");
+        let restored = log.restore(marker);
+        assert!(restored.tokens.is_empty());
+        assert!(restored.zombie_keys.is_empty());
+    }
+
+    /// Defect g: one pair per brand and PSU; a legacy `psu/{psu}` record maps to its brand.
+    #[test]
+    fn token_pairs_are_kept_per_brand_and_legacy_records_map_to_their_brand() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let epoch = log.marker("a");
+        // A record of the previous format: keyed by PSU only, brand inside, sealed under its key.
+        let legacy = tokens(Brand::Banx, "legacy-banx");
+        let legacy_key = "psu/psu-1";
+        let sealed = k
+            .seal(&legacy.access_token, legacy_key)
+            .expect("seal");
+        let value = serde_json::json!({
+            "type": "psu", "v": 1, "epoch": epoch, "psu_id": "psu-1", "brand": "BANX",
+            "access_token": sealed, "refresh_token": null, "expires_at": null, "updated_at": 1
+        });
+        log.raw(
+            legacy_key,
+            Some(&serde_json::to_vec(&value).expect("json")),
+            Some(epoch),
+        );
+        log.tokens(epoch, &tokens(Brand::Belfius, "belfius"));
+        let restored = log.read_all();
+        let at = |brand| {
+            restored
+                .tokens
+                .get(&TokenKey::new(brand, PsuId::new("psu-1")))
+                .map(|t| t.access_token.expose_secret().to_owned())
+        };
+        assert_eq!(at(Brand::Banx).as_deref(), Some("legacy-banx"));
+        assert_eq!(at(Brand::Belfius).as_deref(), Some("belfius"));
+        // The legacy tombstone deletes the legacy pair only.
+        log.raw(legacy_key, None, Some(epoch));
+        let restored = log.read_all();
+        assert_eq!(restored.tokens.len(), 1);
+        assert!(
+            restored
+                .tokens
+                .contains_key(&TokenKey::new(Brand::Belfius, PsuId::new("psu-1")))
+        );
+    }
+
+    /// Defect n: one undecodable record stopped every replica in turn. Now it is quarantined
+    /// with the payment it names, and restore goes on.
+    #[test]
+    fn an_undecodable_record_is_quarantined_and_restore_goes_on() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let epoch = log.marker("a");
+        let (p1, e1) = payment("p-1");
+        log.payment(epoch, &p1, &e1);
+        let garbage_at = log.offset();
+        log.raw("payment/p-1", Some(b"{not json"), Some(epoch));
+        let (p2, e2) = payment("p-2");
+        log.payment(epoch, &p2, &e2);
+        let marker = log.marker("b");
+        let restored = log.restore(marker);
+        assert_eq!(restored.payments.len(), 2, "the last good state is kept");
+        let q = restored.quarantined.get("payment/p-1").expect("quarantined");
+        assert_eq!(q.offset, garbage_at);
+        assert_eq!(
+            restored.quarantined_payments().collect::<Vec<_>>(),
+            vec![PaymentId::new("p-1")]
+        );
+    }
+
+    #[test]
+    fn a_later_valid_record_lifts_the_quarantine() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let epoch = log.marker("a");
+        log.raw("payment/p-1", Some(b"garbage"), Some(epoch));
+        let (p1, e1) = payment("p-1");
+        log.payment(epoch, &p1, &e1);
+        let marker = log.marker("b");
+        let restored = log.restore(marker);
+        assert!(restored.quarantined.is_empty());
+        assert_eq!(restored.payments.len(), 1);
+    }
+
+    #[test]
+    fn a_zombie_payment_record_is_skipped_and_its_key_reported_until_rewritten() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let old = log.marker("old");
+        let (p1, e1) = payment("p-1");
+        log.payment(old, &p1, &e1);
+        let new = log.marker("new");
+        let mut zombie = p1.clone();
+        zombie.sequence = 99;
+        log.payment(old, &zombie, &[]);
+        let restored = log.read_all();
+        assert_eq!(restored.payments[&PaymentId::new("p-1")].sequence, 1);
+        assert!(restored.zombie_keys.contains("payment/p-1"));
+        // The live owner re-wrote it: no longer stale.
+        log.payment(new, &p1, &[]);
+        let restored = log.read_all();
+        assert!(restored.zombie_keys.is_empty());
+    }
+
+    #[test]
+    fn records_after_the_marker_are_not_read() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let epoch = log.marker("a");
+        let mine = log.marker("b");
+        let (p1, e1) = payment("p-1");
+        log.payment(epoch, &p1, &e1);
+        let restored = log.restore(mine);
+        assert!(restored.payments.is_empty());
+    }
+}
