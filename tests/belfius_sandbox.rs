@@ -603,7 +603,8 @@ async fn sign_settle_and_token_exchange_rules() {
 
     let redirect = env.sign("E2E-SIGN").await;
     assert!(redirect.as_str().starts_with(&format!("{REDIRECT}?code=")));
-    assert_eq!(query(&redirect, "state").as_deref(), Some(id.as_str()));
+    // The PSU came without a state: the bank invents none.
+    assert_eq!(query(&redirect, "state"), None);
     let code = SecretString::from(query(&redirect, "code").unwrap());
 
     assert_eq!(env.status(&id).await, "ACTC");
@@ -670,8 +671,8 @@ async fn token_rotation_one_pair_per_psu() {
         .await
         .unwrap();
     let redirect = env.sign_as("E2E-T2", "alice").await;
-    assert_eq!(query(&redirect, "code"), None);
-    assert!(query(&redirect, "state").is_some());
+    // Neither a code (token initiation) nor a state (none given): the bare Redirect-URI.
+    assert_eq!(redirect.as_str(), REDIRECT);
 
     let refresh = tokens.refresh_token.clone().unwrap();
     let rotated = env
@@ -1721,7 +1722,9 @@ async fn psu_reject_gives_rjct_and_an_error_redirect() {
         .initiate_payment(&order("E2E-REJ"), &challenge(), None)
         .await
         .unwrap();
-    let (status, body) = env.admin_post("admin/e2e/E2E-REJ/reject").await;
+    let (status, body) = env
+        .admin_post("admin/e2e/E2E-REJ/reject?state=tpp-rej-1")
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let redirect = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
     assert_eq!(query(&redirect, "error").as_deref(), Some("access_denied"));
@@ -1729,10 +1732,7 @@ async fn psu_reject_gives_rjct_and_an_error_redirect() {
         query(&redirect, "error_description").as_deref(),
         Some("PSU refused")
     );
-    assert_eq!(
-        query(&redirect, "state").as_deref(),
-        Some(initiated.bank_payment_id.as_str())
-    );
+    assert_eq!(query(&redirect, "state").as_deref(), Some("tpp-rej-1"));
     assert_eq!(query(&redirect, "code"), None);
     assert_eq!(env.status(&initiated.bank_payment_id).await, "RJCT");
 
@@ -2105,6 +2105,389 @@ async fn restarted_sandbox_reuses_its_pki() {
     banx.brand = Brand::Banx;
     client
         .initiate_payment(&banx, &challenge(), None)
+        .await
+        .unwrap();
+}
+
+// =============================================================================================
+// The TPP's `state`, signable orphans, a rotated client secret.
+
+/// A browser that does not follow the bank's 303 (the test reads where it would go).
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// `{admin}/admin/sca/{action}?url=<link>&…`, the link percent-encoded.
+fn by_sca_url(env: &Env, action: &str, link: &str, extra: &[(&str, &str)]) -> url::Url {
+    let mut url = env
+        .sandbox
+        .admin_base_url()
+        .join(&format!("admin/sca/{action}"))
+        .expect("url");
+    url.query_pairs_mut()
+        .append_pair("url", link)
+        .extend_pairs(extra);
+    url
+}
+
+async fn post_url(url: url::Url) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .send()
+        .await
+        .expect("admin call");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_tpps_state_comes_back_on_the_redirect_only_when_given() {
+    let env = env().await;
+    let pkce = Pkce::generate();
+
+    // Browser: the TPP appends its state to the SCA URL; the page carries it to the redirect.
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-STATE-1"), &pkce.challenge, None)
+        .await
+        .unwrap();
+    let link = format!("{}?state=tpp-state_1", initiated.sca_redirect_url);
+    let page = browser().get(&link).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.text().await.unwrap();
+    assert_eq!(
+        page.matches("name=\"state\" value=\"tpp-state_1\"").count(),
+        2,
+        "{page}"
+    );
+    let response = browser()
+        .post(format!("{}/sign", initiated.sca_redirect_url))
+        .form(&[("psu", "alice"), ("state", "tpp-state_1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let location = url::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap();
+    assert_eq!(query(&location, "state").as_deref(), Some("tpp-state_1"));
+    let code = SecretString::from(query(&location, "code").unwrap());
+    env.client
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
+
+    // The PSU opens exactly the TPP's link through the operator API.
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-STATE-2"), &challenge(), None)
+        .await
+        .unwrap();
+    let link = format!("{}?state=tpp.state~2", initiated.sca_redirect_url);
+    let (status, body) = post_url(by_sca_url(&env, "sign", &link, &[("psu", "bob")])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["payment_id"], initiated.bank_payment_id.as_str());
+    let redirect = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&redirect, "state").as_deref(), Some("tpp.state~2"));
+    assert!(query(&redirect, "code").is_some());
+    let (_, view) = env
+        .admin_get(&format!("admin/payments/{}", initiated.bank_payment_id))
+        .await;
+    assert_eq!(view["psu"], "bob");
+    assert_eq!(view["redirect_url"], body["redirect_url"]);
+
+    // Refusal through the link without a state: error, and no state.
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-STATE-3"), &challenge(), None)
+        .await
+        .unwrap();
+    let (status, body) =
+        post_url(by_sca_url(&env, "reject", &initiated.sca_redirect_url, &[])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let redirect = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&redirect, "error").as_deref(), Some("access_denied"));
+    assert_eq!(query(&redirect, "state"), None);
+
+    // A malformed state is refused wherever it comes in, and nothing is signed.
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-STATE-4"), &challenge(), None)
+        .await
+        .unwrap();
+    let (status, body) = env
+        .admin_post("admin/e2e/E2E-STATE-4/sign?state=not%20opaque")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("state must be 1 to 512 characters"),
+        "{body}"
+    );
+    let bad_link = format!("{}?state=a%2Bb", initiated.sca_redirect_url);
+    let (status, _) = post_url(by_sca_url(&env, "sign", &bad_link, &[])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let page = browser().get(&bad_link).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::BAD_REQUEST);
+    let too_long = "s".repeat(513);
+    let response = browser()
+        .post(format!("{}/sign", initiated.sca_redirect_url))
+        .form(&[("state", too_long.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(env.status(&initiated.bank_payment_id).await, "RCVD");
+
+    // A link that is not one of the simulator's SCA links.
+    let foreign = format!(
+        "https://bank.example/sca/{}?state=x",
+        initiated.bank_payment_id
+    );
+    let (status, body) = post_url(by_sca_url(&env, "sign", &foreign, &[])).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not an SCA link of this simulator"),
+        "{body}"
+    );
+    assert_eq!(env.status(&initiated.bank_payment_id).await, "RCVD");
+
+    // The `psu` command with --sca-url: the same endpoint, from the command line.
+    let args = sandbox::cli::PsuArgs {
+        admin_url: env.sandbox.admin_base_url(),
+        action: sandbox::cli::PsuAction::Sign,
+        e2e: None,
+        sca_url: Some(format!("{}?state=cli-1", initiated.sca_redirect_url)),
+        psu: "carol".into(),
+        partial: false,
+    };
+    sandbox::cli::run_psu(args).await.unwrap();
+    let (_, view) = env
+        .admin_get(&format!("admin/payments/{}", initiated.bank_payment_id))
+        .await;
+    assert_eq!(view["psu"], "carol");
+    let redirect = url::Url::parse(view["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&redirect, "state").as_deref(), Some("cli-1"));
+}
+
+/// Initiates `e2e` with its answer lost; returns the orphan's bank id.
+async fn orphan(env: &Env, e2e: &str) -> String {
+    env.sandbox.faults().set(FaultSettings {
+        latency: Latency::default(),
+        rules: vec![rule(
+            EndpointClass::Initiate,
+            Fault::ResponseLost { hang_ms: 50 },
+        )],
+    });
+    let error = env
+        .client
+        .initiate_payment(&order(e2e), &challenge(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BankError::NoResponse(_)), "{error:?}");
+    env.sandbox.faults().clear();
+    let (_, payments) = env.admin_get("admin/payments").await;
+    let orphan = payments
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|p| p["endtoend_identification"] == e2e && p["orphaned"] == true)
+        })
+        .expect("the orphan is listed");
+    orphan["payment_id"].as_str().expect("id").to_owned()
+}
+
+#[tokio::test]
+async fn orphans_are_signable_only_in_that_mode() {
+    let env = env().await;
+    let id = orphan(&env, "E2E-ORPH").await;
+
+    // Off (the default): refused by id, invisible by end-to-end id, never signed.
+    let (_, config) = env.admin_get("admin/config").await;
+    assert_eq!(config["orphans_signable"], false);
+    let (status, body) = env.admin_post(&format!("admin/payments/{id}/sign")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("orphans_signable is off"),
+        "{body}"
+    );
+    let (status, _) = env.admin_post("admin/e2e/E2E-ORPH/sign").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = env.admin_post("admin/e2e/E2E-ORPH/sign-all").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(env.counters().await["orphans_signed"], 0);
+
+    // On, at run time: the PSU finds it by end-to-end id and signs it.
+    let (status, body) = env
+        .admin_post_json("admin/config", Some(json!({"orphans_signable": true})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["orphans_signable"], true);
+    let (status, body) = env
+        .admin_post("admin/e2e/E2E-ORPH/sign?psu=alice&state=orph-1")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["payment_id"], id.as_str());
+    let redirect = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&redirect, "state").as_deref(), Some("orph-1"));
+    assert!(query(&redirect, "code").is_some());
+    assert_eq!(env.status(&BankPaymentId::new(id.clone())).await, "ACTC");
+    let counters = env.counters().await;
+    assert_eq!(counters["orphans_signed"], 1);
+    assert_eq!(counters["orphaned_initiations"], 1);
+}
+
+#[tokio::test]
+async fn signable_orphans_keep_their_automatic_signature() {
+    let env = env_with(|c| {
+        c.orphans_signable = true;
+        c.auto_sign_after = Some(Duration::from_millis(300));
+    })
+    .await;
+    let id = BankPaymentId::new(orphan(&env, "E2E-ORPH-AUTO").await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(env.status(&id).await, "ACTC");
+    assert_eq!(env.counters().await["orphans_signed"], 1);
+
+    // The same with the mode off: the automatic signature went with the lost answer.
+    let env = env_with(|c| c.auto_sign_after = Some(Duration::from_millis(300))).await;
+    let id = BankPaymentId::new(orphan(&env, "E2E-ORPH-AUTO").await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(env.status(&id).await, "RCVD");
+    assert_eq!(env.counters().await["orphans_signed"], 0);
+}
+
+#[tokio::test]
+async fn sign_all_signs_every_payment_still_waiting_for_its_first_signature() {
+    let env = env().await;
+    // A payment already signed, an orphan of a lost answer, then the worker's retry.
+    let signed = env
+        .client
+        .initiate_payment(&order("E2E-ALL"), &challenge(), None)
+        .await
+        .unwrap();
+    env.sign("E2E-ALL").await;
+    let lost = orphan(&env, "E2E-ALL").await;
+    let retried = env
+        .client
+        .initiate_payment(&order("E2E-ALL"), &challenge(), None)
+        .await
+        .unwrap();
+    let other = env
+        .client
+        .initiate_payment(&order("E2E-OTHER"), &challenge(), None)
+        .await
+        .unwrap();
+
+    // Mode off: only the retry.
+    let (status, body) = env
+        .admin_post("admin/e2e/E2E-ALL/sign-all?psu=alice&state=all-1")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ids: Vec<_> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["payment_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, [retried.bank_payment_id.as_str()]);
+    let redirect = url::Url::parse(body[0]["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&redirect, "state").as_deref(), Some("all-1"));
+    assert_eq!(body[0]["status"], "ACTC");
+
+    // Mode on: the orphan too; signed payments and other end-to-end ids stay as they were.
+    env.admin_post_json("admin/config", Some(json!({"orphans_signable": true})))
+        .await;
+    let retried_again = env
+        .client
+        .initiate_payment(&order("E2E-ALL"), &challenge(), None)
+        .await
+        .unwrap();
+    let (status, body) = env.admin_post("admin/e2e/E2E-ALL/sign-all?psu=alice").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ids: Vec<_> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["payment_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, [lost.as_str(), retried_again.bank_payment_id.as_str()]);
+    assert!(
+        body.as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["status"] == "ACTC")
+    );
+    assert_eq!(env.counters().await["orphans_signed"], 1);
+    let (status, _) = env.admin_post("admin/e2e/E2E-ALL/sign-all").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(env.status(&other.bank_payment_id).await, "RCVD");
+    let (_, view) = env
+        .admin_get(&format!("admin/payments/{}", signed.bank_payment_id))
+        .await;
+    assert_eq!(view["psu"], "psu-default");
+}
+
+#[tokio::test]
+async fn a_rotated_client_secret_refuses_the_old_one() {
+    let env = env().await;
+    let (_, tokens) = env.signed_with_tokens("E2E-ROT", "alice").await;
+    let refresh = tokens.refresh_token.clone().unwrap();
+
+    let (status, body) = env
+        .admin_post_json(
+            "admin/config",
+            Some(json!({"client_secret": "rotated-secret-2"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!body.to_string().contains("rotated-secret-2"), "{body}");
+    let (_, shown) = env.admin_get("admin/config").await;
+    assert!(!shown.to_string().contains("rotated-secret-2"), "{shown}");
+
+    // The worker still on the old secret: invalid client, whatever the grant.
+    let (status, code, typed) =
+        refused_code(env.client.refresh_token(Brand::Belfius, &refresh).await);
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100009"));
+    assert_eq!(typed, E::InvalidClientId);
+    let pkce = Pkce::generate();
+    env.client
+        .initiate_payment(&order("E2E-ROT-2"), &pkce.challenge, None)
+        .await
+        .unwrap();
+    let code = SecretString::from(query(&env.sign("E2E-ROT-2").await, "code").unwrap());
+    let (status, error_code, _) = refused_code(
+        env.client
+            .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+            .await,
+    );
+    assert_eq!((status, error_code.as_str()), (401, "GEN-1203-100009"));
+
+    // With the new secret: an invalid refresh token is still told apart.
+    let mut config = env.sandbox.belfius_config().unwrap();
+    config.client_secret = SecretString::from("rotated-secret-2");
+    let rotated = BelfiusClient::new(config).unwrap();
+    let bogus = SecretString::from("not-a-refresh-token");
+    let (status, error_code, typed) =
+        refused_code(rotated.refresh_token(Brand::Belfius, &bogus).await);
+    assert_eq!((status, error_code.as_str()), (401, "GEN-1203-100004"));
+    assert_eq!(typed, E::InvalidRefreshToken);
+    // The old client's refusals burnt nothing: the real refresh token and the code still work.
+    rotated
+        .refresh_token(Brand::Belfius, &refresh)
+        .await
+        .unwrap();
+    rotated
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
         .await
         .unwrap();
 }

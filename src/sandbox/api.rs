@@ -1582,7 +1582,7 @@ fn check_basic_auth(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .ok_or_else(ApiError::bad_client)?;
     let (id, secret) = decoded.split_once(':').ok_or_else(ApiError::bad_client)?;
-    if id == shared.client_id && super::store::digest(secret) == shared.client_secret_digest {
+    if id == shared.client_id && shared.client_secret_matches(secret) {
         Ok(())
     } else {
         Err(ApiError::bad_client())

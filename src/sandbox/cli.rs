@@ -64,6 +64,9 @@ pub struct SandboxArgs {
     /// Check the QSeal `Signature` header of initiations (test QSeal in --tls-dir).
     #[arg(long)]
     pub verify_signatures: bool,
+    /// PSUs may see and sign orphans (payments whose initiation answer was lost).
+    #[arg(long)]
+    pub orphans_signable: bool,
     /// Belgian bank codes (IBAN characters 5-7) of Banx accounts.
     #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_BANX_BANK_CODES))]
     pub banx_bank_codes: Vec<String>,
@@ -97,6 +100,7 @@ impl SandboxArgs {
             sca_expiry: Duration::from_secs(self.sca_expiry_secs),
             access_token_lifetime: Duration::from_secs(self.access_token_lifetime_secs),
             verify_signatures: self.verify_signatures,
+            orphans_signable: self.orphans_signable,
             banx_bank_codes: self.banx_bank_codes.clone(),
             denied_countries: self.denied_countries.clone(),
             bic_required_countries: self.bic_required_countries.clone(),
@@ -154,8 +158,9 @@ impl PsuAction {
     }
 }
 
-/// Act as the PSU on the sandbox: sign or refuse the latest payment with an end-to-end id, and
-/// print where the PSU's browser is sent back to (feed it to the worker as the SCA outcome).
+/// Act as the PSU on the sandbox: sign or refuse the latest payment with an end-to-end id, or
+/// the payment behind the SCA URL the TPP gave, and print where the PSU's browser is sent back
+/// to (feed it to the worker as the SCA outcome).
 #[derive(Debug, Clone, clap::Args)]
 pub struct PsuArgs {
     /// Base URL of the sandbox operator API.
@@ -164,15 +169,23 @@ pub struct PsuArgs {
     /// What the PSU does.
     #[arg(value_enum)]
     pub action: PsuAction,
-    /// End-to-end id of the payment.
-    #[arg(long)]
-    pub e2e: String,
+    /// End-to-end id of the payment (the latest one with it).
+    #[arg(long, required_unless_present = "sca_url", conflicts_with = "sca_url")]
+    pub e2e: Option<String>,
+    /// The SCA URL exactly as the TPP gave it to the PSU (its `state` comes back on the
+    /// redirect). Kept as text, checked to be a URL: the simulator reads the link itself.
+    #[arg(long, value_parser = absolute_url)]
+    pub sca_url: Option<String>,
     /// Who signs or refuses: the authorization code (and so the tokens) belong to this PSU.
     #[arg(long, default_value = DEFAULT_PSU)]
     pub psu: String,
     /// One signature of several (multi-signature): the payment stays PATC.
     #[arg(long)]
     pub partial: bool,
+}
+
+fn absolute_url(text: &str) -> Result<String, url::ParseError> {
+    url::Url::parse(text).map(|_| text.to_owned())
 }
 
 pub async fn run_psu(args: PsuArgs) -> anyhow::Result<()> {
@@ -205,23 +218,40 @@ pub async fn run_psu(args: PsuArgs) -> anyhow::Result<()> {
 }
 
 /// `{admin}/admin/e2e/{e2e}/{action}?psu=…[&partial=true]` with the id percent-encoded as one
-/// path segment.
+/// path segment, or `{admin}/admin/sca/{action}?url={sca_url}&psu=…[&partial=true]`.
 pub fn psu_url(args: &PsuArgs) -> anyhow::Result<url::Url> {
     let admin = &args.admin_url;
     let mut url = admin.clone();
-    url.path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("admin URL {admin} cannot be a base"))?
-        .pop_if_empty()
-        .extend(["admin", "e2e", &args.e2e, args.action.path()]);
+    let action = args.action.path();
+    {
+        let mut path = url
+            .path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("admin URL {admin} cannot be a base"))?;
+        path.pop_if_empty();
+        // clap enforces one of the two; checked again for callers building PsuArgs by hand.
+        match (&args.e2e, &args.sca_url) {
+            (Some(e2e), None) => path.extend(["admin", "e2e", e2e.as_str(), action]),
+            (None, Some(_)) => path.extend(["admin", "sca", action]),
+            (Some(_), Some(_)) | (None, None) => bail!("give exactly one of --e2e and --sca-url"),
+        };
+    }
+    let mut query = url.query_pairs_mut();
+    if let Some(sca_url) = &args.sca_url {
+        query.append_pair("url", sca_url);
+    }
     match args.action {
         PsuAction::Sign | PsuAction::Reject => {
-            let mut query = url.query_pairs_mut();
             query.append_pair("psu", &args.psu);
             if args.partial {
                 query.append_pair("partial", "true");
             }
         }
         PsuAction::Abandon => {}
+    }
+    drop(query);
+    // An abandon by end-to-end id has no query at all: no bare `?`.
+    if url.query() == Some("") {
+        url.set_query(None);
     }
     Ok(url)
 }
@@ -256,6 +286,7 @@ mod tests {
         assert_eq!(config.bic_required_countries, ["US"]);
         assert_eq!(config.access_token_lifetime, Duration::from_secs(900));
         assert!(!config.verify_signatures);
+        assert!(!config.orphans_signable);
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:8444");
         assert_eq!(config.client_id, DEFAULT_CLIENT_ID);
         assert_eq!(config.settle_after, Duration::from_secs(2));
@@ -306,6 +337,42 @@ mod tests {
     }
 
     #[test]
+    fn psu_by_sca_url() {
+        let sca = "http://127.0.0.1:8444/sca/0123abcd?state=tpp-1";
+        let Command::Psu(args) =
+            Cli::parse_from(["x", "psu", "sign", "--sca-url", sca, "--psu", "alice"]).command
+        else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(args.e2e, None);
+        let url = psu_url(&args).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8444/admin/sca/sign?url=http%3A%2F%2F127.0.0.1%3A8444%2Fsca%2F0123abcd%3Fstate%3Dtpp-1&psu=alice"
+        );
+        // The simulator reads back exactly the link the PSU was given.
+        let link = url.query_pairs().find(|(k, _)| k == "url").unwrap().1;
+        assert_eq!(link, sca);
+        let Command::Psu(args) = Cli::parse_from(["x", "psu", "abandon", "--sca-url", sca]).command
+        else {
+            panic!("wrong subcommand");
+        };
+        assert_eq!(
+            psu_url(&args).unwrap().as_str(),
+            "http://127.0.0.1:8444/admin/sca/abandon?url=http%3A%2F%2F127.0.0.1%3A8444%2Fsca%2F0123abcd%3Fstate%3Dtpp-1"
+        );
+        // Exactly one of --e2e and --sca-url.
+        assert!(Cli::try_parse_from(["x", "psu", "sign"]).is_err());
+        assert!(
+            Cli::try_parse_from(["x", "psu", "sign", "--e2e", "E1", "--sca-url", sca]).is_err()
+        );
+        assert!(Cli::try_parse_from(["x", "psu", "sign", "--sca-url", "not a url"]).is_err());
+        let mut both = args.clone();
+        both.e2e = Some("E1".into());
+        assert!(psu_url(&both).is_err());
+    }
+
+    #[test]
     fn sandbox_lists_and_switches() {
         let Command::Sandbox(args) = Cli::parse_from([
             "x",
@@ -313,6 +380,7 @@ mod tests {
             "--banx-listen",
             "127.0.0.1:9445",
             "--verify-signatures",
+            "--orphans-signable",
             "--banx-bank-codes",
             "977,978",
             "--denied-countries",
@@ -325,6 +393,7 @@ mod tests {
         let config = args.config();
         assert_eq!(config.banx_listen.to_string(), "127.0.0.1:9445");
         assert!(config.verify_signatures);
+        assert!(config.orphans_signable);
         assert_eq!(config.banx_bank_codes, ["977", "978"]);
         assert_eq!(config.denied_countries, ["KP"]);
     }

@@ -478,7 +478,8 @@ pub async fn middleware(State(faults): State<Faults>, request: Request, next: Ne
         }
         Fault::ResponseLost { hang_ms } => {
             // The bank acts: the handler runs to completion and its answer is lost. A payment
-            // it created is an orphan: nobody ever saw its SCA URL, so no PSU can sign it.
+            // it created is an orphan: the TPP never saw its SCA URL (whether a PSU may still
+            // sign it is the store's `orphans_signable`).
             let answered = next.run(request).await;
             let created = answered
                 .headers()

@@ -63,6 +63,9 @@ pub struct SandboxConfig {
     pub access_token_lifetime: Duration,
     /// Check the QSeal `Signature` header of initiations against the test QSeal certificate.
     pub verify_signatures: bool,
+    /// PSUs may see and sign orphans (payments whose initiation answer was lost); off, nobody
+    /// can. Changeable at run time (`/admin/config`).
+    pub orphans_signable: bool,
     /// [I] Belgian bank codes (IBAN characters 5-7) of Banx accounts; every other Belgian
     /// account is a Belfius account.
     pub banx_bank_codes: Vec<String>,
@@ -105,6 +108,7 @@ impl SandboxConfig {
             sca_expiry: Duration::from_secs(15 * 60),
             access_token_lifetime: store::DEFAULT_ACCESS_TOKEN_LIFETIME,
             verify_signatures: false,
+            orphans_signable: false,
             banx_bank_codes: strings(DEFAULT_BANX_BANK_CODES),
             denied_countries: strings(DEFAULT_DENIED_COUNTRIES),
             bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
@@ -115,7 +119,8 @@ impl SandboxConfig {
 /// State shared by all routers.
 pub struct Shared {
     client_id: String,
-    client_secret_digest: Digest,
+    /// The secret /token accepts; the operator may rotate it (`/admin/config`).
+    client_secret_digest: Mutex<Digest>,
     admin_base: url::Url,
     rules: Rules,
     /// `None` when no test QSeal certificate could be made: signatures cannot be verified.
@@ -128,6 +133,23 @@ impl Shared {
     /// panicked between two consistent updates: keep serving.
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `secret` is the client secret in force. Compared as digests.
+    fn client_secret_matches(&self, secret: &str) -> bool {
+        let current = *self
+            .client_secret_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        store::digest(secret) == current
+    }
+
+    /// From now on only `secret` is accepted at /token.
+    fn rotate_client_secret(&self, secret: &SecretString) {
+        *self
+            .client_secret_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = store::digest(secret.expose_secret());
     }
 }
 
@@ -248,6 +270,8 @@ impl RunningSandbox {
         }
     }
 
+    /// The secret at start. A rotation at `/admin/config` does not change it: a client built
+    /// from [`Self::belfius_config`] then still presents this one, like a worker not yet told.
     pub fn client_secret(&self) -> &SecretString {
         &self.client_secret
     }
@@ -327,7 +351,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
 
     let shared = Arc::new(Shared {
         client_id: config.client_id.clone(),
-        client_secret_digest: store::digest(config.client_secret.expose_secret()),
+        client_secret_digest: Mutex::new(store::digest(config.client_secret.expose_secret())),
         admin_base: base_url("http", admin_addr),
         rules: Rules {
             banx_bank_codes: config.banx_bank_codes.clone(),
@@ -342,6 +366,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
             access_token_lifetime: config.access_token_lifetime,
             verify_signatures: config.verify_signatures,
             cancel_status: 204,
+            orphans_signable: config.orphans_signable,
         })),
     });
     let faults = Faults::default();

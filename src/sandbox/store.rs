@@ -76,16 +76,48 @@ pub enum AutoAction {
     Reject,
 }
 
-/// What a PSU does on the SCA screens.
+/// Longest `state` the simulator accepts from a TPP.
+pub const MAX_STATE_LEN: usize = 512;
+
+/// The TPP's opaque `state`, appended to the SCA URL it gives the PSU and echoed by the bank
+/// on the redirect back. Only RFC 3986 unreserved characters: the redirect stays a
+/// well-formed URL whatever the TPP sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaState(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("state must be 1 to {MAX_STATE_LEN} characters of A-Z, a-z, 0-9, '.', '_', '~', '-'")]
+pub struct InvalidState;
+
+impl ScaState {
+    pub fn parse(text: &str) -> Result<Self, InvalidState> {
+        let unreserved =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-');
+        if (1..=MAX_STATE_LEN).contains(&text.len()) && text.bytes().all(unreserved) {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(InvalidState)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a PSU does on the SCA screens. `state`: the TPP's, when the PSU came through an SCA
+/// URL carrying one; the redirect echoes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PsuAction {
     /// `partial`: one signature of several (multi-signature), the payment stays PATC.
     Sign {
         psu: String,
         partial: bool,
+        state: Option<ScaState>,
     },
     Reject {
         psu: String,
+        state: Option<ScaState>,
     },
 }
 
@@ -102,6 +134,10 @@ pub struct Settings {
     pub verify_signatures: bool,
     /// HTTP status of a successful cancellation: 204 (no body), 200 or 202 (with a body).
     pub cancel_status: u16,
+    /// PSUs may see and sign orphans (payments whose initiation answer was lost), as in a
+    /// banking app at a real bank. Off: nobody can, which makes "an orphan is never signed"
+    /// true by construction.
+    pub orphans_signable: bool,
 }
 
 /// A standing order's schedule, as validated by the API.
@@ -209,8 +245,8 @@ pub struct Payment {
     auto_at: Option<(Instant, AutoAction)>,
     /// The PSU's last browser redirect back to the TPP; holds an authorization code.
     last_redirect: Option<SecretString>,
-    /// The initiation's answer was lost: nobody has this payment's SCA URL, so no PSU can
-    /// sign it. It stays RCVD until it expires, as an unsigned orphan does at a real bank.
+    /// The initiation's answer was lost: the TPP never got this payment's SCA URL. Unless
+    /// `orphans_signable`, no PSU can sign it and it stays RCVD until it expires.
     orphaned: bool,
 }
 
@@ -238,7 +274,8 @@ pub struct PaymentView {
     pub pkce: bool,
     /// Operator view only: contains the authorization code, as the PSU's browser would.
     pub redirect_url: Option<String>,
-    /// The initiation's answer was lost (fault injection): nobody can sign it.
+    /// The initiation's answer was lost (fault injection): signable only with
+    /// `orphans_signable`.
     pub orphaned: bool,
 }
 
@@ -294,6 +331,24 @@ impl Payment {
         }
     }
 
+    /// Still waiting for its first signature.
+    fn awaits_first_signature(&self) -> bool {
+        match self.status {
+            TransactionStatus::Rcvd => true,
+            TransactionStatus::Pdng
+            | TransactionStatus::Patc
+            | TransactionStatus::Actc
+            | TransactionStatus::Accp
+            | TransactionStatus::Acsp
+            | TransactionStatus::Acwc
+            | TransactionStatus::Acfc
+            | TransactionStatus::Acsc
+            | TransactionStatus::Part
+            | TransactionStatus::Rjct
+            | TransactionStatus::Canc => false,
+        }
+    }
+
     /// Whether `e2e` names this payment (a bulk: also any of its transfers).
     fn has_e2e(&self, e2e: &str) -> bool {
         self.e2e == e2e
@@ -329,7 +384,9 @@ impl std::fmt::Debug for PsuOutcome {
 pub enum PsuError {
     #[error("no such payment")]
     NotFound,
-    #[error("the initiation's answer was lost: nobody has this payment's SCA URL")]
+    #[error(
+        "the initiation's answer was lost: nobody has this payment's SCA URL (orphans_signable is off)"
+    )]
     Orphaned,
     #[error("payment is {0}, the PSU cannot act on it any more")]
     Conflict(&'static str),
@@ -406,8 +463,11 @@ pub struct Counters {
     /// Successful initiations of single payments and standing orders per end-to-end id:
     /// proves "no double initiation".
     pub initiations_by_e2e: BTreeMap<String, u64>,
-    /// Initiations whose answer was lost (fault injection): unsignable orphans.
+    /// Initiations whose answer was lost (fault injection): orphans.
     pub orphaned_initiations: u64,
+    /// Orphans that received a first signature (only possible with `orphans_signable`), by
+    /// any path: operator, browser, automatic.
+    pub orphans_signed: u64,
     /// Successful bulk initiations per end-to-end id of the bulk's first transfer.
     pub bulk_initiations: BTreeMap<String, u64>,
     /// Successful initiations, all kinds.
@@ -556,9 +616,14 @@ impl Store {
             .collect()
     }
 
+    /// Whether a PSU may see and act on this payment: orphans only in `orphans_signable` mode.
+    fn psu_sees(&self, p: &Payment) -> bool {
+        !p.orphaned || self.settings.orphans_signable
+    }
+
     /// The most recent payment with this end-to-end id that a PSU can see (there may be
-    /// several: that is exactly what the counters are there to reveal; orphans are skipped).
-    /// A bulk matches any of its transfers' ids.
+    /// several: that is exactly what the counters are there to reveal; orphans are skipped
+    /// unless signable). A bulk matches any of its transfers' ids.
     pub fn latest_by_e2e(&self, e2e: &str) -> Option<String> {
         self.order
             .iter()
@@ -566,16 +631,20 @@ impl Store {
             .find(|id| {
                 self.payments
                     .get(*id)
-                    .is_some_and(|p| p.has_e2e(e2e) && !p.orphaned)
+                    .is_some_and(|p| p.has_e2e(e2e) && self.psu_sees(p))
             })
             .cloned()
     }
 
-    /// The initiation's answer never reached the TPP: nobody can sign this payment.
+    /// The initiation's answer never reached the TPP. Unless orphans are signable, nobody
+    /// can sign this payment, so its automatic signature goes too.
     pub fn orphan(&mut self, id: &str) {
+        let signable = self.settings.orphans_signable;
         if let Some(p) = self.payments.get_mut(id) {
             p.orphaned = true;
-            p.auto_at = None;
+            if !signable {
+                p.auto_at = None;
+            }
             self.counters.orphaned_initiations += 1;
         }
     }
@@ -587,10 +656,49 @@ impl Store {
         now: Instant,
     ) -> Result<PsuOutcome, PsuError> {
         self.advance(id, now);
-        if self.payments.get(id).is_some_and(|p| p.orphaned) {
+        if self.payments.get(id).is_some_and(|p| !self.psu_sees(p)) {
             return Err(PsuError::Orphaned);
         }
         self.apply(id, action, now)
+    }
+
+    /// The PSU signs every payment with this end-to-end id that still waits for its first
+    /// signature (RCVD), oldest first; orphans only when signable. Empty when there is none.
+    pub fn sign_all(
+        &mut self,
+        e2e: &str,
+        psu: &str,
+        partial: bool,
+        state: Option<&ScaState>,
+        now: Instant,
+    ) -> Vec<PsuOutcome> {
+        let candidates: Vec<String> = self
+            .order
+            .iter()
+            .filter(|id| self.payments.get(*id).is_some_and(|p| p.has_e2e(e2e)))
+            .cloned()
+            .collect();
+        let mut outcomes = Vec::new();
+        for id in candidates {
+            self.advance(&id, now);
+            let pending = self
+                .payments
+                .get(&id)
+                .is_some_and(|p| p.awaits_first_signature() && self.psu_sees(p));
+            if !pending {
+                continue;
+            }
+            let action = PsuAction::Sign {
+                psu: psu.to_owned(),
+                partial,
+                state: state.cloned(),
+            };
+            // Cannot conflict: the payment is RCVD.
+            if let Ok(outcome) = self.apply(&id, action, now) {
+                outcomes.push(outcome);
+            }
+        }
+        outcomes
     }
 
     /// The PSU walks away: no automatic action will happen, the payment stays RCVD (or PATC)
@@ -646,18 +754,24 @@ impl Store {
             match p.status {
                 TransactionStatus::Rcvd => {
                     let expires = p.created + settings.sca_expiry;
+                    // An orphan's automatic action waits while orphans are not signable (the
+                    // mode may have been switched off since the answer was lost).
                     if let Some((at, action)) = p.auto_at
                         && at <= now
                         && at < expires
+                        && (!p.orphaned || settings.orphans_signable)
                     {
                         p.auto_at = None;
+                        // Automatic actions happen in the bank's channels: no TPP state.
                         let action = match action {
                             AutoAction::Sign => PsuAction::Sign {
                                 psu: DEFAULT_PSU.into(),
                                 partial: false,
+                                state: None,
                             },
                             AutoAction::Reject => PsuAction::Reject {
                                 psu: DEFAULT_PSU.into(),
+                                state: None,
                             },
                         };
                         // Cannot conflict: the payment is RCVD.
@@ -737,7 +851,14 @@ impl Store {
         };
         p.auto_at = None;
         let redirect = match action {
-            PsuAction::Sign { psu, partial } => {
+            PsuAction::Sign {
+                psu,
+                partial,
+                state,
+            } => {
+                if first_signer && p.orphaned {
+                    self.counters.orphans_signed += 1;
+                }
                 if first_signer && p.psu.is_none() {
                     // The code issued now is bound to this PSU: its tokens are this PSU's.
                     p.psu = Some(psu);
@@ -752,7 +873,7 @@ impl Store {
                 // a code is issued only when no access token was given [P flows].
                 match (first_signer, &p.challenge) {
                     (false, _) => None,
-                    (true, None) => Some(redirect_url(&p.redirect_uri, &[("state", &p.id)])),
+                    (true, None) => Some(redirect_url(&p.redirect_uri, &[], state.as_ref())),
                     (true, Some(challenge)) => {
                         let code = random_secret();
                         self.codes.insert(
@@ -768,12 +889,13 @@ impl Store {
                         );
                         Some(redirect_url(
                             &p.redirect_uri,
-                            &[("code", code.expose_secret()), ("state", &p.id)],
+                            &[("code", code.expose_secret())],
+                            state.as_ref(),
                         ))
                     }
                 }
             }
-            PsuAction::Reject { psu } => {
+            PsuAction::Reject { psu, state } => {
                 p.status = TransactionStatus::Rjct;
                 p.reason = Some("PSU refused".into());
                 for entry in &mut p.entries {
@@ -786,8 +908,8 @@ impl Store {
                         &[
                             ("error", "access_denied"),
                             ("error_description", "PSU refused"),
-                            ("state", &p.id),
                         ],
+                        state.as_ref(),
                     )
                 })
             }
@@ -933,17 +1055,24 @@ fn settle(p: &mut Payment) {
     }
 }
 
-/// `base?k=v&...` with proper query encoding; keeps the TPP's own query parameters. An
-/// unparsable base is kept verbatim with the parameters appended (it was validated at
+/// `base?k=v&...[&state=S]` with proper query encoding; keeps the TPP's own query parameters.
+/// `state` is the TPP's, echoed only when the PSU came with one: the bank cannot invent it.
+/// An unparsable base is kept verbatim with the parameters appended (it was validated at
 /// initiation, so this does not happen).
-fn redirect_url(base: &str, params: &[(&str, &str)]) -> String {
+fn redirect_url(base: &str, params: &[(&str, &str)], state: Option<&ScaState>) -> String {
+    let state = state.map(|s| ("state", s.as_str()));
+    let params: Vec<(&str, &str)> = params.iter().copied().chain(state).collect();
+    // `query_pairs_mut` would leave a bare `?` behind.
+    if params.is_empty() {
+        return base.to_owned();
+    }
     match url::Url::parse(base) {
         Ok(mut url) => {
             url.query_pairs_mut().extend_pairs(params);
             url.to_string()
         }
         Err(_) => {
-            let query = serde_urlencoded::to_string(params).unwrap_or_default();
+            let query = serde_urlencoded::to_string(&params).unwrap_or_default();
             format!("{base}?{query}")
         }
     }
@@ -960,9 +1089,13 @@ pub struct SettingsPatch {
     pub access_token_lifetime_secs: Option<u64>,
     pub verify_signatures: Option<bool>,
     pub cancel_status: Option<u16>,
+    pub orphans_signable: Option<bool>,
+    /// Rotates the client secret: from then on /token accepts only this one. Kept as a digest
+    /// outside [`Settings`] (`Shared`); never shown back, Debug prints it redacted.
+    pub client_secret: Option<SecretString>,
 }
 
-/// JSON view of [`Settings`].
+/// JSON view of [`Settings`]. The client secret is not a setting shown here.
 #[derive(Debug, Clone, Serialize)]
 pub struct SettingsView {
     pub auto_sign_after_ms: Option<u64>,
@@ -971,6 +1104,7 @@ pub struct SettingsView {
     pub access_token_lifetime_secs: u64,
     pub verify_signatures: bool,
     pub cancel_status: u16,
+    pub orphans_signable: bool,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -986,10 +1120,12 @@ impl Settings {
             access_token_lifetime_secs: self.access_token_lifetime.as_secs(),
             verify_signatures: self.verify_signatures,
             cancel_status: self.cancel_status,
+            orphans_signable: self.orphans_signable,
         }
     }
 
-    /// The patched settings, or why they are refused.
+    /// The patched settings, or why they are refused (the patch's client secret included:
+    /// the caller applies it only when this succeeds).
     pub fn patched(&self, patch: &SettingsPatch) -> Result<Self, String> {
         let mut next = *self;
         if let Some(ms) = patch.auto_sign_after_ms {
@@ -1015,6 +1151,16 @@ impl Settings {
             }
             next.cancel_status = status;
         }
+        if let Some(signable) = patch.orphans_signable {
+            next.orphans_signable = signable;
+        }
+        if patch
+            .client_secret
+            .as_ref()
+            .is_some_and(|secret| secret.expose_secret().is_empty())
+        {
+            return Err("client_secret must not be empty".into());
+        }
         Ok(next)
     }
 }
@@ -1030,6 +1176,7 @@ mod tests {
         access_token_lifetime: DEFAULT_ACCESS_TOKEN_LIFETIME,
         verify_signatures: false,
         cancel_status: 204,
+        orphans_signable: false,
     };
     const VERIFIER: &str = "verifier-verifier-verifier-verifier-verifier";
     const REDIRECT: &str = "https://tpp.example/cb?x=1";
@@ -1063,7 +1210,21 @@ mod tests {
         PsuAction::Sign {
             psu: psu.into(),
             partial: false,
+            state: None,
         }
+    }
+
+    fn state(text: &str) -> ScaState {
+        ScaState::parse(text).unwrap()
+    }
+
+    fn query_of(redirect: &str, key: &str) -> Vec<String> {
+        url::Url::parse(redirect)
+            .unwrap()
+            .query_pairs()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+            .collect()
     }
 
     fn code_of(redirect: &str) -> String {
@@ -1099,7 +1260,8 @@ mod tests {
             redirect.starts_with("https://tpp.example/cb?x=1&code="),
             "{redirect}"
         );
-        assert!(redirect.ends_with(&format!("&state={id}")));
+        // No state came with the PSU: the bank invents none.
+        assert!(query_of(&redirect, "state").is_empty(), "{redirect}");
         assert_eq!(
             store.payment(&id, t0).unwrap().psu.as_deref(),
             Some("alice")
@@ -1319,6 +1481,7 @@ mod tests {
         let partial = |psu: &str| PsuAction::Sign {
             psu: psu.into(),
             partial: true,
+            state: None,
         };
         let first = store.act(&id, partial("a"), t0).unwrap();
         assert_eq!((first.status, first.redirect_url.is_some()), ("PATC", true));
@@ -1479,5 +1642,326 @@ mod tests {
                 })
                 .is_err()
         );
+        assert!(
+            SETTINGS
+                .patched(&SettingsPatch {
+                    orphans_signable: Some(true),
+                    ..SettingsPatch::default()
+                })
+                .unwrap()
+                .orphans_signable
+        );
+        assert!(SETTINGS.view().orphans_signable == SETTINGS.orphans_signable);
+        let empty = SettingsPatch {
+            client_secret: Some(SecretString::from("")),
+            ..SettingsPatch::default()
+        };
+        assert!(SETTINGS.patched(&empty).is_err());
+        // A rotated secret parses from the operator's JSON and never shows in Debug.
+        let patch: SettingsPatch =
+            serde_json::from_str(r#"{"client_secret":"rotated-s3cret","orphans_signable":true}"#)
+                .unwrap();
+        assert_eq!(
+            patch.client_secret.as_ref().map(|s| s.expose_secret()),
+            Some("rotated-s3cret")
+        );
+        assert!(!format!("{patch:?}").contains("rotated-s3cret"));
+        assert!(SETTINGS.patched(&patch).unwrap().orphans_signable);
+    }
+
+    #[test]
+    fn state_is_unreserved_characters_only() {
+        let longest = "x".repeat(MAX_STATE_LEN);
+        for good in ["a", "A-z.0_9~", longest.as_str()] {
+            assert_eq!(ScaState::parse(good).map(|s| s.0), Ok(good.to_owned()));
+        }
+        let too_long = "x".repeat(MAX_STATE_LEN + 1);
+        for bad in [
+            "",
+            too_long.as_str(),
+            "a b",
+            "a&b",
+            "a=b",
+            "a#b",
+            "%41",
+            "caf\u{e9}",
+            "a+b",
+        ] {
+            assert_eq!(ScaState::parse(bad), Err(InvalidState), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn redirect_echoes_the_state_the_psu_came_with_and_nothing_else() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let new = |store: &mut Store, e2e: &str| {
+            store
+                .insert_payment(new_payment(e2e, Scenario::default()), t0)
+                .id
+                .clone()
+        };
+
+        let signed = new(&mut store, "S");
+        let action = PsuAction::Sign {
+            psu: "alice".into(),
+            partial: false,
+            state: Some(state("tpp-Opaque_1.~")),
+        };
+        let redirect = store
+            .act(&signed, action, t0)
+            .unwrap()
+            .redirect_url
+            .unwrap();
+        assert_eq!(query_of(&redirect, "state"), ["tpp-Opaque_1.~"]);
+        assert_eq!(query_of(&redirect, "x"), ["1"], "the TPP's query is kept");
+        assert_eq!(query_of(&redirect, "code").len(), 1);
+        // The operator view keeps the last redirect, state included.
+        assert_eq!(
+            store.payment(&signed, t0).unwrap().view().redirect_url,
+            Some(redirect)
+        );
+
+        let refused = new(&mut store, "R");
+        let action = PsuAction::Reject {
+            psu: "alice".into(),
+            state: Some(state("s2")),
+        };
+        let redirect = store
+            .act(&refused, action, t0)
+            .unwrap()
+            .redirect_url
+            .unwrap();
+        assert_eq!(query_of(&redirect, "error"), ["access_denied"]);
+        assert_eq!(query_of(&redirect, "state"), ["s2"]);
+        let refused = new(&mut store, "R2");
+        let action = PsuAction::Reject {
+            psu: "alice".into(),
+            state: None,
+        };
+        let redirect = store
+            .act(&refused, action, t0)
+            .unwrap()
+            .redirect_url
+            .unwrap();
+        assert!(query_of(&redirect, "state").is_empty(), "{redirect}");
+
+        // Initiated with a token: no code; without a state the redirect is the bare URI.
+        let mut by_token = new_payment("T", Scenario::default());
+        by_token.challenge = None;
+        by_token.psu = Some("alice".into());
+        let by_token = store.insert_payment(by_token, t0).id.clone();
+        let redirect = store
+            .act(&by_token, sign("alice"), t0)
+            .unwrap()
+            .redirect_url;
+        assert_eq!(redirect.as_deref(), Some(REDIRECT));
+        let mut by_token = new_payment("T2", Scenario::default());
+        by_token.challenge = None;
+        let by_token = store.insert_payment(by_token, t0).id.clone();
+        let action = PsuAction::Sign {
+            psu: "alice".into(),
+            partial: false,
+            state: Some(state("s3")),
+        };
+        let redirect = store.act(&by_token, action, t0).unwrap().redirect_url;
+        assert_eq!(redirect, Some(format!("{REDIRECT}&state=s3")));
+
+        // An automatic signature carries no state either.
+        let auto = Scenario {
+            auto: Some(AutoAction::Sign),
+            ..Scenario::default()
+        };
+        let auto = store.insert_payment(new_payment("A", auto), t0).id.clone();
+        let view = store
+            .payment(&auto, t0 + DEFAULT_SCENARIO_DELAY)
+            .unwrap()
+            .view();
+        let redirect = view.redirect_url.unwrap();
+        assert_eq!(query_of(&redirect, "code").len(), 1);
+        assert!(query_of(&redirect, "state").is_empty(), "{redirect}");
+    }
+
+    #[test]
+    fn orphans_are_refused_unless_signable() {
+        let t0 = Instant::now();
+        let mut store = Store::new(Settings {
+            auto_sign_after: Some(Duration::from_secs(1)),
+            ..SETTINGS
+        });
+        let id = store
+            .insert_payment(new_payment("O", Scenario::default()), t0)
+            .id
+            .clone();
+        store.orphan(&id);
+        assert_eq!(
+            store.act(&id, sign("alice"), t0).err(),
+            Some(PsuError::Orphaned)
+        );
+        assert_eq!(store.latest_by_e2e("O"), None);
+        // Its automatic signature went with the lost answer.
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(
+            store.payment(&id, later).unwrap().status,
+            TransactionStatus::Rcvd
+        );
+        assert_eq!(store.counters.orphaned_initiations, 1);
+        assert_eq!(store.counters.orphans_signed, 0);
+
+        // Switched on at run time: the same orphan is now visible and signable.
+        store.settings.orphans_signable = true;
+        assert_eq!(store.latest_by_e2e("O").as_deref(), Some(id.as_str()));
+        let out = store.act(&id, sign("alice"), later).unwrap();
+        assert_eq!(out.status, "ACTC");
+        assert!(out.redirect_url.unwrap().contains("code="));
+        assert_eq!(store.counters.orphans_signed, 1);
+        // A second signature attempt is a conflict and counts nothing.
+        assert!(store.act(&id, sign("alice"), later).is_err());
+        // Signing a payment that is no orphan does not count either.
+        let plain = store
+            .insert_payment(new_payment("P", Scenario::default()), t0)
+            .id
+            .clone();
+        store.act(&plain, sign("alice"), t0).unwrap();
+        assert_eq!(store.counters.orphans_signed, 1);
+    }
+
+    #[test]
+    fn signable_orphans_keep_their_automatic_signature() {
+        let t0 = Instant::now();
+        let mut store = Store::new(Settings {
+            orphans_signable: true,
+            ..SETTINGS
+        });
+        // Scenario AUTO-SIGN.
+        let auto = Scenario {
+            auto: Some(AutoAction::Sign),
+            ..Scenario::default()
+        };
+        let scenario = store.insert_payment(new_payment("A", auto), t0).id.clone();
+        store.orphan(&scenario);
+        // Global auto-sign, set before the initiation.
+        store.settings.auto_sign_after = Some(Duration::from_secs(2));
+        let global = store
+            .insert_payment(new_payment("G", Scenario::default()), t0)
+            .id
+            .clone();
+        store.orphan(&global);
+        // Partial first signature of a multi-signature orphan: a first signature too.
+        let multi = Scenario {
+            multi_sign: true,
+            ..Scenario::default()
+        };
+        let multi = store.insert_payment(new_payment("M", multi), t0).id.clone();
+        store.orphan(&multi);
+
+        let done = t0 + Duration::from_secs(2);
+        assert_eq!(
+            store.payment(&scenario, done).unwrap().status,
+            TransactionStatus::Actc
+        );
+        assert_eq!(
+            store.payment(&global, done).unwrap().status,
+            TransactionStatus::Actc
+        );
+        assert_eq!(
+            store.payment(&multi, done).unwrap().status,
+            TransactionStatus::Patc
+        );
+        assert_eq!(store.counters.orphans_signed, 3);
+        assert_eq!(
+            store.payment(&global, done).unwrap().psu.as_deref(),
+            Some(DEFAULT_PSU)
+        );
+
+        // Switched off before it is due, an orphan's automatic signature waits.
+        let pending = store
+            .insert_payment(new_payment("W", Scenario::default()), t0)
+            .id
+            .clone();
+        store.orphan(&pending);
+        store.settings.orphans_signable = false;
+        assert_eq!(
+            store.payment(&pending, done).unwrap().status,
+            TransactionStatus::Rcvd
+        );
+        assert_eq!(store.counters.orphans_signed, 3);
+    }
+
+    #[test]
+    fn sign_all_signs_only_the_payments_waiting_for_a_first_signature() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let mut insert = |e2e: &str| {
+            store
+                .insert_payment(new_payment(e2e, Scenario::default()), t0)
+                .id
+                .clone()
+        };
+        let signed = insert("E");
+        let first = insert("E");
+        let orphan = insert("E");
+        let refused = insert("E");
+        let half = insert("E");
+        let other = insert("F");
+        let last = insert("E");
+        store.act(&signed, sign("bob"), t0).unwrap();
+        let partial = PsuAction::Sign {
+            psu: "bob".into(),
+            partial: true,
+            state: None,
+        };
+        store.act(&half, partial, t0).unwrap();
+        let reject = PsuAction::Reject {
+            psu: "bob".into(),
+            state: None,
+        };
+        store.act(&refused, reject, t0).unwrap();
+        store.orphan(&orphan);
+
+        let s = state("batch-1");
+        let outcomes = store.sign_all("E", "alice", false, Some(&s), t0);
+        let ids: Vec<_> = outcomes.iter().map(|o| o.payment_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [first.as_str(), last.as_str()],
+            "creation order, orphan left out"
+        );
+        for outcome in &outcomes {
+            assert_eq!(outcome.status, "ACTC");
+            let redirect = outcome.redirect_url.as_deref().unwrap();
+            assert_eq!(query_of(redirect, "state"), ["batch-1"]);
+        }
+        assert_eq!(
+            store.payment(&first, t0).unwrap().psu.as_deref(),
+            Some("alice")
+        );
+        // Not touched: another end-to-end id, the earlier signers (one of several signatures
+        // given: PATC), the orphan.
+        assert_eq!(
+            store.payment(&half, t0).unwrap().status,
+            TransactionStatus::Patc
+        );
+        assert_eq!(
+            store.payment(&other, t0).unwrap().status,
+            TransactionStatus::Rcvd
+        );
+        assert_eq!(
+            store.payment(&signed, t0).unwrap().psu.as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            store.payment(&orphan, t0).unwrap().status,
+            TransactionStatus::Rcvd
+        );
+        assert!(store.sign_all("E", "alice", false, None, t0).is_empty());
+
+        store.settings.orphans_signable = true;
+        let outcomes = store.sign_all("E", "alice", false, None, t0);
+        let ids: Vec<_> = outcomes.iter().map(|o| o.payment_id.as_str()).collect();
+        assert_eq!(ids, [orphan.as_str()]);
+        assert_eq!(store.counters.orphans_signed, 1);
+        assert!(store.sign_all("E", "alice", false, None, t0).is_empty());
+        assert!(store.sign_all("NONE", "alice", false, None, t0).is_empty());
     }
 }
