@@ -32,6 +32,7 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Topics(args) => pis_worker::cli::run::topics(*args).await,
         Command::Dlq(args) => pis_worker::cli::dlq::run(*args).await,
+        Command::State(args) => pis_worker::cli::state::run(*args).await,
         Command::Schemas => pis_worker::contract::schemas()
             .map(|s| {
                 for known in [&s.command, &s.status] {

@@ -317,9 +317,16 @@ async fn commands_that_cannot_apply_are_dead_lettered_and_the_payment_is_unaffec
     let env = TestEnv::new(|c| c.settle_after = Duration::from_secs(3600)).await;
     let worker = env.start_worker("a", &CLIENT_DRIVEN);
     worker.wait_restored(PARTITIONS as usize).await;
-    let psu = "psu-apply";
-    // Everything goes to partition 0, so that a command naming another PSU reaches the owner
-    // that holds the payment (in production the key routes it; here the key is the point).
+    // Two PSUs whose keys hash to partition 0 (murmur2), so that a command naming another PSU
+    // reaches the owner that holds the payment; everything below goes to partition 0.
+    let on_zero = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|k| pis_worker::kafka::partitioner::partition_for(k.as_bytes(), PARTITIONS) == 0)
+            .expect("some key hashes to partition 0")
+    };
+    let psu: &'static str = Box::leak(on_zero("psu-apply").into_boxed_str());
+    let other: &'static str = Box::leak(on_zero("psu-other").into_boxed_str());
     let send = |envelope: pis_worker::contract::command::CommandEnvelope, key: Option<String>| {
         let bytes = command::encode(&envelope).expect("encode");
         let key = key.unwrap_or_else(|| envelope.psu_id.clone());
@@ -367,14 +374,10 @@ async fn commands_that_cannot_apply_are_dead_lettered_and_the_payment_is_unaffec
     );
     // Another PSU's command for this payment.
     expect(
-        send(
-            command("first-1", "psu-other", CommandBody::RefreshStatus),
-            None,
-        )
-        .await,
+        send(command("first-1", other, CommandBody::RefreshStatus), None).await,
         "PSU_MISMATCH",
         Some("first-1"),
-        "psu-other",
+        other,
     );
     // A cancellation of a payment nobody initiated.
     expect(
@@ -422,13 +425,55 @@ async fn commands_that_cannot_apply_are_dead_lettered_and_the_payment_is_unaffec
         psu,
     );
 
-    // The first payment is signed as if nothing had happened.
+    // The PSU signs; a forged redirect with the right code but another `state` is refused and
+    // moves nothing (part 4 of the client team's findings: it used to reach AUTHORIZING and the
+    // bank issued a token).
     let redirect = env.psu("sign", "first-1", psu).await;
+    let mut forged = url::Url::parse(&redirect).expect("redirect");
+    let pairs: Vec<(String, String)> = forged
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let state = pairs
+        .iter()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.clone())
+        .expect("the bank echoes the worker's state");
+    forged
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs.iter().map(|(k, v)| {
+            (
+                k.as_str(),
+                if k == "state" {
+                    "forged-state"
+                } else {
+                    v.as_str()
+                },
+            )
+        }));
+    expect(
+        send(complete_sca("first-1", psu, forged.as_str()), None).await,
+        "STATE_MISMATCH",
+        Some("first-1"),
+        psu,
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !env.status_events()
+            .iter()
+            .any(|e| e.payment_id == "first-1" && e.state == StateKind::Authorizing),
+        "a forged state moves nothing"
+    );
+    // The genuine redirect completes it.
     send(complete_sca("first-1", psu, &redirect), None).await;
     env.wait_for_state("first-1", StateKind::Signed).await;
-    // A stale SCA error for a signed payment.
+    // A stale SCA error (with the right state) for a signed payment.
     let stale = CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
-        &url::Url::parse("https://client.example/callback?error=access_denied").expect("url"),
+        &url::Url::parse(&format!(
+            "https://client.example/callback?error=access_denied&state={state}"
+        ))
+        .expect("url"),
     ));
     expect(
         send(command("first-1", psu, stale), None).await,

@@ -178,7 +178,7 @@ async fn a_bulk_payment_is_signed_once_and_settles() {
     ))
     .await;
     env.wait_for_state("bulk-1", StateKind::ScaPending).await;
-    let redirect = env.psu("sign", "bulk-1-1", "psu-b").await;
+    let redirect = env.psu("sign", "bulk-1", "psu-b").await;
     env.send(&complete_sca("bulk-1", "psu-b", &redirect)).await;
     let events = env.wait_for_state("bulk-1", StateKind::Settled).await;
     assert_well_formed(&events, "bulk-1");

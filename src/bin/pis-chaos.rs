@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Parser;
 use common::{Workers, broker, follow, free_port, send};
-use pis_worker::contract::command::{CommandBody, CommandEnvelope, ScaRedirect};
+use pis_worker::contract::command::{
+    CommandBody, CommandEnvelope, ResolveAction, ResolveOutcome, ScaRedirect,
+};
 use pis_worker::contract::status::{self, StatusRecord};
 use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::RawInitiatePayment;
@@ -64,11 +66,21 @@ struct Args {
     /// The worker binary (default: pis-worker next to this one).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// The bank lets PSUs see and sign orphans (bank payments whose initiation answer was
+    /// lost), and PSUs of bank-signed scripts sign in the bank's app everything pending for
+    /// their payment (the simulator's AUTO-SIGN), orphans included.
+    #[arg(long)]
+    orphans_signable: bool,
+    /// The workers' policy for lost initiation answers (PIS_UNKNOWN_OUTCOME): hold (a person
+    /// resolves; played here by the checker, see `person`) or reinitiate.
+    #[arg(long, default_value = "hold", value_parser = ["hold", "reinitiate"])]
+    unknown_outcome: String,
 }
 
 /// What the scripted PSU does with a payment, and so which final state it must reach. The PSU
-/// acts on the bank payment whose SCA URL the worker published, as a real PSU can only open the
-/// URL they were given: a bank payment from an unanswered attempt is never signed.
+/// opens the SCA URL the worker published (with its OAuth state). With `--orphans-signable`,
+/// the PSU of a bank-signed script signs in the bank's app every payment pending for it,
+/// orphans of unanswered attempts included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Script {
     /// The PSU signs at the bank; the worker finds out by polling.
@@ -113,12 +125,30 @@ fn psu_of(i: usize, psus: usize) -> String {
     format!("chaos-psu-{}", i % psus.max(1))
 }
 
-fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
+/// The PSU of payment `i`. Half of the abandoned payments belong to a PSU who also signs
+/// through the redirect (and so has a PIS token): the worker can cancel those at the SCA
+/// deadline; the others wait for the bank's own expiry.
+fn psu_for(i: usize, psus: usize) -> String {
+    if Script::of(i) == Script::Abandon && (i / 10) % 2 == 0 {
+        psu_of(i - 1, psus)
+    } else {
+        psu_of(i, psus)
+    }
+}
+
+fn initiate_command(i: usize, psus: usize, orphans_signable: bool) -> CommandEnvelope {
     let script = Script::of(i);
+    // The simulator's in-bank signing: the bank signs every payment of this scenario a moment
+    // after it is created, as a PSU signing everything pending in the bank's app.
+    let creditor = if orphans_signable && script == Script::SignAtBank {
+        "AUTO-SIGN Shop"
+    } else {
+        "Shop"
+    };
     CommandEnvelope {
         command_id: format!("cmd-{i}"),
         payment_id: payment_id(i),
-        psu_id: psu_of(i, psus),
+        psu_id: psu_for(i, psus),
         issued_at: chrono::Utc::now().timestamp_millis(),
         body: CommandBody::Initiate(Box::new(RawInitiatePayment {
             payment_product: "SEPA_CREDIT_TRANSFERS".into(),
@@ -129,7 +159,7 @@ fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
                 format!("{}.{:02}", 1 + i % 500, i % 100)
             },
             currency: "EUR".into(),
-            creditor_name: "Shop".into(),
+            creditor_name: creditor.into(),
             creditor_iban: "BE68539007547034".into(),
             end_to_end_id: payment_id(i),
             language: if i % 2 == 0 { "fr".into() } else { "nl".into() },
@@ -139,28 +169,31 @@ fn initiate_command(i: usize, psus: usize) -> CommandEnvelope {
     }
 }
 
-/// The scripted PSU opens the SCA URL of `bank_id` and acts; for a redirect-driven payment the
-/// client then hands the redirect's code back.
+/// The scripted PSU opens the SCA URL the worker published and acts; for a redirect-driven
+/// payment the client then hands the redirect (code and state) back.
 async fn psu_acts(
     admin: &url::Url,
     producer: &FutureProducer,
     topic: &str,
     i: usize,
-    bank_id: &str,
+    sca_url: &str,
     psus: usize,
+    orphans_signable: bool,
 ) -> anyhow::Result<()> {
     let action = match Script::of(i) {
+        // The bank signs these by itself (in-bank signing).
+        Script::SignAtBank if orphans_signable => return Ok(()),
         Script::SignAtBank | Script::SignThroughRedirect => "sign",
         Script::RejectAtBank => "reject",
         Script::Abandon | Script::Invalid => return Ok(()),
     };
-    let url = admin.join(&format!(
-        "admin/payments/{bank_id}/{action}?psu={}",
-        psu_of(i, psus)
-    ))?;
+    let mut url = admin.join(&format!("admin/sca/{action}"))?;
+    url.query_pairs_mut()
+        .append_pair("url", sca_url)
+        .append_pair("psu", &psu_for(i, psus));
     let response = reqwest::Client::new().post(url).send().await?;
     if !response.status().is_success() {
-        bail!("PSU {action} of {bank_id}: HTTP {}", response.status());
+        bail!("PSU {action} at {sca_url}: HTTP {}", response.status());
     }
     if Script::of(i) != Script::SignThroughRedirect {
         return Ok(());
@@ -172,11 +205,83 @@ async fn psu_acts(
     let envelope = CommandEnvelope {
         command_id: format!("sca-{i}"),
         payment_id: payment_id(i),
-        psu_id: psu_of(i, psus),
+        psu_id: psu_for(i, psus),
         issued_at: chrono::Utc::now().timestamp_millis(),
         body: CommandBody::CompleteSca(ScaRedirect::from_redirect_url(&url::Url::parse(redirect)?)),
     };
     send(producer, topic, &envelope).await
+}
+
+/// The bank's payments per end-to-end id, oldest first: `(bank id, status)`.
+async fn bank_payments_by_e2e(
+    admin: &url::Url,
+) -> anyhow::Result<HashMap<String, Vec<(String, String)>>> {
+    let payments: serde_json::Value = reqwest::get(admin.join("admin/payments")?)
+        .await?
+        .json()
+        .await?;
+    let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for p in payments.as_array().into_iter().flatten() {
+        out.entry(
+            p["endtoend_identification"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+        .or_default()
+        .push((
+            p["payment_id"].as_str().unwrap_or_default().to_owned(),
+            p["transaction_status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The person on duty for payments held at OUTCOME_UNKNOWN (docs/runbooks.md): looks the
+/// attempt up at the bank by its end-to-end id; if the bank holds a payment for it, ADOPT it
+/// (the worker then follows it: signed, settled or expired), else REINITIATE.
+async fn person(
+    admin: &url::Url,
+    producer: &FutureProducer,
+    topic: &str,
+    held: &[(usize, i64)],
+    psus: usize,
+) -> anyhow::Result<(usize, usize)> {
+    let bank = bank_payments_by_e2e(admin).await?;
+    let (mut adopted, mut reinitiated) = (0, 0);
+    for &(i, sequence) in held {
+        let found = bank.get(&payment_id(i)).and_then(|ps| ps.last());
+        let resolve = match found {
+            Some((bank_id, _)) => {
+                adopted += 1;
+                ResolveOutcome {
+                    action: ResolveAction::Adopt,
+                    bank_payment_id: Some(bank_id.clone()),
+                    note: Some("found at the bank by end-to-end id".into()),
+                }
+            }
+            None => {
+                reinitiated += 1;
+                ResolveOutcome {
+                    action: ResolveAction::Reinitiate,
+                    bank_payment_id: None,
+                    note: Some("not at the bank".into()),
+                }
+            }
+        };
+        let envelope = CommandEnvelope {
+            command_id: format!("resolve-{i}-{sequence}"),
+            payment_id: payment_id(i),
+            psu_id: psu_for(i, psus),
+            issued_at: chrono::Utc::now().timestamp_millis(),
+            body: CommandBody::Resolve(resolve),
+        };
+        send(producer, topic, &envelope).await?;
+    }
+    Ok((adopted, reinitiated))
 }
 
 fn faults() -> FaultSettings {
@@ -308,7 +413,10 @@ async fn chaos(
 
     let mut config = SandboxConfig::local(run_dir.join("tls"));
     config.settle_after = Duration::from_millis(500);
-    config.sca_expiry = Duration::from_secs(3600);
+    // Longer than the workers' 30 s SCA deadline: the worker has to wait for the bank's word
+    // (a cancellation when it holds the PSU's token, else this expiry) before EXPIRED.
+    config.sca_expiry = Duration::from_secs(120);
+    config.orphans_signable = args.orphans_signable;
     let sandbox: RunningSandbox = pis_worker::sandbox::start(config).await?;
     if args.faults {
         sandbox.faults().set(faults());
@@ -329,6 +437,8 @@ async fn chaos(
             ("--poll-slow-ms", "2000"),
             ("--sca-timeout-secs", "30"),
             ("--max-initiation-attempts", "4"),
+            ("--unknown-outcome", args.unknown_outcome.as_str()),
+            ("--expiry-horizon-secs", "600"),
         ],
     );
     let mut workers = Workers::new(
@@ -351,6 +461,7 @@ async fn chaos(
     let events: Arc<Mutex<Vec<StatusRecord>>> = Arc::new(Mutex::new(Vec::new()));
     let undecodable = Arc::new(AtomicUsize::new(0));
     let (pending_tx, mut pending_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let orphans_signable = args.orphans_signable;
     let follower = {
         let events = events.clone();
         let undecodable = undecodable.clone();
@@ -369,8 +480,9 @@ async fn chaos(
                             .payment_id
                             .strip_prefix('c')
                             .and_then(|n| n.parse::<usize>().ok());
-                        if let (Some(i), Some(bank_id)) = (index, record.bank_payment_id.clone()) {
-                            let _ = pending_tx.send((i, bank_id));
+                        // An adopted payment has no SCA URL: its PSU cannot be sent anywhere.
+                        if let (Some(i), Some(sca_url)) = (index, record.sca_redirect_url.clone()) {
+                            let _ = pending_tx.send((i, sca_url));
                         }
                     }
                     events
@@ -393,7 +505,7 @@ async fn chaos(
         let psus = args.psus;
         let failures = redirect_failures.clone();
         tokio::spawn(async move {
-            while let Some((i, bank_id)) = pending_rx.recv().await {
+            while let Some((i, sca_url)) = pending_rx.recv().await {
                 let (producer, topic, admin, failures) = (
                     producer.clone(),
                     topic.clone(),
@@ -402,7 +514,17 @@ async fn chaos(
                 );
                 tokio::spawn(async move {
                     for attempt in 0..5 {
-                        match psu_acts(&admin, &producer, &topic, i, &bank_id, psus).await {
+                        match psu_acts(
+                            &admin,
+                            &producer,
+                            &topic,
+                            i,
+                            &sca_url,
+                            psus,
+                            orphans_signable,
+                        )
+                        .await
+                        {
                             Ok(()) => return,
                             Err(e) if attempt == 4 => {
                                 println!("chaos: the PSU could not act on {}: {e}", payment_id(i));
@@ -430,13 +552,18 @@ async fn chaos(
     let load = {
         let producer = producer.clone();
         let topic = settings.topics.commands.clone();
-        let (n, psus) = (args.payments, args.psus);
+        let (n, psus, orphans_signable) = (args.payments, args.psus, args.orphans_signable);
         tokio::spawn(async move {
             let mut sends = Vec::new();
             for i in 0..n {
                 let (producer, topic) = (producer.clone(), topic.clone());
                 sends.push(tokio::spawn(async move {
-                    send(&producer, &topic, &initiate_command(i, psus)).await
+                    send(
+                        &producer,
+                        &topic,
+                        &initiate_command(i, psus, orphans_signable),
+                    )
+                    .await
                 }));
                 if sends.len() >= 200 {
                     for s in sends.drain(..) {
@@ -459,8 +586,68 @@ async fn chaos(
     let mut broker_restarts = 0usize;
     let mut last_print = Instant::now();
     let mut load = Some(load);
+    // The person on duty: payments held at OUTCOME_UNKNOWN, by (index, sequence of the event),
+    // first seen when; resolved ones are not looked at again.
+    let mut held_since: HashMap<(usize, i64), Instant> = HashMap::new();
+    let mut resolved: HashSet<(usize, i64)> = HashSet::new();
+    let (mut adopted, mut reinitiated) = (0usize, 0usize);
+    let mut next_person = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if Instant::now() >= next_person {
+            next_person = Instant::now() + Duration::from_secs(2);
+            let latest: HashMap<String, StatusRecord> = {
+                let events = events.lock().unwrap_or_else(|p| p.into_inner());
+                let mut latest: HashMap<String, StatusRecord> = HashMap::new();
+                for e in events.iter() {
+                    if latest
+                        .get(&e.payment_id)
+                        .is_none_or(|l| l.sequence < e.sequence)
+                    {
+                        latest.insert(e.payment_id.clone(), e.clone());
+                    }
+                }
+                latest
+            };
+            let now = Instant::now();
+            let mut due = Vec::new();
+            for e in latest.values() {
+                let held = e.state == StateKind::OutcomeUnknown
+                    && e.reason_code.as_deref() == Some("OUTCOME_UNRESOLVED");
+                let index = e
+                    .payment_id
+                    .strip_prefix('c')
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let (true, Some(i)) = (held, index) {
+                    let key = (i, e.sequence);
+                    let since = *held_since.entry(key).or_insert(now);
+                    // Give a moment, as a person would not act on a page in its first second.
+                    if !resolved.contains(&key)
+                        && now.duration_since(since) >= Duration::from_secs(2)
+                    {
+                        due.push(key);
+                    }
+                }
+            }
+            if !due.is_empty() {
+                match person(
+                    &admin,
+                    &producer,
+                    &settings.topics.commands,
+                    &due,
+                    args.psus,
+                )
+                .await
+                {
+                    Ok((a, r)) => {
+                        adopted += a;
+                        reinitiated += r;
+                        resolved.extend(due);
+                    }
+                    Err(e) => println!("chaos: the person could not resolve held payments: {e}"),
+                }
+            }
+        }
         if let Some(handle) = load.as_ref() {
             if handle.is_finished() {
                 if let Some(handle) = load.take() {
@@ -525,8 +712,29 @@ async fn chaos(
         rows: Vec::new(),
     };
     let events = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    check_events(args, &events, &mut report);
-    check_bank(args, &admin, &settings, &state_key, &mut report).await?;
+    let resolved_payments: HashSet<usize> = resolved.iter().map(|(i, _)| *i).collect();
+    check_events(args, &events, &resolved_payments, &mut report);
+    check_bank(args, &admin, &settings, &state_key, &events, &mut report).await?;
+    report.row(
+        "payments held at OUTCOME_UNKNOWN for a person",
+        held_since.len(),
+    );
+    report.row(
+        "resolutions by the person (adopt / reinitiate)",
+        format!("{adopted} / {reinitiated}"),
+    );
+    report.row(
+        "mode",
+        format!(
+            "orphans {}, lost answers: {}",
+            if args.orphans_signable {
+                "signable (PSUs sign everything pending)"
+            } else {
+                "unsignable"
+            },
+            args.unknown_outcome
+        ),
+    );
     report.row(
         "elapsed",
         format!("{:.0} s", started.elapsed().as_secs_f64()),
@@ -560,7 +768,12 @@ async fn chaos(
     Ok(report.violations.is_empty())
 }
 
-fn check_events(args: &Args, events: &[StatusRecord], report: &mut Report) {
+fn check_events(
+    args: &Args,
+    events: &[StatusRecord],
+    resolved: &HashSet<usize>,
+    report: &mut Report,
+) {
     // De-duplicate by (payment_id, sequence) as a client must; two different events with the
     // same key are a contradiction.
     let mut by_key: HashMap<(String, i64), &StatusRecord> = HashMap::new();
@@ -617,9 +830,13 @@ fn check_events(args: &Args, events: &[StatusRecord], report: &mut Report) {
                 }
                 *finals.entry(only.state.symbol()).or_default() += 1;
                 let script = Script::of(i);
-                // Under injected faults an initiation may fail for good; anything else must
-                // match the script.
-                if only.state != script.expected() && only.state != StateKind::Failed {
+                // Under injected faults an initiation may fail for good, and a payment a person
+                // resolved ends as the bank's payment did (checked against the bank in
+                // `check_bank`); anything else must match the script.
+                if only.state != script.expected()
+                    && only.state != StateKind::Failed
+                    && !resolved.contains(&i)
+                {
                     *unexpected
                         .entry(format!("{script:?} -> {}", only.state.symbol()))
                         .or_default() += 1;
@@ -657,6 +874,7 @@ async fn check_bank(
     admin: &url::Url,
     settings: &KafkaSettings,
     key: &Arc<StateKey>,
+    events: &[StatusRecord],
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let payments: serde_json::Value = reqwest::get(admin.join("admin/payments")?)
@@ -686,13 +904,41 @@ async fn check_bank(
                 .or_default() += 1;
         }
     }
+    let mut signed_twice = 0usize;
     for (e2e, n) in &signed_per_e2e {
         if *n > 1 {
+            signed_twice += 1;
             report.violation(format!(
                 "{e2e}: {n} bank payments signed (money would move {n} times)"
             ));
         }
     }
+    report.row("end-to-end ids signed twice at the bank", signed_twice);
+    // The worker's final word agrees with the bank's: SETTLED (or COMPLETED) exactly when the
+    // bank executed a payment of that end-to-end id, never a final "not executed" state while
+    // the bank holds a signed one.
+    let mut finals: HashMap<&str, StateKind> = HashMap::new();
+    for e in events.iter().filter(|e| e.is_final) {
+        finals.insert(e.payment_id.as_str(), e.state);
+    }
+    let mut disagreements = 0usize;
+    for i in 0..args.payments {
+        let id = payment_id(i);
+        let Some(state) = finals.get(id.as_str()) else {
+            continue;
+        };
+        let signed_at_bank = signed_per_e2e.get(&id).copied().unwrap_or(0) > 0;
+        let executed = matches!(state, StateKind::Settled | StateKind::Completed);
+        if executed != signed_at_bank {
+            disagreements += 1;
+            report.violation(format!(
+                "{id}: the worker says {} but the bank has {} signed payment(s) for it",
+                state.symbol(),
+                signed_per_e2e.get(&id).copied().unwrap_or(0)
+            ));
+        }
+    }
+    report.row("final states the bank disagrees with", disagreements);
     // The latest state of every payment, from the state topic (read until it is quiet: Tansu's
     // high watermark cannot be trusted).
     let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -782,8 +1028,11 @@ async fn check_bank(
         bank_payments,
     );
     report.row(
-        "orphaned initiations (answer lost, never signable)",
-        counters["orphaned_initiations"].clone(),
+        "orphaned initiations (answer lost) / orphans signed by PSUs",
+        format!(
+            "{} / {}",
+            counters["orphaned_initiations"], counters["orphans_signed"]
+        ),
     );
     report.row("bank initiations unknown to the state machine", unknown);
     report.row(

@@ -193,19 +193,52 @@ pub fn read_all(
     timeout: Duration,
 ) -> anyhow::Result<Vec<DlqRecord>> {
     let topic = &settings.topics.dlq;
+    let mut records = Vec::new();
+    read_topic(settings, topic, quiet, timeout, |message| {
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(DlqRecord {
+            topic: topic.clone(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    })?;
+    records.sort_by_key(|r| (r.partition, r.offset));
+    Ok(records)
+}
+
+/// Reads `topic` from the beginning to its end (blocking), handing every record to `visit`, in
+/// offset order per partition. The end is "every partition reached its reported high watermark,
+/// then nothing for `quiet`" (see the module's note on Tansu's watermarks).
+pub fn read_topic(
+    settings: &KafkaSettings,
+    topic: &str,
+    quiet: Duration,
+    timeout: Duration,
+    mut visit: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<usize> {
     let consumer: BaseConsumer = settings
         .client_config()
         .set(
             "group.id",
-            format!("pis-dlq-reader-{}", uuid::Uuid::new_v4()),
+            format!("pis-topic-reader-{}", uuid::Uuid::new_v4()),
         )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
-        .context("creating the DLQ reader")?;
+        .context("creating the topic reader")?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .context("reading the DLQ topic's metadata")?;
+        .with_context(|| format!("reading the metadata of {topic}"))?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -232,50 +265,34 @@ pub fn read_all(
     consumer.assign(&assignment).context("assigning")?;
     let started = Instant::now();
     let mut last_record = Instant::now();
-    let mut records = Vec::new();
+    let mut read = 0usize;
     loop {
         if started.elapsed() > timeout {
             anyhow::bail!(
-                "reading {topic} timed out after {}s ({} records read)",
-                timeout.as_secs(),
-                records.len()
+                "reading {topic} timed out after {}s ({read} records read)",
+                timeout.as_secs()
             );
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 last_record = Instant::now();
+                read += 1;
                 if pending
                     .get(&message.partition())
                     .is_some_and(|&last| message.offset() >= last)
                 {
                     pending.remove(&message.partition());
                 }
-                let headers = message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                records.push(DlqRecord {
-                    topic: topic.clone(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    value: message.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
+                visit(&message);
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "reading the DLQ"),
+            Some(Err(e)) => tracing::warn!(error = %e, %topic, "reading"),
             None => {}
         }
         if pending.is_empty() && last_record.elapsed() >= quiet {
             break;
         }
     }
-    records.sort_by_key(|r| (r.partition, r.offset));
-    Ok(records)
+    Ok(read)
 }
 
 fn read(args: &ReadArgs) -> anyhow::Result<(KafkaSettings, Vec<DlqRecord>)> {

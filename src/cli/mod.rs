@@ -3,6 +3,7 @@
 pub mod dlq;
 pub mod run;
 pub mod send;
+pub mod state;
 pub mod watch;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ pub enum Command {
     Watch(Box<watch::WatchArgs>),
     /// List or replay the dead-letter topic's records.
     Dlq(Box<dlq::DlqArgs>),
+    /// Inspect the state topic (quarantined records).
+    State(Box<state::StateArgs>),
     /// Create the topics (idempotent).
     Topics(Box<run::TopicsArgs>),
     /// Print a fresh state-encryption key (64 hex characters).

@@ -11,7 +11,7 @@ use crate::belfius::{
     ApiVersions, BelfiusConfig, QsealConfig, QwacIdentity, SignatureEncoding, SignatureFormat,
     SignedOperations,
 };
-use crate::domain::machine::Policy;
+use crate::domain::machine::{Policy, UnknownOutcomePolicy};
 use crate::domain::model::Amount;
 use crate::domain::validation::ValidationLimits;
 use crate::engine::WorkerConfig;
@@ -122,6 +122,15 @@ pub struct RunArgs {
     pub poll_slow_ms: u64,
     #[arg(long, env = "PIS_MAX_INITIATION_ATTEMPTS", default_value_t = 3)]
     pub max_initiation_attempts: u32,
+    /// An initiation that got no answer: `hold` it at OUTCOME_UNKNOWN for a person to resolve
+    /// (ResolveOutcome), or `reinitiate` it after a delay (docs/guarantees.md, "Lost
+    /// initiation answers").
+    #[arg(long, env = "PIS_UNKNOWN_OUTCOME", default_value = "hold", value_parser = ["hold", "reinitiate"])]
+    pub unknown_outcome: String,
+    /// After asking the bank to end an unsigned payment (SCA deadline, PSU refusal), how long to
+    /// wait for the bank's confirmation before reporting OUTCOME_UNKNOWN (EXPIRY_UNCONFIRMED).
+    #[arg(long, env = "PIS_EXPIRY_HORIZON_SECS", default_value_t = 3_600)]
+    pub expiry_horizon_secs: u64,
     /// Largest amount accepted, e.g. 1000000.00.
     #[arg(long, env = "PIS_MAX_AMOUNT", default_value = "1000000.00")]
     pub max_amount: String,
@@ -221,6 +230,10 @@ impl RunArgs {
             fast_polls: self.poll_fast_count,
             slow_poll_ms: self.poll_slow_ms as i64,
             max_initiation_attempts: self.max_initiation_attempts.max(1),
+            unknown_outcome: UnknownOutcomePolicy::parse(&self.unknown_outcome)
+                .ok_or_else(|| anyhow::anyhow!("--unknown-outcome: hold or reinitiate"))?,
+            expiry_horizon_ms: i64::try_from(self.expiry_horizon_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
             ..Policy::default()
         };
         Ok(WorkerConfig {

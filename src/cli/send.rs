@@ -6,7 +6,9 @@ use anyhow::Context as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::BrokerArgs;
-use crate::contract::command::{self, CommandBody, CommandEnvelope, ScaRedirect};
+use crate::contract::command::{
+    self, CommandBody, CommandEnvelope, ResolveAction, ResolveOutcome, ScaRedirect,
+};
 use crate::domain::model::{
     PostalAddress, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
 };
@@ -36,6 +38,9 @@ pub enum SendCommand {
     Cancel(TargetArgs),
     /// RefreshStatus (operator).
     Refresh(TargetArgs),
+    /// ResolveOutcome (operator): a person's decision on a payment held at OUTCOME_UNKNOWN,
+    /// after checking at the bank (docs/runbooks.md).
+    Resolve(ResolveArgs),
     /// Raw bytes with a key: for testing the dead-letter path.
     Raw(RawArgs),
 }
@@ -196,6 +201,21 @@ pub struct CompleteScaArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct ResolveArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// reinitiate: nothing of the unanswered attempt is at the bank; adopt: the bank holds it
+    /// (give --bank-payment-id); abandon: nothing to track.
+    #[arg(long, value_parser = ["reinitiate", "adopt", "abandon"])]
+    pub action: String,
+    #[arg(long)]
+    pub bank_payment_id: Option<String>,
+    /// Why, for the audit trail (it goes into the status event's reason).
+    #[arg(long)]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct RawArgs {
     #[arg(long)]
     pub key: String,
@@ -285,6 +305,37 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             },
             "CancelPayment",
         )?,
+        SendCommand::Resolve(a) => {
+            let action = match a.action.as_str() {
+                "adopt" => ResolveAction::Adopt,
+                "abandon" => ResolveAction::Abandon,
+                _ => ResolveAction::Reinitiate,
+            };
+            match (action, &a.bank_payment_id) {
+                (ResolveAction::Adopt, None) => {
+                    anyhow::bail!("--action adopt needs --bank-payment-id")
+                }
+                (ResolveAction::Reinitiate | ResolveAction::Abandon, Some(_)) => {
+                    anyhow::bail!("--bank-payment-id goes with --action adopt only")
+                }
+                (ResolveAction::Adopt, Some(_))
+                | (ResolveAction::Reinitiate | ResolveAction::Abandon, None) => {}
+            }
+            envelope_bytes(
+                &CommandEnvelope {
+                    command_id: command_id.clone(),
+                    payment_id: a.target.payment_id,
+                    psu_id: a.target.psu_id,
+                    issued_at: now,
+                    body: CommandBody::Resolve(ResolveOutcome {
+                        action,
+                        bank_payment_id: a.bank_payment_id,
+                        note: a.note,
+                    }),
+                },
+                "ResolveOutcome",
+            )?
+        }
         SendCommand::Refresh(t) => envelope_bytes(
             &CommandEnvelope {
                 command_id: command_id.clone(),

@@ -27,7 +27,9 @@ pub enum CommandBody {
     InitiatePeriodic(Box<RawPeriodicPayment>),
     InitiateBulk(Box<RawBulkPayment>),
     CompleteSca(ScaRedirect),
-    Cancel { reason: Option<String> },
+    Cancel {
+        reason: Option<String>,
+    },
     RefreshStatus,
     /// A person's decision on a payment the worker cannot resolve itself.
     Resolve(ResolveOutcome),
@@ -764,10 +766,16 @@ fn envelope_from_value(
                 Value::Enum(_, symbol) => ResolveAction::from_symbol(&symbol).ok_or_else(|| {
                     DecodeError::new(
                         DecodeErrorClass::WrongRecordType,
-                        format!("unknown ResolveOutcome action {symbol:?} (a newer writer's symbol)"),
+                        format!(
+                            "unknown ResolveOutcome action {symbol:?} (a newer writer's symbol)"
+                        ),
                     )
                 })?,
-                other => return Err(malformed(format!("action: expected an enum, got {other:?}"))),
+                other => {
+                    return Err(malformed(format!(
+                        "action: expected an enum, got {other:?}"
+                    )));
+                }
             };
             CommandBody::Resolve(ResolveOutcome {
                 action,

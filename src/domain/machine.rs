@@ -2,7 +2,7 @@
 //! clock, no randomness (the engine passes in `now` and any generated secret).
 //!
 //! A transition returns the next durable record, the status events it emits and the effects the
-//! engine must run *after* the record is durable (write-ahead intent, DESIGN.md invariant 2).
+//! engine must run *after* the record is durable (write-ahead intent, docs/architecture.md).
 //! Timers are not effects: they are `next_check_at` in the record, so they survive restarts.
 
 use secrecy::{ExposeSecret, SecretString};
@@ -929,8 +929,12 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 return refuse(
                     RefusalCode::StateMismatch,
                     match state {
-                        None => "the redirect carries no OAuth state; pass the `state` query parameter the PSU's browser brought back",
-                        Some(_) => "the redirect's OAuth state is not the one of this payment's SCA URL (forged, replayed, or from an earlier attempt)",
+                        None => {
+                            "the redirect carries no OAuth state; pass the `state` query parameter the PSU's browser brought back"
+                        }
+                        Some(_) => {
+                            "the redirect's OAuth state is not the one of this payment's SCA URL (forged, replayed, or from an earlier attempt)"
+                        }
                     },
                 );
             }
@@ -1092,7 +1096,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                 vec![],
             ),
             // The bank ended the unsigned payment the worker asked it to end.
-            PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+            PaymentState::ScaPending
+            | PaymentState::PartiallySigned
+            | PaymentState::Unconfirmed
                 if payment.withdrawal.is_some() =>
             {
                 end_withdrawal(
@@ -1107,7 +1113,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             PaymentState::Cancelling => back_from_cancel(step, payment, reason, None, now, policy),
             // The bank would not end it (or there was no token to ask with): the bank's own
             // expiry, a refusal or a signature will show in the status. Keep watching.
-            PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+            PaymentState::ScaPending
+            | PaymentState::PartiallySigned
+            | PaymentState::Unconfirmed
                 if payment.withdrawal.is_some() =>
             {
                 step.same(|p| p.next_check_at = Some(policy.poll_at(p, now)), vec![])
@@ -1119,7 +1127,9 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
             PaymentState::Cancelling => {
                 step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
             }
-            PaymentState::ScaPending | PaymentState::PartiallySigned | PaymentState::Unconfirmed
+            PaymentState::ScaPending
+            | PaymentState::PartiallySigned
+            | PaymentState::Unconfirmed
                 if payment.withdrawal.is_some() =>
             {
                 step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
@@ -1670,7 +1680,11 @@ fn reconcile(step: Step<'_>, attempt: u32, payment: &Payment, policy: &Policy) -
 /// `Active` and an ended one `Completed`; a bulk with rejected transfers is `PartiallySettled`.
 /// A payment still waiting for its signature stays where it is (the deadline is handled by
 /// `still_unsigned`).
-fn target_for(state: PaymentState, progress: BankProgress, kind: Option<PaymentKind>) -> PaymentState {
+fn target_for(
+    state: PaymentState,
+    progress: BankProgress,
+    kind: Option<PaymentKind>,
+) -> PaymentState {
     let standing = kind == Some(PaymentKind::Periodic);
     match progress {
         BankProgress::AwaitingSca => state,
@@ -1801,7 +1815,9 @@ fn still_unsigned(
             },
             vec![Effect::CallCancel],
         ),
-        Some(w) if now >= w.since + policy.expiry_horizon_ms && target != PaymentState::Unconfirmed => {
+        Some(w)
+            if now >= w.since + policy.expiry_horizon_ms && target != PaymentState::Unconfirmed =>
+        {
             let since = rfc3339(w.since);
             step.to(
                 PaymentState::Unconfirmed,

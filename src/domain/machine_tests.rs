@@ -1519,13 +1519,17 @@ fn cases() -> Vec<Case> {
         case("CompleteSca(Code) without a state", At::Now, |_| {
             sca_code_with(cmd("t-sca-stateless"), "auth-code-789", None)
         }),
-        case("CompleteSca(Code) re-sent under a new command id", At::Now, |_| {
-            sca_code(cmd("t-sca-again"))
-        }),
+        case(
+            "CompleteSca(Code) re-sent under a new command id",
+            At::Now,
+            |_| sca_code(cmd("t-sca-again")),
+        ),
         case("Resolve(Reinitiate)", At::Now, |_| {
             resolve(cmd("t-resolve-re"), Resolution::Reinitiate)
         }),
-        case("Resolve(Adopt)", At::Now, |_| resolve(cmd("t-resolve-adopt"), adopt())),
+        case("Resolve(Adopt)", At::Now, |_| {
+            resolve(cmd("t-resolve-adopt"), adopt())
+        }),
         case("Resolve(Abandon)", At::Now, |_| {
             resolve(cmd("t-resolve-abandon"), abandon())
         }),
@@ -1854,7 +1858,10 @@ fn variant_records_follow_the_semantics() {
         run.payment().clone(),
     ));
     let run = unconfirmed();
-    records.push(("OUTCOME_UNKNOWN (unconfirmed expiry)", run.payment().clone()));
+    records.push((
+        "OUTCOME_UNKNOWN (unconfirmed expiry)",
+        run.payment().clone(),
+    ));
     let mut run = unconfirmed();
     run.next_at_timer();
     run.step(Input::TimerFired);
@@ -1870,7 +1877,10 @@ fn variant_records_follow_the_semantics() {
     let mut run = unknown_outcome();
     let id = run.cmd();
     run.step(resolve(id, adopt()));
-    records.push(("SCA_PENDING (adopted, check in flight)", run.payment().clone()));
+    records.push((
+        "SCA_PENDING (adopted, check in flight)",
+        run.payment().clone(),
+    ));
 
     let records: Vec<(String, Payment)> = records
         .into_iter()
@@ -1965,8 +1975,14 @@ fn inputs_for_an_unknown_payment_id() {
                 assert_eq!(t.payment.received_at, now, "{context}");
                 assert_eq!(t.payment.resume_after_cancel, None, "{context}");
             }
-            "CompleteSca(Code)" | "CompleteSca(Error)" | "Cancel(token)" | "Cancel(no token)"
-            | "RefreshStatus" | "Resolve(Reinitiate)" | "Resolve(Adopt)" | "Resolve(Abandon)" => {
+            "CompleteSca(Code)"
+            | "CompleteSca(Error)"
+            | "Cancel(token)"
+            | "Cancel(no token)"
+            | "RefreshStatus"
+            | "Resolve(Reinitiate)"
+            | "Resolve(Adopt)"
+            | "Resolve(Abandon)" => {
                 assert!(
                     matches!(&outcome, Outcome::Refused(r) if r.code == RefusalCode::UnknownPayment),
                     "{context}"
@@ -2301,7 +2317,10 @@ fn complete_sca_with_a_forged_or_missing_state_leaves_the_payment_untouched() {
 fn every_initiation_attempt_gets_its_own_state_in_its_sca_url() {
     let mut run = sca_pending();
     let first_url = run.payment().sca_redirect_url.clone().expect("url");
-    assert!(first_url.ends_with(&format!("state={SCA_STATE}")), "{first_url}");
+    assert!(
+        first_url.ends_with(&format!("state={SCA_STATE}")),
+        "{first_url}"
+    );
     // The answer to a second attempt (a person re-initiated) under a new state.
     let mut again = unknown_outcome();
     let id = again.cmd();
@@ -2520,7 +2539,11 @@ fn unsigned_payment_past_the_deadline_expires_only_when_the_bank_agrees() {
     }
     let t = at_deadline.expect("the deadline was reached");
     assert!(run.now >= deadline && run.now <= deadline + 1);
-    assert_eq!(t.effects, vec![Effect::CallCancel], "ask the bank to cancel");
+    assert_eq!(
+        t.effects,
+        vec![Effect::CallCancel],
+        "ask the bank to cancel"
+    );
     assert_eq!(t.payment.next_check_at, None);
 
     // The bank cancels: EXPIRED, with the bank's word.
@@ -2908,7 +2931,10 @@ fn restored_resumes_what_was_in_flight() {
 /// waits at OUTCOME_UNKNOWN, with what a person needs to look it up at the bank.
 #[test]
 fn a_lost_initiation_answer_waits_for_a_person_by_default() {
-    assert_eq!(Policy::default().unknown_outcome, UnknownOutcomePolicy::Hold);
+    assert_eq!(
+        Policy::default().unknown_outcome,
+        UnknownOutcomePolicy::Hold
+    );
     let mut run = initiating();
     let t = run.step(outcome_unknown());
     assert_eq!(t.payment.state, PaymentState::OutcomeUnknown { attempt: 1 });
@@ -2917,7 +2943,11 @@ fn a_lost_initiation_answer_waits_for_a_person_by_default() {
     assert_eq!(reason.code, ReasonCode::OutcomeUnresolved);
     assert!(reason.message.contains("e2e-0001"), "{}", reason.message);
     assert!(reason.message.contains("attempt 1"), "{}", reason.message);
-    assert!(reason.message.contains("ResolveOutcome"), "{}", reason.message);
+    assert!(
+        reason.message.contains("ResolveOutcome"),
+        "{}",
+        reason.message
+    );
     assert_eq!(t.events[0].reason.as_ref(), Some(&reason));
     // Nothing the worker does on its own moves it.
     for input in [Input::TimerFired, Input::Restored] {

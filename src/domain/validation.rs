@@ -231,9 +231,35 @@ fn validate_cross_border(
     }))
 }
 
+/// ISO 3166-1 alpha-2: the 249 officially assigned codes, plus `XK` (Kosovo, user-assigned
+/// but used by SWIFT and the IBAN registry). Sorted, for a binary search.
+const ISO_3166_ALPHA_2: [&str; 250] = [
+    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ",
+    "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS",
+    "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN",
+    "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE", "DJ", "DK", "DM", "DO", "DZ", "EC", "EE",
+    "EG", "EH", "ER", "ES", "ET", "FI", "FJ", "FK", "FM", "FO", "FR", "GA", "GB", "GD", "GE", "GF",
+    "GG", "GH", "GI", "GL", "GM", "GN", "GP", "GQ", "GR", "GS", "GT", "GU", "GW", "GY", "HK", "HM",
+    "HN", "HR", "HT", "HU", "ID", "IE", "IL", "IM", "IN", "IO", "IQ", "IR", "IS", "IT", "JE", "JM",
+    "JO", "JP", "KE", "KG", "KH", "KI", "KM", "KN", "KP", "KR", "KW", "KY", "KZ", "LA", "LB", "LC",
+    "LI", "LK", "LR", "LS", "LT", "LU", "LV", "LY", "MA", "MC", "MD", "ME", "MF", "MG", "MH", "MK",
+    "ML", "MM", "MN", "MO", "MP", "MQ", "MR", "MS", "MT", "MU", "MV", "MW", "MX", "MY", "MZ", "NA",
+    "NC", "NE", "NF", "NG", "NI", "NL", "NO", "NP", "NR", "NU", "NZ", "OM", "PA", "PE", "PF", "PG",
+    "PH", "PK", "PL", "PM", "PN", "PR", "PS", "PT", "PW", "PY", "QA", "RE", "RO", "RS", "RU", "RW",
+    "SA", "SB", "SC", "SD", "SE", "SG", "SH", "SI", "SJ", "SK", "SL", "SM", "SN", "SO", "SR", "SS",
+    "ST", "SV", "SX", "SY", "SZ", "TC", "TD", "TF", "TG", "TH", "TJ", "TK", "TL", "TM", "TN", "TO",
+    "TR", "TT", "TV", "TW", "TZ", "UA", "UG", "UM", "US", "UY", "UZ", "VA", "VC", "VE", "VG", "VI",
+    "VN", "VU", "WF", "WS", "XK", "YE", "YT", "ZA", "ZM", "ZW",
+];
+
+/// Whether `code` is an assigned ISO 3166-1 alpha-2 country code (upper case).
+pub fn is_country_code(code: &str) -> bool {
+    ISO_3166_ALPHA_2.binary_search(&code).is_ok()
+}
+
 fn validate_address(address: &PostalAddress) -> Result<PostalAddress, Reason> {
     let country = &address.country;
-    if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !is_country_code(country) {
         return Err(reason(
             ReasonCode::InvalidCharacters,
             "creditor_address.country must be an ISO 3166 alpha-2 code",
@@ -1203,6 +1229,21 @@ mod tests {
         assert!(!is_valid_iban("B"));
         assert!(!is_valid_iban("BE"));
         assert!(!is_valid_iban("BE68"));
+    }
+
+    #[test]
+    fn country_codes_are_the_assigned_iso_3166_ones() {
+        assert!(
+            ISO_3166_ALPHA_2.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no repeats"
+        );
+        for code in ["BE", "NL", "US", "GB", "XK", "AX"] {
+            assert!(is_country_code(code), "{code}");
+        }
+        // Part 4: ZX looked like a code (two upper-case letters) and was accepted.
+        for code in ["ZX", "ZZ", "XX", "EU", "UK", "GBR", "be", "B", ""] {
+            assert!(!is_country_code(code), "{code}");
+        }
     }
 
     #[test]

@@ -93,7 +93,10 @@ pub struct CommandRecord {
 pub enum Decoded {
     Envelope(Box<CommandEnvelope>),
     /// Not a readable command: dead-lettered with this class.
-    Undecodable { class: &'static str, message: String },
+    Undecodable {
+        class: &'static str,
+        message: String,
+    },
 }
 
 /// Everything that can happen to an owner.
@@ -105,15 +108,30 @@ pub enum Event {
     /// Stop taking work; finish what is in flight within the drain bound.
     Revoke,
     /// A state write is acknowledged at `offset` (and, if it asked to, confirmed by the fence).
-    Written { write: WriteId, offset: i64 },
+    Written {
+        write: WriteId,
+        offset: i64,
+    },
     /// Every event of the record at `state_offset` is on the status topic.
-    Published { state_offset: i64 },
-    DeadLettered { command_offset: i64 },
-    Answered { call: CallId, answer: BankAnswer },
+    Published {
+        state_offset: i64,
+    },
+    DeadLettered {
+        command_offset: i64,
+    },
+    Answered {
+        call: CallId,
+        answer: BankAnswer,
+    },
     /// The state tail read a record of this key written by a superseded owner at `offset`.
-    StaleRecord { key: String, offset: i64 },
+    StaleRecord {
+        key: String,
+        offset: i64,
+    },
     /// The state tail read a newer claim on the partition.
-    Superseded { claimed_at: i64 },
+    Superseded {
+        claimed_at: i64,
+    },
     /// Time passed (timers, checkpoints, deadlines).
     Tick,
 }
@@ -167,7 +185,9 @@ pub enum StateWrite {
     /// A tombstone of any other key (healing a key a superseded owner wrote).
     DeleteKey(String),
     /// "Every event in records up to `through` is published." Also the owner's fence barrier.
-    Checkpoint { through: i64 },
+    Checkpoint {
+        through: i64,
+    },
 }
 
 impl StateWrite {
@@ -223,8 +243,13 @@ pub enum BankCall {
     Initiate,
     Status,
     Exchange,
-    Cancel { access_token: SecretString },
-    Refresh { brand: Brand, refresh_token: SecretString },
+    Cancel {
+        access_token: SecretString,
+    },
+    Refresh {
+        brand: Brand,
+        refresh_token: SecretString,
+    },
 }
 
 /// A bank call's result, as the shell classifies it.
@@ -250,8 +275,13 @@ pub enum RefreshFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
-    Draining { deadline: Millis },
-    Finishing { checkpoint: WriteId, deadline: Millis },
+    Draining {
+        deadline: Millis,
+    },
+    Finishing {
+        checkpoint: WriteId,
+        deadline: Millis,
+    },
     Released,
     Fenced,
 }
@@ -374,6 +404,8 @@ pub struct OwnerCore {
     /// Payments whose queue or timer may have work now.
     ready: VecDeque<PaymentId>,
     next_checkpoint_at: Millis,
+    /// Offset of this owner's latest acknowledged checkpoint record.
+    last_checkpoint_record: Option<i64>,
     last_committable: Option<i64>,
     /// When each payment entered its current state (the age gauges).
     entered: HashMap<PaymentId, Millis>,
@@ -414,6 +446,7 @@ impl OwnerCore {
             restored: Some(restored),
             ready: VecDeque::new(),
             next_checkpoint_at,
+            last_checkpoint_record: None,
             last_committable: None,
             entered: HashMap::new(),
             out: Vec::new(),
@@ -471,10 +504,9 @@ impl OwnerCore {
     pub fn next_wake(&self) -> Option<Millis> {
         let timer = match self.phase {
             Phase::Running => self.timers.first().map(|(at, _)| *at),
-            Phase::Draining { .. }
-            | Phase::Finishing { .. }
-            | Phase::Released
-            | Phase::Fenced => None,
+            Phase::Draining { .. } | Phase::Finishing { .. } | Phase::Released | Phase::Fenced => {
+                None
+            }
         };
         let deadline = match self.phase {
             Phase::Draining { deadline } | Phase::Finishing { deadline, .. } => Some(deadline),
@@ -626,7 +658,10 @@ impl OwnerCore {
             .map(|t| t.date_naive())
             .unwrap_or_default();
         let verdict = match decoded {
-            Decoded::Undecodable { class, message: why } => Ingested::DeadLetter {
+            Decoded::Undecodable {
+                class,
+                message: why,
+            } => Ingested::DeadLetter {
                 class,
                 message: why,
                 payment_id: None,
@@ -658,7 +693,8 @@ impl OwnerCore {
                 payment_id, input, ..
             } => {
                 if self.quarantined_payments.contains(&payment_id) {
-                    let label = CommandLabel::of(&input).map_or(ingest::UNKNOWN_TYPE, |l| l.command_type);
+                    let label =
+                        CommandLabel::of(&input).map_or(ingest::UNKNOWN_TYPE, |l| l.command_type);
                     ingest::count_dead_letter(label, QUARANTINED);
                     self.defer(Verdict::DeadLetter {
                         record: Box::new(message),
@@ -667,10 +703,13 @@ impl OwnerCore {
                         payment_id: Some(payment_id.to_string()),
                     });
                 } else if self.busy.contains(&payment_id) {
-                    self.queues.entry(payment_id).or_default().push_back(Queued {
-                        input: *input,
-                        source: Some(Box::new(message)),
-                    });
+                    self.queues
+                        .entry(payment_id)
+                        .or_default()
+                        .push_back(Queued {
+                            input: *input,
+                            source: Some(Box::new(message)),
+                        });
                 } else {
                     self.set_busy(&payment_id);
                     self.apply(payment_id, *input, Some(Box::new(message)), now);
@@ -910,7 +949,11 @@ impl OwnerCore {
                     .get(&payment_id)
                     .is_some_and(|p| p.authorization_code.is_some());
                 if has_code {
-                    self.call(payment_id, BankCall::Exchange, Purpose::Exchange { lane: key });
+                    self.call(
+                        payment_id,
+                        BankCall::Exchange,
+                        Purpose::Exchange { lane: key },
+                    );
                 } else {
                     self.lane_done(&key, now);
                     let input = Input::TokenExchangeFailed {
@@ -989,7 +1032,11 @@ impl OwnerCore {
                 self.refresh_failed(lane, payment_id, failure, now);
             }
             (purpose, answer) => {
-                warn!(?purpose, ?answer, "internal: a bank answer that does not fit its call");
+                warn!(
+                    ?purpose,
+                    ?answer,
+                    "internal: a bank answer that does not fit its call"
+                );
                 if let Purpose::Exchange { lane }
                 | Purpose::Cancel { lane }
                 | Purpose::RefreshToCancel { lane } = purpose
@@ -1048,7 +1095,9 @@ impl OwnerCore {
             // The grant is dead: forget the pair (durably, fenced like any write), so the next
             // operation does not try it again.
             RefreshFailure::Revoked { message } => {
-                m.token_refresh_refusals.with_label_values(&["revoked"]).inc();
+                m.token_refresh_refusals
+                    .with_label_values(&["revoked"])
+                    .inc();
                 self.tokens.remove(&lane);
                 let input = Input::CancelRefused(Reason::new(
                     ReasonCode::BankSecurityFailure,
@@ -1176,6 +1225,7 @@ impl OwnerCore {
             }
             AfterWrite::Heal { key } => self.healed(&key, offset),
             AfterWrite::Checkpoint => {
+                self.last_checkpoint_record = Some(offset);
                 if let Phase::Finishing { checkpoint, .. } = self.phase {
                     if checkpoint == write {
                         self.release_partition();
@@ -1204,11 +1254,7 @@ impl OwnerCore {
     }
 
     fn release_deferred(&mut self, confirmed: WriteId) {
-        while self
-            .deferred
-            .front()
-            .is_some_and(|d| d.after <= confirmed)
-        {
+        while self.deferred.front().is_some_and(|d| d.after <= confirmed) {
             let Some(Deferred { verdict, .. }) = self.deferred.pop_front() else {
                 break;
             };
@@ -1335,9 +1381,6 @@ impl OwnerCore {
 
     fn set_busy(&mut self, id: &PaymentId) {
         self.busy.insert(id.clone());
-        if let Some(at) = self.payments.get(id).and_then(|p| p.next_check_at) {
-            self.timers.remove(&(at, id.clone()));
-        }
     }
 
     /// The payment is idle again: heal it if a superseded owner wrote it meanwhile, else its
@@ -1461,6 +1504,14 @@ impl OwnerCore {
 
     fn write_checkpoint_if_due(&mut self) -> Option<WriteId> {
         let through = self.outbox.checkpoint_due()?;
+        // The only record after the last checkpoint is that checkpoint itself: a restore would
+        // re-publish nothing more, and writing another would only be followed by another.
+        if self.last_checkpoint_record == Some(through)
+            && self.outbox.last_checkpoint() + 1 >= through
+        {
+            self.outbox.checkpoint_written(through);
+            return None;
+        }
         let id = self.write(
             StateWrite::Checkpoint { through },
             CHECKPOINT,

@@ -1,1 +1,1899 @@
+//! Unit tests of the partition owner's core: each test replays an interleaving of events (command
+//! records, acknowledged writes, bank answers, records of a superseded owner, revocation, a newer
+//! claim, time) and asserts on the actions the core emits and on what it then holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use rdkafka::Timestamp;
+use secrecy::ExposeSecret;
+
 use super::*;
+use crate::contract::command::{CommandBody, ScaRedirect};
+use crate::domain::bank::BankProgress;
+use crate::domain::machine::PaymentState;
+use crate::domain::model::{
+    Amount, BankPaymentId, CommandId, Language, Order, PaymentOrder, PaymentProduct, PsuId,
+    RawInitiatePayment,
+};
+use crate::engine::restore::RestoreFold;
+use crate::kafka::partitioner::partition_for;
+use crate::kafka::state;
+use crate::secret::StateKey;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// 2026-03-02T00:00:00Z: every test starts here.
+const T0: Millis = 1_772_409_600_000;
+const PARTITION: i32 = 0;
+const PARTITIONS: i32 = 1;
+/// The offset of the owner's restore marker (its epoch); its first state write lands after it.
+const EPOCH: i64 = 99;
+const PSU: &str = "psu-1";
+const CHECKPOINT_INTERVAL: Millis = 600_000;
+const DRAIN_TIMEOUT: Millis = 30_000;
+const FINISH_TIMEOUT: Millis = 5_000;
+
+fn config(policy: Policy) -> CoreConfig {
+    CoreConfig {
+        partition: PARTITION,
+        partitions: PARTITIONS,
+        epoch: EPOCH,
+        policy,
+        limits: ValidationLimits::default(),
+        drain_timeout_ms: DRAIN_TIMEOUT,
+        checkpoint_interval_ms: CHECKPOINT_INTERVAL,
+        finish_timeout_ms: FINISH_TIMEOUT,
+    }
+}
+
+/// Predictable secrets: `verifier-N`, `state-N`.
+#[derive(Default)]
+struct Counters {
+    verifiers: u64,
+    states: u64,
+}
+
+impl Randomness for Counters {
+    fn pkce_verifier(&mut self) -> SecretString {
+        self.verifiers += 1;
+        SecretString::from(format!("verifier-{}", self.verifiers))
+    }
+
+    fn sca_state(&mut self) -> String {
+        self.states += 1;
+        format!("state-{}", self.states)
+    }
+}
+
+fn brand(name: &str) -> Brand {
+    Brand::parse(name).expect("brand")
+}
+
+fn token_key(brand_name: &str) -> TokenKey {
+    TokenKey::new(brand(brand_name), PsuId::new(PSU))
+}
+
+fn pid(id: &str) -> PaymentId {
+    PaymentId::new(id)
+}
+
+/// A token pair of the test PSU at `brand_name`.
+fn pair(
+    brand_name: &str,
+    access: &str,
+    expires_at: Option<Millis>,
+    refresh: Option<&str>,
+) -> PsuTokens {
+    PsuTokens {
+        psu_id: PsuId::new(PSU),
+        brand: brand(brand_name),
+        access_token: SecretString::from(access.to_owned()),
+        refresh_token: refresh.map(|r| SecretString::from(r.to_owned())),
+        expires_at,
+        updated_at: T0 - 600_000,
+    }
+}
+
+/// A fresh pair (valid for an hour).
+fn fresh(brand_name: &str, access: &str) -> PsuTokens {
+    pair(brand_name, access, Some(T0 + 3_600_000), Some("refresh"))
+}
+
+/// A pair whose access token expired, with a refresh token.
+fn expired(brand_name: &str, access: &str, refresh: &str) -> PsuTokens {
+    pair(brand_name, access, Some(T0 - 1_000), Some(refresh))
+}
+
+// Bank answers.
+
+fn initiated(id: &str) -> BankAnswer {
+    BankAnswer::Input(Input::BankInitiated {
+        bank_payment_id: BankPaymentId::new(format!("bank-{id}")),
+        sca_redirect_url: format!("https://bank.example/sca/{id}"),
+        bank_status: Some("RCVD".into()),
+    })
+}
+
+fn observed(progress: BankProgress, bank_status: &str) -> BankAnswer {
+    BankAnswer::Input(Input::StatusObserved {
+        progress,
+        bank_status: bank_status.into(),
+    })
+}
+
+fn issued(access: &str) -> BankAnswer {
+    BankAnswer::Tokens(TokenPair {
+        access_token: SecretString::from(access.to_owned()),
+        refresh_token: Some(SecretString::from(format!("refresh-of-{access}"))),
+        expires_in: Some(Duration::from_secs(600)),
+        scope: None,
+    })
+}
+
+// Command bodies.
+
+fn initiate_body(id: &str, brand_name: &str) -> CommandBody {
+    CommandBody::Initiate(Box::new(RawInitiatePayment {
+        payment_product: "SEPA_CREDIT_TRANSFERS".into(),
+        brand: brand_name.into(),
+        amount: "12.34".into(),
+        currency: "EUR".into(),
+        creditor_name: "Alice".into(),
+        creditor_iban: "BE68539007547034".into(),
+        end_to_end_id: format!("E2E-{id}"),
+        language: "fr".into(),
+        redirect_uri: "https://client.example/cb".into(),
+        ..Default::default()
+    }))
+}
+
+fn sca_code(code: &str, state: Option<&str>) -> CommandBody {
+    CommandBody::CompleteSca(ScaRedirect {
+        authorization_code: Some(SecretString::from(code.to_owned())),
+        error: None,
+        error_description: None,
+        state: state.map(str::to_owned),
+    })
+}
+
+fn cancel_body() -> CommandBody {
+    CommandBody::Cancel { reason: None }
+}
+
+// Payments built directly through the machine, for restored state.
+
+fn order(id: &str, brand_name: &str) -> Order {
+    Order::Single(PaymentOrder {
+        product: PaymentProduct::SepaCreditTransfers,
+        brand: brand(brand_name),
+        amount: Amount::from_minor(1234),
+        currency: "EUR".into(),
+        creditor_name: "Alice".into(),
+        creditor_iban: "BE68539007547034".into(),
+        creditor_bic: None,
+        debtor_iban: None,
+        end_to_end_id: format!("E2E-{id}"),
+        remittance_information: None,
+        requested_execution_date: None,
+        language: Language::Fr,
+        redirect_uri: "https://client.example/cb".into(),
+        cross_border: None,
+    })
+}
+
+/// One machine step that must change the payment.
+fn step(
+    id: &str,
+    current: Option<&Payment>,
+    input: Input,
+    now: Millis,
+) -> (Payment, Vec<StatusEvent>) {
+    match decide(&pid(id), current, input, now, &Policy::default()) {
+        Outcome::Changed(t) => (t.payment, t.events),
+        other => panic!("{id}: {other:?}"),
+    }
+}
+
+/// `RECEIVED`, as the first write of an initiation leaves it (no timer).
+fn received_payment(id: &str, brand_name: &str) -> (Payment, Vec<StatusEvent>) {
+    let input = Input::Initiate {
+        command_id: CommandId::new(format!("c-init-{id}")),
+        psu_id: PsuId::new(PSU),
+        order: order(id, brand_name),
+    };
+    step(id, None, input, T0 - 10_000)
+}
+
+/// `SCA_PENDING` at `T0`, OAuth state `state-{id}`, its poll timer at `T0 + 2 s`.
+fn sca_pending_payment(id: &str, brand_name: &str) -> (Payment, Vec<StatusEvent>) {
+    let (p, _) = received_payment(id, brand_name);
+    let begin = Input::BeginInitiation {
+        pkce_verifier: SecretString::from(format!("verifier-{id}")),
+        sca_state: format!("state-{id}"),
+    };
+    let (p, _) = step(id, Some(&p), begin, T0 - 5_000);
+    let BankAnswer::Input(answer) = initiated(id) else {
+        unreachable!()
+    };
+    step(id, Some(&p), answer, T0)
+}
+
+/// `SIGNED` (a poll saw the signature before any code), its poll timer at `T0 + 2 s`.
+fn signed_payment(id: &str, brand_name: &str) -> Payment {
+    let (p, _) = sca_pending_payment(id, brand_name);
+    let BankAnswer::Input(answer) = observed(BankProgress::Signed, "ACTC") else {
+        unreachable!()
+    };
+    let (p, _) = step(id, Some(&p), answer, T0);
+    assert_eq!(p.state, PaymentState::Signed);
+    assert_eq!(p.next_check_at, Some(T0 + 2_000));
+    p
+}
+
+/// `CANCELLING`, as a crash right after its write leaves it: no timer.
+fn cancelling_payment(id: &str, brand_name: &str) -> Payment {
+    let p = signed_payment(id, brand_name);
+    let cancel = Input::Cancel {
+        command_id: CommandId::new(format!("c-cancel-{id}")),
+        psu_id: PsuId::new(PSU),
+        bank_token: true,
+    };
+    let (p, _) = step(id, Some(&p), cancel, T0);
+    assert_eq!(p.state, PaymentState::Cancelling);
+    assert_eq!(p.next_check_at, None);
+    p
+}
+
+/// What a restore of a partition with these payments and pairs gives (marker at `EPOCH`).
+fn restored(payments: Vec<Payment>, tokens: Vec<PsuTokens>) -> Restored {
+    Restored {
+        payments: payments
+            .into_iter()
+            .map(|p| (p.payment_id.clone(), p))
+            .collect(),
+        tokens: tokens
+            .into_iter()
+            .map(|t| (TokenKey::new(t.brand, t.psu_id.clone()), t))
+            .collect(),
+        checkpoint: EPOCH - 1,
+        end_offset: EPOCH + 1,
+        ..Restored::default()
+    }
+}
+
+/// A state partition written record by record (real encoded records), folded by restore.
+struct StateLog {
+    key: StateKey,
+    records: Vec<(String, Option<Vec<u8>>, Option<i64>)>,
+}
+
+impl StateLog {
+    fn new() -> Self {
+        Self {
+            key: StateKey::from_hex(&StateKey::generate_hex()).expect("key"),
+            records: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, key: String, value: Option<Vec<u8>>, epoch: Option<i64>) -> i64 {
+        self.records.push((key, value, epoch));
+        self.records.len() as i64 - 1
+    }
+
+    fn marker(&mut self, owner: &str) -> i64 {
+        let (k, v) = state::encode_restore_marker(PARTITION, owner).expect("marker");
+        self.push(k, Some(v), None)
+    }
+
+    fn payment(&mut self, epoch: i64, p: &Payment, events: &[StatusEvent]) -> i64 {
+        let (k, v) = state::encode_payment(&self.key, epoch, p, events).expect("payment");
+        self.push(k, Some(v), Some(epoch))
+    }
+
+    fn checkpoint(&mut self, epoch: i64, through: i64) -> i64 {
+        let (k, v) = state::encode_checkpoint(PARTITION, epoch, through).expect("checkpoint");
+        self.push(k, Some(v), Some(epoch))
+    }
+
+    fn raw(&mut self, key: &str, value: &[u8], epoch: i64) -> i64 {
+        self.push(key.to_owned(), Some(value.to_vec()), Some(epoch))
+    }
+
+    fn restore(&self, marker: i64) -> Restored {
+        let mut fold = RestoreFold::new(&self.key, marker);
+        for (offset, (k, v, e)) in self.records.iter().enumerate() {
+            fold.apply(offset as i64, Some(k.as_bytes()), v.as_deref(), *e);
+        }
+        fold.finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// An action, as a comparable summary (the harness keeps the details).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Did {
+    Write {
+        id: WriteId,
+        key: String,
+        what: &'static str,
+        confirm: bool,
+    },
+    Publish {
+        state_offset: i64,
+        states: Vec<StateKind>,
+    },
+    Call {
+        id: CallId,
+        payment: String,
+        call: &'static str,
+    },
+    DeadLetter {
+        offset: i64,
+        class: &'static str,
+    },
+    Committable(i64),
+    Released,
+    Fenced(i64),
+}
+
+fn what(write: &StateWrite) -> &'static str {
+    match write {
+        StateWrite::Payment { .. } => "payment",
+        StateWrite::Tokens(_) => "tokens",
+        StateWrite::DeleteTokens(_) => "delete-tokens",
+        StateWrite::DeleteKey(_) => "delete-key",
+        StateWrite::Checkpoint { .. } => "checkpoint",
+    }
+}
+
+fn call_kind(call: &BankCall) -> &'static str {
+    match call {
+        BankCall::Initiate => "initiate",
+        BankCall::Status => "status",
+        BankCall::Exchange => "exchange",
+        BankCall::Cancel { .. } => "cancel",
+        BankCall::Refresh { .. } => "refresh",
+    }
+}
+
+/// `(key, what)` of every write among `did`.
+fn writes(did: &[Did]) -> Vec<(String, &'static str)> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::Write { key, what, .. } => Some((key.clone(), *what)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(payment, call)` of every bank call among `did`.
+fn calls(did: &[Did]) -> Vec<(String, &'static str)> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::Call { payment, call, .. } => Some((payment.clone(), *call)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dead_letters(did: &[Did]) -> Vec<(i64, &'static str)> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::DeadLetter { offset, class } => Some((*offset, *class)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn published(did: &[Did]) -> Vec<(i64, Vec<StateKind>)> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::Publish {
+                state_offset,
+                states,
+            } => Some((*state_offset, states.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn released(did: &[Did]) -> bool {
+    did.contains(&Did::Released)
+}
+
+fn pw(payment: &str) -> (String, &'static str) {
+    (format!("payment/{payment}"), "payment")
+}
+
+fn pc(payment: &str, call: &'static str) -> (String, &'static str) {
+    (payment.to_owned(), call)
+}
+
+struct OpenWrite {
+    id: WriteId,
+    write: StateWrite,
+    fence: FenceWait,
+}
+
+struct OpenCall {
+    id: CallId,
+    payment: Box<Payment>,
+    call: BankCall,
+}
+
+struct OpenDeadLetter {
+    record: Box<OwnedMessage>,
+    class: &'static str,
+    payment_id: Option<String>,
+}
+
+struct Harness {
+    core: OwnerCore,
+    now: Millis,
+    /// Writes not yet acknowledged, in the order they were asked for.
+    writes: VecDeque<OpenWrite>,
+    calls: Vec<OpenCall>,
+    publications: Vec<(i64, Vec<StatusEvent>)>,
+    dead_letters: Vec<OpenDeadLetter>,
+    committable: Option<i64>,
+    released: bool,
+    fenced: Option<i64>,
+    next_state_offset: i64,
+    next_command_offset: i64,
+    /// The latest payment record of each payment this owner's acknowledged writes left.
+    persisted: HashMap<PaymentId, Payment>,
+    persisted_tokens: HashMap<TokenKey, PsuTokens>,
+    /// Every action so far.
+    history: Vec<Did>,
+}
+
+impl Harness {
+    fn new(restored: Restored) -> Self {
+        Self::with_config(restored, config(Policy::default()))
+    }
+
+    fn with_config(restored: Restored, config: CoreConfig) -> Self {
+        let next_state_offset = restored.end_offset;
+        let persisted_tokens = restored
+            .tokens
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        Harness {
+            core: OwnerCore::new(config, restored, Box::new(Counters::default()), T0),
+            now: T0,
+            writes: VecDeque::new(),
+            calls: Vec::new(),
+            publications: Vec::new(),
+            dead_letters: Vec::new(),
+            committable: None,
+            released: false,
+            fenced: None,
+            next_state_offset,
+            next_command_offset: 0,
+            persisted: HashMap::new(),
+            persisted_tokens,
+            history: Vec::new(),
+        }
+    }
+
+    /// A started owner with nothing restored.
+    fn empty() -> Self {
+        let mut h = Harness::new(restored(vec![], vec![]));
+        let did = h.start();
+        assert!(did.is_empty(), "{did:?}");
+        h
+    }
+
+    fn start(&mut self) -> Vec<Did> {
+        self.on(Event::Start)
+    }
+
+    fn on(&mut self, event: Event) -> Vec<Did> {
+        let actions = self.core.on(event, self.now);
+        self.absorb(actions)
+    }
+
+    fn absorb(&mut self, actions: Vec<Action>) -> Vec<Did> {
+        let mut did = Vec::new();
+        for action in actions {
+            assert!(
+                self.fenced.is_none() && !self.released,
+                "an action after the owner was fenced or released: {action:?}"
+            );
+            let d = match action {
+                Action::Write { id, write, fence } => {
+                    let d = Did::Write {
+                        id,
+                        key: write.key(PARTITION),
+                        what: what(&write),
+                        confirm: fence.confirms(),
+                    };
+                    self.writes.push_back(OpenWrite { id, write, fence });
+                    d
+                }
+                Action::Publish {
+                    state_offset,
+                    events,
+                } => {
+                    let states = events.iter().map(|e| e.state).collect();
+                    self.publications.push((state_offset, events));
+                    Did::Publish {
+                        state_offset,
+                        states,
+                    }
+                }
+                Action::Call { id, payment, call } => {
+                    let d = Did::Call {
+                        id,
+                        payment: payment.payment_id.to_string(),
+                        call: call_kind(&call),
+                    };
+                    self.calls.push(OpenCall { id, payment, call });
+                    d
+                }
+                Action::DeadLetter {
+                    record,
+                    class,
+                    payment_id,
+                    ..
+                } => {
+                    let d = Did::DeadLetter {
+                        offset: record.offset(),
+                        class,
+                    };
+                    self.dead_letters.push(OpenDeadLetter {
+                        record,
+                        class,
+                        payment_id,
+                    });
+                    d
+                }
+                Action::Committable(offset) => {
+                    assert!(
+                        self.committable.is_none_or(|c| offset >= c),
+                        "the committable offset went back from {:?} to {offset}",
+                        self.committable
+                    );
+                    self.committable = Some(offset);
+                    Did::Committable(offset)
+                }
+                Action::Released => {
+                    self.released = true;
+                    Did::Released
+                }
+                Action::Fenced { claimed_at } => {
+                    self.fenced = Some(claimed_at);
+                    Did::Fenced(claimed_at)
+                }
+            };
+            self.history.push(d.clone());
+            did.push(d);
+        }
+        did
+    }
+
+    fn tick(&mut self) -> Vec<Did> {
+        self.on(Event::Tick)
+    }
+
+    /// Moves the clock to `at` and ticks.
+    fn tick_at(&mut self, at: Millis) -> Vec<Did> {
+        assert!(at >= self.now, "time goes forward");
+        self.now = at;
+        self.tick()
+    }
+
+    /// A command record at `offset`, keyed by `psu` on its partition.
+    fn command_at(
+        &mut self,
+        offset: i64,
+        command_id: &str,
+        psu: &str,
+        payment: &str,
+        body: CommandBody,
+    ) -> Vec<Did> {
+        self.next_command_offset = self.next_command_offset.max(offset + 1);
+        let envelope = CommandEnvelope {
+            command_id: command_id.into(),
+            payment_id: payment.into(),
+            psu_id: psu.into(),
+            issued_at: self.now,
+            body,
+        };
+        let message = OwnedMessage::new(
+            None,
+            Some(psu.as_bytes().to_vec()),
+            "payment-commands".into(),
+            Timestamp::NotAvailable,
+            partition_for(psu.as_bytes(), PARTITIONS),
+            offset,
+            None,
+        );
+        self.on(Event::Command(Box::new(CommandRecord {
+            message,
+            decoded: Decoded::Envelope(Box::new(envelope)),
+        })))
+    }
+
+    /// The next command record of the test PSU; returns its offset.
+    fn command(&mut self, command_id: &str, payment: &str, body: CommandBody) -> (i64, Vec<Did>) {
+        let offset = self.next_command_offset;
+        let did = self.command_at(offset, command_id, PSU, payment, body);
+        (offset, did)
+    }
+
+    fn initiate(&mut self, payment: &str, brand_name: &str) -> (i64, Vec<Did>) {
+        self.command(
+            &format!("c-init-{payment}"),
+            payment,
+            initiate_body(payment, brand_name),
+        )
+    }
+
+    /// A `CompleteSca` with the OAuth state of the payment's current attempt.
+    fn complete_sca(&mut self, command_id: &str, payment: &str, code: &str) -> (i64, Vec<Did>) {
+        let state = self.payment(payment).sca_state.clone();
+        self.command(command_id, payment, sca_code(code, state.as_deref()))
+    }
+
+    /// Acknowledges the oldest pending write at `offset`.
+    fn ack_write_at(&mut self, offset: i64) -> Vec<Did> {
+        let w = self.writes.pop_front().expect("a pending write");
+        self.next_state_offset = self.next_state_offset.max(offset + 1);
+        match &w.write {
+            StateWrite::Payment { payment, .. } => {
+                self.persisted
+                    .insert(payment.payment_id.clone(), (**payment).clone());
+            }
+            StateWrite::Tokens(tokens) => {
+                self.persisted_tokens.insert(
+                    TokenKey::new(tokens.brand, tokens.psu_id.clone()),
+                    (**tokens).clone(),
+                );
+            }
+            StateWrite::DeleteTokens(key) => {
+                self.persisted_tokens.remove(key);
+            }
+            StateWrite::DeleteKey(_) | StateWrite::Checkpoint { .. } => {}
+        }
+        self.on(Event::Written {
+            write: w.id,
+            offset,
+        })
+    }
+
+    /// Acknowledges the oldest pending write at the next offset.
+    fn ack_write(&mut self) -> Vec<Did> {
+        let offset = self.next_state_offset;
+        self.ack_write_at(offset)
+    }
+
+    /// Acknowledges the writes pending now (not those their acknowledgements cause), in order.
+    fn ack_writes(&mut self) -> Vec<Did> {
+        let mut did = Vec::new();
+        for _ in 0..self.writes.len() {
+            did.extend(self.ack_write());
+        }
+        did
+    }
+
+    fn ack_publications(&mut self) -> Vec<Did> {
+        let mut did = Vec::new();
+        for (state_offset, _) in std::mem::take(&mut self.publications) {
+            did.extend(self.on(Event::Published { state_offset }));
+        }
+        did
+    }
+
+    fn ack_dead_letters(&mut self) -> Vec<Did> {
+        let mut did = Vec::new();
+        for dead in std::mem::take(&mut self.dead_letters) {
+            let command_offset = dead.record.offset();
+            did.extend(self.on(Event::DeadLettered { command_offset }));
+        }
+        did
+    }
+
+    /// Acknowledges writes, publications and dead letters until none is pending (bank calls
+    /// stay outstanding).
+    fn flush(&mut self) -> Vec<Did> {
+        let mut did = Vec::new();
+        loop {
+            if !self.writes.is_empty() {
+                did.extend(self.ack_write());
+            } else if !self.publications.is_empty() {
+                did.extend(self.ack_publications());
+            } else if !self.dead_letters.is_empty() {
+                did.extend(self.ack_dead_letters());
+            } else {
+                return did;
+            }
+        }
+    }
+
+    fn open_call(&self, payment: &str, kind: &str) -> &OpenCall {
+        self.calls
+            .iter()
+            .find(|c| c.payment.payment_id.as_str() == payment && call_kind(&c.call) == kind)
+            .unwrap_or_else(|| panic!("no {kind} call for {payment}: {:?}", self.open_calls()))
+    }
+
+    fn open_calls(&self) -> Vec<(String, &'static str)> {
+        self.calls
+            .iter()
+            .map(|c| (c.payment.payment_id.to_string(), call_kind(&c.call)))
+            .collect()
+    }
+
+    /// Answers the outstanding `kind` call of `payment`.
+    fn answer(&mut self, payment: &str, kind: &str, answer: BankAnswer) -> Vec<Did> {
+        let id = self.open_call(payment, kind).id;
+        self.calls.retain(|c| c.id != id);
+        self.on(Event::Answered { call: id, answer })
+    }
+
+    fn payment(&self, id: &str) -> &Payment {
+        self.core
+            .payment(&pid(id))
+            .unwrap_or_else(|| panic!("no payment {id}"))
+    }
+
+    fn state(&self, id: &str) -> PaymentState {
+        self.payment(id).state
+    }
+
+    /// The pending write of `key` (the only one).
+    fn open_write(&self, key: &str) -> &OpenWrite {
+        let found: Vec<&OpenWrite> = self
+            .writes
+            .iter()
+            .filter(|w| w.write.key(PARTITION) == key)
+            .collect();
+        assert_eq!(found.len(), 1, "pending writes of {key}");
+        found[0]
+    }
+
+    // Driving payments through the core.
+
+    /// Initiates `id` and answers its initiation: `SCA_PENDING`, idle, its timer set.
+    fn sca_pending(&mut self, id: &str, brand_name: &str) {
+        self.initiate(id, brand_name);
+        self.flush();
+        self.answer(id, "initiate", initiated(id));
+        self.flush();
+        assert_eq!(self.state(id), PaymentState::ScaPending);
+        assert!(self.calls.is_empty(), "{:?}", self.open_calls());
+    }
+
+    /// On to `SIGNED` through the PSU's code, its exchange and a status poll.
+    fn signed(&mut self, id: &str, brand_name: &str, access: &str) {
+        self.sca_pending(id, brand_name);
+        self.complete_sca(&format!("c-sca-{id}"), id, &format!("code-{id}"));
+        self.flush();
+        self.answer(id, "exchange", issued(access));
+        self.flush();
+        self.answer(id, "status", observed(BankProgress::Signed, "ACTC"));
+        self.flush();
+        assert_eq!(self.state(id), PaymentState::Signed);
+        assert!(self.calls.is_empty(), "{:?}", self.open_calls());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// a. Healing keys a superseded owner wrote
+// ---------------------------------------------------------------------------------------------
+
+/// Review defect a: a zombie's record of a payment busy with a volatile status poll was never
+/// re-written (the poll's answer wrote nothing), so compaction could keep the zombie's version.
+#[test]
+fn a_zombie_record_of_a_payment_busy_with_a_volatile_poll_is_healed_when_the_poll_answers() {
+    let mut h = Harness::empty();
+    h.sca_pending("p-1", "BELFIUS");
+    let at = h.payment("p-1").next_check_at.expect("a poll timer");
+    let did = h.tick_at(at);
+    assert_eq!(calls(&did), vec![pc("p-1", "status")]);
+    assert!(
+        writes(&did).is_empty(),
+        "a timer's poll is not written: {did:?}"
+    );
+
+    let did = h.on(Event::StaleRecord {
+        key: "payment/p-1".into(),
+        offset: 160,
+    });
+    assert!(
+        writes(&did).is_empty(),
+        "busy: healed once the poll is done, {did:?}"
+    );
+
+    let did = h.answer("p-1", "status", observed(BankProgress::AwaitingSca, "RCVD"));
+    assert_eq!(writes(&did), vec![pw("p-1")], "the heal: {did:?}");
+    let heal = h.open_write("payment/p-1");
+    assert!(
+        matches!(heal.fence, FenceWait::Confirm { .. }),
+        "{:?}",
+        heal.fence
+    );
+    let StateWrite::Payment { payment, events } = &heal.write else {
+        panic!("not a payment write")
+    };
+    assert!(events.is_empty(), "a heal re-writes, it emits nothing");
+    assert_eq!(payment.state, PaymentState::ScaPending);
+    assert_eq!(payment.next_check_at, h.payment("p-1").next_check_at);
+
+    let did = h.ack_write_at(170);
+    assert!(writes(&did).is_empty(), "healed once: {did:?}");
+    // Idle again: its next poll runs.
+    let at = h.payment("p-1").next_check_at.expect("a poll timer");
+    assert_eq!(h.core.next_wake(), Some(at));
+    let did = h.tick_at(at);
+    assert_eq!(calls(&did), vec![pc("p-1", "status")]);
+}
+
+/// The payment's own write landed (offset 150) before the zombie's record (160): it heals
+/// nothing, so the payment is re-written when it is released.
+#[test]
+fn a_busy_payment_whose_own_write_landed_before_the_zombie_record_is_healed_on_release() {
+    let mut h = Harness::empty();
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    h.open_call("p-1", "initiate");
+    let did = h.on(Event::StaleRecord {
+        key: "payment/p-1".into(),
+        offset: 160,
+    });
+    assert!(writes(&did).is_empty(), "{did:?}");
+    let did = h.answer("p-1", "initiate", initiated("p-1"));
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+
+    let did = h.ack_write_at(150);
+    assert_eq!(published(&did), vec![(150, vec![StateKind::ScaPending])]);
+    assert_eq!(writes(&did), vec![pw("p-1")], "healed on release: {did:?}");
+    let heal = h.open_write("payment/p-1");
+    assert!(matches!(heal.fence, FenceWait::Confirm { .. }));
+    assert!(matches!(&heal.write, StateWrite::Payment { events, .. } if events.is_empty()));
+
+    let did = h.ack_write_at(171);
+    assert!(writes(&did).is_empty(), "{did:?}");
+    assert_eq!(h.core.next_wake(), h.payment("p-1").next_check_at);
+}
+
+/// The payment's own write lands after the zombie's record: that write is the heal.
+#[test]
+fn a_busy_payment_whose_own_write_lands_after_the_zombie_record_is_not_healed_again() {
+    let mut h = Harness::empty();
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    h.on(Event::StaleRecord {
+        key: "payment/p-1".into(),
+        offset: 160,
+    });
+    h.answer("p-1", "initiate", initiated("p-1"));
+    let did = h.ack_write_at(170);
+    assert_eq!(published(&did), vec![(170, vec![StateKind::ScaPending])]);
+    assert!(writes(&did).is_empty(), "not healed again: {did:?}");
+    assert!(h.writes.is_empty());
+    // A later, older report of the same zombie write changes nothing for a busy payment.
+    let at = h.payment("p-1").next_check_at.expect("timer");
+    assert_eq!(h.core.next_wake(), Some(at));
+}
+
+#[test]
+fn an_idle_payment_is_healed_at_once_and_an_unknown_payment_key_is_deleted() {
+    let mut h = Harness::empty();
+    h.sca_pending("p-1", "BELFIUS");
+    let timer = h.payment("p-1").next_check_at.expect("timer");
+
+    let did = h.on(Event::StaleRecord {
+        key: "payment/p-1".into(),
+        offset: 160,
+    });
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    assert!(matches!(
+        h.open_write("payment/p-1").fence,
+        FenceWait::Confirm { .. }
+    ));
+    // While its heal is in flight the payment is busy: its commands wait, its timer too.
+    let (_, did) = h.command("c-r", "p-1", CommandBody::RefreshStatus);
+    assert!(writes(&did).is_empty(), "{did:?}");
+    let did = h.tick_at(timer);
+    assert!(calls(&did).is_empty(), "{did:?}");
+
+    let did = h.on(Event::StaleRecord {
+        key: "payment/x".into(),
+        offset: 161,
+    });
+    assert_eq!(writes(&did), vec![("payment/x".to_owned(), "delete-key")]);
+    let delete = h.open_write("payment/x");
+    assert!(matches!(&delete.write, StateWrite::DeleteKey(k) if k == "payment/x"));
+    assert!(matches!(delete.fence, FenceWait::Confirm { .. }));
+
+    // The heal is durable: the queued command runs.
+    let did = h.ack_write_at(170);
+    assert_eq!(
+        writes(&did),
+        vec![pw("p-1")],
+        "the queued RefreshStatus: {did:?}"
+    );
+    let did = h.ack_writes();
+    assert!(writes(&did).is_empty(), "{did:?}");
+    assert!(h.core.payment(&pid("x")).is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// d. Token records are fenced; only a dead grant deletes a pair
+// ---------------------------------------------------------------------------------------------
+
+/// A Signed Belfius payment whose pair expired: its cancellation refreshes the pair first.
+fn cancel_with_an_expired_pair() -> Harness {
+    let mut h = Harness::new(restored(
+        vec![signed_payment("p-1", "BELFIUS")],
+        vec![expired("BELFIUS", "old-access", "old-refresh")],
+    ));
+    h.start();
+    let (_, did) = h.command("c-cancel", "p-1", cancel_body());
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "refresh")]);
+    let BankCall::Refresh {
+        brand,
+        refresh_token,
+    } = &h.open_call("p-1", "refresh").call
+    else {
+        unreachable!()
+    };
+    assert_eq!(*brand, Brand::Belfius);
+    assert_eq!(refresh_token.expose_secret(), "old-refresh");
+    assert_eq!(h.state("p-1"), PaymentState::Cancelling);
+    h
+}
+
+#[test]
+fn a_refresh_answered_revoked_deletes_the_pair_with_a_fenced_tombstone() {
+    let mut h = cancel_with_an_expired_pair();
+    let did = h.answer(
+        "p-1",
+        "refresh",
+        BankAnswer::RefreshFailed(RefreshFailure::Revoked {
+            message: "invalid_grant".into(),
+        }),
+    );
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "delete-tokens")],
+        "only the tombstone, the payment waits for it: {did:?}"
+    );
+    let tombstone = h.open_write("psu/BELFIUS/psu-1");
+    assert!(matches!(tombstone.fence, FenceWait::Confirm { .. }));
+    assert!(matches!(&tombstone.write, StateWrite::DeleteTokens(k) if *k == token_key("BELFIUS")));
+    assert!(h.core.tokens(&token_key("BELFIUS")).is_none(), "forgotten");
+    assert_eq!(h.state("p-1"), PaymentState::Cancelling);
+
+    let did = h.ack_write();
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+    let reason = h.payment("p-1").reason.clone().expect("a reason");
+    assert_eq!(reason.code, ReasonCode::BankSecurityFailure);
+    h.flush();
+
+    // No pair any more: a new cancellation cannot be sent.
+    let (offset, _) = h.command("c-cancel-2", "p-1", cancel_body());
+    let did = h.flush();
+    assert_eq!(dead_letters(&did), vec![(offset, "CANCEL_NOT_POSSIBLE")]);
+}
+
+#[test]
+fn a_refresh_refused_for_another_reason_keeps_the_pair_and_ends_the_cancellation() {
+    let mut h = cancel_with_an_expired_pair();
+    let did = h.answer(
+        "p-1",
+        "refresh",
+        BankAnswer::RefreshFailed(RefreshFailure::Refused {
+            message: "invalid_client".into(),
+        }),
+    );
+    assert_eq!(writes(&did), vec![pw("p-1")], "no token write: {did:?}");
+    let kept = h.core.tokens(&token_key("BELFIUS")).expect("kept");
+    assert_eq!(kept.access_token.expose_secret(), "old-access");
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+    let reason = h.payment("p-1").reason.clone().expect("a reason");
+    assert_eq!(reason.code.as_str(), "BANK_SECURITY_FAILURE");
+    h.flush();
+
+    // The lane is free and the pair still there: the next cancellation refreshes it again.
+    h.command("c-cancel-2", "p-1", cancel_body());
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "refresh")]);
+}
+
+#[test]
+fn a_transient_refresh_failure_keeps_the_pair() {
+    let mut h = cancel_with_an_expired_pair();
+    let did = h.answer(
+        "p-1",
+        "refresh",
+        BankAnswer::RefreshFailed(RefreshFailure::Transient {
+            message: "timeout".into(),
+        }),
+    );
+    assert_eq!(writes(&did), vec![pw("p-1")], "no token write: {did:?}");
+    assert!(h.core.tokens(&token_key("BELFIUS")).is_some());
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+    let reason = h.payment("p-1").reason.clone().expect("a reason");
+    assert_eq!(reason.code, ReasonCode::CancelNotConfirmed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// e. No spin on a due timer of a busy payment
+// ---------------------------------------------------------------------------------------------
+
+/// Review defect e: a SIGNED payment with a due timer whose code exchange waited in its PSU
+/// lane was found due on every loop turn, and the owner spun.
+#[test]
+fn a_due_timer_of_a_payment_waiting_in_its_psu_lane_does_not_spin_and_fires_once_released() {
+    let (sca_pending, _) = sca_pending_payment("p-1", "BELFIUS");
+    let mut h = Harness::new(restored(
+        vec![sca_pending, signed_payment("p-2", "BELFIUS")],
+        vec![],
+    ));
+    assert!(h.start().is_empty());
+    h.complete_sca("c-sca-1", "p-1", "code-1");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "exchange")]);
+    // A late code for the signed payment: its exchange queues behind p-1's.
+    h.complete_sca("c-sca-2", "p-2", "code-2");
+    let did = h.flush();
+    assert!(calls(&did).is_empty(), "queued in the lane: {did:?}");
+    let timer = h.payment("p-2").next_check_at.expect("p-2 keeps its timer");
+
+    h.now = timer + 5_000;
+    for _ in 0..3 {
+        let wake = h.core.next_wake().expect("a checkpoint at least");
+        assert!(wake > h.now, "would spin: wake {wake} <= now {}", h.now);
+        let did = h.tick();
+        assert!(did.is_empty(), "{did:?}");
+    }
+
+    // p-1's exchange ends: p-2's starts.
+    let did = h.answer("p-1", "exchange", issued("at-1"));
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
+    );
+    let did = h.ack_write();
+    assert!(calls(&did).contains(&pc("p-2", "exchange")), "{did:?}");
+    assert!(!calls(&did).contains(&pc("p-2", "status")), "{did:?}");
+    // p-2's exchange ends: released, its due timer fires.
+    h.answer("p-2", "exchange", issued("at-2"));
+    let did = h.ack_write();
+    assert!(calls(&did).contains(&pc("p-2", "status")), "{did:?}");
+    assert_eq!(
+        h.core
+            .tokens(&token_key("BELFIUS"))
+            .map(|t| t.access_token.expose_secret().to_owned()),
+        Some("at-2".to_owned())
+    );
+}
+
+#[test]
+fn a_due_timer_of_a_payment_whose_exchange_call_is_outstanding_does_not_spin() {
+    let mut h = Harness::new(restored(vec![signed_payment("p-2", "BELFIUS")], vec![]));
+    h.start();
+    h.complete_sca("c-sca-2", "p-2", "code-2");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-2", "exchange")]);
+    let timer = h.payment("p-2").next_check_at.expect("timer");
+    h.now = timer + 1;
+    for _ in 0..3 {
+        assert!(h.core.next_wake().is_some_and(|w| w > h.now));
+        assert!(h.tick().is_empty());
+    }
+    h.answer("p-2", "exchange", issued("at-2"));
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-2", "status")], "the timer fires");
+}
+
+// ---------------------------------------------------------------------------------------------
+// g. Token pairs are keyed by brand and PSU
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_belfius_pair_does_not_cancel_a_banx_payment_but_cancels_the_belfius_one() {
+    let mut h = Harness::new(restored(
+        vec![
+            signed_payment("p-banx", "BANX"),
+            signed_payment("p-bel", "BELFIUS"),
+        ],
+        vec![fresh("BELFIUS", "belfius-access")],
+    ));
+    h.start();
+    let (banx_offset, did) = h.command("c-1", "p-banx", cancel_body());
+    assert!(
+        dead_letters(&did).is_empty(),
+        "not before the barrier: {did:?}"
+    );
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let did = h.ack_write();
+    assert_eq!(
+        dead_letters(&did),
+        vec![(banx_offset, "CANCEL_NOT_POSSIBLE")]
+    );
+    assert_eq!(h.dead_letters[0].payment_id.as_deref(), Some("p-banx"));
+    assert_eq!(h.state("p-banx"), PaymentState::Signed);
+
+    let (_, did) = h.command("c-2", "p-bel", cancel_body());
+    assert_eq!(writes(&did), vec![pw("p-bel")]);
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-bel", "cancel")]);
+    let BankCall::Cancel { access_token } = &h.open_call("p-bel", "cancel").call else {
+        unreachable!()
+    };
+    assert_eq!(access_token.expose_secret(), "belfius-access");
+}
+
+#[test]
+fn a_banx_code_exchange_stores_under_banx_and_keeps_the_belfius_pair() {
+    let (banx, _) = sca_pending_payment("p-banx", "BANX");
+    let mut h = Harness::new(restored(
+        vec![banx],
+        vec![fresh("BELFIUS", "belfius-access")],
+    ));
+    h.start();
+    h.complete_sca("c-1", "p-banx", "code-banx");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-banx", "exchange")]);
+    let did = h.answer("p-banx", "exchange", issued("banx-access"));
+    assert_eq!(writes(&did), vec![("psu/BANX/psu-1".to_owned(), "tokens")]);
+    let access = |h: &Harness, b: &str| {
+        h.core
+            .tokens(&token_key(b))
+            .map(|t| t.access_token.expose_secret().to_owned())
+    };
+    assert_eq!(access(&h, "BANX").as_deref(), Some("banx-access"));
+    assert_eq!(access(&h, "BELFIUS").as_deref(), Some("belfius-access"));
+    h.flush();
+    assert_eq!(
+        h.persisted_tokens
+            .get(&token_key("BELFIUS"))
+            .map(|t| t.access_token.expose_secret().to_owned())
+            .as_deref(),
+        Some("belfius-access")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// h. A restored cancellation is sent again
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_restored_cancelling_payment_without_a_timer_sends_the_cancellation_again() {
+    let mut h = Harness::new(restored(
+        vec![cancelling_payment("p-1", "BELFIUS")],
+        vec![fresh("BELFIUS", "belfius-access")],
+    ));
+    let did = h.start();
+    assert!(
+        calls(&did).is_empty(),
+        "only once its intent is written: {did:?}"
+    );
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "cancel")]);
+    let BankCall::Cancel { access_token } = &h.open_call("p-1", "cancel").call else {
+        unreachable!()
+    };
+    assert_eq!(access_token.expose_secret(), "belfius-access");
+    // Its answer ends it.
+    h.answer(
+        "p-1",
+        "cancel",
+        BankAnswer::Input(Input::CancelConfirmed {
+            bank_status: Some("CANC".into()),
+        }),
+    );
+    let did = h.flush();
+    assert_eq!(h.state("p-1"), PaymentState::Cancelled);
+    assert_eq!(published(&did).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// j. Dead letters and ignored commands wait for the fence
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_refused_command_is_dead_lettered_only_after_a_confirmed_barrier() {
+    let mut h = Harness::empty();
+    let (offset, did) = h.command("c-1", "p-x", cancel_body());
+    assert!(dead_letters(&did).is_empty(), "{did:?}");
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let barrier = h.open_write("outbox-checkpoint/0");
+    assert!(matches!(barrier.fence, FenceWait::Confirm { .. }));
+    assert_eq!(h.committable, Some(offset));
+    assert_eq!(h.core.outstanding(), 2, "the barrier and the verdict");
+
+    let did = h.ack_write();
+    assert_eq!(dead_letters(&did), vec![(offset, "UNKNOWN_PAYMENT")]);
+    assert_eq!(
+        h.committable,
+        Some(offset),
+        "not before the dead letter is written"
+    );
+    let did = h.ack_dead_letters();
+    assert_eq!(did, vec![Did::Committable(offset + 1)]);
+}
+
+/// A payment write this owner makes after the verdict serves as its barrier: no extra write.
+#[test]
+fn a_refused_command_is_released_by_a_later_confirmed_write_of_the_same_event() {
+    // A RECEIVED payment whose retry timer is due when the refused command arrives: the
+    // timer's transition (StartInitiation, written) is made in the same turn, after it.
+    let (received, _) = received_payment("p-1", "BELFIUS");
+    let begin = Input::BeginInitiation {
+        pkce_verifier: SecretString::from("v".to_owned()),
+        sca_state: "s".into(),
+    };
+    let (initiating, _) = step("p-1", Some(&received), begin, T0 - 2_000);
+    let (retrying, _) = step(
+        "p-1",
+        Some(&initiating),
+        Input::InitiationFailed(crate::domain::machine::InitiationFailure::NotProcessed {
+            message: "429".into(),
+            retry_after_ms: Some(1_000),
+        }),
+        T0 - 500,
+    );
+    assert_eq!(retrying.state, PaymentState::Received);
+    let timer = retrying.next_check_at.expect("retry timer");
+    let mut h = Harness::new(restored(vec![retrying], vec![]));
+    assert!(
+        h.start().is_empty(),
+        "the timer is due at {timer}, later than now"
+    );
+    h.now = timer;
+    let (offset, did) = h.command("c-1", "p-x", cancel_body());
+    assert_eq!(
+        writes(&did),
+        vec![pw("p-1")],
+        "the timer's write, no separate barrier: {did:?}"
+    );
+    assert!(dead_letters(&did).is_empty());
+    let did = h.ack_write();
+    assert_eq!(dead_letters(&did), vec![(offset, "UNKNOWN_PAYMENT")]);
+}
+
+/// A checkpoint is acknowledged without waiting for the fence: it releases no verdict.
+#[test]
+fn a_checkpoint_acknowledged_without_the_fence_does_not_release_a_dead_letter() {
+    let mut h = Harness::empty();
+    h.now = T0 + CHECKPOINT_INTERVAL;
+    let (offset, did) = h.command("c-1", "p-x", cancel_body());
+    let kinds: Vec<bool> = h.writes.iter().map(|w| w.fence.confirms()).collect();
+    assert_eq!(
+        kinds,
+        vec![false, true],
+        "the interval's checkpoint, then a barrier: {did:?}"
+    );
+    let did = h.ack_write();
+    assert!(dead_letters(&did).is_empty(), "{did:?}");
+    let did = h.ack_write();
+    assert_eq!(dead_letters(&did), vec![(offset, "UNKNOWN_PAYMENT")]);
+}
+
+#[test]
+fn a_refused_command_of_a_superseded_owner_is_never_dead_lettered() {
+    let mut h = Harness::empty();
+    let (offset, did) = h.command("c-1", "p-x", cancel_body());
+    assert_eq!(writes(&did).len(), 1, "the barrier");
+    let did = h.on(Event::Superseded { claimed_at: 150 });
+    assert_eq!(did, vec![Did::Fenced(150)]);
+    assert!(h.core.is_done());
+    // Whatever the shell still reports, nothing leaves.
+    assert!(h.ack_write().is_empty());
+    assert!(
+        h.on(Event::DeadLettered {
+            command_offset: offset
+        })
+        .is_empty()
+    );
+    assert!(h.tick_at(T0 + 10 * CHECKPOINT_INTERVAL).is_empty());
+    assert!(dead_letters(&h.history).is_empty());
+    assert_eq!(h.committable, Some(offset));
+}
+
+#[test]
+fn an_ignored_duplicate_is_not_committed_before_the_barrier_is_confirmed() {
+    let mut h = Harness::empty();
+    h.sca_pending("p-1", "BELFIUS");
+    assert_eq!(h.committable, Some(1));
+    // The same command again (a client retry under the same command id).
+    let (offset, did) = h.command("c-init-p-1", "p-1", initiate_body("p-1", "BELFIUS"));
+    assert_eq!(offset, 1);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    assert_eq!(h.committable, Some(1), "not past the duplicate: {did:?}");
+    // The same order under a new command id: ignored too.
+    let (second, _) = h.command("c-other", "p-1", initiate_body("p-1", "BELFIUS"));
+    assert_eq!(h.committable, Some(1));
+    // Each verdict waits for a barrier written after it.
+    let did = h.ack_write();
+    assert_eq!(did, vec![Did::Committable(second)]);
+    let did = h.ack_write();
+    assert_eq!(did, vec![Did::Committable(second + 1)]);
+    assert!(dead_letters(&h.history).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// k. Exact de-duplication by offset
+// ---------------------------------------------------------------------------------------------
+
+/// Review defect k: de-duplication by the last 32 command ids let a record re-delivered after
+/// a restart (its offset not yet committed) act again once the payment had taken more than 32
+/// commands.
+#[test]
+fn an_early_record_redelivered_after_a_restart_beyond_the_remembered_window_is_ignored() {
+    let mut h = Harness::empty();
+    h.sca_pending("p-1", "BELFIUS");
+    let state = h.payment("p-1").sca_state.clone();
+    let (sca_offset, _) = h.complete_sca("c-sca", "p-1", "the-code");
+    h.flush();
+    h.answer("p-1", "exchange", issued("at-1"));
+    h.flush();
+    h.answer("p-1", "status", observed(BankProgress::Signed, "ACTC"));
+    h.flush();
+    let mut refresh_offsets = Vec::new();
+    for n in 0..35 {
+        let (offset, did) = h.command(&format!("c-refresh-{n}"), "p-1", CommandBody::RefreshStatus);
+        assert_eq!(writes(&did), vec![pw("p-1")]);
+        refresh_offsets.push(offset);
+        h.flush();
+        h.answer("p-1", "status", observed(BankProgress::Signed, "ACTC"));
+        h.flush();
+    }
+    let persisted = h.persisted.get(&pid("p-1")).expect("written").clone();
+    assert!(
+        !persisted
+            .seen_commands
+            .iter()
+            .any(|c| c.as_str() == "c-sca" || c.as_str() == "c-refresh-0"),
+        "the early command ids are out of the window"
+    );
+
+    // A restart: the offsets after the last commit are read again.
+    let tokens = h.persisted_tokens.values().cloned().collect();
+    let mut h = Harness::new(restored(vec![persisted], tokens));
+    h.start();
+    h.flush();
+    if !h.calls.is_empty() {
+        h.answer("p-1", "status", observed(BankProgress::Signed, "ACTC"));
+        h.flush();
+    }
+    let before = h.history.len();
+    let did = h.command_at(
+        sca_offset,
+        "c-sca",
+        PSU,
+        "p-1",
+        sca_code("the-code", state.as_deref()),
+    );
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let did = h.command_at(
+        refresh_offsets[0],
+        "c-refresh-0",
+        PSU,
+        "p-1",
+        CommandBody::RefreshStatus,
+    );
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")],
+        "its own barrier, written after its verdict: {did:?}"
+    );
+    h.flush();
+    let after = &h.history[before..];
+    assert!(calls(after).is_empty(), "no exchange, no poll: {after:?}");
+    assert!(
+        writes(after).iter().all(|(_, what)| *what == "checkpoint"),
+        "no payment write: {after:?}"
+    );
+    assert!(dead_letters(after).is_empty());
+    assert_eq!(h.committable, Some(refresh_offsets[0] + 1));
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+}
+
+#[test]
+fn a_code_resent_under_a_new_command_id_is_not_exchanged_again() {
+    let mut h = Harness::empty();
+    h.signed("p-1", "BELFIUS", "at-1");
+    let (offset, did) = h.complete_sca("c-sca-again", "p-1", "code-p-1");
+    assert!(calls(&did).is_empty(), "{did:?}");
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    assert_eq!(h.committable, Some(offset));
+    let did = h.flush();
+    assert!(calls(&did).is_empty());
+    assert!(dead_letters(&did).is_empty());
+    assert_eq!(h.committable, Some(offset + 1));
+    assert!(h.payment("p-1").authorization_code.is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// l. Lanes and the fence
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_lane_operation_queued_behind_a_running_one_never_starts_after_superseded() {
+    let (p1, _) = sca_pending_payment("p-1", "BELFIUS");
+    let (p2, _) = sca_pending_payment("p-2", "BELFIUS");
+    let mut h = Harness::new(restored(vec![p1, p2], vec![]));
+    h.start();
+    h.complete_sca("c-1", "p-1", "code-1");
+    h.complete_sca("c-2", "p-2", "code-2");
+    let did = h.flush();
+    assert_eq!(
+        calls(&did),
+        vec![pc("p-1", "exchange")],
+        "one at a time per lane"
+    );
+
+    assert_eq!(
+        h.on(Event::Superseded { claimed_at: 140 }),
+        vec![Did::Fenced(140)]
+    );
+    // The running exchange's answer, its token write, time, a revocation: nothing follows.
+    assert!(h.answer("p-1", "exchange", issued("at-1")).is_empty());
+    assert!(h.tick_at(T0 + 3 * CHECKPOINT_INTERVAL).is_empty());
+    assert!(h.on(Event::Revoke).is_empty());
+    assert!(
+        h.command("c-3", "p-2", CommandBody::RefreshStatus)
+            .1
+            .is_empty()
+    );
+    assert!(h.writes.is_empty());
+    assert!(!calls(&h.history).contains(&pc("p-2", "exchange")));
+    assert!(h.core.is_done());
+    assert!(h.core.next_wake().is_none());
+}
+
+/// While draining, a queued lane operation still runs (its intent is durable).
+#[test]
+fn a_lane_operation_queued_behind_a_running_one_still_runs_while_draining() {
+    let (p1, _) = sca_pending_payment("p-1", "BELFIUS");
+    let (p2, _) = sca_pending_payment("p-2", "BELFIUS");
+    let mut h = Harness::new(restored(vec![p1, p2], vec![]));
+    h.start();
+    h.complete_sca("c-1", "p-1", "code-1");
+    h.complete_sca("c-2", "p-2", "code-2");
+    h.flush();
+    h.on(Event::Revoke);
+    h.answer("p-1", "exchange", issued("at-1"));
+    let did = h.ack_write();
+    assert!(calls(&did).contains(&pc("p-2", "exchange")), "{did:?}");
+    assert!(!released(&did));
+}
+
+// ---------------------------------------------------------------------------------------------
+// n. Quarantine
+// ---------------------------------------------------------------------------------------------
+
+/// Review defect n: one undecodable state record stopped every replica in turn. Now the
+/// payment it names is held: not resumed, no timer, its commands dead-lettered.
+#[test]
+fn a_quarantined_payment_is_held_and_its_commands_dead_lettered_while_others_proceed() {
+    let mut log = StateLog::new();
+    let old = log.marker("old");
+    // p-1 would resume with a new initiation attempt (RECEIVED, no timer); p-3 would poll
+    // (SCA_PENDING, timer at T0 + 2 s); p-2 is fine.
+    let (p1, e1) = received_payment("p-1", "BELFIUS");
+    log.payment(old, &p1, &e1);
+    let (p2, e2) = received_payment("p-2", "BELFIUS");
+    log.payment(old, &p2, &e2);
+    let (p3, e3) = sca_pending_payment("p-3", "BELFIUS");
+    log.payment(old, &p3, &e3);
+    log.raw("payment/p-1", b"{not json", old);
+    log.raw("payment/p-3", b"\x00garbage", old);
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    assert!(restored.quarantined.contains_key("payment/p-1"));
+    assert!(restored.quarantined.contains_key("payment/p-3"));
+    let config = CoreConfig {
+        epoch: mine,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(restored, config);
+
+    let did = h.start();
+    assert_eq!(
+        writes(&did),
+        vec![pw("p-2")],
+        "p-2 resumes, p-1 does not: {did:?}"
+    );
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-2", "initiate")]);
+    assert!(h.core.quarantined().contains_key("payment/p-1"));
+    let held = h.payment("p-1").clone();
+    assert_eq!(held.state, PaymentState::Received);
+    let timer = h
+        .payment("p-3")
+        .next_check_at
+        .expect("p-3's record has a timer");
+    assert_ne!(
+        h.core.next_wake(),
+        Some(timer),
+        "no timer for a held payment"
+    );
+    let did = h.tick_at(timer + 1);
+    assert!(calls(&did).is_empty(), "{did:?}");
+
+    let (offset, did) = h.command("c-r", "p-1", CommandBody::RefreshStatus);
+    assert!(dead_letters(&did).is_empty(), "after the barrier: {did:?}");
+    let did = h.ack_writes();
+    assert_eq!(dead_letters(&did), vec![(offset, QUARANTINED)]);
+    assert_eq!(h.dead_letters[0].class, QUARANTINED);
+    assert_eq!(h.dead_letters[0].payment_id.as_deref(), Some("p-1"));
+    h.flush();
+    let (offset, _) = h.command("c-cancel", "p-3", cancel_body());
+    let did = h.flush();
+    assert_eq!(dead_letters(&did), vec![(offset, QUARANTINED)]);
+    assert!(
+        h.history
+            .iter()
+            .all(|d| !matches!(d, Did::Call { payment, .. } if payment != "p-2")),
+        "{:?}",
+        h.history
+    );
+    assert!(!h.persisted.contains_key(&pid("p-1")));
+    assert!(!h.persisted.contains_key(&pid("p-3")));
+    let still = h.payment("p-1");
+    assert_eq!(still.sequence, held.sequence);
+    assert_eq!(still.updated_at, held.updated_at);
+    // p-2 goes on.
+    let did = h.answer("p-2", "initiate", initiated("p-2"));
+    assert_eq!(writes(&did), vec![pw("p-2")]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revoke and drain
+// ---------------------------------------------------------------------------------------------
+
+/// A new owner's first checkpoint covers its restore marker; after it, an idle owner has
+/// nothing to write and is released at once.
+#[test]
+fn an_idle_owner_writes_its_last_checkpoint_once_then_is_released_at_once_on_revoke() {
+    let mut h = Harness::empty();
+    let did = h.on(Event::Revoke);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    assert!(!released(&did));
+    assert!(matches!(
+        h.open_write("outbox-checkpoint/0").write,
+        StateWrite::Checkpoint { through: EPOCH }
+    ));
+    assert_eq!(h.ack_write(), vec![Did::Released]);
+    assert!(h.core.is_done());
+
+    let mut h = Harness::empty();
+    let did = h.tick_at(T0 + CHECKPOINT_INTERVAL);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    h.ack_write();
+    let did = h.on(Event::Revoke);
+    assert_eq!(did, vec![Did::Released], "nothing left to checkpoint");
+}
+
+#[test]
+fn revoke_stops_taking_commands_and_queued_commands_are_not_applied() {
+    let mut h = Harness::empty();
+    h.sca_pending("p-1", "BELFIUS");
+    h.command("c-r", "p-1", CommandBody::RefreshStatus);
+    let (queued, did) = h.complete_sca("c-sca", "p-1", "code-1");
+    assert!(
+        writes(&did).is_empty(),
+        "queued behind the refresh: {did:?}"
+    );
+
+    let did = h.on(Event::Revoke);
+    assert!(did.is_empty(), "{did:?}");
+    assert!(!h.core.accepts_commands());
+    let (late, did) = h.command("c-late", "p-2", initiate_body("p-2", "BELFIUS"));
+    assert!(did.is_empty(), "not taken: {did:?}");
+    assert!(h.core.payment(&pid("p-2")).is_none());
+
+    let did = h.ack_write();
+    assert_eq!(
+        calls(&did),
+        vec![pc("p-1", "status")],
+        "the refresh's effect runs"
+    );
+    let did = h.answer("p-1", "status", observed(BankProgress::AwaitingSca, "RCVD"));
+    assert!(
+        !writes(&did).contains(&pw("p-1")),
+        "the queued CompleteSca is not applied: {did:?}"
+    );
+    assert_eq!(h.state("p-1"), PaymentState::ScaPending);
+    let did = h.flush();
+    assert!(released(&did) || released(&h.history));
+    assert_eq!(h.committable, Some(queued), "the next owner reads it again");
+    assert!(late > queued);
+}
+
+#[test]
+fn an_initiation_write_confirmed_during_the_drain_still_calls_the_bank() {
+    let mut h = Harness::empty();
+    h.initiate("p-1", "BELFIUS");
+    let did = h.ack_write();
+    assert_eq!(writes(&did), vec![pw("p-1")], "the attempt's intent");
+    assert!(matches!(h.state("p-1"), PaymentState::Initiating { .. }));
+    h.on(Event::Revoke);
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+    assert!(!released(&did));
+    let did = h.flush();
+    assert!(!released(&did), "its call is outstanding");
+    h.answer("p-1", "initiate", initiated("p-1"));
+    h.flush();
+    assert_eq!(h.state("p-1"), PaymentState::ScaPending);
+    assert!(h.released);
+}
+
+#[test]
+fn start_initiation_is_not_started_while_draining_and_release_waits_for_the_last_checkpoint() {
+    let mut h = Harness::empty();
+    let (offset, _) = h.initiate("p-1", "BELFIUS");
+    h.on(Event::Revoke);
+    let did = h.ack_write();
+    assert!(
+        writes(&did).is_empty(),
+        "no BeginInitiation while draining: {did:?}"
+    );
+    assert!(calls(&did).is_empty());
+    assert_eq!(
+        published(&did),
+        vec![(EPOCH + 1, vec![StateKind::Received])]
+    );
+    assert!(!released(&did), "its events are not yet published");
+    assert_eq!(h.state("p-1"), PaymentState::Received);
+
+    let did = h.ack_publications();
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    assert!(!released(&did), "after the checkpoint: {did:?}");
+    let checkpoint = h.open_write("outbox-checkpoint/0");
+    assert!(matches!(checkpoint.fence, FenceWait::AckOnly { .. }));
+    assert!(matches!(checkpoint.write, StateWrite::Checkpoint { through } if through == EPOCH + 1));
+    let did = h.ack_write();
+    assert_eq!(did, vec![Did::Released]);
+    assert_eq!(h.committable, Some(offset + 1));
+    assert!(
+        h.persisted[&pid("p-1")].next_check_at.is_none(),
+        "the next owner resumes it"
+    );
+}
+
+#[test]
+fn the_drain_deadline_releases_with_work_outstanding() {
+    let mut h = Harness::empty();
+    h.sca_pending("p-1", "BELFIUS");
+    let at = h.payment("p-1").next_check_at.expect("timer");
+    h.tick_at(at);
+    h.open_call("p-1", "status");
+    let did = h.on(Event::Revoke);
+    assert!(did.is_empty());
+    let deadline = at + DRAIN_TIMEOUT;
+    assert_eq!(h.core.next_wake(), Some(deadline));
+    assert!(h.tick_at(deadline - 1).is_empty());
+    let did = h.tick_at(deadline);
+    assert_eq!(did, vec![Did::Released]);
+    // The answer comes too late: nothing.
+    assert!(
+        h.answer("p-1", "status", observed(BankProgress::AwaitingSca, "RCVD"))
+            .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling, outbox, offsets, checkpoints
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn commands_of_one_payment_apply_one_at_a_time_in_order_while_another_payment_proceeds() {
+    let (p1, _) = sca_pending_payment("p-1", "BELFIUS");
+    let mut h = Harness::new(restored(vec![p1], vec![]));
+    h.start();
+    let (_, did) = h.command("c-refresh", "p-1", CommandBody::RefreshStatus);
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    let (_, did) = h.complete_sca("c-sca", "p-1", "code-1");
+    assert!(writes(&did).is_empty(), "waits for the refresh: {did:?}");
+    let (_, did) = h.command("c-cancel", "p-1", cancel_body());
+    assert!(writes(&did).is_empty(), "{did:?}");
+    let (_, did) = h.initiate("p-2", "BELFIUS");
+    assert_eq!(writes(&did), vec![pw("p-2")], "another payment proceeds");
+
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "status")]);
+    assert!(
+        !writes(&did).contains(&pw("p-1")),
+        "still busy with the refresh's poll"
+    );
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-2", "initiate")]);
+
+    let did = h.answer("p-1", "status", observed(BankProgress::AwaitingSca, "RCVD"));
+    assert_eq!(writes(&did), vec![pw("p-1")], "the CompleteSca, alone");
+    assert_eq!(h.state("p-1"), PaymentState::Authorizing);
+    let seen = &h.payment("p-1").seen_commands;
+    assert!(seen.iter().any(|c| c.as_str() == "c-sca"));
+    assert!(!seen.iter().any(|c| c.as_str() == "c-cancel"), "not yet");
+    // The cancellation waits until the authorization is done (the exchange and its poll).
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "exchange")]);
+    assert!(
+        !h.payment("p-1")
+            .seen_commands
+            .iter()
+            .any(|c| c.as_str() == "c-cancel")
+    );
+    h.answer("p-1", "exchange", issued("at-1"));
+    h.flush();
+    let did = h.answer("p-1", "status", observed(BankProgress::Signed, "ACTC"));
+    assert_eq!(writes(&did), vec![pw("p-1")], "the SIGNED transition first");
+    let did = h.ack_write();
+    assert_eq!(
+        writes(&did),
+        vec![pw("p-1")],
+        "then the cancellation: {did:?}"
+    );
+    assert_eq!(h.state("p-1"), PaymentState::Cancelling);
+}
+
+#[test]
+fn events_are_published_and_the_command_offset_committable_only_after_the_write_is_acknowledged() {
+    let mut h = Harness::empty();
+    let (offset, did) = h.initiate("p-1", "BELFIUS");
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    assert!(published(&did).is_empty(), "{did:?}");
+    assert_eq!(h.committable, Some(offset), "not past the command");
+    assert!(
+        matches!(&h.open_write("payment/p-1").write, StateWrite::Payment { events, .. } if events.len() == 1)
+    );
+    assert!(matches!(
+        h.open_write("payment/p-1").fence,
+        FenceWait::Confirm { .. }
+    ));
+
+    let did = h.ack_write_at(120);
+    assert_eq!(published(&did), vec![(120, vec![StateKind::Received])]);
+    assert!(did.contains(&Did::Committable(offset + 1)), "{did:?}");
+    // The next transition (INITIATING) is published on its own acknowledgement only.
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    assert!(
+        calls(&did).is_empty(),
+        "the call after its intent is durable"
+    );
+    let did = h.ack_write_at(121);
+    assert_eq!(published(&did), vec![(121, vec![StateKind::Initiating])]);
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+}
+
+#[test]
+fn a_checkpoint_is_written_every_interval_when_due_and_waits_for_publication() {
+    let mut h = Harness::empty();
+    h.initiate("p-1", "BELFIUS");
+    h.ack_write(); // RECEIVED at 100
+    h.ack_write(); // INITIATING at 101
+    assert_eq!(h.publications.len(), 2);
+    let did = h.tick_at(T0 + CHECKPOINT_INTERVAL - 1);
+    assert!(writes(&did).is_empty(), "not yet due: {did:?}");
+    let did = h.tick_at(T0 + CHECKPOINT_INTERVAL);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let checkpoint = h.open_write("outbox-checkpoint/0");
+    assert!(matches!(checkpoint.fence, FenceWait::AckOnly { .. }));
+    assert!(
+        matches!(checkpoint.write, StateWrite::Checkpoint { through: 99 }),
+        "below the records whose events are not published: {:?}",
+        checkpoint.write
+    );
+    h.ack_write(); // at 102
+    h.ack_publications();
+    let did = h.tick_at(T0 + 2 * CHECKPOINT_INTERVAL - 1);
+    assert!(writes(&did).is_empty(), "not yet due: {did:?}");
+    let did = h.tick_at(T0 + 2 * CHECKPOINT_INTERVAL);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let checkpoint = h.open_write("outbox-checkpoint/0");
+    assert!(matches!(checkpoint.fence, FenceWait::AckOnly { .. }));
+    assert!(
+        matches!(checkpoint.write, StateWrite::Checkpoint { through } if through >= 101),
+        "{:?}",
+        checkpoint.write
+    );
+    h.ack_write();
+    // Nothing new since: no further checkpoint.
+    for n in 3..6 {
+        let did = h.tick_at(T0 + n * CHECKPOINT_INTERVAL);
+        assert!(
+            writes(&did).is_empty(),
+            "an idle owner writes nothing: {did:?}"
+        );
+    }
+}
+
+#[test]
+fn restored_unpublished_events_are_republished_at_start() {
+    let mut log = StateLog::new();
+    let old = log.marker("old");
+    let (p1, e1) = sca_pending_payment("p-1", "BELFIUS");
+    let p1_at = log.payment(old, &p1, &e1);
+    log.checkpoint(old, p1_at);
+    let (p2, e2) = sca_pending_payment("p-2", "BELFIUS");
+    let p2_at = log.payment(old, &p2, &e2);
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    let config = CoreConfig {
+        epoch: mine,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(restored, config);
+    let did = h.start();
+    assert_eq!(
+        published(&did),
+        vec![(p2_at, vec![StateKind::ScaPending])],
+        "only after the checkpoint"
+    );
+    assert!(writes(&did).is_empty() && calls(&did).is_empty(), "{did:?}");
+    // The checkpoint stays below the record until its events are out.
+    let did = h.tick_at(T0 + CHECKPOINT_INTERVAL);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let checkpoint = h.open_write("outbox-checkpoint/0");
+    assert!(
+        matches!(checkpoint.write, StateWrite::Checkpoint { through } if through == p2_at - 1),
+        "{:?}",
+        checkpoint.write
+    );
+    h.ack_write();
+    let did = h.ack_publications();
+    assert!(did.is_empty(), "{did:?}");
+    let did = h.tick_at(T0 + 2 * CHECKPOINT_INTERVAL);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    let checkpoint = h.open_write("outbox-checkpoint/0");
+    assert!(
+        matches!(checkpoint.write, StateWrite::Checkpoint { through } if through >= mine),
+        "{:?}",
+        checkpoint.write
+    );
+}

@@ -46,7 +46,9 @@ pub enum Decoding {
     },
     /// The schema registry did not answer for this record's schema id: keep the record (and
     /// everything behind it on the partition) and ask again later. Never a dead letter.
-    Wait { message: String },
+    Wait {
+        message: String,
+    },
 }
 
 /// The `type` label of a command body in `pis_commands_consumed_total`.
@@ -328,7 +330,8 @@ pub fn to_input(
 fn resolution(resolve: &ResolveOutcome) -> Result<Resolution, String> {
     let note = resolve.note.clone();
     if let Some(note) = &note {
-        crate::domain::validation::validate_note(note).map_err(|r| format!("note: {}", r.message))?;
+        crate::domain::validation::validate_note(note)
+            .map_err(|r| format!("note: {}", r.message))?;
     }
     match (resolve.action, &resolve.bank_payment_id) {
         (ResolveAction::Reinitiate, None) => Ok(Resolution::Reinitiate),
@@ -704,9 +707,10 @@ mod tests {
         let body = CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
             &url::Url::parse("https://c.example/cb?code=x&state=abc").expect("url"),
         ));
-        let Ingested::Apply { input, .. } =
-            run(&record(Some("psu-1"), Some(encoded(&envelope(body)))), false)
-        else {
+        let Ingested::Apply { input, .. } = run(
+            &record(Some("psu-1"), Some(encoded(&envelope(body)))),
+            false,
+        ) else {
             panic!("not applied")
         };
         assert!(matches!(*input, Input::CompleteSca { state: Some(ref s), .. } if s == "abc"));
@@ -732,7 +736,10 @@ mod tests {
         ];
         for (body, ok) in cases {
             let what = format!("{body:?}");
-            let verdict = run(&record(Some("psu-1"), Some(encoded(&envelope(body)))), false);
+            let verdict = run(
+                &record(Some("psu-1"), Some(encoded(&envelope(body)))),
+                false,
+            );
             match (ok, &verdict) {
                 (true, Ingested::Apply { input, .. }) => {
                     assert!(matches!(**input, Input::Resolve { .. }), "{what}")

@@ -129,11 +129,13 @@ pub fn spawn(
             return;
         };
         let (commands_tx, commands_rx) = mpsc::channel(64);
+        let waiting = Arc::new(AtomicBool::new(false));
         let decoder = tokio::spawn(decode_in_order(
             partition,
             side.records,
             commands_tx,
             deps.max_command_bytes,
+            waiting.clone(),
         ));
         let shell = Shell {
             partition,
@@ -147,6 +149,12 @@ pub fn spawn(
         };
         shell.run().await;
         decoder.abort();
+        if waiting.load(Ordering::Acquire) {
+            info!(
+                partition,
+                "commands waiting for the schema registry are not committed and will be read again"
+            );
+        }
         let _ = side.released.send(());
     });
     handle
@@ -260,6 +268,7 @@ async fn decode_in_order(
     mut records: mpsc::Receiver<OwnedMessage>,
     commands: mpsc::Sender<Box<CommandRecord>>,
     max_bytes: usize,
+    waiting: Arc<AtomicBool>,
 ) {
     while let Some(message) = records.recv().await {
         let mut backoff: Option<crate::contract::registry::Backoff> = None;
@@ -270,6 +279,7 @@ async fn decode_in_order(
                     break Decoded::Undecodable { class, message };
                 }
                 Decoding::Wait { message: why } => {
+                    waiting.store(true, Ordering::Release);
                     let delay = backoff.get_or_insert_with(Default::default).next_delay();
                     warn!(
                         partition,
@@ -283,6 +293,7 @@ async fn decode_in_order(
             }
         };
         if backoff.is_some() {
+            waiting.store(false, Ordering::Release);
             info!(
                 partition,
                 "schema registry answered: the waiting commands go on"
@@ -360,7 +371,9 @@ impl Shell {
                 }
                 Woke::Housekeeping => {
                     for (key, offset) in self.fence.take_stale_keys() {
-                        let actions = self.core.on(Event::StaleRecord { key, offset }, now_millis());
+                        let actions = self
+                            .core
+                            .on(Event::StaleRecord { key, offset }, now_millis());
                         self.execute(actions).await;
                     }
                     ticks += 1;

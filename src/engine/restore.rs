@@ -140,7 +140,9 @@ impl<'k> RestoreFold<'k> {
                 if !events.is_empty() {
                     self.events_by_offset.insert(offset, events);
                 }
-                self.out.payments.insert(payment.payment_id.clone(), *payment);
+                self.out
+                    .payments
+                    .insert(payment.payment_id.clone(), *payment);
             }
             DecodedRecord::Psu(tokens) => {
                 if let RecordKey::LegacyTokens(psu) = &parsed {
@@ -306,7 +308,12 @@ mod tests {
         fn restore(&self, marker: i64) -> Restored {
             let mut fold = RestoreFold::new(self.key, marker);
             for (offset, (k, v, e)) in self.records.iter().enumerate() {
-                fold.apply(offset as i64, k.as_deref().map(str::as_bytes), v.as_deref(), *e);
+                fold.apply(
+                    offset as i64,
+                    k.as_deref().map(str::as_bytes),
+                    v.as_deref(),
+                    *e,
+                );
             }
             fold.finish()
         }
@@ -328,7 +335,11 @@ mod tests {
         assert_eq!(restored.payments.len(), 2);
         assert_eq!(restored.checkpoint, 1);
         assert_eq!(
-            restored.unpublished.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            restored
+                .unpublished
+                .iter()
+                .map(|(o, _)| *o)
+                .collect::<Vec<_>>(),
             vec![p2_at]
         );
         assert_eq!(restored.records_read, 5);
@@ -379,9 +390,7 @@ mod tests {
         // A record of the previous format: keyed by PSU only, brand inside, sealed under its key.
         let legacy = tokens(Brand::Banx, "legacy-banx");
         let legacy_key = "psu/psu-1";
-        let sealed = k
-            .seal(&legacy.access_token, legacy_key)
-            .expect("seal");
+        let sealed = k.seal(&legacy.access_token, legacy_key).expect("seal");
         let value = serde_json::json!({
             "type": "psu", "v": 1, "epoch": epoch, "psu_id": "psu-1", "brand": "BANX",
             "access_token": sealed, "refresh_token": null, "expires_at": null, "updated_at": 1
@@ -428,7 +437,10 @@ mod tests {
         let marker = log.marker("b");
         let restored = log.restore(marker);
         assert_eq!(restored.payments.len(), 2, "the last good state is kept");
-        let q = restored.quarantined.get("payment/p-1").expect("quarantined");
+        let q = restored
+            .quarantined
+            .get("payment/p-1")
+            .expect("quarantined");
         assert_eq!(q.offset, garbage_at);
         assert_eq!(
             restored.quarantined_payments().collect::<Vec<_>>(),

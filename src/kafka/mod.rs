@@ -10,7 +10,7 @@ pub mod state;
 
 use rdkafka::ClientConfig;
 
-/// Topic names (configurable; defaults from DESIGN.md).
+/// Topic names (configurable; the defaults are in the README).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     pub commands: String,

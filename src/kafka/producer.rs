@@ -137,8 +137,14 @@ impl Producer {
                 value: Some(e.as_bytes()),
             })
         });
-        self.enqueue_value(&topic, Some(partition), Some(key.as_bytes()), value, headers)
-            .await
+        self.enqueue_value(
+            &topic,
+            Some(partition),
+            Some(key.as_bytes()),
+            value,
+            headers,
+        )
+        .await
     }
 
     /// Publishes one status event, keyed by payment id.

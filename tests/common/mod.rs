@@ -216,14 +216,30 @@ impl TestEnv {
         .await
     }
 
-    /// The PSU `psu_id` acts on the payment with this end-to-end id (`sign` / `reject`) and
+    /// The PSU `psu_id` opens the SCA URL the worker published for `payment_id` (its latest
+    /// `SCA_PENDING` event, with the worker's OAuth `state`), acts (`sign` / `reject`), and
     /// returns the redirect URL their browser brings back.
-    pub async fn psu(&self, action: &str, e2e: &str, psu_id: &str) -> String {
-        let url = self
+    pub async fn psu(&self, action: &str, payment_id: &str, psu_id: &str) -> String {
+        let events = self.wait_for_state(payment_id, StateKind::ScaPending).await;
+        let sca_url = events
+            .iter()
+            .rev()
+            .find(|e| e.payment_id == payment_id && e.state == StateKind::ScaPending)
+            .and_then(|e| e.sca_redirect_url.clone())
+            .expect("the SCA_PENDING event carries the SCA URL");
+        self.psu_at(action, &sca_url, psu_id).await
+    }
+
+    /// The PSU opens `sca_url` (as published, or tampered with by a test) and acts.
+    pub async fn psu_at(&self, action: &str, sca_url: &str, psu_id: &str) -> String {
+        let mut url = self
             .sandbox
             .admin_base_url()
-            .join(&format!("admin/e2e/{e2e}/{action}?psu={psu_id}"))
+            .join(&format!("admin/sca/{action}"))
             .expect("url");
+        url.query_pairs_mut()
+            .append_pair("url", sca_url)
+            .append_pair("psu", psu_id);
         let response = reqwest::Client::new()
             .post(url)
             .send()

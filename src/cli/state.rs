@@ -1,0 +1,149 @@
+//! `pis-worker state quarantined`: the state records no owner could read, and the payments
+//! they hold back (docs/runbooks.md, "A state record is quarantined"). It folds the state topic
+//! as a restore does (`engine::restore`), per partition, with the worker's state key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::Message;
+use secrecy::SecretString;
+
+use super::BrokerArgs;
+use crate::engine::restore::{RestoreFold, Restored};
+use crate::kafka::state::RecordKey;
+use crate::secret::StateKey;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum StateCommand {
+    /// List quarantined state records: partition, offset, key, why, and the last good state of
+    /// the payment each names.
+    Quarantined(QuarantinedArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuarantinedArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[arg(long, env = "PIS_STATE_KEY", hide_env_values = true, value_parser = secret)]
+    pub state_key: Option<SecretString>,
+    #[arg(long, env = "PIS_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+    /// Only this partition.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    #[arg(long)]
+    pub json: bool,
+    /// Once every partition reached its high watermark, stop after this long without a record.
+    #[arg(long, default_value_t = 1_500)]
+    pub quiet_ms: u64,
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(value.into())
+}
+
+pub async fn run(args: StateArgs) -> anyhow::Result<()> {
+    match args.command {
+        StateCommand::Quarantined(args) => tokio::task::spawn_blocking(move || quarantined(&args))
+            .await
+            .context("the reader task")?,
+    }
+}
+
+fn quarantined(args: &QuarantinedArgs) -> anyhow::Result<()> {
+    let key_hex = match (&args.state_key, &args.state_key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the state key from {}", path.display()))?
+            .trim()
+            .to_owned()
+            .into(),
+        (None, None) => {
+            anyhow::bail!("the state key is required (PIS_STATE_KEY or --state-key-file)")
+        }
+    };
+    let key = StateKey::from_hex(&key_hex).map_err(|e| anyhow::anyhow!("state key: {e}"))?;
+    let settings = args.broker.settings("pis-state-reader", 6_000);
+    let mut folds: BTreeMap<i32, RestoreFold<'_>> = BTreeMap::new();
+    super::dlq::read_topic(
+        &settings,
+        &settings.topics.state,
+        Duration::from_millis(args.quiet_ms),
+        Duration::from_secs(args.timeout_secs),
+        |message| {
+            let partition = message.partition();
+            if args.partition.is_some_and(|p| p != partition) {
+                return;
+            }
+            folds
+                .entry(partition)
+                .or_insert_with(|| RestoreFold::new(&key, i64::MAX))
+                .apply(
+                    message.offset(),
+                    message.key(),
+                    message.payload(),
+                    crate::kafka::fence::epoch_header(message),
+                );
+        },
+    )?;
+    let restored: BTreeMap<i32, Restored> = folds
+        .into_iter()
+        .map(|(p, fold)| (p, fold.finish()))
+        .collect();
+    let rows = rows(&restored);
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if rows.is_empty() {
+        println!("no quarantined state records");
+    } else {
+        for row in &rows {
+            println!(
+                "{}:{:<8} {:<40} {} | {}",
+                row["partition"],
+                row["offset"],
+                row["key"].as_str().unwrap_or_default(),
+                row["last_good_state"].as_str().unwrap_or("-"),
+                row["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One JSON row per quarantined record (no secrets: ids, states and the decode error only).
+fn rows(restored: &BTreeMap<i32, Restored>) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (partition, r) in restored {
+        for (key, q) in &r.quarantined {
+            let payment = match RecordKey::parse(key) {
+                RecordKey::Payment(id) => r.payments.get(&id),
+                RecordKey::Tokens(_)
+                | RecordKey::LegacyTokens(_)
+                | RecordKey::Checkpoint
+                | RecordKey::RestoreMarker
+                | RecordKey::Unknown => None,
+            };
+            out.push(serde_json::json!({
+                "partition": partition,
+                "offset": q.offset,
+                "key": key,
+                "error": q.error,
+                "last_good_state": payment.map(|p| p.state.kind().symbol()),
+                "psu_id": payment.map(|p| p.psu_id.to_string()),
+                "bank_payment_id": payment.and_then(|p| p.bank_payment_id.as_ref().map(|b| b.to_string())),
+                "last_good_sequence": payment.map(|p| p.sequence),
+            }));
+        }
+    }
+    out
+}
