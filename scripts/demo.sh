@@ -74,15 +74,32 @@ send periodic --payment-id demo-so-5 --psu-id psu-alice --amount 750.00 --credit
 send raw --key psu-alice --value "this is not an Avro command"
 sleep 4
 
-echo "-- PSU alice signs demo-pay-1 at the bank; her browser returns with a code"
-URL1="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" sign --e2e demo-pay-1 --psu psu-alice)"
+# The SCA URL the worker published for a payment (its SCA_PENDING event): the bank's URL with
+# the worker's OAuth state, which the bank brings back on the redirect.
+sca_url() {
+  "$BIN" watch --from-beginning --json --timeout-secs 3 2>/dev/null | python3 -c '
+import json, sys
+url = ""
+for line in sys.stdin:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    if e.get("payment_id") == sys.argv[1] and e.get("sca_redirect_url"):
+        url = e["sca_redirect_url"]
+print(url)' "$1"
+}
+psu() { "$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" "$1" --sca-url "$(sca_url "$2")" --psu "$3"; }
+
+echo "-- PSU alice opens demo-pay-1's SCA URL and signs; her browser returns with a code and the state"
+URL1="$(psu sign demo-pay-1 psu-alice)"
 send complete-sca --payment-id demo-pay-1 --psu-id psu-alice --redirect-url "$URL1"
-echo "-- PSU bob refuses demo-pay-2; his browser returns with an error"
-URL2="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" reject --e2e demo-pay-2 --psu psu-bob)"
+echo "-- PSU bob refuses demo-pay-2; his browser returns with an error (final once the bank confirms)"
+URL2="$(psu reject demo-pay-2 psu-bob)"
 send complete-sca --payment-id demo-pay-2 --psu-id psu-bob --redirect-url "$URL2"
 
 echo "-- alice signs her standing order demo-so-5 too; it becomes ACTIVE"
-URL5="$("$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" sign --e2e demo-so-5 --psu psu-alice)"
+URL5="$(psu sign demo-so-5 psu-alice)"
 send complete-sca --payment-id demo-so-5 --psu-id psu-alice --redirect-url "$URL5"
 sleep 4
 echo "-- the client cancels demo-so-5: the worker asks the bank, with alice's PIS token"

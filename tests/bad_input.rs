@@ -591,12 +591,25 @@ async fn undecodable_records_are_dead_lettered_per_class_and_counted() {
             .await;
         sent.push((partition, offset, value.clone(), *class_name));
     }
+    // A command without a key: dead-lettered with its key still null (part 4 of the client
+    // team's findings: the DLQ used to carry an empty key instead).
+    let (null_partition, null_offset) = env
+        .send_record(None, None, Some(&good), &[("trace-id", "no-key")])
+        .await;
     env.send(&initiate("after-poison", key, "1.00", "Carol"))
         .await;
     env.wait_for_state("after-poison", StateKind::ScaPending)
         .await;
 
-    let records = env.wait_for_dlq(cases.len()).await;
+    let records = env.wait_for_dlq(cases.len() + 1).await;
+    let keyless = from_source(&records, null_partition, null_offset);
+    assert_eq!(class(keyless), "INVALID_ENVELOPE");
+    assert_eq!(keyless.key(), None, "a null key stays null");
+    assert_eq!(keyless.payload(), Some(&good[..]));
+    let records: Vec<OwnedMessage> = records
+        .into_iter()
+        .filter(|r| header(r, "trace-id").as_deref() != Some("no-key"))
+        .collect();
     for (partition, offset, value, class_name) in &sent {
         let record = from_source(&records, *partition, *offset);
         assert_eq!(class(record), *class_name, "{partition}:{offset}");
@@ -618,7 +631,7 @@ async fn undecodable_records_are_dead_lettered_per_class_and_counted() {
             Some(env.settings.topics.commands.as_str())
         );
     }
-    assert_eq!(env.dlq_records().len(), cases.len());
+    assert_eq!(env.dlq_records().len(), cases.len() + 1);
 
     for (class_name, count) in [
         ("EMPTY", 2.0),

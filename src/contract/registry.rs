@@ -203,6 +203,20 @@ pub fn waiting() -> usize {
 
 /// Makes `config` this process's registry (replacing any earlier one) and starts its HTTP thread.
 pub fn configure(config: RegistryConfig) -> Result<Arc<Registry>, String> {
+    let registry = Registry::start(config)?;
+    *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
+    Ok(registry)
+}
+
+impl Registry {
+    /// A registry client with its own HTTP thread, not installed for the process (see
+    /// [`configure`]).
+    pub fn start(config: RegistryConfig) -> Result<Arc<Registry>, String> {
+        start(config)
+    }
+}
+
+fn start(config: RegistryConfig) -> Result<Arc<Registry>, String> {
     let mut base = config.url.clone();
     if !base.path().ends_with('/') {
         base.set_path(&format!("{}/", base.path()));
@@ -247,7 +261,6 @@ pub fn configure(config: RegistryConfig) -> Result<Arc<Registry>, String> {
         by_id: RwLock::new(HashMap::new()),
         status_id: RwLock::new(None),
     });
-    *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(registry.clone());
     Ok(registry)
 }
 
@@ -558,6 +571,75 @@ pub fn exit_if_waiting(result: &anyhow::Result<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry that accepts connections and never answers.
+    fn silent_registry() -> (Arc<Registry>, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url =
+            Url::parse(&format!("http://{}/", listener.local_addr().expect("addr"))).expect("url");
+        let registry = Registry::start(RegistryConfig {
+            url,
+            auto_register: false,
+            timeout: Duration::from_millis(600),
+        })
+        .expect("registry");
+        (registry, listener)
+    }
+
+    /// Ticks of a 10 ms ticker on `runtime` (one thread) while `lookup` runs there.
+    fn ticks_during(
+        runtime: &tokio::runtime::Runtime,
+        lookup: impl std::future::Future<Output = ()>,
+    ) -> u32 {
+        use std::sync::atomic::AtomicU32;
+        let counter = Arc::new(AtomicU32::new(0));
+        let c = counter.clone();
+        runtime.block_on(async move {
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            tokio::task::yield_now().await;
+            lookup.await;
+            ticker.abort();
+        });
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Defect m: the owner asked the registry with a blocking call (up to the registry timeout,
+    /// ~6 s per retry with back-off), holding its task: bank answers and timers waited. The
+    /// asynchronous look-up lets the rest of the runtime run meanwhile, even on one thread.
+    #[test]
+    fn an_unanswered_registry_look_up_does_not_block_its_runtime() {
+        let (registry, _listener) = silent_registry();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let during_async = ticks_during(&runtime, async {
+            let result = registry.writer_by_id_async(4242).await;
+            assert!(
+                matches!(&result, Err(e) if e.class == DecodeErrorClass::RegistryUnavailable),
+                "{:?}",
+                result.map(|_| ())
+            );
+        });
+        assert!(
+            during_async >= 10,
+            "the runtime was held: {during_async} ticks"
+        );
+        // The blocking look-up, as the owner used to make it, holds its thread: no tick.
+        let during_blocking = ticks_during(&runtime, async {
+            let result = registry.writer_by_id(4243);
+            assert!(result.is_err());
+        });
+        assert!(
+            during_blocking <= 1,
+            "{during_blocking} ticks while blocked"
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_its_ceiling_with_jitter() {

@@ -176,14 +176,14 @@ pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &Secr
 /// Runs one bank call of the owner's core and classifies its result for it.
 pub async fn run_call(bank: &BelfiusClient, payment: &Payment, call: BankCall) -> BankAnswer {
     match call {
-        BankCall::Initiate => BankAnswer::Input(initiate(bank, payment).await),
-        BankCall::Status => BankAnswer::Input(check_status(bank, payment).await),
+        BankCall::Initiate => BankAnswer::Input(Box::new(initiate(bank, payment).await)),
+        BankCall::Status => BankAnswer::Input(Box::new(check_status(bank, payment).await)),
         BankCall::Exchange => match exchange_code(bank, payment).await {
             Ok(pair) => BankAnswer::Tokens(pair),
-            Err(message) => BankAnswer::Input(Input::TokenExchangeFailed { message }),
+            Err(message) => BankAnswer::Input(Box::new(Input::TokenExchangeFailed { message })),
         },
         BankCall::Cancel { access_token } => {
-            BankAnswer::Input(cancel(bank, payment, &access_token).await)
+            BankAnswer::Input(Box::new(cancel(bank, payment, &access_token).await))
         }
         BankCall::Refresh {
             brand,

@@ -255,7 +255,7 @@ pub enum BankCall {
 /// A bank call's result, as the shell classifies it.
 #[derive(Debug)]
 pub enum BankAnswer {
-    Input(Input),
+    Input(Box<Input>),
     Tokens(TokenPair),
     RefreshFailed(RefreshFailure),
 }
@@ -755,6 +755,17 @@ impl OwnerCore {
                 let previous = current.map(|p| p.state.kind());
                 let volatile = current.is_some_and(|p| transition.is_volatile(p, source.is_some()));
                 let next = transition.payment.state.kind();
+                if previous == Some(StateKind::Initiating)
+                    && matches!(
+                        transition.payment.state,
+                        crate::domain::machine::PaymentState::OutcomeUnknown { .. }
+                    )
+                {
+                    crate::metrics::metrics()
+                        .orphans_suspected
+                        .with_label_values(&[self.config.policy.unknown_outcome.as_str()])
+                        .inc();
+                }
                 if previous != Some(next) {
                     crate::metrics::metrics()
                         .state_transitions
@@ -1016,7 +1027,7 @@ impl OwnerCore {
         };
         match (purpose, answer) {
             (Purpose::Payment, BankAnswer::Input(input)) => {
-                self.apply(payment_id, input, None, now);
+                self.apply(payment_id, *input, None, now);
             }
             (Purpose::Exchange { lane }, BankAnswer::Tokens(pair)) => {
                 self.store_tokens(lane, payment_id, pair, AfterTokens::Exchanged, now);
@@ -1026,7 +1037,7 @@ impl OwnerCore {
             }
             (Purpose::Exchange { lane } | Purpose::Cancel { lane }, BankAnswer::Input(input)) => {
                 self.lane_done(&lane, now);
-                self.apply(payment_id, input, None, now);
+                self.apply(payment_id, *input, None, now);
             }
             (Purpose::RefreshToCancel { lane }, BankAnswer::RefreshFailed(failure)) => {
                 self.refresh_failed(lane, payment_id, failure, now);
@@ -1309,6 +1320,12 @@ impl OwnerCore {
         self.stale.insert(key.clone(), known.max(offset));
         match RecordKey::parse(&key) {
             RecordKey::Payment(id) => {
+                if self.quarantined_payments.contains(&id) {
+                    // Its last good state may be older than the unreadable record: re-writing it
+                    // would lift the quarantine with that older state. A person resolves it.
+                    self.stale.remove(&key);
+                    return;
+                }
                 if self.busy.contains(&id) {
                     // Healed by its next write, or when it is released.
                     return;
@@ -1381,6 +1398,9 @@ impl OwnerCore {
 
     fn set_busy(&mut self, id: &PaymentId) {
         self.busy.insert(id.clone());
+        if let Some(at) = self.payments.get(id).and_then(|p| p.next_check_at) {
+            self.timers.remove(&(at, id.clone()));
+        }
     }
 
     /// The payment is idle again: heal it if a superseded owner wrote it meanwhile, else its

@@ -110,18 +110,18 @@ fn expired(brand_name: &str, access: &str, refresh: &str) -> PsuTokens {
 // Bank answers.
 
 fn initiated(id: &str) -> BankAnswer {
-    BankAnswer::Input(Input::BankInitiated {
+    BankAnswer::Input(Box::new(Input::BankInitiated {
         bank_payment_id: BankPaymentId::new(format!("bank-{id}")),
         sca_redirect_url: format!("https://bank.example/sca/{id}"),
         bank_status: Some("RCVD".into()),
-    })
+    }))
 }
 
 fn observed(progress: BankProgress, bank_status: &str) -> BankAnswer {
-    BankAnswer::Input(Input::StatusObserved {
+    BankAnswer::Input(Box::new(Input::StatusObserved {
         progress,
         bank_status: bank_status.into(),
-    })
+    }))
 }
 
 fn issued(access: &str) -> BankAnswer {
@@ -218,7 +218,7 @@ fn sca_pending_payment(id: &str, brand_name: &str) -> (Payment, Vec<StatusEvent>
     let BankAnswer::Input(answer) = initiated(id) else {
         unreachable!()
     };
-    step(id, Some(&p), answer, T0)
+    step(id, Some(&p), *answer, T0)
 }
 
 /// `SIGNED` (a poll saw the signature before any code), its poll timer at `T0 + 2 s`.
@@ -227,7 +227,7 @@ fn signed_payment(id: &str, brand_name: &str) -> Payment {
     let BankAnswer::Input(answer) = observed(BankProgress::Signed, "ACTC") else {
         unreachable!()
     };
-    let (p, _) = step(id, Some(&p), answer, T0);
+    let (p, _) = step(id, Some(&p), *answer, T0);
     assert_eq!(p.state, PaymentState::Signed);
     assert_eq!(p.next_check_at, Some(T0 + 2_000));
     p
@@ -607,19 +607,28 @@ impl Harness {
             issued_at: self.now,
             body,
         };
+        let partition = partition_for(psu.as_bytes(), PARTITIONS);
+        self.record_at(
+            offset,
+            psu,
+            partition,
+            Decoded::Envelope(Box::new(envelope)),
+        )
+    }
+
+    /// Any command record: its key, the partition it is on, what decoding it gave.
+    fn record_at(&mut self, offset: i64, key: &str, partition: i32, decoded: Decoded) -> Vec<Did> {
+        self.next_command_offset = self.next_command_offset.max(offset + 1);
         let message = OwnedMessage::new(
             None,
-            Some(psu.as_bytes().to_vec()),
+            Some(key.as_bytes().to_vec()),
             "payment-commands".into(),
             Timestamp::NotAvailable,
-            partition_for(psu.as_bytes(), PARTITIONS),
+            partition,
             offset,
             None,
         );
-        self.on(Event::Command(Box::new(CommandRecord {
-            message,
-            decoded: Decoded::Envelope(Box::new(envelope)),
-        })))
+        self.on(Event::Command(Box::new(CommandRecord { message, decoded })))
     }
 
     /// The next command record of the test PSU; returns its offset.
@@ -786,6 +795,27 @@ impl Harness {
     }
 }
 
+/// Runs `test` on a thread of its own: a core that loops forever (a spin) fails the test
+/// instead of hanging the suite.
+fn within_seconds(limit: u64, test: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        test();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(Duration::from_secs(limit)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = runner.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the core did not return within {limit} s: it spins")
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // a. Healing keys a superseded owner wrote
 // ---------------------------------------------------------------------------------------------
@@ -880,7 +910,7 @@ fn a_busy_payment_whose_own_write_lands_after_the_zombie_record_is_not_healed_ag
     assert_eq!(published(&did), vec![(170, vec![StateKind::ScaPending])]);
     assert!(writes(&did).is_empty(), "not healed again: {did:?}");
     assert!(h.writes.is_empty());
-    // A later, older report of the same zombie write changes nothing for a busy payment.
+    // Released as it is: idle, its poll timer armed.
     let at = h.payment("p-1").next_check_at.expect("timer");
     assert_eq!(h.core.next_wake(), Some(at));
 }
@@ -1038,66 +1068,70 @@ fn a_transient_refresh_failure_keeps_the_pair() {
 /// lane was found due on every loop turn, and the owner spun.
 #[test]
 fn a_due_timer_of_a_payment_waiting_in_its_psu_lane_does_not_spin_and_fires_once_released() {
-    let (sca_pending, _) = sca_pending_payment("p-1", "BELFIUS");
-    let mut h = Harness::new(restored(
-        vec![sca_pending, signed_payment("p-2", "BELFIUS")],
-        vec![],
-    ));
-    assert!(h.start().is_empty());
-    h.complete_sca("c-sca-1", "p-1", "code-1");
-    let did = h.flush();
-    assert_eq!(calls(&did), vec![pc("p-1", "exchange")]);
-    // A late code for the signed payment: its exchange queues behind p-1's.
-    h.complete_sca("c-sca-2", "p-2", "code-2");
-    let did = h.flush();
-    assert!(calls(&did).is_empty(), "queued in the lane: {did:?}");
-    let timer = h.payment("p-2").next_check_at.expect("p-2 keeps its timer");
+    within_seconds(10, || {
+        let (sca_pending, _) = sca_pending_payment("p-1", "BELFIUS");
+        let mut h = Harness::new(restored(
+            vec![sca_pending, signed_payment("p-2", "BELFIUS")],
+            vec![],
+        ));
+        assert!(h.start().is_empty());
+        h.complete_sca("c-sca-1", "p-1", "code-1");
+        let did = h.flush();
+        assert_eq!(calls(&did), vec![pc("p-1", "exchange")]);
+        // A late code for the signed payment: its exchange queues behind p-1's.
+        h.complete_sca("c-sca-2", "p-2", "code-2");
+        let did = h.flush();
+        assert!(calls(&did).is_empty(), "queued in the lane: {did:?}");
+        let timer = h.payment("p-2").next_check_at.expect("p-2 keeps its timer");
 
-    h.now = timer + 5_000;
-    for _ in 0..3 {
-        let wake = h.core.next_wake().expect("a checkpoint at least");
-        assert!(wake > h.now, "would spin: wake {wake} <= now {}", h.now);
-        let did = h.tick();
-        assert!(did.is_empty(), "{did:?}");
-    }
+        h.now = timer + 5_000;
+        for _ in 0..3 {
+            let wake = h.core.next_wake().expect("a checkpoint at least");
+            assert!(wake > h.now, "would spin: wake {wake} <= now {}", h.now);
+            let did = h.tick();
+            assert!(did.is_empty(), "{did:?}");
+        }
 
-    // p-1's exchange ends: p-2's starts.
-    let did = h.answer("p-1", "exchange", issued("at-1"));
-    assert_eq!(
-        writes(&did),
-        vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
-    );
-    let did = h.ack_write();
-    assert!(calls(&did).contains(&pc("p-2", "exchange")), "{did:?}");
-    assert!(!calls(&did).contains(&pc("p-2", "status")), "{did:?}");
-    // p-2's exchange ends: released, its due timer fires.
-    h.answer("p-2", "exchange", issued("at-2"));
-    let did = h.ack_write();
-    assert!(calls(&did).contains(&pc("p-2", "status")), "{did:?}");
-    assert_eq!(
-        h.core
-            .tokens(&token_key("BELFIUS"))
-            .map(|t| t.access_token.expose_secret().to_owned()),
-        Some("at-2".to_owned())
-    );
+        // p-1's exchange ends: p-2's starts.
+        let did = h.answer("p-1", "exchange", issued("at-1"));
+        assert_eq!(
+            writes(&did),
+            vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
+        );
+        let did = h.ack_write();
+        assert!(calls(&did).contains(&pc("p-2", "exchange")), "{did:?}");
+        assert!(!calls(&did).contains(&pc("p-2", "status")), "{did:?}");
+        // p-2's exchange ends: released, its due timer fires.
+        h.answer("p-2", "exchange", issued("at-2"));
+        let did = h.ack_write();
+        assert!(calls(&did).contains(&pc("p-2", "status")), "{did:?}");
+        assert_eq!(
+            h.core
+                .tokens(&token_key("BELFIUS"))
+                .map(|t| t.access_token.expose_secret().to_owned()),
+            Some("at-2".to_owned())
+        );
+    });
 }
 
 #[test]
 fn a_due_timer_of_a_payment_whose_exchange_call_is_outstanding_does_not_spin() {
-    let mut h = Harness::new(restored(vec![signed_payment("p-2", "BELFIUS")], vec![]));
-    h.start();
-    h.complete_sca("c-sca-2", "p-2", "code-2");
-    let did = h.flush();
-    assert_eq!(calls(&did), vec![pc("p-2", "exchange")]);
-    let timer = h.payment("p-2").next_check_at.expect("timer");
-    h.now = timer + 1;
-    for _ in 0..3 {
-        assert!(h.core.next_wake().is_some_and(|w| w > h.now));
-        assert!(h.tick().is_empty());
-    }
-    h.answer("p-2", "exchange", issued("at-2"));
-    let did = h.ack_write();
-    assert_eq!(calls(&did), vec![pc("p-2", "status")], "the timer fires");
+    within_seconds(10, || {
+        let mut h = Harness::new(restored(vec![signed_payment("p-2", "BELFIUS")], vec![]));
+        h.start();
+        h.complete_sca("c-sca-2", "p-2", "code-2");
+        let did = h.flush();
+        assert_eq!(calls(&did), vec![pc("p-2", "exchange")]);
+        let timer = h.payment("p-2").next_check_at.expect("timer");
+        h.now = timer + 1;
+        for _ in 0..3 {
+            assert!(h.core.next_wake().is_some_and(|w| w > h.now));
+            assert!(h.tick().is_empty());
+        }
+        h.answer("p-2", "exchange", issued("at-2"));
+        let did = h.ack_write();
+        assert_eq!(calls(&did), vec![pc("p-2", "status")], "the timer fires");
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1196,9 +1230,9 @@ fn a_restored_cancelling_payment_without_a_timer_sends_the_cancellation_again() 
     h.answer(
         "p-1",
         "cancel",
-        BankAnswer::Input(Input::CancelConfirmed {
+        BankAnswer::Input(Box::new(Input::CancelConfirmed {
             bank_status: Some("CANC".into()),
-        }),
+        })),
     );
     let did = h.flush();
     assert_eq!(h.state("p-1"), PaymentState::Cancelled);
@@ -1896,4 +1930,136 @@ fn restored_unpublished_events_are_republished_at_start() {
         "{:?}",
         checkpoint.write
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// More interleavings
+// ---------------------------------------------------------------------------------------------
+
+/// Restore and core together: a superseded owner wrote a CANCELLING payment's key after a
+/// newer claim. The new owner re-writes the payment first, then resumes it (the cancellation
+/// is sent again once the heal and the resume are durable).
+#[test]
+fn a_zombie_key_found_by_restore_is_healed_before_the_payment_resumes() {
+    let mut log = StateLog::new();
+    let old = log.marker("old");
+    let cancelling = cancelling_payment("p-1", "BELFIUS");
+    log.payment(old, &cancelling, &[]);
+    let tokens = fresh("BELFIUS", "belfius-access");
+    let (k, v) = state::encode_psu(&log.key, old, &tokens).expect("psu");
+    log.push(k, Some(v), Some(old));
+    log.marker("newer");
+    let mut zombie = cancelling.clone();
+    zombie.sequence += 10;
+    log.payment(old, &zombie, &[]);
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    assert!(restored.zombie_keys.contains("payment/p-1"));
+    assert_eq!(restored.payments[&pid("p-1")].sequence, cancelling.sequence);
+    let config = CoreConfig {
+        epoch: mine,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(restored, config);
+
+    let did = h.start();
+    assert_eq!(writes(&did), vec![pw("p-1")], "the heal only: {did:?}");
+    let heal = h.open_write("payment/p-1");
+    assert!(matches!(heal.fence, FenceWait::Confirm { .. }));
+    assert!(
+        matches!(&heal.write, StateWrite::Payment { payment, .. } if payment.sequence == cancelling.sequence),
+        "the restored version, not the zombie's"
+    );
+    let did = h.ack_write();
+    assert_eq!(
+        writes(&did),
+        vec![pw("p-1")],
+        "then the resume's intent: {did:?}"
+    );
+    assert!(calls(&did).is_empty());
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "cancel")]);
+}
+
+#[test]
+fn a_dead_letter_decided_before_revoke_is_still_written_during_the_drain() {
+    let mut h = Harness::empty();
+    let (offset, _) = h.command("c-1", "p-x", cancel_body());
+    assert_eq!(h.on(Event::Revoke), vec![]);
+    let did = h.ack_write();
+    assert_eq!(dead_letters(&did), vec![(offset, "UNKNOWN_PAYMENT")]);
+    assert!(!released(&did), "the dead letter is outstanding");
+    let did = h.ack_dead_letters();
+    assert!(did.contains(&Did::Committable(offset + 1)), "{did:?}");
+    // The barrier landed after the marker: one last checkpoint, then released.
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    assert_eq!(h.ack_write(), vec![Did::Released]);
+}
+
+#[test]
+fn the_last_checkpoint_not_acknowledged_in_time_releases_at_the_finish_deadline() {
+    let mut h = Harness::empty();
+    let did = h.on(Event::Revoke);
+    assert_eq!(
+        writes(&did),
+        vec![("outbox-checkpoint/0".to_owned(), "checkpoint")]
+    );
+    assert_eq!(h.core.next_wake(), Some(T0 + FINISH_TIMEOUT));
+    assert!(h.tick_at(T0 + FINISH_TIMEOUT - 1).is_empty());
+    assert_eq!(h.tick_at(T0 + FINISH_TIMEOUT), vec![Did::Released]);
+    // Its acknowledgement comes too late: nothing.
+    assert!(h.ack_write().is_empty());
+}
+
+#[test]
+fn undecodable_and_misrouted_records_are_dead_lettered_with_their_class_after_the_barrier() {
+    let partitions = 4;
+    let mut h = Harness::with_config(
+        restored(vec![], vec![]),
+        CoreConfig {
+            partitions,
+            ..config(Policy::default())
+        },
+    );
+    h.start();
+    let did = h.record_at(
+        0,
+        PSU,
+        partition_for(PSU.as_bytes(), partitions),
+        Decoded::Undecodable {
+            class: "MALFORMED_AVRO",
+            message: "truncated".into(),
+        },
+    );
+    assert!(dead_letters(&did).is_empty(), "{did:?}");
+    let right = partition_for(PSU.as_bytes(), partitions);
+    let envelope = CommandEnvelope {
+        command_id: "c-1".into(),
+        payment_id: "p-1".into(),
+        psu_id: PSU.into(),
+        issued_at: T0,
+        body: initiate_body("p-1", "BELFIUS"),
+    };
+    let did = h.record_at(
+        1,
+        PSU,
+        (right + 1) % partitions,
+        Decoded::Envelope(Box::new(envelope)),
+    );
+    assert!(dead_letters(&did).is_empty(), "{did:?}");
+    assert!(
+        writes(&h.history)
+            .iter()
+            .all(|(_, what)| *what == "checkpoint")
+    );
+    let did = h.flush();
+    assert_eq!(
+        dead_letters(&did),
+        vec![(0, "MALFORMED_AVRO"), (1, "WRONG_PARTITION")]
+    );
+    assert!(h.core.payment(&pid("p-1")).is_none());
+    assert_eq!(h.committable, Some(2));
 }

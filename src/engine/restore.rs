@@ -266,10 +266,13 @@ mod tests {
         }
     }
 
+    /// A record as the broker hands it over: key, value (None: a tombstone), epoch header.
+    type Record = (Option<String>, Option<Vec<u8>>, Option<i64>);
+
     /// A partition written record by record, as the broker would hand it to restore.
     struct Log<'k> {
         key: &'k StateKey,
-        records: Vec<(Option<String>, Option<Vec<u8>>, Option<i64>)>,
+        records: Vec<Record>,
     }
 
     impl<'k> Log<'k> {
