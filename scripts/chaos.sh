@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # make chaos / make chaos-ci: the chaos suite (src/bin/pis-chaos.rs) with its own broker.
 #   full: 10,000 payments, 3 replicas with a SIGKILL every 20 s, bank faults, and the broker
-#         SIGKILLed and restarted every 30 s on persistent storage (Tansu + sqlite). Release build.
-#   ci:   400 payments, 2 replicas, a SIGKILL every 12 s, bank faults; memory storage, debug
-#         build (already built by the tests).
+#         SIGKILLed and restarted every 30 s on persistent storage (Tansu + sqlite); then the same
+#         load with signable orphans (PSUs sign everything pending at the bank) on a memory
+#         broker. Release build.
+#   ci:   400 payments, 2 replicas, a SIGKILL every 12 s, bank faults; then 200 with signable
+#         orphans; memory storage, debug build (already built by the tests).
+# Both under the workers' default policy for lost answers (hold); a "person" resolves them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,14 +17,21 @@ case "$mode" in
   full)
     cargo build --locked --release --bins
     scripts/broker.sh install persistent
-    exec target/release/pis-chaos --persistent --broker-restart-every-secs 30 \
+    target/release/pis-chaos --persistent --broker-restart-every-secs 30 \
       --payments "${CHAOS_PAYMENTS:-10000}" --psus 500 --partitions 6 --workers 3 \
       --kill-every-secs 20 --timeout-secs 1800 --run-dir .run/chaos
+    exec target/release/pis-chaos --orphans-signable \
+      --payments "${CHAOS_PAYMENTS:-10000}" --psus 500 --partitions 6 --workers 3 \
+      --kill-every-secs 20 --timeout-secs 1800 --run-dir .run/chaos-signable
     ;;
   ci)
     cargo build --locked --bins
-    exec target/debug/pis-chaos --payments "${CHAOS_PAYMENTS:-400}" --psus 60 --partitions 4 \
-      --workers 2 --kill-every-secs 12 --timeout-secs 600 --run-dir .run/chaos-ci
+    target/debug/pis-chaos --payments "${CHAOS_PAYMENTS:-400}" --psus 60 --partitions 4 \
+      --workers 2 --kill-every-secs 12 --timeout-secs 600 --bank-sca-expiry-secs 45 \
+      --run-dir .run/chaos-ci
+    exec target/debug/pis-chaos --orphans-signable --payments "${CHAOS_PAYMENTS_SIGNABLE:-200}" \
+      --psus 40 --partitions 4 --workers 2 --kill-every-secs 12 --timeout-secs 600 \
+      --bank-sca-expiry-secs 45 --run-dir .run/chaos-ci-signable
     ;;
   *) echo "usage: $0 full|ci" >&2; exit 2 ;;
 esac

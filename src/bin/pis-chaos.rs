@@ -75,6 +75,10 @@ struct Args {
     /// resolves; played here by the checker, see `person`) or reinitiate.
     #[arg(long, default_value = "hold", value_parser = ["hold", "reinitiate"])]
     unknown_outcome: String,
+    /// When the simulated bank rejects a payment nobody signed (the workers' SCA deadline is
+    /// 30 s: the worker must wait for the bank's word past it).
+    #[arg(long, default_value_t = 120)]
+    bank_sca_expiry_secs: u64,
 }
 
 /// What the scripted PSU does with a payment, and so which final state it must reach. The PSU
@@ -415,7 +419,7 @@ async fn chaos(
     config.settle_after = Duration::from_millis(500);
     // Longer than the workers' 30 s SCA deadline: the worker has to wait for the bank's word
     // (a cancellation when it holds the PSU's token, else this expiry) before EXPIRED.
-    config.sca_expiry = Duration::from_secs(120);
+    config.sca_expiry = Duration::from_secs(args.bank_sca_expiry_secs.max(31));
     config.orphans_signable = args.orphans_signable;
     let sandbox: RunningSandbox = pis_worker::sandbox::start(config).await?;
     if args.faults {
@@ -594,7 +598,8 @@ async fn chaos(
     let mut next_person = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if Instant::now() >= next_person {
+        // Under the reinitiate policy nobody waits for a person: the workers act alone.
+        if args.unknown_outcome == "hold" && Instant::now() >= next_person {
             next_person = Instant::now() + Duration::from_secs(2);
             let latest: HashMap<String, StatusRecord> = {
                 let events = events.lock().unwrap_or_else(|p| p.into_inner());
