@@ -201,8 +201,6 @@ mod registry_framing {
     use pis_worker::domain::machine::StateKind;
     use rdkafka::Message;
 
-    const CLIENT_DRIVEN: [&str; 4] = ["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
-
     /// Confluent Schema Registry framing end to end, against a minimal Confluent-compatible
     /// registry: commands framed with a registry id are read with the registry's schema; status
     /// events are written with the id the worker registered; an unknown id is dead-lettered as

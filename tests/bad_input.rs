@@ -20,7 +20,6 @@ use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
 /// Slow polling: nothing but the commands drives the payments.
-const CLIENT_DRIVEN: [&str; 4] = ["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

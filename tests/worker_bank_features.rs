@@ -11,8 +11,6 @@ use pis_worker::contract::command::CommandBody;
 use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::{RawBulkPayment, RawBulkTransfer, RawPeriodicPayment};
 
-const CLIENT_DRIVEN: &[&str] = &["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
-
 /// Takes `payment_id` of `psu_id` from SCA_PENDING to `expected` through the PSU's signature
 /// and the redirect's code.
 async fn sign_through_redirect(env: &TestEnv, payment_id: &str, psu_id: &str, expected: StateKind) {

@@ -9,7 +9,6 @@ use common::*;
 use pis_worker::domain::machine::StateKind;
 
 /// Slow polling, so the SCA outcome handed back by the client (not a poll) drives the payment.
-const CLIENT_DRIVEN: &[&str] = &["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_initiate_sca_pending_complete_sca_signed() {

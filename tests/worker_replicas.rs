@@ -10,8 +10,6 @@ use common::*;
 use pis_worker::contract::command::CommandBody;
 use pis_worker::domain::machine::StateKind;
 
-const CLIENT_DRIVEN: &[&str] = &["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_payments_and_tokens_are_taken_over() {
     let env = TestEnv::new(|c| {

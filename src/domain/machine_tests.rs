@@ -2208,6 +2208,32 @@ fn event_ids_are_deterministic_per_payment_and_sequence() {
     assert_eq!(again, ids_in_order);
 }
 
+/// Defect f: a `payment_id` was unique only within a partition, and `event_id` derived from
+/// `(payment_id, sequence)` alone: two PSUs on two partitions initiating `pay-1` gave two streams
+/// with identical event ids. The PSU is part of the id now; the same PSU reusing the id with
+/// another body is refused.
+#[test]
+fn two_psus_payments_under_one_payment_id_never_share_an_event_id() {
+    let mine = received();
+    let mut theirs = Run::new();
+    let id = theirs.cmd();
+    theirs.step(Input::Initiate {
+        command_id: id,
+        psu_id: other_psu(),
+        order: order().into(),
+    });
+    let (a, b) = (&mine.events[0], &theirs.events[0]);
+    assert_eq!((&a.payment_id, a.sequence), (&b.payment_id, b.sequence));
+    assert_ne!(a.event_id(), b.event_id());
+    // What the worker can see, it refuses: the same PSU, another body under the same id.
+    let mut again = received();
+    let id = again.cmd();
+    assert!(matches!(
+        again.apply(initiate_order(id, other_order().into())),
+        Outcome::Refused(r) if r.code == RefusalCode::DuplicatePaymentId
+    ));
+}
+
 /// Defect c: an `error` on the redirect made the payment final at once, so a forged or
 /// replayed `?error=access_denied` stopped the worker from tracking a payment the PSU could
 /// still sign. Now the bank confirms first.

@@ -80,7 +80,7 @@ impl<'k> RestoreFold<'k> {
             marker_offset,
             out: Restored {
                 checkpoint: -1,
-                end_offset: marker_offset + 1,
+                end_offset: marker_offset.saturating_add(1),
                 ..Restored::default()
             },
             epoch_floor: NO_EPOCH,

@@ -23,6 +23,9 @@ use secrecy::ExposeSecret;
 
 pub const PARTITIONS: i32 = 2;
 
+/// Worker flags that leave polling to the test: payments move on client commands.
+pub const CLIENT_DRIVEN: &[&str] = &["--poll-fast-ms", "60000", "--poll-slow-ms", "60000"];
+
 pub fn brokers() -> String {
     std::env::var("PIS_TEST_BROKERS").unwrap_or_else(|_| {
         panic!(
