@@ -19,8 +19,6 @@ use pis_worker::domain::model::{
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
-/// Slow polling: nothing but the commands drives the payments.
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -314,7 +312,7 @@ fn from_source(records: &[OwnedMessage], partition: i32, offset: i64) -> &OwnedM
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_that_cannot_apply_are_dead_lettered_and_the_payment_is_unaffected() {
     let env = TestEnv::new(|c| c.settle_after = Duration::from_secs(3600)).await;
-    let worker = env.start_worker("a", &CLIENT_DRIVEN);
+    let worker = env.start_worker("a", CLIENT_DRIVEN);
     worker.wait_restored(PARTITIONS as usize).await;
     // Two PSUs whose keys hash to partition 0 (murmur2), so that a command naming another PSU
     // reaches the owner that holds the payment; everything below goes to partition 0.
@@ -666,7 +664,7 @@ async fn undecodable_records_are_dead_lettered_per_class_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_list_shows_a_poison_record_and_replay_dead_letters_it_again() {
     let env = TestEnv::new(|_| {}).await;
-    let worker = env.start_worker("a", &CLIENT_DRIVEN);
+    let worker = env.start_worker("a", CLIENT_DRIVEN);
     worker.wait_restored(PARTITIONS as usize).await;
     let key = "psu-dlq";
     let (partition, offset) = env
@@ -755,7 +753,7 @@ async fn dlq_list_shows_a_poison_record_and_replay_dead_letters_it_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_schema_record_is_processed_when_replayed_after_the_schema_is_accepted() {
     let env = TestEnv::new(|_| {}).await;
-    let mut before = env.start_worker("before", &CLIENT_DRIVEN);
+    let mut before = env.start_worker("before", CLIENT_DRIVEN);
     before.wait_restored(PARTITIONS as usize).await;
     let dir = root().join("tests/interop/schemas");
     let v3 = dir.join("payment-command.v4-candidate.avsc");

@@ -50,7 +50,7 @@ async fn an_unreadable_state_record_holds_its_payment_and_nothing_else() {
     };
     let held_psu = on("psu-held", 1);
     let ok_psu = on("psu-ok", 1);
-    let mut a = env.start_worker("a", &CLIENT_DRIVEN);
+    let mut a = env.start_worker("a", CLIENT_DRIVEN);
     a.wait_restored(PARTITIONS as usize).await;
     env.send(&initiate("q-held", &held_psu, "10.00", "Alice"))
         .await;
@@ -73,7 +73,7 @@ async fn an_unreadable_state_record_holds_its_payment_and_nothing_else() {
         .map_err(|(e, _)| e)
         .expect("garbage written");
 
-    let b = env.start_worker("b", &CLIENT_DRIVEN);
+    let b = env.start_worker("b", CLIENT_DRIVEN);
     b.wait_restored(PARTITIONS as usize).await;
     assert!(
         b.log().contains("state record quarantined"),

@@ -8,8 +8,6 @@ use std::time::Duration;
 use common::*;
 use pis_worker::domain::machine::StateKind;
 
-/// Slow polling, so the SCA outcome handed back by the client (not a poll) drives the payment.
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_initiate_sca_pending_complete_sca_signed() {
     let env = TestEnv::new(|c| c.settle_after = Duration::from_secs(3600)).await;
