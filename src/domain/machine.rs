@@ -743,11 +743,13 @@ impl Policy {
             | PaymentState::Failed
             | PaymentState::OutcomeUnknown { .. } => self.next_poll(now, payment.polls_in_state),
         };
-        // Once the worker has asked the bank to end the payment, the deadline is past: poll at
-        // the slow rate.
-        if payment.withdrawal.is_some() && payment.state != PaymentState::Unconfirmed {
-            return now + self.slow_poll_ms;
-        }
+        // Once the worker has asked the bank to end the payment, poll at the slow rate; a PSU's
+        // refusal can start that before the deadline, which still bounds the next poll.
+        let next = if payment.withdrawal.is_some() && payment.state != PaymentState::Unconfirmed {
+            now + self.slow_poll_ms
+        } else {
+            next
+        };
         match payment.sca_deadline {
             Some(deadline) if payment.state.kind().awaits_signature() && deadline > now => {
                 next.min(deadline)

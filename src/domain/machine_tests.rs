@@ -2273,9 +2273,18 @@ fn psu_refusal_through_the_redirect_is_final_only_once_the_bank_agrees() {
     assert_eq!(e.causation_id, "bank:cancellation");
     // No token to cancel with: keep watching; the bank's own RJCT ends it the same way.
     let mut no_token = run.clone();
+    // The refusal of the cancellation arrives shortly before the SCA deadline.
+    let deadline = no_token.payment().sca_deadline.expect("an SCA deadline");
+    no_token.now = deadline - no_token.policy.slow_poll_ms / 2;
     let t = no_token.step(cancel_refused());
     assert_eq!(t.payment.state, PaymentState::ScaPending);
-    assert!(t.payment.next_check_at.is_some());
+    // Watched at the slow rate, but never past the SCA deadline: the deadline's own withdrawal
+    // (and the expiry horizon) must still happen (found by the held-policy proptest).
+    let (next, deadline) = (t.payment.next_check_at, t.payment.sca_deadline);
+    assert!(
+        next.zip(deadline).is_some_and(|(n, d)| n <= d),
+        "next poll {next:?} after the deadline {deadline:?}"
+    );
     let t = no_token.step(observed(BankProgress::Rejected));
     assert_eq!(t.payment.state, PaymentState::Rejected);
     assert_eq!(reason_code(&t.payment), Some(ReasonCode::ScaFailed));
