@@ -58,7 +58,8 @@ grep -q "partition restored" "$RUN/worker.log" || { echo "worker did not start; 
 echo "worker: running (log $RUN/worker.log)"
 
 echo "== status events (pis-worker watch)"
-"$BIN" watch --from-beginning --until-final 5 --timeout-secs 120 &
+# Also kept in a file: the PSUs below open the SCA URLs the worker published there.
+"$BIN" watch --from-beginning --until-final 5 --timeout-secs 120 > >(tee "$RUN/events.txt") &
 WATCH=$!
 PIDS+=($WATCH)
 sleep 1
@@ -77,17 +78,13 @@ sleep 4
 # The SCA URL the worker published for a payment (its SCA_PENDING event): the bank's URL with
 # the worker's OAuth state, which the bank brings back on the redirect.
 sca_url() {
-  "$BIN" watch --from-beginning --json --timeout-secs 3 2>/dev/null | python3 -c '
-import json, sys
-url = ""
-for line in sys.stdin:
-    try:
-        e = json.loads(line)
-    except ValueError:
-        continue
-    if e.get("payment_id") == sys.argv[1] and e.get("sca_redirect_url"):
-        url = e["sca_redirect_url"]
-print(url)' "$1"
+  for _ in $(seq 1 100); do
+    url="$(grep -E "^$1 .* sca=" "$RUN/events.txt" 2>/dev/null | sed -E 's/.* sca=([^ ]+).*/\1/' | tail -1)"
+    [[ -n "$url" ]] && { echo "$url"; return; }
+    sleep 0.1
+  done
+  echo "demo: no SCA URL published for $1" >&2
+  return 1
 }
 psu() { "$BIN" psu --admin-url "http://127.0.0.1:$ADMIN_PORT" "$1" --sca-url "$(sca_url "$2")" --psu "$3"; }
 
@@ -106,8 +103,9 @@ echo "-- the client cancels demo-so-5: the worker asks the bank, with alice's PI
 send cancel --payment-id demo-so-5 --psu-id psu-alice
 
 wait "$WATCH" || { echo "demo: not every payment reached a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }
-echo "== dead-lettered: $(grep -c 'command dead-lettered' "$RUN/worker.log") record(s); from the worker log:"
-grep 'command dead-lettered' "$RUN/worker.log" | sed -e 's/\x1b\[[0-9;]*m//g' | sed -e 's/^.*command dead-lettered/  command dead-lettered/'
+echo "== dead-lettered: $(grep -cE 'command (dead-lettered|refused)' "$RUN/worker.log") record(s); from the worker log:"
+grep -E 'command (dead-lettered|refused)' "$RUN/worker.log" | sed -e 's/\x1b\[[0-9;]*m//g' \
+  | sed -E -e 's/^.*command (dead-lettered|refused)/  command \1/'
 echo "== the sandbox's counters (QSeal signatures it verified, tokens, cancellations)"
 curl -s "http://127.0.0.1:$ADMIN_PORT/admin/counters" | python3 -c '
 import json, sys
