@@ -118,8 +118,7 @@ async fn a_rotated_key_restores_old_records_seals_new_ones_and_tampering_is_quar
     // New records are sealed with B: a ring of B alone opens them, a ring of A alone does not.
     let only_b = ring(&key_b, None);
     let record = latest_state_record(&env, "payment/rot-1", |m| {
-        v2::parse_header(m.payload().unwrap_or_default())
-            .is_ok_and(|(h, _)| h.key_id == "key-b")
+        v2::parse_header(m.payload().unwrap_or_default()).is_ok_and(|(h, _)| h.key_id == "key-b")
     })
     .await;
     let value = record.payload().unwrap_or_default().to_vec();
@@ -138,7 +137,15 @@ async fn a_rotated_key_restores_old_records_seals_new_ones_and_tampering_is_quar
     assert_eq!(err.class(), "unknown-key");
     // The operator's view of the rotation: every live record by key id.
     let keys = env
-        .cli(&["state", "keys", "--json", "--state-key", &key_b, "--state-key-previous", &key_a])
+        .cli(&[
+            "state",
+            "keys",
+            "--json",
+            "--state-key",
+            &key_b,
+            "--state-key-previous",
+            &key_a,
+        ])
         .await;
     let keys: serde_json::Value = serde_json::from_str(&keys).expect("json");
     assert!(
@@ -159,12 +166,12 @@ async fn a_rotated_key_restores_old_records_seals_new_ones_and_tampering_is_quar
                 .partition(record.partition())
                 .key("payment/rot-1".as_bytes())
                 .payload(&tampered)
-                .headers(rdkafka::message::OwnedHeaders::new().insert(
-                    rdkafka::message::Header {
+                .headers(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
                         key: "pis.epoch",
                         value: Some(epoch_text.as_bytes()),
-                    },
-                )),
+                    }),
+                ),
             Duration::from_secs(10),
         )
         .await
@@ -211,7 +218,8 @@ async fn a_rotated_key_restores_old_records_seals_new_ones_and_tampering_is_quar
     assert_eq!(rows[0]["last_good_state"], "SETTLED");
 
     // The partition keeps running: a new payment on it moves.
-    env.send(&initiate("rot-2", &neighbour, "1.00", "Bob")).await;
+    env.send(&initiate("rot-2", &neighbour, "1.00", "Bob"))
+        .await;
     env.wait_for_state("rot-2", StateKind::ScaPending).await;
     drop(c);
 }
