@@ -360,3 +360,51 @@ pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
     println!("topics ready: {count} partitions");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        keys: PreviousKeysArgs,
+    }
+
+    #[test]
+    fn previous_state_keys_come_from_the_flag_and_the_file_and_build_a_ring() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("previous");
+        std::fs::write(
+            &file,
+            format!("# rotated 2026-12\nold-2:{}\n", "22".repeat(32)),
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--state-key-previous",
+            &format!("old-1:{}", "11".repeat(32)),
+            "--state-keys-previous-file",
+            file.to_str().expect("utf-8 path"),
+            "--state-accept-v1",
+            "false",
+        ])
+        .expect("parses");
+        assert!(!cli.keys.state_accept_v1);
+        let previous = cli.keys.read().expect("read").expect("some");
+        let ring = crate::secret::StateKeyRing::from_config(
+            &SecretString::from(format!("new:{}", "33".repeat(32))),
+            Some(&previous),
+        )
+        .expect("ring");
+        assert!(ring.get("old-1").is_some() && ring.get("old-2").is_some());
+        assert_eq!(ring.current().id().as_str(), "new");
+        assert!(!format!("{:?}", cli.keys).contains(&"11".repeat(32)));
+        assert!(previous.expose_secret().contains("old-2"));
+        let none = Cli::try_parse_from(["x"]).expect("parses");
+        assert!(none.keys.state_accept_v1);
+        assert!(none.keys.read().expect("read").is_none());
+    }
+}
