@@ -21,7 +21,7 @@ use pis_worker::domain::machine::{self, Input, Outcome, Policy};
 use pis_worker::domain::model::{CommandId, PaymentId, PsuId, RawInitiatePayment};
 use pis_worker::domain::validation::{ValidationLimits, validate_initiation};
 use pis_worker::kafka::state;
-use pis_worker::secret::StateKey;
+use pis_worker::secret::StateKeyRing;
 
 const BUDGET: Duration = Duration::from_millis(800);
 const BATCHES: usize = 21;
@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             Outcome::Changed(t) => t,
             other => anyhow::bail!("the machine did not accept the initiation: {other:?}"),
         };
-    let key = StateKey::from_hex(&StateKey::generate_hex()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let key = StateKeyRing::generate();
     let (record_key, record) =
         state::encode_payment(&key, 7, &transition.payment, &transition.events)?;
     let event = transition

@@ -176,6 +176,7 @@ must_fail 'grace period 30 s with a 25 s drain' 'terminationGracePeriodSeconds \
 must_fail 'drain 50 s >= session timeout 45 s' 'must stay below PIS_SESSION_TIMEOUT_MS' \
   $'terminationGracePeriodSeconds: 90\nconfig: {PIS_DRAIN_TIMEOUT_MS: "50000"}'
 must_fail 'state key in the ConfigMap' "invalid propertyName 'PIS_STATE_KEY'" 'config: {PIS_STATE_KEY: "00112233"}'
+must_fail 'previous state keys in the ConfigMap' "invalid propertyName 'PIS_STATE_KEYS_PREVIOUS'" 'config: {PIS_STATE_KEYS_PREVIOUS: "00112233"}'
 must_fail 'PIS_QWAC_KEY_FILE overridden in config' "invalid propertyName 'PIS_QWAC_KEY_FILE'" 'config: {PIS_QWAC_KEY_FILE: /tmp/key.pem}'
 must_fail 'unknown key (typo replicas:)' "additional properties 'replicas' not allowed" 'replicas: 3'
 must_fail 'readOnlyRootFilesystem: false' "at '/securityContext/readOnlyRootFilesystem': value must be true" \

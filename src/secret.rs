@@ -1,63 +1,166 @@
-//! Sealing of secrets that must survive a restart (PKCE verifiers, authorization codes, tokens)
-//! before they go into the `payment-state` topic. The broker and anyone reading the topic see
-//! only ciphertext; the key lives in the worker's secret configuration.
+//! The keys of the `payment-state` topic. The broker and anyone reading the topic see only
+//! ciphertext; the keys live in the worker's secret configuration.
 //!
-//! ChaCha20-Poly1305 with a random 96-bit nonce. The record key is the associated data, so a
-//! sealed value copied into another payment's record fails to open.
+//! - A [`StateKey`] is 32 random bytes with a short public id (the key id written in every
+//!   sealed record, docs/architecture.md "State record format"). Configured as 64 hex
+//!   characters (its id is then derived from the key: the first 8 hex characters of
+//!   SHA-256("pis-worker state key id" || key)), or as `id:hex` with an explicit id.
+//! - A [`StateKeyRing`] is the current key (seals every record written) and any number of
+//!   previous keys (only open records written before a rotation).
+//!
+//! Records of format 2 are sealed whole with XChaCha20-Poly1305 (`kafka::state::v2`). Format 1
+//! (read during migration only, `kafka::state::v1`) sealed just the secrets, each with
+//! ChaCha20-Poly1305 and a random 96-bit nonce, the record key as associated data: that is
+//! [`StateKey::open_v1`], kept to read those records.
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, XChaCha20Poly1305, XNonce};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 const VERSION_PREFIX: &str = "v1:";
 
+/// Longest key id accepted (it is written, length-prefixed, in every sealed record).
+pub const MAX_KEY_ID_LEN: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("state key must be 64 hex characters (32 bytes)")]
+    #[error(
+        "state key must be 64 hex characters (32 bytes), optionally prefixed by `id:` (an id of 1-32 characters A-Z a-z 0-9 . _ -)"
+    )]
     BadKey,
+    #[error("two state keys have the same id {0:?}")]
+    DuplicateKeyId(String),
     #[error("sealed value is malformed")]
     Malformed,
     #[error("sealed value does not open with this key (wrong key, or moved between records)")]
     OpenFailed,
 }
 
-/// The key that seals secrets in the state topic.
+/// The public name of a state key, written in the clear in every record it seals.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(String);
+
+impl KeyId {
+    pub fn parse(text: &str) -> Result<Self, SecretError> {
+        let ok = !text.is_empty()
+            && text.len() <= MAX_KEY_ID_LEN
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(SecretError::BadKey)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One key of the state topic. Its `Debug` shows the id only.
 pub struct StateKey {
-    cipher: ChaCha20Poly1305,
+    id: KeyId,
+    /// Format 2: whole records.
+    xchacha: XChaCha20Poly1305,
+    /// Format 1: the secrets inside a record (read only).
+    chacha: ChaCha20Poly1305,
 }
 
 impl std::fmt::Debug for StateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateKey(..)")
+        write!(f, "StateKey({}, ..)", self.id)
     }
 }
 
-/// A sealed secret as stored: `v1:` + base64(nonce || ciphertext).
+/// A sealed secret as format 1 stored it: `v1:` + base64(nonce || ciphertext).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Sealed(String);
 
 impl StateKey {
-    pub fn from_hex(hex_key: &SecretString) -> Result<Self, SecretError> {
-        let bytes = hex::decode(hex_key.expose_secret().trim()).map_err(|_| SecretError::BadKey)?;
+    /// `hex` (the id derived from the key) or `id:hex`.
+    pub fn parse(text: &SecretString) -> Result<Self, SecretError> {
+        let text = text.expose_secret().trim();
+        let (id, hex_key) = match text.split_once(':') {
+            Some((id, hex_key)) => (Some(KeyId::parse(id.trim())?), hex_key.trim()),
+            None => (None, text),
+        };
+        let bytes = hex::decode(hex_key).map_err(|_| SecretError::BadKey)?;
         if bytes.len() != 32 {
             return Err(SecretError::BadKey);
         }
+        let id = match id {
+            Some(id) => id,
+            None => derived_id(&bytes),
+        };
         Ok(Self {
-            cipher: ChaCha20Poly1305::new(Key::from_slice(&bytes)),
+            id,
+            xchacha: XChaCha20Poly1305::new(Key::from_slice(&bytes)),
+            chacha: ChaCha20Poly1305::new(Key::from_slice(&bytes)),
         })
+    }
+
+    /// Same as [`StateKey::parse`] (the name older callers know).
+    pub fn from_hex(hex_key: &SecretString) -> Result<Self, SecretError> {
+        Self::parse(hex_key)
     }
 
     /// A fresh random key, as 64 hex characters (for `pis-worker keygen` and tests).
     pub fn generate_hex() -> SecretString {
-        SecretString::from(hex::encode(ChaCha20Poly1305::generate_key(&mut OsRng)))
+        SecretString::from(hex::encode(XChaCha20Poly1305::generate_key(&mut OsRng)))
     }
 
-    pub fn seal(&self, secret: &SecretString, record_key: &str) -> Result<Sealed, SecretError> {
+    pub fn id(&self) -> &KeyId {
+        &self.id
+    }
+
+    /// Seals `plain` with a fresh random 192-bit nonce: returns (nonce, ciphertext || tag).
+    pub(crate) fn seal_x(
+        &self,
+        plain: &[u8],
+        aad: &[u8],
+    ) -> Result<([u8; 24], Vec<u8>), SecretError> {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let ciphertext = self
+            .xchacha
+            .encrypt(&nonce, Payload { msg: plain, aad })
+            .map_err(|_| SecretError::Malformed)?;
+        let mut out = [0u8; 24];
+        out.copy_from_slice(&nonce);
+        Ok((out, ciphertext))
+    }
+
+    pub(crate) fn open_x(
+        &self,
+        nonce: &[u8; 24],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, SecretError> {
+        self.xchacha
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| SecretError::OpenFailed)
+    }
+
+    /// Format 1's sealing of one secret. Only tests write format 1 now (fixtures, migration).
+    pub fn seal_v1(&self, secret: &SecretString, record_key: &str) -> Result<Sealed, SecretError> {
         let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
         let ciphertext = self
-            .cipher
+            .chacha
             .encrypt(
                 &nonce,
                 Payload {
@@ -74,7 +177,8 @@ impl StateKey {
         )))
     }
 
-    pub fn open(&self, sealed: &Sealed, record_key: &str) -> Result<SecretString, SecretError> {
+    /// Opens a secret of a format 1 record.
+    pub fn open_v1(&self, sealed: &Sealed, record_key: &str) -> Result<SecretString, SecretError> {
         let body = sealed
             .0
             .strip_prefix(VERSION_PREFIX)
@@ -86,7 +190,7 @@ impl StateKey {
         }
         let (nonce, ciphertext) = bytes.split_at(12);
         let plain = self
-            .cipher
+            .chacha
             .decrypt(
                 Nonce::from_slice(nonce),
                 Payload {
@@ -98,6 +202,116 @@ impl StateKey {
         String::from_utf8(plain)
             .map(SecretString::from)
             .map_err(|_| SecretError::Malformed)
+    }
+}
+
+/// The id of a key configured without one. Public by design (it is in every record), and it
+/// reveals nothing usable about the key: a 32-bit prefix of a domain-separated SHA-256.
+fn derived_id(key: &[u8]) -> KeyId {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"pis-worker state key id\0");
+    hasher.update(key);
+    KeyId(hex::encode(&hasher.finalize()[..4]))
+}
+
+/// The keys of the state topic: the current one seals, every one opens.
+pub struct StateKeyRing {
+    current: StateKey,
+    previous: Vec<StateKey>,
+    /// Whether format 1 records (secrets sealed, the rest in the clear) are still read:
+    /// true until the operator has finished the migration (docs/runbooks.md).
+    accept_v1: bool,
+}
+
+impl std::fmt::Debug for StateKeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateKeyRing")
+            .field("current", &self.current.id)
+            .field(
+                "previous",
+                &self.previous.iter().map(|k| &k.id).collect::<Vec<_>>(),
+            )
+            .field("accept_v1", &self.accept_v1)
+            .finish()
+    }
+}
+
+impl StateKeyRing {
+    pub fn new(current: StateKey, previous: Vec<StateKey>) -> Result<Self, SecretError> {
+        let mut seen = std::collections::HashSet::new();
+        for key in std::iter::once(&current).chain(&previous) {
+            if !seen.insert(key.id.clone()) {
+                return Err(SecretError::DuplicateKeyId(key.id.0.clone()));
+            }
+        }
+        Ok(Self {
+            current,
+            previous,
+            accept_v1: true,
+        })
+    }
+
+    /// A ring of one key.
+    pub fn single(current: StateKey) -> Self {
+        Self {
+            current,
+            previous: Vec::new(),
+            accept_v1: true,
+        }
+    }
+
+    /// From configuration: the current key and a list of previous keys, each `hex` or `id:hex`,
+    /// separated by commas or new lines (a file's content or `PIS_STATE_KEYS_PREVIOUS`).
+    pub fn from_config(
+        current: &SecretString,
+        previous: Option<&SecretString>,
+    ) -> Result<Self, SecretError> {
+        let current = StateKey::parse(current)?;
+        let previous = match previous {
+            Some(list) => list
+                .expose_secret()
+                .split([',', '\n'])
+                .map(str::trim)
+                .filter(|item| !item.is_empty() && !item.starts_with('#'))
+                .map(|item| StateKey::parse(&SecretString::from(item)))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        Self::new(current, previous)
+    }
+
+    /// A ring with a fresh random key (tests, benches).
+    pub fn generate() -> Self {
+        match StateKey::parse(&StateKey::generate_hex()) {
+            Ok(key) => Self::single(key),
+            // 64 hex characters of a fresh key always parse.
+            Err(e) => unreachable!("a generated key does not parse: {e}"),
+        }
+    }
+
+    /// Whether format 1 records are read (true unless turned off once migration is done).
+    pub fn with_accept_v1(mut self, accept: bool) -> Self {
+        self.accept_v1 = accept;
+        self
+    }
+
+    pub fn accepts_v1(&self) -> bool {
+        self.accept_v1
+    }
+
+    pub fn current(&self) -> &StateKey {
+        &self.current
+    }
+
+    /// The key with this id, current or previous.
+    pub fn get(&self, id: &str) -> Option<&StateKey> {
+        self.keys().find(|k| k.id.0 == id)
+    }
+
+    /// Current first.
+    pub fn keys(&self) -> impl Iterator<Item = &StateKey> {
+        std::iter::once(&self.current).chain(&self.previous)
     }
 }
 
@@ -113,10 +327,10 @@ mod tests {
     fn seal_then_open_round_trips_and_hides_the_plaintext() {
         let k = key();
         let sealed = k
-            .seal(&SecretString::from("verifier-123"), "payment/p-1")
+            .seal_v1(&SecretString::from("verifier-123"), "payment/p-1")
             .expect("seal");
         assert!(!sealed.0.contains("verifier-123"));
-        let opened = k.open(&sealed, "payment/p-1").expect("open");
+        let opened = k.open_v1(&sealed, "payment/p-1").expect("open");
         assert_eq!(opened.expose_secret(), "verifier-123");
     }
 
@@ -124,18 +338,18 @@ mod tests {
     fn a_sealed_value_does_not_open_under_another_record_or_key() {
         let k = key();
         let sealed = k
-            .seal(&SecretString::from("x"), "payment/p-1")
+            .seal_v1(&SecretString::from("x"), "payment/p-1")
             .expect("seal");
         assert!(matches!(
-            k.open(&sealed, "payment/p-2"),
+            k.open_v1(&sealed, "payment/p-2"),
             Err(SecretError::OpenFailed)
         ));
         assert!(matches!(
-            key().open(&sealed, "payment/p-1"),
+            key().open_v1(&sealed, "payment/p-1"),
             Err(SecretError::OpenFailed)
         ));
         assert!(matches!(
-            k.open(&Sealed("v1:AAAA".into()), "payment/p-1"),
+            k.open_v1(&Sealed("v1:AAAA".into()), "payment/p-1"),
             Err(SecretError::Malformed)
         ));
     }
@@ -144,5 +358,48 @@ mod tests {
     fn rejects_keys_of_the_wrong_size() {
         assert!(StateKey::from_hex(&SecretString::from("abcd")).is_err());
         assert!(StateKey::from_hex(&SecretString::from("zz".repeat(32))).is_err());
+        assert!(StateKey::parse(&SecretString::from(format!(":{}", "00".repeat(32)))).is_err());
+        assert!(
+            StateKey::parse(&SecretString::from(format!("bad id:{}", "00".repeat(32)))).is_err()
+        );
+    }
+
+    #[test]
+    fn key_ids_are_derived_or_explicit() {
+        let hex = "11".repeat(32);
+        let derived = StateKey::parse(&SecretString::from(hex.clone())).expect("key");
+        assert_eq!(derived.id().as_str().len(), 8);
+        let again = StateKey::parse(&SecretString::from(format!(" {hex}\n"))).expect("key");
+        assert_eq!(derived.id(), again.id());
+        let named = StateKey::parse(&SecretString::from(format!("2026-q1:{hex}"))).expect("key");
+        assert_eq!(named.id().as_str(), "2026-q1");
+    }
+
+    #[test]
+    fn a_ring_parses_previous_keys_and_refuses_duplicate_ids() {
+        let current = SecretString::from(format!("b:{}", "22".repeat(32)));
+        let previous = SecretString::from(format!("a:{}, {}\n", "11".repeat(32), "33".repeat(32)));
+        let ring = StateKeyRing::from_config(&current, Some(&previous)).expect("ring");
+        assert_eq!(ring.current().id().as_str(), "b");
+        assert!(ring.get("a").is_some());
+        assert_eq!(ring.keys().count(), 3);
+        let dup = SecretString::from(format!("b:{}", "11".repeat(32)));
+        assert!(matches!(
+            StateKeyRing::from_config(&current, Some(&dup)),
+            Err(SecretError::DuplicateKeyId(_))
+        ));
+    }
+
+    #[test]
+    fn debug_output_shows_key_ids_only() {
+        let hex = "ab".repeat(32);
+        let ring = StateKeyRing::from_config(
+            &SecretString::from(format!("cur:{hex}")),
+            Some(&SecretString::from(format!("old:{}", "cd".repeat(32)))),
+        )
+        .expect("ring");
+        let shown = format!("{ring:?} {:?}", ring.current());
+        assert!(shown.contains("cur") && shown.contains("old"));
+        assert!(!shown.contains("abab") && !shown.contains("cdcd"));
     }
 }

@@ -128,10 +128,11 @@ async fn an_unreadable_state_record_holds_its_payment_and_nothing_else() {
     assert_eq!(rows[0]["key"], "payment/q-held");
     assert_eq!(rows[0]["partition"], 1);
     assert_eq!(rows[0]["last_good_state"], "SCA_PENDING");
+    assert_eq!(rows[0]["class"], "malformed", "{rows:?}");
     assert!(
         rows[0]["error"]
             .as_str()
-            .is_some_and(|e| e.contains("decoding payment/q-held")),
+            .is_some_and(|e| e.contains("neither sealed nor JSON")),
         "{rows:?}"
     );
 }

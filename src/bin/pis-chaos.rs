@@ -27,7 +27,7 @@ use pis_worker::kafka::KafkaSettings;
 use pis_worker::kafka::state::{self as state_topic, DecodedRecord};
 use pis_worker::sandbox::faults::{EndpointClass, Fault, FaultRule, FaultSettings, Latency};
 use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
-use pis_worker::secret::StateKey;
+use pis_worker::secret::{StateKey, StateKeyRing};
 use rdkafka::Message;
 use rdkafka::producer::FutureProducer;
 use secrecy::SecretString;
@@ -427,8 +427,9 @@ async fn chaos(
     }
     let admin = sandbox.admin_base_url();
     let state_key_hex: SecretString = StateKey::generate_hex();
-    let state_key =
-        Arc::new(StateKey::from_hex(&state_key_hex).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let state_key = Arc::new(StateKeyRing::single(
+        StateKey::from_hex(&state_key_hex).map_err(|e| anyhow::anyhow!("{e}"))?,
+    ));
 
     let base_args = common::worker_args(
         &settings,
@@ -878,7 +879,7 @@ async fn check_bank(
     args: &Args,
     admin: &url::Url,
     settings: &KafkaSettings,
-    key: &Arc<StateKey>,
+    key: &Arc<StateKeyRing>,
     events: &[StatusRecord],
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -974,7 +975,12 @@ async fn check_bank(
                 // Read as a restore does: a record older than a claim read before it was
                 // written by a superseded owner and does not count (docs/guarantees.md).
                 let floor = epoch_floor.entry(m.partition()).or_insert(-1);
-                match state_topic::decode_with_epoch(&key, &record_key, payload) {
+                match state_topic::decode_with_epoch(
+                    &key,
+                    &record_key,
+                    payload,
+                    pis_worker::kafka::fence::epoch_header(m),
+                ) {
                     Ok((DecodedRecord::RestoreMarker, _)) => *floor = (*floor).max(m.offset()),
                     Ok((_, epoch)) if epoch >= 0 && epoch < *floor => {
                         zombie_records.fetch_add(1, Ordering::Relaxed);

@@ -85,11 +85,16 @@ pub struct RunArgs {
     /// Also sign cancellations (DELETE).
     #[arg(long, env = "PIS_SIGN_CANCELLATION")]
     pub sign_cancellation: bool,
-    /// State-encryption key, 64 hex chars (`pis-worker keygen`); prefer --state-key-file.
+    /// The current state key: seals every state record written. 64 hex chars
+    /// (`pis-worker keygen`; its id is derived from it) or `id:hex`; prefer --state-key-file.
     #[arg(long, env = "PIS_STATE_KEY", hide_env_values = true, value_parser = secret)]
     pub state_key: Option<SecretString>,
     #[arg(long, env = "PIS_STATE_KEY_FILE")]
     pub state_key_file: Option<PathBuf>,
+    /// Previous state keys, read only (records sealed before a rotation): comma-separated,
+    /// each `hex` or `id:hex`; prefer --state-keys-previous-file.
+    #[command(flatten)]
+    pub previous_keys: PreviousKeysArgs,
     #[arg(long, env = "PIS_API_VERSION_INITIATION", default_value = "3")]
     pub api_version_initiation: String,
     #[arg(long, env = "PIS_API_VERSION_STATUS", default_value = "1")]
@@ -144,7 +149,46 @@ pub struct RunArgs {
     pub contract: crate::contract::registry::ContractArgs,
 }
 
-fn read_secret_file(path: &PathBuf, what: &str) -> anyhow::Result<SecretString> {
+/// The read-only state keys of a rotation, shared by `run` and `state`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PreviousKeysArgs {
+    /// Previous state keys, read only: comma-separated, each `hex` or `id:hex`.
+    #[arg(long = "state-key-previous", env = "PIS_STATE_KEYS_PREVIOUS", hide_env_values = true, value_parser = secret)]
+    pub state_keys_previous: Option<SecretString>,
+    /// A file of previous state keys, one per line (or comma-separated); `#` starts a comment.
+    #[arg(
+        long = "state-keys-previous-file",
+        env = "PIS_STATE_KEYS_PREVIOUS_FILE"
+    )]
+    pub state_keys_previous_file: Option<PathBuf>,
+    /// Read format 1 state records (written before records were sealed whole). Set to false
+    /// once the migration is finished (docs/runbooks.md): a format 1 record is then quarantined.
+    #[arg(long, env = "PIS_STATE_ACCEPT_V1", default_value_t = true, action = clap::ArgAction::Set)]
+    pub state_accept_v1: bool,
+}
+
+impl PreviousKeysArgs {
+    /// The list, from the flag/variable or the file (both: joined).
+    pub fn read(&self) -> anyhow::Result<Option<SecretString>> {
+        use secrecy::ExposeSecret as _;
+        let file = self
+            .state_keys_previous_file
+            .as_ref()
+            .map(|path| read_secret_file(path, "previous state keys"))
+            .transpose()?;
+        Ok(match (&self.state_keys_previous, file) {
+            (Some(list), Some(file)) => Some(SecretString::from(format!(
+                "{},{}",
+                list.expose_secret(),
+                file.expose_secret()
+            ))),
+            (Some(list), None) => Some(list.clone()),
+            (None, file) => file,
+        })
+    }
+}
+
+pub(crate) fn read_secret_file(path: &PathBuf, what: &str) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading {what} from {}", path.display()))?;
     Ok(SecretString::from(text.trim().to_owned()))
@@ -261,6 +305,8 @@ impl RunArgs {
                 qseal,
             },
             state_key,
+            state_keys_previous: self.previous_keys.read()?,
+            state_accept_v1: self.previous_keys.state_accept_v1,
             policy,
             limits: ValidationLimits {
                 max_amount,
@@ -313,4 +359,52 @@ pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
     .await??;
     println!("topics ready: {count} partitions");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        keys: PreviousKeysArgs,
+    }
+
+    #[test]
+    fn previous_state_keys_come_from_the_flag_and_the_file_and_build_a_ring() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("previous");
+        std::fs::write(
+            &file,
+            format!("# rotated 2026-12\nold-2:{}\n", "22".repeat(32)),
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--state-key-previous",
+            &format!("old-1:{}", "11".repeat(32)),
+            "--state-keys-previous-file",
+            file.to_str().expect("utf-8 path"),
+            "--state-accept-v1",
+            "false",
+        ])
+        .expect("parses");
+        assert!(!cli.keys.state_accept_v1);
+        let previous = cli.keys.read().expect("read").expect("some");
+        let ring = crate::secret::StateKeyRing::from_config(
+            &SecretString::from(format!("new:{}", "33".repeat(32))),
+            Some(&previous),
+        )
+        .expect("ring");
+        assert!(ring.get("old-1").is_some() && ring.get("old-2").is_some());
+        assert_eq!(ring.current().id().as_str(), "new");
+        assert!(!format!("{:?}", cli.keys).contains(&"11".repeat(32)));
+        assert!(previous.expose_secret().contains("old-2"));
+        let none = Cli::try_parse_from(["x"]).expect("parses");
+        assert!(none.keys.state_accept_v1);
+        assert!(none.keys.read().expect("read").is_none());
+    }
 }

@@ -13,7 +13,8 @@ use secrecy::SecretString;
 use super::BrokerArgs;
 use crate::engine::restore::{RestoreFold, Restored};
 use crate::kafka::state::RecordKey;
-use crate::secret::StateKey;
+use crate::kafka::state::Sealing;
+use crate::secret::StateKeyRing;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct StateArgs {
@@ -26,6 +27,10 @@ pub enum StateCommand {
     /// List quarantined state records: partition, offset, key, why, and the last good state of
     /// the payment each names.
     Quarantined(QuarantinedArgs),
+    /// Count the live state records (the latest of each key) by how they are sealed: format 2
+    /// per key id, or format 1. A key rotation (or the format 2 migration) is finished when
+    /// nothing live is sealed with the old key (or in format 1) (docs/runbooks.md).
+    Keys(QuarantinedArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -36,6 +41,9 @@ pub struct QuarantinedArgs {
     pub state_key: Option<SecretString>,
     #[arg(long, env = "PIS_STATE_KEY_FILE")]
     pub state_key_file: Option<PathBuf>,
+    /// Previous (read-only) keys, as the worker is given them.
+    #[command(flatten)]
+    pub previous_keys: super::run::PreviousKeysArgs,
     /// Only this partition.
     #[arg(long)]
     pub partition: Option<i32>,
@@ -57,10 +65,79 @@ pub async fn run(args: StateArgs) -> anyhow::Result<()> {
         StateCommand::Quarantined(args) => tokio::task::spawn_blocking(move || quarantined(&args))
             .await
             .context("the reader task")?,
+        StateCommand::Keys(args) => tokio::task::spawn_blocking(move || keys(&args))
+            .await
+            .context("the reader task")?,
     }
 }
 
 fn quarantined(args: &QuarantinedArgs) -> anyhow::Result<()> {
+    let restored = fold_topic(args)?;
+    let rows = rows(&restored);
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if rows.is_empty() {
+        println!("no quarantined state records");
+    } else {
+        for row in &rows {
+            println!(
+                "{}:{:<8} {:<40} {} | {}: {}",
+                row["partition"],
+                row["offset"],
+                row["key"].as_str().unwrap_or_default(),
+                row["last_good_state"].as_str().unwrap_or("-"),
+                row["class"].as_str().unwrap_or_default(),
+                row["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn keys(args: &QuarantinedArgs) -> anyhow::Result<()> {
+    let restored = fold_topic(args)?;
+    let counts = sealing_counts(&restored);
+    let quarantined: usize = restored.values().map(|r| r.quarantined.len()).sum();
+    if args.json {
+        let by: serde_json::Map<String, serde_json::Value> = counts
+            .iter()
+            .map(|(k, n)| (k.clone(), serde_json::Value::from(*n)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "live_records": by, "quarantined": quarantined })
+        );
+    } else {
+        if counts.is_empty() {
+            println!("no live state records");
+        }
+        for (sealing, n) in &counts {
+            println!("{sealing:<24} {n}");
+        }
+        println!("{:<24} {quarantined}", "quarantined");
+    }
+    Ok(())
+}
+
+/// Live records (the latest valid record of each key) by sealing: `v2 key <id>`, `v1
+/// (unsealed)`.
+fn sealing_counts(restored: &BTreeMap<i32, Restored>) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for r in restored.values() {
+        for sealing in r.sealing.values() {
+            match sealing {
+                Sealing::Sealed { .. } | Sealing::V1 { .. } => {
+                    *counts.entry(sealing.to_string()).or_insert(0) += 1;
+                }
+                Sealing::Marker => {}
+            }
+        }
+    }
+    counts
+}
+
+/// Folds the whole state topic, per partition, as a restore does.
+fn fold_topic(args: &QuarantinedArgs) -> anyhow::Result<BTreeMap<i32, Restored>> {
     let key_hex = match (&args.state_key, &args.state_key_file) {
         (Some(k), _) => k.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -72,7 +149,10 @@ fn quarantined(args: &QuarantinedArgs) -> anyhow::Result<()> {
             anyhow::bail!("the state key is required (PIS_STATE_KEY or --state-key-file)")
         }
     };
-    let key = StateKey::from_hex(&key_hex).map_err(|e| anyhow::anyhow!("state key: {e}"))?;
+    let previous = args.previous_keys.read()?;
+    let key = StateKeyRing::from_config(&key_hex, previous.as_ref())
+        .map_err(|e| anyhow::anyhow!("state keys: {e}"))?
+        .with_accept_v1(args.previous_keys.state_accept_v1);
     let settings = args.broker.settings("pis-state-reader", 6_000);
     let mut folds: BTreeMap<i32, RestoreFold<'_>> = BTreeMap::new();
     super::dlq::read_topic(
@@ -96,28 +176,10 @@ fn quarantined(args: &QuarantinedArgs) -> anyhow::Result<()> {
                 );
         },
     )?;
-    let restored: BTreeMap<i32, Restored> = folds
+    Ok(folds
         .into_iter()
         .map(|(p, fold)| (p, fold.finish()))
-        .collect();
-    let rows = rows(&restored);
-    if args.json {
-        println!("{}", serde_json::Value::Array(rows));
-    } else if rows.is_empty() {
-        println!("no quarantined state records");
-    } else {
-        for row in &rows {
-            println!(
-                "{}:{:<8} {:<40} {} | {}",
-                row["partition"],
-                row["offset"],
-                row["key"].as_str().unwrap_or_default(),
-                row["last_good_state"].as_str().unwrap_or("-"),
-                row["error"].as_str().unwrap_or_default()
-            );
-        }
-    }
-    Ok(())
+        .collect())
 }
 
 /// One JSON row per quarantined record (no secrets: ids, states and the decode error only).
@@ -137,6 +199,7 @@ fn rows(restored: &BTreeMap<i32, Restored>) -> Vec<serde_json::Value> {
                 "partition": partition,
                 "offset": q.offset,
                 "key": key,
+                "class": q.class,
                 "error": q.error,
                 "last_good_state": payment.map(|p| p.state.kind().symbol()),
                 "psu_id": payment.map(|p| p.psu_id.to_string()),

@@ -598,6 +598,7 @@ impl OwnerCore {
                 partition = self.config.partition,
                 record_key = %key,
                 offset = q.offset,
+                class = q.class,
                 error = %q.error,
                 "state record quarantined: the payment it names is held (pis-worker state quarantined)"
             );

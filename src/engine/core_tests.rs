@@ -19,7 +19,7 @@ use crate::domain::model::{
 use crate::engine::restore::RestoreFold;
 use crate::kafka::partitioner::partition_for;
 use crate::kafka::state;
-use crate::secret::StateKey;
+use crate::secret::StateKeyRing;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -266,14 +266,14 @@ fn restored(payments: Vec<Payment>, tokens: Vec<PsuTokens>) -> Restored {
 
 /// A state partition written record by record (real encoded records), folded by restore.
 struct StateLog {
-    key: StateKey,
+    key: StateKeyRing,
     records: Vec<(String, Option<Vec<u8>>, Option<i64>)>,
 }
 
 impl StateLog {
     fn new() -> Self {
         Self {
-            key: StateKey::from_hex(&StateKey::generate_hex()).expect("key"),
+            key: StateKeyRing::generate(),
             records: Vec::new(),
         }
     }
@@ -294,7 +294,8 @@ impl StateLog {
     }
 
     fn checkpoint(&mut self, epoch: i64, through: i64) -> i64 {
-        let (k, v) = state::encode_checkpoint(PARTITION, epoch, through).expect("checkpoint");
+        let (k, v) =
+            state::encode_checkpoint(&self.key, PARTITION, epoch, through).expect("checkpoint");
         self.push(k, Some(v), Some(epoch))
     }
 

@@ -27,7 +27,7 @@ use crate::domain::validation::ValidationLimits;
 use crate::kafka::consumer::Partitions;
 use crate::kafka::producer::Producer;
 use crate::kafka::{KafkaSettings, admin};
-use crate::secret::StateKey;
+use crate::secret::StateKeyRing;
 use partition::OwnerHandle;
 
 pub fn now_millis() -> Millis {
@@ -39,8 +39,13 @@ pub fn now_millis() -> Millis {
 pub struct WorkerConfig {
     pub kafka: KafkaSettings,
     pub bank: BelfiusConfig,
-    /// 64 hex chars: seals secrets in the state topic.
+    /// The current state key, 64 hex chars or `id:hex`: seals every state record written.
     pub state_key: SecretString,
+    /// Previous state keys (comma- or line-separated, each `hex` or `id:hex`): open records
+    /// sealed before a rotation, never seal (docs/runbooks.md, "Rotating the state key").
+    pub state_keys_previous: Option<SecretString>,
+    /// Whether format 1 state records (written before sealed records) are still read.
+    pub state_accept_v1: bool,
     pub policy: Policy,
     pub limits: ValidationLimits,
     pub max_command_bytes: usize,
@@ -65,7 +70,7 @@ pub struct EngineDeps {
     pub partitions: i32,
     pub producer: Producer,
     pub bank: BelfiusClient,
-    pub state_key: StateKey,
+    pub state_key: StateKeyRing,
     pub policy: Policy,
     pub limits: ValidationLimits,
     pub max_command_bytes: usize,
@@ -217,7 +222,10 @@ pub async fn run(
         info!(%bound, "serving /metrics, /healthz, /readyz");
     }
     let state_key =
-        StateKey::from_hex(&config.state_key).map_err(|e| anyhow::anyhow!("state key: {e}"))?;
+        StateKeyRing::from_config(&config.state_key, config.state_keys_previous.as_ref())
+            .map_err(|e| anyhow::anyhow!("state keys: {e}"))?
+            .with_accept_v1(config.state_accept_v1);
+    info!(state_keys = ?state_key, "state key ring");
     // A broker that is down or restarting is waited for (with back-off), not a reason to exit:
     // a replica started during a broker restart must join once the broker is back.
     let partitions = loop {

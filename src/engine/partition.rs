@@ -531,7 +531,8 @@ impl Shell {
                 state::encode_psu(&self.deps.state_key, epoch, tokens).map(|(_, v)| Some(v))
             }
             StateWrite::Checkpoint { through } => {
-                state::encode_checkpoint(self.partition, epoch, *through).map(|(_, v)| Some(v))
+                state::encode_checkpoint(&self.deps.state_key, self.partition, epoch, *through)
+                    .map(|(_, v)| Some(v))
             }
             StateWrite::DeleteTokens(_) | StateWrite::DeleteKey(_) => Ok(None),
         };

@@ -14,13 +14,17 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::domain::machine::{Payment, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
-use crate::kafka::state::{self, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, TokenKey};
-use crate::secret::StateKey;
+use crate::kafka::state::{self, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, Sealing, TokenKey};
+use crate::secret::StateKeyRing;
 
 /// A state record that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
     pub offset: i64,
+    /// `kafka::state::StateRecordError::class`: `unauthentic` (altered, copied under another
+    /// key, or a wrong key of the right id), `epoch-mismatch` (replayed under another
+    /// `pis.epoch` header), `unknown-key` (a key missing from the ring), `malformed`, ...
+    pub class: &'static str,
     pub error: String,
 }
 
@@ -43,6 +47,9 @@ pub struct Restored {
     pub zombie_keys: HashSet<String>,
     /// Records that did not decode, by record key (the latest of each key).
     pub quarantined: BTreeMap<String, Quarantined>,
+    /// How the latest valid record of each live key is sealed (format, key id): what a key
+    /// rotation or the format 2 migration waits on (`pis-worker state keys`).
+    pub sealing: BTreeMap<String, Sealing>,
 }
 
 impl Restored {
@@ -63,7 +70,7 @@ impl Restored {
 
 /// The fold. Feed every record of the partition up to the owner's own marker, then `finish`.
 pub struct RestoreFold<'k> {
-    key: &'k StateKey,
+    key: &'k StateKeyRing,
     marker_offset: i64,
     out: Restored,
     /// The newest claim (or writer epoch) read so far.
@@ -74,7 +81,7 @@ pub struct RestoreFold<'k> {
 }
 
 impl<'k> RestoreFold<'k> {
-    pub fn new(key: &'k StateKey, marker_offset: i64) -> Self {
+    pub fn new(key: &'k StateKeyRing, marker_offset: i64) -> Self {
         Self {
             key,
             marker_offset,
@@ -114,19 +121,23 @@ impl<'k> RestoreFold<'k> {
             self.tombstone(&record_key, parsed, epoch_header);
             return;
         };
-        let (record, epoch) = match state::decode_with_epoch(self.key, &record_key, value) {
+        // A record that is altered, copied under another key, replayed under another epoch
+        // header or sealed with a key the ring lacks does not decode: quarantined like garbage.
+        let decoded = match state::decode_record(self.key, &record_key, value, epoch_header) {
             Ok(decoded) => decoded,
             Err(e) => {
                 self.out.quarantined.insert(
                     record_key,
                     Quarantined {
                         offset,
+                        class: e.class(),
                         error: e.to_string(),
                     },
                 );
                 return;
             }
         };
+        let (record, epoch) = (decoded.record, decoded.epoch);
         if self.is_zombie(epoch) {
             self.zombie(&record_key);
             return;
@@ -135,6 +146,7 @@ impl<'k> RestoreFold<'k> {
         // A valid record replaces whatever could not be read before it.
         self.out.quarantined.remove(&record_key);
         self.out.zombie_keys.remove(&record_key);
+        self.out.sealing.insert(record_key.clone(), decoded.sealing);
         match record {
             DecodedRecord::Payment { payment, events } => {
                 if !events.is_empty() {
@@ -181,6 +193,7 @@ impl<'k> RestoreFold<'k> {
         self.epoch_floor = self.epoch_floor.max(epoch);
         self.out.quarantined.remove(record_key);
         self.out.zombie_keys.remove(record_key);
+        self.out.sealing.remove(record_key);
         match parsed {
             RecordKey::Payment(id) => {
                 self.out.payments.remove(&id);
@@ -218,8 +231,8 @@ mod tests {
     use crate::domain::model::{Amount, CommandId, Language, PaymentOrder, PaymentProduct};
     use secrecy::{ExposeSecret, SecretString};
 
-    fn key() -> StateKey {
-        StateKey::from_hex(&StateKey::generate_hex()).expect("key")
+    fn key() -> StateKeyRing {
+        StateKeyRing::generate()
     }
 
     fn payment(id: &str) -> (Payment, Vec<StatusEvent>) {
@@ -271,12 +284,12 @@ mod tests {
 
     /// A partition written record by record, as the broker would hand it to restore.
     struct Log<'k> {
-        key: &'k StateKey,
+        key: &'k StateKeyRing,
         records: Vec<Record>,
     }
 
     impl<'k> Log<'k> {
-        fn new(key: &'k StateKey) -> Self {
+        fn new(key: &'k StateKeyRing) -> Self {
             Self {
                 key,
                 records: Vec::new(),
@@ -329,7 +342,7 @@ mod tests {
         let first = log.marker("a");
         let (p1, e1) = payment("p-1");
         log.payment(first, &p1, &e1);
-        let (ck, cv) = state::encode_checkpoint(0, first, 1).expect("checkpoint");
+        let (ck, cv) = state::encode_checkpoint(&k, 0, first, 1).expect("checkpoint");
         log.raw(&ck, Some(&cv), Some(first));
         let (p2, e2) = payment("p-2");
         let p2_at = log.payment(first, &p2, &e2);
@@ -393,7 +406,10 @@ mod tests {
         // A record of the previous format: keyed by PSU only, brand inside, sealed under its key.
         let legacy = tokens(Brand::Banx, "legacy-banx");
         let legacy_key = "psu/psu-1";
-        let sealed = k.seal(&legacy.access_token, legacy_key).expect("seal");
+        let sealed = k
+            .current()
+            .seal_v1(&legacy.access_token, legacy_key)
+            .expect("seal");
         let value = serde_json::json!({
             "type": "psu", "v": 1, "epoch": epoch, "psu_id": "psu-1", "brand": "BANX",
             "access_token": sealed, "refresh_token": null, "expires_at": null, "updated_at": 1
@@ -495,5 +511,92 @@ mod tests {
         log.payment(epoch, &p1, &e1);
         let restored = log.restore(mine);
         assert!(restored.payments.is_empty());
+    }
+
+    /// A sealed record whose bytes were altered, one copied under another payment's key, and
+    /// one replayed under another `pis.epoch` header: each is quarantined with its class, the
+    /// last good state of its key is kept, and restore goes on.
+    #[test]
+    fn tampered_swapped_and_wrong_epoch_records_are_quarantined_not_fatal() {
+        let k = key();
+        let mut log = Log::new(&k);
+        let epoch = log.marker("a");
+        let (p1, e1) = payment("p-1");
+        let (p2, e2) = payment("p-2");
+        let (p3, e3) = payment("p-3");
+        log.payment(epoch, &p1, &e1);
+        log.payment(epoch, &p2, &e2);
+        log.payment(epoch, &p3, &e3);
+        // Tampered: one bit flipped in the ciphertext of a valid p-1 record.
+        let (key1, mut tampered) = state::encode_payment(&k, epoch, &p1, &[]).expect("encode");
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0x80;
+        log.raw(&key1, Some(&tampered), Some(epoch));
+        // Swapped: p-3's valid record written under p-2's key.
+        let (_, p3_value) = state::encode_payment(&k, epoch, &p3, &[]).expect("encode");
+        log.raw("payment/p-2", Some(&p3_value), Some(epoch));
+        // Rolled back: p-3's record of this epoch replayed under a newer epoch header.
+        log.raw("payment/p-3", Some(&p3_value), Some(epoch + 1));
+        // A record sealed with a key this ring does not hold.
+        let stranger = StateKeyRing::generate();
+        let (key4, v4) =
+            state::encode_payment(&stranger, epoch, &payment("p-4").0, &[]).expect("encode");
+        log.raw(&key4, Some(&v4), Some(epoch));
+        let (p5, e5) = payment("p-5");
+        log.payment(epoch, &p5, &e5);
+        let marker = log.marker("b");
+        let restored = log.restore(marker);
+        let class = |key: &str| restored.quarantined.get(key).map(|q| q.class);
+        assert_eq!(class("payment/p-1"), Some("unauthentic"));
+        assert_eq!(class("payment/p-2"), Some("unauthentic"));
+        assert_eq!(class("payment/p-3"), Some("epoch-mismatch"));
+        assert_eq!(class("payment/p-4"), Some("unknown-key"));
+        // The last good state of each key is kept, and the records after them were read.
+        assert_eq!(restored.payments.len(), 4);
+        assert_eq!(
+            restored.payments[&PaymentId::new("p-2")].payment_id,
+            PaymentId::new("p-2")
+        );
+        assert!(restored.payments.contains_key(&PaymentId::new("p-5")));
+        let mut held: Vec<_> = restored.quarantined_payments().collect();
+        held.sort();
+        assert_eq!(
+            held,
+            ["p-1", "p-2", "p-3", "p-4"].map(PaymentId::new).to_vec()
+        );
+    }
+
+    #[test]
+    fn the_fold_reports_how_each_live_key_is_sealed() {
+        let old_cfg = SecretString::from(format!("old:{}", "01".repeat(32)));
+        let new_cfg = SecretString::from(format!("new:{}", "02".repeat(32)));
+        let before = StateKeyRing::from_config(&old_cfg, None).expect("ring");
+        let after = StateKeyRing::from_config(&new_cfg, Some(&old_cfg)).expect("ring");
+        let mut log = Log::new(&after);
+        let epoch = log.marker("a");
+        let (p1, e1) = payment("p-1");
+        let (p2, e2) = payment("p-2");
+        let (k1, v1) = state::encode_payment(&before, epoch, &p1, &e1).expect("encode");
+        log.raw(&k1, Some(&v1), Some(epoch));
+        log.payment(epoch, &p2, &e2);
+        let (k3, v3) = state::v1::write::payment(before.current(), epoch, &payment("p-3").0, &[]);
+        log.raw(&k3, Some(&v3), Some(epoch));
+        let restored = log.read_all();
+        assert_eq!(restored.payments.len(), 3);
+        let sealing = |key: &str| restored.sealing.get(key).map(ToString::to_string);
+        assert_eq!(sealing("payment/p-1").as_deref(), Some("v2 key old"));
+        assert_eq!(sealing("payment/p-2").as_deref(), Some("v2 key new"));
+        assert_eq!(sealing("payment/p-3").as_deref(), Some("v1 (unsealed)"));
+        // Re-written with the current key: the old key is no longer needed for p-1.
+        log.payment(epoch, &p1, &[]);
+        let restored = log.read_all();
+        assert_eq!(
+            restored
+                .sealing
+                .get("payment/p-1")
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("v2 key new")
+        );
     }
 }

@@ -77,6 +77,9 @@ a list of (env var, key in the secret) pairs, as YAML, for the keys the values a
 {{- $k := $s.keys }}
 - {env: PIS_CLIENT_SECRET_FILE, key: {{ $k.clientSecret | quote }}}
 - {env: PIS_STATE_KEY_FILE, key: {{ $k.stateKey | quote }}}
+{{- if $s.stateKeysPrevious }}
+- {env: PIS_STATE_KEYS_PREVIOUS_FILE, key: {{ $k.stateKeysPrevious | quote }}}
+{{- end }}
 {{- if eq $s.qwac "pem" }}
 - {env: PIS_QWAC_CERT_FILE, key: {{ $k.qwacCert | quote }}}
 - {env: PIS_QWAC_KEY_FILE, key: {{ $k.qwacKey | quote }}}
