@@ -156,7 +156,11 @@ pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &Secr
         },
         Err(BankError::Refused { status, body }) => {
             let mut reason = refusal_reason(status, &body, "cancellation");
-            reason.code = ReasonCode::CancelRefused;
+            reason.code = if access_token_rejected(status, &body) {
+                ReasonCode::BankSecurityFailure
+            } else {
+                ReasonCode::CancelRefused
+            };
             Input::CancelRefused(reason)
         }
         // Not sent or rate-limited: nothing happened at the bank, but the status check that
@@ -183,7 +187,17 @@ pub async fn run_call(bank: &BelfiusClient, payment: &Payment, call: BankCall) -
             Err(message) => BankAnswer::Input(Box::new(Input::TokenExchangeFailed { message })),
         },
         BankCall::Cancel { access_token } => {
-            BankAnswer::Input(Box::new(cancel(bank, payment, &access_token).await))
+            match cancel(bank, payment, &access_token).await {
+                // The bank replaced or revoked the pair (a code exchange whose answer never
+                // reached this worker issued a new one): the core refreshes or forgets it
+                // instead of presenting the dead token again.
+                Input::CancelRefused(reason) if reason.code == ReasonCode::BankSecurityFailure => {
+                    BankAnswer::AccessTokenRejected {
+                        message: reason.message,
+                    }
+                }
+                input => BankAnswer::Input(Box::new(input)),
+            }
         }
         BankCall::Refresh {
             brand,
@@ -193,6 +207,14 @@ pub async fn run_call(bank: &BelfiusClient, payment: &Payment, call: BankCall) -
             Err(error) => BankAnswer::RefreshFailed(classify_refresh_error(&error)),
         },
     }
+}
+
+/// The PSU's access token itself was refused (invalid, replaced or revoked), not the request.
+fn access_token_rejected(status: u16, body: &crate::belfius::ErrorBody) -> bool {
+    matches!(
+        crate::belfius::errors::classify(status, body),
+        BelfiusErrorCode::InvalidAccessToken | BelfiusErrorCode::LegacyInvalidAccessToken
+    )
 }
 
 /// Only a definitive refusal of the grant itself (Belfius' invalid refresh token, RFC 6749
@@ -234,6 +256,30 @@ mod tests {
                 error_code: code.into(),
                 error_description: String::new(),
             },
+        }
+    }
+
+    /// Only the PSU's token itself makes a cancellation refusal an `AccessTokenRejected`; a
+    /// refusal of our credentials or of the request is an ordinary refusal.
+    #[test]
+    fn a_refused_access_token_is_told_apart_from_other_refusals() {
+        let body = |e: BankError| match e {
+            BankError::Refused { status, body } => (status, body),
+            other => unreachable!("{other}"),
+        };
+        let (status, b) = body(refused(
+            401,
+            "FAILED_SECURITY_VALIDATION",
+            "GEN-1203-100003",
+        ));
+        assert!(access_token_rejected(status, &b));
+        for other in [
+            refused(401, "FAILED_SECURITY_VALIDATION", "GEN-1203-100009"),
+            refused(401, "invalid_client", ""),
+            refused(400, "CANCELLATION_NOT_ALLOWED", "BNZZ-0000-0000"),
+        ] {
+            let (status, b) = body(other);
+            assert!(!access_token_rejected(status, &b), "{b:?}");
         }
     }
 

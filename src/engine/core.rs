@@ -258,6 +258,11 @@ pub enum BankAnswer {
     Input(Box<Input>),
     Tokens(TokenPair),
     RefreshFailed(RefreshFailure),
+    /// A cancellation refused because of the PSU's access token itself (replaced or revoked at
+    /// the bank, e.g. by a code exchange whose answer this worker never stored).
+    AccessTokenRejected {
+        message: String,
+    },
 }
 
 /// Why a token refresh failed: only a definitive refusal of the grant deletes the pair.
@@ -409,6 +414,8 @@ pub struct OwnerCore {
     last_committable: Option<i64>,
     /// When each payment entered its current state (the age gauges).
     entered: HashMap<PaymentId, Millis>,
+    /// Cancellations already retried once after their access token was refused.
+    token_retried: HashSet<PaymentId>,
     out: Vec<Action>,
 }
 
@@ -449,6 +456,7 @@ impl OwnerCore {
             last_checkpoint_record: None,
             last_committable: None,
             entered: HashMap::new(),
+            token_retried: HashSet::new(),
             out: Vec::new(),
         }
     }
@@ -1036,7 +1044,11 @@ impl OwnerCore {
             (Purpose::RefreshToCancel { lane }, BankAnswer::Tokens(pair)) => {
                 self.store_tokens(lane, payment_id, pair, AfterTokens::Cancel, now);
             }
+            (Purpose::Cancel { lane }, BankAnswer::AccessTokenRejected { message }) => {
+                self.access_token_rejected(lane, payment_id, message, now);
+            }
             (Purpose::Exchange { lane } | Purpose::Cancel { lane }, BankAnswer::Input(input)) => {
+                self.token_retried.remove(&payment_id);
                 self.lane_done(&lane, now);
                 self.apply(payment_id, *input, None, now);
             }
@@ -1095,6 +1107,46 @@ impl OwnerCore {
         );
     }
 
+    /// The bank refused the PSU's access token: presenting it again would be refused again
+    /// (the sandbox counts such reuses). Refresh once and retry the cancellation; a dead grant
+    /// then deletes the pair (see `refresh_failed`), and a second refusal ends the attempt.
+    fn access_token_rejected(
+        &mut self,
+        lane: TokenKey,
+        payment_id: PaymentId,
+        message: String,
+        now: Millis,
+    ) {
+        let first = self.token_retried.insert(payment_id.clone());
+        let refreshable = self
+            .tokens
+            .get(&lane)
+            .is_some_and(|t| t.refresh_token.is_some());
+        if first && refreshable {
+            if let Some(tokens) = self.tokens.get_mut(&lane) {
+                // Treated as expired from now on: the next cancellation refreshes first.
+                tokens.expires_at = Some(Millis::MIN / 2);
+            }
+            if let Some(queue) = self.lanes.get_mut(&lane).map(|l| &mut l.queue) {
+                queue.push_front(LaneOp::Cancel(payment_id));
+            }
+            self.lane_done(&lane, now);
+        } else if !refreshable {
+            // Nothing left to try the pair with: forget it, as a dead grant.
+            self.refresh_failed(lane, payment_id, RefreshFailure::Revoked { message }, now);
+        } else {
+            self.token_retried.remove(&payment_id);
+            self.lane_done(&lane, now);
+            let input = Input::CancelRefused(Reason::new(
+                ReasonCode::BankSecurityFailure,
+                format!(
+                    "the bank refused the PSU's PIS token again after a refresh ({message}); the PSU must authorize again"
+                ),
+            ));
+            self.apply(payment_id, input, None, now);
+        }
+    }
+
     fn refresh_failed(
         &mut self,
         lane: TokenKey,
@@ -1102,6 +1154,7 @@ impl OwnerCore {
         failure: RefreshFailure,
         now: Millis,
     ) {
+        self.token_retried.remove(&payment_id);
         let m = crate::metrics::metrics();
         match failure {
             // The grant is dead: forget the pair (durably, fenced like any write), so the next

@@ -1061,6 +1061,93 @@ fn a_transient_refresh_failure_keeps_the_pair() {
     assert_eq!(reason.code, ReasonCode::CancelNotConfirmed);
 }
 
+/// Found by `make chaos` once SCA deadlines cancel at the bank: a code exchange whose answer
+/// never reached the worker (lost, or the worker died first) replaced the PSU's pair at the
+/// bank, and every later cancellation presented the dead access token again (113 refused
+/// cancellations in one run). A refused access token is refreshed once; a dead grant then
+/// deletes the pair, and the pair is never presented again.
+#[test]
+fn an_access_token_refused_at_cancellation_is_refreshed_once_and_never_presented_again() {
+    let mut h = Harness::new(restored(
+        vec![signed_payment("p-1", "BELFIUS")],
+        vec![fresh("BELFIUS", "replaced-access")],
+    ));
+    h.start();
+    h.command("c-cancel", "p-1", cancel_body());
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "cancel")]);
+    let did = h.answer(
+        "p-1",
+        "cancel",
+        BankAnswer::AccessTokenRejected {
+            message: "HTTP 401 FAILED_SECURITY_VALIDATION GEN-1203-100003".into(),
+        },
+    );
+    assert_eq!(
+        calls(&did),
+        vec![pc("p-1", "refresh")],
+        "a refresh, not the same token again: {did:?}"
+    );
+    assert_eq!(h.state("p-1"), PaymentState::Cancelling);
+
+    // The refresh token died with the access token: the pair is forgotten, durably.
+    let did = h.answer(
+        "p-1",
+        "refresh",
+        BankAnswer::RefreshFailed(RefreshFailure::Revoked {
+            message: "invalid_grant".into(),
+        }),
+    );
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "delete-tokens")]
+    );
+    h.ack_write();
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+    assert!(h.core.tokens(&token_key("BELFIUS")).is_none());
+    h.flush();
+
+    // The next cancellation has nothing to present: no bank call at all.
+    let (offset, _) = h.command("c-cancel-2", "p-1", cancel_body());
+    let did = h.flush();
+    assert!(calls(&did).is_empty(), "{did:?}");
+    assert_eq!(dead_letters(&did), vec![(offset, "CANCEL_NOT_POSSIBLE")]);
+}
+
+/// The refresh works but the bank refuses the new token too: one retry, then the cancellation
+/// ends with a reason (no loop of refreshes).
+#[test]
+fn an_access_token_refused_again_after_a_refresh_ends_the_cancellation() {
+    let mut h = Harness::new(restored(
+        vec![signed_payment("p-1", "BELFIUS")],
+        vec![fresh("BELFIUS", "access-1")],
+    ));
+    h.start();
+    h.command("c-cancel", "p-1", cancel_body());
+    h.flush();
+    let rejected = || BankAnswer::AccessTokenRejected {
+        message: "HTTP 401 FAILED_SECURITY_VALIDATION GEN-1203-100003".into(),
+    };
+    let did = h.answer("p-1", "cancel", rejected());
+    assert_eq!(calls(&did), vec![pc("p-1", "refresh")]);
+    let did = h.answer("p-1", "refresh", issued("access-2"));
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
+    );
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "cancel")]);
+    let BankCall::Cancel { access_token } = &h.open_call("p-1", "cancel").call else {
+        unreachable!()
+    };
+    assert_eq!(access_token.expose_secret(), "access-2");
+    let did = h.answer("p-1", "cancel", rejected());
+    assert!(calls(&did).is_empty(), "no second refresh: {did:?}");
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+    let reason = h.payment("p-1").reason.clone().expect("a reason");
+    assert_eq!(reason.code, ReasonCode::BankSecurityFailure);
+}
+
 // ---------------------------------------------------------------------------------------------
 // e. No spin on a due timer of a busy payment
 // ---------------------------------------------------------------------------------------------

@@ -449,6 +449,10 @@ struct IssuedToken {
     expires: Option<Instant>,
     /// Kept after replacement, so a late use is recognised and counted.
     invalidated: bool,
+    /// Times this token was presented after its replacement. A TPP that lost the answer that
+    /// replaced it (a lost exchange answer, a crash before it stored the new pair) presents it
+    /// once and learns from the 401; presenting it again means it ignored the bank.
+    invalid_uses: u32,
 }
 
 /// A freshly issued pair, in clear once, for the HTTP response.
@@ -489,6 +493,9 @@ pub struct Counters {
     pub token_failures: u64,
     /// Presentations of a token that a newer pair had replaced (access or refresh).
     pub invalidated_token_uses: u64,
+    /// Of those, presentations of a token already refused once as replaced: the TPP went on
+    /// using a pair the bank had told it was dead.
+    pub invalidated_token_reuses: u64,
     pub signatures_checked: u64,
     pub signatures_failed: u64,
 }
@@ -958,11 +965,11 @@ impl Store {
     /// `grant_type=refresh_token`: only the PSU's current refresh token works, and it is
     /// replaced together with the access token [P §3.2].
     pub fn refresh(&mut self, refresh_token: &str, now: Instant) -> Result<IssuedPair, GrantError> {
-        let psu = match self.tokens.get(&digest(refresh_token)) {
+        let psu = match self.tokens.get_mut(&digest(refresh_token)) {
             Some(t) if t.kind == TokenKind::Refresh && !t.invalidated => t.psu.clone(),
             Some(t) => {
                 if t.invalidated {
-                    self.counters.invalidated_token_uses += 1;
+                    count_invalidated_use(&mut self.counters, t);
                 }
                 return Err(GrantError::InvalidRefreshToken);
             }
@@ -991,6 +998,7 @@ impl Store {
                 psu: psu.to_owned(),
                 expires: Some(now + lifetime),
                 invalidated: false,
+                invalid_uses: 0,
             },
         );
         self.tokens.insert(
@@ -1001,6 +1009,7 @@ impl Store {
                 // [I] refresh-token lifetime is not documented: it lives until replaced.
                 expires: None,
                 invalidated: false,
+                invalid_uses: 0,
             },
         );
         self.live
@@ -1024,10 +1033,20 @@ impl Store {
             None => TokenCheck::Unknown,
         };
         if check == TokenCheck::Invalidated {
-            self.counters.invalidated_token_uses += 1;
+            if let Some(t) = self.tokens.get_mut(&digest(token)) {
+                count_invalidated_use(&mut self.counters, t);
+            }
         }
         check
     }
+}
+
+fn count_invalidated_use(counters: &mut Counters, token: &mut IssuedToken) {
+    counters.invalidated_token_uses += 1;
+    if token.invalid_uses > 0 {
+        counters.invalidated_token_reuses += 1;
+    }
+    token.invalid_uses += 1;
 }
 
 /// ACTC -> ACSC, or PART for a bulk with rejected transfers (scenario `REJECT-ENTRY`).
@@ -1329,6 +1348,14 @@ mod tests {
             Some(GrantError::InvalidRefreshToken)
         );
         assert_eq!(store.counters.invalidated_token_uses, 2);
+        // Each was presented once: learning from a 401 is not a reuse; ignoring it is.
+        assert_eq!(store.counters.invalidated_token_reuses, 0);
+        assert_eq!(
+            store.check_access_token(first.access_token.expose_secret(), t0),
+            TokenCheck::Invalidated
+        );
+        assert_eq!(store.counters.invalidated_token_uses, 3);
+        assert_eq!(store.counters.invalidated_token_reuses, 1);
 
         let third = store
             .refresh(second.refresh_token.expose_secret(), t0)
@@ -1361,7 +1388,8 @@ mod tests {
             store.check_access_token("nonsense", t0),
             TokenCheck::Unknown
         );
-        assert_eq!(store.counters.invalidated_token_uses, 3);
+        assert_eq!(store.counters.invalidated_token_uses, 4);
+        assert_eq!(store.counters.invalidated_token_reuses, 1);
     }
 
     #[test]
