@@ -253,6 +253,9 @@ pub fn follow(
             format!("harness-reader-{}", uuid::Uuid::new_v4()),
         )
         .set("enable.auto.commit", "false")
+        // librdkafka's default ("largest") would jump to the end after an out-of-range fetch
+        // and skip records silently; from the start again only re-reads (checkers de-duplicate).
+        .set("auto.offset.reset", "earliest")
         // Timestamps taken on arrival are latencies: do not let a fetch idle on the broker.
         .set("fetch.wait.max.ms", "10")
         .create()?;
@@ -261,10 +264,13 @@ pub fn follow(
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
+    let topic_name = topic.to_owned();
     Ok(std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                on_record(&m);
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => on_record(&m),
+                Some(Err(e)) => eprintln!("harness: reading {topic_name}: {e}"),
+                None => {}
             }
         }
     }))
