@@ -676,7 +676,8 @@ impl OwnerCore {
         }
         self.tokens = restored.tokens;
         for (id, retired) in restored.retired {
-            self.forget_at.insert((self.forget_time(&retired), id.clone()));
+            self.forget_at
+                .insert((self.forget_time(&retired), id.clone()));
             self.retired.insert(id, retired);
         }
         for (id, payment) in restored.payments {
@@ -1384,7 +1385,8 @@ impl OwnerCore {
         }
         self.entered.remove(&id);
         self.token_retried.remove(&id);
-        self.forget_at.insert((self.forget_time(&retired), id.clone()));
+        self.forget_at
+            .insert((self.forget_time(&retired), id.clone()));
         info!(
             partition = self.config.partition,
             payment_id = %id,
@@ -1785,9 +1787,7 @@ impl OwnerCore {
             self.retire_at.remove(&(at, id.clone()));
         }
         if payment.state.is_terminal() {
-            let at = payment
-                .updated_at
-                .saturating_add(self.config.retention_ms);
+            let at = payment.updated_at.saturating_add(self.config.retention_ms);
             self.retire_at.insert((at, id.clone()));
         }
         if !self.busy.contains(&id) {

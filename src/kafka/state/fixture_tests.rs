@@ -342,7 +342,11 @@ fn expected_v2() -> Vec<(String, Option<i64>, Expected)> {
 }
 
 fn expected_for(format: u32) -> Vec<(String, Option<i64>, Expected)> {
-    if format == 2 { expected_v2() } else { expected() }
+    if format == 2 {
+        expected_v2()
+    } else {
+        expected()
+    }
 }
 
 /// Field by field; destructured without `..`.
