@@ -472,6 +472,7 @@ impl OwnerCore {
         let outbox = OutboxTracker::new(restored.end_offset, restored.checkpoint);
         let quarantined_payments = restored.quarantined_payments().collect();
         let next_checkpoint_at = now + config.checkpoint_interval_ms;
+        let next_token_sweep_at = now.saturating_add(token_sweep_interval(&config));
         OwnerCore {
             config,
             random,
@@ -481,7 +482,7 @@ impl OwnerCore {
             retire_at: BTreeSet::new(),
             forget_at: BTreeSet::new(),
             publishing_for: HashMap::new(),
-            next_token_sweep_at: now.saturating_add(token_sweep_interval(&config)),
+            next_token_sweep_at,
             tokens: HashMap::new(),
             lanes: HashMap::new(),
             busy: HashSet::new(),

@@ -2295,7 +2295,7 @@ fn a_retired_id_is_forgotten_after_the_second_horizon_and_a_new_initiation_is_a_
         }),
         "{did:?}"
     );
-    h.ack_write();
+    h.flush();
     assert!(h.core.retired(&pid("p-1")).is_none());
     // The id is free again: a new payment.
     h.initiate("p-1", "BELFIUS");
