@@ -35,6 +35,8 @@ pub struct Metrics {
     pub token_refresh_refusals: IntCounterVec,
     pub state_quarantined_records: IntGauge,
     pub orphans_suspected: IntCounterVec,
+    pub payments_retired: prometheus::IntCounter,
+    pub retired_ids: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,6 +133,15 @@ impl Metrics {
             prometheus::IntCounter::new(
                 "pis_fenced_owners_total",
                 "Partition owners that stopped because a newer owner claimed the partition",
+            )
+            .unwrap_or_else(|e| panic!("metric: {e}")),
+        );
+        let payments_retired = register(
+            r,
+            "pis_payments_retired_total",
+            prometheus::IntCounter::new(
+                "pis_payments_retired_total",
+                "Final payments that left memory and the state topic after the retention horizon (their ids are remembered as retired)",
             )
             .unwrap_or_else(|e| panic!("metric: {e}")),
         );
@@ -252,6 +263,12 @@ impl Metrics {
                 "pis_initiations_unanswered_total",
                 "Initiation attempts that got no answer (a bank-side payment may exist), by what the worker did next",
                 &["policy"],
+            ),
+            payments_retired,
+            retired_ids: gauge(
+                r,
+                "pis_retired_ids",
+                "Retired payment ids of owned partitions still remembered (a command for one is dead-lettered PAYMENT_RETIRED)",
             ),
             registry,
         }

@@ -144,6 +144,16 @@ pub struct RunArgs {
     /// Bound for finishing in-flight work when a partition is revoked.
     #[arg(long, env = "PIS_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// How long a final payment is kept after its final event before it is retired: it leaves
+    /// memory and its state record is replaced by a compact retired record (docs/contract.md,
+    /// "Retention"). Default 7 days.
+    #[arg(long, env = "PIS_RETENTION_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention_secs: u64,
+    /// How long a retired payment id is remembered after the final event: until then any
+    /// command for it is dead-lettered PAYMENT_RETIRED; afterwards the id is forgotten (keep
+    /// the command topic's retention shorter). At least --retention-secs. Default 35 days.
+    #[arg(long, env = "PIS_RETIRED_IDS_RETENTION_SECS", default_value_t = 3_024_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retired_ids_retention_secs: u64,
     /// Schema registry and extra writer schemas (docs/schemas.md).
     #[command(flatten)]
     pub contract: crate::contract::registry::ContractArgs,
@@ -196,6 +206,13 @@ pub(crate) fn read_secret_file(path: &PathBuf, what: &str) -> anyhow::Result<Sec
 
 impl RunArgs {
     pub fn config(&self) -> anyhow::Result<WorkerConfig> {
+        if self.retired_ids_retention_secs < self.retention_secs {
+            anyhow::bail!(
+                "--retired-ids-retention-secs ({}) must be at least --retention-secs ({}): a retired id is remembered from its retirement on",
+                self.retired_ids_retention_secs,
+                self.retention_secs
+            );
+        }
         let client_secret = match (&self.client_secret, &self.client_secret_file) {
             (Some(s), _) => s.clone(),
             (None, Some(path)) => read_secret_file(path, "client secret")?,
@@ -317,6 +334,8 @@ impl RunArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             restore_timeout: Duration::from_secs(300),
             checkpoint_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(self.retention_secs),
+            retired_ids_retention: Duration::from_secs(self.retired_ids_retention_secs),
             create_topics: self.create_topics,
             bank_guard: self.bank_guard.config(),
             http_addr: match self.http_addr.as_str() {

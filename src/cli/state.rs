@@ -31,6 +31,10 @@ pub enum StateCommand {
     /// per key id, or format 1. A key rotation (or the format 2 migration) is finished when
     /// nothing live is sealed with the old key (or in format 1) (docs/runbooks.md).
     Keys(QuarantinedArgs),
+    /// List retired payment ids (final payments past the retention horizon, still remembered:
+    /// a command for one is dead-lettered PAYMENT_RETIRED): partition, id, final state, when it
+    /// became final, when it was retired.
+    Retired(QuarantinedArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -68,6 +72,9 @@ pub async fn run(args: StateArgs) -> anyhow::Result<()> {
         StateCommand::Keys(args) => tokio::task::spawn_blocking(move || keys(&args))
             .await
             .context("the reader task")?,
+        StateCommand::Retired(args) => tokio::task::spawn_blocking(move || retired(&args))
+            .await
+            .context("the reader task")?,
     }
 }
 
@@ -98,6 +105,7 @@ fn keys(args: &QuarantinedArgs) -> anyhow::Result<()> {
     let restored = fold_topic(args)?;
     let counts = sealing_counts(&restored);
     let quarantined: usize = restored.values().map(|r| r.quarantined.len()).sum();
+    let retired: usize = restored.values().map(|r| r.retired.len()).sum();
     if args.json {
         let by: serde_json::Map<String, serde_json::Value> = counts
             .iter()
@@ -105,7 +113,7 @@ fn keys(args: &QuarantinedArgs) -> anyhow::Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "live_records": by, "quarantined": quarantined })
+            serde_json::json!({ "live_records": by, "quarantined": quarantined, "retired": retired })
         );
     } else {
         if counts.is_empty() {
@@ -115,8 +123,57 @@ fn keys(args: &QuarantinedArgs) -> anyhow::Result<()> {
             println!("{sealing:<24} {n}");
         }
         println!("{:<24} {quarantined}", "quarantined");
+        println!("{:<24} {retired}", "retired (of the live)");
     }
     Ok(())
+}
+
+fn retired(args: &QuarantinedArgs) -> anyhow::Result<()> {
+    let restored = fold_topic(args)?;
+    let rows = retired_rows(&restored);
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if rows.is_empty() {
+        println!("no retired payment ids");
+    } else {
+        for row in &rows {
+            println!(
+                "{}: {:<40} {:<18} final {} retired {}",
+                row["partition"],
+                row["payment_id"].as_str().unwrap_or_default(),
+                row["final_state"].as_str().unwrap_or_default(),
+                row["final_at"].as_str().unwrap_or_default(),
+                row["retired_at"].as_str().unwrap_or_default(),
+            );
+        }
+        println!("{} retired payment ids", rows.len());
+    }
+    Ok(())
+}
+
+/// One JSON row per retired id, sorted by partition and id (no PSU id: ids and states only).
+fn retired_rows(restored: &BTreeMap<i32, Restored>) -> Vec<serde_json::Value> {
+    let time = |at: i64| {
+        chrono::DateTime::from_timestamp_millis(at)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_else(|| at.to_string())
+    };
+    let mut rows = Vec::new();
+    for (partition, r) in restored {
+        let mut ids: Vec<_> = r.retired.values().collect();
+        ids.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+        for retired in ids {
+            rows.push(serde_json::json!({
+                "partition": partition,
+                "payment_id": retired.payment_id.as_str(),
+                "final_state": retired.final_state.symbol(),
+                "last_sequence": retired.last_sequence,
+                "final_at": time(retired.final_at),
+                "retired_at": time(retired.retired_at),
+            }));
+        }
+    }
+    rows
 }
 
 /// Live records (the latest valid record of each key) by sealing: `v2 key <id>`, `v1

@@ -366,8 +366,9 @@ mod tests {
             ]
             .map(refusal),
         );
-        // Classes of the owner's own: a command for a quarantined payment.
+        // Classes of the owner's own: a command for a quarantined payment, for a retired id.
         ours.push(crate::engine::core::QUARANTINED);
+        ours.push(crate::engine::core::PAYMENT_RETIRED);
         ours.sort_unstable();
         let doc = include_str!("../../docs/contract.md");
         let mut documented: Vec<String> =

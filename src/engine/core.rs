@@ -34,7 +34,7 @@ use crate::domain::machine::{
 use crate::domain::model::{Brand, PaymentId};
 use crate::domain::reason::{Reason, ReasonCode};
 use crate::domain::validation::ValidationLimits;
-use crate::kafka::state::{PsuTokens, RecordKey, TokenKey, payment_key, psu_key};
+use crate::kafka::state::{PsuTokens, RecordKey, Retired, TokenKey, payment_key, psu_key};
 
 /// Numbers the owner's state writes, in the order they are enqueued (the outbox's send order).
 pub type WriteId = u64;
@@ -43,6 +43,10 @@ pub type CallId = u64;
 
 /// A token this close to expiry (at most) is refreshed before use.
 const TOKEN_MARGIN_MS: Millis = 30_000;
+
+/// A final payment (or retired id) whose turn came while it could not leave yet (busy, queued
+/// commands, events not yet published) is looked at again this much later.
+const RETIRE_RETRY_MS: Millis = 1_000;
 
 /// What the core is configured with.
 #[derive(Debug, Clone)]
@@ -58,6 +62,13 @@ pub struct CoreConfig {
     pub checkpoint_interval_ms: Millis,
     /// How long a released owner waits for its last checkpoint.
     pub finish_timeout_ms: Millis,
+    /// How long a final payment stays after its final event before it is retired (leaves
+    /// memory; its record is replaced by a retired record). Also how long a PSU token pair
+    /// whose expiry is unknown is kept after its last update once no payment of the PSU is live.
+    pub retention_ms: Millis,
+    /// How long a retired id is remembered after the payment's final event (at least
+    /// `retention_ms`); then its retired record is deleted and the id forgotten.
+    pub retired_ids_retention_ms: Millis,
 }
 
 /// Where secrets come from (PKCE verifiers, OAuth `state` values): random in the shell,
@@ -180,6 +191,8 @@ pub enum StateWrite {
         events: Vec<StatusEvent>,
     },
     Tokens(Box<PsuTokens>),
+    /// A final payment's retired record, replacing its payment record under the same key.
+    Retired(Box<Retired>),
     /// A tombstone of a pair's key.
     DeleteTokens(TokenKey),
     /// A tombstone of any other key (healing a key a superseded owner wrote).
@@ -194,6 +207,7 @@ impl StateWrite {
     pub fn key(&self, partition: i32) -> String {
         match self {
             StateWrite::Payment { payment, .. } => payment_key(&payment.payment_id),
+            StateWrite::Retired(retired) => payment_key(&retired.payment_id),
             StateWrite::Tokens(tokens) => {
                 psu_key(&TokenKey::new(tokens.brand, tokens.psu_id.clone()))
             }
@@ -232,6 +246,15 @@ const HEAL: FenceWait = FenceWait::Confirm {
 };
 const BARRIER: FenceWait = FenceWait::Confirm {
     why: "releases dead letters and ignored commands decided before it: they act on the owner's view",
+};
+const RETIRE: FenceWait = FenceWait::Confirm {
+    why: "a retired record replaces the payment's state and refuses its commands: only the current owner may write it",
+};
+const FORGET: FenceWait = FenceWait::Confirm {
+    why: "forgetting a retired id lets the id start a new payment: only the current owner may decide it",
+};
+const TOKENS_EXPIRED: FenceWait = FenceWait::Confirm {
+    why: "deleting a pair must be the current owner's decision, or it could delete a newer owner's pair",
 };
 const CHECKPOINT: FenceWait = FenceWait::AckOnly {
     why: "a checkpoint only lets a restore skip re-publishing; a superseded owner's carries an old epoch and restore skips it",
@@ -339,6 +362,16 @@ enum AfterWrite {
     Heal {
         key: String,
     },
+    /// A final payment's retired record is durable: it leaves memory.
+    Retired(Box<Retired>),
+    /// A retired record re-written under this owner's epoch (healing).
+    RetiredRewritten {
+        payment_id: PaymentId,
+    },
+    /// A retired id's tombstone is durable: the id is forgotten.
+    Forgotten {
+        payment_id: PaymentId,
+    },
     Checkpoint,
 }
 
@@ -386,6 +419,16 @@ pub struct OwnerCore {
     random: Box<dyn Randomness>,
     phase: Phase,
     payments: HashMap<PaymentId, Payment>,
+    /// Final payments retired after the retention horizon, until the retired-ids horizon.
+    retired: HashMap<PaymentId, Retired>,
+    /// When each final payment is due to retire (final event + retention).
+    retire_at: BTreeSet<(Millis, PaymentId)>,
+    /// When each retired id is due to be forgotten (final event + retired-ids retention).
+    forget_at: BTreeSet<(Millis, PaymentId)>,
+    /// The payment of each state record whose events are being published.
+    publishing_for: HashMap<i64, PaymentId>,
+    /// When token pairs are next looked at for expiry.
+    next_token_sweep_at: Millis,
     tokens: HashMap<TokenKey, PsuTokens>,
     lanes: HashMap<TokenKey, Lane>,
     busy: HashSet<PaymentId>,
@@ -429,11 +472,17 @@ impl OwnerCore {
         let outbox = OutboxTracker::new(restored.end_offset, restored.checkpoint);
         let quarantined_payments = restored.quarantined_payments().collect();
         let next_checkpoint_at = now + config.checkpoint_interval_ms;
+        let next_token_sweep_at = now.saturating_add(token_sweep_interval(&config));
         OwnerCore {
             config,
             random,
             phase: Phase::Running,
             payments: HashMap::new(),
+            retired: HashMap::new(),
+            retire_at: BTreeSet::new(),
+            forget_at: BTreeSet::new(),
+            publishing_for: HashMap::new(),
+            next_token_sweep_at,
             tokens: HashMap::new(),
             lanes: HashMap::new(),
             busy: HashSet::new(),
@@ -485,6 +534,7 @@ impl OwnerCore {
             Event::Written { write, offset } => self.on_written(write, offset, now),
             Event::Published { state_offset } => {
                 self.publishing.remove(&state_offset);
+                self.publishing_for.remove(&state_offset);
                 self.outbox.published(state_offset);
             }
             Event::DeadLettered { command_offset } => {
@@ -511,7 +561,15 @@ impl OwnerCore {
     /// When the shell must wake the core up at the latest (`Event::Tick`).
     pub fn next_wake(&self) -> Option<Millis> {
         let timer = match self.phase {
-            Phase::Running => self.timers.first().map(|(at, _)| *at),
+            Phase::Running => [
+                self.timers.first().map(|(at, _)| *at),
+                self.retire_at.first().map(|(at, _)| *at),
+                self.forget_at.first().map(|(at, _)| *at),
+                Some(self.next_token_sweep_at),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             Phase::Draining { .. } | Phase::Finishing { .. } | Phase::Released | Phase::Fenced => {
                 None
             }
@@ -548,6 +606,10 @@ impl OwnerCore {
         self.payments.get(id)
     }
 
+    pub fn retired(&self, id: &PaymentId) -> Option<&Retired> {
+        self.retired.get(id)
+    }
+
     pub fn tokens(&self, key: &TokenKey) -> Option<&PsuTokens> {
         self.tokens.get(key)
     }
@@ -570,6 +632,7 @@ impl OwnerCore {
     pub fn summary(&self) -> super::stats::Summary {
         let mut summary = super::stats::Summary {
             quarantined: self.quarantined.len() as i64,
+            retired: self.retired.len() as i64,
             ..super::stats::Summary::default()
         };
         for (id, payment) in &self.payments {
@@ -599,6 +662,7 @@ impl OwnerCore {
             records = restored.records_read,
             unpublished = restored.unpublished.len(),
             quarantined = restored.quarantined.len(),
+            retired = restored.retired.len(),
             "partition restored"
         );
         for (key, q) in &restored.quarantined {
@@ -612,6 +676,11 @@ impl OwnerCore {
             );
         }
         self.tokens = restored.tokens;
+        for (id, retired) in restored.retired {
+            self.forget_at
+                .insert((self.forget_time(&retired), id.clone()));
+            self.retired.insert(id, retired);
+        }
         for (id, payment) in restored.payments {
             self.set_payment(id, payment, now);
         }
@@ -736,6 +805,10 @@ impl OwnerCore {
         now: Millis,
     ) {
         let label = source.as_ref().and_then(|_| CommandLabel::of(&input));
+        if let Some(retired) = self.retired.get(&payment_id) {
+            self.retired_input(payment_id, retired.clone(), source, label);
+            return;
+        }
         // A re-delivered record (a crash before its offset was committed) is recognised by its
         // offset: exact, however many commands the payment took since.
         if let (Some(record), Some(current)) = (&source, self.payments.get(&payment_id)) {
@@ -1208,6 +1281,195 @@ impl OwnerCore {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Retention: final payments leave, their ids are remembered, then forgotten
+
+    /// When a retired id is forgotten: the retired-ids horizon after the final event (never
+    /// before the retention horizon).
+    fn forget_time(&self, retired: &Retired) -> Millis {
+        let horizon = self
+            .config
+            .retired_ids_retention_ms
+            .max(self.config.retention_ms);
+        retired.final_at.saturating_add(horizon)
+    }
+
+    /// An input for a retired id (the payment is marked busy): a re-delivered command is done,
+    /// any other command is dead-lettered `PAYMENT_RETIRED` once a later write is confirmed;
+    /// anything else (a timer, a resumption) has nothing left to act on.
+    fn retired_input(
+        &mut self,
+        payment_id: PaymentId,
+        retired: Retired,
+        source: Option<Box<OwnedMessage>>,
+        label: Option<CommandLabel>,
+    ) {
+        if let Some(record) = source {
+            if retired
+                .last_command_offset
+                .is_some_and(|last| record.offset() <= last)
+            {
+                if let Some(label) = label {
+                    label.record(&Outcome::Ignored(Ignored::DuplicateCommand));
+                }
+                self.defer(Verdict::Done(record.offset()));
+            } else {
+                let command_type = label.map_or(ingest::UNKNOWN_TYPE, |l| l.command_type);
+                ingest::count_dead_letter(command_type, PAYMENT_RETIRED);
+                let message = format!(
+                    "payment {payment_id} reached its final state {} at {} and was retired at {}; its id is remembered until {} and never starts a new payment before then: use a new payment_id",
+                    retired.final_state.symbol(),
+                    rfc3339(retired.final_at),
+                    rfc3339(retired.retired_at),
+                    rfc3339(self.forget_time(&retired)),
+                );
+                warn!(partition = self.config.partition, %payment_id, offset = record.offset(), "command for a retired payment dead-lettered");
+                self.defer(Verdict::DeadLetter {
+                    record,
+                    class: PAYMENT_RETIRED,
+                    message,
+                    payment_id: Some(payment_id.to_string()),
+                });
+            }
+        }
+        self.release(&payment_id);
+    }
+
+    /// Final payments whose retention horizon passed: each one that is idle, has no queued
+    /// command and whose events are all published gets its retired record (fenced); the others
+    /// are looked at again a little later.
+    fn retire_due(&mut self, now: Millis) {
+        let due: Vec<(Millis, PaymentId)> = self
+            .retire_at
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .cloned()
+            .collect();
+        for entry in due {
+            self.retire_at.remove(&entry);
+            let id = entry.1;
+            let Some(payment) = self.payments.get(&id) else {
+                continue;
+            };
+            if !payment.state.is_terminal() || self.quarantined_payments.contains(&id) {
+                // A quarantined payment is held for a person; it is not retired.
+                continue;
+            }
+            let waiting = self.busy.contains(&id)
+                || self.queues.contains_key(&id)
+                || self.stale.contains_key(&payment_key(&id))
+                || self.publishing_for.values().any(|p| p == &id);
+            if waiting {
+                self.retire_at
+                    .insert((now.saturating_add(RETIRE_RETRY_MS), id));
+                continue;
+            }
+            let retired = Retired::of(payment, now);
+            debug!(partition = self.config.partition, payment_id = %id, "retiring a final payment");
+            self.set_busy(&id);
+            self.write(
+                StateWrite::Retired(Box::new(retired.clone())),
+                RETIRE,
+                AfterWrite::Retired(Box::new(retired)),
+            );
+        }
+    }
+
+    /// The retired record is durable and confirmed: the payment leaves memory; commands queued
+    /// meanwhile are dead-lettered as for a retired id.
+    fn retired_written(&mut self, retired: Retired, offset: i64) {
+        let id = retired.payment_id.clone();
+        self.healed(&payment_key(&id), offset);
+        if let Some(payment) = self.payments.remove(&id) {
+            if let Some(at) = payment.next_check_at {
+                self.timers.remove(&(at, id.clone()));
+            }
+        }
+        self.entered.remove(&id);
+        self.token_retried.remove(&id);
+        self.forget_at
+            .insert((self.forget_time(&retired), id.clone()));
+        info!(
+            partition = self.config.partition,
+            payment_id = %id,
+            final_state = retired.final_state.symbol(),
+            "final payment retired"
+        );
+        self.retired.insert(id.clone(), retired);
+        crate::metrics::metrics().payments_retired.inc();
+        self.release(&id);
+    }
+
+    /// Retired ids past the retired-ids horizon: their record is deleted (fenced), then the id
+    /// is forgotten (a new `InitiatePayment` with it is a new payment).
+    fn forget_due(&mut self, now: Millis) {
+        let due: Vec<(Millis, PaymentId)> = self
+            .forget_at
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .cloned()
+            .collect();
+        for entry in due {
+            self.forget_at.remove(&entry);
+            let id = entry.1;
+            if !self.retired.contains_key(&id) {
+                continue;
+            }
+            if self.busy.contains(&id) || self.queues.contains_key(&id) {
+                self.forget_at
+                    .insert((now.saturating_add(RETIRE_RETRY_MS), id));
+                continue;
+            }
+            self.set_busy(&id);
+            self.write(
+                StateWrite::DeleteKey(payment_key(&id)),
+                FORGET,
+                AfterWrite::Forgotten { payment_id: id },
+            );
+        }
+    }
+
+    /// Token pairs of a (brand, PSU) with no live payment in the partition, no operation on
+    /// their lane, and nothing left to use them for: deleted (fenced). A pair is gone for good
+    /// when it has no refresh token and its access token expired (its expiry known), or, since
+    /// a refresh token's lifetime is not known (Belfius does not document it), once the
+    /// retention horizon passed since the pair was last updated.
+    fn sweep_tokens(&mut self, now: Millis) {
+        if now < self.next_token_sweep_at {
+            return;
+        }
+        self.next_token_sweep_at = now.saturating_add(token_sweep_interval(&self.config));
+        let live: HashSet<TokenKey> = self
+            .payments
+            .values()
+            .filter(|p| !p.state.is_terminal())
+            .filter_map(|p| Some(TokenKey::new(p.order.as_ref()?.brand(), p.psu_id.clone())))
+            .collect();
+        let mut gone: Vec<TokenKey> = self
+            .tokens
+            .iter()
+            .filter(|(key, _)| !live.contains(*key) && !self.lanes.contains_key(*key))
+            .filter(|(_, t)| {
+                let access_expired = t.expires_at.is_some_and(|at| at <= now);
+                let dead = t.refresh_token.is_none() && access_expired;
+                let old = t.updated_at.saturating_add(self.config.retention_ms) <= now;
+                dead || old
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        gone.sort();
+        for key in gone {
+            info!(partition = self.config.partition, psu = %key, "deleting an expired PIS token pair of a PSU without live payments");
+            self.tokens.remove(&key);
+            let record_key = psu_key(&key);
+            self.write(
+                StateWrite::DeleteTokens(key),
+                TOKENS_EXPIRED,
+                AfterWrite::Heal { key: record_key },
+            );
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Writes
 
     fn write(&mut self, write: StateWrite, fence: FenceWait, after: AfterWrite) -> WriteId {
@@ -1289,6 +1551,17 @@ impl OwnerCore {
                 self.apply(payment_id, *input, None, now);
             }
             AfterWrite::Heal { key } => self.healed(&key, offset),
+            AfterWrite::Retired(retired) => self.retired_written(*retired, offset),
+            AfterWrite::RetiredRewritten { payment_id } => {
+                self.healed(&payment_key(&payment_id), offset);
+                self.release(&payment_id);
+            }
+            AfterWrite::Forgotten { payment_id } => {
+                self.healed(&payment_key(&payment_id), offset);
+                self.retired.remove(&payment_id);
+                info!(partition = self.config.partition, %payment_id, "retired payment id forgotten");
+                self.release(&payment_id);
+            }
             AfterWrite::Checkpoint => {
                 self.last_checkpoint_record = Some(offset);
                 if let Phase::Finishing { checkpoint, .. } = self.phase {
@@ -1302,6 +1575,10 @@ impl OwnerCore {
 
     fn publish(&mut self, state_offset: i64, events: Vec<StatusEvent>) {
         self.publishing.insert(state_offset);
+        if let Some(first) = events.first() {
+            self.publishing_for
+                .insert(state_offset, first.payment_id.clone());
+        }
         self.out.push(Action::Publish {
             state_offset,
             events,
@@ -1389,6 +1666,10 @@ impl OwnerCore {
                         self.set_busy(&id);
                         self.heal_payment(id);
                     }
+                    None if self.retired.contains_key(&id) => {
+                        self.set_busy(&id);
+                        self.heal_payment(id);
+                    }
                     // A payment this owner does not know: delete what the zombie wrote.
                     None => {
                         self.write(
@@ -1422,7 +1703,16 @@ impl OwnerCore {
     /// Re-writes a (busy) payment as it is, under this owner's epoch.
     fn heal_payment(&mut self, id: PaymentId) {
         let Some(payment) = self.payments.get(&id) else {
-            self.release(&id);
+            if let Some(retired) = self.retired.get(&id) {
+                warn!(partition = self.config.partition, payment_id = %id, "re-writing a retired record a superseded owner wrote over");
+                self.write(
+                    StateWrite::Retired(Box::new(retired.clone())),
+                    HEAL,
+                    AfterWrite::RetiredRewritten { payment_id: id },
+                );
+            } else {
+                self.release(&id);
+            }
             return;
         };
         warn!(partition = self.config.partition, payment_id = %id, "re-writing a payment a superseded owner wrote");
@@ -1460,7 +1750,9 @@ impl OwnerCore {
     /// The payment is idle again: heal it if a superseded owner wrote it meanwhile, else its
     /// next queued input or its timer gets a turn (in `settle`).
     fn release(&mut self, id: &PaymentId) {
-        if self.stale.contains_key(&payment_key(id)) && self.payments.contains_key(id) {
+        if self.stale.contains_key(&payment_key(id))
+            && (self.payments.contains_key(id) || self.retired.contains_key(id))
+        {
             self.heal_payment(id.clone());
             return;
         }
@@ -1490,6 +1782,14 @@ impl OwnerCore {
                 now
             };
             self.entered.insert(id.clone(), since);
+        }
+        if let Some(old) = self.payments.get(&id).filter(|p| p.state.is_terminal()) {
+            let at = old.updated_at.saturating_add(self.config.retention_ms);
+            self.retire_at.remove(&(at, id.clone()));
+        }
+        if payment.state.is_terminal() {
+            let at = payment.updated_at.saturating_add(self.config.retention_ms);
+            self.retire_at.insert((at, id.clone()));
         }
         if !self.busy.contains(&id) {
             if let Some(at) = self.payments.get(&id).and_then(|p| p.next_check_at) {
@@ -1534,6 +1834,9 @@ impl OwnerCore {
                 self.set_busy(&id);
                 self.apply(id, Input::TimerFired, None, now);
             }
+            self.retire_due(now);
+            self.forget_due(now);
+            self.sweep_tokens(now);
         } else {
             self.ready.clear();
         }
@@ -1620,6 +1923,21 @@ impl OwnerCore {
 
 /// Dead-letter class of a command for a payment whose state record is quarantined.
 pub const QUARANTINED: &str = "QUARANTINED";
+
+/// Dead-letter class of a command for a retired payment id (final, past the retention horizon,
+/// still remembered).
+pub const PAYMENT_RETIRED: &str = "PAYMENT_RETIRED";
+
+/// How often token pairs are looked at for expiry: a tenth of the retention, 1 s to 1 min.
+fn token_sweep_interval(config: &CoreConfig) -> Millis {
+    (config.retention_ms / 10).clamp(1_000, 60_000)
+}
+
+fn rfc3339(at: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(at)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| at.to_string())
+}
 
 #[cfg(test)]
 #[path = "core_tests.rs"]

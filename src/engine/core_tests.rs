@@ -35,6 +35,10 @@ const PSU: &str = "psu-1";
 const CHECKPOINT_INTERVAL: Millis = 600_000;
 const DRAIN_TIMEOUT: Millis = 30_000;
 const FINISH_TIMEOUT: Millis = 5_000;
+/// Final payments retire a week after their final event (the default).
+const RETENTION: Millis = 7 * 24 * 3_600_000;
+/// Retired ids are forgotten 35 days after the final event (the default).
+const RETIRED_IDS_RETENTION: Millis = 35 * 24 * 3_600_000;
 
 fn config(policy: Policy) -> CoreConfig {
     CoreConfig {
@@ -46,6 +50,8 @@ fn config(policy: Policy) -> CoreConfig {
         drain_timeout_ms: DRAIN_TIMEOUT,
         checkpoint_interval_ms: CHECKPOINT_INTERVAL,
         finish_timeout_ms: FINISH_TIMEOUT,
+        retention_ms: RETENTION,
+        retired_ids_retention_ms: RETIRED_IDS_RETENTION,
     }
 }
 
@@ -347,6 +353,7 @@ fn what(write: &StateWrite) -> &'static str {
     match write {
         StateWrite::Payment { .. } => "payment",
         StateWrite::Tokens(_) => "tokens",
+        StateWrite::Retired(_) => "retired",
         StateWrite::DeleteTokens(_) => "delete-tokens",
         StateWrite::DeleteKey(_) => "delete-key",
         StateWrite::Checkpoint { .. } => "checkpoint",
@@ -670,6 +677,9 @@ impl Harness {
             }
             StateWrite::DeleteTokens(key) => {
                 self.persisted_tokens.remove(key);
+            }
+            StateWrite::Retired(retired) => {
+                self.persisted.remove(&retired.payment_id);
             }
             StateWrite::DeleteKey(_) | StateWrite::Checkpoint { .. } => {}
         }
@@ -2150,4 +2160,228 @@ fn undecodable_and_misrouted_records_are_dead_lettered_with_their_class_after_th
     );
     assert!(h.core.payment(&pid("p-1")).is_none());
     assert_eq!(h.committable, Some(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retention: final payments retire, retired ids are refused, then forgotten
+// ---------------------------------------------------------------------------------------------
+
+impl Harness {
+    /// On to `SETTLED` through a poll after `SIGNED`; the settling write acknowledged, its
+    /// events not yet published. Returns when it became final.
+    fn settled_unpublished(&mut self, id: &str, access: &str) -> Millis {
+        self.signed(id, "BELFIUS", access);
+        let at = self.payment(id).next_check_at.expect("a poll timer");
+        self.tick_at(at);
+        self.answer(id, "status", observed(BankProgress::Settled, "ACSC"));
+        self.ack_writes();
+        assert_eq!(self.state(id), PaymentState::Settled);
+        assert!(
+            !self.publications.is_empty(),
+            "the SETTLED event is being published"
+        );
+        self.now
+    }
+}
+
+fn retired_writes(did: &[Did]) -> Vec<(String, bool)> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::Write {
+                key,
+                what: "retired",
+                confirm,
+                ..
+            } => Some((key.clone(), *confirm)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_settled_payment_retires_after_the_horizon_only_once_published_and_idle_with_a_fenced_write() {
+    let mut h = Harness::empty();
+    let final_at = h.settled_unpublished("p-1", "access-1");
+
+    // Not before the horizon.
+    let did = h.tick_at(final_at + RETENTION - 1);
+    assert!(retired_writes(&did).is_empty(), "{did:?}");
+    // At the horizon, its SETTLED event is still being published: it waits.
+    let did = h.tick_at(final_at + RETENTION);
+    assert!(retired_writes(&did).is_empty(), "{did:?}");
+    h.ack_publications();
+    // Published; now a superseded owner's record of it makes it busy (its heal) when its
+    // turn comes again.
+    let stale_at = h.next_state_offset;
+    let did = h.on(Event::StaleRecord {
+        key: "payment/p-1".into(),
+        offset: stale_at,
+    });
+    assert_eq!(writes(&did), vec![pw("p-1")], "the heal: {did:?}");
+    h.next_state_offset += 1;
+    let did = h.tick_at(h.now + 1_000);
+    assert!(retired_writes(&did).is_empty(), "busy: not yet ({did:?})");
+    h.flush();
+    // Idle, published: the retired record, fenced.
+    let did = h.tick_at(h.now + 1_000);
+    assert_eq!(retired_writes(&did), vec![("payment/p-1".to_owned(), true)]);
+    let write = h.open_write("payment/p-1");
+    assert!(matches!(write.fence, FenceWait::Confirm { .. }));
+    let StateWrite::Retired(retired) = &write.write else {
+        panic!("not a retired record: {:?}", write.write)
+    };
+    assert_eq!(retired.final_state, StateKind::Settled);
+    assert_eq!(retired.final_at, final_at);
+    assert_eq!(retired.retired_at, h.now);
+    assert_eq!(retired.psu_id, PsuId::new(PSU));
+    // Until it is acknowledged (and confirmed), the payment is still there.
+    assert!(h.core.payment(&pid("p-1")).is_some());
+    h.ack_write();
+    assert!(h.core.payment(&pid("p-1")).is_none());
+    assert!(h.core.retired(&pid("p-1")).is_some());
+    assert_eq!(h.core.summary().retired, 1);
+}
+
+#[test]
+fn a_command_for_a_retired_id_is_dead_lettered_payment_retired_after_a_confirmed_barrier() {
+    let mut h = Harness::empty();
+    let final_at = h.settled_unpublished("p-1", "access-1");
+    h.ack_publications();
+    h.tick_at(final_at + RETENTION);
+    // A re-sent initiation arrives while the retired record is being written: it waits.
+    let (offset, did) = h.initiate("p-1", "BELFIUS");
+    assert!(dead_letters(&did).is_empty(), "{did:?}");
+    let did = h.ack_write();
+    // Retired; the command's verdict waits for a confirmed write after it (a barrier).
+    assert!(dead_letters(&did).is_empty(), "{did:?}");
+    assert_eq!(
+        writes(&did),
+        vec![(state::checkpoint_key(PARTITION), "checkpoint")]
+    );
+    let did = h.ack_writes();
+    assert_eq!(dead_letters(&did), vec![(offset, PAYMENT_RETIRED)]);
+    assert!(calls(&did).is_empty());
+    h.ack_dead_letters();
+    assert!(h.committable.is_some_and(|c| c > offset));
+    // Later ones too, with no bank call and no new payment.
+    let (offset, _) = h.initiate("p-1", "BELFIUS");
+    let did = h.flush();
+    assert_eq!(dead_letters(&did), vec![(offset, PAYMENT_RETIRED)]);
+    assert!(h.calls.is_empty());
+    assert!(h.core.payment(&pid("p-1")).is_none());
+}
+
+#[test]
+fn a_retired_id_is_forgotten_after_the_second_horizon_and_a_new_initiation_is_a_new_payment() {
+    let mut h = Harness::empty();
+    let final_at = h.settled_unpublished("p-1", "access-1");
+    h.ack_publications();
+    h.tick_at(final_at + RETENTION);
+    h.flush();
+    assert!(h.core.retired(&pid("p-1")).is_some());
+    // Not before the second horizon.
+    let did = h.tick_at(final_at + RETIRED_IDS_RETENTION - 1);
+    assert!(
+        !writes(&did).contains(&("payment/p-1".to_owned(), "delete-key")),
+        "{did:?}"
+    );
+    let did = h.tick_at(final_at + RETIRED_IDS_RETENTION);
+    assert!(
+        did.contains(&Did::Write {
+            id: h.open_write("payment/p-1").id,
+            key: "payment/p-1".into(),
+            what: "delete-key",
+            confirm: true,
+        }),
+        "{did:?}"
+    );
+    h.flush();
+    assert!(h.core.retired(&pid("p-1")).is_none());
+    // The id is free again: a new payment.
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    assert_eq!(calls(&h.history).last(), Some(&pc("p-1", "initiate")));
+    assert!(matches!(h.state("p-1"), PaymentState::Initiating { .. }));
+}
+
+#[test]
+fn restore_of_a_retired_record_refuses_its_commands_and_forgets_it_on_time() {
+    let mut log = StateLog::new();
+    let old = log.marker("old");
+    let (p, events) = received_payment("p-1", "BELFIUS");
+    log.payment(old, &p, &events);
+    let retired = Retired {
+        payment_id: pid("p-1"),
+        psu_id: PsuId::new(PSU),
+        final_state: StateKind::Rejected,
+        last_sequence: 3,
+        last_command_offset: Some(4),
+        final_at: T0 - RETENTION,
+        retired_at: T0 - 1_000,
+    };
+    let (k, v) = state::encode_retired(&log.key, old, &retired).expect("retired");
+    log.raw(&k, &v, old);
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    assert!(restored.payments.is_empty());
+    assert_eq!(restored.retired.get(&pid("p-1")), Some(&retired));
+    assert!(
+        restored.unpublished.is_empty(),
+        "{:?}",
+        restored.unpublished
+    );
+    let mut h = Harness::new(restored);
+    assert!(h.start().is_empty());
+    // A re-delivered command it took is done, silently; a new one is dead-lettered.
+    h.command_at(4, "c-old", PSU, "p-1", CommandBody::RefreshStatus);
+    let (offset, _) = h.command("c-new", "p-1", CommandBody::RefreshStatus);
+    let did = h.flush();
+    assert_eq!(dead_letters(&did), vec![(offset, PAYMENT_RETIRED)]);
+    assert_eq!(h.committable, Some(offset + 1));
+    let did = h.tick_at(T0 - RETENTION + RETIRED_IDS_RETENTION);
+    assert!(
+        writes(&did).contains(&("payment/p-1".to_owned(), "delete-key")),
+        "{did:?}"
+    );
+}
+
+#[test]
+fn expired_token_pairs_of_a_psu_without_live_payments_are_deleted_and_a_live_payments_pair_stays() {
+    // psu-1 at BELFIUS: access expired, no refresh token, no live payment: deleted.
+    // psu-1 at BANX: expired with a refresh token of unknown lifetime: kept for the retention
+    // horizon since its last update, then deleted.
+    let dead = pair("BELFIUS", "dead", Some(T0 - 1_000), None);
+    let refreshable = expired("BANX", "old", "refresh");
+    let updated_at = refreshable.updated_at;
+    let mut h = Harness::new(restored(vec![], vec![dead, refreshable]));
+    assert!(h.start().is_empty());
+    let did = h.tick_at(T0 + 60_000);
+    assert_eq!(
+        writes(&did),
+        vec![(state::psu_key(&token_key("BELFIUS")), "delete-tokens")]
+    );
+    h.flush();
+    assert!(h.core.tokens(&token_key("BELFIUS")).is_none());
+    assert!(h.core.tokens(&token_key("BANX")).is_some());
+    let did = h.tick_at(updated_at + RETENTION);
+    assert!(
+        writes(&did).contains(&(state::psu_key(&token_key("BANX")), "delete-tokens")),
+        "{did:?}"
+    );
+    h.flush();
+    assert!(h.core.tokens(&token_key("BANX")).is_none());
+}
+
+#[test]
+fn an_expired_pair_of_a_psu_with_a_live_payment_is_kept() {
+    let dead = pair("BELFIUS", "dead", Some(T0 - 1_000), None);
+    let mut h = Harness::new(restored(vec![signed_payment("p-1", "BELFIUS")], vec![dead]));
+    h.start();
+    h.flush();
+    let did = h.tick_at(T0 + 60_000);
+    assert!(
+        !writes(&did).contains(&(state::psu_key(&token_key("BELFIUS")), "delete-tokens")),
+        "{did:?}"
+    );
+    assert!(h.core.tokens(&token_key("BELFIUS")).is_some());
 }

@@ -55,6 +55,10 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub restore_timeout: Duration,
     pub checkpoint_interval: Duration,
+    /// How long a final payment stays after its final event before it is retired.
+    pub retention: Duration,
+    /// How long a retired payment id is remembered after the final event (then forgotten).
+    pub retired_ids_retention: Duration,
     /// Create missing topics with this many partitions at start-up (None: topics must exist).
     pub create_topics: Option<i32>,
     /// Retries, per-host limits and circuit breakers of bank calls (docs/belfius.md §1.5).
@@ -78,6 +82,8 @@ pub struct EngineDeps {
     pub drain_timeout: Duration,
     pub restore_timeout: Duration,
     pub checkpoint_interval: Duration,
+    pub retention: Duration,
+    pub retired_ids_retention: Duration,
     fatal_tx: mpsc::UnboundedSender<String>,
 }
 
@@ -258,6 +264,8 @@ pub async fn run(
         drain_timeout: config.drain_timeout,
         restore_timeout: config.restore_timeout,
         checkpoint_interval: config.checkpoint_interval,
+        retention: config.retention,
+        retired_ids_retention: config.retired_ids_retention,
         fatal_tx,
     });
     let set = Arc::new(PartitionSet {

@@ -239,6 +239,8 @@ async fn claim_and_restore(
         drain_timeout_ms: millis(deps.drain_timeout),
         checkpoint_interval_ms: millis(deps.checkpoint_interval),
         finish_timeout_ms: 2_000,
+        retention_ms: millis(deps.retention),
+        retired_ids_retention_ms: millis(deps.retired_ids_retention),
     };
     let core = OwnerCore::new(config, restored, Box::new(OsRandom), now_millis());
     Some((core, fence))
@@ -529,6 +531,9 @@ impl Shell {
             }
             StateWrite::Tokens(tokens) => {
                 state::encode_psu(&self.deps.state_key, epoch, tokens).map(|(_, v)| Some(v))
+            }
+            StateWrite::Retired(retired) => {
+                state::encode_retired(&self.deps.state_key, epoch, retired).map(|(_, v)| Some(v))
             }
             StateWrite::Checkpoint { through } => {
                 state::encode_checkpoint(&self.deps.state_key, self.partition, epoch, *through)

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::domain::machine::{Payment, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
-use crate::kafka::state::{self, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, Sealing, TokenKey};
+use crate::kafka::state::{
+    self, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, Retired, Sealing, TokenKey,
+};
 use crate::secret::StateKeyRing;
 
 /// A state record that could not be read.
@@ -32,6 +34,9 @@ pub struct Quarantined {
 #[derive(Debug, Default)]
 pub struct Restored {
     pub payments: HashMap<PaymentId, Payment>,
+    /// Final payments past the retention horizon whose ids are still remembered (their latest
+    /// record is a retired record).
+    pub retired: HashMap<PaymentId, Retired>,
     pub tokens: HashMap<TokenKey, PsuTokens>,
     /// Events of records written after the last outbox checkpoint, in offset order: they may not
     /// have reached the status topic.
@@ -152,9 +157,17 @@ impl<'k> RestoreFold<'k> {
                 if !events.is_empty() {
                     self.events_by_offset.insert(offset, events);
                 }
+                self.out.retired.remove(&payment.payment_id);
                 self.out
                     .payments
                     .insert(payment.payment_id.clone(), *payment);
+            }
+            DecodedRecord::Retired(retired) => {
+                let id = retired.payment_id.clone();
+                // Retired only once its events were published: nothing left to re-publish.
+                self.forget_events(&id);
+                self.out.payments.remove(&id);
+                self.out.retired.insert(id, retired);
             }
             DecodedRecord::Psu(tokens) => {
                 if let RecordKey::LegacyTokens(psu) = &parsed {
@@ -197,9 +210,9 @@ impl<'k> RestoreFold<'k> {
         match parsed {
             RecordKey::Payment(id) => {
                 self.out.payments.remove(&id);
+                self.out.retired.remove(&id);
                 // A deleted payment has nothing left to re-publish.
-                self.events_by_offset
-                    .retain(|_, events| events.first().is_none_or(|e| e.payment_id != id));
+                self.forget_events(&id);
             }
             RecordKey::Tokens(key) => {
                 self.out.tokens.remove(&key);
@@ -211,6 +224,11 @@ impl<'k> RestoreFold<'k> {
             }
             RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {}
         }
+    }
+
+    fn forget_events(&mut self, id: &PaymentId) {
+        self.events_by_offset
+            .retain(|_, events| events.first().is_none_or(|e| &e.payment_id != id));
     }
 
     pub fn finish(mut self) -> Restored {

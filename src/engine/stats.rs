@@ -23,6 +23,8 @@ pub struct Summary {
     pub oldest_entry: HashMap<StateKind, Millis>,
     /// State records that could not be read (quarantined).
     pub quarantined: i64,
+    /// Retired payment ids still remembered.
+    pub retired: i64,
 }
 
 fn summaries() -> &'static Mutex<HashMap<i32, Summary>> {
@@ -78,6 +80,7 @@ pub fn export() {
     m.outcome_unknown.set(unknown);
     m.state_quarantined_records
         .set(all.values().map(|s| s.quarantined).sum());
+    m.retired_ids.set(all.values().map(|s| s.retired).sum());
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ enum Expected {
     Payment(Box<Payment>, Vec<StatusEvent>),
     Psu(PsuTokens),
     Checkpoint(i64),
+    /// Format 2 only: a retired payment.
+    Retired(Retired),
 }
 
 fn date(y: i32, m: u32, d: u32) -> NaiveDate {
@@ -318,6 +320,59 @@ fn expected() -> Vec<(String, Option<i64>, Expected)> {
     ]
 }
 
+/// The records of format 2: those of every format, then a retired payment (written after the
+/// checkpoint, under its own id).
+fn expected_v2() -> Vec<(String, Option<i64>, Expected)> {
+    let mut records = expected();
+    let retired = Retired {
+        payment_id: PaymentId::new("p-retired"),
+        psu_id: PsuId::new("psu-fixture"),
+        final_state: StateKind::Settled,
+        last_sequence: 7,
+        last_command_offset: Some(41),
+        final_at: 1_767_225_600_000,
+        retired_at: 1_767_830_400_000,
+    };
+    records.push((
+        payment_key(&retired.payment_id),
+        Some(EPOCH),
+        Expected::Retired(retired),
+    ));
+    records
+}
+
+fn expected_for(format: u32) -> Vec<(String, Option<i64>, Expected)> {
+    if format == 2 {
+        expected_v2()
+    } else {
+        expected()
+    }
+}
+
+/// Field by field; destructured without `..`.
+fn assert_retired(actual: &Retired, expected: &Retired) {
+    let Retired {
+        payment_id,
+        psu_id,
+        final_state,
+        last_sequence,
+        last_command_offset,
+        final_at,
+        retired_at,
+    } = expected;
+    let id = payment_id.as_str();
+    assert_eq!(&actual.payment_id, payment_id, "{id}: payment_id");
+    assert_eq!(&actual.psu_id, psu_id, "{id}: psu_id");
+    assert_eq!(&actual.final_state, final_state, "{id}: final_state");
+    assert_eq!(&actual.last_sequence, last_sequence, "{id}: last_sequence");
+    assert_eq!(
+        &actual.last_command_offset, last_command_offset,
+        "{id}: last_command_offset"
+    );
+    assert_eq!(&actual.final_at, final_at, "{id}: final_at");
+    assert_eq!(&actual.retired_at, retired_at, "{id}: retired_at");
+}
+
 fn secret(s: &Option<SecretString>) -> Option<&str> {
     s.as_ref().map(|s| s.expose_secret())
 }
@@ -441,11 +496,15 @@ fn assert_decoded(actual: &DecodedRecord, expected: &Expected, key: &str) {
         (DecodedRecord::Checkpoint(through), Expected::Checkpoint(want)) => {
             assert_eq!(through, want, "{key}: checkpoint");
         }
+        (DecodedRecord::Retired(retired), Expected::Retired(want)) => {
+            assert_retired(retired, want);
+        }
         (
             DecodedRecord::RestoreMarker
             | DecodedRecord::Payment { .. }
             | DecodedRecord::Psu(_)
-            | DecodedRecord::Checkpoint(_),
+            | DecodedRecord::Checkpoint(_)
+            | DecodedRecord::Retired(_),
             _,
         ) => panic!("{key}: decoded to another kind of record"),
     }
@@ -472,7 +531,7 @@ fn value(record: &FixtureRecord) -> Vec<u8> {
 fn check(format: u32, sealing: fn(&str) -> Sealing) {
     let file = read(format);
     let ring = ring();
-    let expected = expected();
+    let expected = expected_for(format);
     assert_eq!(
         file.records.len(),
         expected.len(),
@@ -486,7 +545,10 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
         assert_decoded(&decoded.record, want, key);
         match want {
             Expected::Marker => assert_eq!(decoded.sealing, Sealing::Marker),
-            Expected::Payment(..) | Expected::Psu(_) | Expected::Checkpoint(_) => {
+            Expected::Payment(..)
+            | Expected::Psu(_)
+            | Expected::Checkpoint(_)
+            | Expected::Retired(_) => {
                 assert_eq!(decoded.epoch, EPOCH, "{key}: epoch");
                 if format == 2 {
                     assert_eq!(decoded.sealing, sealing(key), "{key}: sealing");
@@ -534,10 +596,19 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
                     .unwrap_or_else(|| panic!("{key} restored"));
                 assert_tokens(got, t);
             }
+            Expected::Retired(r) => {
+                let got = restored
+                    .retired
+                    .get(&r.payment_id)
+                    .unwrap_or_else(|| panic!("{key} restored"));
+                assert_retired(got, r);
+                assert!(!restored.payments.contains_key(&r.payment_id));
+            }
             Expected::Marker | Expected::Checkpoint(_) => {}
         }
     }
     assert_eq!(restored.payments.len(), 5);
+    assert_eq!(restored.retired.len(), usize::from(format == 2));
     assert_eq!(restored.tokens.len(), 2);
     // Records at offsets 1 and 2 are at or below the checkpoint (2): published. Offset 5
     // (p-refused, with events) is not.
@@ -565,7 +636,7 @@ fn format_2_fixtures_decode_and_restore_field_by_field() {
 #[test]
 fn current_writer_round_trips_the_fixture_values() {
     let ring = ring();
-    for (key, header, want) in expected() {
+    for (key, header, want) in expected_v2() {
         let Some((k, v)) = encode_v2(&ring, &want) else {
             continue;
         };
@@ -581,6 +652,7 @@ fn encode_v2(ring: &StateKeyRing, want: &Expected) -> Option<(String, Vec<u8>)> 
         Expected::Payment(p, events) => encode_payment(ring, EPOCH, p, events),
         Expected::Psu(t) => encode_psu(ring, EPOCH, t),
         Expected::Checkpoint(through) => encode_checkpoint(ring, 0, EPOCH, *through),
+        Expected::Retired(r) => encode_retired(ring, EPOCH, r),
     };
     encoded.ok()
 }
@@ -610,7 +682,7 @@ fn record(key: String, epoch_header: Option<i64>, value: &[u8]) -> FixtureRecord
 #[ignore = "writes the fixtures: run by hand after a deliberate change of format 2"]
 fn regenerate_v2_state_fixtures() {
     let ring = ring();
-    let records = expected()
+    let records = expected_v2()
         .into_iter()
         .map(|(key, header, want)| {
             let (k, v) = encode_v2(&ring, &want).expect("encode");
@@ -648,6 +720,7 @@ fn generate_v1_state_fixtures_once() {
                 Expected::Payment(p, events) => v1::write::payment(key, EPOCH, p, events),
                 Expected::Psu(t) => v1::write::psu(key, EPOCH, t),
                 Expected::Checkpoint(through) => v1::write::checkpoint(0, EPOCH, *through),
+                Expected::Retired(_) => panic!("format 1 has no retired records"),
             };
             assert_eq!(k, key_name);
             record(k, header, &v)

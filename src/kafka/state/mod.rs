@@ -2,7 +2,9 @@
 //!
 //! One record per change, keyed so that compaction keeps the latest of each:
 //! - `payment/{payment_id}`: the payment's full state plus the status events this change emits
-//!   (the outbox);
+//!   (the outbox); once the payment is final and past the retention horizon, a compact *retired*
+//!   record instead ([`Retired`]: enough to refuse a command for that id), and after the second
+//!   horizon a tombstone;
 //! - `psu/{brand}/{psu_id}`: the PSU's PIS token pair at that brand (Belfius and Banx are
 //!   separate token hosts). Records of older versions are keyed `psu/{psu_id}` and name their
 //!   brand inside; they are still read;
@@ -38,7 +40,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::{KafkaEdgeError, KafkaSettings};
-use crate::domain::machine::{Millis, Payment, StatusEvent};
+use crate::domain::machine::{Millis, Payment, StateKind, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
 use crate::secret::StateKeyRing;
 
@@ -145,6 +147,37 @@ impl std::fmt::Debug for PsuTokens {
     }
 }
 
+/// What is kept of a final payment once it left memory (the retention horizon): enough to
+/// refuse any later command for its id, until the retired-ids horizon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    pub payment_id: PaymentId,
+    pub psu_id: PsuId,
+    pub final_state: StateKind,
+    /// The sequence of its last status event.
+    pub last_sequence: u64,
+    /// The offset of the last command it took: a re-delivery of it is no new command.
+    pub last_command_offset: Option<i64>,
+    /// When it reached its final state.
+    pub final_at: Millis,
+    pub retired_at: Millis,
+}
+
+impl Retired {
+    /// The retired entry of a final payment.
+    pub fn of(payment: &Payment, now: Millis) -> Self {
+        Retired {
+            payment_id: payment.payment_id.clone(),
+            psu_id: payment.psu_id.clone(),
+            final_state: payment.state.kind(),
+            last_sequence: payment.sequence,
+            last_command_offset: payment.last_command_offset,
+            final_at: payment.updated_at,
+            retired_at: now,
+        }
+    }
+}
+
 /// Why a state record does not decode. Restore quarantines such a record (`engine::restore`);
 /// [`StateRecordError::class`] is the short class shown by `pis-worker state quarantined`.
 /// Messages never contain record contents.
@@ -227,6 +260,16 @@ pub fn encode_payment(
     Ok((record_key, bytes))
 }
 
+pub fn encode_retired(
+    ring: &StateKeyRing,
+    epoch: i64,
+    retired: &Retired,
+) -> Result<(String, Vec<u8>), KafkaEdgeError> {
+    let record_key = payment_key(&retired.payment_id);
+    let bytes = v2::seal(ring, &record_key, epoch, &v2::Body::Retired(retired.into()))?;
+    Ok((record_key, bytes))
+}
+
 pub fn encode_psu(
     ring: &StateKeyRing,
     epoch: i64,
@@ -278,6 +321,8 @@ pub enum DecodedRecord {
     Psu(PsuTokens),
     Checkpoint(i64),
     RestoreMarker,
+    /// A final payment past the retention horizon (under its `payment/{id}` key).
+    Retired(Retired),
 }
 
 /// How a decoded record was protected.
@@ -347,6 +392,7 @@ pub fn decode_record(
                 events: events.into_iter().map(Into::into).collect(),
             },
             v2::Body::Psu(tokens) => DecodedRecord::Psu(tokens.into()),
+            v2::Body::Retired(retired) => DecodedRecord::Retired(retired.into()),
             v2::Body::OutboxCheckpoint { published_through } => {
                 DecodedRecord::Checkpoint(published_through)
             }

@@ -920,6 +920,64 @@ impl From<StoredPsuTokens> for super::PsuTokens {
     }
 }
 
+/// A retired payment as stored (`kafka::state::Retired`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRetired {
+    pub payment_id: String,
+    pub psu_id: String,
+    pub final_state: StoredStateKind,
+    pub last_sequence: u64,
+    pub last_command_offset: Option<i64>,
+    pub final_at: Millis,
+    pub retired_at: Millis,
+}
+
+impl From<&super::Retired> for StoredRetired {
+    fn from(r: &super::Retired) -> Self {
+        let super::Retired {
+            payment_id,
+            psu_id,
+            final_state,
+            last_sequence,
+            last_command_offset,
+            final_at,
+            retired_at,
+        } = r;
+        Self {
+            payment_id: payment_id.as_str().to_owned(),
+            psu_id: psu_id.as_str().to_owned(),
+            final_state: (*final_state).into(),
+            last_sequence: *last_sequence,
+            last_command_offset: *last_command_offset,
+            final_at: *final_at,
+            retired_at: *retired_at,
+        }
+    }
+}
+
+impl From<StoredRetired> for super::Retired {
+    fn from(r: StoredRetired) -> Self {
+        let StoredRetired {
+            payment_id,
+            psu_id,
+            final_state,
+            last_sequence,
+            last_command_offset,
+            final_at,
+            retired_at,
+        } = r;
+        super::Retired {
+            payment_id: PaymentId::new(payment_id),
+            psu_id: PsuId::new(psu_id),
+            final_state: final_state.into(),
+            last_sequence,
+            last_command_offset,
+            final_at,
+            retired_at,
+        }
+    }
+}
+
 /// The plaintext of a sealed record.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -932,6 +990,8 @@ pub enum Body {
     OutboxCheckpoint {
         published_through: i64,
     },
+    /// A final payment past the retention horizon, under its `payment/{id}` key.
+    Retired(StoredRetired),
 }
 
 /// The clear header of a sealed record.
