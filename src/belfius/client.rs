@@ -2,8 +2,9 @@
 //!
 //! Every call goes through [`BelfiusClient::send`], which maps transport and HTTP failures to
 //! [`BankError`] in one place: that mapping decides retry vs outcome-unknown for the worker.
-//! Source tags ([P]/[C]/[T]/[I]) refer to /work/shared/belfius-api.md; docs/belfius.md lists
-//! every assumption and the setting that changes it.
+//! Source tags ([P]/[C]/[T]/[I]) and the section numbers after them ([P §2.2]) refer to
+//! docs/belfius-facts.md (what is known of the Belfius API, and from where); docs/belfius.md
+//! lists every assumption and the setting that changes it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -398,7 +399,8 @@ impl BelfiusClient {
     }
 
     /// `GET {base}/{kind}/{product}/{id}` with the PSU's PIS token [P: token required; I: path
-    /// and body]. The body is returned as JSON: its fields are not documented (open question 5).
+    /// and body]. The body is returned as JSON: its fields are not documented (open question,
+    /// docs/belfius-facts.md §10.5).
     pub async fn payment_details(
         &self,
         kind: PaymentKind,
@@ -832,7 +834,8 @@ fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, BankError> {
 // Wire types.
 
 /// v3 initiation body, snake_case as on the portal [P §2.5]; fields the portal table does not
-/// show (currency, remittance, execution date names) are [I], see open question 2.
+/// show (currency, remittance, execution date names) are [I], see open question
+/// docs/belfius-facts.md §10.2.
 ///
 /// Per product [P §2.5 table]: SEPA and instant SEPA carry no `charge_bearer`,
 /// `creditor_address`, `bban`, `bankNationalID` or creditor `currency` (the keys are omitted,
@@ -1025,8 +1028,8 @@ impl<'a> BulkBody<'a> {
     }
 }
 
-/// [I] assumed v3 response (open question 3); camelCase aliases accept the Berlin Group
-/// spelling should Belfius use it.
+/// [I] assumed v3 response (open question, docs/belfius-facts.md §10.3); camelCase aliases accept
+/// the Berlin Group spelling should Belfius use it.
 #[derive(Debug, Deserialize)]
 struct InitiationResponse {
     #[serde(default, alias = "paymentId")]

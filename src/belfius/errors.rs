@@ -1,4 +1,4 @@
-//! Typed Belfius error codes (belfius-api.md §5) and what each one means for the worker.
+//! Typed Belfius error codes (docs/belfius-facts.md §5) and what each one means for the worker.
 //!
 //! Belfius answers errors as `{error, error_code, error_description}`. Two generations exist: the
 //! current UPPERCASE tokens with structured codes (`GEN-…`, `B14…`) and the legacy lowercase

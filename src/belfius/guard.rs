@@ -1,7 +1,7 @@
 //! Protection around every bank call: a retry policy per call type, a concurrency limit and a
 //! token-bucket rate limit per bank host, and a circuit breaker per host. [`Guard::run`] wraps
 //! each HTTP attempt `BelfiusClient` makes and is the one place that records the bank metrics
-//! (docs/metrics.md). The policy and its reasons: docs/belfius.md §1.4.
+//! (docs/metrics.md). The policy and its reasons: docs/belfius.md §1.5.
 //!
 //! * **Retries** (backon, exponential with jitter, bounded by a count and an elapsed time):
 //!   idempotent reads (status, details) on any transient failure; token grants and the DELETE

@@ -47,7 +47,8 @@ pub struct BelfiusConfig {
 }
 
 /// How requests are sealed with the QSeal key. The format Belfius verifies is not documented
-/// (belfius-api.md open question 7): every choice is a setting, defaults follow Tink's client.
+/// (open question, docs/belfius-facts.md §10.7): every choice is a setting, defaults follow Tink's
+/// client.
 #[derive(Clone)]
 pub struct QsealConfig {
     /// PKCS#8 (or PKCS#1) PEM RSA private key.

@@ -1,5 +1,6 @@
 //! PKCE (RFC 7636) with method `S256`: Belfius requires `Code-Challenge` and
-//! `Code-Challenge-Method` on an initiation made without an access token (belfius-api.md §2.2).
+//! `Code-Challenge-Method` on an initiation made without an access token
+//! (docs/belfius-facts.md §2.2).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

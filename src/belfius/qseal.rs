@@ -1,6 +1,6 @@
 //! QSeal request signing (JWS RS256 over the request body) and its verification (sandbox).
 //!
-//! The `Signature` header is a compact JWS (belfius-api.md §1.3 (a)):
+//! The `Signature` header is a compact JWS (docs/belfius-facts.md §1.3 (a)):
 //! `B64(header) "." B64(body) "." B64(RSASSA-PKCS1-v1_5-SHA256(B64(header) "." B64(body)))`
 //! with header `{"typ":"JWT","alg":"RS256"}` (+ `kid`, `x5c` when configured). `B64` is standard
 //! Base64 with padding (what Tink sent to Belfius [C]) or base64url without padding (RFC 7515),

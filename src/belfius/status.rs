@@ -2,8 +2,10 @@
 //! from them to the domain's [`BankProgress`].
 //!
 //! Belfius does not publish its list of status values in the readable documentation
-//! (belfius-api.md §4, open question 4): the set below is the ISO 20022 `ExternalPaymentTransactionStatus1Code`
-//! subset used by PSD2 APIs, and every mapping is an assumption [I] listed in docs/belfius.md.
+//! (docs/belfius-facts.md §4, open question §10.4): the set below is the ISO 20022
+//! `ExternalPaymentTransactionStatus1Code` subset used by PSD2 APIs, and every mapping is an
+//! assumption [I] listed in docs/belfius.md. Bare section numbers below are those of
+//! docs/belfius-facts.md.
 
 use crate::domain::bank::BankProgress;
 
@@ -108,7 +110,8 @@ impl TransactionStatus {
         }
     }
 
-    /// Whether the bank will not change this status any more (belfius-api.md §4 recommendation).
+    /// Whether the bank will not change this status any more (the assumption of
+    /// docs/belfius-facts.md §4).
     pub fn is_final(self) -> bool {
         match self.progress() {
             BankProgress::Settled

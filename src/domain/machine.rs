@@ -338,7 +338,8 @@ pub fn code_digest(code: &SecretString) -> String {
 }
 
 /// The SCA URL the PSU is sent to: the bank's, with the attempt's OAuth `state` appended
-/// (TPPs append it themselves, docs/belfius.md). An unparsable URL gets it appended as text.
+/// (TPPs append it themselves, docs/belfius-facts.md §2.6). An unparsable URL gets it appended as
+/// text.
 pub fn sca_url_with_state(url: &str, state: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) => {

@@ -132,7 +132,7 @@ pub enum PaymentKind {
 
 impl PaymentKind {
     /// First path segment: `/payments`, `/periodic-payments`, `/bulk-payments` (the last two
-    /// are Berlin Group style: belfius-api.md open question 1).
+    /// are Berlin Group style: open question, docs/belfius-facts.md §10.1).
     pub fn path_prefix(self) -> &'static str {
         match self {
             PaymentKind::Single => "payments",
@@ -535,7 +535,7 @@ pub struct PaymentOrder {
     pub cross_border: Option<CrossBorder>,
 }
 
-/// What only a cross-border transfer carries (belfius-api.md §2.5).
+/// What only a cross-border transfer carries (docs/belfius-facts.md §2.5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrossBorder {
     pub charge_bearer: ChargeBearer,

@@ -143,8 +143,8 @@ pub fn validate_initiation(
     })
 }
 
-/// The per-product rules of belfius-api.md §2.5: SEPA products carry no cross-border field; a
-/// cross-border transfer needs a charge bearer, and a BBAN needs a bank id and no BIC (Belfius
+/// The per-product rules of docs/belfius-facts.md §2.5: SEPA products carry no cross-border field;
+/// a cross-border transfer needs a charge bearer, and a BBAN needs a bank id and no BIC (Belfius
 /// refuses BBAN + BIC: B14821ZZ-1236-000000).
 fn validate_cross_border(
     raw: &RawInitiatePayment,

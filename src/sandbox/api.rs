@@ -2,8 +2,9 @@
 //! orders and bulks; status, details and cancellation of each; token.
 //!
 //! One router per brand host: each knows its brand, and accounts of the other brand are refused
-//! like Belfius does (belfius-api.md §1.1). Validation follows what Belfius documents (§2.2,
-//! §2.5, §3.2, §5); where the docs are silent the choice is marked [I] and listed in
+//! like Belfius does (docs/belfius-facts.md §1.1). Validation follows what Belfius documents
+//! (§2.2, §2.5, §3.2, §5 of that file; every section number after a source tag below is one of
+//! docs/belfius-facts.md); where the docs are silent the choice is marked [I] and listed in
 //! docs/belfius.md.
 
 use std::collections::HashSet;
@@ -73,7 +74,7 @@ pub mod scenario {
 
 pub const SLOW_CREATE_DELAY: Duration = Duration::from_secs(60);
 
-/// Every error of the Belfius error table (belfius-api.md §5): HTTP status, `error`,
+/// Every error of the Belfius error table (docs/belfius-facts.md §5): HTTP status, `error`,
 /// `error_code`. The simulator's own validation uses the same codes; `FAIL-CODE=` reaches the
 /// ones no validation rule produces (account blocked, consent revoked, …).
 pub const DOCUMENTED_ERRORS: &[(u16, &str, &str)] = &[
@@ -277,7 +278,7 @@ impl ApiError {
     }
 
     /// [I] GEN-1203-100008 "invalid security parameter" is the closest documented code for a
-    /// missing or wrong QSeal signature (open question 7).
+    /// missing or wrong QSeal signature (open question, docs/belfius-facts.md §10.7).
     fn bad_signature(why: &str) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -297,7 +298,8 @@ impl ApiError {
     }
 
     fn payment_not_found() -> Self {
-        // [I] unknown id, or an id of another kind, product or brand: 404 (open question 11).
+        // [I] unknown id, or an id of another kind, product or brand: 404 (open question,
+        // docs/belfius-facts.md §10.11).
         Self::new(
             StatusCode::NOT_FOUND,
             "INVALID_INPUT",
@@ -575,8 +577,8 @@ async fn initiate(
         .join(&format!("sca/{payment_id}"))
         .map(|u| u.to_string())
         .unwrap_or_default();
-    // [I] assumed v3 answer (open question 3): 201, id + status + link in the body, and the
-    // link again in Location as v1 did [C Tink].
+    // [I] assumed v3 answer (open question, docs/belfius-facts.md §10.3): 201, id + status + link
+    // in the body, and the link again in Location as v1 did [C Tink].
     let body = if scenario.location_only {
         json!({"payment_id": payment_id, "transaction_status": "RCVD"})
     } else {
@@ -894,8 +896,9 @@ fn country_valid(country: &str) -> bool {
     country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase())
 }
 
-/// The fields of one transfer, with the per-product rules of api §2.5 and the documented
-/// business codes of §5. `prefix` locates the transfer in error descriptions (`payments[3].`).
+/// The fields of one transfer, with the per-product rules of docs/belfius-facts.md §2.5 and the
+/// documented business codes of §5. `prefix` locates the transfer in error descriptions
+/// (`payments[3].`).
 fn transfer(
     object: &Map<String, Value>,
     product: PaymentProduct,
@@ -1435,8 +1438,8 @@ async fn details(
     let p = find(&mut store, state.brand, kind, product, &id)
         .ok_or_else(ApiError::payment_not_found)?;
     owner_check(p, &psu)?;
-    // [I] open question 5: the initiation body as received, with id and status added (and each
-    // bulk transfer's own status).
+    // [I] open question, docs/belfius-facts.md §10.5: the initiation body as received, with id and
+    // status added (and each bulk transfer's own status).
     let mut body = p.request.clone();
     if let Value::Object(object) = &mut body {
         object.insert("payment_id".into(), json!(p.id));
@@ -1483,7 +1486,8 @@ async fn cancel(
                 _ => StatusCode::NO_CONTENT.into_response(),
             })
         }
-        // [I] Belfius' answer to a late cancellation is not documented (open question 11).
+        // [I] Belfius' answer to a late cancellation is not documented (open question,
+        // docs/belfius-facts.md §10.11).
         Err(e @ CancelError::NotAllowed(_)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "CANCELLATION_NOT_ALLOWED",

@@ -1,6 +1,6 @@
 //! The Belfius sandbox simulator: a faithful stand-in for the Belfius / Banx PSD2 PIS API, used
 //! by tests and the demo. The real Belfius sandbox returns static answers without validation
-//! (belfius-api.md §7), so this one models the production behaviour instead.
+//! (docs/belfius-facts.md §7), so this one models the production behaviour instead.
 //!
 //! Three listeners: the bank API of each brand (Belfius, Banx) over HTTPS with a REQUIRED
 //! client certificate (mTLS, like the live API), and an operator/PSU API over plain HTTP meant
@@ -43,7 +43,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct SandboxConfig {
     /// Belfius-brand bank API (HTTPS, mutual TLS). Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Banx-brand bank API (HTTPS, mutual TLS), the second production host [P §1.1].
+    /// Banx-brand bank API (HTTPS, mutual TLS), the second production host
+    /// [P docs/belfius-facts.md §1.1].
     pub banx_listen: SocketAddr,
     /// Operator / PSU API (plain HTTP; keep it on loopback). Port 0 picks a free port.
     pub admin_listen: SocketAddr,

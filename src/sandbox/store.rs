@@ -24,7 +24,7 @@ use crate::domain::model::{Amount, Brand, Frequency, PaymentKind, PaymentProduct
 
 /// [I] Lifetime of an authorization code (not documented; RFC 6749 recommends at most 10 min).
 pub const CODE_LIFETIME: Duration = Duration::from_secs(600);
-/// [C] 900 s was observed for AIS access tokens (belfius-api.md §3.2); assumed for PIS.
+/// [C] 900 s was observed for AIS access tokens (docs/belfius-facts.md §3.2); assumed for PIS.
 pub const DEFAULT_ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
 /// Delay of the `AUTO-SIGN` / `AUTO-REJECT` scenarios when no global auto-sign delay is set.
 pub const DEFAULT_SCENARIO_DELAY: Duration = Duration::from_secs(1);
@@ -50,7 +50,8 @@ fn today() -> NaiveDate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeMethod {
     S256,
-    /// Seen in a Belfius sandbox demo (belfius-api.md §2.2); accepted, never sent by our client.
+    /// Seen in a Belfius sandbox demo (docs/belfius-facts.md §2.2); accepted, never sent by our
+    /// client.
     Plain,
 }
 
@@ -211,7 +212,7 @@ pub struct NewPayment {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Scenario {
     pub auto: Option<AutoAction>,
-    /// First signature gives PATC, a second one ACTC (multi-signature, belfius-api.md §4).
+    /// First signature gives PATC, a second one ACTC (multi-signature, docs/belfius-facts.md §4).
     pub multi_sign: bool,
     /// Answer the initiation like API v1: SCA URL in `Location` only, not in the body.
     pub location_only: bool,
@@ -309,8 +310,8 @@ impl Payment {
         }
     }
 
-    /// [I] What may still be cancelled (belfius-api.md §4 recommendation): anything not yet
-    /// signed; a signed payment only while its execution date is in the future; a standing
+    /// [I] What may still be cancelled (the assumption of docs/belfius-facts.md §4): anything not
+    /// yet signed; a signed payment only while its execution date is in the future; a standing
     /// order while it is active. Instant and settled payments are past the point of no return.
     fn cancellable(&self, today: NaiveDate) -> bool {
         match self.status {
@@ -422,7 +423,8 @@ pub enum TokenCheck {
     Valid {
         psu: String,
     },
-    /// Replaced by a newer pair of the same PSU (one pair per PSU and scope [P §3.2]).
+    /// Replaced by a newer pair of the same PSU (one pair per PSU and scope
+    /// [P docs/belfius-facts.md §3.2]).
     Invalidated,
     Expired,
     Unknown,
@@ -963,7 +965,7 @@ impl Store {
     }
 
     /// `grant_type=refresh_token`: only the PSU's current refresh token works, and it is
-    /// replaced together with the access token [P §3.2].
+    /// replaced together with the access token [P docs/belfius-facts.md §3.2].
     pub fn refresh(&mut self, refresh_token: &str, now: Instant) -> Result<IssuedPair, GrantError> {
         let psu = match self.tokens.get_mut(&digest(refresh_token)) {
             Some(t) if t.kind == TokenKind::Refresh && !t.invalidated => t.psu.clone(),
@@ -979,7 +981,8 @@ impl Store {
         Ok(self.issue_pair(&psu, now))
     }
 
-    /// ONE pair per (PSU, scope PIS) [P §3.2]: issuing invalidates the PSU's previous pair.
+    /// ONE pair per (PSU, scope PIS) [P docs/belfius-facts.md §3.2]: issuing invalidates the PSU's
+    /// previous pair.
     fn issue_pair(&mut self, psu: &str, now: Instant) -> IssuedPair {
         for old in self.live.remove(psu).unwrap_or_default() {
             if let Some(token) = self.tokens.get_mut(&old) {

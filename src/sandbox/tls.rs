@@ -1,5 +1,5 @@
 //! Test PKI of the simulator: one CA that signs the bank's server certificate and the TPP's
-//! client certificate (a stand-in for the eIDAS QWAC, belfius-api.md §1.2).
+//! client certificate (a stand-in for the eIDAS QWAC, docs/belfius-facts.md §1.2).
 
 use std::fs;
 use std::io::Write as _;
@@ -152,7 +152,7 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> anyhow::Result<()>
 }
 
 /// Server side of mutual TLS: a client certificate signed by the test CA is REQUIRED
-/// (belfius-api.md §1.2, "all our API's are secured by the MTLS protocol").
+/// (docs/belfius-facts.md §1.2, "all our API's are secured by the MTLS protocol").
 pub fn server_config(material: &TlsMaterial) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
 
