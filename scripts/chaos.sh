@@ -5,7 +5,8 @@
 #         load with signable orphans (PSUs sign everything pending at the bank) on a memory
 #         broker. Release build.
 #   ci:   400 payments, 2 replicas, a SIGKILL every 12 s, bank faults; then 200 with signable
-#         orphans; memory storage, debug build (already built by the tests).
+#         orphans and retention acting (5 s / 30 s horizons); memory storage, debug build
+#         (already built by the tests).
 # Both under the workers' default policy for lost answers (hold); a "person" resolves them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +30,10 @@ case "$mode" in
     target/debug/pis-chaos --payments "${CHAOS_PAYMENTS:-400}" --psus 60 --partitions 4 \
       --workers 2 --kill-every-secs 12 --timeout-secs 600 --bank-sca-expiry-secs 45 \
       --run-dir .run/chaos-ci
-    exec target/debug/pis-chaos --orphans-signable --payments "${CHAOS_PAYMENTS_SIGNABLE:-200}" \
+    # Retention acts during this run (final payments retired after 5 s, ids forgotten after
+    # 30 s), so retired records go through restores after SIGKILLs.
+    exec env PIS_RETENTION_SECS=5 PIS_RETIRED_IDS_RETENTION_SECS=30 \
+      target/debug/pis-chaos --orphans-signable --payments "${CHAOS_PAYMENTS_SIGNABLE:-200}" \
       --psus 40 --partitions 4 --workers 2 --kill-every-secs 12 --timeout-secs 600 \
       --bank-sca-expiry-secs 45 --run-dir .run/chaos-ci-signable
     ;;
