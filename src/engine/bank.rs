@@ -133,13 +133,20 @@ pub async fn exchange_code(bank: &BelfiusClient, payment: &Payment) -> Result<To
         .map_err(|e| e.to_string())
 }
 
-/// DELETE the payment at the bank with the PSU's access token.
-pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &SecretString) -> Input {
+/// DELETE the payment at the bank with the PSU's access token. A refusal of the token itself
+/// (replaced or revoked at the bank, e.g. by a code exchange whose answer never reached this
+/// worker) is `AccessTokenRejected`: the core refreshes or forgets the pair instead of
+/// presenting the dead token again.
+pub async fn cancel(
+    bank: &BelfiusClient,
+    payment: &Payment,
+    access_token: &SecretString,
+) -> BankAnswer {
     let (Some(order), Some(bank_id)) = (&payment.order, &payment.bank_payment_id) else {
-        return Input::CancelRefused(Reason::new(
+        return BankAnswer::Input(Box::new(Input::CancelRefused(Reason::new(
             ReasonCode::CancelRefused,
             "internal: no bank payment id to cancel",
-        ));
+        ))));
     };
     match bank
         .cancel_payment(
@@ -151,16 +158,23 @@ pub async fn cancel(bank: &BelfiusClient, payment: &Payment, access_token: &Secr
         )
         .await
     {
+        Err(BankError::Refused { status, body }) if access_token_rejected(status, &body) => {
+            BankAnswer::AccessTokenRejected {
+                message: refusal_reason(status, &body, "cancellation").message,
+            }
+        }
+        result => BankAnswer::Input(Box::new(cancel_input(result))),
+    }
+}
+
+fn cancel_input(result: Result<crate::belfius::client::Cancelled, BankError>) -> Input {
+    match result {
         Ok(cancelled) => Input::CancelConfirmed {
             bank_status: cancelled.transaction_status,
         },
         Err(BankError::Refused { status, body }) => {
             let mut reason = refusal_reason(status, &body, "cancellation");
-            reason.code = if access_token_rejected(status, &body) {
-                ReasonCode::BankSecurityFailure
-            } else {
-                ReasonCode::CancelRefused
-            };
+            reason.code = ReasonCode::CancelRefused;
             Input::CancelRefused(reason)
         }
         // Not sent or rate-limited: nothing happened at the bank, but the status check that
@@ -186,19 +200,7 @@ pub async fn run_call(bank: &BelfiusClient, payment: &Payment, call: BankCall) -
             Ok(pair) => BankAnswer::Tokens(pair),
             Err(message) => BankAnswer::Input(Box::new(Input::TokenExchangeFailed { message })),
         },
-        BankCall::Cancel { access_token } => {
-            match cancel(bank, payment, &access_token).await {
-                // The bank replaced or revoked the pair (a code exchange whose answer never
-                // reached this worker issued a new one): the core refreshes or forgets it
-                // instead of presenting the dead token again.
-                Input::CancelRefused(reason) if reason.code == ReasonCode::BankSecurityFailure => {
-                    BankAnswer::AccessTokenRejected {
-                        message: reason.message,
-                    }
-                }
-                input => BankAnswer::Input(Box::new(input)),
-            }
-        }
+        BankCall::Cancel { access_token } => cancel(bank, payment, &access_token).await,
         BankCall::Refresh {
             brand,
             refresh_token,

@@ -1076,23 +1076,29 @@ fn a_transient_refresh_failure_keeps_the_pair() {
 /// bank, and every later cancellation presented the dead access token again (113 refused
 /// cancellations in one run). A refused access token is refreshed once; a dead grant then
 /// deletes the pair, and the pair is never presented again.
-#[test]
-fn an_access_token_refused_at_cancellation_is_refreshed_once_and_never_presented_again() {
+/// A Signed Belfius payment whose cancellation left with a pair the bank has replaced.
+fn cancel_with_a_valid_looking_pair(access: &str) -> Harness {
     let mut h = Harness::new(restored(
         vec![signed_payment("p-1", "BELFIUS")],
-        vec![fresh("BELFIUS", "replaced-access")],
+        vec![fresh("BELFIUS", access)],
     ));
     h.start();
     h.command("c-cancel", "p-1", cancel_body());
     let did = h.flush();
     assert_eq!(calls(&did), vec![pc("p-1", "cancel")]);
-    let did = h.answer(
-        "p-1",
-        "cancel",
-        BankAnswer::AccessTokenRejected {
-            message: "HTTP 401 FAILED_SECURITY_VALIDATION GEN-1203-100003".into(),
-        },
-    );
+    h
+}
+
+fn access_token_rejected() -> BankAnswer {
+    BankAnswer::AccessTokenRejected {
+        message: "HTTP 401 FAILED_SECURITY_VALIDATION GEN-1203-100003".into(),
+    }
+}
+
+#[test]
+fn an_access_token_refused_at_cancellation_is_refreshed_once_and_never_presented_again() {
+    let mut h = cancel_with_a_valid_looking_pair("replaced-access");
+    let did = h.answer("p-1", "cancel", access_token_rejected());
     assert_eq!(
         calls(&did),
         vec![pc("p-1", "refresh")],
@@ -1128,17 +1134,8 @@ fn an_access_token_refused_at_cancellation_is_refreshed_once_and_never_presented
 /// ends with a reason (no loop of refreshes).
 #[test]
 fn an_access_token_refused_again_after_a_refresh_ends_the_cancellation() {
-    let mut h = Harness::new(restored(
-        vec![signed_payment("p-1", "BELFIUS")],
-        vec![fresh("BELFIUS", "access-1")],
-    ));
-    h.start();
-    h.command("c-cancel", "p-1", cancel_body());
-    h.flush();
-    let rejected = || BankAnswer::AccessTokenRejected {
-        message: "HTTP 401 FAILED_SECURITY_VALIDATION GEN-1203-100003".into(),
-    };
-    let did = h.answer("p-1", "cancel", rejected());
+    let mut h = cancel_with_a_valid_looking_pair("access-1");
+    let did = h.answer("p-1", "cancel", access_token_rejected());
     assert_eq!(calls(&did), vec![pc("p-1", "refresh")]);
     let did = h.answer("p-1", "refresh", issued("access-2"));
     assert_eq!(
@@ -1151,7 +1148,7 @@ fn an_access_token_refused_again_after_a_refresh_ends_the_cancellation() {
         unreachable!()
     };
     assert_eq!(access_token.expose_secret(), "access-2");
-    let did = h.answer("p-1", "cancel", rejected());
+    let did = h.answer("p-1", "cancel", access_token_rejected());
     assert!(calls(&did).is_empty(), "no second refresh: {did:?}");
     assert_eq!(h.state("p-1"), PaymentState::Signed);
     let reason = h.payment("p-1").reason.clone().expect("a reason");
