@@ -276,6 +276,45 @@ pub fn follow(
     }))
 }
 
+/// Reads a topic once more from its beginning with a fresh consumer, until nothing has arrived
+/// for `idle`: the payloads, for a checker to tell a record its live reader missed from one
+/// that is not on the topic at all.
+pub fn read_again(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    idle: Duration,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set(
+            "group.id",
+            format!("harness-reread-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let mut last = std::time::Instant::now();
+    let started = last;
+    while last.elapsed() < idle && started.elapsed() < Duration::from_secs(120) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(rdkafka::Message::payload(&m).unwrap_or_default().to_vec());
+                last = std::time::Instant::now();
+            }
+            Some(Err(e)) => eprintln!("harness: reading {topic} again: {e}"),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
 /// An idempotent producer for commands, keyed by PSU as clients must.
 pub fn command_producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
     Ok(settings
