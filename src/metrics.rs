@@ -37,6 +37,11 @@ pub struct Metrics {
     pub orphans_suspected: IntCounterVec,
     pub payments_retired: prometheus::IntCounter,
     pub retired_ids: IntGauge,
+    pub snapshot_age: IntGaugeVec,
+    pub restore_backlog: IntGaugeVec,
+    pub snapshots: IntCounterVec,
+    pub restores: IntCounterVec,
+    pub restore_last_records: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -270,6 +275,35 @@ impl Metrics {
                 "pis_retired_ids",
                 "Retired payment ids of owned partitions still remembered (a command for one is dead-lettered PAYMENT_RETIRED)",
             ),
+            snapshot_age: gauge_vec(
+                r,
+                "pis_state_snapshot_age_seconds",
+                "Seconds since the newest snapshot of an owned state partition was recorded (where its next restore starts); the Unix time if it never was",
+                &["partition"],
+            ),
+            restore_backlog: gauge_vec(
+                r,
+                "pis_restore_backlog_records",
+                "State records a restore of an owned partition would read now (from its newest snapshot)",
+                &["partition"],
+            ),
+            snapshots: counter(
+                r,
+                "pis_state_snapshots_total",
+                "Snapshots of state partitions by outcome: committed (restores start there), superseded (a newer one was recorded), failed",
+                &["outcome"],
+            ),
+            restores: counter(
+                r,
+                "pis_restores_total",
+                "Partition restores by where they started: snapshot, or beginning (no usable snapshot)",
+                &["from"],
+            ),
+            restore_last_records: gauge(
+                r,
+                "pis_restore_last_records",
+                "State records the last partition restore read",
+            ),
             registry,
         }
     }
@@ -310,6 +344,12 @@ impl Metrics {
             for outcome in OUTCOMES {
                 self.commands_consumed.with_label_values(&[kind, outcome]);
             }
+        }
+        for outcome in ["committed", "superseded", "failed"] {
+            self.snapshots.with_label_values(&[outcome]);
+        }
+        for from in ["snapshot", "beginning"] {
+            self.restores.with_label_values(&[from]);
         }
         for result in ["ok", "failed"] {
             self.token_refreshes.with_label_values(&[result]);

@@ -154,6 +154,14 @@ pub struct RunArgs {
     /// the command topic's retention shorter). At least --retention-secs. Default 35 days.
     #[arg(long, env = "PIS_RETIRED_IDS_RETENTION_SECS", default_value_t = 3_024_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub retired_ids_retention_secs: u64,
+    /// How often each owned state partition is snapshotted at least (if anything changed): a
+    /// restore reads from the newest snapshot (docs/architecture.md, "Snapshots"). Default 1 h.
+    #[arg(long, env = "PIS_SNAPSHOT_INTERVAL_SECS", default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_interval_secs: u64,
+    /// A snapshot is also written as soon as a restore would read this many records after the
+    /// newest one (or twice the partition's live entities, if that is more).
+    #[arg(long, env = "PIS_SNAPSHOT_MIN_RECORDS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_min_records: u64,
     /// Schema registry and extra writer schemas (docs/schemas.md).
     #[command(flatten)]
     pub contract: crate::contract::registry::ContractArgs,
@@ -336,6 +344,8 @@ impl RunArgs {
             checkpoint_interval: Duration::from_secs(1),
             retention: Duration::from_secs(self.retention_secs),
             retired_ids_retention: Duration::from_secs(self.retired_ids_retention_secs),
+            snapshot_interval: Duration::from_secs(self.snapshot_interval_secs),
+            snapshot_min_records: self.snapshot_min_records,
             create_topics: self.create_topics,
             bank_guard: self.bank_guard.config(),
             http_addr: match self.http_addr.as_str() {

@@ -250,6 +250,7 @@ fn rows(restored: &BTreeMap<i32, Restored>) -> Vec<serde_json::Value> {
                 | RecordKey::LegacyTokens(_)
                 | RecordKey::Checkpoint
                 | RecordKey::RestoreMarker
+                | RecordKey::Snapshot
                 | RecordKey::Unknown => None,
             };
             out.push(serde_json::json!({

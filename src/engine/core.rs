@@ -34,7 +34,9 @@ use crate::domain::machine::{
 use crate::domain::model::{Brand, PaymentId};
 use crate::domain::reason::{Reason, ReasonCode};
 use crate::domain::validation::ValidationLimits;
-use crate::kafka::state::{PsuTokens, RecordKey, Retired, TokenKey, payment_key, psu_key};
+use crate::kafka::state::{
+    PsuTokens, QuarantinedRecord, RecordKey, Retired, SnapshotStart, TokenKey, payment_key, psu_key,
+};
 
 /// Numbers the owner's state writes, in the order they are enqueued (the outbox's send order).
 pub type WriteId = u64;
@@ -69,7 +71,17 @@ pub struct CoreConfig {
     /// How long a retired id is remembered after the payment's final event (at least
     /// `retention_ms`); then its retired record is deleted and the id forgotten.
     pub retired_ids_retention_ms: Millis,
+    /// A snapshot is written at least this often while anything was written since the last.
+    pub snapshot_interval_ms: Millis,
+    /// A snapshot is written as soon as a restore would read this many records after the last
+    /// one, or twice the live entities if that is more (a restore then reads at most about
+    /// three times what is live).
+    pub snapshot_min_records: u64,
 }
+
+/// Snapshot copies waiting for their acknowledgement at most: a snapshot of 100,000 payments
+/// must not crowd out the writes that move payments.
+const SNAPSHOT_WINDOW: usize = 256;
 
 /// Where secrets come from (PKCE verifiers, OAuth `state` values): random in the shell,
 /// predictable in tests.
@@ -143,8 +155,22 @@ pub enum Event {
     Superseded {
         claimed_at: i64,
     },
+    /// The shell recorded (or did not) where the next restore starts.
+    SnapshotCommitted {
+        start: SnapshotStart,
+        outcome: SnapshotCommit,
+    },
     /// Time passed (timers, checkpoints, deadlines).
     Tick,
+}
+
+/// What became of a snapshot's commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotCommit {
+    Committed,
+    /// A newer snapshot was already recorded (a later owner's): nothing changed.
+    Superseded,
+    Failed(String),
 }
 
 /// What the shell must do.
@@ -181,6 +207,9 @@ pub enum Action {
     Released,
     /// A newer owner claimed the partition: stop the process (crash-only).
     Fenced { claimed_at: i64 },
+    /// A snapshot is complete and confirmed: record `start` as where the next restore begins,
+    /// then report `Event::SnapshotCommitted`.
+    CommitSnapshot(SnapshotStart),
 }
 
 /// A state record to write.
@@ -201,6 +230,19 @@ pub enum StateWrite {
     Checkpoint {
         through: i64,
     },
+    /// A snapshot's first record: its offset is where a restore from it starts.
+    SnapshotBegin,
+    /// A snapshot's last record: the live entities were re-written since `begin`.
+    SnapshotEnd {
+        begin: i64,
+        entities: u64,
+    },
+    /// A record that could not be read, carried into a snapshot as it was: it stays
+    /// quarantined for a person to resolve, wherever restore starts.
+    QuarantinedCopy {
+        key: String,
+        record: Box<QuarantinedRecord>,
+    },
 }
 
 impl StateWrite {
@@ -214,6 +256,10 @@ impl StateWrite {
             StateWrite::DeleteTokens(key) => psu_key(key),
             StateWrite::DeleteKey(key) => key.clone(),
             StateWrite::Checkpoint { .. } => crate::kafka::state::checkpoint_key(partition),
+            StateWrite::SnapshotBegin | StateWrite::SnapshotEnd { .. } => {
+                crate::kafka::state::snapshot_key(partition)
+            }
+            StateWrite::QuarantinedCopy { key, .. } => key.clone(),
         }
     }
 }
@@ -255,6 +301,12 @@ const FORGET: FenceWait = FenceWait::Confirm {
 };
 const TOKENS_EXPIRED: FenceWait = FenceWait::Confirm {
     why: "deleting a pair must be the current owner's decision, or it could delete a newer owner's pair",
+};
+const SNAPSHOT_END: FenceWait = FenceWait::Confirm {
+    why: "a snapshot becomes where restores start: only a complete snapshot of the current owner may",
+};
+const SNAPSHOT_COPY: FenceWait = FenceWait::AckOnly {
+    why: "a copy repeats what is already written; the snapshot's end is what is confirmed",
 };
 const CHECKPOINT: FenceWait = FenceWait::AckOnly {
     why: "a checkpoint only lets a restore skip re-publishing; a superseded owner's carries an old epoch and restore skips it",
@@ -373,6 +425,45 @@ enum AfterWrite {
         payment_id: PaymentId,
     },
     Checkpoint,
+    SnapshotBegin,
+    SnapshotCopy,
+    SnapshotEnd,
+    /// Nothing follows (an old claim's tombstone).
+    Nothing,
+}
+
+/// A snapshot being written: every live entity is re-written after its begin record, a few at a
+/// time, then its end record is confirmed by the fence, and once every event before its begin
+/// is published the shell records it as where restores start.
+#[derive(Debug)]
+struct SnapshotRun {
+    /// The begin record's offset, once acknowledged.
+    begin: Option<i64>,
+    /// Entities still to copy (taken when the snapshot began; gone ones are skipped).
+    todo: VecDeque<SnapshotItem>,
+    /// Entities that were busy when their turn came: copied once idle.
+    waiting: Vec<SnapshotItem>,
+    copies_in_flight: usize,
+    entities: u64,
+    /// Writes issued before the begin: what the next snapshot is counted from.
+    writes_before: u64,
+    end: SnapshotEnd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotEnd {
+    NotYet,
+    Writing,
+    /// Confirmed at this offset: waits for the outbox to pass the begin.
+    Confirmed(i64),
+    Committing,
+}
+
+#[derive(Debug, Clone)]
+enum SnapshotItem {
+    Payment(PaymentId),
+    Tokens(TokenKey),
+    Quarantined(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -459,6 +550,21 @@ pub struct OwnerCore {
     entered: HashMap<PaymentId, Millis>,
     /// Cancellations already retried once after their access token was refused.
     token_retried: HashSet<PaymentId>,
+    snapshot: Option<SnapshotRun>,
+    next_snapshot_at: Millis,
+    /// No snapshot begins before this (after one that could not be recorded).
+    snapshot_not_before: Millis,
+    /// State writes issued by this owner.
+    writes_issued: u64,
+    /// Records a restore would read after the newest snapshot, not counting this owner's
+    /// writes (those are `writes_issued - snapshot_writes_base`).
+    restore_backlog: u64,
+    snapshot_writes_base: u64,
+    /// The newest snapshot known to be recorded (the one restore started at, then this
+    /// owner's): claims before its begin are read by no restore.
+    newest_snapshot: Option<SnapshotStart>,
+    /// Other owners' claims on the partition known to this owner, by offset.
+    markers: BTreeMap<i64, String>,
     out: Vec<Action>,
 }
 
@@ -473,6 +579,10 @@ impl OwnerCore {
         let quarantined_payments = restored.quarantined_payments().collect();
         let next_checkpoint_at = now + config.checkpoint_interval_ms;
         let next_token_sweep_at = now.saturating_add(token_sweep_interval(&config));
+        let next_snapshot_at = now.saturating_add(config.snapshot_interval_ms);
+        let restore_backlog = restored.records_read;
+        let newest_snapshot = restored.snapshot;
+        let markers = restored.markers.clone();
         OwnerCore {
             config,
             random,
@@ -506,6 +616,14 @@ impl OwnerCore {
             last_committable: None,
             entered: HashMap::new(),
             token_retried: HashSet::new(),
+            snapshot: None,
+            next_snapshot_at,
+            snapshot_not_before: now,
+            writes_issued: 0,
+            restore_backlog,
+            snapshot_writes_base: 0,
+            newest_snapshot,
+            markers,
             out: Vec::new(),
         }
     }
@@ -543,6 +661,9 @@ impl OwnerCore {
             }
             Event::Answered { call, answer } => self.on_answer(call, answer, now),
             Event::StaleRecord { key, offset } => self.on_stale(key, offset, now),
+            Event::SnapshotCommitted { start, outcome } => {
+                self.snapshot_committed(start, outcome, now);
+            }
             Event::Superseded { claimed_at } => {
                 warn!(
                     partition = self.config.partition,
@@ -566,6 +687,7 @@ impl OwnerCore {
                 self.retire_at.first().map(|(at, _)| *at),
                 self.forget_at.first().map(|(at, _)| *at),
                 Some(self.next_token_sweep_at),
+                Some(self.next_snapshot_at),
             ]
             .into_iter()
             .flatten()
@@ -628,11 +750,24 @@ impl OwnerCore {
             + self.lanes.values().map(|l| l.queue.len()).sum::<usize>()
     }
 
+    /// Records a restore of this partition would read now (from the newest snapshot).
+    pub fn restore_backlog(&self) -> u64 {
+        self.restore_backlog
+            .saturating_add(self.writes_issued - self.snapshot_writes_base)
+    }
+
+    /// The newest snapshot known to be recorded for this partition.
+    pub fn newest_snapshot(&self) -> Option<SnapshotStart> {
+        self.newest_snapshot
+    }
+
     /// Per-state counts and oldest entries, for the gauges.
     pub fn summary(&self) -> super::stats::Summary {
         let mut summary = super::stats::Summary {
             quarantined: self.quarantined.len() as i64,
             retired: self.retired.len() as i64,
+            snapshot_at: self.newest_snapshot.map(|s| s.at),
+            restore_backlog: i64::try_from(self.restore_backlog()).unwrap_or(i64::MAX),
             ..super::stats::Summary::default()
         };
         for (id, payment) in &self.payments {
@@ -1470,9 +1605,248 @@ impl OwnerCore {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Snapshots (docs/architecture.md, "Snapshots")
+
+    fn live_entities(&self) -> u64 {
+        (self.payments.len() + self.retired.len() + self.tokens.len() + self.quarantined.len())
+            as u64
+    }
+
+    fn snapshot_due(&self, now: Millis) -> bool {
+        let backlog = self.restore_backlog();
+        let bound = self
+            .config
+            .snapshot_min_records
+            .max(self.live_entities().saturating_mul(2));
+        now >= self.snapshot_not_before
+            && (backlog >= bound || (now >= self.next_snapshot_at && backlog > 0))
+    }
+
+    fn snapshot_step(&mut self, now: Millis) {
+        if self.snapshot.is_none() {
+            if !self.snapshot_due(now) {
+                if now >= self.next_snapshot_at {
+                    self.next_snapshot_at = now.saturating_add(self.config.snapshot_interval_ms);
+                }
+                return;
+            }
+            self.begin_snapshot(now);
+        }
+        self.copy_snapshot_items();
+        self.finish_snapshot(now);
+    }
+
+    fn begin_snapshot(&mut self, now: Millis) {
+        self.next_snapshot_at = now.saturating_add(self.config.snapshot_interval_ms);
+        let mut todo: Vec<SnapshotItem> = Vec::with_capacity(self.live_entities() as usize);
+        let mut ids: Vec<&PaymentId> = self.payments.keys().chain(self.retired.keys()).collect();
+        ids.sort();
+        todo.extend(ids.into_iter().map(|id| SnapshotItem::Payment(id.clone())));
+        let mut pairs: Vec<&TokenKey> = self.tokens.keys().collect();
+        pairs.sort();
+        todo.extend(pairs.into_iter().map(|k| SnapshotItem::Tokens(k.clone())));
+        todo.extend(
+            self.quarantined
+                .keys()
+                .map(|k| SnapshotItem::Quarantined(k.clone())),
+        );
+        let writes_before = self.writes_issued;
+        debug!(
+            partition = self.config.partition,
+            entities = todo.len(),
+            backlog = self.restore_backlog(),
+            "snapshot begins"
+        );
+        self.snapshot = Some(SnapshotRun {
+            begin: None,
+            todo: todo.into(),
+            waiting: Vec::new(),
+            copies_in_flight: 0,
+            entities: 0,
+            writes_before,
+            end: SnapshotEnd::NotYet,
+        });
+        self.write(
+            StateWrite::SnapshotBegin,
+            SNAPSHOT_COPY,
+            AfterWrite::SnapshotBegin,
+        );
+    }
+
+    /// The write that copies `item` now, `Ok(None)` if it is gone, `Err(item)` if it is busy
+    /// (its in-memory state may be ahead of, or behind, what it last wrote: a retirement or a
+    /// forgetting is written before memory follows).
+    fn snapshot_copy(&self, item: SnapshotItem) -> Result<Option<StateWrite>, SnapshotItem> {
+        match &item {
+            // A quarantined payment's last good state is copied too: its quarantined record is
+            // copied after it (items of quarantined keys come last), so it stays held.
+            SnapshotItem::Payment(id) => {
+                if self.busy.contains(id) {
+                    return Err(item);
+                }
+                if let Some(payment) = self.payments.get(id) {
+                    return Ok(Some(StateWrite::Payment {
+                        payment: Box::new(payment.clone()),
+                        events: Vec::new(),
+                    }));
+                }
+                Ok(self
+                    .retired
+                    .get(id)
+                    .map(|r| StateWrite::Retired(Box::new(r.clone()))))
+            }
+            SnapshotItem::Tokens(key) => {
+                if self.lanes.contains_key(key) {
+                    return Err(item);
+                }
+                Ok(self
+                    .tokens
+                    .get(key)
+                    .map(|t| StateWrite::Tokens(Box::new(t.clone()))))
+            }
+            SnapshotItem::Quarantined(key) => {
+                Ok(self
+                    .quarantined
+                    .get(key)
+                    .map(|q| StateWrite::QuarantinedCopy {
+                        key: key.clone(),
+                        record: Box::new(QuarantinedRecord {
+                            offset: q.offset,
+                            epoch_header: q.epoch_header,
+                            value: q.value.clone(),
+                        }),
+                    }))
+            }
+        }
+    }
+
+    fn copy_snapshot_items(&mut self) {
+        let Some(mut run) = self.snapshot.take() else {
+            return;
+        };
+        if run.begin.is_some() {
+            if run.todo.is_empty() {
+                // The ones that were busy, once the others are done (quarantined keys were
+                // never busy, so they stay after every copy of their payment).
+                run.todo.extend(std::mem::take(&mut run.waiting));
+            }
+            let mut pass = run.todo.len();
+            while run.copies_in_flight < SNAPSHOT_WINDOW && pass > 0 {
+                let Some(item) = run.todo.pop_front() else {
+                    break;
+                };
+                pass -= 1;
+                match self.snapshot_copy(item) {
+                    Ok(Some(write)) => {
+                        run.copies_in_flight += 1;
+                        run.entities += 1;
+                        self.write(write, SNAPSHOT_COPY, AfterWrite::SnapshotCopy);
+                    }
+                    Ok(None) => {}
+                    Err(busy) => run.waiting.push(busy),
+                }
+            }
+        }
+        self.snapshot = Some(run);
+    }
+
+    fn finish_snapshot(&mut self, now: Millis) {
+        let Some(run) = &mut self.snapshot else {
+            return;
+        };
+        let Some(begin) = run.begin else {
+            return;
+        };
+        match run.end {
+            SnapshotEnd::NotYet => {
+                if run.todo.is_empty() && run.waiting.is_empty() && run.copies_in_flight == 0 {
+                    run.end = SnapshotEnd::Writing;
+                    let entities = run.entities;
+                    self.write(
+                        StateWrite::SnapshotEnd { begin, entities },
+                        SNAPSHOT_END,
+                        AfterWrite::SnapshotEnd,
+                    );
+                }
+            }
+            SnapshotEnd::Confirmed(end) => {
+                // A restore from `begin` re-publishes nothing before it: every event of an
+                // earlier record must be out first.
+                if self.outbox.last_checkpoint() < begin - 1 {
+                    self.write_checkpoint_if_due();
+                }
+                if self.outbox.last_checkpoint() >= begin - 1 {
+                    if let Some(run) = &mut self.snapshot {
+                        run.end = SnapshotEnd::Committing;
+                    }
+                    self.out.push(Action::CommitSnapshot(SnapshotStart {
+                        begin,
+                        end,
+                        epoch: self.config.epoch,
+                        at: now,
+                    }));
+                }
+            }
+            SnapshotEnd::Writing | SnapshotEnd::Committing => {}
+        }
+    }
+
+    fn snapshot_committed(&mut self, start: SnapshotStart, outcome: SnapshotCommit, now: Millis) {
+        let Some(run) = self.snapshot.take() else {
+            return;
+        };
+        match outcome {
+            SnapshotCommit::Committed => {
+                info!(
+                    partition = self.config.partition,
+                    begin = start.begin,
+                    end = start.end,
+                    entities = run.entities,
+                    "snapshot recorded: restores start at its begin"
+                );
+                self.restore_backlog = 0;
+                self.snapshot_writes_base = run.writes_before;
+                // Claims before the previous snapshot's begin are read by no restore, even one
+                // that a paused owner's late commit sent back to that snapshot.
+                let previous = self.newest_snapshot.map_or(i64::MIN, |s| s.begin);
+                self.newest_snapshot = Some(start);
+                let old: Vec<i64> = self.markers.range(..previous).map(|(o, _)| *o).collect();
+                for offset in old {
+                    if let Some(key) = self.markers.remove(&offset) {
+                        self.write(
+                            StateWrite::DeleteKey(key),
+                            SNAPSHOT_COPY,
+                            AfterWrite::Nothing,
+                        );
+                    }
+                }
+            }
+            SnapshotCommit::Superseded => {
+                info!(
+                    partition = self.config.partition,
+                    begin = start.begin,
+                    "a newer snapshot is already recorded"
+                );
+                self.snapshot_not_before = now.saturating_add(self.config.snapshot_interval_ms);
+            }
+            SnapshotCommit::Failed(error) => {
+                warn!(
+                    partition = self.config.partition,
+                    begin = start.begin,
+                    %error,
+                    "recording a snapshot failed; tried again in a minute at most"
+                );
+                self.snapshot_not_before =
+                    now.saturating_add(self.config.snapshot_interval_ms.min(60_000));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Writes
 
     fn write(&mut self, write: StateWrite, fence: FenceWait, after: AfterWrite) -> WriteId {
+        self.writes_issued += 1;
         let id = self.outbox.sent();
         self.writes.insert(
             id,
@@ -1562,6 +1936,22 @@ impl OwnerCore {
                 info!(partition = self.config.partition, %payment_id, "retired payment id forgotten");
                 self.release(&payment_id);
             }
+            AfterWrite::SnapshotBegin => {
+                if let Some(run) = &mut self.snapshot {
+                    run.begin = Some(offset);
+                }
+            }
+            AfterWrite::SnapshotCopy => {
+                if let Some(run) = &mut self.snapshot {
+                    run.copies_in_flight = run.copies_in_flight.saturating_sub(1);
+                }
+            }
+            AfterWrite::SnapshotEnd => {
+                if let Some(run) = &mut self.snapshot {
+                    run.end = SnapshotEnd::Confirmed(offset);
+                }
+            }
+            AfterWrite::Nothing => {}
             AfterWrite::Checkpoint => {
                 self.last_checkpoint_record = Some(offset);
                 if let Phase::Finishing { checkpoint, .. } = self.phase {
@@ -1694,7 +2084,10 @@ impl OwnerCore {
                     AfterWrite::Heal { key },
                 );
             }
-            RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {
+            RecordKey::Checkpoint
+            | RecordKey::RestoreMarker
+            | RecordKey::Snapshot
+            | RecordKey::Unknown => {
                 self.stale.remove(&key);
             }
         }
@@ -1837,8 +2230,12 @@ impl OwnerCore {
             self.retire_due(now);
             self.forget_due(now);
             self.sweep_tokens(now);
+            self.snapshot_step(now);
         } else {
             self.ready.clear();
+            // A snapshot is only recorded while running; a draining owner's next one is the
+            // next owner's business.
+            self.snapshot = None;
         }
         match self.phase {
             Phase::Running | Phase::Draining { .. } if now >= self.next_checkpoint_at => {

@@ -52,6 +52,9 @@ fn config(policy: Policy) -> CoreConfig {
         finish_timeout_ms: FINISH_TIMEOUT,
         retention_ms: RETENTION,
         retired_ids_retention_ms: RETIRED_IDS_RETENTION,
+        // No snapshot unless a test asks for one.
+        snapshot_interval_ms: Millis::MAX / 4,
+        snapshot_min_records: u64::MAX,
     }
 }
 
@@ -347,6 +350,7 @@ enum Did {
     Committable(i64),
     Released,
     Fenced(i64),
+    CommitSnapshot(SnapshotStart),
 }
 
 fn what(write: &StateWrite) -> &'static str {
@@ -357,6 +361,9 @@ fn what(write: &StateWrite) -> &'static str {
         StateWrite::DeleteTokens(_) => "delete-tokens",
         StateWrite::DeleteKey(_) => "delete-key",
         StateWrite::Checkpoint { .. } => "checkpoint",
+        StateWrite::SnapshotBegin => "snapshot-begin",
+        StateWrite::SnapshotEnd { .. } => "snapshot-end",
+        StateWrite::QuarantinedCopy { .. } => "quarantined-copy",
     }
 }
 
@@ -580,6 +587,7 @@ impl Harness {
                     self.fenced = Some(claimed_at);
                     Did::Fenced(claimed_at)
                 }
+                Action::CommitSnapshot(start) => Did::CommitSnapshot(start),
             };
             self.history.push(d.clone());
             did.push(d);
@@ -681,7 +689,11 @@ impl Harness {
             StateWrite::Retired(retired) => {
                 self.persisted.remove(&retired.payment_id);
             }
-            StateWrite::DeleteKey(_) | StateWrite::Checkpoint { .. } => {}
+            StateWrite::DeleteKey(_)
+            | StateWrite::Checkpoint { .. }
+            | StateWrite::SnapshotBegin
+            | StateWrite::SnapshotEnd { .. }
+            | StateWrite::QuarantinedCopy { .. } => {}
         }
         self.on(Event::Written {
             write: w.id,

@@ -59,6 +59,11 @@ pub struct WorkerConfig {
     pub retention: Duration,
     /// How long a retired payment id is remembered after the final event (then forgotten).
     pub retired_ids_retention: Duration,
+    /// A snapshot of each owned partition at least this often (if anything changed).
+    pub snapshot_interval: Duration,
+    /// A snapshot as soon as a restore would read this many records (or twice the live
+    /// entities, if more).
+    pub snapshot_min_records: u64,
     /// Create missing topics with this many partitions at start-up (None: topics must exist).
     pub create_topics: Option<i32>,
     /// Retries, per-host limits and circuit breakers of bank calls (docs/belfius.md §1.5).
@@ -84,6 +89,8 @@ pub struct EngineDeps {
     pub checkpoint_interval: Duration,
     pub retention: Duration,
     pub retired_ids_retention: Duration,
+    pub snapshot_interval: Duration,
+    pub snapshot_min_records: u64,
     fatal_tx: mpsc::UnboundedSender<String>,
 }
 
@@ -266,6 +273,8 @@ pub async fn run(
         checkpoint_interval: config.checkpoint_interval,
         retention: config.retention,
         retired_ids_retention: config.retired_ids_retention,
+        snapshot_interval: config.snapshot_interval,
+        snapshot_min_records: config.snapshot_min_records,
         fatal_tx,
     });
     let set = Arc::new(PartitionSet {

@@ -18,7 +18,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::core::{
-    Action, CommandRecord, CoreConfig, Decoded, Event, OsRandom, OwnerCore, StateWrite,
+    Action, CommandRecord, CoreConfig, Decoded, Event, OsRandom, OwnerCore, SnapshotCommit,
+    StateWrite,
 };
 use super::ingest::{self, Decoding};
 use super::restore::{RestoreFold, Restored};
@@ -186,7 +187,7 @@ async fn claim_and_restore(
         let revoked = side.revoked.clone();
         tokio::task::spawn_blocking(move || {
             let mut fold = RestoreFold::new(&deps.state_key, marker_offset);
-            let consumer = state::read_partition(
+            let (from, consumer) = state::read_partition(
                 &deps.kafka,
                 partition,
                 marker_offset,
@@ -194,12 +195,12 @@ async fn claim_and_restore(
                 &revoked,
                 &mut fold,
             )?;
-            Ok::<(Restored, _), crate::kafka::KafkaEdgeError>((fold.finish(), consumer))
+            Ok::<(Restored, _, _), crate::kafka::KafkaEdgeError>((fold.finish(), from, consumer))
         })
         .await
     };
     m.restores_in_progress.dec();
-    let (restored, tail) = match read {
+    let (restored, from, tail) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(_)) if side.revoked.load(Ordering::Acquire) => {
             info!(partition, "revoked while restoring: not starting");
@@ -217,12 +218,32 @@ async fn claim_and_restore(
     let took = started.elapsed();
     m.restore_duration.observe(took.as_secs_f64());
     m.restore_last_duration.set(took.as_secs_f64());
-    info!(
-        partition,
-        records = restored.records_read,
-        millis = took.as_millis() as u64,
-        "partition read"
-    );
+    m.restore_last_records
+        .set(i64::try_from(restored.records_read).unwrap_or(i64::MAX));
+    match &from {
+        state::RestoreFrom::Snapshot(start) => {
+            m.restores.with_label_values(&["snapshot"]).inc();
+            info!(
+                partition,
+                records = restored.records_read,
+                millis = took.as_millis() as u64,
+                from = start.begin,
+                snapshot_epoch = start.epoch,
+                "partition read from its newest snapshot"
+            );
+        }
+        state::RestoreFrom::Beginning { why } => {
+            m.restores.with_label_values(&["beginning"]).inc();
+            info!(
+                partition,
+                records = restored.records_read,
+                millis = took.as_millis() as u64,
+                from = 0,
+                why = %why,
+                "partition read from its first record"
+            );
+        }
+    }
     let fence = Fence::new(partition, marker_offset);
     if let Err(e) = fence::spawn_tail(tail, fence.clone()) {
         deps.fatal(format!(
@@ -241,6 +262,8 @@ async fn claim_and_restore(
         finish_timeout_ms: 2_000,
         retention_ms: millis(deps.retention),
         retired_ids_retention_ms: millis(deps.retired_ids_retention),
+        snapshot_interval_ms: millis(deps.snapshot_interval),
+        snapshot_min_records: deps.snapshot_min_records,
     };
     let core = OwnerCore::new(config, restored, Box::new(OsRandom), now_millis());
     Some((core, fence))
@@ -508,6 +531,37 @@ impl Shell {
                     });
                 }
                 Action::Committable(offset) => self.committable.store(offset, Ordering::Release),
+                Action::CommitSnapshot(start) => {
+                    let deps = self.deps.clone();
+                    let partition = self.partition;
+                    self.tasks.spawn(async move {
+                        let committed = tokio::task::spawn_blocking(move || {
+                            state::commit_snapshot(
+                                &deps.kafka,
+                                partition,
+                                &start,
+                                Duration::from_secs(10),
+                            )
+                        })
+                        .await;
+                        let outcome = match committed {
+                            Ok(Ok(true)) => SnapshotCommit::Committed,
+                            Ok(Ok(false)) => SnapshotCommit::Superseded,
+                            Ok(Err(e)) => SnapshotCommit::Failed(e.to_string()),
+                            Err(e) => SnapshotCommit::Failed(e.to_string()),
+                        };
+                        let label = match &outcome {
+                            SnapshotCommit::Committed => "committed",
+                            SnapshotCommit::Superseded => "superseded",
+                            SnapshotCommit::Failed(_) => "failed",
+                        };
+                        crate::metrics::metrics()
+                            .snapshots
+                            .with_label_values(&[label])
+                            .inc();
+                        Some(Event::SnapshotCommitted { start, outcome })
+                    });
+                }
                 Action::Released => {}
                 Action::Fenced { claimed_at } => {
                     crate::metrics::metrics().fenced_owners.inc();
@@ -538,6 +592,20 @@ impl Shell {
             StateWrite::Checkpoint { through } => {
                 state::encode_checkpoint(&self.deps.state_key, self.partition, epoch, *through)
                     .map(|(_, v)| Some(v))
+            }
+            StateWrite::SnapshotBegin => {
+                state::encode_snapshot(&self.deps.state_key, self.partition, epoch, None)
+                    .map(|(_, v)| Some(v))
+            }
+            StateWrite::SnapshotEnd { begin, entities } => state::encode_snapshot(
+                &self.deps.state_key,
+                self.partition,
+                epoch,
+                Some((*begin, *entities)),
+            )
+            .map(|(_, v)| Some(v)),
+            StateWrite::QuarantinedCopy { key, record } => {
+                state::encode_quarantined_copy(&self.deps.state_key, key, epoch, record).map(Some)
             }
             StateWrite::DeleteTokens(_) | StateWrite::DeleteKey(_) => Ok(None),
         };

@@ -15,12 +15,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::domain::machine::{Payment, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
 use crate::kafka::state::{
-    self, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, Retired, Sealing, TokenKey,
+    self, Decoded, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, Retired, Sealing, SnapshotStart,
+    TokenKey,
 };
 use crate::secret::StateKeyRing;
 
 /// A state record that could not be read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Quarantined {
     pub offset: i64,
     /// `kafka::state::StateRecordError::class`: `unauthentic` (altered, copied under another
@@ -28,6 +29,22 @@ pub struct Quarantined {
     /// `pis.epoch` header), `unknown-key` (a key missing from the ring), `malformed`, ...
     pub class: &'static str,
     pub error: String,
+    /// The record as read: a snapshot carries it on (`StateWrite::QuarantinedCopy`).
+    pub epoch_header: Option<i64>,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for Quarantined {
+    // Not the value: it may be a format 1 record with personal data in the clear.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quarantined")
+            .field("offset", &self.offset)
+            .field("class", &self.class)
+            .field("error", &self.error)
+            .field("epoch_header", &self.epoch_header)
+            .field("value_len", &self.value.len())
+            .finish()
+    }
 }
 
 /// Everything a partition owner needs, rebuilt from its state partition.
@@ -55,6 +72,10 @@ pub struct Restored {
     /// How the latest valid record of each live key is sealed (format, key id): what a key
     /// rotation or the format 2 migration waits on (`pis-worker state keys`).
     pub sealing: BTreeMap<String, Sealing>,
+    /// The snapshot this restore started at (`None`: from the partition's first record).
+    pub snapshot: Option<SnapshotStart>,
+    /// Other owners' claims read, by offset: deleted once no restore reads them any more.
+    pub markers: BTreeMap<i64, String>,
 }
 
 impl Restored {
@@ -68,6 +89,7 @@ impl Restored {
                 | RecordKey::LegacyTokens(_)
                 | RecordKey::Checkpoint
                 | RecordKey::RestoreMarker
+                | RecordKey::Snapshot
                 | RecordKey::Unknown => None,
             })
     }
@@ -101,6 +123,15 @@ impl<'k> RestoreFold<'k> {
         }
     }
 
+    /// Starts at a committed snapshot instead of the partition's first record: what the
+    /// records before it said is in the snapshot, its owner's claim is the epoch floor, and
+    /// every event before it is published.
+    pub fn start_at(&mut self, start: &SnapshotStart) {
+        self.epoch_floor = self.epoch_floor.max(start.epoch);
+        self.out.checkpoint = self.out.checkpoint.max(start.begin - 1);
+        self.out.snapshot = Some(*start);
+    }
+
     /// One record: `value: None` is a tombstone; `epoch_header` its `pis.epoch` header.
     pub fn apply(
         &mut self,
@@ -117,9 +148,15 @@ impl<'k> RestoreFold<'k> {
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_default();
         let parsed = RecordKey::parse(&record_key);
-        // A claim counts whatever its value says: the key alone makes it one.
+        // A claim counts whatever its value says: the key alone makes it one. A tombstone
+        // under a marker key is an old claim being deleted, no claim.
         if parsed == RecordKey::RestoreMarker {
-            self.epoch_floor = self.epoch_floor.max(offset);
+            if value.is_some() {
+                self.epoch_floor = self.epoch_floor.max(offset);
+                if offset < self.marker_offset {
+                    self.out.markers.insert(offset, record_key);
+                }
+            }
             return;
         }
         let Some(value) = value else {
@@ -131,23 +168,61 @@ impl<'k> RestoreFold<'k> {
         let decoded = match state::decode_record(self.key, &record_key, value, epoch_header) {
             Ok(decoded) => decoded,
             Err(e) => {
-                self.out.quarantined.insert(
+                self.quarantine(
                     record_key,
-                    Quarantined {
+                    &e,
+                    state::QuarantinedRecord {
                         offset,
-                        class: e.class(),
-                        error: e.to_string(),
+                        epoch_header,
+                        value: value.to_vec(),
                     },
                 );
                 return;
             }
         };
-        let (record, epoch) = (decoded.record, decoded.epoch);
-        if self.is_zombie(epoch) {
+        if self.is_zombie(decoded.epoch) {
             self.zombie(&record_key);
             return;
         }
-        self.epoch_floor = self.epoch_floor.max(epoch);
+        self.epoch_floor = self.epoch_floor.max(decoded.epoch);
+        if let DecodedRecord::QuarantinedCopy(original) = decoded.record {
+            // Tried again: it decodes now if the key it needs was added to the ring since. It
+            // was the latest record of its key when copied, so the copy's place is its place.
+            match state::decode_record(
+                self.key,
+                &record_key,
+                &original.value,
+                original.epoch_header,
+            ) {
+                Ok(inner) => self.accept(offset, record_key, &parsed, inner),
+                Err(e) => self.quarantine(record_key, &e, original),
+            }
+            return;
+        }
+        self.accept(offset, record_key, &parsed, decoded);
+    }
+
+    fn quarantine(
+        &mut self,
+        record_key: String,
+        error: &state::StateRecordError,
+        record: state::QuarantinedRecord,
+    ) {
+        self.out.quarantined.insert(
+            record_key,
+            Quarantined {
+                offset: record.offset,
+                class: error.class(),
+                error: error.to_string(),
+                epoch_header: record.epoch_header,
+                value: record.value,
+            },
+        );
+    }
+
+    /// A valid record, the latest of its key so far.
+    fn accept(&mut self, offset: i64, record_key: String, parsed: &RecordKey, decoded: Decoded) {
+        let record = decoded.record;
         // A valid record replaces whatever could not be read before it.
         self.out.quarantined.remove(&record_key);
         self.out.zombie_keys.remove(&record_key);
@@ -170,7 +245,7 @@ impl<'k> RestoreFold<'k> {
                 self.out.retired.insert(id, retired);
             }
             DecodedRecord::Psu(tokens) => {
-                if let RecordKey::LegacyTokens(psu) = &parsed {
+                if let RecordKey::LegacyTokens(psu) = parsed {
                     self.legacy_brands.insert(psu.clone(), tokens.brand);
                 }
                 let key = TokenKey::new(tokens.brand, tokens.psu_id.clone());
@@ -179,7 +254,12 @@ impl<'k> RestoreFold<'k> {
             DecodedRecord::Checkpoint(through) => {
                 self.out.checkpoint = self.out.checkpoint.max(through);
             }
-            DecodedRecord::RestoreMarker => {}
+            DecodedRecord::RestoreMarker | DecodedRecord::Snapshot { .. } => {}
+            // A copy of a copy is never written (the original is copied); read as garbage.
+            DecodedRecord::QuarantinedCopy(original) => {
+                let error = state::StateRecordError::Malformed("a copy of a copy".into());
+                self.quarantine(record_key, &error, original);
+            }
         }
     }
 
@@ -193,7 +273,10 @@ impl<'k> RestoreFold<'k> {
             RecordKey::Payment(_) | RecordKey::Tokens(_) | RecordKey::LegacyTokens(_) => {
                 self.out.zombie_keys.insert(record_key.to_owned());
             }
-            RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {}
+            RecordKey::Checkpoint
+            | RecordKey::RestoreMarker
+            | RecordKey::Snapshot
+            | RecordKey::Unknown => {}
         }
     }
 
@@ -222,7 +305,10 @@ impl<'k> RestoreFold<'k> {
                     self.out.tokens.remove(&TokenKey::new(brand, psu));
                 }
             }
-            RecordKey::Checkpoint | RecordKey::RestoreMarker | RecordKey::Unknown => {}
+            RecordKey::Checkpoint
+            | RecordKey::RestoreMarker
+            | RecordKey::Snapshot
+            | RecordKey::Unknown => {}
         }
     }
 

@@ -25,6 +25,10 @@ pub struct Summary {
     pub quarantined: i64,
     /// Retired payment ids still remembered.
     pub retired: i64,
+    /// When the newest snapshot of the partition was recorded (`None`: never).
+    pub snapshot_at: Option<Millis>,
+    /// Records a restore of the partition would read now.
+    pub restore_backlog: i64,
 }
 
 fn summaries() -> &'static Mutex<HashMap<i32, Summary>> {
@@ -81,6 +85,19 @@ pub fn export() {
     m.state_quarantined_records
         .set(all.values().map(|s| s.quarantined).sum());
     m.retired_ids.set(all.values().map(|s| s.retired).sum());
+    m.snapshot_age.reset();
+    m.restore_backlog.reset();
+    for (partition, summary) in all.iter() {
+        let label = partition.to_string();
+        // Never recorded: as old as the Unix epoch, so the alert sees it.
+        let age = summary
+            .snapshot_at
+            .map_or(now / 1000, |at| ((now - at) / 1000).max(0));
+        m.snapshot_age.with_label_values(&[&label]).set(age);
+        m.restore_backlog
+            .with_label_values(&[&label])
+            .set(summary.restore_backlog);
+    }
 }
 
 #[cfg(test)]

@@ -135,8 +135,11 @@ impl Fence {
         stale.drain().collect()
     }
 
-    fn observe(&self, offset: i64, key: Option<&[u8]>) {
+    /// A record read by the tail. `has_value`: not a tombstone (a tombstone under a marker key
+    /// deletes an old claim and is no claim itself).
+    fn observe(&self, offset: i64, key: Option<&[u8]>, has_value: bool) {
         if offset > self.own_marker
+            && has_value
             && key.is_some_and(|k| k.starts_with(RESTORE_MARKER_PREFIX.as_bytes()))
         {
             self.claimed_at.fetch_min(offset, Ordering::AcqRel);
@@ -189,7 +192,7 @@ pub fn spawn_tail(consumer: BaseConsumer, fence: Arc<Fence>) -> std::io::Result<
                         if let Some(key) = message.key() {
                             fence.observe_entity(message.offset(), key, epoch_header(&message));
                         }
-                        fence.observe(message.offset(), message.key());
+                        fence.observe(message.offset(), message.key(), message.payload().is_some());
                         fence.changed.notify_waiters();
                     }
                     // Broker restarts and leader moves: librdkafka reconnects by itself.
@@ -214,11 +217,11 @@ mod tests {
             let fence = fence.clone();
             tokio::spawn(async move { fence.confirm(12, Duration::from_secs(5)).await })
         };
-        fence.observe(11, Some(b"payment/a"));
+        fence.observe(11, Some(b"payment/a"), true);
         fence.changed.notify_waiters();
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        fence.observe(12, Some(b"payment/a"));
+        fence.observe(12, Some(b"payment/a"), true);
         fence.changed.notify_waiters();
         assert!(waiter.await.expect("join").is_ok());
     }
@@ -226,8 +229,8 @@ mod tests {
     #[tokio::test]
     async fn a_newer_claim_before_the_write_fences_it_and_after_it_does_not() {
         let fence = Fence::new(0, 10);
-        fence.observe(14, Some(b"restore-marker/0/other"));
-        fence.observe(20, Some(b"payment/a"));
+        fence.observe(14, Some(b"restore-marker/0/other"), true);
+        fence.observe(20, Some(b"payment/a"), true);
         // Written before the newer claim: the new owner's restore has it.
         assert!(fence.confirm(13, Duration::from_secs(1)).await.is_ok());
         // Written after it: must not be acted on.
@@ -266,20 +269,29 @@ mod tests {
             let fence = fence.clone();
             tokio::spawn(async move { fence.superseded().await })
         };
-        fence.observe(12, Some(b"payment/a"));
+        fence.observe(12, Some(b"payment/a"), true);
         fence.changed.notify_waiters();
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        fence.observe(13, Some(b"restore-marker/0/other"));
+        fence.observe(13, Some(b"restore-marker/0/other"), true);
         fence.changed.notify_waiters();
         assert_eq!(waiter.await.expect("join"), 13);
     }
 
     #[tokio::test]
+    async fn a_deleted_marker_is_no_claim() {
+        let fence = Fence::new(0, 10);
+        fence.observe(14, Some(b"restore-marker/0/old"), false);
+        fence.observe(15, Some(b"payment/a"), true);
+        assert!(fence.confirm(15, Duration::from_secs(1)).await.is_ok());
+        assert_eq!(fence.superseded_at(), None);
+    }
+
+    #[tokio::test]
     async fn the_own_marker_is_not_a_newer_claim() {
         let fence = Fence::new(0, 10);
-        fence.observe(10, Some(b"restore-marker/0/me"));
-        fence.observe(11, Some(b"payment/a"));
+        fence.observe(10, Some(b"restore-marker/0/me"), true);
+        fence.observe(11, Some(b"payment/a"), true);
         assert!(fence.confirm(11, Duration::from_secs(1)).await.is_ok());
     }
 

@@ -10,7 +10,12 @@
 //!   brand inside; they are still read;
 //! - `outbox-checkpoint/{partition}`: every event in records up to this offset is published;
 //! - `restore-marker/{partition}/{owner}`: a new owner's claim on the partition. Unique per
-//!   owner, so compaction keeps every claim.
+//!   owner, so compaction keeps every claim until an owner deletes the ones no restore reads
+//!   any more (a tombstone under a marker key is no claim);
+//! - `snapshot/{partition}`: the begin and the end of a snapshot, in which the owner re-writes
+//!   every live entity. A restore starts at the begin of the newest complete snapshot, which the
+//!   owner records as the committed offset of the restore consumer group ([`SnapshotStart`];
+//!   docs/architecture.md, "Snapshots").
 //!
 //! Formats (docs/architecture.md, "State record format"):
 //! - format 2 ([`v2`], written): the record's own storage types (`v2::Stored*`, never the
@@ -86,6 +91,7 @@ pub enum RecordKey {
     LegacyTokens(PsuId),
     Checkpoint,
     RestoreMarker,
+    Snapshot,
     Unknown,
 }
 
@@ -109,6 +115,9 @@ impl RecordKey {
         if key.starts_with(RESTORE_MARKER_PREFIX) {
             return RecordKey::RestoreMarker;
         }
+        if key.starts_with(SNAPSHOT_PREFIX) {
+            return RecordKey::Snapshot;
+        }
         RecordKey::Unknown
     }
 }
@@ -118,6 +127,12 @@ pub fn checkpoint_key(partition: i32) -> String {
 }
 
 pub const RESTORE_MARKER_PREFIX: &str = "restore-marker/";
+
+pub const SNAPSHOT_PREFIX: &str = "snapshot/";
+
+pub fn snapshot_key(partition: i32) -> String {
+    format!("{SNAPSHOT_PREFIX}{partition}")
+}
 
 pub fn restore_marker_key(partition: i32, owner: &str) -> String {
     format!("{RESTORE_MARKER_PREFIX}{partition}/{owner}")
@@ -292,6 +307,57 @@ pub fn encode_checkpoint(
     Ok((record_key, bytes))
 }
 
+/// The begin (`begin: None`) or the end of a snapshot.
+pub fn encode_snapshot(
+    ring: &StateKeyRing,
+    partition: i32,
+    epoch: i64,
+    end_of: Option<(i64, u64)>,
+) -> Result<(String, Vec<u8>), KafkaEdgeError> {
+    let record_key = snapshot_key(partition);
+    let body = match end_of {
+        None => v2::Body::SnapshotBegin {},
+        Some((begin, entities)) => v2::Body::SnapshotEnd { begin, entities },
+    };
+    let bytes = v2::seal(ring, &record_key, epoch, &body)?;
+    Ok((record_key, bytes))
+}
+
+/// A copy of a record that could not be read (see [`v2::Body::QuarantinedCopy`]).
+pub fn encode_quarantined_copy(
+    ring: &StateKeyRing,
+    record_key: &str,
+    epoch: i64,
+    original: &QuarantinedRecord,
+) -> Result<Vec<u8>, KafkaEdgeError> {
+    let body = v2::Body::QuarantinedCopy {
+        offset: original.offset,
+        epoch_header: original.epoch_header,
+        value_hex: hex::encode(&original.value),
+    };
+    Ok(v2::seal(ring, record_key, epoch, &body)?)
+}
+
+/// A state record as read, kept because it could not be decoded. No `Debug`: the value may be
+/// a format 1 record with personal data in the clear.
+#[derive(Clone, PartialEq, Eq)]
+pub struct QuarantinedRecord {
+    /// Where it was first written.
+    pub offset: i64,
+    pub epoch_header: Option<i64>,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for QuarantinedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuarantinedRecord")
+            .field("offset", &self.offset)
+            .field("epoch_header", &self.epoch_header)
+            .field("value_len", &self.value.len())
+            .finish()
+    }
+}
+
 /// A restore marker as written: unsealed (see the module doc).
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -323,6 +389,12 @@ pub enum DecodedRecord {
     RestoreMarker,
     /// A final payment past the retention horizon (under its `payment/{id}` key).
     Retired(Retired),
+    /// A snapshot's begin (`end_of: None`) or end (`end_of: Some(begin)`).
+    Snapshot {
+        end_of: Option<i64>,
+    },
+    /// A record that could not be read, copied into a snapshot: to be decoded again.
+    QuarantinedCopy(QuarantinedRecord),
 }
 
 /// How a decoded record was protected.
@@ -396,6 +468,21 @@ pub fn decode_record(
             v2::Body::OutboxCheckpoint { published_through } => {
                 DecodedRecord::Checkpoint(published_through)
             }
+            v2::Body::SnapshotBegin {} => DecodedRecord::Snapshot { end_of: None },
+            v2::Body::SnapshotEnd { begin, .. } => DecodedRecord::Snapshot {
+                end_of: Some(begin),
+            },
+            v2::Body::QuarantinedCopy {
+                offset,
+                epoch_header,
+                value_hex,
+            } => DecodedRecord::QuarantinedCopy(QuarantinedRecord {
+                offset,
+                epoch_header,
+                value: hex::decode(value_hex).map_err(|_| {
+                    StateRecordError::Body("quarantined copy: the value is not hex".into())
+                })?,
+            }),
         };
         return Ok(Decoded {
             record,
@@ -438,10 +525,152 @@ pub fn decode_record(
     }
 }
 
-/// Reads state partition `partition` from the beginning up to and including the restore marker
-/// at `marker_offset`, which the caller wrote and saw acknowledged (blocking), and folds every
-/// record into `fold`. Returns the consumer, positioned after the marker, for the fence's tail.
-/// Gives up early (an error) once `stop` is set: the partition was revoked meanwhile.
+/// Where a restore starts: the begin of the newest complete snapshot, recorded by the owner
+/// that wrote it as the committed offset of the restore consumer group (`{group}-restore`),
+/// with the rest in the commit's metadata. It is committed only once the fence confirmed the
+/// snapshot's end (no newer claim before it) and every event of the records before `begin` was
+/// published, so a restore from `begin` misses nothing (docs/architecture.md, "Snapshots").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotStart {
+    pub begin: i64,
+    pub end: i64,
+    /// The epoch of the owner that wrote it: no claim lies between its marker and `end`, so a
+    /// restore from `begin` starts with this as its epoch floor.
+    pub epoch: i64,
+    /// When it was committed (milliseconds since the Unix epoch).
+    pub at: Millis,
+}
+
+const SNAPSHOT_METADATA: &str = "pis-snapshot/1";
+
+impl SnapshotStart {
+    pub fn metadata(&self) -> String {
+        format!(
+            "{SNAPSHOT_METADATA} epoch={} end={} at={}",
+            self.epoch, self.end, self.at
+        )
+    }
+
+    /// The start committed at `begin` with `metadata`; `None` if the metadata is not ours or
+    /// does not make sense (then restore reads from the beginning).
+    pub fn parse(begin: i64, metadata: &str) -> Option<Self> {
+        let mut parts = metadata.split(' ');
+        if parts.next()? != SNAPSHOT_METADATA {
+            return None;
+        }
+        let (mut epoch, mut end, mut at) = (None, None, None);
+        for part in parts {
+            let (name, value) = part.split_once('=')?;
+            let value: i64 = value.parse().ok()?;
+            match name {
+                "epoch" => epoch = Some(value),
+                "end" => end = Some(value),
+                "at" => at = Some(value),
+                _ => return None,
+            }
+        }
+        let start = SnapshotStart {
+            begin,
+            end: end?,
+            epoch: epoch?,
+            at: at?,
+        };
+        (0 <= start.epoch && start.epoch < start.begin && start.begin <= start.end).then_some(start)
+    }
+}
+
+/// Why a restore reads from where it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreFrom {
+    Snapshot(SnapshotStart),
+    /// No usable snapshot: from the partition's first record. The reason is for the log.
+    Beginning {
+        why: String,
+    },
+}
+
+fn restore_group(settings: &KafkaSettings) -> String {
+    format!("{}-restore", settings.group_id)
+}
+
+fn restore_consumer(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaEdgeError> {
+    settings
+        .client_config()
+        .set("group.id", restore_group(settings))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A snapshot whose records the broker no longer has is an error, never a silent jump
+        // to the end of the partition.
+        .set("auto.offset.reset", "error")
+        // The same consumer then tails the partition for the fence: answer fetches quickly.
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .map_err(|e| KafkaEdgeError::kafka("creating restore consumer", e))
+}
+
+/// The newest committed snapshot start of `partition`, if any (blocking).
+pub fn committed_snapshot(
+    settings: &KafkaSettings,
+    consumer: &BaseConsumer,
+    partition: i32,
+    timeout: Duration,
+) -> Result<Option<SnapshotStart>, KafkaEdgeError> {
+    let topic = &settings.topics.state;
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(wanted, timeout).map_err(|e| {
+        KafkaEdgeError::kafka(format!("reading the snapshot of {topic}/{partition}"), e)
+    })?;
+    let Some(elem) = committed.find_partition(topic, partition) else {
+        return Ok(None);
+    };
+    let Offset::Offset(begin) = elem.offset() else {
+        return Ok(None);
+    };
+    // rdkafka panics on metadata that is not UTF-8; only this code commits to the group, but a
+    // restore must not die of someone else's commit.
+    let metadata =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_owned()))
+            .unwrap_or_default();
+    Ok(SnapshotStart::parse(begin, &metadata))
+}
+
+/// Records `start` as where the next restore of `partition` begins (blocking). Returns `false`
+/// (and commits nothing) when a newer snapshot is already recorded: a paused owner's late
+/// commit must not move restores back.
+pub fn commit_snapshot(
+    settings: &KafkaSettings,
+    partition: i32,
+    start: &SnapshotStart,
+    timeout: Duration,
+) -> Result<bool, KafkaEdgeError> {
+    let consumer = restore_consumer(settings)?;
+    if let Some(current) = committed_snapshot(settings, &consumer, partition, timeout)? {
+        if current.begin > start.begin {
+            return Ok(false);
+        }
+    }
+    let topic = &settings.topics.state;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start.begin))
+        .map_err(|e| KafkaEdgeError::kafka("building the snapshot commit", e))?;
+    if let Some(mut elem) = tpl.find_partition(topic, partition) {
+        elem.set_metadata(start.metadata());
+    }
+    consumer
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .map_err(|e| {
+            KafkaEdgeError::kafka(format!("committing the snapshot of {topic}/{partition}"), e)
+        })?;
+    Ok(true)
+}
+
+/// Reads state partition `partition` up to and including the restore marker at
+/// `marker_offset`, which the caller wrote and saw acknowledged (blocking), and folds every
+/// record into `fold`: from the begin of the newest committed snapshot, or from the first
+/// record when there is none. Returns where it started and the consumer, positioned after the
+/// marker, for the fence's tail. Gives up early (an error) once `stop` is set: the partition
+/// was revoked meanwhile.
 ///
 /// The end is the caller's own marker, not the high watermark: Tansu 0.6 reports a high
 /// watermark that counts produce batches, not records (a 3-record batch moved it by 1), and a
@@ -453,26 +682,43 @@ pub fn read_partition(
     timeout: Duration,
     stop: &std::sync::atomic::AtomicBool,
     fold: &mut crate::engine::restore::RestoreFold<'_>,
-) -> Result<BaseConsumer, KafkaEdgeError> {
+) -> Result<(RestoreFrom, BaseConsumer), KafkaEdgeError> {
     let started = Instant::now();
     let topic = &settings.topics.state;
-    let consumer: BaseConsumer = settings
-        .client_config()
-        .set("group.id", format!("{}-restore", settings.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // The same consumer then tails the partition for the fence: answer fetches quickly.
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .map_err(|e| KafkaEdgeError::kafka("creating restore consumer", e))?;
+    let consumer = restore_consumer(settings)?;
+    let from = match committed_snapshot(settings, &consumer, partition, timeout) {
+        Ok(Some(start)) if start.end < marker_offset => RestoreFrom::Snapshot(start),
+        Ok(Some(start)) => RestoreFrom::Beginning {
+            why: format!(
+                "the committed snapshot ends at {} but this owner's marker is at {marker_offset} (a re-created topic?)",
+                start.end
+            ),
+        },
+        Ok(None) => RestoreFrom::Beginning {
+            why: "no snapshot committed yet".into(),
+        },
+        Err(e) => RestoreFrom::Beginning {
+            why: format!("the committed snapshot could not be read: {e}"),
+        },
+    };
+    let first = match &from {
+        RestoreFrom::Snapshot(start) => {
+            fold.start_at(start);
+            Offset::Offset(start.begin)
+        }
+        RestoreFrom::Beginning { .. } => Offset::Beginning,
+    };
     let mut assignment = TopicPartitionList::new();
     assignment
-        .add_partition_offset(topic, partition, Offset::Beginning)
+        .add_partition_offset(topic, partition, first)
         .map_err(|e| KafkaEdgeError::kafka("building restore assignment", e))?;
     consumer
         .assign(&assignment)
         .map_err(|e| KafkaEdgeError::kafka(format!("assigning {topic}/{partition}"), e))?;
-    let mut next = 0;
+    let mut next = match &from {
+        RestoreFrom::Snapshot(start) => start.begin,
+        RestoreFrom::Beginning { .. } => 0,
+    };
     while next <= marker_offset {
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return Err(KafkaEdgeError::Setup(format!(
@@ -487,11 +733,22 @@ pub fn read_partition(
         let Some(result) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        // Consumer errors here are librdkafka's reports of a broker going away or a leader
-        // moving (a broker restart): it reconnects by itself, so keep reading until the
-        // timeout instead of giving the partition up.
         let message = match result {
             Ok(message) => message,
+            // The snapshot's first records are gone (time-based retention shorter than the
+            // snapshot's age): reading on from elsewhere would miss live payments.
+            Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange,
+            )) => {
+                return Err(KafkaEdgeError::Setup(format!(
+                    "restore of {topic}/{partition}: the broker no longer has offset {next}, where the newest snapshot begins; \
+                     the state topic's retention is shorter than the snapshots' age (docs/runbooks.md, \"Snapshot too old\")"
+                )));
+            }
+            // Other consumer errors here are librdkafka's reports of a broker going away or a
+            // leader moving (a broker restart): it reconnects by itself, so keep reading until
+            // the timeout instead of giving the partition up.
             Err(e) => {
                 tracing::warn!(%topic, partition, next, error = %e, "restore read failed; retrying");
                 std::thread::sleep(Duration::from_millis(200));
@@ -507,7 +764,7 @@ pub fn read_partition(
             super::fence::epoch_header(&message),
         );
     }
-    Ok(consumer)
+    Ok((from, consumer))
 }
 
 #[cfg(test)]

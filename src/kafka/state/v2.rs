@@ -992,6 +992,22 @@ pub enum Body {
     },
     /// A final payment past the retention horizon, under its `payment/{id}` key.
     Retired(StoredRetired),
+    /// The start of a snapshot of the owner's live entities (`snapshot/{partition}`): its
+    /// offset is where the next restore may start once the snapshot is complete.
+    SnapshotBegin {},
+    /// The end of that snapshot: every live entity was re-written between `begin` and here.
+    SnapshotEnd {
+        begin: i64,
+        entities: u64,
+    },
+    /// A record that could not be read, carried into a snapshot as it was (hex of its value,
+    /// its `pis.epoch` header, its offset) under its own key: a restore tries it again and
+    /// quarantines it again if it still does not decode.
+    QuarantinedCopy {
+        offset: i64,
+        epoch_header: Option<i64>,
+        value_hex: String,
+    },
 }
 
 /// The clear header of a sealed record.
