@@ -406,8 +406,15 @@ mod tests {
                 "{name} is exported but not documented in docs/metrics.md"
             );
         }
-        assert!(
-            text.contains("pis_commands_consumed_total{outcome=\"accepted\",type=\"initiate\"} 1")
-        );
+        // Other tests of this process count commands too: at least this one.
+        let counted = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "pis_commands_consumed_total{outcome=\"accepted\",type=\"initiate\"} ",
+                )
+            })
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(counted.is_some_and(|n| n >= 1.0), "{counted:?}");
     }
 }

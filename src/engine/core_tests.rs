@@ -312,6 +312,54 @@ impl StateLog {
         self.push(key.to_owned(), Some(value.to_vec()), Some(epoch))
     }
 
+    /// A write of the owner, encoded as the shell encodes it.
+    fn write(&mut self, epoch: i64, write: &StateWrite) -> i64 {
+        let key = write.key(PARTITION);
+        let value = match write {
+            StateWrite::Payment { payment, events } => Some(
+                state::encode_payment(&self.key, epoch, payment, events)
+                    .expect("payment")
+                    .1,
+            ),
+            StateWrite::Tokens(t) => Some(state::encode_psu(&self.key, epoch, t).expect("psu").1),
+            StateWrite::Retired(r) => Some(
+                state::encode_retired(&self.key, epoch, r)
+                    .expect("retired")
+                    .1,
+            ),
+            StateWrite::Checkpoint { through } => Some(
+                state::encode_checkpoint(&self.key, PARTITION, epoch, *through)
+                    .expect("checkpoint")
+                    .1,
+            ),
+            StateWrite::SnapshotBegin => Some(
+                state::encode_snapshot(&self.key, PARTITION, epoch, None)
+                    .expect("snapshot")
+                    .1,
+            ),
+            StateWrite::SnapshotEnd { begin, entities } => Some(
+                state::encode_snapshot(&self.key, PARTITION, epoch, Some((*begin, *entities)))
+                    .expect("snapshot")
+                    .1,
+            ),
+            StateWrite::QuarantinedCopy { key, record } => {
+                Some(state::encode_quarantined_copy(&self.key, key, epoch, record).expect("copy"))
+            }
+            StateWrite::DeleteTokens(_) | StateWrite::DeleteKey(_) => None,
+        };
+        self.push(key, value, Some(epoch))
+    }
+
+    /// A restore from the committed snapshot `start` up to the claim at `marker`.
+    fn restore_from(&self, start: &SnapshotStart, marker: i64) -> Restored {
+        let mut fold = RestoreFold::new(&self.key, marker);
+        fold.start_at(start);
+        for (offset, (k, v, e)) in self.records.iter().enumerate().skip(start.begin as usize) {
+            fold.apply(offset as i64, Some(k.as_bytes()), v.as_deref(), *e);
+        }
+        fold.finish()
+    }
+
     fn restore(&self, marker: i64) -> Restored {
         let mut fold = RestoreFold::new(&self.key, marker);
         for (offset, (k, v, e)) in self.records.iter().enumerate() {
@@ -466,6 +514,8 @@ struct Harness {
     persisted_tokens: HashMap<TokenKey, PsuTokens>,
     /// Every action so far.
     history: Vec<Did>,
+    /// When set, every acknowledged write is encoded into it at its offset (restore tests).
+    log: Option<StateLog>,
 }
 
 impl Harness {
@@ -495,6 +545,7 @@ impl Harness {
             persisted: HashMap::new(),
             persisted_tokens,
             history: Vec::new(),
+            log: None,
         }
     }
 
@@ -672,6 +723,14 @@ impl Harness {
     fn ack_write_at(&mut self, offset: i64) -> Vec<Did> {
         let w = self.writes.pop_front().expect("a pending write");
         self.next_state_offset = self.next_state_offset.max(offset + 1);
+        if let Some(log) = &mut self.log {
+            assert_eq!(
+                log.records.len() as i64,
+                offset,
+                "the log is written in order"
+            );
+            log.write(self.core.epoch(), &w.write);
+        }
         match &w.write {
             StateWrite::Payment { payment, .. } => {
                 self.persisted
@@ -2393,4 +2452,331 @@ fn an_expired_pair_of_a_psu_with_a_live_payment_is_kept() {
         "{did:?}"
     );
     assert!(h.core.tokens(&token_key("BELFIUS")).is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+// ---------------------------------------------------------------------------------------------
+
+/// What an owner acts on after a restore, comparable.
+fn restored_view(r: &Restored) -> Vec<String> {
+    let mut view: Vec<String> = r
+        .payments
+        .values()
+        .map(|p| format!("payment {p:?}"))
+        .chain(r.retired.values().map(|x| format!("retired {x:?}")))
+        .chain(r.tokens.iter().map(|(k, t)| {
+            format!(
+                "tokens {k} {} {:?} {:?}",
+                t.access_token.expose_secret(),
+                t.expires_at,
+                t.updated_at
+            )
+        }))
+        .chain(
+            r.quarantined
+                .iter()
+                .map(|(k, q)| format!("quarantined {k} at {} {}", q.offset, q.class)),
+        )
+        .collect();
+    view.sort();
+    view
+}
+
+/// The commit the owner asked for among `did`.
+fn commit_asked(did: &[Did]) -> Option<SnapshotStart> {
+    did.iter().find_map(|d| match d {
+        Did::CommitSnapshot(start) => Some(*start),
+        _ => None,
+    })
+}
+
+/// An owner restored from a log with a quarantined payment (over its last good state), a
+/// payment waiting for SCA and another owner's claim; snapshots every minute at most.
+fn snapshotting_owner() -> Harness {
+    let mut log = StateLog::new();
+    let first = log.marker("first");
+    let (held, _) = sca_pending_payment("p-held", "BELFIUS");
+    log.payment(first, &held, &[]);
+    log.raw("payment/p-held", b"not a state record", first);
+    let (waiting, events) = sca_pending_payment("p-waiting", "BELFIUS");
+    let at = log.payment(first, &waiting, &events);
+    log.checkpoint(first, at);
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    assert_eq!(
+        restored.markers.len(),
+        1,
+        "the other owner's claim is known"
+    );
+    let config = CoreConfig {
+        epoch: mine,
+        snapshot_interval_ms: 60_000,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(restored, config);
+    h.log = Some(log);
+    h.start();
+    h.flush();
+    h
+}
+
+/// Moves past the snapshot interval and acknowledges everything until the owner asks for the
+/// snapshot to be recorded.
+fn take_snapshot(h: &mut Harness) -> SnapshotStart {
+    let at = h.now + 60_000;
+    let mut did = h.tick_at(at);
+    for _ in 0..10_000 {
+        if let Some(start) = commit_asked(&did) {
+            return start;
+        }
+        did = if !h.writes.is_empty() {
+            h.ack_write()
+        } else if !h.publications.is_empty() {
+            h.ack_publications()
+        } else if let Some((id, _)) = h
+            .open_calls()
+            .into_iter()
+            .find(|(_, kind)| *kind == "status")
+        {
+            // The interval also made payments due for a poll: the bank says nothing new.
+            let answer = match h.state(&id) {
+                PaymentState::Signed => observed(BankProgress::Signed, "ACTC"),
+                _ => observed(BankProgress::AwaitingSca, "RCVD"),
+            };
+            h.answer(&id, "status", answer)
+        } else {
+            h.tick()
+        };
+    }
+    panic!("no snapshot commit asked for: {:?}", h.history);
+}
+
+#[test]
+fn a_restore_from_a_snapshot_sees_what_a_full_read_sees() {
+    within_seconds(10, || {
+        let mut h = snapshotting_owner();
+        h.sca_pending("p-before", "BELFIUS");
+        h.signed("p-signed", "BELFIUS", "access-1");
+        let start = take_snapshot(&mut h);
+        assert_eq!(start.epoch, h.core.epoch());
+        let did = h.on(Event::SnapshotCommitted {
+            start,
+            outcome: SnapshotCommit::Committed,
+        });
+        // The first snapshot deletes no claim: a restore may still start at the one before.
+        assert!(writes(&did).is_empty(), "{did:?}");
+        // Life goes on after the snapshot: a new payment, and one moves on.
+        h.sca_pending("p-after", "BELFIUS");
+        h.complete_sca("c-sca-p-before", "p-before", "code-x");
+        h.flush();
+        let mut log = h.log.take().expect("log");
+        let next = log.marker("next");
+        let full = log.restore(next);
+        let from = log.restore_from(&start, next);
+        assert_eq!(restored_view(&from), restored_view(&full));
+        assert!(
+            from.records_read < full.records_read,
+            "{} vs {}",
+            from.records_read,
+            full.records_read
+        );
+        // The held payment stays held, under its first offset, with its last good state.
+        assert_eq!(from.quarantined["payment/p-held"].offset, 2);
+        assert!(from.payments.contains_key(&pid("p-held")));
+        // Every event before the snapshot was published before it was recorded.
+        assert!(full.unpublished.iter().all(|(o, _)| *o >= start.begin));
+        assert_eq!(from.unpublished.len(), full.unpublished.len());
+        assert_eq!(from.snapshot, Some(start));
+    });
+}
+
+#[test]
+fn a_snapshot_waits_for_a_busy_payment_and_for_the_events_before_it() {
+    within_seconds(10, || {
+        let mut h = snapshotting_owner();
+        // p-busy's initiation is outstanding at the bank when the snapshot begins, and the
+        // events of its first records are not published yet.
+        h.initiate("p-busy", "BELFIUS");
+        let mut did = Vec::new();
+        while !h.writes.is_empty() {
+            did.extend(h.ack_write());
+        }
+        assert_eq!(h.open_calls(), vec![pc("p-busy", "initiate")]);
+        assert!(!h.publications.is_empty());
+        let at = h.now + 60_000;
+        did.extend(h.tick_at(at));
+        did.extend(answer_polls(&mut h));
+        assert!(
+            !writes(&did).contains(&("snapshot/0".into(), "snapshot-end")),
+            "a busy payment is not copied yet: {did:?}"
+        );
+        let mut did = h.answer("p-busy", "initiate", initiated("p-busy"));
+        while !h.writes.is_empty() {
+            did.extend(h.ack_write());
+        }
+        let copied = did.iter().any(|d| {
+            matches!(d, Did::Write { key, what: "payment", confirm: false, .. } if key == "payment/p-busy")
+        });
+        assert!(copied, "copied once idle: {did:?}");
+        assert!(writes(&did).contains(&("snapshot/0".into(), "snapshot-end")));
+        assert_eq!(
+            commit_asked(&h.history),
+            None,
+            "events of records before the begin are not published yet"
+        );
+        let mut did = h.ack_publications();
+        did.extend(h.flush());
+        did.extend(h.tick());
+        let start = commit_asked(&did).expect("recorded once they are published");
+        let mut log = h.log.take().expect("log");
+        let next = log.marker("next");
+        assert_eq!(
+            restored_view(&log.restore_from(&start, next)),
+            restored_view(&log.restore(next))
+        );
+    });
+}
+
+/// Answers every open status poll with what the bank already said; acknowledges the writes
+/// that follow (not the publications).
+fn answer_polls(h: &mut Harness) -> Vec<Did> {
+    let mut did = Vec::new();
+    loop {
+        while !h.writes.is_empty() {
+            did.extend(h.ack_write());
+        }
+        let Some((id, _)) = h
+            .open_calls()
+            .into_iter()
+            .find(|(_, kind)| *kind == "status")
+        else {
+            return did;
+        };
+        let answer = match h.state(&id) {
+            PaymentState::Signed => observed(BankProgress::Signed, "ACTC"),
+            _ => observed(BankProgress::AwaitingSca, "RCVD"),
+        };
+        did.extend(h.answer(&id, "status", answer));
+    }
+}
+
+#[test]
+fn claims_before_the_previous_snapshot_are_deleted_and_a_deleted_claim_is_no_claim() {
+    within_seconds(10, || {
+        let mut h = snapshotting_owner();
+        h.sca_pending("p-1", "BELFIUS");
+        let first = take_snapshot(&mut h);
+        h.on(Event::SnapshotCommitted {
+            start: first,
+            outcome: SnapshotCommit::Committed,
+        });
+        h.flush();
+        h.sca_pending("p-2", "BELFIUS");
+        let second = take_snapshot(&mut h);
+        assert!(second.begin > first.begin);
+        let did = h.on(Event::SnapshotCommitted {
+            start: second,
+            outcome: SnapshotCommit::Committed,
+        });
+        assert_eq!(
+            writes(&did),
+            vec![(state::restore_marker_key(PARTITION, "first"), "delete-key")]
+        );
+        h.flush();
+        let mut log = h.log.take().expect("log");
+        let next = log.marker("next");
+        let full = log.restore(next);
+        // The tombstone of the old claim, read after this owner's records, fenced nothing.
+        assert_eq!(full.zombie_records, 0);
+        assert!(full.zombie_keys.is_empty());
+        assert!(!full.markers.values().any(|k| k.ends_with("/first")));
+        assert_eq!(
+            restored_view(&log.restore_from(&second, next)),
+            restored_view(&full)
+        );
+        // A paused owner's late commit sending restores back to the first snapshot still
+        // restores the same.
+        assert_eq!(
+            restored_view(&log.restore_from(&first, next)),
+            restored_view(&full)
+        );
+    });
+}
+
+#[test]
+fn a_snapshot_is_written_when_restore_would_read_too_much_not_only_on_the_interval() {
+    within_seconds(10, || {
+        let config = CoreConfig {
+            snapshot_min_records: 20,
+            ..config(Policy::default())
+        };
+        let mut h = Harness::with_config(restored(vec![], vec![]), config);
+        h.start();
+        let mut n = 0;
+        while !h.history.iter().any(|d| {
+            matches!(
+                d,
+                Did::Write {
+                    what: "snapshot-begin",
+                    ..
+                }
+            )
+        }) {
+            n += 1;
+            assert!(n < 20, "no snapshot after {n} payments");
+            h.sca_pending(&format!("p-{n}"), "BELFIUS");
+        }
+        assert!(h.core.restore_backlog() >= 20);
+    });
+}
+
+#[test]
+fn a_failed_or_superseded_commit_is_not_retried_at_once() {
+    within_seconds(10, || {
+        let mut h = snapshotting_owner();
+        let start = take_snapshot(&mut h);
+        h.on(Event::SnapshotCommitted {
+            start,
+            outcome: SnapshotCommit::Failed("broker down".into()),
+        });
+        let did = h.flush();
+        assert!(
+            !did.iter().any(|d| matches!(
+                d,
+                Did::Write {
+                    what: "snapshot-begin",
+                    ..
+                }
+            )),
+            "{did:?}"
+        );
+        assert_eq!(h.core.newest_snapshot(), None);
+        // Within a minute it is tried again.
+        let start = take_snapshot(&mut h);
+        h.on(Event::SnapshotCommitted {
+            start,
+            outcome: SnapshotCommit::Committed,
+        });
+        assert_eq!(h.core.newest_snapshot(), Some(start));
+        // A restore now reads the records from the begin on, no more.
+        let begin_at = h
+            .history
+            .iter()
+            .rposition(|d| {
+                matches!(
+                    d,
+                    Did::Write {
+                        what: "snapshot-begin",
+                        ..
+                    }
+                )
+            })
+            .expect("a begin");
+        let since = h.history[begin_at..]
+            .iter()
+            .filter(|d| matches!(d, Did::Write { .. }))
+            .count();
+        assert_eq!(h.core.restore_backlog(), since as u64);
+    });
 }

@@ -156,6 +156,8 @@ impl<'k> RestoreFold<'k> {
                 if offset < self.marker_offset {
                     self.out.markers.insert(offset, record_key);
                 }
+            } else {
+                self.out.markers.retain(|_, key| *key != record_key);
             }
             return;
         }
