@@ -230,8 +230,12 @@ pub enum StateWrite {
     Checkpoint {
         through: i64,
     },
-    /// A snapshot's first record: its offset is where a restore from it starts.
-    SnapshotBegin,
+    /// A snapshot's first record (under a key of its own): its offset is where a restore from
+    /// it starts; `at` is when it began.
+    SnapshotBegin {
+        key: String,
+        at: Millis,
+    },
     /// A snapshot's last record: the live entities were re-written since `begin`.
     SnapshotEnd {
         begin: i64,
@@ -256,9 +260,8 @@ impl StateWrite {
             StateWrite::DeleteTokens(key) => psu_key(key),
             StateWrite::DeleteKey(key) => key.clone(),
             StateWrite::Checkpoint { .. } => crate::kafka::state::checkpoint_key(partition),
-            StateWrite::SnapshotBegin | StateWrite::SnapshotEnd { .. } => {
-                crate::kafka::state::snapshot_key(partition)
-            }
+            StateWrite::SnapshotBegin { key, .. } => key.clone(),
+            StateWrite::SnapshotEnd { .. } => crate::kafka::state::snapshot_key(partition),
             StateWrite::QuarantinedCopy { key, .. } => key.clone(),
         }
     }
@@ -447,6 +450,9 @@ struct SnapshotRun {
     entities: u64,
     /// Writes issued before the begin: what the next snapshot is counted from.
     writes_before: u64,
+    /// The begin record's key, and when it began.
+    key: String,
+    at: Millis,
     end: SnapshotEnd,
 }
 
@@ -563,8 +569,10 @@ pub struct OwnerCore {
     /// The newest snapshot known to be recorded (the one restore started at, then this
     /// owner's): claims before its begin are read by no restore.
     newest_snapshot: Option<SnapshotStart>,
-    /// Other owners' claims on the partition known to this owner, by offset.
+    /// Records under keys of their own known to this owner (other owners' claims, snapshot
+    /// begins), by offset: deleted once no restore starts before them.
     markers: BTreeMap<i64, String>,
+    snapshots_begun: u64,
     out: Vec<Action>,
 }
 
@@ -624,6 +632,7 @@ impl OwnerCore {
             snapshot_writes_base: 0,
             newest_snapshot,
             markers,
+            snapshots_begun: 0,
             out: Vec::new(),
         }
     }
@@ -1651,6 +1660,12 @@ impl OwnerCore {
                 .map(|k| SnapshotItem::Quarantined(k.clone())),
         );
         let writes_before = self.writes_issued;
+        self.snapshots_begun += 1;
+        let key = crate::kafka::state::snapshot_begin_key(
+            self.config.partition,
+            self.config.epoch,
+            self.snapshots_begun,
+        );
         debug!(
             partition = self.config.partition,
             entities = todo.len(),
@@ -1664,10 +1679,12 @@ impl OwnerCore {
             copies_in_flight: 0,
             entities: 0,
             writes_before,
+            key: key.clone(),
+            at: now,
             end: SnapshotEnd::NotYet,
         });
         self.write(
-            StateWrite::SnapshotBegin,
+            StateWrite::SnapshotBegin { key, at: now },
             SNAPSHOT_COPY,
             AfterWrite::SnapshotBegin,
         );
@@ -1776,14 +1793,18 @@ impl OwnerCore {
                     self.write_checkpoint_if_due();
                 }
                 if self.outbox.last_checkpoint() >= begin - 1 {
+                    let at = self.snapshot.as_ref().map_or(now, |r| r.at);
                     if let Some(run) = &mut self.snapshot {
                         run.end = SnapshotEnd::Committing;
                     }
+                    debug!(
+                        partition = self.config.partition,
+                        begin, end, "snapshot complete"
+                    );
                     self.out.push(Action::CommitSnapshot(SnapshotStart {
                         begin,
-                        end,
                         epoch: self.config.epoch,
-                        at: now,
+                        at,
                     }));
                 }
             }
@@ -1800,7 +1821,6 @@ impl OwnerCore {
                 info!(
                     partition = self.config.partition,
                     begin = start.begin,
-                    end = start.end,
                     entities = run.entities,
                     "snapshot recorded: restores start at its begin"
                 );
@@ -1939,6 +1959,8 @@ impl OwnerCore {
             AfterWrite::SnapshotBegin => {
                 if let Some(run) = &mut self.snapshot {
                     run.begin = Some(offset);
+                    // Deleted, like a claim, once no restore can start at it.
+                    self.markers.insert(offset, run.key.clone());
                 }
             }
             AfterWrite::SnapshotCopy => {

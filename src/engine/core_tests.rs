@@ -332,15 +332,12 @@ impl StateLog {
                     .expect("checkpoint")
                     .1,
             ),
-            StateWrite::SnapshotBegin => Some(
-                state::encode_snapshot(&self.key, PARTITION, epoch, None)
-                    .expect("snapshot")
-                    .1,
-            ),
+            StateWrite::SnapshotBegin { key, at } => {
+                Some(state::encode_snapshot(&self.key, key, epoch, None, *at).expect("snapshot"))
+            }
             StateWrite::SnapshotEnd { begin, entities } => Some(
-                state::encode_snapshot(&self.key, PARTITION, epoch, Some((*begin, *entities)))
-                    .expect("snapshot")
-                    .1,
+                state::encode_snapshot(&self.key, &key, epoch, Some((*begin, *entities)), 0)
+                    .expect("snapshot"),
             ),
             StateWrite::QuarantinedCopy { key, record } => {
                 Some(state::encode_quarantined_copy(&self.key, key, epoch, record).expect("copy"))
@@ -353,7 +350,16 @@ impl StateLog {
     /// A restore from the committed snapshot `start` up to the claim at `marker`.
     fn restore_from(&self, start: &SnapshotStart, marker: i64) -> Restored {
         let mut fold = RestoreFold::new(&self.key, marker);
-        fold.start_at(start);
+        let (k, v, e) = &self.records[start.begin as usize];
+        fold.start_at(
+            start.begin,
+            start.begin,
+            Some(k.as_bytes()),
+            v.as_deref(),
+            *e,
+        )
+        .expect("the snapshot's begin");
+        assert_eq!(fold.snapshot(), Some(*start));
         for (offset, (k, v, e)) in self.records.iter().enumerate().skip(start.begin as usize) {
             fold.apply(offset as i64, Some(k.as_bytes()), v.as_deref(), *e);
         }
@@ -409,7 +415,7 @@ fn what(write: &StateWrite) -> &'static str {
         StateWrite::DeleteTokens(_) => "delete-tokens",
         StateWrite::DeleteKey(_) => "delete-key",
         StateWrite::Checkpoint { .. } => "checkpoint",
-        StateWrite::SnapshotBegin => "snapshot-begin",
+        StateWrite::SnapshotBegin { .. } => "snapshot-begin",
         StateWrite::SnapshotEnd { .. } => "snapshot-end",
         StateWrite::QuarantinedCopy { .. } => "quarantined-copy",
     }
@@ -750,7 +756,7 @@ impl Harness {
             }
             StateWrite::DeleteKey(_)
             | StateWrite::Checkpoint { .. }
-            | StateWrite::SnapshotBegin
+            | StateWrite::SnapshotBegin { .. }
             | StateWrite::SnapshotEnd { .. }
             | StateWrite::QuarantinedCopy { .. } => {}
         }
@@ -2608,7 +2614,7 @@ fn a_snapshot_waits_for_a_busy_payment_and_for_the_events_before_it() {
         did.extend(h.tick_at(at));
         did.extend(answer_polls(&mut h));
         assert!(
-            !writes(&did).contains(&("snapshot/0".into(), "snapshot-end")),
+            !writes(&did).contains(&(state::snapshot_key(PARTITION), "snapshot-end")),
             "a busy payment is not copied yet: {did:?}"
         );
         let mut did = h.answer("p-busy", "initiate", initiated("p-busy"));
@@ -2619,7 +2625,7 @@ fn a_snapshot_waits_for_a_busy_payment_and_for_the_events_before_it() {
             matches!(d, Did::Write { key, what: "payment", confirm: false, .. } if key == "payment/p-busy")
         });
         assert!(copied, "copied once idle: {did:?}");
-        assert!(writes(&did).contains(&("snapshot/0".into(), "snapshot-end")));
+        assert!(writes(&did).contains(&(state::snapshot_key(PARTITION), "snapshot-end")));
         assert_eq!(
             commit_asked(&h.history),
             None,

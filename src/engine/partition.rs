@@ -539,7 +539,7 @@ impl Shell {
                             state::commit_snapshot(
                                 &deps.kafka,
                                 partition,
-                                &start,
+                                start.begin,
                                 Duration::from_secs(10),
                             )
                         })
@@ -593,17 +593,17 @@ impl Shell {
                 state::encode_checkpoint(&self.deps.state_key, self.partition, epoch, *through)
                     .map(|(_, v)| Some(v))
             }
-            StateWrite::SnapshotBegin => {
-                state::encode_snapshot(&self.deps.state_key, self.partition, epoch, None)
-                    .map(|(_, v)| Some(v))
+            StateWrite::SnapshotBegin { key, at } => {
+                state::encode_snapshot(&self.deps.state_key, key, epoch, None, *at).map(Some)
             }
             StateWrite::SnapshotEnd { begin, entities } => state::encode_snapshot(
                 &self.deps.state_key,
-                self.partition,
+                &key,
                 epoch,
                 Some((*begin, *entities)),
+                0,
             )
-            .map(|(_, v)| Some(v)),
+            .map(Some),
             StateWrite::QuarantinedCopy { key, record } => {
                 state::encode_quarantined_copy(&self.deps.state_key, key, epoch, record).map(Some)
             }

@@ -123,13 +123,62 @@ impl<'k> RestoreFold<'k> {
         }
     }
 
-    /// Starts at a committed snapshot instead of the partition's first record: what the
-    /// records before it said is in the snapshot, its owner's claim is the epoch floor, and
-    /// every event before it is published.
-    pub fn start_at(&mut self, start: &SnapshotStart) {
+    /// Starts at the snapshot recorded at `begin`, instead of the partition's first record,
+    /// given the first record read there: it must be that snapshot's begin record (at `begin`,
+    /// under a snapshot key, sealed). Then what the records before it said is in the snapshot,
+    /// its owner's claim is the epoch floor, and every event before it is published. Call
+    /// [`apply`](Self::apply) with the record next. An error says why the snapshot is not
+    /// usable: the caller reads the partition from its first record instead.
+    pub fn start_at(
+        &mut self,
+        begin: i64,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        epoch_header: Option<i64>,
+    ) -> Result<(), String> {
+        if offset != begin {
+            return Err(format!(
+                "the recorded snapshot begins at {begin} but the first record there is at {offset} (deleted?)"
+            ));
+        }
+        let record_key = key
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        if RecordKey::parse(&record_key) != RecordKey::Snapshot {
+            return Err(format!(
+                "the record at {begin}, where the recorded snapshot begins, is no snapshot record"
+            ));
+        }
+        let value = value.ok_or_else(|| format!("the snapshot begin at {begin} is deleted"))?;
+        let decoded = state::decode_record(self.key, &record_key, value, epoch_header)
+            .map_err(|e| format!("the snapshot begin at {begin} does not decode: {e}"))?;
+        let DecodedRecord::Snapshot {
+            end_of: None,
+            at: Some(at),
+        } = decoded.record
+        else {
+            return Err(format!("the record at {begin} is no snapshot begin"));
+        };
+        let start = SnapshotStart {
+            begin,
+            epoch: decoded.epoch,
+            at,
+        };
         self.epoch_floor = self.epoch_floor.max(start.epoch);
         self.out.checkpoint = self.out.checkpoint.max(start.begin - 1);
-        self.out.snapshot = Some(*start);
+        self.out.snapshot = Some(start);
+        Ok(())
+    }
+
+    /// Forgets everything read: the caller reads again from the partition's first record.
+    pub fn reset(&mut self) {
+        *self = RestoreFold::new(self.key, self.marker_offset);
+    }
+
+    /// The snapshot this fold started at, if any.
+    pub fn snapshot(&self) -> Option<SnapshotStart> {
+        self.out.snapshot
     }
 
     /// One record: `value: None` is a tombstone; `epoch_header` its `pis.epoch` header.

@@ -74,6 +74,7 @@ enum Expected {
 /// The quarantined record the format 2 fixtures carry a copy of: it still does not decode.
 const QUARANTINED_KEY: &str = "payment/p-quarantined";
 const QUARANTINED_OFFSET: i64 = 3;
+const SNAPSHOT_AT: i64 = 1_767_830_400_000;
 
 fn date(y: i32, m: u32, d: u32) -> NaiveDate {
     NaiveDate::from_ymd_opt(y, m, d).unwrap_or_default()
@@ -348,7 +349,11 @@ fn expected_v2() -> Vec<(String, Option<i64>, Expected)> {
     ));
     // A snapshot: its begin, a copy of a record that did not decode, its end.
     let begin = records.len() as i64;
-    records.push(("snapshot/0".into(), Some(EPOCH), Expected::Snapshot(None)));
+    records.push((
+        snapshot_begin_key(0, EPOCH, 1),
+        Some(EPOCH),
+        Expected::Snapshot(None),
+    ));
     records.push((
         QUARANTINED_KEY.into(),
         Some(EPOCH),
@@ -524,8 +529,9 @@ fn assert_decoded(actual: &DecodedRecord, expected: &Expected, key: &str) {
         (DecodedRecord::Retired(retired), Expected::Retired(want)) => {
             assert_retired(retired, want);
         }
-        (DecodedRecord::Snapshot { end_of }, Expected::Snapshot(want)) => {
+        (DecodedRecord::Snapshot { end_of, at }, Expected::Snapshot(want)) => {
             assert_eq!(end_of, want, "{key}: snapshot");
+            assert_eq!(at, &end_of.is_none().then_some(SNAPSHOT_AT), "{key}: at");
         }
         (DecodedRecord::QuarantinedCopy(copy), Expected::QuarantinedCopy(want)) => {
             let QuarantinedRecord {
@@ -708,7 +714,14 @@ fn encode_v2(ring: &StateKeyRing, want: &Expected) -> Option<(String, Vec<u8>)> 
         Expected::Psu(t) => encode_psu(ring, EPOCH, t),
         Expected::Checkpoint(through) => encode_checkpoint(ring, 0, EPOCH, *through),
         Expected::Retired(r) => encode_retired(ring, EPOCH, r),
-        Expected::Snapshot(end_of) => encode_snapshot(ring, 0, EPOCH, end_of.map(|b| (b, 3))),
+        Expected::Snapshot(None) => {
+            let key = snapshot_begin_key(0, EPOCH, 1);
+            encode_snapshot(ring, &key, EPOCH, None, SNAPSHOT_AT).map(|v| (key, v))
+        }
+        Expected::Snapshot(Some(begin)) => {
+            let key = snapshot_key(0);
+            encode_snapshot(ring, &key, EPOCH, Some((*begin, 3)), 0).map(|v| (key, v))
+        }
         Expected::QuarantinedCopy(q) => encode_quarantined_copy(ring, QUARANTINED_KEY, EPOCH, q)
             .map(|v| (QUARANTINED_KEY.to_owned(), v)),
     };

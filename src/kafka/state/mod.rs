@@ -130,8 +130,14 @@ pub const RESTORE_MARKER_PREFIX: &str = "restore-marker/";
 
 pub const SNAPSHOT_PREFIX: &str = "snapshot/";
 
+/// The key of snapshots' end records (compaction keeps the latest).
 pub fn snapshot_key(partition: i32) -> String {
     format!("{SNAPSHOT_PREFIX}{partition}")
+}
+
+/// The key of one snapshot's begin record: unique, like a claim's.
+pub fn snapshot_begin_key(partition: i32, epoch: i64, seq: u64) -> String {
+    format!("{SNAPSHOT_PREFIX}{partition}/{epoch}/{seq}")
 }
 
 pub fn restore_marker_key(partition: i32, owner: &str) -> String {
@@ -307,20 +313,21 @@ pub fn encode_checkpoint(
     Ok((record_key, bytes))
 }
 
-/// The begin (`begin: None`) or the end of a snapshot.
+/// The begin (`end_of: None`, under a key of its own: compaction must keep it while restores
+/// start there) or the end (`end_of: Some((begin, entities))`, under [`snapshot_key`]) of a
+/// snapshot; `at` is when it began.
 pub fn encode_snapshot(
     ring: &StateKeyRing,
-    partition: i32,
+    record_key: &str,
     epoch: i64,
     end_of: Option<(i64, u64)>,
-) -> Result<(String, Vec<u8>), KafkaEdgeError> {
-    let record_key = snapshot_key(partition);
+    at: Millis,
+) -> Result<Vec<u8>, KafkaEdgeError> {
     let body = match end_of {
-        None => v2::Body::SnapshotBegin {},
+        None => v2::Body::SnapshotBegin { at },
         Some((begin, entities)) => v2::Body::SnapshotEnd { begin, entities },
     };
-    let bytes = v2::seal(ring, &record_key, epoch, &body)?;
-    Ok((record_key, bytes))
+    Ok(v2::seal(ring, record_key, epoch, &body)?)
 }
 
 /// A copy of a record that could not be read (see [`v2::Body::QuarantinedCopy`]).
@@ -389,9 +396,10 @@ pub enum DecodedRecord {
     RestoreMarker,
     /// A final payment past the retention horizon (under its `payment/{id}` key).
     Retired(Retired),
-    /// A snapshot's begin (`end_of: None`) or end (`end_of: Some(begin)`).
+    /// A snapshot's begin (`end_of: None`, begun `at`) or end (`end_of: Some(begin)`).
     Snapshot {
         end_of: Option<i64>,
+        at: Option<Millis>,
     },
     /// A record that could not be read, copied into a snapshot: to be decoded again.
     QuarantinedCopy(QuarantinedRecord),
@@ -468,9 +476,13 @@ pub fn decode_record(
             v2::Body::OutboxCheckpoint { published_through } => {
                 DecodedRecord::Checkpoint(published_through)
             }
-            v2::Body::SnapshotBegin {} => DecodedRecord::Snapshot { end_of: None },
+            v2::Body::SnapshotBegin { at } => DecodedRecord::Snapshot {
+                end_of: None,
+                at: Some(at),
+            },
             v2::Body::SnapshotEnd { begin, .. } => DecodedRecord::Snapshot {
                 end_of: Some(begin),
+                at: None,
             },
             v2::Body::QuarantinedCopy {
                 offset,
@@ -525,58 +537,20 @@ pub fn decode_record(
     }
 }
 
-/// Where a restore starts: the begin of the newest complete snapshot, recorded by the owner
-/// that wrote it as the committed offset of the restore consumer group (`{group}-restore`),
-/// with the rest in the commit's metadata. It is committed only once the fence confirmed the
-/// snapshot's end (no newer claim before it) and every event of the records before `begin` was
-/// published, so a restore from `begin` misses nothing (docs/architecture.md, "Snapshots").
+/// Where a restore starts: the begin of the newest complete snapshot. Its owner records the
+/// begin's offset as the committed offset of the restore consumer group (`{group}-restore`)
+/// once the fence confirmed the snapshot's end (no newer claim before it) and every event of
+/// the records before the begin was published, so a restore from there misses nothing
+/// (docs/architecture.md, "Snapshots"). The rest is read from the begin record itself (not
+/// from commit metadata, which Tansu does not keep).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotStart {
     pub begin: i64,
-    pub end: i64,
-    /// The epoch of the owner that wrote it: no claim lies between its marker and `end`, so a
-    /// restore from `begin` starts with this as its epoch floor.
+    /// The epoch of the owner that wrote it: no claim lies between its marker and the
+    /// snapshot's end, so a restore from `begin` starts with this as its epoch floor.
     pub epoch: i64,
-    /// When it was committed (milliseconds since the Unix epoch).
+    /// When the snapshot began (milliseconds since the Unix epoch).
     pub at: Millis,
-}
-
-const SNAPSHOT_METADATA: &str = "pis-snapshot/1";
-
-impl SnapshotStart {
-    pub fn metadata(&self) -> String {
-        format!(
-            "{SNAPSHOT_METADATA} epoch={} end={} at={}",
-            self.epoch, self.end, self.at
-        )
-    }
-
-    /// The start committed at `begin` with `metadata`; `None` if the metadata is not ours or
-    /// does not make sense (then restore reads from the beginning).
-    pub fn parse(begin: i64, metadata: &str) -> Option<Self> {
-        let mut parts = metadata.split(' ');
-        if parts.next()? != SNAPSHOT_METADATA {
-            return None;
-        }
-        let (mut epoch, mut end, mut at) = (None, None, None);
-        for part in parts {
-            let (name, value) = part.split_once('=')?;
-            let value: i64 = value.parse().ok()?;
-            match name {
-                "epoch" => epoch = Some(value),
-                "end" => end = Some(value),
-                "at" => at = Some(value),
-                _ => return None,
-            }
-        }
-        let start = SnapshotStart {
-            begin,
-            end: end?,
-            epoch: epoch?,
-            at: at?,
-        };
-        (0 <= start.epoch && start.epoch < start.begin && start.begin <= start.end).then_some(start)
-    }
 }
 
 /// Why a restore reads from where it does.
@@ -608,55 +582,44 @@ fn restore_consumer(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaEdgeE
         .map_err(|e| KafkaEdgeError::kafka("creating restore consumer", e))
 }
 
-/// The newest committed snapshot start of `partition`, if any (blocking).
+/// The begin offset of the newest snapshot recorded for `partition`, if any (blocking).
 pub fn committed_snapshot(
     settings: &KafkaSettings,
     consumer: &BaseConsumer,
     partition: i32,
     timeout: Duration,
-) -> Result<Option<SnapshotStart>, KafkaEdgeError> {
+) -> Result<Option<i64>, KafkaEdgeError> {
     let topic = &settings.topics.state;
     let mut wanted = TopicPartitionList::new();
     wanted.add_partition(topic, partition);
     let committed = consumer.committed_offsets(wanted, timeout).map_err(|e| {
         KafkaEdgeError::kafka(format!("reading the snapshot of {topic}/{partition}"), e)
     })?;
-    let Some(elem) = committed.find_partition(topic, partition) else {
-        return Ok(None);
-    };
-    let Offset::Offset(begin) = elem.offset() else {
-        return Ok(None);
-    };
-    // rdkafka panics on metadata that is not UTF-8; only this code commits to the group, but a
-    // restore must not die of someone else's commit.
-    let metadata =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_owned()))
-            .unwrap_or_default();
-    Ok(SnapshotStart::parse(begin, &metadata))
+    Ok(committed
+        .find_partition(topic, partition)
+        .and_then(|elem| match elem.offset() {
+            Offset::Offset(begin) => Some(begin),
+            _ => None,
+        }))
 }
 
-/// Records `start` as where the next restore of `partition` begins (blocking). Returns `false`
+/// Records `begin` as where the next restore of `partition` starts (blocking). Returns `false`
 /// (and commits nothing) when a newer snapshot is already recorded: a paused owner's late
 /// commit must not move restores back.
 pub fn commit_snapshot(
     settings: &KafkaSettings,
     partition: i32,
-    start: &SnapshotStart,
+    begin: i64,
     timeout: Duration,
 ) -> Result<bool, KafkaEdgeError> {
     let consumer = restore_consumer(settings)?;
-    if let Some(current) = committed_snapshot(settings, &consumer, partition, timeout)? {
-        if current.begin > start.begin {
-            return Ok(false);
-        }
+    if committed_snapshot(settings, &consumer, partition, timeout)?.is_some_and(|c| c > begin) {
+        return Ok(false);
     }
     let topic = &settings.topics.state;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(start.begin))
+    tpl.add_partition_offset(topic, partition, Offset::Offset(begin))
         .map_err(|e| KafkaEdgeError::kafka("building the snapshot commit", e))?;
-    if let Some(mut elem) = tpl.find_partition(topic, partition) {
-        elem.set_metadata(start.metadata());
-    }
     consumer
         .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
         .map_err(|e| {
@@ -686,39 +649,37 @@ pub fn read_partition(
     let started = Instant::now();
     let topic = &settings.topics.state;
     let consumer = restore_consumer(settings)?;
-    let from = match committed_snapshot(settings, &consumer, partition, timeout) {
-        Ok(Some(start)) if start.end < marker_offset => RestoreFrom::Snapshot(start),
-        Ok(Some(start)) => RestoreFrom::Beginning {
-            why: format!(
-                "the committed snapshot ends at {} but this owner's marker is at {marker_offset} (a re-created topic?)",
-                start.end
-            ),
-        },
-        Ok(None) => RestoreFrom::Beginning {
-            why: "no snapshot committed yet".into(),
-        },
-        Err(e) => RestoreFrom::Beginning {
-            why: format!("the committed snapshot could not be read: {e}"),
-        },
+    let committed = committed_snapshot(settings, &consumer, partition, timeout);
+    let (mut from, mut next) = match committed {
+        Ok(Some(begin)) if begin < marker_offset => (None, begin),
+        Ok(Some(begin)) => (
+            Some(format!(
+                "the recorded snapshot begins at {begin}, after this owner's claim at {marker_offset} (a re-created topic?)"
+            )),
+            0,
+        ),
+        Ok(None) => (Some("no snapshot recorded yet".to_owned()), 0),
+        Err(e) => (
+            Some(format!("the recorded snapshot could not be read: {e}")),
+            0,
+        ),
     };
-    let first = match &from {
-        RestoreFrom::Snapshot(start) => {
-            fold.start_at(start);
-            Offset::Offset(start.begin)
-        }
-        RestoreFrom::Beginning { .. } => Offset::Beginning,
+    let assign = |first: i64| -> Result<(), KafkaEdgeError> {
+        let mut assignment = TopicPartitionList::new();
+        let offset = if first == 0 {
+            Offset::Beginning
+        } else {
+            Offset::Offset(first)
+        };
+        assignment
+            .add_partition_offset(topic, partition, offset)
+            .map_err(|e| KafkaEdgeError::kafka("building restore assignment", e))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| KafkaEdgeError::kafka(format!("assigning {topic}/{partition}"), e))
     };
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, first)
-        .map_err(|e| KafkaEdgeError::kafka("building restore assignment", e))?;
-    consumer
-        .assign(&assignment)
-        .map_err(|e| KafkaEdgeError::kafka(format!("assigning {topic}/{partition}"), e))?;
-    let mut next = match &from {
-        RestoreFrom::Snapshot(start) => start.begin,
-        RestoreFrom::Beginning { .. } => 0,
-    };
+    assign(next)?;
+    let mut at_snapshot = from.is_none();
     while next <= marker_offset {
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return Err(KafkaEdgeError::Setup(format!(
@@ -756,6 +717,18 @@ pub fn read_partition(
             }
         };
         let offset = message.offset();
+        if at_snapshot {
+            at_snapshot = false;
+            let epoch = super::fence::epoch_header(&message);
+            if let Err(why) = fold.start_at(next, offset, message.key(), message.payload(), epoch) {
+                // Never guess: read everything instead.
+                from = Some(why);
+                fold.reset();
+                next = 0;
+                assign(0)?;
+                continue;
+            }
+        }
         next = offset + 1;
         fold.apply(
             offset,
@@ -764,6 +737,15 @@ pub fn read_partition(
             super::fence::epoch_header(&message),
         );
     }
+    let from = match from {
+        None => fold.snapshot().map_or_else(
+            || RestoreFrom::Beginning {
+                why: "no snapshot".into(),
+            },
+            RestoreFrom::Snapshot,
+        ),
+        Some(why) => RestoreFrom::Beginning { why },
+    };
     Ok((from, consumer))
 }
 

@@ -994,7 +994,9 @@ pub enum Body {
     Retired(StoredRetired),
     /// The start of a snapshot of the owner's live entities (`snapshot/{partition}`): its
     /// offset is where the next restore may start once the snapshot is complete.
-    SnapshotBegin {},
+    SnapshotBegin {
+        at: i64,
+    },
     /// The end of that snapshot: every live entity was re-written between `begin` and here.
     SnapshotEnd {
         begin: i64,
