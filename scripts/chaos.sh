@@ -21,12 +21,15 @@ case "$mode" in
     target/release/pis-chaos --persistent --broker-restart-every-secs 30 \
       --payments "${CHAOS_PAYMENTS:-10000}" --psus 500 --partitions 6 --workers 3 \
       --kill-every-secs 20 --timeout-secs 1800 --run-dir .run/chaos
-    exec target/release/pis-chaos --orphans-signable \
+    exec env PIS_SNAPSHOT_INTERVAL_SECS=5 PIS_SNAPSHOT_MIN_RECORDS=500 \
+      target/release/pis-chaos --orphans-signable \
       --payments "${CHAOS_PAYMENTS:-10000}" --psus 500 --partitions 6 --workers 3 \
       --kill-every-secs 20 --timeout-secs 1800 --run-dir .run/chaos-signable
     ;;
   ci)
     cargo build --locked --bins
+    # Snapshots every few seconds: restores after the SIGKILLs start at a snapshot.
+    export PIS_SNAPSHOT_INTERVAL_SECS=3 PIS_SNAPSHOT_MIN_RECORDS=100
     target/debug/pis-chaos --payments "${CHAOS_PAYMENTS:-400}" --psus 60 --partitions 4 \
       --workers 2 --kill-every-secs 12 --timeout-secs 600 --bank-sca-expiry-secs 45 \
       --run-dir .run/chaos-ci

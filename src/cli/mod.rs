@@ -82,6 +82,12 @@ pub struct BrokerArgs {
     /// false for Tansu 0.6, see docs/guarantees.md).
     #[arg(long, env = "PIS_STATE_COMPACTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub state_compaction: bool,
+    /// Also expire the state topic's records by time (`cleanup.policy=compact,delete` with this
+    /// `retention.ms`) when the worker creates it: safe because every snapshot re-writes what is
+    /// live and restores start at the newest one (docs/architecture.md, "Snapshots"). Keep it
+    /// far above PIS_SNAPSHOT_INTERVAL_SECS. Unset: kept forever.
+    #[arg(long, env = "PIS_STATE_RETENTION_MS", value_parser = clap::value_parser!(i64).range(3_600_000..))]
+    pub state_retention_ms: Option<i64>,
 }
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
@@ -106,6 +112,7 @@ impl BrokerArgs {
             assignment_strategy: self.assignment_strategy.clone(),
             extra: self.kafka_properties.clone(),
             state_compaction: self.state_compaction,
+            state_retention_ms: self.state_retention_ms,
         }
     }
 }

@@ -27,14 +27,23 @@ pub async fn ensure_topics(
     // of the same key before the live owner re-writes it (docs/guarantees.md): the lag keeps
     // every record for an hour. No config at all when compaction is off: a `delete` policy
     // would expire state.
-    let compact: &[(&str, &str)] = if settings.state_compaction {
-        &[
+    // With snapshots, records older than the newest recorded snapshot are read by no restore:
+    // the topic may also expire by time (docs/architecture.md, "Snapshots").
+    let retention = settings.state_retention_ms.map(|ms| ms.to_string());
+    let mut compact: Vec<(&str, &str)> = Vec::new();
+    match (settings.state_compaction, retention.as_deref()) {
+        (true, Some(ms)) => compact.extend([
+            ("cleanup.policy", "compact,delete"),
+            ("min.compaction.lag.ms", "3600000"),
+            ("retention.ms", ms),
+        ]),
+        (true, None) => compact.extend([
             ("cleanup.policy", "compact"),
             ("min.compaction.lag.ms", "3600000"),
-        ]
-    } else {
-        &[]
-    };
+        ]),
+        (false, Some(ms)) => compact.extend([("cleanup.policy", "delete"), ("retention.ms", ms)]),
+        (false, None) => {}
+    }
     let new_topics = [
         NewTopic::new(
             &topics.commands,

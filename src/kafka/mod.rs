@@ -57,6 +57,8 @@ pub struct KafkaSettings {
     /// Create the state topic compacted (with `min.compaction.lag.ms`, see admin.rs). Off only
     /// for brokers that compact without honouring the lag (Tansu 0.6 with sqlite).
     pub state_compaction: bool,
+    /// `retention.ms` of the state topic when the worker creates it (None: no time limit).
+    pub state_retention_ms: Option<i64>,
 }
 
 impl KafkaSettings {

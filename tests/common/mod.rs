@@ -65,6 +65,7 @@ impl TestEnv {
             extra: vec![],
             // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
             state_compaction: false,
+            state_retention_ms: None,
         };
         pis_worker::kafka::admin::ensure_topics(&settings, PARTITIONS, 1)
             .await

@@ -38,6 +38,7 @@ pub fn harness_settings(brokers: &str, kind: &str) -> KafkaSettings {
         extra: vec![],
         // Tansu compacts without honouring min.compaction.lag.ms (docs/guarantees.md).
         state_compaction: false,
+        state_retention_ms: None,
     }
 }
 
