@@ -649,7 +649,14 @@ pub fn read_partition(
     let started = Instant::now();
     let topic = &settings.topics.state;
     let consumer = restore_consumer(settings)?;
-    let committed = committed_snapshot(settings, &consumer, partition, timeout);
+    // A group coordinator that does not answer (a broker restarting) must not hold the
+    // restore for its whole timeout: after a while, read everything instead.
+    let committed = committed_snapshot(
+        settings,
+        &consumer,
+        partition,
+        timeout.min(Duration::from_secs(30)),
+    );
     let (mut from, mut next) = match committed {
         Ok(Some(begin)) if begin < marker_offset => (None, begin),
         Ok(Some(begin)) => (
