@@ -278,7 +278,7 @@ impl Metrics {
             snapshot_age: gauge_vec(
                 r,
                 "pis_state_snapshot_age_seconds",
-                "Seconds since the newest snapshot of an owned state partition was recorded (where its next restore starts); the Unix time if it never was",
+                "Seconds since the newest snapshot of an owned state partition was recorded (where its next restore starts); since its owner started if none was yet",
                 &["partition"],
             ),
             restore_backlog: gauge_vec(

@@ -573,6 +573,8 @@ pub struct OwnerCore {
     /// begins), by offset: deleted once no restore starts before them.
     markers: BTreeMap<i64, String>,
     snapshots_begun: u64,
+    /// When this owner started: the snapshot age counts from it while none is recorded.
+    started_at: Millis,
     out: Vec<Action>,
 }
 
@@ -633,6 +635,7 @@ impl OwnerCore {
             newest_snapshot,
             markers,
             snapshots_begun: 0,
+            started_at: now,
             out: Vec::new(),
         }
     }
@@ -775,7 +778,7 @@ impl OwnerCore {
         let mut summary = super::stats::Summary {
             quarantined: self.quarantined.len() as i64,
             retired: self.retired.len() as i64,
-            snapshot_at: self.newest_snapshot.map(|s| s.at),
+            snapshot_at: Some(self.newest_snapshot.map_or(self.started_at, |s| s.at)),
             restore_backlog: i64::try_from(self.restore_backlog()).unwrap_or(i64::MAX),
             ..super::stats::Summary::default()
         };

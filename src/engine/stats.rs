@@ -25,7 +25,8 @@ pub struct Summary {
     pub quarantined: i64,
     /// Retired payment ids still remembered.
     pub retired: i64,
-    /// When the newest snapshot of the partition was recorded (`None`: never).
+    /// When the newest snapshot of the partition began (or, none recorded yet, when its owner
+    /// started; `None`: unknown).
     pub snapshot_at: Option<Millis>,
     /// Records a restore of the partition would read now.
     pub restore_backlog: i64,
@@ -89,11 +90,11 @@ pub fn export() {
     m.restore_backlog.reset();
     for (partition, summary) in all.iter() {
         let label = partition.to_string();
-        // Never recorded: as old as the Unix epoch, so the alert sees it.
-        let age = summary
-            .snapshot_at
-            .map_or(now / 1000, |at| ((now - at) / 1000).max(0));
-        m.snapshot_age.with_label_values(&[&label]).set(age);
+        if let Some(at) = summary.snapshot_at {
+            m.snapshot_age
+                .with_label_values(&[&label])
+                .set(((now - at) / 1000).max(0));
+        }
         m.restore_backlog
             .with_label_values(&[&label])
             .set(summary.restore_backlog);
