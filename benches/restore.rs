@@ -2,9 +2,14 @@
 //! records, and how much memory the restored payments take. It separates the worker's own cost
 //! from the broker's (reading the partition over the network is not in these figures).
 //!
-//! Two partitions are compared (issue #11's goal is the second within 1.5× of the first):
+//! Three partitions are compared (issue #11's goal is the last within 1.5× of the first):
 //! - `in flight`: N payments waiting for SCA (one record each);
-//! - `history + in flight`: the same N plus H final (settled) payments written before them.
+//! - `history + in flight, read from the first record`: the same N plus H final (settled)
+//!   payments written before them (what restore read before snapshots);
+//! - `history + in flight, from the snapshot`: the same partition as the worker leaves it: each
+//!   historical payment settled, was retired and then forgotten (a tombstone), then a snapshot
+//!   re-wrote the N live payments; the restore starts at the snapshot's begin record, as
+//!   `kafka::state::read_partition` does with the offset the owner recorded.
 //!
 //! `cargo bench --bench restore` (part of `make bench`); sizes from `BENCH_RESTORE_IN_FLIGHT`
 //! (default 100,000) and `BENCH_RESTORE_HISTORY` (default 1,000,000). Under `cargo test` (no
@@ -169,64 +174,208 @@ fn fold(ring: &StateKeyRing, records: &Records) -> anyhow::Result<(f64, usize, u
     Ok((records.len() as f64 / took, payments, grown))
 }
 
+/// The partition after `history` payments settled, retired and were forgotten, then a snapshot
+/// of `live` (their latest records written before it, as a real partition has them). Returns
+/// the records and the snapshot begin's offset.
+fn snapshotted(
+    ring: &StateKeyRing,
+    settled: &Payment,
+    live: &Records,
+    history: usize,
+) -> anyhow::Result<(Records, Vec<Option<i64>>, i64)> {
+    let mut out = Records::with_capacity(history * 2 + live.len() * 2 + 2);
+    records(ring, settled, "done", history, &mut out)?;
+    let mut epochs = vec![Some(0); out.len()];
+    for i in 0..history {
+        let mut p = settled.clone();
+        p.payment_id = PaymentId::new(format!("done-{i:07}"));
+        let (key, value) = state::encode_retired(ring, 0, &state::Retired::of(&p, T0 + 10))?;
+        out.push((key.into_bytes(), value));
+        epochs.push(Some(0));
+    }
+    // Forgotten: tombstones (an empty value stands for none below).
+    for i in 0..history {
+        out.push((format!("payment/done-{i:07}").into_bytes(), Vec::new()));
+        epochs.push(Some(0));
+    }
+    out.extend(live.iter().cloned());
+    epochs.extend(std::iter::repeat_n(Some(0), live.len()));
+    let begin = i64::try_from(out.len()).unwrap_or(i64::MAX);
+    let key = state::snapshot_begin_key(0, 0, 1);
+    let value = state::encode_snapshot(ring, &key, 0, None, T0 + 20)?;
+    out.push((key.into_bytes(), value));
+    epochs.push(Some(0));
+    out.extend(live.iter().cloned());
+    epochs.extend(std::iter::repeat_n(Some(0), live.len()));
+    let key = state::snapshot_key(0);
+    let value = state::encode_snapshot(ring, &key, 0, Some((begin, live.len() as u64)), 0)?;
+    out.push((key.into_bytes(), value));
+    epochs.push(Some(0));
+    Ok((out, epochs, begin))
+}
+
+/// Restores `records` from the snapshot at `begin`, as the worker does; returns records/s,
+/// records read, the restored payments and the RSS the restored state added.
+fn fold_from_snapshot(
+    ring: &StateKeyRing,
+    records: &Records,
+    epochs: &[Option<i64>],
+    begin: i64,
+) -> anyhow::Result<(f64, u64, usize, u64)> {
+    let marker = i64::try_from(records.len()).unwrap_or(i64::MAX);
+    let before = rss();
+    let started = Instant::now();
+    let mut fold = RestoreFold::new(ring, marker);
+    let first = usize::try_from(begin).unwrap_or(usize::MAX);
+    let (key, value) = &records[first];
+    fold.start_at(begin, begin, Some(key), Some(value), epochs[first])
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for (offset, (key, value)) in records.iter().enumerate().skip(first) {
+        let value = (!value.is_empty()).then_some(value.as_slice());
+        fold.apply(offset as i64, Some(key), value, epochs[offset]);
+    }
+    let restored = fold.finish();
+    let took = started.elapsed().as_secs_f64();
+    let grown = rss().saturating_sub(before);
+    if !restored.quarantined.is_empty() {
+        anyhow::bail!("{} records quarantined", restored.quarantined.len());
+    }
+    let read = restored.records_read;
+    let payments = restored.payments.len();
+    drop(restored);
+    Ok((read as f64 / took, read, payments, grown))
+}
+
+/// One scenario's result: records read, records/s, restored payments, RSS the restore added.
+struct Measured {
+    read: u64,
+    rate: f64,
+    payments: usize,
+    grown: u64,
+}
+
+/// Runs one scenario in this process.
+fn scenario(name: &str, in_flight: usize, history: usize) -> anyhow::Result<Measured> {
+    let ring = StateKeyRing::generate();
+    let (pending, settled) = templates()?;
+    let mut alone = Records::with_capacity(in_flight);
+    records(&ring, &pending, "live", in_flight, &mut alone)?;
+    let measured = match name {
+        "alone" => {
+            let (rate, payments, grown) = fold(&ring, &alone)?;
+            Measured {
+                read: alone.len() as u64,
+                rate,
+                payments,
+                grown,
+            }
+        }
+        "history" => {
+            let mut all = Records::with_capacity(history + in_flight);
+            records(&ring, &settled, "done", history, &mut all)?;
+            all.extend(alone);
+            let (rate, payments, grown) = fold(&ring, &all)?;
+            anyhow::ensure!(payments == in_flight + history, "restored {payments}");
+            Measured {
+                read: all.len() as u64,
+                rate,
+                payments: payments - history,
+                grown,
+            }
+        }
+        "snapshot" => {
+            let (all, epochs, begin) = snapshotted(&ring, &settled, &alone, history)?;
+            drop(alone);
+            let (rate, read, payments, grown) = fold_from_snapshot(&ring, &all, &epochs, begin)?;
+            Measured {
+                read,
+                rate,
+                payments,
+                grown,
+            }
+        }
+        other => anyhow::bail!("unknown scenario {other}"),
+    };
+    anyhow::ensure!(
+        measured.payments == in_flight,
+        "{name}: restored {} of {in_flight} live payments",
+        measured.payments
+    );
+    Ok(measured)
+}
+
+/// Runs one scenario in a process of its own, so that one's freed memory is not the next
+/// one's RSS.
+fn in_child(name: &str) -> anyhow::Result<Measured> {
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .arg("--bench")
+        .env("BENCH_RESTORE_ONLY", name)
+        .output()?;
+    anyhow::ensure!(output.status.success(), "{name}: {output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("measured "))
+        .ok_or_else(|| anyhow::anyhow!("{name}: no result in {text}"))?;
+    let f: Vec<&str> = line.split(' ').collect();
+    anyhow::ensure!(f.len() == 4, "{name}: {line}");
+    Ok(Measured {
+        read: f[0].parse()?,
+        rate: f[1].parse()?,
+        payments: f[2].parse()?,
+        grown: f[3].parse()?,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let in_flight = size("BENCH_RESTORE_IN_FLIGHT", 100_000, 200);
     let history = size("BENCH_RESTORE_HISTORY", 1_000_000, 300);
-    let ring = StateKeyRing::generate();
-    let (pending, settled) = templates()?;
-
-    let mut alone = Records::with_capacity(in_flight);
-    records(&ring, &pending, "live", in_flight, &mut alone)?;
-    let mut with_history = Records::with_capacity(history + in_flight);
-    records(&ring, &settled, "done", history, &mut with_history)?;
-    with_history.extend(alone.iter().cloned());
-
-    let (rate_alone, n_alone, rss_alone) = fold(&ring, &alone)?;
-    let (rate_history, n_history, rss_history) = fold(&ring, &with_history)?;
-    anyhow::ensure!(n_alone == in_flight, "restored {n_alone} of {in_flight}");
-    anyhow::ensure!(n_history == in_flight + history, "restored {n_history}");
-    if !benchmarking() {
-        println!(
-            "restore: smoke run ({} + {} records folded; figures: cargo bench --bench restore)",
-            alone.len(),
-            with_history.len()
-        );
+    if let Ok(name) = std::env::var("BENCH_RESTORE_ONLY") {
+        let m = scenario(&name, in_flight, history)?;
+        println!("measured {} {} {} {}", m.read, m.rate, m.payments, m.grown);
         return Ok(());
     }
-    let secs = |n: usize, rate: f64| n as f64 / rate;
+    let names = ["alone", "history", "snapshot"];
+    if !benchmarking() {
+        for name in names {
+            let m = scenario(name, in_flight, history)?;
+            println!("restore: smoke run, {name}: {} records folded", m.read);
+        }
+        println!("restore: figures with cargo bench --bench restore");
+        return Ok(());
+    }
+    let results: Vec<Measured> = names
+        .iter()
+        .map(|name| in_child(name))
+        .collect::<anyhow::Result<_>>()?;
+    let secs = |m: &Measured| m.read as f64 / m.rate;
     println!("machine: {}", host::describe());
     println!(
-        "| partition | records | restore (fold) | records/s | restored RSS | RSS per payment |"
+        "| partition | records read | restore (fold) | records/s | restored RSS | RSS per live payment |"
     );
     println!("|---|---|---|---|---|---|");
-    for (name, n, rate, grown, payments) in [
-        (
-            "in flight (waiting for SCA)",
-            alone.len(),
-            rate_alone,
-            rss_alone,
-            n_alone,
-        ),
-        (
-            "history (settled) + in flight",
-            with_history.len(),
-            rate_history,
-            rss_history,
-            n_history,
-        ),
-    ] {
+    let labels = [
+        "in flight (waiting for SCA)",
+        "history (settled) + in flight, read from the first record",
+        "history (settled, retired, forgotten) + in flight, from the snapshot",
+    ];
+    for (label, m) in labels.iter().zip(&results) {
         println!(
-            "| {name} | {n} | {:.2} s | {:.0} | {:.0} MB | {:.0} B |",
-            secs(n, rate),
-            rate,
-            grown as f64 / 1e6,
-            grown as f64 / payments.max(1) as f64
+            "| {label} | {} | {:.2} s | {:.0} | {:.0} MB | {:.0} B |",
+            m.read,
+            secs(m),
+            m.rate,
+            m.grown as f64 / 1e6,
+            m.grown as f64 / m.payments.max(1) as f64
         );
     }
+    let (alone, full, snap) = (&results[0], &results[1], &results[2]);
     println!(
-        "history + in flight vs in flight alone: restore {:.1}×, RSS {:.1}×",
-        secs(with_history.len(), rate_history) / secs(alone.len(), rate_alone),
-        rss_history as f64 / rss_alone.max(1) as f64
+        "vs in flight alone: from the first record {:.1}× the restore time and {:.1}× the RSS; from the snapshot {:.2}× the restore time and {:.2}× the RSS",
+        secs(full) / secs(alone),
+        full.grown as f64 / alone.grown.max(1) as f64,
+        secs(snap) / secs(alone),
+        snap.grown as f64 / alone.grown.max(1) as f64,
     );
     Ok(())
 }
