@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help build test lint demo bench chaos chaos-ci alerts-test alerts-e2e helm-test broker-install clean
+.PHONY: help build test lint demo bench soak chaos chaos-ci alerts-test alerts-e2e helm-test broker-install clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ demo: ## Broker + Belfius sandbox + worker; payments move through their states
 
 bench: ## Benchmarks: hot-path CPU per step, end-to-end throughput/latency with 1 and 2 replicas
 	@scripts/bench.sh
+
+soak: ## Soak: 1,000,000 payments at 1,000/s, RSS and restore time sampled, PNG plot (SOAK_* to change)
+	@scripts/soak.sh
 
 chaos: ## Full chaos run: 10,000 payments, 3 replicas, SIGKILLs, bank faults, broker restarts (persistent)
 	@scripts/chaos.sh full

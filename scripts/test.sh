@@ -29,6 +29,13 @@ echo "   (a debug build on a shared machine: these figures are not benchmarks; m
 target/debug/pis-bench --brokers "$PIS_TEST_BROKERS" --payments 300 --warmup 20 --workers 1,2 \
   --run-dir "$RUN_DIR/bench-smoke"
 
+echo "== soak harness, short run: 3,000 payments at 500/s, horizons 5 s / 15 s, one restart"
+echo "   (make soak is the real one: a million payments)"
+target/debug/pis-soak --brokers "$PIS_TEST_BROKERS" --payments 3000 --rate 500 --partitions 4 \
+  --retention-secs 5 --retired-ids-retention-secs 15 --sandbox-forget-after-secs 5 \
+  --restart-every-secs 4 --max-restarts 1 --sample-every-secs 1 --linger-secs 8 --expect-retired \
+  --run-dir "$RUN_DIR/soak-smoke"
+
 echo "== alert rules (promtool check + unit tests)"
 scripts/alerts-test.sh
 

@@ -22,10 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use common::Workers;
-use pis_worker::contract::command::{CommandBody, CommandEnvelope};
 use pis_worker::contract::status;
 use pis_worker::domain::machine::StateKind;
-use pis_worker::domain::model::RawInitiatePayment;
 use pis_worker::kafka::KafkaSettings;
 use pis_worker::sandbox::SandboxConfig;
 use pis_worker::secret::StateKey;
@@ -377,7 +375,7 @@ async fn publish(
             tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / f64::from(rate)))
                 .await;
         }
-        let envelope = initiate(i, id, psus);
+        let envelope = common::load::initiate(i, id, &format!("bench-psu-{}", i % psus.max(1)));
         let (producer, topic, seen) = (
             producer.clone(),
             settings.topics.commands.clone(),
@@ -433,28 +431,6 @@ async fn wait_final(
             println!("bench: {phase}: {done}/{} final", ids.len());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn initiate(i: usize, id: &str, psus: usize) -> CommandEnvelope {
-    let psu = format!("bench-psu-{}", i % psus.max(1));
-    CommandEnvelope {
-        command_id: format!("cmd-{id}"),
-        payment_id: id.to_owned(),
-        psu_id: psu,
-        issued_at: chrono::Utc::now().timestamp_millis(),
-        body: CommandBody::Initiate(Box::new(RawInitiatePayment {
-            payment_product: "SEPA_CREDIT_TRANSFERS".into(),
-            brand: "BELFIUS".into(),
-            amount: format!("{}.{:02}", 1 + i % 500, i % 100),
-            currency: "EUR".into(),
-            creditor_name: "Shop".into(),
-            creditor_iban: "BE68539007547034".into(),
-            end_to_end_id: id.to_owned(),
-            language: "fr".into(),
-            redirect_uri: "https://client.example/callback".into(),
-            ..RawInitiatePayment::default()
-        })),
     }
 }
 

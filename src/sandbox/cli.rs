@@ -104,6 +104,7 @@ impl SandboxArgs {
             banx_bank_codes: self.banx_bank_codes.clone(),
             denied_countries: self.denied_countries.clone(),
             bic_required_countries: self.bic_required_countries.clone(),
+            forget_final_after: None,
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct SandboxConfig {
     /// [I] countries whose cross-border transfers need a BIC (or bank national id), else
     /// B14821ZZ-2102-000000.
     pub bic_required_countries: Vec<String>,
+    /// Forget final payments this long after they ended, so that a long run keeps a bounded
+    /// memory (`pis-soak`); `None`, the default, keeps every payment.
+    pub forget_final_after: Option<Duration>,
 }
 
 /// The [I] account rules of the simulated bank, fixed at start.
@@ -113,6 +116,7 @@ impl SandboxConfig {
             banx_bank_codes: strings(DEFAULT_BANX_BANK_CODES),
             denied_countries: strings(DEFAULT_DENIED_COUNTRIES),
             bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
+            forget_final_after: None,
         }
     }
 }
@@ -360,15 +364,18 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
             bic_required_countries: config.bic_required_countries.clone(),
         },
         verifier,
-        store: Mutex::new(Store::new(Settings {
-            auto_sign_after: config.auto_sign_after,
-            settle_after: config.settle_after,
-            sca_expiry: config.sca_expiry,
-            access_token_lifetime: config.access_token_lifetime,
-            verify_signatures: config.verify_signatures,
-            cancel_status: 204,
-            orphans_signable: config.orphans_signable,
-        })),
+        store: Mutex::new(
+            Store::new(Settings {
+                auto_sign_after: config.auto_sign_after,
+                settle_after: config.settle_after,
+                sca_expiry: config.sca_expiry,
+                access_token_lifetime: config.access_token_lifetime,
+                verify_signatures: config.verify_signatures,
+                cancel_status: 204,
+                orphans_signable: config.orphans_signable,
+            })
+            .forgetting_final_after(config.forget_final_after),
+        ),
     });
     let faults = Faults::default();
     {

@@ -249,6 +249,8 @@ pub struct Payment {
     /// The initiation's answer was lost: the TPP never got this payment's SCA URL. Unless
     /// `orphans_signable`, no PSU can sign it and it stays RCVD until it expires.
     orphaned: bool,
+    /// When a sweep first saw this payment final (only tracked when the store forgets).
+    ended: Option<Instant>,
 }
 
 /// JSON view of a payment for the operator API. No Debug: `redirect_url` may hold a code.
@@ -512,7 +514,14 @@ pub struct Store {
     /// Digests of each PSU's live (not invalidated) tokens.
     live: HashMap<String, HashSet<Digest>>,
     pub counters: Counters,
+    /// Forget a final payment this long after a sweep first saw it final (`None`: keep
+    /// everything). See [`Store::forgetting_final_after`].
+    forget_final_after: Option<Duration>,
+    last_sweep: Option<Instant>,
 }
+
+/// The longest pause between two sweeps of a forgetting store.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Store {
     pub fn new(settings: Settings) -> Self {
@@ -524,12 +533,86 @@ impl Store {
             tokens: HashMap::new(),
             live: HashMap::new(),
             counters: Counters::default(),
+            forget_final_after: None,
+            last_sweep: None,
         }
+    }
+
+    /// A store that forgets final payments (ACSC, RJCT, CANC) `after` they ended, with their
+    /// authorization codes, so that a long run (`pis-soak`: a million payments) keeps a bounded
+    /// memory. A bank's history is out of scope for the simulator; a forgotten payment answers
+    /// 404 like an unknown one. Its end-to-end id leaves `initiations_by_e2e` too, unless it
+    /// was initiated more than once: the evidence of a double initiation stays.
+    pub fn forgetting_final_after(mut self, after: Option<Duration>) -> Self {
+        self.forget_final_after = after;
+        self
     }
 
     /// Forgets payments, codes, tokens and counters; keeps the (possibly changed) settings.
     pub fn reset(&mut self) {
-        *self = Self::new(self.settings);
+        *self = Self::new(self.settings).forgetting_final_after(self.forget_final_after);
+    }
+
+    /// Payments held in memory, forgotten ones not included.
+    pub fn payment_count(&self) -> usize {
+        self.payments.len()
+    }
+
+    /// With forgetting on, at most every `min(horizon, 10 s)`: brings every payment up to
+    /// `now`, notes those newly final, and forgets those final for longer than the horizon.
+    /// Runs on initiation, so a store nobody writes to does not need it.
+    pub fn sweep(&mut self, now: Instant) {
+        let Some(horizon) = self.forget_final_after else {
+            return;
+        };
+        if self.last_sweep.is_some_and(|last| {
+            now.saturating_duration_since(last) < horizon.min(MAX_SWEEP_INTERVAL)
+        }) {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let mut forgotten = Vec::new();
+        for id in self.order.clone() {
+            self.advance(&id, now);
+            let Some(p) = self.payments.get_mut(&id) else {
+                continue;
+            };
+            if !p.status.is_final() {
+                continue;
+            }
+            let ended = *p.ended.get_or_insert(now);
+            if now.saturating_duration_since(ended) >= horizon {
+                forgotten.push(id);
+            }
+        }
+        for id in &forgotten {
+            let Some(p) = self.payments.remove(id) else {
+                continue;
+            };
+            let by_e2e = match p.kind {
+                PaymentKind::Single | PaymentKind::Periodic => {
+                    &mut self.counters.initiations_by_e2e
+                }
+                PaymentKind::Bulk => &mut self.counters.bulk_initiations,
+            };
+            if by_e2e.get(&p.e2e) == Some(&1) {
+                by_e2e.remove(&p.e2e);
+            }
+        }
+        let (payments, codes) = (&self.payments, &mut self.codes);
+        if !forgotten.is_empty() {
+            self.order.retain(|id| payments.contains_key(id));
+        }
+        // A code outlives its payment only until it expires.
+        codes.retain(|_, c| {
+            payments.contains_key(&c.payment_id)
+                || now.saturating_duration_since(c.issued) <= CODE_LIFETIME
+        });
+        tracing::debug!(
+            forgotten = forgotten.len(),
+            kept = self.payments.len(),
+            "sandbox forgot final payments"
+        );
     }
 
     pub fn count_initiation_request(&mut self) {
@@ -560,6 +643,7 @@ impl Store {
     }
 
     pub fn insert_payment(&mut self, new: NewPayment, now: Instant) -> &Payment {
+        self.sweep(now);
         // 32 hex characters: inside the reported `^[a-zA-Z0-9-]{0,35}$` id format [T Exthand].
         let id = uuid::Uuid::new_v4().simple().to_string();
         let auto_delay = self
@@ -607,6 +691,7 @@ impl Store {
             auto_at,
             last_redirect: None,
             orphaned: false,
+            ended: None,
         })
     }
 
@@ -1994,5 +2079,96 @@ mod tests {
         assert_eq!(store.counters.orphans_signed, 1);
         assert!(store.sign_all("E", "alice", false, None, t0).is_empty());
         assert!(store.sign_all("NONE", "alice", false, None, t0).is_empty());
+    }
+
+    #[test]
+    fn a_forgetting_store_forgets_final_payments_after_the_horizon() {
+        let t0 = Instant::now();
+        let after = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut store = Store::new(SETTINGS).forgetting_final_after(Some(Duration::from_secs(60)));
+        // Settles (ACSC at t0 + 2 s), is rejected, stays waiting for the PSU.
+        let settled = store
+            .insert_payment(new_payment("SETTLED", Scenario::default()), t0)
+            .id
+            .clone();
+        store.act(&settled, sign("alice"), t0).unwrap();
+        let rejected = store
+            .insert_payment(new_payment("REJECTED", Scenario::default()), t0)
+            .id
+            .clone();
+        store
+            .act(
+                &rejected,
+                PsuAction::Reject {
+                    psu: "bob".into(),
+                    state: None,
+                },
+                t0,
+            )
+            .unwrap();
+        let waiting = store
+            .insert_payment(new_payment("WAITING", Scenario::default()), t0)
+            .id
+            .clone();
+        // Initiated twice: the double initiation stays visible after both are forgotten.
+        for _ in 0..2 {
+            let id = store
+                .insert_payment(new_payment("TWICE", Scenario::default()), t0)
+                .id
+                .clone();
+            store.act(&id, sign("carol"), t0).unwrap();
+        }
+        assert_eq!(store.payment_count(), 5);
+        assert_eq!(store.codes.len(), 3);
+
+        // The first sweep sees the final ones final; none has been final for the horizon yet.
+        store.sweep(after(10));
+        assert_eq!(store.payment_count(), 5);
+        // Inside the horizon nothing goes.
+        store.sweep(after(65));
+        assert_eq!(store.payment_count(), 5);
+        // An initiation sweeps too (sweeps are at least 10 s apart): 60 s after the final ones
+        // were seen final, they go.
+        let late = store
+            .insert_payment(new_payment("LATE", Scenario::default()), after(75))
+            .id
+            .clone();
+        assert!(store.payment(&settled, after(75)).is_none());
+        assert!(store.payment(&rejected, after(75)).is_none());
+        assert_eq!(
+            store.payment(&waiting, after(75)).unwrap().status,
+            TransactionStatus::Rcvd
+        );
+        assert!(store.payment(&late, after(75)).is_some());
+        assert_eq!(store.payment_count(), 2);
+        let order: HashSet<&String> = store.order.iter().collect();
+        assert_eq!(order, HashSet::from([&waiting, &late]));
+        assert_eq!(store.latest_by_e2e("SETTLED"), None);
+        // Codes of forgotten payments within their lifetime are kept, until they expire.
+        assert_eq!(store.codes.len(), 3);
+        let counted: Vec<(&str, u64)> = store
+            .counters
+            .initiations_by_e2e
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(counted, [("LATE", 1), ("TWICE", 2), ("WAITING", 1)]);
+        // The one waiting expires (RJCT at 900 s) and goes 60 s after a sweep saw it.
+        store.sweep(after(901));
+        assert_eq!(store.payment_count(), 2);
+        assert!(store.codes.is_empty(), "codes of forgotten payments expire");
+        store.sweep(after(961));
+        assert!(store.payment(&waiting, after(961)).is_none());
+        assert!(store.payment(&late, after(961)).is_some());
+
+        // A store that does not forget keeps everything (the default).
+        let mut keeping = Store::new(SETTINGS);
+        let id = keeping
+            .insert_payment(new_payment("KEPT", Scenario::default()), t0)
+            .id
+            .clone();
+        keeping.act(&id, sign("alice"), t0).unwrap();
+        keeping.sweep(after(10_000));
+        assert!(keeping.payment(&id, after(10_000)).is_some());
     }
 }

@@ -2,6 +2,7 @@
 //! started from the built binary, a topic follower and a command sender. Both drive real
 //! processes over a real broker; nothing here is a mock.
 
+pub mod load;
 pub mod machine;
 
 use std::path::{Path, PathBuf};
