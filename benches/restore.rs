@@ -7,7 +7,9 @@
 //! - `history + in flight`: the same N plus H final (settled) payments written before them.
 //!
 //! `cargo bench --bench restore` (part of `make bench`); sizes from `BENCH_RESTORE_IN_FLIGHT`
-//! (default 100,000) and `BENCH_RESTORE_HISTORY` (default 1,000,000). Under `cargo test` (no
+//! (default 100,000) and `BENCH_RESTORE_HISTORY` (default 1,000,000); `BENCH_RESTORE_BATCH`
+//! (default 1,000) records per `RestoreFold::apply_batch` call, 1 for `RestoreFold::apply`
+//! record by record on one thread. Under `cargo test` (no
 //! `--bench` argument) it folds a few hundred records as a smoke test and prints no figures.
 
 #[path = "../src/bin/common/machine.rs"]
@@ -19,7 +21,7 @@ use pis_worker::domain::bank::BankProgress;
 use pis_worker::domain::machine::{self, Input, Outcome, Payment, Policy, StatusEvent};
 use pis_worker::domain::model::{BankPaymentId, CommandId, PaymentId, PsuId, RawInitiatePayment};
 use pis_worker::domain::validation::{ValidationLimits, validate_initiation};
-use pis_worker::engine::restore::RestoreFold;
+use pis_worker::engine::restore::{RawRecord, RestoreFold};
 use pis_worker::kafka::state;
 use pis_worker::secret::StateKeyRing;
 use secrecy::SecretString;
@@ -148,15 +150,31 @@ fn records(
     Ok(())
 }
 
-/// Folds `records` (offsets in order, the owner's marker after them); returns records/s, the
-/// restored payments and the RSS the restored state added.
-fn fold(ring: &StateKeyRing, records: &Records) -> anyhow::Result<(f64, usize, u64)> {
+/// Folds `records` (offsets in order, the owner's marker after them) in batches of `batch`
+/// through `RestoreFold::apply_batch` (decoded on every core, folded in order), or one by one
+/// through `RestoreFold::apply` when `batch` is 1; returns records/s, the restored payments and
+/// the RSS the restored state added.
+fn fold(ring: &StateKeyRing, records: &Records, batch: usize) -> anyhow::Result<(f64, usize, u64)> {
     let marker = i64::try_from(records.len()).unwrap_or(i64::MAX);
     let before = rss();
     let started = Instant::now();
     let mut fold = RestoreFold::new(ring, marker);
-    for (offset, (key, value)) in records.iter().enumerate() {
-        fold.apply(offset as i64, Some(key), Some(value), Some(0));
+    if batch <= 1 {
+        for (offset, (key, value)) in records.iter().enumerate() {
+            fold.apply(offset as i64, Some(key), Some(value), Some(0));
+        }
+    } else {
+        let mut raw = Vec::with_capacity(batch);
+        for (n, chunk) in records.chunks(batch).enumerate() {
+            raw.clear();
+            raw.extend(chunk.iter().enumerate().map(|(i, (key, value))| RawRecord {
+                offset: (n * batch + i) as i64,
+                key: Some(key),
+                value: Some(value),
+                epoch_header: Some(0),
+            }));
+            fold.apply_batch(&raw);
+        }
     }
     let restored = fold.finish();
     let took = started.elapsed().as_secs_f64();
@@ -172,6 +190,7 @@ fn fold(ring: &StateKeyRing, records: &Records) -> anyhow::Result<(f64, usize, u
 fn main() -> anyhow::Result<()> {
     let in_flight = size("BENCH_RESTORE_IN_FLIGHT", 100_000, 200);
     let history = size("BENCH_RESTORE_HISTORY", 1_000_000, 300);
+    let batch = size("BENCH_RESTORE_BATCH", 1_000, 100);
     let ring = StateKeyRing::generate();
     let (pending, settled) = templates()?;
 
@@ -181,8 +200,8 @@ fn main() -> anyhow::Result<()> {
     records(&ring, &settled, "done", history, &mut with_history)?;
     with_history.extend(alone.iter().cloned());
 
-    let (rate_alone, n_alone, rss_alone) = fold(&ring, &alone)?;
-    let (rate_history, n_history, rss_history) = fold(&ring, &with_history)?;
+    let (rate_alone, n_alone, rss_alone) = fold(&ring, &alone, batch)?;
+    let (rate_history, n_history, rss_history) = fold(&ring, &with_history, batch)?;
     anyhow::ensure!(n_alone == in_flight, "restored {n_alone} of {in_flight}");
     anyhow::ensure!(n_history == in_flight + history, "restored {n_history}");
     if !benchmarking() {
@@ -195,6 +214,13 @@ fn main() -> anyhow::Result<()> {
     }
     let secs = |n: usize, rate: f64| n as f64 / rate;
     println!("machine: {}", host::describe());
+    match batch {
+        0 | 1 => println!("fold: RestoreFold::apply, one record at a time, one thread"),
+        _ => println!(
+            "fold: RestoreFold::apply_batch, batches of {batch}, decoded on {} threads",
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        ),
+    }
     println!(
         "| partition | records | restore (fold) | records/s | restored RSS | RSS per payment |"
     );
