@@ -12,7 +12,10 @@
 //!   `kafka::state::read_partition` does with the offset the owner recorded.
 //!
 //! `cargo bench --bench restore` (part of `make bench`); sizes from `BENCH_RESTORE_IN_FLIGHT`
-//! (default 100,000) and `BENCH_RESTORE_HISTORY` (default 1,000,000). Under `cargo test` (no
+//! (default 100,000) and `BENCH_RESTORE_HISTORY` (default 1,000,000); `BENCH_RESTORE_BATCH`
+//! (default 1,000, as `kafka::state::read_partition` batches) records per
+//! `RestoreFold::apply_batch` call, 1 for `RestoreFold::apply` record by record on one thread.
+//! Under `cargo test` (no
 //! `--bench` argument) it folds a few hundred records as a smoke test and prints no figures.
 
 #[path = "../src/bin/common/machine.rs"]
@@ -24,7 +27,7 @@ use pis_worker::domain::bank::BankProgress;
 use pis_worker::domain::machine::{self, Input, Outcome, Payment, Policy, StatusEvent};
 use pis_worker::domain::model::{BankPaymentId, CommandId, PaymentId, PsuId, RawInitiatePayment};
 use pis_worker::domain::validation::{ValidationLimits, validate_initiation};
-use pis_worker::engine::restore::RestoreFold;
+use pis_worker::engine::restore::{RawRecord, RestoreFold};
 use pis_worker::kafka::state;
 use pis_worker::secret::StateKeyRing;
 use secrecy::SecretString;
@@ -153,16 +156,40 @@ fn records(
     Ok(())
 }
 
+/// Feeds `records[first..]` to `fold` in batches of `batch` through `apply_batch` (decoded on
+/// every core, folded in order), or one by one through `apply` when `batch` is 1. An empty
+/// value stands for a tombstone.
+fn feed(fold: &mut RestoreFold<'_>, records: &Records, first: usize, batch: usize) {
+    fn value(v: &[u8]) -> Option<&[u8]> {
+        (!v.is_empty()).then_some(v)
+    }
+    if batch <= 1 {
+        for (offset, (key, v)) in records.iter().enumerate().skip(first) {
+            fold.apply(offset as i64, Some(key), value(v), Some(0));
+        }
+        return;
+    }
+    let mut raw = Vec::with_capacity(batch);
+    for (n, chunk) in records[first..].chunks(batch).enumerate() {
+        raw.clear();
+        raw.extend(chunk.iter().enumerate().map(|(i, (key, v))| RawRecord {
+            offset: (first + n * batch + i) as i64,
+            key: Some(key),
+            value: value(v),
+            epoch_header: Some(0),
+        }));
+        fold.apply_batch(&raw);
+    }
+}
+
 /// Folds `records` (offsets in order, the owner's marker after them); returns records/s, the
 /// restored payments and the RSS the restored state added.
-fn fold(ring: &StateKeyRing, records: &Records) -> anyhow::Result<(f64, usize, u64)> {
+fn fold(ring: &StateKeyRing, records: &Records, batch: usize) -> anyhow::Result<(f64, usize, u64)> {
     let marker = i64::try_from(records.len()).unwrap_or(i64::MAX);
     let before = rss();
     let started = Instant::now();
     let mut fold = RestoreFold::new(ring, marker);
-    for (offset, (key, value)) in records.iter().enumerate() {
-        fold.apply(offset as i64, Some(key), Some(value), Some(0));
-    }
+    feed(&mut fold, records, 0, batch);
     let restored = fold.finish();
     let took = started.elapsed().as_secs_f64();
     let grown = rss().saturating_sub(before);
@@ -221,6 +248,7 @@ fn fold_from_snapshot(
     records: &Records,
     epochs: &[Option<i64>],
     begin: i64,
+    batch: usize,
 ) -> anyhow::Result<(f64, u64, usize, u64)> {
     let marker = i64::try_from(records.len()).unwrap_or(i64::MAX);
     let before = rss();
@@ -230,10 +258,7 @@ fn fold_from_snapshot(
     let (key, value) = &records[first];
     fold.start_at(begin, begin, Some(key), Some(value), epochs[first])
         .map_err(|e| anyhow::anyhow!(e))?;
-    for (offset, (key, value)) in records.iter().enumerate().skip(first) {
-        let value = (!value.is_empty()).then_some(value.as_slice());
-        fold.apply(offset as i64, Some(key), value, epochs[offset]);
-    }
+    feed(&mut fold, records, first, batch);
     let restored = fold.finish();
     let took = started.elapsed().as_secs_f64();
     let grown = rss().saturating_sub(before);
@@ -255,14 +280,19 @@ struct Measured {
 }
 
 /// Runs one scenario in this process.
-fn scenario(name: &str, in_flight: usize, history: usize) -> anyhow::Result<Measured> {
+fn scenario(
+    name: &str,
+    in_flight: usize,
+    history: usize,
+    batch: usize,
+) -> anyhow::Result<Measured> {
     let ring = StateKeyRing::generate();
     let (pending, settled) = templates()?;
     let mut alone = Records::with_capacity(in_flight);
     records(&ring, &pending, "live", in_flight, &mut alone)?;
     let measured = match name {
         "alone" => {
-            let (rate, payments, grown) = fold(&ring, &alone)?;
+            let (rate, payments, grown) = fold(&ring, &alone, batch)?;
             Measured {
                 read: alone.len() as u64,
                 rate,
@@ -274,7 +304,7 @@ fn scenario(name: &str, in_flight: usize, history: usize) -> anyhow::Result<Meas
             let mut all = Records::with_capacity(history + in_flight);
             records(&ring, &settled, "done", history, &mut all)?;
             all.extend(alone);
-            let (rate, payments, grown) = fold(&ring, &all)?;
+            let (rate, payments, grown) = fold(&ring, &all, batch)?;
             anyhow::ensure!(payments == in_flight + history, "restored {payments}");
             Measured {
                 read: all.len() as u64,
@@ -286,7 +316,8 @@ fn scenario(name: &str, in_flight: usize, history: usize) -> anyhow::Result<Meas
         "snapshot" => {
             let (all, epochs, begin) = snapshotted(&ring, &settled, &alone, history)?;
             drop(alone);
-            let (rate, read, payments, grown) = fold_from_snapshot(&ring, &all, &epochs, begin)?;
+            let (rate, read, payments, grown) =
+                fold_from_snapshot(&ring, &all, &epochs, begin, batch)?;
             Measured {
                 read,
                 rate,
@@ -330,15 +361,16 @@ fn in_child(name: &str) -> anyhow::Result<Measured> {
 fn main() -> anyhow::Result<()> {
     let in_flight = size("BENCH_RESTORE_IN_FLIGHT", 100_000, 200);
     let history = size("BENCH_RESTORE_HISTORY", 1_000_000, 300);
+    let batch = size("BENCH_RESTORE_BATCH", 1_000, 100);
     if let Ok(name) = std::env::var("BENCH_RESTORE_ONLY") {
-        let m = scenario(&name, in_flight, history)?;
+        let m = scenario(&name, in_flight, history, batch)?;
         println!("measured {} {} {} {}", m.read, m.rate, m.payments, m.grown);
         return Ok(());
     }
     let names = ["alone", "history", "snapshot"];
     if !benchmarking() {
         for name in names {
-            let m = scenario(name, in_flight, history)?;
+            let m = scenario(name, in_flight, history, batch)?;
             println!("restore: smoke run, {name}: {} records folded", m.read);
         }
         println!("restore: figures with cargo bench --bench restore");
@@ -350,6 +382,13 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let secs = |m: &Measured| m.read as f64 / m.rate;
     println!("machine: {}", host::describe());
+    match batch {
+        0 | 1 => println!("fold: RestoreFold::apply, one record at a time, one thread"),
+        _ => println!(
+            "fold: RestoreFold::apply_batch, batches of {batch}, decoded on {} threads",
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        ),
+    }
     println!(
         "| partition | records read | restore (fold) | records/s | restored RSS | RSS per live payment |"
     );
