@@ -118,7 +118,7 @@ fn cross_border_order(e2e: &str) -> PaymentOrder {
         creditor_name: "Acme Inc".into(),
         creditor_iban: String::new(),
         creditor_bic: None,
-        cross_border: Some(CrossBorder {
+        cross_border: Some(Box::new(CrossBorder {
             charge_bearer: ChargeBearer::Shar,
             creditor_address: Some(PostalAddress {
                 street: Some("5th Avenue".into()),
@@ -130,7 +130,7 @@ fn cross_border_order(e2e: &str) -> PaymentOrder {
             creditor_bban: Some("123456789".into()),
             creditor_bank_national_id: Some("021000021".into()),
             creditor_currency: Some("USD".into()),
-        }),
+        })),
         ..order(e2e)
     }
 }

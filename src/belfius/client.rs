@@ -1171,7 +1171,7 @@ mod tests {
             o.product = product;
             o.creditor_bic = Some("GKCCBEBB".into());
             // Even if an order slipped through with cross-border data.
-            o.cross_border = Some(cross_border());
+            o.cross_border = Some(Box::new(cross_border()));
             let body = serde_json::to_value(InitiationBody::from_order(&o)).unwrap();
             assert_eq!(
                 body["creditor_account"],
@@ -1189,7 +1189,7 @@ mod tests {
         o.product = PaymentProduct::CrossBorderCreditTransfers;
         o.currency = "USD".into();
         o.creditor_iban = String::new();
-        o.cross_border = Some(cross_border());
+        o.cross_border = Some(Box::new(cross_border()));
         let body = serde_json::to_value(InitiationBody::from_order(&o)).unwrap();
         assert_eq!(
             body,
@@ -1220,13 +1220,13 @@ mod tests {
         o.creditor_iban = "GB29NWBK60161331926819".into();
         o.creditor_bic = Some("NWBKGB2L".into());
         o.debtor_iban = Some("BE68539007547034".into());
-        o.cross_border = Some(crate::domain::model::CrossBorder {
+        o.cross_border = Some(Box::new(crate::domain::model::CrossBorder {
             charge_bearer: crate::domain::model::ChargeBearer::Debt,
             creditor_address: None,
             creditor_bban: None,
             creditor_bank_national_id: None,
             creditor_currency: None,
-        });
+        }));
         let body = serde_json::to_value(InitiationBody::from_order(&o)).unwrap();
         assert_eq!(body["charge_bearer"], "DEBT");
         assert_eq!(

@@ -139,7 +139,7 @@ pub fn validate_initiation(
         requested_execution_date,
         language,
         redirect_uri,
-        cross_border,
+        cross_border: cross_border.map(Box::new),
     })
 }
 

@@ -95,7 +95,7 @@ fn single_order() -> PaymentOrder {
         requested_execution_date: Some(date(2026, 12, 24)),
         language: Language::Nl,
         redirect_uri: "https://tpp.example/cb".into(),
-        cross_border: Some(CrossBorder {
+        cross_border: Some(Box::new(CrossBorder {
             charge_bearer: ChargeBearer::Shar,
             creditor_address: Some(PostalAddress {
                 street: Some("Main Street".into()),
@@ -107,7 +107,7 @@ fn single_order() -> PaymentOrder {
             creditor_bban: Some("123456789".into()),
             creditor_bank_national_id: Some("021000021".into()),
             creditor_currency: Some("USD".into()),
-        }),
+        })),
     }
 }
 

@@ -484,7 +484,7 @@ impl From<&PaymentOrder> for StoredPaymentOrder {
             requested_execution_date: requested_execution_date.as_ref().map(store_date),
             language: (*language).into(),
             redirect_uri: redirect_uri.clone(),
-            cross_border: cross_border.as_ref().map(Into::into),
+            cross_border: cross_border.as_deref().map(Into::into),
         }
     }
 }
@@ -510,7 +510,7 @@ impl TryFrom<StoredPaymentOrder> for PaymentOrder {
                 .transpose()?,
             language: o.language.into(),
             redirect_uri: o.redirect_uri,
-            cross_border: o.cross_border.map(Into::into),
+            cross_border: o.cross_border.map(|c| Box::new(c.into())),
         })
     }
 }
