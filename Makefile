@@ -25,7 +25,7 @@ demo: ## Broker + Belfius sandbox + worker; payments move through their states
 bench: ## Benchmarks: hot-path CPU per step, end-to-end throughput/latency with 1 and 2 replicas
 	@scripts/bench.sh
 
-soak: ## Soak: 1,000,000 payments at 1,000/s, RSS and restore time sampled, PNG plot (SOAK_* to change)
+soak: ## Soak: 1,000,000 payments at 400/s, RSS and restore time sampled, PNG plot (SOAK_* to change)
 	@scripts/soak.sh
 
 chaos: ## Full chaos run: 10,000 payments, 3 replicas, SIGKILLs, bank faults, broker restarts (persistent)
