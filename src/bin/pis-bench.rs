@@ -80,18 +80,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let _ = std::fs::remove_dir_all(&args.run_dir);
-    std::fs::create_dir_all(&args.run_dir)?;
-    let run_dir = std::fs::canonicalize(&args.run_dir)?;
-    let run_dir_str = run_dir.to_string_lossy().into_owned();
-    let (brokers, own_broker) = match &args.brokers {
-        Some(b) => (b.clone(), false),
-        None => {
-            let port = common::free_port()?.to_string();
-            common::broker(&["start", &port, &run_dir_str])?;
-            (format!("127.0.0.1:{port}"), true)
-        }
-    };
+    let (run_dir, run_dir_str) = common::load::fresh_run_dir(&args.run_dir)?;
+    let (brokers, own_broker) = common::load::broker_or_own(&args.brokers, &run_dir_str)?;
     let mut results = Vec::new();
     let mut outcome = Ok(());
     for &workers in &args.workers {

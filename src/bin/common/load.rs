@@ -88,3 +88,25 @@ pub fn rss_bytes(pid: &str) -> Option<u64> {
         .ok()?;
     Some(kib * 1024)
 }
+
+/// A fresh run directory (emptied first), as an absolute path and as text.
+pub fn fresh_run_dir(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let dir = std::fs::canonicalize(dir)?;
+    let text = dir.to_string_lossy().into_owned();
+    Ok((dir, text))
+}
+
+/// The broker to use: `given`, or a Tansu started in `run_dir` (then `true`: stop it with
+/// `common::broker(&["stop", run_dir])`).
+pub fn broker_or_own(given: &Option<String>, run_dir: &str) -> anyhow::Result<(String, bool)> {
+    Ok(match given {
+        Some(b) => (b.clone(), false),
+        None => {
+            let port = super::free_port()?.to_string();
+            super::broker(&["start", &port, run_dir])?;
+            (format!("127.0.0.1:{port}"), true)
+        }
+    })
+}
