@@ -2546,10 +2546,7 @@ fn take_snapshot(h: &mut Harness) -> SnapshotStart {
             .find(|(_, kind)| *kind == "status")
         {
             // The interval also made payments due for a poll: the bank says nothing new.
-            let answer = match h.state(&id) {
-                PaymentState::Signed => observed(BankProgress::Signed, "ACTC"),
-                _ => observed(BankProgress::AwaitingSca, "RCVD"),
-            };
+            let answer = nothing_new(h, &id);
             h.answer(&id, "status", answer)
         } else {
             h.tick()
@@ -2644,6 +2641,15 @@ fn a_snapshot_waits_for_a_busy_payment_and_for_the_events_before_it() {
     });
 }
 
+/// A status answer that repeats what the bank already said of `id`.
+fn nothing_new(h: &Harness, id: &str) -> BankAnswer {
+    if h.state(id) == PaymentState::Signed {
+        observed(BankProgress::Signed, "ACTC")
+    } else {
+        observed(BankProgress::AwaitingSca, "RCVD")
+    }
+}
+
 /// Answers every open status poll with what the bank already said; acknowledges the writes
 /// that follow (not the publications).
 fn answer_polls(h: &mut Harness) -> Vec<Did> {
@@ -2659,10 +2665,7 @@ fn answer_polls(h: &mut Harness) -> Vec<Did> {
         else {
             return did;
         };
-        let answer = match h.state(&id) {
-            PaymentState::Signed => observed(BankProgress::Signed, "ACTC"),
-            _ => observed(BankProgress::AwaitingSca, "RCVD"),
-        };
+        let answer = nothing_new(h, &id);
         did.extend(h.answer(&id, "status", answer));
     }
 }
