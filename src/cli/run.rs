@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// each `hex` or `id:hex`; prefer --state-keys-previous-file.
     #[command(flatten)]
     pub previous_keys: PreviousKeysArgs,
+    /// The format of the state records written: 3 (binary body) or 2 (JSON body). Both are
+    /// read. Write 2 during a rolling upgrade from a version that reads only format 2
+    /// (docs/architecture.md, "State record format").
+    #[arg(long, env = "PIS_STATE_FORMAT", default_value = "3")]
+    pub state_format: crate::secret::StateFormat,
     #[arg(long, env = "PIS_API_VERSION_INITIATION", default_value = "3")]
     pub api_version_initiation: String,
     #[arg(long, env = "PIS_API_VERSION_STATUS", default_value = "1")]
@@ -332,6 +337,7 @@ impl RunArgs {
             state_key,
             state_keys_previous: self.previous_keys.read()?,
             state_accept_v1: self.previous_keys.state_accept_v1,
+            state_format: self.state_format,
             policy,
             limits: ValidationLimits {
                 max_amount,

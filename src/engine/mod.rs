@@ -46,6 +46,8 @@ pub struct WorkerConfig {
     pub state_keys_previous: Option<SecretString>,
     /// Whether format 1 state records (written before sealed records) are still read.
     pub state_accept_v1: bool,
+    /// The format state records are written in (both are read).
+    pub state_format: crate::secret::StateFormat,
     pub policy: Policy,
     pub limits: ValidationLimits,
     pub max_command_bytes: usize,
@@ -237,7 +239,8 @@ pub async fn run(
     let state_key =
         StateKeyRing::from_config(&config.state_key, config.state_keys_previous.as_ref())
             .map_err(|e| anyhow::anyhow!("state keys: {e}"))?
-            .with_accept_v1(config.state_accept_v1);
+            .with_accept_v1(config.state_accept_v1)
+            .with_write_format(config.state_format);
     info!(state_keys = ?state_key, "state key ring");
     // A broker that is down or restarting is waited for (with back-off), not a reason to exit:
     // a replica started during a broker restart must join once the broker is back.

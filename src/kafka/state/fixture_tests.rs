@@ -1,12 +1,14 @@
 //! Records of every format restore must read, checked in under `tests/fixtures/state/`
-//! (`v1.json`: format 1 as the worker wrote it before format 2; `v2.json`: format 2), sealed
+//! (`v1.json`: format 1 as the worker wrote it before format 2; `v2.json`: format 2;
+//! `v3.json`: format 3, the same records with a binary body), sealed
 //! with [`FIXTURE_KEY`], a test key that seals nothing else. Each is decoded and folded through
 //! `engine::restore::RestoreFold`, and the domain values are compared field by field with the
 //! values written here: a change of the storage types, or of a conversion, that would stop live
 //! topics from restoring fails these tests.
 //!
-//! Regenerating: `cargo test --lib regenerate_v2_state_fixtures -- --ignored` rewrites
-//! `v2.json` (after a deliberate change of format 2; a new format gets its own file instead).
+//! Regenerating: `cargo test --lib regenerate_v3_state_fixtures -- --ignored` adds records new
+//! to `expected_v2` to `v3.json` (`v2` likewise), keeping the bytes of those already there; a
+//! new format gets its own file instead.
 //! `v1.json` is never regenerated: it is what the old code wrote, and format 1 is frozen.
 
 use std::collections::BTreeMap;
@@ -24,7 +26,7 @@ use crate::domain::model::{
 };
 use crate::domain::reason::{Reason, ReasonCode};
 use crate::engine::restore::RestoreFold;
-use crate::secret::{StateKey, StateKeyRing};
+use crate::secret::{StateFormat, StateKey, StateKeyRing};
 
 /// A TEST key (the bytes spell "7e57", test): it seals the fixtures and nothing else.
 pub const FIXTURE_KEY: &str =
@@ -372,7 +374,7 @@ fn expected_v2() -> Vec<(String, Option<i64>, Expected)> {
 }
 
 fn expected_for(format: u32) -> Vec<(String, Option<i64>, Expected)> {
-    if format == 2 {
+    if format >= 2 {
         expected_v2()
     } else {
         expected()
@@ -598,8 +600,11 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
             | Expected::Snapshot(_)
             | Expected::QuarantinedCopy(_) => {
                 assert_eq!(decoded.epoch, EPOCH, "{key}: epoch");
-                if format == 2 {
+                if format >= 2 {
                     assert_eq!(decoded.sealing, sealing(key), "{key}: sealing");
+                    let bytes = value(record);
+                    let (header, _) = super::v2::parse_header(&bytes).expect("header");
+                    assert_eq!(u32::from(header.version), format, "{key}: version byte");
                 }
             }
         }
@@ -623,7 +628,7 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
         .iter()
         .map(|(k, q)| (k.as_str(), q.offset))
         .collect();
-    if format == 2 {
+    if format >= 2 {
         assert_eq!(quarantined, vec![(QUARANTINED_KEY, QUARANTINED_OFFSET)]);
         assert_eq!(
             restored.quarantined[QUARANTINED_KEY].value,
@@ -669,7 +674,7 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
         }
     }
     assert_eq!(restored.payments.len(), 5);
-    assert_eq!(restored.retired.len(), usize::from(format == 2));
+    assert_eq!(restored.retired.len(), usize::from(format >= 2));
     assert_eq!(restored.tokens.len(), 2);
     // Records at offsets 1 and 2 are at or below the checkpoint (2): published. Offset 5
     // (p-refused, with events) is not.
@@ -693,6 +698,13 @@ fn format_2_fixtures_decode_and_restore_field_by_field() {
     });
 }
 
+#[test]
+fn format_3_fixtures_decode_and_restore_field_by_field() {
+    check(3, |_| Sealing::Sealed {
+        key_id: "fixture-test-key".into(),
+    });
+}
+
 /// The fast body reader (`v2::read_body`) reads every format 2 fixture body as the derived
 /// reader does, also with the keys reordered (the tag last: the derived reader answers).
 #[test]
@@ -704,8 +716,9 @@ fn format_2_fixture_bodies_read_alike_through_both_body_readers() {
         if !super::v2::is_envelope(&bytes) {
             continue;
         }
-        let (plain, _, _) = super::v2::open_plain(&ring, &record.key, &bytes, record.epoch_header)
-            .unwrap_or_else(|e| panic!("{}: {e}", record.key));
+        let plain = super::v2::open_plain(&ring, &record.key, &bytes, record.epoch_header)
+            .unwrap_or_else(|e| panic!("{}: {e}", record.key))
+            .plain;
         super::v2::tests::assert_readers_agree(&plain);
         // serde_json's map sorts keys: "type" comes after "events" and "payment".
         let reordered: serde_json::Value = serde_json::from_slice(&plain).expect("json");
@@ -715,21 +728,25 @@ fn format_2_fixture_bodies_read_alike_through_both_body_readers() {
     assert!(sealed >= 8, "{sealed} sealed fixture records");
 }
 
-/// Encoding the expected values now decodes to them too (the writer agrees with the fixtures).
+/// Encoding the expected values now decodes to them too (the writer agrees with the fixtures),
+/// in both formats the writer can write.
 #[test]
 fn current_writer_round_trips_the_fixture_values() {
-    let ring = ring();
-    for (key, header, want) in expected_v2() {
-        let Some((k, v)) = encode_v2(&ring, &want) else {
-            continue;
-        };
-        assert_eq!(k, key);
-        let decoded = decode_record(&ring, &k, &v, header).expect("decode");
-        assert_decoded(&decoded.record, &want, &k);
+    for format in [StateFormat::V2, StateFormat::V3] {
+        let ring = ring().with_write_format(format);
+        for (key, header, want) in expected_v2() {
+            let Some((k, v)) = encode(&ring, &want) else {
+                continue;
+            };
+            assert_eq!(k, key);
+            let decoded = decode_record(&ring, &k, &v, header).expect("decode");
+            assert_decoded(&decoded.record, &want, &k);
+        }
     }
 }
 
-fn encode_v2(ring: &StateKeyRing, want: &Expected) -> Option<(String, Vec<u8>)> {
+/// The fixture of `want`, in the ring's write format.
+fn encode(ring: &StateKeyRing, want: &Expected) -> Option<(String, Vec<u8>)> {
     let encoded = match want {
         Expected::Marker => encode_restore_marker(0, "fixture-owner"),
         Expected::Payment(p, events) => encode_payment(ring, EPOCH, p, events),
@@ -774,11 +791,27 @@ fn record(key: String, epoch_header: Option<i64>, value: &[u8]) -> FixtureRecord
 #[test]
 #[ignore = "writes the fixtures: run by hand after a deliberate change of format 2"]
 fn regenerate_v2_state_fixtures() {
-    let ring = ring();
+    regenerate(StateFormat::V2);
+}
+
+/// Rewrites `tests/fixtures/state/v3.json` with the current writer.
+#[test]
+#[ignore = "writes the fixtures: run by hand after a deliberate change of format 3"]
+fn regenerate_v3_state_fixtures() {
+    regenerate(StateFormat::V3);
+}
+
+fn regenerate(format: StateFormat) {
+    let number = match format {
+        StateFormat::V2 => 2,
+        StateFormat::V3 => 3,
+    };
+    let ring = ring().with_write_format(format);
+    let file = format!("v{number}.json");
     // Records already in the file keep their bytes (written by an older build, they are what
     // the fixtures are for); only new ones are written now. Delete the file to rewrite all.
-    let mut existing: Vec<FixtureRecord> = if dir().join("v2.json").exists() {
-        read(2).records
+    let mut existing: Vec<FixtureRecord> = if dir().join(&file).exists() {
+        read(number).records
     } else {
         Vec::new()
     };
@@ -791,15 +824,17 @@ fn regenerate_v2_state_fixtures() {
             {
                 return existing.remove(i);
             }
-            let (k, v) = encode_v2(&ring, &want).expect("encode");
+            let (k, v) = encode(&ring, &want).expect("encode");
             assert_eq!(k, key);
             record(k, header, &v)
         })
         .collect();
     write(
-        2,
+        number,
         records,
-        "Format 2 state records (sealed with the TEST key of src/kafka/state/fixture_tests.rs). Regenerate: cargo test --lib regenerate_v2_state_fixtures -- --ignored",
+        &format!(
+            "Format {number} state records (sealed with the TEST key of src/kafka/state/fixture_tests.rs). Regenerate: cargo test --lib regenerate_v{number}_state_fixtures -- --ignored"
+        ),
     );
 }
 

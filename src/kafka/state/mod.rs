@@ -18,7 +18,9 @@
 //!   docs/architecture.md, "Snapshots").
 //!
 //! Formats (docs/architecture.md, "State record format"):
-//! - format 2 ([`v2`], written): the record's own storage types (`v2::Stored*`, never the
+//! - format 3 ([`v3`], written unless `PIS_STATE_FORMAT=2`): format 2's storage types and
+//!   envelope (version byte 3) with a binary (postcard) body;
+//! - format 2 ([`v2`]): the record's own storage types (`v2::Stored*`, never the
 //!   domain types), as JSON, sealed whole with XChaCha20-Poly1305 under the current key of the
 //!   [`StateKeyRing`] in a binary envelope `"PISR" | 2 | key id | epoch | nonce | ciphertext`.
 //!   The associated data is the record key and the writer's epoch (and the rest of the
@@ -47,10 +49,11 @@ use serde::{Deserialize, Serialize};
 use super::{KafkaEdgeError, KafkaSettings};
 use crate::domain::machine::{Millis, Payment, StateKind, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
-use crate::secret::StateKeyRing;
+use crate::secret::{StateFormat, StateKeyRing};
 
 pub mod v1;
 pub mod v2;
+pub mod v3;
 
 #[cfg(test)]
 mod fixture_tests;
@@ -266,6 +269,19 @@ pub(crate) fn json_error(e: &serde_json::Error) -> String {
     format!("{class} at line {} column {}", e.line(), e.column())
 }
 
+/// Seals a body in the ring's write format.
+fn seal(
+    ring: &StateKeyRing,
+    record_key: &str,
+    epoch: i64,
+    body: v2::Body,
+) -> Result<Vec<u8>, StateRecordError> {
+    match ring.write_format() {
+        StateFormat::V2 => v2::seal(ring, record_key, epoch, &body),
+        StateFormat::V3 => v3::seal(ring, record_key, epoch, body),
+    }
+}
+
 pub fn encode_payment(
     ring: &StateKeyRing,
     epoch: i64,
@@ -277,7 +293,7 @@ pub fn encode_payment(
         payment: Box::new(payment.into()),
         events: events.iter().map(Into::into).collect(),
     };
-    let bytes = v2::seal(ring, &record_key, epoch, &body)?;
+    let bytes = seal(ring, &record_key, epoch, body)?;
     Ok((record_key, bytes))
 }
 
@@ -287,7 +303,7 @@ pub fn encode_retired(
     retired: &Retired,
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record_key = payment_key(&retired.payment_id);
-    let bytes = v2::seal(ring, &record_key, epoch, &v2::Body::Retired(retired.into()))?;
+    let bytes = seal(ring, &record_key, epoch, v2::Body::Retired(retired.into()))?;
     Ok((record_key, bytes))
 }
 
@@ -297,7 +313,7 @@ pub fn encode_psu(
     tokens: &PsuTokens,
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record_key = psu_key(&TokenKey::new(tokens.brand, tokens.psu_id.clone()));
-    let bytes = v2::seal(ring, &record_key, epoch, &v2::Body::Psu(tokens.into()))?;
+    let bytes = seal(ring, &record_key, epoch, v2::Body::Psu(tokens.into()))?;
     Ok((record_key, bytes))
 }
 
@@ -309,7 +325,7 @@ pub fn encode_checkpoint(
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record_key = checkpoint_key(partition);
     let body = v2::Body::OutboxCheckpoint { published_through };
-    let bytes = v2::seal(ring, &record_key, epoch, &body)?;
+    let bytes = seal(ring, &record_key, epoch, body)?;
     Ok((record_key, bytes))
 }
 
@@ -327,7 +343,7 @@ pub fn encode_snapshot(
         None => v2::Body::SnapshotBegin { at },
         Some((begin, entities)) => v2::Body::SnapshotEnd { begin, entities },
     };
-    Ok(v2::seal(ring, record_key, epoch, &body)?)
+    Ok(seal(ring, record_key, epoch, body)?)
 }
 
 /// A copy of a record that could not be read (see [`v2::Body::QuarantinedCopy`]).
@@ -342,7 +358,7 @@ pub fn encode_quarantined_copy(
         epoch_header: original.epoch_header,
         value_hex: hex::encode(&original.value),
     };
-    Ok(v2::seal(ring, record_key, epoch, &body)?)
+    Ok(seal(ring, record_key, epoch, body)?)
 }
 
 /// A state record as read, kept because it could not be decoded. No `Debug`: the value may be
@@ -828,37 +844,42 @@ mod tests {
 
     #[test]
     fn payment_record_round_trips_sealed_with_xchacha() {
-        let k = ring();
-        let (p, events) = sca_pending_payment();
-        let (record_key, bytes) = encode_payment(&k, 7, &p, &events).expect("encode");
-        assert_eq!(record_key, "payment/p-1");
-        assert!(bytes.starts_with(b"PISR\x02"));
-        let decoded = decode_record(&k, &record_key, &bytes, Some(7)).expect("decode");
-        assert_eq!(decoded.epoch, 7);
-        assert_eq!(
-            decoded.sealing,
-            Sealing::Sealed {
-                key_id: k.current().id().to_string()
-            }
-        );
-        let DecodedRecord::Payment {
-            payment,
-            events: back,
-        } = decoded.record
-        else {
-            panic!("wrong record")
-        };
-        assert_eq!(payment.state, p.state);
-        assert_eq!(payment.sequence, 2);
-        assert_eq!(payment.order, p.order);
-        assert_eq!(back, events);
-        assert_eq!(
-            payment
-                .pkce_verifier
-                .as_ref()
-                .map(|v| v.expose_secret().to_owned()),
-            Some("the-verifier".into())
-        );
+        for (format, magic) in [
+            (StateFormat::V2, b"PISR\x02"),
+            (StateFormat::V3, b"PISR\x03"),
+        ] {
+            let k = ring().with_write_format(format);
+            let (p, events) = sca_pending_payment();
+            let (record_key, bytes) = encode_payment(&k, 7, &p, &events).expect("encode");
+            assert_eq!(record_key, "payment/p-1");
+            assert!(bytes.starts_with(magic));
+            let decoded = decode_record(&k, &record_key, &bytes, Some(7)).expect("decode");
+            assert_eq!(decoded.epoch, 7);
+            assert_eq!(
+                decoded.sealing,
+                Sealing::Sealed {
+                    key_id: k.current().id().to_string()
+                }
+            );
+            let DecodedRecord::Payment {
+                payment,
+                events: back,
+            } = decoded.record
+            else {
+                panic!("wrong record")
+            };
+            assert_eq!(payment.state, p.state);
+            assert_eq!(payment.sequence, 2);
+            assert_eq!(payment.order, p.order);
+            assert_eq!(back, events);
+            assert_eq!(
+                payment
+                    .pkce_verifier
+                    .as_ref()
+                    .map(|v| v.expose_secret().to_owned()),
+                Some("the-verifier".into())
+            );
+        }
     }
 
     #[test]

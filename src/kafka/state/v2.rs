@@ -51,6 +51,13 @@ macro_rules! stored_enum {
             $($variant),+
         }
 
+        impl $stored {
+            /// The variants in declaration order: format 3 stores a variant by its position
+            /// (`v3`), so this order is frozen too (new variants go last).
+            #[allow(dead_code)]
+            pub const VARIANTS: &'static [&'static str] = &[$(stringify!($variant)),+];
+        }
+
         impl From<$domain> for $stored {
             fn from(value: $domain) -> Self {
                 match value {
@@ -706,9 +713,10 @@ pub struct StoredPayment {
     pub bank_payment_id: Option<String>,
     pub bank_status: Option<String>,
     pub sca_redirect_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Always written (format 3 is positional); format 1 had no such key, hence `default`.
+    #[serde(default)]
     pub pkce_verifier: Option<StoredSecret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub authorization_code: Option<StoredSecret>,
     pub received_at: Millis,
     pub updated_at: Millis,
@@ -1116,22 +1124,25 @@ impl<'de> serde::de::Visitor<'de> for FastPaymentVisitor {
 /// The clear header of a sealed record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header<'a> {
+    /// The format: 2 (a JSON body) or 3 (a binary body, `v3`); the rest of the envelope is
+    /// the same in both.
+    pub version: u8,
     pub key_id: &'a str,
     pub epoch: i64,
     pub nonce: [u8; NONCE_LEN],
 }
 
 /// The associated data: the header up to the epoch, then the record key.
-fn associated_data(key_id: &str, epoch: i64, record_key: &str) -> Vec<u8> {
-    let mut aad = header_prefix(key_id, epoch);
+fn associated_data(version: u8, key_id: &str, epoch: i64, record_key: &str) -> Vec<u8> {
+    let mut aad = header_prefix(version, key_id, epoch);
     aad.extend_from_slice(record_key.as_bytes());
     aad
 }
 
-fn header_prefix(key_id: &str, epoch: i64) -> Vec<u8> {
+fn header_prefix(version: u8, key_id: &str, epoch: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(6 + key_id.len() + 8 + NONCE_LEN);
     out.extend_from_slice(MAGIC);
-    out.push(VERSION);
+    out.push(version);
     // Key ids are at most 32 bytes (`KeyId::parse`).
     out.push(u8::try_from(key_id.len()).unwrap_or(u8::MAX));
     out.extend_from_slice(key_id.as_bytes());
@@ -1139,26 +1150,37 @@ fn header_prefix(key_id: &str, epoch: i64) -> Vec<u8> {
     out
 }
 
-/// Seals `body` for `record_key` and `epoch` with the ring's current key.
+/// Seals `body` as format 2 (JSON) for `record_key` and `epoch` with the ring's current key.
 pub fn seal(
     ring: &StateKeyRing,
     record_key: &str,
     epoch: i64,
     body: &Body,
 ) -> Result<Vec<u8>, StateRecordError> {
+    let plain = serde_json::to_vec(body).map_err(|e| StateRecordError::Encode(e.to_string()))?;
+    seal_plain(ring, record_key, epoch, VERSION, &plain)
+}
+
+/// Seals a body already encoded in format `version` (the envelope is the same in 2 and 3).
+pub(crate) fn seal_plain(
+    ring: &StateKeyRing,
+    record_key: &str,
+    epoch: i64,
+    version: u8,
+    plain: &[u8],
+) -> Result<Vec<u8>, StateRecordError> {
     let key: &StateKey = ring.current();
     let key_id = key.id().as_str();
-    let plain = serde_json::to_vec(body).map_err(|e| StateRecordError::Encode(e.to_string()))?;
     let (nonce, ciphertext) = key
-        .seal_x(&plain, &associated_data(key_id, epoch, record_key))
+        .seal_x(plain, &associated_data(version, key_id, epoch, record_key))
         .map_err(|e| StateRecordError::Encode(e.to_string()))?;
-    let mut out = header_prefix(key_id, epoch);
+    let mut out = header_prefix(version, key_id, epoch);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&ciphertext);
     Ok(out)
 }
 
-/// Whether a value is a format 2 envelope (by its magic).
+/// Whether a value is a sealed envelope, format 2 or 3 (by its magic).
 pub fn is_envelope(bytes: &[u8]) -> bool {
     bytes.starts_with(MAGIC)
 }
@@ -1170,7 +1192,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Header<'_>, &[u8]), StateRecordErro
         .strip_prefix(MAGIC)
         .ok_or_else(|| malformed("no magic"))?;
     let (&version, rest) = rest.split_first().ok_or_else(|| malformed("truncated"))?;
-    if version != VERSION {
+    if version != VERSION && version != super::v3::VERSION {
         return Err(StateRecordError::UnknownVersion(version));
     }
     let (&id_len, rest) = rest.split_first().ok_or_else(|| malformed("truncated"))?;
@@ -1188,6 +1210,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Header<'_>, &[u8]), StateRecordErro
     nonce.copy_from_slice(nonce_bytes);
     Ok((
         Header {
+            version,
             key_id,
             epoch: i64::from_be_bytes(epoch_bytes),
             nonce,
@@ -1196,28 +1219,43 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Header<'_>, &[u8]), StateRecordErro
     ))
 }
 
-/// Opens an envelope: the key named in it must be in the ring, the record key and the epoch must
-/// be those it was sealed for, and the sealed epoch must equal the `pis.epoch` header if any.
-/// Returns the body, the epoch and the key id.
+/// Opens an envelope of format 2 or 3: the key named in it must be in the ring, the record key
+/// and the epoch must be those it was sealed for, and the sealed epoch must equal the
+/// `pis.epoch` header if any. Returns the body (a format 3 body converted to this module's
+/// [`Body`]), the epoch and the key id.
 pub fn open(
     ring: &StateKeyRing,
     record_key: &str,
     bytes: &[u8],
     epoch_header: Option<i64>,
 ) -> Result<(Body, i64, String), StateRecordError> {
-    let (plain, epoch, key_id) = open_plain(ring, record_key, bytes, epoch_header)?;
-    let body = read_body(&plain)
-        .map_err(|e| StateRecordError::Body(format!("sealed body: {}", super::json_error(&e))))?;
-    Ok((body, epoch, key_id.to_owned()))
+    let opened = open_plain(ring, record_key, bytes, epoch_header)?;
+    let body = if opened.version == super::v3::VERSION {
+        super::v3::read_body(&opened.plain)?
+    } else {
+        read_body(&opened.plain).map_err(|e| {
+            StateRecordError::Body(format!("sealed body: {}", super::json_error(&e)))
+        })?
+    };
+    Ok((body, opened.epoch, opened.key_id.to_owned()))
 }
 
-/// [`open`] up to the plaintext: the JSON of the body, its epoch and its key id.
+/// An envelope opened up to its plaintext.
+pub(crate) struct Opened<'b> {
+    /// The body as sealed: JSON in format 2, binary in format 3.
+    pub plain: Vec<u8>,
+    pub version: u8,
+    pub epoch: i64,
+    pub key_id: &'b str,
+}
+
+/// [`open`] up to the plaintext.
 pub(crate) fn open_plain<'b>(
     ring: &StateKeyRing,
     record_key: &str,
     bytes: &'b [u8],
     epoch_header: Option<i64>,
-) -> Result<(Vec<u8>, i64, &'b str), StateRecordError> {
+) -> Result<Opened<'b>, StateRecordError> {
     let (header, ciphertext) = parse_header(bytes)?;
     let key = ring
         .get(header.key_id)
@@ -1226,7 +1264,7 @@ pub(crate) fn open_plain<'b>(
         .open_x(
             &header.nonce,
             ciphertext,
-            &associated_data(header.key_id, header.epoch, record_key),
+            &associated_data(header.version, header.key_id, header.epoch, record_key),
         )
         .map_err(|_| StateRecordError::Unauthentic {
             key_id: header.key_id.to_owned(),
@@ -1239,7 +1277,12 @@ pub(crate) fn open_plain<'b>(
             });
         }
     }
-    Ok((plain, header.epoch, header.key_id))
+    Ok(Opened {
+        plain,
+        version: header.version,
+        epoch: header.epoch,
+        key_id: header.key_id,
+    })
 }
 
 #[cfg(test)]
