@@ -330,7 +330,14 @@ impl Payment {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => false,
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => false,
         }
     }
 
@@ -348,7 +355,14 @@ impl Payment {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => false,
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => false,
         }
     }
 
@@ -811,7 +825,14 @@ impl Store {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => return Err(PsuError::Conflict(p.status.as_str())),
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => return Err(PsuError::Conflict(p.status.as_str())),
         }
         p.auto_at = None;
         Ok(PsuOutcome {
@@ -920,7 +941,14 @@ impl Store {
                 | TransactionStatus::Acsc
                 | TransactionStatus::Part
                 | TransactionStatus::Rjct
-                | TransactionStatus::Canc => return,
+                | TransactionStatus::Canc
+                | TransactionStatus::Accc
+                | TransactionStatus::Acwp
+                | TransactionStatus::Acis
+                | TransactionStatus::Acpd
+                | TransactionStatus::Blck
+                | TransactionStatus::Cpuc
+                | TransactionStatus::Pres => return,
             }
         }
     }
@@ -941,7 +969,14 @@ impl Store {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => return Err(PsuError::Conflict(p.status.as_str())),
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => return Err(PsuError::Conflict(p.status.as_str())),
         };
         p.auto_at = None;
         let redirect = match action {
