@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_are_not_guessed() {
-        for bad in ["", "RCV", "ACCC", "ACSCX", "OK"] {
+        for bad in ["", "RCV", "ACCX", "ACSCX", "OK", "XYZW"] {
             assert_eq!(TransactionStatus::parse(bad), None, "{bad:?}");
         }
     }
@@ -319,6 +319,6 @@ mod tests {
             .filter(|s| s.is_final())
             .map(TransactionStatus::as_str)
             .collect();
-        assert_eq!(finals, ["ACSC", "RJCT", "CANC"]);
+        assert_eq!(finals, ["ACSC", "RJCT", "CANC", "ACCC", "BLCK", "CPUC"]);
     }
 }

@@ -72,6 +72,12 @@ pub mod scenario {
     pub const SLOW_CREATE: &str = "SLOW-CREATE";
     /// Bulk: this transfer is rejected at execution; the bulk ends PART.
     pub const REJECT_ENTRY: &str = "REJECT-ENTRY";
+    /// Create the payment, then answer 201 with its SCA link but no payment id anywhere: an
+    /// answer no dialect gives (the client must end it, never initiate it again).
+    pub const NO_PAYMENT_ID: &str = "NO-PAYMENT-ID";
+    /// `STATUS-CODE-<code>` (the SEPA character set has no `=`): status answers for this payment give that code, whatever its
+    /// state (a code the client may not know).
+    pub const STATUS_CODE: &str = "STATUS-CODE-";
 }
 
 pub const SLOW_CREATE_DELAY: Duration = Duration::from_secs(60);
@@ -536,6 +542,7 @@ async fn initiate(
     };
     scenario_failure(name)?;
     let slow = name.contains(scenario::SLOW_CREATE);
+    let no_payment_id = name.contains(scenario::NO_PAYMENT_ID);
 
     let payment_id = {
         let mut store = shared.store();
@@ -629,6 +636,13 @@ async fn initiate(
     // body, only in Location.
     if scenario.location_only && shared.dialect.answer == AnswerShape::LinksBody {
         let body = json!({"payment_id": payment_id, "transaction_status": status});
+        response = (StatusCode::CREATED, Json(body)).into_response();
+        if let Ok(location) = HeaderValue::from_str(&sca_url) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+    }
+    if no_payment_id {
+        let body = json!({"transaction_status": status});
         response = (StatusCode::CREATED, Json(body)).into_response();
         if let Ok(location) = HeaderValue::from_str(&sca_url) {
             response.headers_mut().insert(header::LOCATION, location);
@@ -1474,9 +1488,26 @@ async fn status(
         .ok_or_else(ApiError::payment_not_found)?;
     Ok((
         StatusCode::OK,
-        Json(json!({"transaction_status": shared.dialect.statuses.answer(p.status)})),
+        Json(json!({"transaction_status": answered_status(shared, p)})),
     )
         .into_response())
+}
+
+/// The status code answered for `p`: the dialect's, or the scenario's `STATUS-CODE=`.
+fn answered_status(shared: &Shared, p: &super::store::Payment) -> String {
+    let name = p
+        .request
+        .get("creditor_name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match name.split_once(scenario::STATUS_CODE) {
+        Some((_, rest)) => rest
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => shared.dialect.statuses.answer(p.status).to_owned(),
+    }
 }
 
 /// [P] a valid PIS token is required; [I] it must be the token of the PSU the payment belongs
