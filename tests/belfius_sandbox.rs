@@ -673,6 +673,13 @@ async fn token_rotation_one_pair_per_psu() {
     let redirect = env.sign_as("E2E-T2", "alice").await;
     // Neither a code (token initiation) nor a state (none given): the bare Redirect-URI.
     assert_eq!(redirect.as_str(), REDIRECT);
+    // The bank counts how each initiation was authorised.
+    let by_auth = &env.counters().await["initiations_by_auth"];
+    assert_eq!(
+        (&by_auth["pkce"], &by_auth["bearer"]),
+        (&json!(1), &json!(1)),
+        "{by_auth}"
+    );
 
     let refresh = tokens.refresh_token.clone().unwrap();
     let rotated = env
@@ -721,6 +728,9 @@ async fn token_rotation_one_pair_per_psu() {
     }
 
     let counters = env.counters().await;
+    // E2E-T1, T4, T6 with PKCE; T2, T5 and both T8 with a token (refused ones not counted).
+    assert_eq!(counters["initiations_by_auth"]["pkce"], 3, "{counters}");
+    assert_eq!(counters["initiations_by_auth"]["bearer"], 4, "{counters}");
     assert_eq!(counters["refreshes"], 1);
     assert_eq!(counters["tokens_issued"], 4);
     assert_eq!(counters["invalidated_token_uses"], 3);

@@ -480,6 +480,9 @@ pub struct Counters {
     pub bulk_initiations: BTreeMap<String, u64>,
     /// Successful initiations, all kinds.
     pub initiations: u64,
+    /// Successful initiations by what authorised them: PKCE (a code follows the signature)
+    /// or a PSU's Bearer token.
+    pub initiations_by_auth: AuthCounts,
     /// Every request that reached an initiation handler, refused ones included.
     pub initiation_requests: u64,
     /// Every request that reached the status handler.
@@ -502,6 +505,13 @@ pub struct Counters {
     pub invalidated_token_reuses: u64,
     pub signatures_checked: u64,
     pub signatures_failed: u64,
+}
+
+/// Initiations per authentication method.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AuthCounts {
+    pub pkce: u64,
+    pub bearer: u64,
 }
 
 pub struct Store {
@@ -663,6 +673,11 @@ impl Store {
         };
         *by_e2e.entry(new.e2e.clone()).or_insert(0) += 1;
         self.counters.initiations += 1;
+        // The API sets exactly one of the two: a challenge without a token, a PSU with one.
+        match new.challenge {
+            Some(_) => self.counters.initiations_by_auth.pkce += 1,
+            None => self.counters.initiations_by_auth.bearer += 1,
+        }
         self.order.push(id.clone());
         self.payments.entry(id.clone()).or_insert(Payment {
             id,
@@ -1724,11 +1739,18 @@ mod tests {
             .insert_payment(new_payment("A", Scenario::default()), t0)
             .id
             .clone();
-        store.insert_payment(new_payment("B", Scenario::default()), t0);
+        let mut with_token = new_payment("B", Scenario::default());
+        with_token.challenge = None;
+        with_token.psu = Some("alice".into());
+        store.insert_payment(with_token, t0);
         assert_ne!(a1, a2);
         assert_eq!(store.latest_by_e2e("A"), Some(a2));
         assert_eq!(store.latest_by_e2e("C"), None);
         assert_eq!(store.counters.initiations, 3);
+        assert_eq!(
+            store.counters.initiations_by_auth,
+            AuthCounts { pkce: 2, bearer: 1 }
+        );
         assert_eq!(store.counters.initiations_by_e2e.get("A"), Some(&2));
         store.settings.sca_expiry = Duration::from_secs(1);
         store.reset();
