@@ -11,10 +11,11 @@ use chrono::{Datelike as _, NaiveDate};
 use pis_worker::belfius::client::{Cancelled, accept_header};
 use pis_worker::belfius::errors::BelfiusErrorCode as E;
 use pis_worker::belfius::pkce::Pkce;
+use pis_worker::belfius::qseal::QsealSigner;
 use pis_worker::belfius::status::TransactionStatus;
 use pis_worker::belfius::{
     BankError, BelfiusClient, BelfiusConfig, ErrorBody, GuardConfig, Initiated, QsealConfig,
-    TokenPair,
+    QwacIdentity, SignatureEncoding, TokenPair,
 };
 use pis_worker::domain::bank::BankProgress;
 use pis_worker::domain::model::{
@@ -33,8 +34,8 @@ use tempfile::TempDir;
 const REDIRECT: &str = "https://tpp.example/callback";
 /// Long enough that a status read right after signing still sees ACTC on a loaded machine.
 const SETTLE: Duration = Duration::from_millis(800);
-/// A Belfius-brand debtor account (bank code 539).
-const BELFIUS_DEBTOR: &str = "BE68539007547034";
+/// A Belfius-brand debtor account (bank code 096, one of Belfius' codes).
+const BELFIUS_DEBTOR: &str = "BE71096123456769";
 /// A Banx-brand debtor account (bank code 977, the simulator's default Banx code).
 const BANX_DEBTOR: &str = "BE76977123456795";
 
@@ -283,17 +284,32 @@ impl Env {
         headers
     }
 
+    /// The QSeal `Signature` a well-behaved TPP sends with `body` (the sandbox verifies it).
+    fn seal(&self, body: &[u8]) -> String {
+        let config = self.sandbox.belfius_config().unwrap();
+        QsealSigner::new(config.qseal.as_ref().unwrap())
+            .unwrap()
+            .sign(body)
+            .unwrap()
+    }
+
+    /// Signed with the test QSeal unless `headers` already carry a `Signature`.
     async fn raw_initiation_at(
         &self,
         path: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: &Value,
     ) -> reqwest::Response {
         let url = self.sandbox.api_base_url().join(path).unwrap();
+        let bytes = serde_json::to_vec(body).unwrap();
+        if !headers.contains_key("signature") {
+            let signature = self.seal(&bytes);
+            headers.insert("signature", HeaderValue::from_str(&signature).unwrap());
+        }
         self.raw()
             .post(url)
             .headers(headers)
-            .body(serde_json::to_vec(body).unwrap())
+            .body(bytes)
             .send()
             .await
             .unwrap()
@@ -654,10 +670,30 @@ async fn sign_settle_and_token_exchange_rules() {
     );
     assert_eq!(status, 400);
     assert!(body.error_description.contains("already used"), "{body:?}");
+    // And the replay revokes the pair the code granted (RFC 6749 §4.1.2): someone else may
+    // hold the code.
+    let (status, code, _) = refused_code(
+        env.client
+            .payment_details(
+                PaymentKind::Single,
+                Brand::Belfius,
+                PaymentProduct::SepaCreditTransfers,
+                &id,
+                &tokens.access_token,
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
+    let (status, code, _) = refused_code(
+        env.client
+            .refresh_token(Brand::Belfius, tokens.refresh_token.as_ref().unwrap())
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100004"));
 
     let counters = env.counters().await;
     assert_eq!(counters["tokens_issued"], 1);
-    assert_eq!(counters["token_failures"], 3);
+    assert_eq!(counters["token_failures"], 4);
 }
 
 #[tokio::test]
@@ -673,6 +709,13 @@ async fn token_rotation_one_pair_per_psu() {
     let redirect = env.sign_as("E2E-T2", "alice").await;
     // Neither a code (token initiation) nor a state (none given): the bare Redirect-URI.
     assert_eq!(redirect.as_str(), REDIRECT);
+    // The bank counts how each initiation was authorised.
+    let by_auth = &env.counters().await["initiations_by_auth"];
+    assert_eq!(
+        (&by_auth["pkce"], &by_auth["bearer"]),
+        (&json!(1), &json!(1)),
+        "{by_auth}"
+    );
 
     let refresh = tokens.refresh_token.clone().unwrap();
     let rotated = env
@@ -721,6 +764,9 @@ async fn token_rotation_one_pair_per_psu() {
     }
 
     let counters = env.counters().await;
+    // E2E-T1, T4, T6 with PKCE; T2, T5 and both T8 with a token (refused ones not counted).
+    assert_eq!(counters["initiations_by_auth"]["pkce"], 3, "{counters}");
+    assert_eq!(counters["initiations_by_auth"]["bearer"], 4, "{counters}");
     assert_eq!(counters["refreshes"], 1);
     assert_eq!(counters["tokens_issued"], 4);
     assert_eq!(counters["invalidated_token_uses"], 3);
@@ -1572,11 +1618,10 @@ async fn client_without_certificate_is_stopped_at_the_handshake() {
     assert_eq!(env.counters().await["initiation_requests"], 1);
 }
 
-/// Needs the QSeal implementation (`belfius::qseal`): until it exists the sandbox cannot
-/// verify and this test fails at start-up.
+/// Verification is on by default (`SandboxConfig::local`, as for `pis-worker sandbox`).
 #[tokio::test]
 async fn qseal_signatures_are_verified() {
-    let env = env_with(|c| c.verify_signatures = true).await;
+    let env = env().await;
     let config = env.sandbox.belfius_config().unwrap();
     assert!(
         config.qseal.is_some(),
@@ -2499,4 +2544,380 @@ async fn a_rotated_client_secret_refuses_the_old_one() {
         .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
         .await
         .unwrap();
+}
+
+// =============================================================================================
+// Simulator strictness: what a real bank refuses (docs/belfius.md, "Simulator strictness").
+
+/// A client presenting `cert`/`key` instead of the registered client certificate.
+fn client_with_certificate(env: &Env, cert: &Path, key: &Path) -> BelfiusClient {
+    let mut config = env.sandbox.belfius_config().unwrap();
+    config.qwac = Some(QwacIdentity {
+        cert_chain_pem: std::fs::read(cert).unwrap(),
+        private_key_pem: std::fs::read_to_string(key).unwrap().into(),
+    });
+    BelfiusClient::with_guard(config, GuardConfig::none()).unwrap()
+}
+
+fn other_tpp(env: &Env) -> BelfiusClient {
+    client_with_certificate(
+        env,
+        &env.sandbox.other_client_cert_path(),
+        &env.sandbox.other_client_key_path(),
+    )
+}
+
+#[tokio::test]
+async fn a_client_certificate_not_registered_for_the_client_id_is_refused() {
+    let env = env().await;
+    let pkce = Pkce::generate();
+    env.client
+        .initiate_payment(&order("E2E-CERT1"), &pkce.challenge, None)
+        .await
+        .unwrap();
+    let code = SecretString::from(query(&env.sign("E2E-CERT1").await, "code").unwrap());
+
+    // Another TPP's certificate, from a CA the bank trusts: the handshake succeeds, but the
+    // Client-ID it sends (ours) is not bound to that certificate.
+    let other = other_tpp(&env);
+    let invalid_client = (401, "GEN-1203-100009".to_owned(), E::InvalidClientId);
+    assert_eq!(
+        refused_code(
+            other
+                .initiate_payment(&order("E2E-CERT2"), &challenge(), None)
+                .await
+        ),
+        invalid_client
+    );
+    let initiated = env
+        .client
+        .initiate_payment(&order("E2E-CERT3"), &challenge(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_code(
+            other
+                .payment_status(
+                    PaymentKind::Single,
+                    Brand::Belfius,
+                    PaymentProduct::SepaCreditTransfers,
+                    &initiated.bank_payment_id
+                )
+                .await
+        ),
+        invalid_client
+    );
+    // At /token the Basic credentials name the Client-ID: refused, and the code survives.
+    assert_eq!(
+        refused_code(
+            other
+                .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+                .await
+        ),
+        invalid_client
+    );
+    env.client
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
+    let counters = env.counters().await;
+    // Refused before any handler: the E2E-CERT2 initiation was never seen.
+    assert_eq!(counters["initiation_requests"], 2, "{counters}");
+    assert_eq!(counters["status_requests"], 0, "{counters}");
+
+    // The registration is a setting: register the other certificate instead, and ours is
+    // the stranger.
+    let pem = std::fs::read_to_string(env.sandbox.other_client_cert_path()).unwrap();
+    let fingerprint = hex::encode(sandbox::tls::leaf_fingerprint(&pem).unwrap());
+    let rebound = env_with(|c| c.client_certificates = vec![fingerprint]).await;
+    other_tpp(&rebound)
+        .initiate_payment(&order("E2E-CERT4"), &challenge(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_code(
+            rebound
+                .client
+                .initiate_payment(&order("E2E-CERT5"), &challenge(), None)
+                .await
+        ),
+        invalid_client
+    );
+}
+
+#[tokio::test]
+async fn redirect_uris_must_be_registered() {
+    let env = env().await;
+    let fresh = || uuid::Uuid::new_v4().to_string();
+    let with_redirect = |uri: &str| {
+        let mut headers = env.initiation_headers(&fresh());
+        headers.insert("redirect-uri", HeaderValue::from_str(uri).unwrap());
+        headers
+    };
+    // The defaults: what the tests, the demo and the benchmarks use, and loopback over plain
+    // http on any port (RFC 8252 §7.3).
+    for uri in [
+        "https://tpp.example/callback",
+        "https://client.example/callback",
+        "http://127.0.0.1:49152/cb",
+        "http://localhost:8080/return",
+    ] {
+        let response = env
+            .raw_initiation(with_redirect(uri), &valid_body("E2E-RU1"))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED, "{uri}");
+    }
+    for uri in [
+        "https://unregistered.example/callback",
+        "https://tpp.example.evil.example/callback",
+        "http://tpp.example/callback",
+        "https://tpp.example/callback#fragment",
+    ] {
+        let response = env
+            .raw_initiation(with_redirect(uri), &valid_body("E2E-RU2"))
+            .await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("GEN-1202-100001")),
+            "{uri}: {body}"
+        );
+        assert!(
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("Redirect-URI"),
+            "{body}"
+        );
+    }
+    // Through the client, typed.
+    let mut unregistered = order("E2E-RU3");
+    unregistered.redirect_uri = "https://unregistered.example/callback".into();
+    assert_eq!(
+        refused_code(
+            env.client
+                .initiate_payment(&unregistered, &challenge(), None)
+                .await
+        ),
+        (400, "GEN-1202-100001".to_owned(), E::InvalidHeader)
+    );
+    assert_eq!(env.counters().await["initiations"], 4);
+
+    // A TPP's own registration: exact URLs only match exactly.
+    let own = env_with(|c| c.redirect_uris = vec!["https://shop.example/return".into()]).await;
+    let mut shop = order("E2E-RU4");
+    shop.redirect_uri = "https://shop.example/return".into();
+    own.client
+        .initiate_payment(&shop, &challenge(), None)
+        .await
+        .unwrap();
+    for uri in ["https://shop.example/return/x", REDIRECT] {
+        let mut other = order("E2E-RU5");
+        other.redirect_uri = uri.into();
+        let (status, code, _) = refused_code(
+            own.client
+                .initiate_payment(&other, &challenge(), None)
+                .await,
+        );
+        assert_eq!((status, code.as_str()), (400, "GEN-1202-100001"), "{uri}");
+    }
+    // Plain http may not even be registered for another host.
+    let mut config = SandboxConfig::local(shared_pki());
+    config.redirect_uris = vec!["http://shop.example/return".into()];
+    let error = sandbox::start(config).await.unwrap_err();
+    assert!(error.to_string().contains("loopback"), "{error:#}");
+}
+
+#[tokio::test]
+async fn tokens_are_valid_only_on_the_brand_host_that_issued_them() {
+    let env = env().await;
+    let pkce = Pkce::generate();
+    let banx = |e2e: &str| {
+        let mut o = order(e2e);
+        o.brand = Brand::Banx;
+        o
+    };
+    env.client
+        .initiate_payment(&banx("E2E-BRT1"), &pkce.challenge, None)
+        .await
+        .unwrap();
+    let code = SecretString::from(query(&env.sign_as("E2E-BRT1", "alice").await, "code").unwrap());
+    // The Belfius host's /token never issued this code; asking there burns nothing.
+    let (status, body) = refused(
+        env.client
+            .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+            .await,
+    );
+    assert_eq!((status, body.error_code.as_str()), (400, "GEN-1202-100002"));
+    assert!(body.error_description.contains("unknown"), "{body:?}");
+    let tokens = env
+        .client
+        .exchange_code(Brand::Banx, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
+    let refresh = tokens.refresh_token.clone().unwrap();
+
+    env.client
+        .initiate_payment(&banx("E2E-BRT2"), "", Some(&tokens.access_token))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_code(
+            env.client
+                .initiate_payment(&order("E2E-BRT3"), "", Some(&tokens.access_token))
+                .await
+        ),
+        (401, "GEN-1203-100003".to_owned(), E::InvalidAccessToken)
+    );
+    assert_eq!(
+        refused_code(env.client.refresh_token(Brand::Belfius, &refresh).await),
+        (401, "GEN-1203-100004".to_owned(), E::InvalidRefreshToken)
+    );
+    // The refusals rotated nothing: the Banx pair still refreshes on its own host.
+    env.client
+        .refresh_token(Brand::Banx, &refresh)
+        .await
+        .unwrap();
+    let counters = env.counters().await;
+    assert_eq!(counters["invalidated_token_uses"], 0, "{counters}");
+    assert_eq!(counters["initiations_by_auth"]["bearer"], 1, "{counters}");
+}
+
+#[tokio::test]
+async fn debtor_accounts_of_other_belgian_banks_are_refused() {
+    let env = env().await;
+    let with_debtor = |e2e: &str, iban: &str| {
+        let mut o = order(e2e);
+        o.debtor_iban = Some(iban.into());
+        o
+    };
+    // Belfius bank codes from several of its ranges: 096, 063, 550, 775.
+    for (i, iban) in [
+        BELFIUS_DEBTOR,
+        "BE41063012345610",
+        "BE40550000123463",
+        "BE23775000123491",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        env.client
+            .initiate_payment(
+                &with_debtor(&format!("E2E-ACC{i}"), iban),
+                &challenge(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    // 539 (the IBAN registry's Belgian example, a code not allocated) and 734 (KBC): valid
+    // IBANs, but not accounts of this bank, on either host.
+    for iban in ["BE68539007547034", "BE36734012345681"] {
+        for brand in [Brand::Belfius, Brand::Banx] {
+            let mut o = with_debtor("E2E-ACC9", iban);
+            o.brand = brand;
+            assert_eq!(
+                refused_code(env.client.initiate_payment(&o, &challenge(), None).await),
+                (403, "B14800ZZ-3002-000000".to_owned(), E::InvalidAccount),
+                "{iban} at {brand:?}"
+            );
+        }
+    }
+    // The codes are settings.
+    let other = env_with(|c| c.belfius_bank_codes = vec!["539".into()]).await;
+    other
+        .client
+        .initiate_payment(
+            &with_debtor("E2E-ACC10", "BE68539007547034"),
+            &challenge(),
+            None,
+        )
+        .await
+        .unwrap();
+    let (status, code, _) = refused_code(
+        other
+            .client
+            .initiate_payment(
+                &with_debtor("E2E-ACC11", BELFIUS_DEBTOR),
+                &challenge(),
+                None,
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (403, "B14800ZZ-3002-000000"));
+}
+
+#[tokio::test]
+async fn refresh_tokens_expire() {
+    let env = env_with(|c| c.refresh_token_lifetime = Duration::from_millis(1000)).await;
+    let (_, tokens) = env.signed_with_tokens("E2E-RTX", "alice").await;
+    let rotated = env
+        .client
+        .refresh_token(Brand::Belfius, tokens.refresh_token.as_ref().unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = refused(
+        env.client
+            .refresh_token(Brand::Belfius, rotated.refresh_token.as_ref().unwrap())
+            .await,
+    );
+    assert_eq!((status, body.error_code.as_str()), (401, "GEN-1203-100004"));
+    assert!(body.error_description.contains("expired"), "{body:?}");
+    // Expired is not "replaced": not counted as such.
+    assert_eq!(env.counters().await["invalidated_token_uses"], 0);
+    // The lifetime is a run-time setting too.
+    let (status, body) = env
+        .admin_post_json(
+            "admin/config",
+            Some(json!({"refresh_token_lifetime_secs": 7_776_000})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["refresh_token_lifetime_secs"].as_u64()),
+        (StatusCode::OK, Some(7_776_000))
+    );
+}
+
+#[tokio::test]
+async fn one_signature_encoding_is_accepted() {
+    let padded_bank = env().await;
+    let mut config = padded_bank.sandbox.belfius_config().unwrap();
+    let qseal = config.qseal.as_mut().unwrap();
+    assert_eq!(qseal.format.encoding, SignatureEncoding::Base64Padded);
+    qseal.format.encoding = SignatureEncoding::Base64UrlNoPad;
+    let url_client = BelfiusClient::new(config).unwrap();
+    let (status, body) = refused(
+        url_client
+            .initiate_payment(&order("E2E-ENC1"), &challenge(), None)
+            .await,
+    );
+    assert_eq!((status, body.error_code.as_str()), (401, "GEN-1203-100008"));
+    assert!(body.error_description.contains("padding"), "{body:?}");
+
+    // A bank configured for base64url: the other way round.
+    let url_bank = env_with(|c| c.signature_encoding = SignatureEncoding::Base64UrlNoPad).await;
+    let mut config = url_bank.sandbox.belfius_config().unwrap();
+    config.qseal.as_mut().unwrap().format.encoding = SignatureEncoding::Base64UrlNoPad;
+    BelfiusClient::new(config)
+        .unwrap()
+        .initiate_payment(&order("E2E-ENC2"), &challenge(), None)
+        .await
+        .unwrap();
+    let (status, code, _) = refused_code(
+        url_bank
+            .client
+            .initiate_payment(&order("E2E-ENC3"), &challenge(), None)
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100008"));
+    let counters = url_bank.counters().await;
+    assert_eq!(
+        (
+            counters["signatures_checked"].as_u64(),
+            counters["signatures_failed"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
 }

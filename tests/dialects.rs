@@ -26,7 +26,7 @@ async fn sign_through_redirect(env: &TestEnv, payment_id: &str, psu_id: &str, ex
 async fn matrix(name: &str) {
     let dialect = Dialect::named(name).unwrap_or_else(|| panic!("no dialect {name}"));
     let env = TestEnv::new(|c| {
-        c.dialect = dialect;
+        c.set_dialect(dialect);
         c.verify_signatures = true;
         c.settle_after = Duration::from_secs(1);
     })

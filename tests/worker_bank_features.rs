@@ -186,21 +186,9 @@ async fn a_bulk_payment_is_signed_once_and_settles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initiations_are_sealed_and_an_unsealed_worker_is_refused() {
-    let env = TestEnv::new(|c| c.verify_signatures = true).await;
-    let tls = env.sandbox.tls_dir.clone();
-    let key = tls.join("qseal-key.pem");
-    let cert = tls.join("qseal.pem");
-    let sealed = env.start_worker(
-        "sealed",
-        &[
-            "--poll-fast-ms",
-            "60000",
-            "--qseal-key-file",
-            key.to_str().expect("path"),
-            "--qseal-cert-file",
-            cert.to_str().expect("path"),
-        ],
-    );
+    // Verification is the sandbox's default; the harness's workers seal with its test QSeal.
+    let env = TestEnv::new(|_| {}).await;
+    let sealed = env.start_worker("sealed", &["--poll-fast-ms", "60000"]);
     sealed.wait_restored(PARTITIONS as usize).await;
     env.send(&initiate("sealed-1", "psu-q", "1.00", "Shop"))
         .await;
@@ -213,7 +201,7 @@ async fn initiations_are_sealed_and_an_unsealed_worker_is_refused() {
     assert_eq!(counters["signatures_failed"], 0, "{counters}");
     drop(sealed);
 
-    let unsealed = env.start_worker("unsealed", &["--poll-fast-ms", "60000"]);
+    let unsealed = env.start_worker_unsealed("unsealed", &["--poll-fast-ms", "60000"]);
     unsealed.wait_restored(PARTITIONS as usize).await;
     env.send(&initiate("unsealed-1", "psu-q", "1.00", "Shop"))
         .await;

@@ -490,9 +490,11 @@ mod tests {
     use super::*;
     use crate::domain::model::{Amount, Brand, PaymentKind, PaymentProduct};
     use crate::sandbox::Rules;
+    use crate::sandbox::accounts::BankCodes;
+    use crate::sandbox::onboarding::Onboarding;
     use crate::sandbox::store::{
-        Challenge, ChallengeMethod, DEFAULT_ACCESS_TOKEN_LIFETIME, NewPayment, Scenario, Settings,
-        Store, digest,
+        Challenge, ChallengeMethod, DEFAULT_ACCESS_TOKEN_LIFETIME, DEFAULT_REFRESH_TOKEN_LIFETIME,
+        NewPayment, Scenario, Settings, Store, digest,
     };
 
     const ADMIN: &str = "http://127.0.0.1:8444/";
@@ -507,16 +509,24 @@ mod tests {
             dialect: crate::belfius::dialect::Dialect::default_dialect(),
             rules: Rules {
                 amount: crate::belfius::AmountFormat::String,
-                banx_bank_codes: vec![],
+                banx_bank_codes: BankCodes::default(),
+                belfius_bank_codes: BankCodes::default(),
                 denied_countries: vec![],
                 bic_required_countries: vec![],
             },
+            onboarding: Onboarding::new(
+                [[1; 32]],
+                &[REDIRECT.to_owned()],
+                crate::belfius::SignatureEncoding::Base64Padded,
+            )
+            .expect("onboarding"),
             verifier: None,
             store: Mutex::new(Store::new(Settings {
                 auto_sign_after: None,
                 settle_after: Duration::from_secs(60),
                 sca_expiry: Duration::from_secs(900),
                 access_token_lifetime: DEFAULT_ACCESS_TOKEN_LIFETIME,
+                refresh_token_lifetime: DEFAULT_REFRESH_TOKEN_LIFETIME,
                 verify_signatures: false,
                 cancel_status: 204,
                 orphans_signable: false,

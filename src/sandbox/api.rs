@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -25,7 +26,9 @@ use chrono::{Datelike as _, NaiveDate, Utc};
 use secrecy::ExposeSecret as _;
 use serde_json::{Map, Value, json};
 
+use super::accounts::{self, Holder};
 use super::faults::{self, Faults};
+use super::onboarding::{self, PeerCertificate};
 use super::store::{
     AutoAction, BulkLine, CancelError, Challenge, ChallengeMethod, GrantError, NewPayment, Payment,
     Scenario, Schedule, Store, TokenCheck,
@@ -34,7 +37,7 @@ use super::{Rules, Shared};
 use crate::belfius::answer::AnswerShape;
 use crate::belfius::client::headers as h;
 use crate::belfius::status::TransactionStatus;
-use crate::belfius::{AmountFormat, ErrorBody, SignatureEncoding};
+use crate::belfius::{AmountFormat, ErrorBody};
 use crate::domain::model::{
     Amount, Brand, ChargeBearer, Frequency, Language, MAX_BULK_ENTRIES, PaymentKind, PaymentProduct,
 };
@@ -135,6 +138,10 @@ pub fn router(shared: Arc<Shared>, brand: Brand, faults: Faults) -> Router {
     router
         .route("/token", post(token))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            registered_certificate,
+        ))
         // Faults inside the Response-ID layer: an injected error still echoes the Request-ID.
         .layer(middleware::from_fn_with_state(faults, faults::middleware))
         .layer(middleware::from_fn(echo_request_id))
@@ -193,6 +200,31 @@ async fn echo_request_id(request: Request, next: Next) -> Response {
         response.headers_mut().insert(h::RESPONSE_ID, id);
     }
     response
+}
+
+/// [P §1.2] the QWAC is handed in at onboarding, which gives the Client-ID: a request naming
+/// this Client-ID over a connection with another certificate (another TPP's, from a CA the
+/// bank trusts) is refused. [I] the code: GEN-1203-100009, as for an unknown Client-ID.
+async fn registered_certificate(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<PeerCertificate>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer = peer.map_or(PeerCertificate(None), |Extension(peer)| peer);
+    if onboarding::names_client_id(request.headers(), &shared.client_id)
+        && !shared.onboarding.certificate_registered(peer)
+    {
+        tracing::info!("sandbox: client certificate not registered for the Client-ID");
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "FAILED_SECURITY_VALIDATION",
+            "GEN-1203-100009",
+            "the client certificate is not the one registered for this Client-ID",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {
@@ -329,11 +361,11 @@ impl ApiError {
     /// is kept in the description.
     fn invalid_grant(error: GrantError) -> Self {
         match error {
-            GrantError::InvalidRefreshToken => Self::new(
+            GrantError::InvalidRefreshToken | GrantError::RefreshTokenExpired => Self::new(
                 StatusCode::UNAUTHORIZED,
                 "FAILED_SECURITY_VALIDATION",
                 "GEN-1203-100004",
-                "invalid refresh token",
+                format!("invalid refresh token: {error}"),
             ),
             GrantError::UnknownCode
             | GrantError::CodeUsed
@@ -501,16 +533,10 @@ async fn initiate(
     }
     check_content_type(&headers, "application/json")?;
     let redirect_uri = required_header(&headers, h::REDIRECT_URI)?;
-    match url::Url::parse(redirect_uri) {
-        Ok(url) if matches!(url.scheme(), "https" | "http") => {}
-        Ok(_) | Err(_) => {
-            return Err(ApiError::invalid_header(
-                "Redirect-URI",
-                "must be an absolute http(s) URL",
-            ));
-        }
+    if let Some(why) = shared.onboarding.redirect_refusal(redirect_uri) {
+        return Err(ApiError::invalid_header("Redirect-URI", why));
     }
-    let auth = authorization(shared, &headers)?;
+    let auth = authorization(shared, state.brand, &headers)?;
     check_signature(shared, &headers, &body, true)?;
 
     let value: Value = serde_json::from_slice(&body)
@@ -525,7 +551,7 @@ async fn initiate(
         PaymentKind::Bulk => validate_bulk(&object, product, &shared.rules, today)?,
     };
     if let Some(debtor) = &fields.debtor_iban {
-        check_debtor_brand(&shared.rules, state.brand, debtor)?;
+        check_debtor_account(&shared.rules, state.brand, debtor)?;
     }
 
     let name = fields.creditor_name.as_str();
@@ -714,13 +740,16 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     )
 }
 
-/// The PSU owning a live access token; anything else (missing, unknown, replaced by a newer
-/// pair, expired) is 401 GEN-1203-100003 [P].
-fn token_psu(shared: &Shared, token: Option<&str>) -> Result<String, ApiError> {
+/// The PSU owning a live access token issued by this brand host; anything else (missing,
+/// unknown, the other brand's, replaced by a newer pair, expired) is 401 GEN-1203-100003 [P].
+fn token_psu(shared: &Shared, brand: Brand, token: Option<&str>) -> Result<String, ApiError> {
     let token = token
         .filter(|t| !t.is_empty())
         .ok_or_else(ApiError::invalid_token)?;
-    match shared.store().check_access_token(token, Instant::now()) {
+    match shared
+        .store()
+        .check_access_token(token, brand, Instant::now())
+    {
         TokenCheck::Valid { psu } => Ok(psu),
         TokenCheck::Invalidated | TokenCheck::Expired | TokenCheck::Unknown => {
             Err(ApiError::invalid_token())
@@ -729,11 +758,15 @@ fn token_psu(shared: &Shared, token: Option<&str>) -> Result<String, ApiError> {
 }
 
 /// A valid Bearer token replaces PKCE; without one, both PKCE headers are mandatory [P §2.2].
-fn authorization(shared: &Shared, headers: &HeaderMap) -> Result<Authorization, ApiError> {
+fn authorization(
+    shared: &Shared,
+    brand: Brand,
+    headers: &HeaderMap,
+) -> Result<Authorization, ApiError> {
     if let Some(token) = bearer(headers)? {
         return Ok(Authorization {
             challenge: None,
-            psu: Some(token_psu(shared, Some(token))?),
+            psu: Some(token_psu(shared, brand, Some(token))?),
         });
     }
     let challenge = required_header(headers, h::CODE_CHALLENGE)?;
@@ -791,11 +824,16 @@ fn check_signature(
     if signature.is_none() && !required {
         return Ok(());
     }
+    let encoding = shared.onboarding.signature_encoding;
     let outcome = match (&shared.verifier, signature) {
-        (Some(verifier), Some(signature)) => verifier
-            .verify(signature, body)
-            .map_err(|e| e.to_string())
-            .and_then(|()| signature_alphabet(shared.dialect.signature, signature)),
+        // [I] the bank accepts one encoding (Tink sent standard Base64 with padding, RFC 7515
+        // says base64url): the other one is refused, not decoded leniently.
+        (Some(_), Some(signature)) if !onboarding::jws_encoded_as(signature, encoding) => Err(
+            format!("the JWS is not in {}", onboarding::encoding_name(encoding)),
+        ),
+        (Some(verifier), Some(signature)) => {
+            verifier.verify(signature, body).map_err(|e| e.to_string())
+        }
         (None, Some(_)) => Err("no QSeal certificate to verify with".to_owned()),
         (_, None) => Err("missing Signature header".to_owned()),
     };
@@ -806,50 +844,30 @@ fn check_signature(
     })
 }
 
-/// The dialect's bank decodes one Base64 alphabet only: a signature in the other is refused.
-fn signature_alphabet(expected: SignatureEncoding, signature: &str) -> Result<(), String> {
-    let standard = signature.contains(['+', '/', '=']);
-    let url_safe = signature.contains(['-', '_']);
-    match expected {
-        SignatureEncoding::Base64Padded if url_safe => {
-            Err("the Signature is base64url; this bank reads standard Base64".into())
-        }
-        SignatureEncoding::Base64UrlNoPad if standard => {
-            Err("the Signature is standard Base64; this bank reads base64url".into())
-        }
-        SignatureEncoding::Base64Padded | SignatureEncoding::Base64UrlNoPad => Ok(()),
-    }
-}
-
-/// [P §1.1] a debtor account must be addressed on its own brand's host. [I] the brand is read
-/// from the Belgian bank code (IBAN characters 5-7); a non-Belgian IBAN is no account of
-/// either brand.
-fn check_debtor_brand(rules: &Rules, host: Brand, iban: &str) -> Result<(), ApiError> {
-    match account_brand(rules, iban) {
-        Some(brand) if brand == host => Ok(()),
-        Some(brand) => Err(ApiError::channel_not_permitted(&format!(
-            "the debtor account is a {} account: use its own host",
-            brand.as_str()
-        ))),
-        None => Err(ApiError::new(
+/// [P §1.1] a debtor account must be addressed on its own brand's host. The holder is read
+/// from the Belgian bank code (IBAN characters 5-7, [T] codes, [I] rule): another Belgian
+/// bank's account, or a foreign IBAN, is no account of either brand.
+fn check_debtor_account(rules: &Rules, host: Brand, iban: &str) -> Result<(), ApiError> {
+    let not_ours = |why: String| {
+        ApiError::new(
             StatusCode::FORBIDDEN,
             "INVALID_ACCOUNT",
             "B14800ZZ-3002-000000",
-            "the debtor account is not an account of this bank",
+            why,
+        )
+    };
+    match accounts::holder(&rules.belfius_bank_codes, &rules.banx_bank_codes, iban) {
+        Holder::Brand(brand) if brand == host => Ok(()),
+        Holder::Brand(brand) => Err(ApiError::channel_not_permitted(&format!(
+            "the debtor account is a {} account: use its own host",
+            brand.as_str()
+        ))),
+        Holder::OtherBelgianBank(code) => Err(not_ours(format!(
+            "the debtor account is held by another bank (Belgian bank code {code:03})"
+        ))),
+        Holder::Foreign => Err(not_ours(
+            "the debtor account is not an account of this bank".into(),
         )),
-    }
-}
-
-/// Which brand holds a Belgian account; `None` for a foreign IBAN.
-pub fn account_brand(rules: &Rules, iban: &str) -> Option<Brand> {
-    if !iban.starts_with("BE") {
-        return None;
-    }
-    let bank_code = iban.get(4..7)?;
-    if rules.banx_bank_codes.iter().any(|c| c == bank_code) {
-        Some(Brand::Banx)
-    } else {
-        Some(Brand::Belfius)
     }
 }
 
@@ -1529,7 +1547,7 @@ async fn details(
     shared.store().count_details_request();
     check_common(shared, &headers, STATUS_VERSIONS)?;
     let product = product(&product_segment)?;
-    let psu = token_psu(shared, bearer(&headers)?)?;
+    let psu = token_psu(shared, state.brand, bearer(&headers)?)?;
     let mut store = shared.store();
     let p = find(&mut store, state.brand, kind, product, &id)
         .ok_or_else(ApiError::payment_not_found)?;
@@ -1565,7 +1583,7 @@ async fn cancel(
     check_common(shared, &headers, STATUS_VERSIONS)?;
     let product = product(&product_segment)?;
     // [P] cancellation needs the PSU's access token.
-    let psu = token_psu(shared, bearer(&headers)?)?;
+    let psu = token_psu(shared, state.brand, bearer(&headers)?)?;
     check_signature(shared, &headers, b"", false)?;
     let mut store = shared.store();
     let p = find(&mut store, state.brand, kind, product, &id)
@@ -1600,20 +1618,26 @@ async fn cancel(
 // ---------------------------------------------------------------------------------------------
 // POST /token
 
-/// [I] one token service for both brand hosts: a PSU's pair works on either host.
+/// [I] each brand host has its own token service: a code is redeemed, and a pair used, only on
+/// the host of the brand it belongs to.
 async fn token(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let result = token_inner(&state.shared, &headers, &body);
+    let result = token_inner(&state.shared, state.brand, &headers, &body);
     if result.is_err() {
         state.shared.store().count_token_failure();
     }
     result
 }
 
-fn token_inner(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+fn token_inner(
+    shared: &Shared,
+    brand: Brand,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     check_request_id(headers)?;
     // [I] Accept-Language is sent by Tink but not known to be mandatory here; if sent it must
     // be supported.
@@ -1642,12 +1666,12 @@ fn token_inner(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Resp
             let redirect_uri = field("redirect_uri")?;
             shared
                 .store()
-                .redeem_code(code, verifier, redirect_uri, now)
+                .redeem_code(code, verifier, redirect_uri, brand, now)
                 .map_err(ApiError::invalid_grant)?
         }
         "refresh_token" => shared
             .store()
-            .refresh(field("refresh_token")?, now)
+            .refresh(field("refresh_token")?, brand, now)
             .map_err(ApiError::invalid_grant)?,
         _ => {
             return Err(ApiError::invalid_field(

@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use secrecy::SecretString;
 
-use super::store::DEFAULT_PSU;
+use super::store::{DEFAULT_PSU, DEFAULT_REFRESH_TOKEN_LIFETIME};
 use super::{
-    DEFAULT_BANX_BANK_CODES, DEFAULT_BIC_REQUIRED_COUNTRIES, DEFAULT_DENIED_COUNTRIES,
-    SandboxConfig, start,
+    DEFAULT_BANX_BANK_CODES, DEFAULT_BELFIUS_BANK_CODES, DEFAULT_BIC_REQUIRED_COUNTRIES,
+    DEFAULT_DENIED_COUNTRIES, DEFAULT_REDIRECT_URIS, SandboxConfig, start,
 };
+use crate::belfius::SignatureEncoding;
 
 pub const DEFAULT_CLIENT_ID: &str = "pis-worker-demo";
 pub const DEFAULT_CLIENT_SECRET: &str = "sandbox-secret";
@@ -49,6 +50,14 @@ pub struct SandboxArgs {
         value_parser = secret
     )]
     pub client_secret: SecretString,
+    /// SHA-256 fingerprints (hex) of the client certificates registered for the Client-ID;
+    /// default: the client.pem of --tls-dir.
+    #[arg(long = "client-cert-sha256", value_delimiter = ',')]
+    pub client_certificates: Vec<String>,
+    /// Redirect URIs registered for the Client-ID: exact URLs, or prefixes ending in `*`
+    /// (http only for loopback hosts).
+    #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_REDIRECT_URIS))]
+    pub redirect_uris: Vec<String>,
     /// Sign every payment automatically this many milliseconds after initiation.
     #[arg(long)]
     pub auto_sign_after_ms: Option<u64>,
@@ -61,15 +70,33 @@ pub struct SandboxArgs {
     /// Lifetime of PIS access tokens, in seconds.
     #[arg(long, default_value_t = 900)]
     pub access_token_lifetime_secs: u64,
-    /// Check the QSeal `Signature` header of initiations (test QSeal in --tls-dir).
-    #[arg(long)]
+    /// Lifetime of PIS refresh tokens, in seconds (default 90 days).
+    #[arg(long, default_value_t = DEFAULT_REFRESH_TOKEN_LIFETIME.as_secs())]
+    pub refresh_token_lifetime_secs: u64,
+    /// Check the QSeal `Signature` header of initiations (test QSeal in --tls-dir); on by
+    /// default, `--verify-signatures=false` turns it off.
+    #[arg(
+        long,
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub verify_signatures: bool,
+    /// The one Base64 encoding accepted in signatures: `padded` (standard, with padding, as
+    /// the worker sends by default) or `url` (base64url without padding). Default: the
+    /// dialect's.
+    #[arg(long, value_parser = ["padded", "url"])]
+    pub signature_encoding: Option<String>,
     /// PSUs may see and sign orphans (payments whose initiation answer was lost).
     #[arg(long)]
     pub orphans_signable: bool,
-    /// Belgian bank codes (IBAN characters 5-7) of Banx accounts.
+    /// Belgian bank codes (IBAN characters 5-7) of Banx accounts: `977` or `970-979`.
     #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_BANX_BANK_CODES))]
     pub banx_bank_codes: Vec<String>,
+    /// Belgian bank codes of Belfius accounts; other Belgian debtor accounts are refused.
+    #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_BELFIUS_BANK_CODES))]
+    pub belfius_bank_codes: Vec<String>,
     /// Beneficiary countries refused with B14821ZZ-1227-000000.
     #[arg(long, value_delimiter = ',', default_values_t = strings(DEFAULT_DENIED_COUNTRIES))]
     pub denied_countries: Vec<String>,
@@ -111,13 +138,23 @@ impl SandboxArgs {
             tls_dir: self.tls_dir.clone(),
             client_id: self.client_id.clone(),
             client_secret: self.client_secret.clone(),
+            client_certificates: self.client_certificates.clone(),
+            redirect_uris: self.redirect_uris.clone(),
             auto_sign_after: self.auto_sign_after_ms.map(Duration::from_millis),
             settle_after: Duration::from_millis(self.settle_after_ms),
             sca_expiry: Duration::from_secs(self.sca_expiry_secs),
             access_token_lifetime: Duration::from_secs(self.access_token_lifetime_secs),
+            refresh_token_lifetime: Duration::from_secs(self.refresh_token_lifetime_secs),
             verify_signatures: self.verify_signatures,
+            // clap allows only these two values.
+            signature_encoding: match self.signature_encoding.as_deref() {
+                Some("url") => SignatureEncoding::Base64UrlNoPad,
+                Some(_) => SignatureEncoding::Base64Padded,
+                None => self.dialect.signature,
+            },
             orphans_signable: self.orphans_signable,
             banx_bank_codes: self.banx_bank_codes.clone(),
+            belfius_bank_codes: self.belfius_bank_codes.clone(),
             denied_countries: self.denied_countries.clone(),
             bic_required_countries: self.bic_required_countries.clone(),
             forget_final_after: None,
@@ -289,6 +326,8 @@ mod tests {
         command: Command,
     }
 
+    // A parser built once per test: the variants' sizes do not matter.
+    #[allow(clippy::large_enum_variant)]
     #[derive(clap::Subcommand)]
     enum Command {
         Sandbox(SandboxArgs),
@@ -307,7 +346,16 @@ mod tests {
         assert_eq!(config.denied_countries, ["KP", "IR"]);
         assert_eq!(config.bic_required_countries, ["US"]);
         assert_eq!(config.access_token_lifetime, Duration::from_secs(900));
-        assert!(!config.verify_signatures);
+        assert_eq!(
+            config.refresh_token_lifetime,
+            Duration::from_secs(90 * 24 * 3600)
+        );
+        // Strict by default: signatures verified, in the worker's default encoding.
+        assert!(config.verify_signatures);
+        assert_eq!(config.signature_encoding, SignatureEncoding::Base64Padded);
+        assert_eq!(config.redirect_uris, strings(DEFAULT_REDIRECT_URIS));
+        assert!(config.client_certificates.is_empty());
+        assert_eq!(config.belfius_bank_codes[0], "050-099");
         assert!(!config.orphans_signable);
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:8444");
         assert_eq!(config.client_id, DEFAULT_CLIENT_ID);
@@ -407,6 +455,12 @@ mod tests {
             "977,978",
             "--denied-countries",
             "KP",
+            "--signature-encoding",
+            "url",
+            "--redirect-uris",
+            "https://a.example/cb,https://b.example/*",
+            "--client-cert-sha256",
+            "ab:cd",
         ])
         .command
         else {
@@ -418,5 +472,19 @@ mod tests {
         assert!(config.orphans_signable);
         assert_eq!(config.banx_bank_codes, ["977", "978"]);
         assert_eq!(config.denied_countries, ["KP"]);
+        assert_eq!(config.signature_encoding, SignatureEncoding::Base64UrlNoPad);
+        assert_eq!(
+            config.redirect_uris,
+            ["https://a.example/cb", "https://b.example/*"]
+        );
+        assert_eq!(config.client_certificates, ["ab:cd"]);
+
+        let Command::Sandbox(args) =
+            Cli::parse_from(["x", "sandbox", "--verify-signatures=false"]).command
+        else {
+            panic!("wrong subcommand");
+        };
+        assert!(!args.config().verify_signatures);
+        assert!(Cli::try_parse_from(["x", "sandbox", "--signature-encoding", "raw"]).is_err());
     }
 }

@@ -6,10 +6,12 @@
 //! client certificate (mTLS, like the live API), and an operator/PSU API over plain HTTP meant
 //! for loopback. See docs/belfius.md.
 
+pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod faults;
+pub mod onboarding;
 pub mod store;
 pub mod tls;
 
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -30,10 +32,15 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::belfius::qseal::{self, QsealVerifier};
 use crate::belfius::{
-    ApiVersions, BelfiusConfig, QsealConfig, QwacIdentity, SignatureFormat, SignedOperations,
+    ApiVersions, BelfiusConfig, QsealConfig, QwacIdentity, SignatureEncoding, SignatureFormat,
+    SignedOperations,
 };
 use crate::domain::model::Brand;
+use accounts::BankCodes;
+pub use accounts::{DEFAULT_BANX_BANK_CODES, DEFAULT_BELFIUS_BANK_CODES};
 use faults::Faults;
+pub use onboarding::DEFAULT_REDIRECT_URIS;
+use onboarding::{Onboarding, PeerCertificate};
 use store::{Digest, Settings, Store};
 
 /// A client that connects but never finishes the handshake must not hold a task forever.
@@ -52,6 +59,13 @@ pub struct SandboxConfig {
     pub tls_dir: PathBuf,
     /// The only Client-ID the simulated bank knows.
     pub client_id: String,
+    /// SHA-256 fingerprints (hex, colons allowed) of the client certificates (QWAC leaves)
+    /// registered for `client_id`; empty: the `client.pem` of `tls_dir`. A request naming
+    /// `client_id` over a connection with another certificate is refused.
+    pub client_certificates: Vec<String>,
+    /// Redirect URIs registered for `client_id`: exact URLs, or prefixes ending in `*`
+    /// (the prefix must reach the path). http only for loopback hosts, on any port.
+    pub redirect_uris: Vec<String>,
     /// Its client secret (HTTP Basic at /token).
     pub client_secret: SecretString,
     /// When set, every payment is signed by the PSU this long after initiation.
@@ -62,14 +76,21 @@ pub struct SandboxConfig {
     pub sca_expiry: Duration,
     /// PIS access-token lifetime (`expires_in`); [C] 900 s seen for AIS.
     pub access_token_lifetime: Duration,
+    /// [I] PIS refresh-token lifetime (not documented).
+    pub refresh_token_lifetime: Duration,
     /// Check the QSeal `Signature` header of initiations against the test QSeal certificate.
     pub verify_signatures: bool,
+    /// The one Base64 encoding accepted in `Signature` headers.
+    pub signature_encoding: SignatureEncoding,
     /// PSUs may see and sign orphans (payments whose initiation answer was lost); off, nobody
     /// can. Changeable at run time (`/admin/config`).
     pub orphans_signable: bool,
-    /// [I] Belgian bank codes (IBAN characters 5-7) of Banx accounts; every other Belgian
-    /// account is a Belfius account.
+    /// [I] Belgian bank codes (IBAN characters 5-7, `050-099` ranges or single codes) of Banx
+    /// accounts; looked at before `belfius_bank_codes`.
     pub banx_bank_codes: Vec<String>,
+    /// [T] Belgian bank codes of Belfius accounts; a Belgian account with any other code is
+    /// another bank's.
+    pub belfius_bank_codes: Vec<String>,
     /// [I] beneficiary countries refused with B14821ZZ-1227-000000.
     pub denied_countries: Vec<String>,
     /// [I] countries whose cross-border transfers need a BIC (or bank national id), else
@@ -87,12 +108,12 @@ pub struct SandboxConfig {
 pub struct Rules {
     /// The JSON type `instructed_amount.amount` must have (the dialect's).
     pub amount: crate::belfius::AmountFormat,
-    pub banx_bank_codes: Vec<String>,
+    pub banx_bank_codes: BankCodes,
+    pub belfius_bank_codes: BankCodes,
     pub denied_countries: Vec<String>,
     pub bic_required_countries: Vec<String>,
 }
 
-pub const DEFAULT_BANX_BANK_CODES: &[&str] = &["977"];
 pub const DEFAULT_DENIED_COUNTRIES: &[&str] = &["KP", "IR"];
 pub const DEFAULT_BIC_REQUIRED_COUNTRIES: &[&str] = &["US"];
 
@@ -101,6 +122,12 @@ fn strings(list: &[&str]) -> Vec<String> {
 }
 
 impl SandboxConfig {
+    /// Answer as `dialect`, its Signature alphabet included.
+    pub fn set_dialect(&mut self, dialect: crate::belfius::dialect::Dialect) {
+        self.dialect = dialect;
+        self.signature_encoding = dialect.signature;
+    }
+
     /// Loopback on free ports, demo credentials, default timings: what tests want.
     pub fn local(tls_dir: impl Into<PathBuf>) -> Self {
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
@@ -111,13 +138,18 @@ impl SandboxConfig {
             tls_dir: tls_dir.into(),
             client_id: cli::DEFAULT_CLIENT_ID.into(),
             client_secret: cli::DEFAULT_CLIENT_SECRET.into(),
+            client_certificates: Vec::new(),
+            redirect_uris: strings(DEFAULT_REDIRECT_URIS),
             auto_sign_after: None,
             settle_after: Duration::from_secs(2),
             sca_expiry: Duration::from_secs(15 * 60),
             access_token_lifetime: store::DEFAULT_ACCESS_TOKEN_LIFETIME,
-            verify_signatures: false,
+            refresh_token_lifetime: store::DEFAULT_REFRESH_TOKEN_LIFETIME,
+            verify_signatures: true,
+            signature_encoding: crate::belfius::dialect::Dialect::default_dialect().signature,
             orphans_signable: false,
             banx_bank_codes: strings(DEFAULT_BANX_BANK_CODES),
+            belfius_bank_codes: strings(DEFAULT_BELFIUS_BANK_CODES),
             denied_countries: strings(DEFAULT_DENIED_COUNTRIES),
             bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
             forget_final_after: None,
@@ -134,6 +166,8 @@ pub struct Shared {
     admin_base: url::Url,
     dialect: crate::belfius::dialect::Dialect,
     rules: Rules,
+    /// The QWACs and redirect URIs registered for `client_id`, the signature encoding.
+    onboarding: Onboarding,
     /// `None` when no test QSeal certificate could be made: signatures cannot be verified.
     verifier: Option<QsealVerifier>,
     store: Mutex<Store>,
@@ -235,6 +269,16 @@ impl RunningSandbox {
         self.tls_dir.join(tls::CLIENT_KEY_FILE)
     }
 
+    /// Another TPP's certificate from the same test CA: accepted by the handshake, not
+    /// registered for this simulator's Client-ID.
+    pub fn other_client_cert_path(&self) -> PathBuf {
+        self.tls_dir.join(tls::OTHER_CLIENT_CERT_FILE)
+    }
+
+    pub fn other_client_key_path(&self) -> PathBuf {
+        self.tls_dir.join(tls::OTHER_CLIENT_KEY_FILE)
+    }
+
     /// A client configuration that reaches this simulator's two brand hosts, trusting its CA,
     /// presenting its client certificate and (when the test QSeal exists) signing with it.
     pub fn belfius_config(&self) -> anyhow::Result<BelfiusConfig> {
@@ -324,6 +368,31 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
     .await
     .context("TLS material task failed")??;
     let acceptor = TlsAcceptor::from(tls::server_config(&material)?);
+    let certificates = if config.client_certificates.is_empty() {
+        vec![tls::leaf_fingerprint(&material.client_cert_pem)?]
+    } else {
+        config
+            .client_certificates
+            .iter()
+            .map(|text| onboarding::parse_fingerprint(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?
+    };
+    let onboarding = Onboarding::new(
+        certificates,
+        &config.redirect_uris,
+        config.signature_encoding,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let rules = Rules {
+        amount: config.dialect.amount,
+        banx_bank_codes: BankCodes::parse(&config.banx_bank_codes)
+            .map_err(|e| anyhow::anyhow!("Banx bank codes: {e}"))?,
+        belfius_bank_codes: BankCodes::parse(&config.belfius_bank_codes)
+            .map_err(|e| anyhow::anyhow!("Belfius bank codes: {e}"))?,
+        denied_countries: config.denied_countries.clone(),
+        bic_required_countries: config.bic_required_countries.clone(),
+    };
 
     // The QSeal verifier is optional: without it the simulator still serves, it just cannot
     // be asked to verify signatures.
@@ -367,12 +436,8 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         client_secret_digest: Mutex::new(store::digest(config.client_secret.expose_secret())),
         admin_base: base_url("http", admin_addr),
         dialect: config.dialect,
-        rules: Rules {
-            amount: config.dialect.amount,
-            banx_bank_codes: config.banx_bank_codes.clone(),
-            denied_countries: config.denied_countries.clone(),
-            bic_required_countries: config.bic_required_countries.clone(),
-        },
+        rules,
+        onboarding,
         verifier,
         store: Mutex::new(
             Store::new(Settings {
@@ -380,6 +445,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
                 settle_after: config.settle_after,
                 sca_expiry: config.sca_expiry,
                 access_token_lifetime: config.access_token_lifetime,
+                refresh_token_lifetime: config.refresh_token_lifetime,
                 verify_signatures: config.verify_signatures,
                 cancel_status: 204,
                 orphans_signable: config.orphans_signable,
@@ -465,7 +531,12 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, 
     match tls {
         Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
         {
-            Ok(Ok(stream)) => http1(TokioIo::new(stream), app).await,
+            Ok(Ok(stream)) => {
+                // Requests learn which certificate their connection presented: the API checks
+                // it against the Client-ID they name.
+                let peer = PeerCertificate::of(stream.get_ref().1.peer_certificates());
+                http1(TokioIo::new(stream), app.layer(Extension(peer))).await
+            }
             // The expected outcome for a client without a certificate from the test CA.
             Ok(Err(e)) => tracing::info!(%peer, error = %e, "sandbox: TLS handshake refused"),
             Err(_) => tracing::info!(%peer, "sandbox: TLS handshake timed out"),

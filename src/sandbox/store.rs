@@ -26,6 +26,9 @@ use crate::domain::model::{Amount, Brand, Frequency, PaymentKind, PaymentProduct
 pub const CODE_LIFETIME: Duration = Duration::from_secs(600);
 /// [C] 900 s was observed for AIS access tokens (docs/belfius-facts.md §3.2); assumed for PIS.
 pub const DEFAULT_ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
+/// [I] Not documented for PIS; 90 days, the PSD2 RTS (art. 10) bound on account access
+/// without a new SCA until 2022, is a plausible bound for a PSU's standing authorisation.
+pub const DEFAULT_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Delay of the `AUTO-SIGN` / `AUTO-REJECT` scenarios when no global auto-sign delay is set.
 pub const DEFAULT_SCENARIO_DELAY: Duration = Duration::from_secs(1);
 /// The PSU who signs when the operator names none (and for automatic signatures).
@@ -131,6 +134,8 @@ pub struct Settings {
     /// An unsigned (RCVD) payment turns RJCT after this.
     pub sca_expiry: Duration,
     pub access_token_lifetime: Duration,
+    /// After it, a refresh token is refused (GEN-1203-100004) and the PSU must sign again.
+    pub refresh_token_lifetime: Duration,
     /// Check the QSeal `Signature` header of initiations.
     pub verify_signatures: bool,
     /// HTTP status of a successful cancellation: 204 (no body), 200 or 202 (with a body).
@@ -431,6 +436,8 @@ pub enum GrantError {
     VerifierMismatch,
     #[error("refresh token is not valid")]
     InvalidRefreshToken,
+    #[error("refresh token expired")]
+    RefreshTokenExpired,
 }
 
 /// Result of presenting an access token.
@@ -448,11 +455,16 @@ pub enum TokenCheck {
 
 struct IssuedCode {
     payment_id: String,
+    /// The brand host of the payment: the only one whose /token knows the code.
+    brand: Brand,
     psu: String,
     redirect_uri: String,
     challenge: Challenge,
     issued: Instant,
     used: bool,
+    /// The grant a successful redemption started: its live pair (the one issued, or the one
+    /// refreshed from it) is revoked if the code is presented again (RFC 6749 §4.1.2).
+    grant: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,6 +475,10 @@ enum TokenKind {
 
 struct IssuedToken {
     kind: TokenKind,
+    /// The brand host that issued it: the only one that accepts it.
+    brand: Brand,
+    /// The code redemption it descends from (through refreshes).
+    grant: u64,
     psu: String,
     expires: Option<Instant>,
     /// Kept after replacement, so a late use is recognised and counted.
@@ -494,6 +510,9 @@ pub struct Counters {
     pub bulk_initiations: BTreeMap<String, u64>,
     /// Successful initiations, all kinds.
     pub initiations: u64,
+    /// Successful initiations by what authorised them: PKCE (a code follows the signature)
+    /// or a PSU's Bearer token.
+    pub initiations_by_auth: AuthCounts,
     /// Every request that reached an initiation handler, refused ones included.
     pub initiation_requests: u64,
     /// Every request that reached the status handler.
@@ -518,6 +537,13 @@ pub struct Counters {
     pub signatures_failed: u64,
 }
 
+/// Initiations per authentication method.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AuthCounts {
+    pub pkce: u64,
+    pub bearer: u64,
+}
+
 pub struct Store {
     pub settings: Settings,
     payments: HashMap<String, Payment>,
@@ -525,8 +551,11 @@ pub struct Store {
     order: Vec<String>,
     codes: HashMap<Digest, IssuedCode>,
     tokens: HashMap<Digest, IssuedToken>,
-    /// Digests of each PSU's live (not invalidated) tokens.
-    live: HashMap<String, HashSet<Digest>>,
+    /// Digests of each PSU's live (not invalidated) tokens, per brand: a Belfius and a Banx
+    /// login are two customers of two channels, each with its own pair.
+    live: HashMap<(Brand, String), HashSet<Digest>>,
+    /// Code redemptions so far: the id of the latest grant.
+    grants: u64,
     pub counters: Counters,
     /// Forget a final payment this long after a sweep first saw it final (`None`: keep
     /// everything). See [`Store::forgetting_final_after`].
@@ -546,6 +575,7 @@ impl Store {
             codes: HashMap::new(),
             tokens: HashMap::new(),
             live: HashMap::new(),
+            grants: 0,
             counters: Counters::default(),
             forget_final_after: None,
             last_sweep: None,
@@ -677,6 +707,11 @@ impl Store {
         };
         *by_e2e.entry(new.e2e.clone()).or_insert(0) += 1;
         self.counters.initiations += 1;
+        // The API sets exactly one of the two: a challenge without a token, a PSU with one.
+        match new.challenge {
+            Some(_) => self.counters.initiations_by_auth.pkce += 1,
+            None => self.counters.initiations_by_auth.bearer += 1,
+        }
         self.order.push(id.clone());
         self.payments.entry(id.clone()).or_insert(Payment {
             id,
@@ -1009,11 +1044,13 @@ impl Store {
                             digest(code.expose_secret()),
                             IssuedCode {
                                 payment_id: p.id.clone(),
+                                brand: p.brand,
                                 psu: p.psu.clone().unwrap_or_else(|| DEFAULT_PSU.into()),
                                 redirect_uri: p.redirect_uri.clone(),
                                 challenge: challenge.clone(),
                                 issued: at,
                                 used: false,
+                                grant: None,
                             },
                         );
                         Some(redirect_url(
@@ -1053,20 +1090,30 @@ impl Store {
         })
     }
 
-    /// `grant_type=authorization_code`. A failed attempt does not burn the code [I]; a
-    /// successful one does (single use, RFC 6749 §4.1.2).
+    /// `grant_type=authorization_code` at the /token of `brand`'s host. A failed attempt does
+    /// not burn the code [I]: the verifier cannot be guessed (RFC 7636 §7.1), so a TPP that
+    /// sent the wrong one may retry with the right one until the code expires. A successful
+    /// one does (single use, RFC 6749 §4.1.2), and presenting the code again revokes the pair
+    /// it issued (the same section's SHOULD): someone else may hold the code.
     pub fn redeem_code(
         &mut self,
         code: &str,
         verifier: &str,
         redirect_uri: &str,
+        brand: Brand,
         now: Instant,
     ) -> Result<IssuedPair, GrantError> {
         let entry = self
             .codes
             .get_mut(&digest(code))
+            // The other brand's host never issued it.
+            .filter(|entry| entry.brand == brand)
             .ok_or(GrantError::UnknownCode)?;
         if entry.used {
+            if let Some(grant) = entry.grant.take() {
+                let key = (entry.brand, entry.psu.clone());
+                self.revoke_grant(key, grant);
+            }
             return Err(GrantError::CodeUsed);
         }
         if now.saturating_duration_since(entry.issued) > CODE_LIFETIME {
@@ -1081,30 +1128,63 @@ impl Store {
         entry.used = true;
         tracing::debug!(payment_id = entry.payment_id, "authorization code redeemed");
         let psu = entry.psu.clone();
-        Ok(self.issue_pair(&psu, now))
+        self.grants += 1;
+        let grant = self.grants;
+        entry.grant = Some(grant);
+        Ok(self.issue_pair(brand, &psu, grant, now))
     }
 
-    /// `grant_type=refresh_token`: only the PSU's current refresh token works, and it is
-    /// replaced together with the access token [P docs/belfius-facts.md §3.2].
-    pub fn refresh(&mut self, refresh_token: &str, now: Instant) -> Result<IssuedPair, GrantError> {
-        let psu = match self.tokens.get_mut(&digest(refresh_token)) {
-            Some(t) if t.kind == TokenKind::Refresh && !t.invalidated => t.psu.clone(),
-            Some(t) => {
-                if t.invalidated {
-                    count_invalidated_use(&mut self.counters, t);
-                }
+    /// Forgets the PSU's live pair if it descends from `grant`: from now on it is unknown,
+    /// wherever presented. Pairs it replaced stay known as replaced.
+    fn revoke_grant(&mut self, key: (Brand, String), grant: u64) {
+        let Some(live) = self.live.get(&key) else {
+            return;
+        };
+        if !live
+            .iter()
+            .any(|d| self.tokens.get(d).is_some_and(|t| t.grant == grant))
+        {
+            return;
+        }
+        for token in self.live.remove(&key).unwrap_or_default() {
+            self.tokens.remove(&token);
+        }
+        tracing::info!("sandbox: authorization code replayed; the pair it granted is revoked");
+    }
+
+    /// `grant_type=refresh_token` at the /token of `brand`'s host: only the PSU's current,
+    /// unexpired refresh token of that brand works, and it is replaced together with the
+    /// access token [P docs/belfius-facts.md §3.2].
+    pub fn refresh(
+        &mut self,
+        refresh_token: &str,
+        brand: Brand,
+        now: Instant,
+    ) -> Result<IssuedPair, GrantError> {
+        let (psu, grant) = match self.tokens.get_mut(&digest(refresh_token)) {
+            Some(t) if t.kind != TokenKind::Refresh || t.brand != brand => {
                 return Err(GrantError::InvalidRefreshToken);
             }
+            Some(t) if t.invalidated => {
+                count_invalidated_use(&mut self.counters, t);
+                return Err(GrantError::InvalidRefreshToken);
+            }
+            Some(t) if t.expires.is_some_and(|expires| now >= expires) => {
+                return Err(GrantError::RefreshTokenExpired);
+            }
+            Some(t) => (t.psu.clone(), t.grant),
             None => return Err(GrantError::InvalidRefreshToken),
         };
         self.counters.refreshes += 1;
-        Ok(self.issue_pair(&psu, now))
+        Ok(self.issue_pair(brand, &psu, grant, now))
     }
 
-    /// ONE pair per (PSU, scope PIS) [P docs/belfius-facts.md §3.2]: issuing invalidates the PSU's
-    /// previous pair.
-    fn issue_pair(&mut self, psu: &str, now: Instant) -> IssuedPair {
-        for old in self.live.remove(psu).unwrap_or_default() {
+    /// ONE pair per (PSU, scope PIS) [P docs/belfius-facts.md §3.2] and brand: issuing
+    /// invalidates the PSU's previous pair at that brand. `grant`: the code redemption the
+    /// pair descends from.
+    fn issue_pair(&mut self, brand: Brand, psu: &str, grant: u64, now: Instant) -> IssuedPair {
+        let key = (brand, psu.to_owned());
+        for old in self.live.remove(&key).unwrap_or_default() {
             if let Some(token) = self.tokens.get_mut(&old) {
                 token.invalidated = true;
             }
@@ -1118,6 +1198,8 @@ impl Store {
             access,
             IssuedToken {
                 kind: TokenKind::Access,
+                brand,
+                grant,
                 psu: psu.to_owned(),
                 expires: Some(now + lifetime),
                 invalidated: false,
@@ -1128,15 +1210,15 @@ impl Store {
             refresh,
             IssuedToken {
                 kind: TokenKind::Refresh,
+                brand,
+                grant,
                 psu: psu.to_owned(),
-                // [I] refresh-token lifetime is not documented: it lives until replaced.
-                expires: None,
+                expires: Some(now + self.settings.refresh_token_lifetime),
                 invalidated: false,
                 invalid_uses: 0,
             },
         );
-        self.live
-            .insert(psu.to_owned(), HashSet::from([access, refresh]));
+        self.live.insert(key, HashSet::from([access, refresh]));
         self.counters.tokens_issued += 1;
         IssuedPair {
             access_token,
@@ -1145,11 +1227,12 @@ impl Store {
         }
     }
 
-    /// Checks a presented access token; a replaced one is counted (it reveals a TPP that lost
-    /// track of its single pair).
-    pub fn check_access_token(&mut self, token: &str, now: Instant) -> TokenCheck {
+    /// Checks an access token presented on `brand`'s host; a replaced one is counted (it
+    /// reveals a TPP that lost track of its single pair). The other brand's tokens are unknown
+    /// here.
+    pub fn check_access_token(&mut self, token: &str, brand: Brand, now: Instant) -> TokenCheck {
         let check = match self.tokens.get(&digest(token)) {
-            Some(t) if t.kind != TokenKind::Access => TokenCheck::Unknown,
+            Some(t) if t.kind != TokenKind::Access || t.brand != brand => TokenCheck::Unknown,
             Some(t) if t.invalidated => TokenCheck::Invalidated,
             Some(t) if t.expires.is_some_and(|expires| now >= expires) => TokenCheck::Expired,
             Some(t) => TokenCheck::Valid { psu: t.psu.clone() },
@@ -1229,6 +1312,7 @@ pub struct SettingsPatch {
     pub settle_after_ms: Option<u64>,
     pub sca_expiry_ms: Option<u64>,
     pub access_token_lifetime_secs: Option<u64>,
+    pub refresh_token_lifetime_secs: Option<u64>,
     pub verify_signatures: Option<bool>,
     pub cancel_status: Option<u16>,
     pub orphans_signable: Option<bool>,
@@ -1244,6 +1328,7 @@ pub struct SettingsView {
     pub settle_after_ms: u64,
     pub sca_expiry_ms: u64,
     pub access_token_lifetime_secs: u64,
+    pub refresh_token_lifetime_secs: u64,
     pub verify_signatures: bool,
     pub cancel_status: u16,
     pub orphans_signable: bool,
@@ -1260,6 +1345,7 @@ impl Settings {
             settle_after_ms: millis(self.settle_after),
             sca_expiry_ms: millis(self.sca_expiry),
             access_token_lifetime_secs: self.access_token_lifetime.as_secs(),
+            refresh_token_lifetime_secs: self.refresh_token_lifetime.as_secs(),
             verify_signatures: self.verify_signatures,
             cancel_status: self.cancel_status,
             orphans_signable: self.orphans_signable,
@@ -1281,6 +1367,9 @@ impl Settings {
         }
         if let Some(secs) = patch.access_token_lifetime_secs {
             next.access_token_lifetime = Duration::from_secs(secs);
+        }
+        if let Some(secs) = patch.refresh_token_lifetime_secs {
+            next.refresh_token_lifetime = Duration::from_secs(secs);
         }
         if let Some(verify) = patch.verify_signatures {
             next.verify_signatures = verify;
@@ -1316,6 +1405,7 @@ mod tests {
         settle_after: Duration::from_secs(2),
         sca_expiry: Duration::from_secs(900),
         access_token_lifetime: DEFAULT_ACCESS_TOKEN_LIFETIME,
+        refresh_token_lifetime: DEFAULT_REFRESH_TOKEN_LIFETIME,
         verify_signatures: false,
         cancel_status: 204,
         orphans_signable: false,
@@ -1384,7 +1474,9 @@ mod tests {
             .id
             .clone();
         let code = code_of(&store.act(&id, sign(psu), t0).unwrap().redirect_url.unwrap());
-        store.redeem_code(&code, VERIFIER, REDIRECT, t0).unwrap()
+        store
+            .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+            .unwrap()
     }
 
     #[test]
@@ -1424,24 +1516,36 @@ mod tests {
         );
         let code = code_of(&redirect);
         assert_eq!(
-            store.redeem_code(&code, "wrong", REDIRECT, t0).err(),
+            store
+                .redeem_code(&code, "wrong", REDIRECT, Brand::Belfius, t0)
+                .err(),
             Some(GrantError::VerifierMismatch)
         );
         assert_eq!(
             store
-                .redeem_code(&code, VERIFIER, "https://tpp.example/other", t0)
+                .redeem_code(
+                    &code,
+                    VERIFIER,
+                    "https://tpp.example/other",
+                    Brand::Belfius,
+                    t0
+                )
                 .err(),
             Some(GrantError::RedirectMismatch)
         );
-        let pair = store.redeem_code(&code, VERIFIER, REDIRECT, t0).unwrap();
+        let pair = store
+            .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+            .unwrap();
         assert_eq!(
-            store.check_access_token(pair.access_token.expose_secret(), t0),
+            store.check_access_token(pair.access_token.expose_secret(), Brand::Belfius, t0),
             TokenCheck::Valid {
                 psu: "alice".into()
             }
         );
         assert_eq!(
-            store.redeem_code(&code, VERIFIER, REDIRECT, t0).err(),
+            store
+                .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+                .err(),
             Some(GrantError::CodeUsed)
         );
         assert_eq!(
@@ -1459,37 +1563,39 @@ mod tests {
         // A second code exchange for alice replaces her first pair, not bob's.
         let second = pair_for(&mut store, "E3", "alice", t0);
         assert_eq!(
-            store.check_access_token(first.access_token.expose_secret(), t0),
+            store.check_access_token(first.access_token.expose_secret(), Brand::Belfius, t0),
             TokenCheck::Invalidated
         );
         assert!(matches!(
-            store.check_access_token(bob.access_token.expose_secret(), t0),
+            store.check_access_token(bob.access_token.expose_secret(), Brand::Belfius, t0),
             TokenCheck::Valid { .. }
         ));
         assert_eq!(
-            store.refresh(first.refresh_token.expose_secret(), t0).err(),
+            store
+                .refresh(first.refresh_token.expose_secret(), Brand::Belfius, t0)
+                .err(),
             Some(GrantError::InvalidRefreshToken)
         );
         assert_eq!(store.counters.invalidated_token_uses, 2);
         // Each was presented once: learning from a 401 is not a reuse; ignoring it is.
         assert_eq!(store.counters.invalidated_token_reuses, 0);
         assert_eq!(
-            store.check_access_token(first.access_token.expose_secret(), t0),
+            store.check_access_token(first.access_token.expose_secret(), Brand::Belfius, t0),
             TokenCheck::Invalidated
         );
         assert_eq!(store.counters.invalidated_token_uses, 3);
         assert_eq!(store.counters.invalidated_token_reuses, 1);
 
         let third = store
-            .refresh(second.refresh_token.expose_secret(), t0)
+            .refresh(second.refresh_token.expose_secret(), Brand::Belfius, t0)
             .unwrap();
         assert_eq!(store.counters.refreshes, 1);
         assert_eq!(
-            store.check_access_token(second.access_token.expose_secret(), t0),
+            store.check_access_token(second.access_token.expose_secret(), Brand::Belfius, t0),
             TokenCheck::Invalidated
         );
         assert_eq!(
-            store.check_access_token(third.access_token.expose_secret(), t0),
+            store.check_access_token(third.access_token.expose_secret(), Brand::Belfius, t0),
             TokenCheck::Valid {
                 psu: "alice".into()
             }
@@ -1497,22 +1603,208 @@ mod tests {
         // An access token is not a refresh token, and tokens expire.
         assert!(
             store
-                .refresh(third.access_token.expose_secret(), t0)
+                .refresh(third.access_token.expose_secret(), Brand::Belfius, t0)
                 .is_err()
         );
         assert_eq!(
             store.check_access_token(
                 third.access_token.expose_secret(),
+                Brand::Belfius,
                 t0 + DEFAULT_ACCESS_TOKEN_LIFETIME
             ),
             TokenCheck::Expired
         );
         assert_eq!(
-            store.check_access_token("nonsense", t0),
+            store.check_access_token("nonsense", Brand::Belfius, t0),
             TokenCheck::Unknown
         );
         assert_eq!(store.counters.invalidated_token_uses, 4);
         assert_eq!(store.counters.invalidated_token_reuses, 1);
+    }
+
+    #[test]
+    fn a_code_and_its_pair_belong_to_the_brand_host_of_the_payment() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let mut banx = new_payment("X1", Scenario::default());
+        banx.brand = Brand::Banx;
+        let id = store.insert_payment(banx, t0).id.clone();
+        let code = code_of(
+            &store
+                .act(&id, sign("alice"), t0)
+                .unwrap()
+                .redirect_url
+                .unwrap(),
+        );
+        // The Belfius host never issued this code; asking there does not burn it.
+        assert_eq!(
+            store
+                .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+                .err(),
+            Some(GrantError::UnknownCode)
+        );
+        let banx_pair = store
+            .redeem_code(&code, VERIFIER, REDIRECT, Brand::Banx, t0)
+            .unwrap();
+        let access = banx_pair.access_token.expose_secret();
+        let refresh = banx_pair.refresh_token.expose_secret();
+        assert_eq!(
+            store.check_access_token(access, Brand::Belfius, t0),
+            TokenCheck::Unknown
+        );
+        assert_eq!(
+            store.refresh(refresh, Brand::Belfius, t0).err(),
+            Some(GrantError::InvalidRefreshToken)
+        );
+        assert_eq!(
+            store.check_access_token(access, Brand::Banx, t0),
+            TokenCheck::Valid {
+                psu: "alice".into()
+            }
+        );
+        // alice's Belfius pair lives next to her Banx pair: one pair per PSU and brand.
+        let belfius_pair = pair_for(&mut store, "B1", "alice", t0);
+        assert!(matches!(
+            store.check_access_token(access, Brand::Banx, t0),
+            TokenCheck::Valid { .. }
+        ));
+        assert!(matches!(
+            store.check_access_token(
+                belfius_pair.access_token.expose_secret(),
+                Brand::Belfius,
+                t0
+            ),
+            TokenCheck::Valid { .. }
+        ));
+        // The refused presentations on the wrong host were not "replaced token" uses.
+        assert_eq!(store.counters.invalidated_token_uses, 0);
+    }
+
+    #[test]
+    fn refresh_tokens_expire() {
+        let t0 = Instant::now();
+        let lifetime = Duration::from_secs(60);
+        let mut store = Store::new(Settings {
+            refresh_token_lifetime: lifetime,
+            ..SETTINGS
+        });
+        let pair = pair_for(&mut store, "E1", "alice", t0);
+        let just_before = t0 + lifetime - Duration::from_millis(1);
+        let next = store
+            .refresh(
+                pair.refresh_token.expose_secret(),
+                Brand::Belfius,
+                just_before,
+            )
+            .unwrap();
+        // The new refresh token gets a full lifetime of its own.
+        assert_eq!(
+            store
+                .refresh(
+                    next.refresh_token.expose_secret(),
+                    Brand::Belfius,
+                    just_before + lifetime
+                )
+                .err(),
+            Some(GrantError::RefreshTokenExpired)
+        );
+        assert_eq!(store.counters.refreshes, 1);
+        assert_eq!(store.counters.invalidated_token_uses, 0);
+    }
+
+    #[test]
+    fn a_replayed_code_revokes_the_pair_it_issued() {
+        let t0 = Instant::now();
+        let mut store = Store::new(SETTINGS);
+        let id = store
+            .insert_payment(new_payment("E1", Scenario::default()), t0)
+            .id
+            .clone();
+        let code = code_of(
+            &store
+                .act(&id, sign("alice"), t0)
+                .unwrap()
+                .redirect_url
+                .unwrap(),
+        );
+        let pair = store
+            .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+            .unwrap();
+        assert_eq!(
+            store
+                .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+                .err(),
+            Some(GrantError::CodeUsed)
+        );
+        assert_eq!(
+            store.check_access_token(pair.access_token.expose_secret(), Brand::Belfius, t0),
+            TokenCheck::Unknown
+        );
+        assert_eq!(
+            store
+                .refresh(pair.refresh_token.expose_secret(), Brand::Belfius, t0)
+                .err(),
+            Some(GrantError::InvalidRefreshToken)
+        );
+        // The grant's live pair goes even after a refresh; the pair that refresh replaced stays
+        // known as replaced.
+        let id = store
+            .insert_payment(new_payment("E2", Scenario::default()), t0)
+            .id
+            .clone();
+        let code = code_of(
+            &store
+                .act(&id, sign("bob"), t0)
+                .unwrap()
+                .redirect_url
+                .unwrap(),
+        );
+        let first = store
+            .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+            .unwrap();
+        let second = store
+            .refresh(first.refresh_token.expose_secret(), Brand::Belfius, t0)
+            .unwrap();
+        assert!(
+            store
+                .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+                .is_err()
+        );
+        assert_eq!(
+            store.check_access_token(second.access_token.expose_secret(), Brand::Belfius, t0),
+            TokenCheck::Unknown
+        );
+        assert_eq!(
+            store.check_access_token(first.access_token.expose_secret(), Brand::Belfius, t0),
+            TokenCheck::Invalidated
+        );
+        // A later code exchange of the same PSU is a new grant: a replay of the old code does
+        // not reach it.
+        let id = store
+            .insert_payment(new_payment("E3", Scenario::default()), t0)
+            .id
+            .clone();
+        let old_code = code_of(
+            &store
+                .act(&id, sign("carol"), t0)
+                .unwrap()
+                .redirect_url
+                .unwrap(),
+        );
+        store
+            .redeem_code(&old_code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+            .unwrap();
+        let newer = pair_for(&mut store, "E4", "carol", t0);
+        assert_eq!(
+            store
+                .redeem_code(&old_code, VERIFIER, REDIRECT, Brand::Belfius, t0)
+                .err(),
+            Some(GrantError::CodeUsed)
+        );
+        assert!(matches!(
+            store.check_access_token(newer.access_token.expose_secret(), Brand::Belfius, t0),
+            TokenCheck::Valid { .. }
+        ));
     }
 
     #[test]
@@ -1759,11 +2051,18 @@ mod tests {
             .insert_payment(new_payment("A", Scenario::default()), t0)
             .id
             .clone();
-        store.insert_payment(new_payment("B", Scenario::default()), t0);
+        let mut with_token = new_payment("B", Scenario::default());
+        with_token.challenge = None;
+        with_token.psu = Some("alice".into());
+        store.insert_payment(with_token, t0);
         assert_ne!(a1, a2);
         assert_eq!(store.latest_by_e2e("A"), Some(a2));
         assert_eq!(store.latest_by_e2e("C"), None);
         assert_eq!(store.counters.initiations, 3);
+        assert_eq!(
+            store.counters.initiations_by_auth,
+            AuthCounts { pkce: 2, bearer: 1 }
+        );
         assert_eq!(store.counters.initiations_by_e2e.get("A"), Some(&2));
         store.settings.sca_expiry = Duration::from_secs(1);
         store.reset();

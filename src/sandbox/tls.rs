@@ -1,5 +1,6 @@
-//! Test PKI of the simulator: one CA that signs the bank's server certificate and the TPP's
-//! client certificate (a stand-in for the eIDAS QWAC, docs/belfius-facts.md §1.2).
+//! Test PKI of the simulator: one CA that signs the bank's server certificate, the TPP's
+//! client certificate (a stand-in for the eIDAS QWAC, docs/belfius-facts.md §1.2) and a second
+//! TPP's, which the handshake accepts but which is not registered for the simulator's Client-ID.
 
 use std::fs;
 use std::io::Write as _;
@@ -21,13 +22,20 @@ pub const SERVER_CERT_FILE: &str = "server.pem";
 pub const SERVER_KEY_FILE: &str = "server-key.pem";
 pub const CLIENT_CERT_FILE: &str = "client.pem";
 pub const CLIENT_KEY_FILE: &str = "client-key.pem";
+/// Another TPP's QWAC stand-in, from the same test CA: for tests of the Client-ID binding.
+pub const OTHER_CLIENT_CERT_FILE: &str = "other-tpp.pem";
+pub const OTHER_CLIENT_KEY_FILE: &str = "other-tpp-key.pem";
 
-const ALL_FILES: [&str; 5] = [
+/// A directory missing any of these (one written before the other TPP existed, say) is
+/// generated afresh.
+const ALL_FILES: [&str; 7] = [
     CA_FILE,
     SERVER_CERT_FILE,
     SERVER_KEY_FILE,
     CLIENT_CERT_FILE,
     CLIENT_KEY_FILE,
+    OTHER_CLIENT_CERT_FILE,
+    OTHER_CLIENT_KEY_FILE,
 ];
 
 /// The PEM files in `tls_dir`. Private keys stay in secret boxes.
@@ -37,6 +45,8 @@ pub struct TlsMaterial {
     pub server_key_pem: SecretString,
     pub client_cert_pem: String,
     pub client_key_pem: SecretString,
+    pub other_client_cert_pem: String,
+    pub other_client_key_pem: SecretString,
 }
 
 /// Reuses the files of a previous run when all are present, so a restarted simulator keeps
@@ -68,6 +78,16 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<TlsMaterial> {
         material.client_key_pem.expose_secret().as_bytes(),
         true,
     )?;
+    write_file(
+        &dir.join(OTHER_CLIENT_CERT_FILE),
+        material.other_client_cert_pem.as_bytes(),
+        false,
+    )?;
+    write_file(
+        &dir.join(OTHER_CLIENT_KEY_FILE),
+        material.other_client_key_pem.expose_secret().as_bytes(),
+        true,
+    )?;
     Ok(material)
 }
 
@@ -82,6 +102,8 @@ fn load(dir: &Path) -> anyhow::Result<TlsMaterial> {
         server_key_pem: read(SERVER_KEY_FILE)?.into(),
         client_cert_pem: read(CLIENT_CERT_FILE)?,
         client_key_pem: read(CLIENT_KEY_FILE)?.into(),
+        other_client_cert_pem: read(OTHER_CLIENT_CERT_FILE)?,
+        other_client_key_pem: read(OTHER_CLIENT_KEY_FILE)?.into(),
     })
 }
 
@@ -105,20 +127,28 @@ fn generate() -> anyhow::Result<TlsMaterial> {
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server_params.signed_by(&server_key, &ca_cert, &ca_key)?;
 
-    let client_key = KeyPair::generate()?;
-    let mut client_params = CertificateParams::default();
-    client_params.distinguished_name = name("pis-worker sandbox TPP (QWAC stand-in)");
-    client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = client_params.signed_by(&client_key, &ca_cert, &ca_key)?;
+    let client = |common_name: &str| -> anyhow::Result<(String, SecretString)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(common_name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+        Ok((cert.pem(), key.serialize_pem().into()))
+    };
+    let (client_cert_pem, client_key_pem) = client("pis-worker sandbox TPP (QWAC stand-in)")?;
+    let (other_client_cert_pem, other_client_key_pem) =
+        client("another TPP (QWAC stand-in, not registered)")?;
 
     // The CA key is dropped here on purpose: nothing else can be issued under this CA.
     Ok(TlsMaterial {
         ca_pem: ca_cert.pem(),
         server_cert_pem: server_cert.pem(),
         server_key_pem: server_key.serialize_pem().into(),
-        client_cert_pem: client_cert.pem(),
-        client_key_pem: client_key.serialize_pem().into(),
+        client_cert_pem,
+        client_key_pem,
+        other_client_cert_pem,
+        other_client_key_pem,
     })
 }
 
@@ -177,6 +207,14 @@ pub fn server_config(material: &TlsMaterial) -> anyhow::Result<Arc<rustls::Serve
     // The simulator speaks HTTP/1.1 only; advertising it keeps ALPN honest.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// SHA-256 of the first certificate of `pem` (the leaf): how the simulator recognises the
+/// registered client certificate.
+pub fn leaf_fingerprint(pem: &str) -> anyhow::Result<super::store::Digest> {
+    let chain = certs(pem)?;
+    let leaf = chain.first().context("no certificate in PEM")?;
+    Ok(super::onboarding::fingerprint(leaf))
 }
 
 fn certs(pem: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -95,8 +95,18 @@ impl TestEnv {
         }
     }
 
-    /// Starts a worker process (its log goes to `worker-<n>.log` in the test dir).
+    /// Starts a worker process (its log goes to `worker-<n>.log` in the test dir). It seals
+    /// its initiations with the sandbox's test QSeal, which the sandbox verifies by default.
     pub fn start_worker(&self, name: &str, extra: &[&str]) -> Worker {
+        self.start_worker_sealing(name, extra, true)
+    }
+
+    /// A worker without a QSeal key: its initiations carry no `Signature`.
+    pub fn start_worker_unsealed(&self, name: &str, extra: &[&str]) -> Worker {
+        self.start_worker_sealing(name, extra, false)
+    }
+
+    fn start_worker_sealing(&self, name: &str, extra: &[&str], seal: bool) -> Worker {
         let log_path = self.dir.path().join(format!("worker-{name}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
         let tls = &self.sandbox.tls_dir;
@@ -118,7 +128,23 @@ impl TestEnv {
             .arg("--qwac-cert-file")
             .arg(tls.join("client.pem"))
             .arg("--qwac-key-file")
-            .arg(tls.join("client-key.pem"))
+            .arg(tls.join("client-key.pem"));
+        if seal {
+            let cert = self
+                .sandbox
+                .qseal_cert_path()
+                .expect("the sandbox's test QSeal");
+            let key = self
+                .sandbox
+                .qseal_key_path()
+                .expect("the sandbox's test QSeal");
+            command
+                .arg("--qseal-key-file")
+                .arg(key)
+                .arg("--qseal-cert-file")
+                .arg(cert);
+        }
+        command
             .args(extra)
             .env("PIS_STATE_KEY", &self.state_key)
             .env(

@@ -97,6 +97,13 @@ pub fn worker_args(
         "--qwac-key-file".into(),
         path("client-key.pem"),
     ];
+    // The sandbox verifies QSeal signatures by default: seal with its test key.
+    if let (Some(key), Some(cert)) = (sandbox.qseal_key_path(), sandbox.qseal_cert_path()) {
+        args.push("--qseal-key-file".into());
+        args.push(key.to_string_lossy().into_owned());
+        args.push("--qseal-cert-file".into());
+        args.push(cert.to_string_lossy().into_owned());
+    }
     for (flag, value) in tuning {
         args.push((*flag).to_owned());
         args.push((*value).to_owned());
