@@ -33,12 +33,8 @@ async fn matrix(name: &str) {
     .await;
     let tls = env.sandbox.tls_dir.clone();
     let qseal = tls.join("qseal-key.pem");
-    let mut args: Vec<String> = vec![
-        "--qseal-key-file".into(),
-        qseal.display().to_string(),
-        "--poll-fast-ms".into(),
-        "500".into(),
-    ];
+    // The test worker signs with the simulator's QSeal key (`start_worker`).
+    let mut args: Vec<String> = vec!["--poll-fast-ms".into(), "500".into()];
     for (var, value) in dialect.worker_env() {
         let flag = match var {
             "PIS_AMOUNT_FORMAT" => "--amount-format",
@@ -120,6 +116,10 @@ async fn matrix(name: &str) {
         .env("PIS_QWAC_CERT_FILE", tls.join("client.pem"))
         .env("PIS_QWAC_KEY_FILE", tls.join("client-key.pem"))
         .env("PIS_QSEAL_KEY_FILE", &qseal)
+        .env(
+            "PIS_BANK_CHECK_REDIRECT_URI",
+            "https://tpp.example/bank-check",
+        )
         .env("PIS_LOG", "warn")
         .output()
         .expect("bank-check runs");

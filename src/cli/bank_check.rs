@@ -18,12 +18,9 @@ pub struct BankCheckArgs {
     /// The brand host to check.
     #[arg(long, default_value = "belfius", value_parser = ["belfius", "banx"])]
     pub brand: String,
-    /// A redirect URI registered for the Client-ID (the test payment's; never followed).
-    #[arg(
-        long,
-        env = "PIS_BANK_CHECK_REDIRECT_URI",
-        default_value = "https://localhost/pis-worker/bank-check"
-    )]
+    /// A redirect URI registered for the Client-ID at onboarding (the test payment's; never
+    /// followed). Banks refuse unregistered ones.
+    #[arg(long, env = "PIS_BANK_CHECK_REDIRECT_URI")]
     pub redirect_uri: String,
     /// The creditor of the test payment (0.01 EUR, never signed).
     #[arg(long, default_value = "BE71096123456769")]
@@ -100,12 +97,7 @@ pub async fn run(args: BankCheckArgs) -> anyhow::Result<bool> {
                 };
             }
             Err(BankError::Refused { status, body })
-                if !flipped_signature
-                    && encoding.is_some()
-                    && body
-                        .error_description
-                        .to_ascii_lowercase()
-                        .contains("signature") =>
+                if !flipped_signature && encoding.is_some() && signature_refused(status, &body) =>
             {
                 say(&format!(
                     "{label}: refused ({status} {} {}): {}",
@@ -116,6 +108,13 @@ pub async fn run(args: BankCheckArgs) -> anyhow::Result<bool> {
                     SignatureEncoding::Base64Padded => SignatureEncoding::Base64UrlNoPad,
                     SignatureEncoding::Base64UrlNoPad => SignatureEncoding::Base64Padded,
                 });
+            }
+            Err(BankError::Refused { status, body }) => {
+                say(&format!(
+                    "{label}: refused ({status} {} {}): {}",
+                    body.error, body.error_code, body.error_description
+                ));
+                break None;
             }
             Err(e) => {
                 say(&format!("{label}: {e}"));
@@ -168,6 +167,16 @@ pub async fn run(args: BankCheckArgs) -> anyhow::Result<bool> {
     };
     println!("bank-check: verdict: {line}");
     Ok(ok)
+}
+
+/// A refusal of the `Signature` [I]: the error table's "invalid security parameter"
+/// (`GEN-1203-100008`), or a description naming the signature.
+fn signature_refused(status: u16, body: &crate::belfius::ErrorBody) -> bool {
+    let text = body.error_description.to_ascii_lowercase();
+    status == 401
+        && (body.error_code == "GEN-1203-100008"
+            || text.contains("signature")
+            || text.contains("jws"))
 }
 
 fn say(line: &str) {
