@@ -480,6 +480,9 @@ pub struct Counters {
     pub bulk_initiations: BTreeMap<String, u64>,
     /// Successful initiations, all kinds.
     pub initiations: u64,
+    /// Successful initiations by how they were authorised: PKCE headers, or a PSU's access
+    /// token (`Authorization: Bearer`, no code issued).
+    pub initiations_by_auth: InitiationsByAuth,
     /// Every request that reached an initiation handler, refused ones included.
     pub initiation_requests: u64,
     /// Every request that reached the status handler.
@@ -502,6 +505,12 @@ pub struct Counters {
     pub invalidated_token_reuses: u64,
     pub signatures_checked: u64,
     pub signatures_failed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InitiationsByAuth {
+    pub pkce: u64,
+    pub bearer: u64,
 }
 
 pub struct Store {
@@ -663,6 +672,10 @@ impl Store {
         };
         *by_e2e.entry(new.e2e.clone()).or_insert(0) += 1;
         self.counters.initiations += 1;
+        match new.challenge {
+            Some(_) => self.counters.initiations_by_auth.pkce += 1,
+            None => self.counters.initiations_by_auth.bearer += 1,
+        }
         self.order.push(id.clone());
         self.payments.entry(id.clone()).or_insert(Payment {
             id,
