@@ -79,7 +79,11 @@ pub async fn initiate(
         }
     };
     // A PKCE attempt never presents a token, even one at hand.
-    let token = payment.pkce_verifier.is_none().then_some(access_token).flatten();
+    let token = payment
+        .pkce_verifier
+        .is_none()
+        .then_some(access_token)
+        .flatten();
     let result = match order {
         Order::Single(single) => bank.initiate_payment(single, &challenge, token).await,
         Order::Standing(standing) => bank.initiate_periodic(standing, &challenge, token).await,

@@ -435,8 +435,9 @@ enum AfterWrite {
         payment_id: PaymentId,
         then: AfterTokens,
     },
-    /// A dead pair's tombstone: then the operation that needed it ends with `input`.
-    TokensDeleted {
+    /// A dead pair's tombstone, or a refused pair's record marked expired: then the lane
+    /// operation that found it so ends with `input`.
+    PairSettled {
         lane: TokenKey,
         payment_id: PaymentId,
         input: Box<Input>,
@@ -1275,7 +1276,9 @@ impl OwnerCore {
                 }
             },
             LaneOp::Initiate(payment_id) => match self.pair_use(&key, now) {
-                PairUse::Present(access_token) => self.call_initiate_with(key, payment_id, access_token),
+                PairUse::Present(access_token) => {
+                    self.call_initiate_with(key, payment_id, access_token)
+                }
                 PairUse::RefreshFirst(refresh_token) => self.call(
                     payment_id,
                     BankCall::Refresh {
@@ -1287,7 +1290,11 @@ impl OwnerCore {
                 // Gone since the attempt was begun (a dead grant deleted it, say).
                 PairUse::Unusable => {
                     self.lane_done(&key, now);
-                    let input = self.pkce_fallback(&payment_id, "no_token", "no usable PIS token of the PSU any more");
+                    let input = self.pkce_fallback(
+                        &payment_id,
+                        "no_token",
+                        "no usable PIS token of the PSU any more",
+                    );
                     self.apply(payment_id, input, None, now);
                 }
             },
@@ -1334,7 +1341,12 @@ impl OwnerCore {
     }
 
     /// The initiation POST with the PSU's access token; the lane stays with it until it answers.
-    fn call_initiate_with(&mut self, lane: TokenKey, payment_id: PaymentId, access_token: SecretString) {
+    fn call_initiate_with(
+        &mut self,
+        lane: TokenKey,
+        payment_id: PaymentId,
+        access_token: SecretString,
+    ) {
         crate::metrics::metrics()
             .initiation_calls
             .with_label_values(&["token"])
@@ -1400,7 +1412,7 @@ impl OwnerCore {
                 self.apply(payment_id, *input, None, now);
             }
             (Purpose::InitiateWithToken { lane }, BankAnswer::AccessTokenRejected { message }) => {
-                self.initiation_token_rejected(lane, payment_id, message, now);
+                self.initiation_token_rejected(lane, payment_id, message);
             }
             (Purpose::RefreshToInitiate { lane }, BankAnswer::RefreshFailed(failure)) => {
                 self.refresh_failed(lane, payment_id, failure, LaneUse::Initiate, now);
@@ -1517,31 +1529,36 @@ impl OwnerCore {
     }
 
     /// The bank refused the PSU's access token on an initiation made with it (a 401 creates
-    /// nothing at the bank): the attempt goes again with PKCE, and the pair is handled as a
-    /// refused cancellation token is. With a refresh token it is treated as expired (the next
-    /// use refreshes first, and a dead grant then deletes it); without one it is deleted. No
-    /// refresh-and-retry here: PKCE always works, and its code brings a new pair anyway.
+    /// nothing at the bank): the attempt goes again with PKCE once the pair is settled, as a
+    /// refused cancellation token's is. With a refresh token the pair is marked expired (the
+    /// next use refreshes first, and a dead grant then deletes it); without one it is deleted.
+    /// No refresh-and-retry here: PKCE always works, and its code brings a new pair anyway.
     fn initiation_token_rejected(
         &mut self,
         lane: TokenKey,
         payment_id: PaymentId,
         message: String,
-        now: Millis,
     ) {
         let detail = format!("the bank refused the PSU's access token: {message}");
-        let refreshable = self
-            .tokens
-            .get(&lane)
-            .is_some_and(|t| t.refresh_token.is_some());
-        if refreshable {
-            if let Some(tokens) = self.tokens.get_mut(&lane) {
-                tokens.expires_at = Some(Millis::MIN / 2);
-            }
-            self.lane_done(&lane, now);
-            let input = self.pkce_fallback(&payment_id, "refused", &detail);
-            self.apply(payment_id, input, None, now);
+        let input = self.pkce_fallback(&payment_id, "refused", &detail);
+        let marked = self.tokens.get_mut(&lane).and_then(|tokens| {
+            tokens.refresh_token.as_ref()?;
+            tokens.expires_at = Some(Millis::MIN / 2);
+            Some(tokens.clone())
+        });
+        if let Some(marked) = marked {
+            // Durably: a restart must not present the refused token again (the bank counts a
+            // replaced token presented twice as a TPP that lost track of its pair).
+            self.write(
+                StateWrite::Tokens(Box::new(marked)),
+                TOKENS_USED,
+                AfterWrite::PairSettled {
+                    lane,
+                    payment_id,
+                    input: Box::new(input),
+                },
+            );
         } else {
-            let input = self.pkce_fallback(&payment_id, "refused", &detail);
             self.delete_pair_then(lane, payment_id, input);
         }
     }
@@ -1553,7 +1570,7 @@ impl OwnerCore {
         self.write(
             StateWrite::DeleteTokens(lane.clone()),
             TOKENS_USED,
-            AfterWrite::TokensDeleted {
+            AfterWrite::PairSettled {
                 lane,
                 payment_id,
                 input: Box::new(input),
@@ -2162,7 +2179,7 @@ impl OwnerCore {
                     },
                 }
             }
-            AfterWrite::TokensDeleted {
+            AfterWrite::PairSettled {
                 lane,
                 payment_id,
                 input,

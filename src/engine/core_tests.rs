@@ -2852,7 +2852,11 @@ fn a_returning_psus_payment_is_initiated_with_the_held_token_and_signed_without_
     let (_, did) = h.command("c-sca", "p-1", sca_returned_body(state.as_deref()));
     assert_eq!(writes(&did), vec![pw("p-1")]);
     let did = h.flush();
-    assert_eq!(calls(&did), vec![pc("p-1", "status")], "no exchange: {did:?}");
+    assert_eq!(
+        calls(&did),
+        vec![pc("p-1", "status")],
+        "no exchange: {did:?}"
+    );
     h.answer("p-1", "status", observed(BankProgress::Signed, "ACTC"));
     let did = h.flush();
     assert_eq!(h.state("p-1"), PaymentState::Signed);
@@ -2860,9 +2864,13 @@ fn a_returning_psus_payment_is_initiated_with_the_held_token_and_signed_without_
     // Used, not issued: the pair is as it was, and nothing was written for it.
     assert_eq!(access_of(&h, "BELFIUS").as_deref(), Some("access-1"));
     assert!(
-        !h.history
-            .iter()
-            .any(|d| matches!(d, Did::Write { what: "tokens" | "delete-tokens", .. })),
+        !h.history.iter().any(|d| matches!(
+            d,
+            Did::Write {
+                what: "tokens" | "delete-tokens",
+                ..
+            }
+        )),
         "{:?}",
         h.history
     );
@@ -2996,6 +3004,19 @@ fn a_token_refused_at_initiation_falls_back_to_pkce_and_is_refreshed_before_its_
     h.initiate("p-1", "BELFIUS");
     h.flush();
     let did = h.answer("p-1", "initiate-with-token", access_token_rejected());
+    // The pair marked expired, durably (a restart must not present the refused token again),
+    // then the verifier, then the PKCE call.
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
+    );
+    let marked = &h.open_write("psu/BELFIUS/psu-1");
+    assert!(matches!(marked.fence, FenceWait::Confirm { .. }));
+    let StateWrite::Tokens(marked) = &marked.write else {
+        unreachable!()
+    };
+    assert!(marked.expires_at.is_some_and(|at| at < T0), "{marked:?}");
+    let did = h.ack_write();
     assert_eq!(writes(&did), vec![pw("p-1")]);
     assert!(calls(&did).is_empty(), "the verifier first: {did:?}");
     let did = h.ack_write();
@@ -3014,11 +3035,17 @@ fn a_token_refused_at_initiation_falls_back_to_pkce_and_is_refreshed_before_its_
     assert_eq!(dead_letters(&did), vec![(offset, "CODE_REQUIRED")]);
 
     // The pair is kept (it has a refresh token) but counts as expired: the next payment of
-    // the PSU refreshes it before presenting anything.
+    // the PSU refreshes it before presenting anything, also after a restart.
     assert_eq!(access_of(&h, "BELFIUS").as_deref(), Some("replaced-access"));
     h.initiate("p-2", "BELFIUS");
     let did = h.flush();
     assert_eq!(calls(&did), vec![pc("p-2", "refresh")]);
+    let stored = h.persisted_tokens[&token_key("BELFIUS")].clone();
+    let mut again = Harness::new(restored(vec![], vec![stored]));
+    again.start();
+    again.initiate("p-3", "BELFIUS");
+    let did = again.flush();
+    assert_eq!(calls(&did), vec![pc("p-3", "refresh")]);
 }
 
 /// Without a refresh token the refused pair is deleted (a fenced tombstone), before the
@@ -3027,7 +3054,12 @@ fn a_token_refused_at_initiation_falls_back_to_pkce_and_is_refreshed_before_its_
 fn a_refused_token_without_a_refresh_token_is_deleted_before_the_fallback() {
     let mut h = Harness::new(restored(
         vec![],
-        vec![pair("BELFIUS", "replaced-access", Some(T0 + 3_600_000), None)],
+        vec![pair(
+            "BELFIUS",
+            "replaced-access",
+            Some(T0 + 3_600_000),
+            None,
+        )],
     ));
     h.start();
     h.initiate("p-1", "BELFIUS");

@@ -1737,12 +1737,22 @@ mod tests {
             .insert_payment(new_payment("A", Scenario::default()), t0)
             .id
             .clone();
-        store.insert_payment(new_payment("B", Scenario::default()), t0);
+        // A returning PSU's initiation: a token instead of a challenge.
+        let bearer = NewPayment {
+            challenge: None,
+            psu: Some("alice".into()),
+            ..new_payment("B", Scenario::default())
+        };
+        store.insert_payment(bearer, t0);
         assert_ne!(a1, a2);
         assert_eq!(store.latest_by_e2e("A"), Some(a2));
         assert_eq!(store.latest_by_e2e("C"), None);
         assert_eq!(store.counters.initiations, 3);
         assert_eq!(store.counters.initiations_by_e2e.get("A"), Some(&2));
+        assert_eq!(
+            store.counters.initiations_by_auth,
+            InitiationsByAuth { pkce: 2, bearer: 1 }
+        );
         store.settings.sca_expiry = Duration::from_secs(1);
         store.reset();
         assert_eq!(store.counters.initiations, 0);
