@@ -30,6 +30,11 @@ async fn main() -> std::process::ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|r| r)
         }
+        Command::BankCheck(args) => match pis_worker::cli::bank_check::run(*args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Topics(args) => pis_worker::cli::run::topics(*args).await,
         Command::Dlq(args) => pis_worker::cli::dlq::run(*args).await,
         Command::State(args) => pis_worker::cli::state::run(*args).await,

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub dlq_records: IntCounterVec,
     pub token_refreshes: IntCounterVec,
     pub token_exchanges: IntCounterVec,
+    pub bank_answers_unrecognized: IntCounterVec,
+    pub bank_status_unrecognized: prometheus::IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub restore_duration: Histogram,
@@ -229,6 +231,21 @@ impl Metrics {
                 "authorization_code grants",
                 &["result"],
             ),
+            bank_answers_unrecognized: counter(
+                r,
+                "pis_bank_answers_unrecognized_total",
+                "initiation answers that match no known dialect (the payment ends REJECTED, BANK_ANSWER_UNRECOGNIZED)",
+                &["endpoint"],
+            ),
+            bank_status_unrecognized: register(
+                r,
+                "pis_bank_status_unrecognized_total",
+                prometheus::IntCounter::new(
+                    "pis_bank_status_unrecognized_total",
+                    "Status answers with a transaction status the worker cannot interpret (the payment is polled at the slow rate until mapped)",
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}")),
+            ),
             consumer_lag: gauge_vec(
                 r,
                 "pis_consumer_lag",
@@ -364,6 +381,10 @@ impl Metrics {
         }
         for from in ["snapshot", "beginning"] {
             self.restores.with_label_values(&[from]);
+        }
+        for endpoint in ["initiate", "periodic", "bulk"] {
+            self.bank_answers_unrecognized
+                .with_label_values(&[endpoint]);
         }
         for result in ["ok", "failed"] {
             self.token_refreshes.with_label_values(&[result]);

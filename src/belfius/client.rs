@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::guard::{Call, Guard, GuardConfig, StatusClass};
 use super::pkce::METHOD_S256;
 use super::qseal::QsealSigner;
-use super::{BankError, BelfiusConfig, ErrorBody, Initiated, TokenPair};
+use super::{AmountFormat, BankError, BelfiusConfig, ErrorBody, Initiated, TokenPair};
 use crate::domain::model::{
     BankPaymentId, Brand, BulkOrder, Language, PaymentKind, PaymentOrder, PaymentProduct,
     StandingOrder,
@@ -69,6 +69,19 @@ pub struct BelfiusClient {
     /// Built once from `config.qseal`: parsing the key per request would be wasted work.
     signer: Option<Arc<QsealSigner>>,
     guard: Arc<Guard>,
+    /// The `/token` Accept version that last worked (see [`TOKEN_VERSIONS`]).
+    token_version: Arc<std::sync::RwLock<String>>,
+}
+
+/// The `/token` versions seen in public clients and on the portal, newest first [C Tink, Yolt;
+/// P]. Which one a bank takes for PIS is undocumented: the configured one is tried first, and
+/// if the bank refuses the version (406, or 400 naming the Accept header) the others in turn.
+/// A refused version redeems nothing, so trying the next one cannot use a code twice.
+pub const TOKEN_VERSIONS: &[&str] = &["3", "2", "1.1", "1"];
+
+/// Whether a refusal is about the Accept version rather than the request [I].
+fn version_refused(status: u16, body: &ErrorBody) -> bool {
+    status == 406 || (status == 400 && body.error_description.contains("Accept"))
 }
 
 impl std::fmt::Debug for BelfiusClient {
@@ -130,11 +143,13 @@ impl BelfiusClient {
             )),
             None => None,
         };
+        let config_token_version = config.versions.token.clone();
         Ok(Self {
             http,
             config: Arc::new(config),
             signer,
             guard: Arc::new(Guard::new(guard)),
+            token_version: Arc::new(std::sync::RwLock::new(config_token_version)),
         })
     }
 
@@ -193,7 +208,10 @@ impl BelfiusClient {
         code_challenge: &str,
         access_token: Option<&SecretString>,
     ) -> Result<Initiated, BankError> {
-        let body = encode(&InitiationBody::from_order(order))?;
+        let body = encode(
+            &InitiationBody::from_order(order),
+            self.config.amount_format,
+        )?;
         self.initiate(
             Initiation {
                 kind: PaymentKind::Single,
@@ -208,6 +226,71 @@ impl BelfiusClient {
             access_token,
         )
         .await
+        .map(|(initiated, _)| initiated)
+    }
+
+    /// [`Self::initiate_payment`] with PKCE, also telling which answer shape came back
+    /// (`pis-worker bank-check`).
+    pub async fn initiate_payment_shaped(
+        &self,
+        order: &PaymentOrder,
+        code_challenge: &str,
+    ) -> Result<(Initiated, super::answer::AnswerShape), BankError> {
+        let body = encode(
+            &InitiationBody::from_order(order),
+            self.config.amount_format,
+        )?;
+        self.initiate(
+            Initiation {
+                kind: PaymentKind::Single,
+                brand: order.brand,
+                product: order.product,
+                language: order.language,
+                redirect_uri: &order.redirect_uri,
+                version: &self.config.versions.payment_initiation,
+                body,
+            },
+            code_challenge,
+            None,
+        )
+        .await
+    }
+
+    /// Whether the bank's `/token` takes this Accept `version`: a code exchange with a code
+    /// that does not exist (nothing can be redeemed) is refused either for the version
+    /// (`Ok(false)`) or for the code (`Ok(true)`). Transport and 5xx failures are errors.
+    pub async fn token_version_accepted(
+        &self,
+        brand: Brand,
+        version: &str,
+        redirect_uri: &str,
+    ) -> Result<bool, BankError> {
+        let form = serde_urlencoded::to_string([
+            ("grant_type", "authorization_code"),
+            ("code", "pis-worker-bank-check-no-such-code"),
+            ("redirect_uri", redirect_uri),
+            (
+                "code_verifier",
+                "pis-worker-bank-check-verifier-0000000000000000000",
+            ),
+        ])
+        .map_err(|_| BankError::NotSent("cannot encode token request".into()))?;
+        let url = self.endpoint(brand, &["token"])?;
+        let req = self
+            .request(Method::POST, url, version, Language::Fr)
+            .basic_auth(
+                &self.config.client_id,
+                Some(self.config.client_secret.expose_secret()),
+            )
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form);
+        match self.send(Call::TokenExchange, brand, req).await {
+            Err(BankError::Refused { status, body }) => Ok(!version_refused(status, &body)),
+            Ok(_) => Err(BankError::Protocol(
+                "/token accepted a code that does not exist".into(),
+            )),
+            Err(other) => Err(other),
+        }
     }
 
     /// `POST {base}/periodic-payments/{product}` (standing order) [P v2 §2.3; I path and body:
@@ -218,7 +301,7 @@ impl BelfiusClient {
         code_challenge: &str,
         access_token: Option<&SecretString>,
     ) -> Result<Initiated, BankError> {
-        let body = encode(&PeriodicBody::from_order(order))?;
+        let body = encode(&PeriodicBody::from_order(order), self.config.amount_format)?;
         self.initiate(
             Initiation {
                 kind: PaymentKind::Periodic,
@@ -233,6 +316,7 @@ impl BelfiusClient {
             access_token,
         )
         .await
+        .map(|(initiated, _)| initiated)
     }
 
     /// `POST {base}/bulk-payments/{product}` [P bulk exists, Belfius brand only; I path and
@@ -243,7 +327,7 @@ impl BelfiusClient {
         code_challenge: &str,
         access_token: Option<&SecretString>,
     ) -> Result<Initiated, BankError> {
-        let body = encode(&BulkBody::from_order(order))?;
+        let body = encode(&BulkBody::from_order(order), self.config.amount_format)?;
         self.initiate(
             Initiation {
                 kind: PaymentKind::Bulk,
@@ -258,6 +342,7 @@ impl BelfiusClient {
             access_token,
         )
         .await
+        .map(|(initiated, _)| initiated)
     }
 
     /// The part all three initiations share: headers, signature, answer parsing.
@@ -266,7 +351,7 @@ impl BelfiusClient {
         initiation: Initiation<'_>,
         code_challenge: &str,
         access_token: Option<&SecretString>,
-    ) -> Result<Initiated, BankError> {
+    ) -> Result<(Initiated, super::answer::AnswerShape), BankError> {
         let url = self.endpoint(
             initiation.brand,
             &[
@@ -311,39 +396,33 @@ impl BelfiusClient {
             PaymentKind::Bulk => Call::InitiateBulk,
         };
         let response = self.send(call, initiation.brand, req).await?;
-        let parsed: InitiationResponse = response.json_or_empty()?;
-        let payment_id = parsed
-            .payment_id
-            .filter(|id| !id.trim().is_empty())
-            .ok_or_else(|| {
-                BankError::Protocol("initiation response carries no payment_id".into())
-            })?;
-        // Body link first (assumed v3 contract); the Location header is the v1 behaviour [C Tink].
-        let sca = parsed
-            .links
-            .and_then(|l| l.sca_redirect)
-            .map(|l| l.href)
-            .filter(|href| !href.trim().is_empty())
-            .or_else(|| response.location.clone())
-            .ok_or_else(|| {
-                BankError::Protocol("initiation response carries no SCA redirect URL".into())
-            })?;
-        // A relative Location is resolved against the request URL (RFC 9110 §10.2.2).
-        let sca_redirect_url = url
-            .join(&sca)
-            .map_err(|e| BankError::Protocol(format!("SCA redirect URL is not a URL: {e}")))?
-            .to_string();
+        let (initiated, shape) = super::answer::read(
+            &super::answer::RawAnswer {
+                status: response.status,
+                location: response.location.as_deref(),
+                body: &response.body,
+            },
+            &url,
+        )
+        .inspect_err(|e| {
+            tracing::error!(
+                request_id = response.request_id,
+                error = %e,
+                "the bank's answer to an initiation matches no known dialect (docs/belfius.md)"
+            );
+            metrics()
+                .bank_answers_unrecognized
+                .with_label_values(&[call.endpoint()])
+                .inc();
+        })?;
         tracing::debug!(
             request_id = response.request_id,
-            payment_id,
+            payment_id = initiated.bank_payment_id.as_str(),
             kind = initiation.kind.path_prefix(),
+            shape = shape.as_str(),
             "payment initiated"
         );
-        Ok(Initiated {
-            bank_payment_id: BankPaymentId::new(payment_id),
-            sca_redirect_url,
-            bank_status: parsed.transaction_status,
-        })
+        Ok((initiated, shape))
     }
 
     /// The `Signature` header value for these exact body bytes.
@@ -520,15 +599,55 @@ impl BelfiusClient {
         form: SecretString,
     ) -> Result<TokenPair, BankError> {
         let url = self.endpoint(brand, &["token"])?;
-        let req = self.request(Method::POST, url, &self.config.versions.token, Language::Fr);
-        let req = req
-            .basic_auth(
-                &self.config.client_id,
-                Some(self.config.client_secret.expose_secret()),
-            )
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(form.expose_secret().to_owned());
-        let response = self.send(call, brand, req).await?;
+        let first = self
+            .token_version
+            .read()
+            .map(|v| v.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        let mut versions = vec![first.clone()];
+        versions.extend(
+            TOKEN_VERSIONS
+                .iter()
+                .map(|v| (*v).to_owned())
+                .filter(|v| *v != first),
+        );
+        let mut answer = None;
+        for version in &versions {
+            let req = self.request(Method::POST, url.clone(), version, Language::Fr);
+            let req = req
+                .basic_auth(
+                    &self.config.client_id,
+                    Some(self.config.client_secret.expose_secret()),
+                )
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form.expose_secret().to_owned());
+            match self.send(call, brand, req).await {
+                Err(BankError::Refused { status, body }) if version_refused(status, &body) => {
+                    tracing::warn!(version, status, "the bank refused this /token version");
+                }
+                Ok(response) => {
+                    if *version != first {
+                        tracing::warn!(
+                            version,
+                            configured = first,
+                            "/token works with another version than configured: using it (set PIS_API_VERSION_TOKEN)"
+                        );
+                        if let Ok(mut current) = self.token_version.write() {
+                            current.clone_from(version);
+                        }
+                    }
+                    answer = Some(response);
+                    break;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let response = answer.ok_or_else(|| {
+            BankError::Unrecognized(format!(
+                "/token refused every known Accept version ({})",
+                versions.join(", ")
+            ))
+        })?;
         let parsed: TokenResponse = response.json_redacted()?;
         if let Some(kind) = &parsed.token_type
             && !kind.eq_ignore_ascii_case("bearer")
@@ -622,11 +741,31 @@ impl BelfiusClient {
                 .unwrap_or(""),
             "bank answered"
         );
-        let class = StatusClass::of_status(status.as_u16());
-        match map_status(status, &response_headers, &body) {
+        let location = response_headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok());
+        // An initiation may be answered by a redirect or a 401 SCA_REQUIRED that carries the
+        // SCA link (docs/belfius.md, "Initiation answer"): those are answers, not failures.
+        let initiation_answer = call.is_initiation()
+            && super::answer::RawAnswer {
+                status: status.as_u16(),
+                location,
+                body: &body,
+            }
+            .is_initiation_answer();
+        let (class, mapped) = if initiation_answer {
+            (StatusClass::Success, Ok(()))
+        } else {
+            (
+                StatusClass::of_status(status.as_u16()),
+                map_status(status, &response_headers, &body),
+            )
+        };
+        match mapped {
             Ok(()) => (
                 Ok(Success {
                     request_id,
+                    status: status.as_u16(),
                     location: response_headers
                         .get(header::LOCATION)
                         .and_then(|v| v.to_str().ok())
@@ -655,6 +794,7 @@ fn transport_class(e: &reqwest::Error) -> StatusClass {
 struct Success {
     /// The `Request-ID` of the attempt that got this answer.
     request_id: String,
+    status: u16,
     location: Option<String>,
     body: Vec<u8>,
 }
@@ -825,9 +965,49 @@ struct Initiation<'a> {
     body: Vec<u8>,
 }
 
-fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, BankError> {
-    serde_json::to_vec(body)
-        .map_err(|e| BankError::NotSent(format!("cannot encode initiation body: {e}")))
+fn encode<T: Serialize>(body: &T, amounts: AmountFormat) -> Result<Vec<u8>, BankError> {
+    let fail =
+        |e: serde_json::Error| BankError::NotSent(format!("cannot encode initiation body: {e}"));
+    match amounts {
+        AmountFormat::String => serde_json::to_vec(body).map_err(fail),
+        AmountFormat::Number => {
+            let mut value = serde_json::to_value(body).map_err(fail)?;
+            amounts_as_numbers(&mut value)?;
+            serde_json::to_vec(&value).map_err(fail)
+        }
+    }
+}
+
+/// Every `instructed_amount.amount` as a JSON number instead of a string (the dialects that
+/// take numbers, docs/belfius.md). The decimal text has at most 15 significant digits
+/// (validation bounds amounts), so the shortest number that reads back as the same double is
+/// that same text: nothing is rounded.
+fn amounts_as_numbers(value: &mut serde_json::Value) -> Result<(), BankError> {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                if key == "instructed_amount"
+                    && let Some(amount) = child.get_mut("amount")
+                    && let Value::String(text) = amount
+                {
+                    let number = text
+                        .parse::<f64>()
+                        .ok()
+                        .and_then(serde_json::Number::from_f64)
+                        .ok_or_else(|| {
+                            BankError::NotSent(format!("amount {text:?} is not a number"))
+                        })?;
+                    *amount = Value::Number(number);
+                } else {
+                    amounts_as_numbers(child)?;
+                }
+            }
+            Ok(())
+        }
+        Value::Array(items) => items.iter_mut().try_for_each(amounts_as_numbers),
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1026,29 +1206,6 @@ impl<'a> BulkBody<'a> {
                 .collect(),
         }
     }
-}
-
-/// [I] assumed v3 response (open question, docs/belfius-facts.md §10.3); camelCase aliases accept
-/// the Berlin Group spelling should Belfius use it.
-#[derive(Debug, Deserialize)]
-struct InitiationResponse {
-    #[serde(default, alias = "paymentId")]
-    payment_id: Option<String>,
-    #[serde(default, alias = "transactionStatus")]
-    transaction_status: Option<String>,
-    #[serde(default, rename = "_links")]
-    links: Option<Links>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Links {
-    #[serde(default, rename = "scaRedirect", alias = "sca_redirect")]
-    sca_redirect: Option<Href>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Href {
-    href: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -471,7 +471,10 @@ impl BankError {
                 body.as_ref().unwrap_or(&ErrorBody::default()),
             )),
             BankError::RateLimited { .. } => Some(BelfiusErrorCode::TooManyRequests),
-            BankError::NotSent(_) | BankError::NoResponse(_) | BankError::Protocol(_) => None,
+            BankError::NotSent(_)
+            | BankError::NoResponse(_)
+            | BankError::Protocol(_)
+            | BankError::Unrecognized(_) => None,
         }
     }
 }

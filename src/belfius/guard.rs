@@ -266,6 +266,18 @@ impl Call {
         Call::TokenRefresh,
     ];
 
+    /// Whether this call creates a payment (its answer may be a redirect, docs/belfius.md).
+    pub fn is_initiation(self) -> bool {
+        match self {
+            Call::Initiate | Call::InitiatePeriodic | Call::InitiateBulk => true,
+            Call::Status
+            | Call::Details
+            | Call::Cancel
+            | Call::TokenExchange
+            | Call::TokenRefresh => false,
+        }
+    }
+
     /// The `endpoint` label of the bank metrics.
     pub fn endpoint(self) -> &'static str {
         match self {
@@ -312,7 +324,10 @@ pub fn provably_unprocessed(error: &BankError) -> bool {
     match error {
         BankError::NotSent(_) | BankError::RateLimited { .. } => true,
         BankError::Unavailable { status, .. } => *status == 503,
-        BankError::NoResponse(_) | BankError::Refused { .. } | BankError::Protocol(_) => false,
+        BankError::NoResponse(_)
+        | BankError::Refused { .. }
+        | BankError::Protocol(_)
+        | BankError::Unrecognized(_) => false,
     }
 }
 
@@ -325,7 +340,9 @@ pub fn should_retry(call: Call, error: &BankError) -> bool {
             | BankError::NoResponse(_)
             | BankError::RateLimited { .. }
             | BankError::Unavailable { .. } => true,
-            BankError::Refused { .. } | BankError::Protocol(_) => false,
+            BankError::Refused { .. } | BankError::Protocol(_) | BankError::Unrecognized(_) => {
+                false
+            }
         },
         RetryClass::OnlyIfUnprocessed => provably_unprocessed(error),
     }

@@ -3,7 +3,10 @@
 //! Everything the public documentation leaves open is a setting in [`BelfiusConfig`] or an
 //! adapter choice documented in docs/belfius.md, never a silent guess.
 
+pub mod answer;
 pub mod client;
+pub mod conformance;
+pub mod dialect;
 pub mod errors;
 pub mod guard;
 pub mod identity;
@@ -44,6 +47,42 @@ pub struct BelfiusConfig {
     pub versions: ApiVersions,
     /// QSeal request signing (`Signature` header); `None` sends no signature (sandbox).
     pub qseal: Option<QsealConfig>,
+    /// How `instructed_amount.amount` is written (undocumented for v3: docs/belfius.md).
+    pub amount_format: AmountFormat,
+    /// Status codes beyond the ISO list, mapped by the operator (`PIS_BANK_STATUS_MAP`).
+    pub status_map: status::StatusMap,
+}
+
+/// `"12.34"` or `12.34` in initiation bodies: the v3 type is not documented. The CAF API's
+/// `instructed_amount.amount` is a string [P], v1 payments took a number [C]: a setting, string
+/// by default; `pis-worker bank-check` tells which one a bank takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AmountFormat {
+    #[default]
+    String,
+    Number,
+}
+
+impl AmountFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AmountFormat::String => "string",
+            AmountFormat::Number => "number",
+        }
+    }
+}
+
+impl std::str::FromStr for AmountFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "string" => Ok(Self::String),
+            "number" => Ok(Self::Number),
+            other => Err(format!(
+                "amount format must be string or number, not {other:?}"
+            )),
+        }
+    }
 }
 
 /// How requests are sealed with the QSeal key. The format Belfius verifies is not documented
@@ -144,7 +183,9 @@ impl Default for ApiVersions {
             payment_status: "1".into(),
             payment_details: "1".into(),
             payment_cancellation: "1".into(),
-            token: "1".into(),
+            // [P] the portal's /token is at version 3 (said for AIS); others are tried in turn
+            // if the bank refuses it (`client::TOKEN_VERSIONS`).
+            token: "3".into(),
         }
     }
 }
@@ -215,4 +256,8 @@ pub enum BankError {
     /// A response that does not follow the contract.
     #[error("unexpected bank response: {0}")]
     Protocol(String),
+    /// An initiation answer that matches none of the known shapes (`answer`): the bank may
+    /// hold a payment whose SCA link the worker cannot read. Never re-initiated.
+    #[error("bank answer matches no known dialect: {0}")]
+    Unrecognized(String),
 }

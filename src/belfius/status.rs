@@ -12,34 +12,39 @@ use crate::domain::bank::BankProgress;
 /// An ISO 20022 transaction status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TransactionStatus {
-    /// Received.
     Rcvd,
-    /// Pending.
     Pdng,
-    /// Partially accepted technical correct (multi-signature: some signatures missing).
     Patc,
-    /// Accepted technical validation.
     Actc,
-    /// Accepted customer profile.
     Accp,
-    /// Accepted settlement in process.
     Acsp,
-    /// Accepted with change.
     Acwc,
-    /// Accepted funds checked.
     Acfc,
-    /// Accepted settlement completed.
     Acsc,
-    /// Partially accepted (bulk: some transactions accepted).
     Part,
-    /// Rejected.
     Rjct,
-    /// Cancelled.
     Canc,
+    /// AcceptedSettlementCompletedCreditorAccount: credited at the creditor, after ACSC.
+    Accc,
+    /// AcceptedWithoutPosting: accepted, not yet posted to the creditor's account.
+    Acwp,
+    /// AcceptedAndChequeIssued (a cheque payment; listed for completeness).
+    Acis,
+    /// AcceptedClearingProcessed.
+    Acpd,
+    /// Blocked: "funds will neither be posted to the creditor's account, nor be returned to
+    /// the debtor" (ISO 20022). The payment will not reach its creditor.
+    Blck,
+    /// CashPickedUpByCreditor (cash payments; completeness).
+    Cpuc,
+    /// Presented (a cheque or payment presented for clearing).
+    Pres,
 }
 
 impl TransactionStatus {
-    pub const ALL: [TransactionStatus; 12] = [
+    /// The whole ISO 20022 `ExternalPaymentTransactionStatus1Code` list (the simulator's
+    /// `iso-status` dialect answers with codes beyond the PSD2 core set).
+    pub const ALL: [TransactionStatus; 19] = [
         TransactionStatus::Rcvd,
         TransactionStatus::Pdng,
         TransactionStatus::Patc,
@@ -52,11 +57,15 @@ impl TransactionStatus {
         TransactionStatus::Part,
         TransactionStatus::Rjct,
         TransactionStatus::Canc,
+        TransactionStatus::Accc,
+        TransactionStatus::Acwp,
+        TransactionStatus::Acis,
+        TransactionStatus::Acpd,
+        TransactionStatus::Blck,
+        TransactionStatus::Cpuc,
+        TransactionStatus::Pres,
     ];
 
-    /// Parses a code case-insensitively and ignoring surrounding blanks (the bank's casing is
-    /// not documented); unknown codes give `None` so the caller can treat them as a protocol
-    /// problem instead of guessing.
     pub fn parse(code: &str) -> Option<Self> {
         let code = code.trim();
         Self::ALL
@@ -78,40 +87,39 @@ impl TransactionStatus {
             TransactionStatus::Part => "PART",
             TransactionStatus::Rjct => "RJCT",
             TransactionStatus::Canc => "CANC",
+            TransactionStatus::Accc => "ACCC",
+            TransactionStatus::Acwp => "ACWP",
+            TransactionStatus::Acis => "ACIS",
+            TransactionStatus::Acpd => "ACPD",
+            TransactionStatus::Blck => "BLCK",
+            TransactionStatus::Cpuc => "CPUC",
+            TransactionStatus::Pres => "PRES",
         }
     }
 
-    /// What the code means for the payment's progress. All mappings are [I] (docs silent).
     pub fn progress(self) -> BankProgress {
         match self {
-            // [I] Every Belfius payment needs SCA (no exemptions, §2.6), so a freshly received or
-            // pending payment is waiting for the PSU. Yolt's note that RCVD means "money moved"
-            // (§4) is unverified and contradicts the mandatory SCA; we do not follow it.
             TransactionStatus::Rcvd | TransactionStatus::Pdng => BankProgress::AwaitingSca,
-            // [I] Multi-signature (§4): the first signer signed through the redirect, others
-            // still have to sign in Belfius channels. PART (bulk partially accepted) is the
-            // nearest equivalent for a single payment: not fully authorised yet. For a bulk,
-            // PART means "executed, some transfers rejected": the engine maps that per kind
-            // (`engine::bank::progress_for`), this table stays kind-independent.
             TransactionStatus::Patc | TransactionStatus::Part => BankProgress::PartiallySigned,
-            // [I] The accepted-but-not-settled family: authorised by the PSU, queued or in
-            // execution; none of them is final.
             TransactionStatus::Actc
             | TransactionStatus::Accp
             | TransactionStatus::Acsp
             | TransactionStatus::Acwc
-            | TransactionStatus::Acfc => BankProgress::Signed,
-            // [I] Settlement completed on the debtor side: final.
-            TransactionStatus::Acsc => BankProgress::Settled,
-            // [I] Final refusal (by the bank, the PSU, or an expired SCA session).
-            TransactionStatus::Rjct => BankProgress::Rejected,
-            // [I] Final cancellation.
+            | TransactionStatus::Acfc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Pres => BankProgress::Signed,
+            TransactionStatus::Acsc | TransactionStatus::Accc | TransactionStatus::Cpuc => {
+                BankProgress::Settled
+            }
+            // [I] blocked for good: the creditor will not be paid, which is what a client
+            // must act on; the status event carries BLCK itself.
+            TransactionStatus::Rjct | TransactionStatus::Blck => BankProgress::Rejected,
             TransactionStatus::Canc => BankProgress::Cancelled,
         }
     }
 
-    /// Whether the bank will not change this status any more (the assumption of
-    /// docs/belfius-facts.md §4).
     pub fn is_final(self) -> bool {
         match self.progress() {
             BankProgress::Settled
@@ -125,6 +133,58 @@ impl TransactionStatus {
     }
 }
 
+/// Status codes an operator maps (`PIS_BANK_STATUS_MAP`, e.g. `XYZW=signed,ABCD=rejected`) on
+/// top of the ISO list: what to do when the bank answers with a code this version does not know,
+/// without waiting for a release (docs/runbooks.md, "PisBankStatusUnrecognized").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusMap {
+    extra: Vec<(String, BankProgress)>,
+}
+
+impl StatusMap {
+    /// `CODE=progress` pairs separated by commas; progress one of `awaiting-sca`,
+    /// `partially-signed`, `signed`, `settled`, `rejected`, `cancelled`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut extra = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (code, progress) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?}: expected CODE=progress"))?;
+            let code = code.trim().to_ascii_uppercase();
+            if code.len() != 4 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(format!("{code:?}: a status code is 4 letters"));
+            }
+            let progress = match progress.trim() {
+                "awaiting-sca" => BankProgress::AwaitingSca,
+                "partially-signed" => BankProgress::PartiallySigned,
+                "signed" => BankProgress::Signed,
+                "settled" => BankProgress::Settled,
+                "rejected" => BankProgress::Rejected,
+                "cancelled" => BankProgress::Cancelled,
+                other => {
+                    return Err(format!(
+                        "{other:?}: one of awaiting-sca, partially-signed, signed, settled, rejected, cancelled"
+                    ));
+                }
+            };
+            extra.push((code, progress));
+        }
+        Ok(Self { extra })
+    }
+
+    /// The progress of `code`: the ISO list first, then the operator's map.
+    pub fn interpret(&self, code: &str) -> Option<(String, BankProgress)> {
+        if let Some(status) = TransactionStatus::parse(code) {
+            return Some((status.as_str().to_owned(), status.progress()));
+        }
+        let code = code.trim().to_ascii_uppercase();
+        self.extra
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(c, p)| (c.clone(), *p))
+    }
+}
+
 impl std::fmt::Display for TransactionStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -134,6 +194,37 @@ impl std::fmt::Display for TransactionStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_whole_iso_list_is_mapped() {
+        for code in [
+            "ACCC", "ACCP", "ACFC", "ACIS", "ACPD", "ACSC", "ACSP", "ACTC", "ACWC", "ACWP", "BLCK",
+            "CANC", "CPUC", "PART", "PATC", "PDNG", "PRES", "RCVD", "RJCT",
+        ] {
+            assert!(TransactionStatus::parse(code).is_some(), "{code}");
+        }
+        assert_eq!(progress_of("ACCC"), BankProgress::Settled);
+        assert_eq!(progress_of("ACWP"), BankProgress::Signed);
+        assert_eq!(progress_of("BLCK"), BankProgress::Rejected);
+    }
+
+    #[test]
+    fn an_operator_map_interprets_unknown_codes_and_rejects_bad_ones() {
+        let map = StatusMap::parse("XYZW=signed, abcd=rejected").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            map.interpret("xyzw"),
+            Some(("XYZW".into(), BankProgress::Signed))
+        );
+        assert_eq!(
+            map.interpret("ACSC"),
+            Some(("ACSC".into(), BankProgress::Settled))
+        );
+        assert_eq!(map.interpret("QQQQ"), None);
+        assert!(StatusMap::parse("XYZ=signed").is_err());
+        assert!(StatusMap::parse("XYZW=paid").is_err());
+        assert!(StatusMap::parse("XYZW").is_err());
+        assert_eq!(StatusMap::parse(""), Ok(StatusMap::default()));
+    }
 
     fn progress_of(code: &str) -> BankProgress {
         match TransactionStatus::parse(code) {
@@ -216,7 +307,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_are_not_guessed() {
-        for bad in ["", "RCV", "ACCC", "ACSCX", "OK"] {
+        for bad in ["", "RCV", "ACCX", "ACSCX", "OK", "XYZW"] {
             assert_eq!(TransactionStatus::parse(bad), None, "{bad:?}");
         }
     }
@@ -228,6 +319,6 @@ mod tests {
             .filter(|s| s.is_final())
             .map(TransactionStatus::as_str)
             .collect();
-        assert_eq!(finals, ["ACSC", "RJCT", "CANC"]);
+        assert_eq!(finals, ["ACSC", "RJCT", "CANC", "ACCC", "BLCK", "CPUC"]);
     }
 }

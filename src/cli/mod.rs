@@ -1,5 +1,6 @@
 //! The `pis-worker` command line: the worker itself and the tools around it.
 
+pub mod bank_check;
 pub mod dlq;
 pub mod run;
 pub mod send;
@@ -38,6 +39,9 @@ pub enum Command {
     Dlq(Box<dlq::DlqArgs>),
     /// Inspect the state topic (quarantined records).
     State(Box<state::StateArgs>),
+    /// Which dialect does the configured bank speak? A short, harmless check (one unsigned
+    /// 0.01 EUR initiation): run it first after onboarding (docs/belfius.md, "bank-check").
+    BankCheck(Box<bank_check::BankCheckArgs>),
     /// Create the topics (idempotent).
     Topics(Box<run::TopicsArgs>),
     /// Print a fresh state-encryption key (64 hex characters).

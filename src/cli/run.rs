@@ -104,8 +104,17 @@ pub struct RunArgs {
     pub api_version_initiation: String,
     #[arg(long, env = "PIS_API_VERSION_STATUS", default_value = "1")]
     pub api_version_status: String,
-    #[arg(long, env = "PIS_API_VERSION_TOKEN", default_value = "1")]
+    /// Tried first; if the bank refuses it, the other known versions are (3, 2, 1.1, 1).
+    #[arg(long, env = "PIS_API_VERSION_TOKEN", default_value = "3")]
     pub api_version_token: String,
+    /// `string` ("12.34") or `number` (12.34) for amounts in initiation bodies: undocumented
+    /// for v3 (docs/belfius.md); `pis-worker bank-check` tells which one the bank takes.
+    #[arg(long, env = "PIS_AMOUNT_FORMAT", default_value = "string")]
+    pub amount_format: crate::belfius::AmountFormat,
+    /// Status codes beyond the ISO 20022 list and what they mean, e.g. `XYZW=signed` (one of
+    /// awaiting-sca, partially-signed, signed, settled, rejected, cancelled; comma-separated).
+    #[arg(long, env = "PIS_BANK_STATUS_MAP", default_value = "")]
+    pub bank_status_map: String,
     #[arg(long, env = "PIS_API_VERSION_PERIODIC", default_value = "2")]
     pub api_version_periodic: String,
     #[arg(long, env = "PIS_API_VERSION_BULK", default_value = "1")]
@@ -223,26 +232,13 @@ pub(crate) fn read_secret_file(path: &PathBuf, what: &str) -> anyhow::Result<Sec
 }
 
 impl RunArgs {
-    pub fn config(&self) -> anyhow::Result<WorkerConfig> {
-        if self.retired_ids_retention_secs < self.retention_secs {
-            anyhow::bail!(
-                "--retired-ids-retention-secs ({}) must be at least --retention-secs ({}): a retired id is remembered from its retirement on",
-                self.retired_ids_retention_secs,
-                self.retention_secs
-            );
-        }
+    /// The bank client's configuration (shared by `run` and `bank-check`).
+    pub fn bank_config(&self) -> anyhow::Result<BelfiusConfig> {
         let client_secret = match (&self.client_secret, &self.client_secret_file) {
             (Some(s), _) => s.clone(),
             (None, Some(path)) => read_secret_file(path, "client secret")?,
             (None, None) => anyhow::bail!(
                 "the client secret is required (PIS_CLIENT_SECRET or --client-secret-file)"
-            ),
-        };
-        let state_key = match (&self.state_key, &self.state_key_file) {
-            (Some(s), _) => s.clone(),
-            (None, Some(path)) => read_secret_file(path, "state key")?,
-            (None, None) => anyhow::bail!(
-                "the state key is required (PIS_STATE_KEY or --state-key-file; make one with `pis-worker keygen`)"
             ),
         };
         let extra_ca_pem = self
@@ -301,6 +297,46 @@ impl RunArgs {
             }),
             None => None,
         };
+        Ok(BelfiusConfig {
+            belfius_base_url: self.belfius_url.clone(),
+            banx_base_url: self.banx_url.clone(),
+            client_id: self.client_id.clone(),
+            client_secret,
+            extra_ca_pem,
+            qwac,
+            connect_timeout: Duration::from_millis(self.bank_connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.bank_request_timeout_ms),
+            versions: ApiVersions {
+                payment_initiation: self.api_version_initiation.clone(),
+                payment_status: self.api_version_status.clone(),
+                token: self.api_version_token.clone(),
+                periodic_initiation: self.api_version_periodic.clone(),
+                bulk_initiation: self.api_version_bulk.clone(),
+                payment_details: self.api_version_details.clone(),
+                payment_cancellation: self.api_version_cancellation.clone(),
+            },
+            qseal,
+            amount_format: self.amount_format,
+            status_map: crate::belfius::status::StatusMap::parse(&self.bank_status_map)
+                .map_err(|e| anyhow::anyhow!("--bank-status-map: {e}"))?,
+        })
+    }
+
+    pub fn config(&self) -> anyhow::Result<WorkerConfig> {
+        if self.retired_ids_retention_secs < self.retention_secs {
+            anyhow::bail!(
+                "--retired-ids-retention-secs ({}) must be at least --retention-secs ({}): a retired id is remembered from its retirement on",
+                self.retired_ids_retention_secs,
+                self.retention_secs
+            );
+        }
+        let state_key = match (&self.state_key, &self.state_key_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => read_secret_file(path, "state key")?,
+            (None, None) => anyhow::bail!(
+                "the state key is required (PIS_STATE_KEY or --state-key-file; make one with `pis-worker keygen`)"
+            ),
+        };
         let max_amount =
             Amount::parse(&self.max_amount).map_err(|e| anyhow::anyhow!("--max-amount: {e}"))?;
         let policy = Policy {
@@ -320,26 +356,7 @@ impl RunArgs {
             kafka: self
                 .broker
                 .settings(&self.group_id, self.session_timeout_ms),
-            bank: BelfiusConfig {
-                belfius_base_url: self.belfius_url.clone(),
-                banx_base_url: self.banx_url.clone(),
-                client_id: self.client_id.clone(),
-                client_secret,
-                extra_ca_pem,
-                qwac,
-                connect_timeout: Duration::from_millis(self.bank_connect_timeout_ms),
-                request_timeout: Duration::from_millis(self.bank_request_timeout_ms),
-                versions: ApiVersions {
-                    payment_initiation: self.api_version_initiation.clone(),
-                    payment_status: self.api_version_status.clone(),
-                    token: self.api_version_token.clone(),
-                    periodic_initiation: self.api_version_periodic.clone(),
-                    bulk_initiation: self.api_version_bulk.clone(),
-                    payment_details: self.api_version_details.clone(),
-                    payment_cancellation: self.api_version_cancellation.clone(),
-                },
-                qseal,
-            },
+            bank: self.bank_config()?,
             state_key,
             state_keys_previous: self.previous_keys.read()?,
             state_accept_v1: self.previous_keys.state_accept_v1,

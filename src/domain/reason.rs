@@ -50,11 +50,14 @@ pub enum ReasonCode {
     /// The worker asked the bank to end an unsigned payment (SCA deadline, PSU refusal) and the
     /// bank has not confirmed within the horizon: the PSU may still sign it.
     ExpiryUnconfirmed,
+    /// The bank answered the initiation in a shape the worker cannot read (no SCA link or no
+    /// payment id): the payment cannot be signed, so it ends here (docs/belfius.md).
+    BankAnswerUnrecognized,
 }
 
 impl ReasonCode {
     /// Every code, in declaration order (docs/contract.md lists each; a test keeps them equal).
-    pub const ALL: [ReasonCode; 32] = [
+    pub const ALL: [ReasonCode; 33] = [
         ReasonCode::MissingField,
         ReasonCode::InvalidIban,
         ReasonCode::InvalidBic,
@@ -87,6 +90,7 @@ impl ReasonCode {
         ReasonCode::BulkPartiallyRejected,
         ReasonCode::OutcomeUnresolved,
         ReasonCode::ExpiryUnconfirmed,
+        ReasonCode::BankAnswerUnrecognized,
     ];
 
     /// The code of a wire value.
@@ -128,6 +132,7 @@ impl ReasonCode {
             ReasonCode::BulkPartiallyRejected => "BULK_PARTIALLY_REJECTED",
             ReasonCode::OutcomeUnresolved => "OUTCOME_UNRESOLVED",
             ReasonCode::ExpiryUnconfirmed => "EXPIRY_UNCONFIRMED",
+            ReasonCode::BankAnswerUnrecognized => "BANK_ANSWER_UNRECOGNIZED",
         }
     }
 }
@@ -189,6 +194,7 @@ pub(crate) mod tests {
             ReasonCode::BulkPartiallyRejected => 29,
             ReasonCode::OutcomeUnresolved => 30,
             ReasonCode::ExpiryUnconfirmed => 31,
+            ReasonCode::BankAnswerUnrecognized => 32,
         }
     }
 

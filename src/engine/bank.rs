@@ -55,6 +55,13 @@ pub fn classify_initiation_error(error: &BankError) -> InitiationFailure {
         BankError::Refused { status, body } => {
             InitiationFailure::Refused(refusal_reason(*status, body, "initiation"))
         }
+        // The bank answered, but not in a shape the worker can read: the PSU never sees a
+        // link, so whatever the bank holds cannot be signed and expires there. A re-initiation
+        // could create a second payment; ending it, with the mismatch named, cannot.
+        BankError::Unrecognized(message) => InitiationFailure::Refused(Reason::new(
+            ReasonCode::BankAnswerUnrecognized,
+            message.clone(),
+        )),
     }
 }
 
@@ -141,8 +148,26 @@ pub async fn check_status(bank: &BelfiusClient, payment: &Payment) -> Input {
                 progress: progress_for(order.kind(), status),
                 bank_status: status.as_str().to_owned(),
             },
-            None => Input::StatusCheckFailed {
-                message: format!("unknown bank status code {code:?}"),
+            None => match bank.config().status_map.interpret(&code) {
+                Some((code, progress)) => Input::StatusObserved {
+                    progress,
+                    bank_status: code,
+                },
+                // Polled on, at the slow rate after the first few, and alerted
+                // (PisBankStatusUnrecognized): an operator maps the code
+                // (PIS_BANK_STATUS_MAP) and the next poll follows it. Giving up instead could
+                // report a payment that moves money as ended.
+                None => {
+                    crate::metrics::metrics().bank_status_unrecognized.inc();
+                    tracing::warn!(
+                        payment_id = %payment.payment_id,
+                        code = code.chars().take(16).collect::<String>(),
+                        "the bank answered a status this worker cannot interpret (PIS_BANK_STATUS_MAP)"
+                    );
+                    Input::StatusCheckFailed {
+                        message: format!("unrecognized bank status code {code:?}"),
+                    }
+                }
             },
         },
         Err(error) => Input::StatusCheckFailed {
@@ -216,7 +241,8 @@ fn cancel_input(result: Result<crate::belfius::client::Cancelled, BankError>) ->
             | BankError::RateLimited { .. }
             | BankError::NoResponse(_)
             | BankError::Unavailable { .. }
-            | BankError::Protocol(_)),
+            | BankError::Protocol(_)
+            | BankError::Unrecognized(_)),
         ) => Input::CancelUnconfirmed {
             message: error.to_string(),
         },
@@ -273,7 +299,8 @@ pub fn classify_refresh_error(error: &BankError) -> RefreshFailure {
         | BankError::NoResponse(_)
         | BankError::RateLimited { .. }
         | BankError::Unavailable { .. }
-        | BankError::Protocol(_) => RefreshFailure::Transient { message },
+        | BankError::Protocol(_)
+        | BankError::Unrecognized(_) => RefreshFailure::Transient { message },
     }
 }
 

@@ -504,7 +504,9 @@ mod tests {
             client_id: "tpp".into(),
             client_secret_digest: Mutex::new(digest(SECRET)),
             admin_base: url::Url::parse(ADMIN).expect("url"),
+            dialect: crate::belfius::dialect::Dialect::default_dialect(),
             rules: Rules {
+                amount: crate::belfius::AmountFormat::String,
                 banx_bank_codes: vec![],
                 denied_countries: vec![],
                 bic_required_countries: vec![],

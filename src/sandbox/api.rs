@@ -31,8 +31,10 @@ use super::store::{
     Scenario, Schedule, Store, TokenCheck,
 };
 use super::{Rules, Shared};
-use crate::belfius::ErrorBody;
+use crate::belfius::answer::AnswerShape;
 use crate::belfius::client::headers as h;
+use crate::belfius::status::TransactionStatus;
+use crate::belfius::{AmountFormat, ErrorBody, SignatureEncoding};
 use crate::domain::model::{
     Amount, Brand, ChargeBearer, Frequency, Language, MAX_BULK_ENTRIES, PaymentKind, PaymentProduct,
 };
@@ -70,6 +72,12 @@ pub mod scenario {
     pub const SLOW_CREATE: &str = "SLOW-CREATE";
     /// Bulk: this transfer is rejected at execution; the bulk ends PART.
     pub const REJECT_ENTRY: &str = "REJECT-ENTRY";
+    /// Create the payment, then answer 201 with its SCA link but no payment id anywhere: an
+    /// answer no dialect gives (the client must end it, never initiate it again).
+    pub const NO_PAYMENT_ID: &str = "NO-PAYMENT-ID";
+    /// `STATUS-CODE-<code>` (the SEPA character set has no `=`): status answers for this payment give that code, whatever its
+    /// state (a code the client may not know).
+    pub const STATUS_CODE: &str = "STATUS-CODE-";
 }
 
 pub const SLOW_CREATE_DELAY: Duration = Duration::from_secs(60);
@@ -534,6 +542,7 @@ async fn initiate(
     };
     scenario_failure(name)?;
     let slow = name.contains(scenario::SLOW_CREATE);
+    let no_payment_id = name.contains(scenario::NO_PAYMENT_ID);
 
     let payment_id = {
         let mut store = shared.store();
@@ -577,20 +586,67 @@ async fn initiate(
         .join(&format!("sca/{payment_id}"))
         .map(|u| u.to_string())
         .unwrap_or_default();
-    // [I] assumed v3 answer (open question, docs/belfius-facts.md §10.3): 201, id + status + link
-    // in the body, and the link again in Location as v1 did [C Tink].
-    let body = if scenario.location_only {
-        json!({"payment_id": payment_id, "transaction_status": "RCVD"})
-    } else {
-        json!({
-            "payment_id": payment_id,
-            "transaction_status": "RCVD",
-            "_links": {"scaRedirect": {"href": sca_url}},
-        })
+    // The answer in the dialect's shape (docs/belfius.md, "Dialects"). Where the body carries
+    // no id, the link's query does [I].
+    let status = shared.dialect.statuses.answer(TransactionStatus::Rcvd);
+    let linked = |url: &str| format!("{url}?payment_id={payment_id}");
+    let mut response = match shared.dialect.answer {
+        AnswerShape::LinksBody => {
+            let body = json!({
+                "payment_id": payment_id,
+                "transaction_status": status,
+                "_links": {"scaRedirect": {"href": sca_url}},
+            });
+            let mut response = (StatusCode::CREATED, Json(body)).into_response();
+            // And the link again in Location, as v1 sent it [C Tink].
+            if let Ok(location) = HeaderValue::from_str(&sca_url) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+        AnswerShape::LocationHeader => {
+            let body = json!({"payment_id": payment_id, "transaction_status": status});
+            let mut response = (StatusCode::CREATED, Json(body)).into_response();
+            if let Ok(location) = HeaderValue::from_str(&sca_url) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+        AnswerShape::Redirect => {
+            let mut response = StatusCode::FOUND.into_response();
+            if let Ok(location) = HeaderValue::from_str(&linked(&sca_url)) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            response
+        }
+        AnswerShape::ScaRequired => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({
+                "error": "SCA_REQUIRED",
+                "error_code": "B14800ZZ-0PLC-REDRCT",
+                "error_description": format!(
+                    "SCA is required. Please follow the corresponding URL: {}",
+                    linked(&sca_url)
+                ),
+            })),
+        )
+            .into_response(),
     };
-    let mut response = (StatusCode::CREATED, Json(body)).into_response();
-    if let Ok(location) = HeaderValue::from_str(&sca_url) {
-        response.headers_mut().insert(header::LOCATION, location);
+    // The LOCATION-ONLY scenario word keeps its meaning in the default dialect: no link in the
+    // body, only in Location.
+    if scenario.location_only && shared.dialect.answer == AnswerShape::LinksBody {
+        let body = json!({"payment_id": payment_id, "transaction_status": status});
+        response = (StatusCode::CREATED, Json(body)).into_response();
+        if let Ok(location) = HeaderValue::from_str(&sca_url) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+    }
+    if no_payment_id {
+        let body = json!({"transaction_status": status});
+        response = (StatusCode::CREATED, Json(body)).into_response();
+        if let Ok(location) = HeaderValue::from_str(&sca_url) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
     }
     // For the fault layer: a lost answer must leave this payment unsignable (see faults).
     if let Ok(id) = HeaderValue::from_str(&payment_id) {
@@ -736,9 +792,10 @@ fn check_signature(
         return Ok(());
     }
     let outcome = match (&shared.verifier, signature) {
-        (Some(verifier), Some(signature)) => {
-            verifier.verify(signature, body).map_err(|e| e.to_string())
-        }
+        (Some(verifier), Some(signature)) => verifier
+            .verify(signature, body)
+            .map_err(|e| e.to_string())
+            .and_then(|()| signature_alphabet(shared.dialect.signature, signature)),
         (None, Some(_)) => Err("no QSeal certificate to verify with".to_owned()),
         (_, None) => Err("missing Signature header".to_owned()),
     };
@@ -747,6 +804,21 @@ fn check_signature(
         tracing::info!(why, "sandbox: signature refused");
         ApiError::bad_signature(&why)
     })
+}
+
+/// The dialect's bank decodes one Base64 alphabet only: a signature in the other is refused.
+fn signature_alphabet(expected: SignatureEncoding, signature: &str) -> Result<(), String> {
+    let standard = signature.contains(['+', '/', '=']);
+    let url_safe = signature.contains(['-', '_']);
+    match expected {
+        SignatureEncoding::Base64Padded if url_safe => {
+            Err("the Signature is base64url; this bank reads standard Base64".into())
+        }
+        SignatureEncoding::Base64UrlNoPad if standard => {
+            Err("the Signature is standard Base64; this bank reads base64url".into())
+        }
+        SignatureEncoding::Base64Padded | SignatureEncoding::Base64UrlNoPad => Ok(()),
+    }
 }
 
 /// [P §1.1] a debtor account must be addressed on its own brand's host. [I] the brand is read
@@ -1084,10 +1156,17 @@ fn transfer(
     let instructed = object
         .get("instructed_amount")
         .ok_or_else(|| ApiError::missing_field(&path("instructed_amount")))?;
-    let amount_text = match instructed.get("amount") {
-        Some(Value::String(s)) => s.trim().to_owned(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(_) | None => {
+    // Strict per dialect: a bank parsing one JSON type refuses the other.
+    let amount_text = match (instructed.get("amount"), rules.amount) {
+        (Some(Value::String(s)), AmountFormat::String) => s.trim().to_owned(),
+        (Some(Value::Number(n)), AmountFormat::Number) => n.to_string(),
+        (Some(Value::String(_) | Value::Number(_)), expected) => {
+            return Err(ApiError::invalid_field(
+                &path("instructed_amount.amount"),
+                &format!("must be a JSON {}", expected.as_str()),
+            ));
+        }
+        (Some(_) | None, _) => {
             return Err(ApiError::missing_field(&path("instructed_amount.amount")));
         }
     };
@@ -1409,9 +1488,26 @@ async fn status(
         .ok_or_else(ApiError::payment_not_found)?;
     Ok((
         StatusCode::OK,
-        Json(json!({"transaction_status": p.status.as_str()})),
+        Json(json!({"transaction_status": answered_status(shared, p)})),
     )
         .into_response())
+}
+
+/// The status code answered for `p`: the dialect's, or the scenario's `STATUS-CODE=`.
+fn answered_status(shared: &Shared, p: &super::store::Payment) -> String {
+    let name = p
+        .request
+        .get("creditor_name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match name.split_once(scenario::STATUS_CODE) {
+        Some((_, rest)) => rest
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        None => shared.dialect.statuses.answer(p.status).to_owned(),
+    }
 }
 
 /// [P] a valid PIS token is required; [I] it must be the token of the PSU the payment belongs
@@ -1443,7 +1539,10 @@ async fn details(
     let mut body = p.request.clone();
     if let Value::Object(object) = &mut body {
         object.insert("payment_id".into(), json!(p.id));
-        object.insert("transaction_status".into(), json!(p.status.as_str()));
+        object.insert(
+            "transaction_status".into(),
+            json!(shared.dialect.statuses.answer(p.status)),
+        );
         if let Some(Value::Array(payments)) = object.get_mut("payments") {
             for (entry, line) in payments.iter_mut().zip(&p.entries) {
                 if let Value::Object(entry) = entry {
@@ -1480,7 +1579,7 @@ async fn cancel(
             Ok(match answer {
                 200 | 202 => (
                     StatusCode::from_u16(answer).unwrap_or(StatusCode::OK),
-                    Json(json!({"transaction_status": p.status.as_str()})),
+                    Json(json!({"transaction_status": shared.dialect.statuses.answer(p.status)})),
                 )
                     .into_response(),
                 _ => StatusCode::NO_CONTENT.into_response(),
@@ -1521,7 +1620,7 @@ fn token_inner(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Resp
     if headers.contains_key(header::ACCEPT_LANGUAGE) && language(headers).is_none() {
         return Err(ApiError::not_acceptable());
     }
-    check_accept(headers, TOKEN_VERSIONS)?;
+    check_accept(headers, &[shared.dialect.token_version])?;
     check_basic_auth(shared, headers)?;
     check_content_type(headers, "application/x-www-form-urlencoded")?;
 

@@ -80,6 +80,22 @@ pub struct SandboxArgs {
         default_values_t = strings(DEFAULT_BIC_REQUIRED_COUNTRIES)
     )]
     pub bic_required_countries: Vec<String>,
+    /// Answer as this plausible Belfius (`--list-dialects`; docs/belfius.md, "Dialects").
+    #[arg(long, env = "PIS_SANDBOX_DIALECT", default_value = "v3-links", value_parser = dialect)]
+    pub dialect: crate::belfius::dialect::Dialect,
+    /// Print the dialects, one line each, and exit.
+    #[arg(long)]
+    pub list_dialects: bool,
+}
+
+fn dialect(name: &str) -> Result<crate::belfius::dialect::Dialect, String> {
+    crate::belfius::dialect::Dialect::named(name).ok_or_else(|| {
+        let names: Vec<&str> = crate::belfius::dialect::DIALECTS
+            .iter()
+            .map(|d| d.name)
+            .collect();
+        format!("unknown dialect {name:?}; one of {}", names.join(", "))
+    })
 }
 
 fn strings(list: &[&str]) -> Vec<String> {
@@ -105,12 +121,17 @@ impl SandboxArgs {
             denied_countries: self.denied_countries.clone(),
             bic_required_countries: self.bic_required_countries.clone(),
             forget_final_after: None,
+            dialect: self.dialect,
         }
     }
 }
 
 /// Starts the simulator and serves until Ctrl-C or SIGTERM.
 pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    if args.list_dialects {
+        print!("{}", crate::belfius::dialect::Dialect::listing());
+        return Ok(());
+    }
     let sandbox = start(args.config()).await?;
     println!(
         "sandbox: api {} banx-api {} admin {} tls-dir {}",

@@ -78,11 +78,15 @@ pub struct SandboxConfig {
     /// Forget final payments this long after they ended, so that a long run keeps a bounded
     /// memory (`pis-soak`); `None`, the default, keeps every payment.
     pub forget_final_after: Option<Duration>,
+    /// Which plausible Belfius to be (`dialect`); the first of `dialect::DIALECTS` by default.
+    pub dialect: crate::belfius::dialect::Dialect,
 }
 
 /// The [I] account rules of the simulated bank, fixed at start.
 #[derive(Debug, Clone)]
 pub struct Rules {
+    /// The JSON type `instructed_amount.amount` must have (the dialect's).
+    pub amount: crate::belfius::AmountFormat,
     pub banx_bank_codes: Vec<String>,
     pub denied_countries: Vec<String>,
     pub bic_required_countries: Vec<String>,
@@ -117,6 +121,7 @@ impl SandboxConfig {
             denied_countries: strings(DEFAULT_DENIED_COUNTRIES),
             bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
             forget_final_after: None,
+            dialect: crate::belfius::dialect::Dialect::default_dialect(),
         }
     }
 }
@@ -127,6 +132,7 @@ pub struct Shared {
     /// The secret /token accepts; the operator may rotate it (`/admin/config`).
     client_secret_digest: Mutex<Digest>,
     admin_base: url::Url,
+    dialect: crate::belfius::dialect::Dialect,
     rules: Rules,
     /// `None` when no test QSeal certificate could be made: signatures cannot be verified.
     verifier: Option<QsealVerifier>,
@@ -262,6 +268,8 @@ impl RunningSandbox {
             request_timeout: Duration::from_secs(10),
             versions: ApiVersions::default(),
             qseal,
+            amount_format: crate::belfius::AmountFormat::default(),
+            status_map: crate::belfius::status::StatusMap::default(),
         })
     }
 
@@ -358,7 +366,9 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         client_id: config.client_id.clone(),
         client_secret_digest: Mutex::new(store::digest(config.client_secret.expose_secret())),
         admin_base: base_url("http", admin_addr),
+        dialect: config.dialect,
         rules: Rules {
+            amount: config.dialect.amount,
             banx_bank_codes: config.banx_bank_codes.clone(),
             denied_countries: config.denied_countries.clone(),
             bic_required_countries: config.bic_required_countries.clone(),

@@ -330,7 +330,14 @@ impl Payment {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => false,
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => false,
         }
     }
 
@@ -348,7 +355,14 @@ impl Payment {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => false,
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => false,
         }
     }
 
@@ -824,7 +838,14 @@ impl Store {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => return Err(PsuError::Conflict(p.status.as_str())),
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => return Err(PsuError::Conflict(p.status.as_str())),
         }
         p.auto_at = None;
         Ok(PsuOutcome {
@@ -933,7 +954,14 @@ impl Store {
                 | TransactionStatus::Acsc
                 | TransactionStatus::Part
                 | TransactionStatus::Rjct
-                | TransactionStatus::Canc => return,
+                | TransactionStatus::Canc
+                | TransactionStatus::Accc
+                | TransactionStatus::Acwp
+                | TransactionStatus::Acis
+                | TransactionStatus::Acpd
+                | TransactionStatus::Blck
+                | TransactionStatus::Cpuc
+                | TransactionStatus::Pres => return,
             }
         }
     }
@@ -954,7 +982,14 @@ impl Store {
             | TransactionStatus::Acsc
             | TransactionStatus::Part
             | TransactionStatus::Rjct
-            | TransactionStatus::Canc => return Err(PsuError::Conflict(p.status.as_str())),
+            | TransactionStatus::Canc
+            | TransactionStatus::Accc
+            | TransactionStatus::Acwp
+            | TransactionStatus::Acis
+            | TransactionStatus::Acpd
+            | TransactionStatus::Blck
+            | TransactionStatus::Cpuc
+            | TransactionStatus::Pres => return Err(PsuError::Conflict(p.status.as_str())),
         };
         p.auto_at = None;
         let redirect = match action {

@@ -165,6 +165,7 @@ stored_enum!(
         BulkPartiallyRejected,
         OutcomeUnresolved,
         ExpiryUnconfirmed,
+        BankAnswerUnrecognized,
     }
 );
 
