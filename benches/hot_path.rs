@@ -103,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         command_id: CommandId::new("cmd-000001"),
         psu_id: PsuId::new("psu-000001"),
         order: order.clone().into(),
+        always_pkce: false,
     };
     let transition =
         match machine::decide(&payment_id, None, initiate(), 1_764_000_000_000, &policy) {

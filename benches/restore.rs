@@ -98,13 +98,14 @@ fn templates() -> anyhow::Result<(Payment, Payment)> {
             command_id: CommandId::new("cmd-1"),
             psu_id: PsuId::new("psu-1"),
             order: order.into(),
+            always_pkce: false,
         },
         T0,
     )?;
     let (p, _) = step(
         Some(&p),
         Input::BeginInitiation {
-            pkce_verifier: SecretString::from("v".repeat(64)),
+            pkce_verifier: Some(SecretString::from("v".repeat(64))),
             sca_state: "0123456789abcdef0123456789abcdef".into(),
         },
         T0 + 1,

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub broker_reachable: IntGauge,
     pub fenced_owners: prometheus::IntCounter,
     pub token_refresh_refusals: IntCounterVec,
+    pub initiation_calls: IntCounterVec,
+    pub token_initiation_fallbacks: IntCounterVec,
     pub state_quarantined_records: IntGauge,
     pub orphans_suspected: IntCounterVec,
     pub payments_retired: prometheus::IntCounter,
@@ -275,6 +277,18 @@ impl Metrics {
                 "Token refreshes the bank refused: revoked (the grant is dead, the pair is deleted) or other (the pair is kept; check the worker's credentials)",
                 &["kind"],
             ),
+            initiation_calls: counter(
+                r,
+                "pis_initiation_calls_total",
+                "Initiation calls sent to the bank, by how they authorize: token (a returning PSU's access token) or pkce",
+                &["auth"],
+            ),
+            token_initiation_fallbacks: counter(
+                r,
+                "pis_token_initiation_fallbacks_total",
+                "Attempts meant for the PSU's access token that went with PKCE instead: refused (the bank refused the token), refresh_failed, no_token (the pair was gone or unusable when its turn came)",
+                &["why"],
+            ),
             state_quarantined_records: gauge(
                 r,
                 "pis_state_quarantined_records",
@@ -382,6 +396,12 @@ impl Metrics {
         for kind in ["revoked", "other"] {
             self.token_refresh_refusals.with_label_values(&[kind]);
         }
+        for auth in ["token", "pkce"] {
+            self.initiation_calls.with_label_values(&[auth]);
+        }
+        for why in FALLBACK_REASONS {
+            self.token_initiation_fallbacks.with_label_values(&[why]);
+        }
         for policy in ["hold", "reinitiate"] {
             self.orphans_suspected.with_label_values(&[policy]);
         }
@@ -398,6 +418,9 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 }
+
+/// Why an attempt meant for the PSU's token went with PKCE (`pis_token_initiation_fallbacks_total`).
+pub const FALLBACK_REASONS: [&str; 3] = ["refused", "refresh_failed", "no_token"];
 
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {

@@ -131,7 +131,7 @@ fn a_peer_decodes_our_status_event() {
     assert_eq!(json["reason"], serde_json::Value::Null);
 }
 
-/// A record written by a peer with a newer writer schema (the v4 candidate in
+/// A record written by a peer with a newer writer schema (the v5 candidate in
 /// tests/interop/schemas: v2 plus optional fields) is unknown until that schema is accepted;
 /// then it resolves by name, the new fields ignored.
 #[test]
@@ -139,7 +139,7 @@ fn a_newer_writer_schema_from_a_peer_resolves_once_accepted() {
     use pis_worker::contract::command::{Patience, decode_with};
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("v3.bin");
-    let v3 = root().join("tests/interop/schemas/payment-command.v4-candidate.avsc");
+    let v3 = root().join("tests/interop/schemas/payment-command.v5-candidate.avsc");
     peer(&[
         "encode-initiate",
         v3.to_str().expect("path"),
@@ -152,7 +152,7 @@ fn a_newer_writer_schema_from_a_peer_resolves_once_accepted() {
     assert_eq!(before.class.as_str(), "UNKNOWN_SCHEMA");
     let json = std::fs::read_to_string(&v3).expect("v3");
     let (role, fingerprint) =
-        pis_worker::contract::accept_writer_schema(&json, "v4 candidate").expect("accepted");
+        pis_worker::contract::accept_writer_schema(&json, "v5 candidate").expect("accepted");
     assert_eq!(role, pis_worker::contract::SchemaRole::Command);
     assert_eq!(
         &bytes[2..10],
@@ -272,10 +272,10 @@ mod registry_framing {
             ]
         );
 
-        // A newer schema (the v4 candidate), registered by a client; the worker has not
+        // A newer schema (the v5 candidate), registered by a client; the worker has not
         // fetched it yet. Then the registry goes down.
         let v3_json = std::fs::read_to_string(
-            root().join("tests/interop/schemas/payment-command.v4-candidate.avsc"),
+            root().join("tests/interop/schemas/payment-command.v5-candidate.avsc"),
         )
         .expect("v3");
         let v3_id = stub.register(&commands_subject, &v3_json);
@@ -284,7 +284,7 @@ mod registry_framing {
         peer(&[
             "encode-initiate",
             root()
-                .join("tests/interop/schemas/payment-command.v4-candidate.avsc")
+                .join("tests/interop/schemas/payment-command.v5-candidate.avsc")
                 .to_str()
                 .expect("path"),
             file.to_str().expect("path"),

@@ -63,6 +63,7 @@ fn bulk(product: &str, brand: &str, transfers: Vec<RawBulkTransfer>) -> CommandB
         language: "fr".into(),
         redirect_uri: "https://client.example/callback".into(),
         payments: transfers,
+        always_pkce: false,
     }))
 }
 
@@ -404,13 +405,28 @@ async fn commands_that_cannot_apply_are_dead_lettered_and_the_payment_is_unaffec
         Some("final-1"),
         psu,
     );
-    // An SCA outcome with neither code nor error.
+    // A redirect with the payment's state but neither code nor error: what comes back for a
+    // payment initiated with the PSU's token. This one was initiated with PKCE (the PSU had no
+    // token yet): its redirect carries a code, so the code-less one is refused.
+    let sca_url = env
+        .status_events()
+        .iter()
+        .rev()
+        .find(|e| e.payment_id == "first-1" && e.state == StateKind::ScaPending)
+        .and_then(|e| e.sca_redirect_url.clone())
+        .expect("the SCA URL");
+    let state = url::Url::parse(&sca_url)
+        .expect("url")
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("the worker's state");
     let nothing = CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
-        &url::Url::parse("https://client.example/callback?state=x").expect("url"),
+        &url::Url::parse(&format!("https://client.example/callback?state={state}")).expect("url"),
     ));
     expect(
         send(command("first-1", psu, nothing), None).await,
-        "INVALID_ENVELOPE",
+        "CODE_REQUIRED",
         Some("first-1"),
         psu,
     );
@@ -747,7 +763,7 @@ async fn dlq_list_shows_a_poison_record_and_replay_dead_letters_it_again() {
     assert_eq!(env.dlq_records().len(), 2, "a dry run publishes nothing");
 }
 
-/// A command written by a client that already uses a newer schema (a v4 candidate, written by
+/// A command written by a client that already uses a newer schema (a v5 candidate, written by
 /// fastavro) is dead-lettered as `UNKNOWN_SCHEMA` by a worker that does not know that schema.
 /// Once the worker accepts it (`--writer-schemas-dir`), replaying the DLQ record processes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -756,7 +772,7 @@ async fn an_unknown_schema_record_is_processed_when_replayed_after_the_schema_is
     let mut before = env.start_worker("before", CLIENT_DRIVEN);
     before.wait_restored(PARTITIONS as usize).await;
     let dir = root().join("tests/interop/schemas");
-    let v3 = dir.join("payment-command.v4-candidate.avsc");
+    let v3 = dir.join("payment-command.v5-candidate.avsc");
     let newer = |payment_id: &str| {
         let file = env.dir.path().join(format!("{payment_id}.bin"));
         let output = std::process::Command::new("python3")

@@ -168,6 +168,7 @@ async fn a_bulk_payment_is_signed_once_and_settles() {
                 remittance_information: None,
             })
             .collect(),
+        always_pkce: false,
     };
     env.send(&command(
         "bulk-1",

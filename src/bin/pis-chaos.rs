@@ -1079,6 +1079,13 @@ async fn check_bank(
         zombie_records.load(Ordering::Relaxed),
     );
     report.row(
+        "bank initiations with PKCE / with the PSU's token",
+        format!(
+            "{} / {}",
+            counters["initiations_by_auth"]["pkce"], counters["initiations_by_auth"]["bearer"]
+        ),
+    );
+    report.row(
         "tokens issued / refreshes / replaced-token uses (of which re-uses)",
         format!(
             "{} / {} / {} ({})",

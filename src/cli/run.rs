@@ -146,6 +146,11 @@ pub struct RunArgs {
     /// initiation answers").
     #[arg(long, env = "PIS_UNKNOWN_OUTCOME", default_value = "hold", value_parser = ["hold", "reinitiate"])]
     pub unknown_outcome: String,
+    /// Initiate a returning PSU's payment with the PSU's PIS access token when the worker holds
+    /// the PSU's pair (no PKCE, no code on the redirect); `false`: every payment with PKCE
+    /// (docs/architecture.md, "Tokens").
+    #[arg(long, env = "PIS_INITIATE_WITH_TOKEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub initiate_with_token: bool,
     /// After asking the bank to end an unsigned payment (SCA deadline, PSU refusal), how long to
     /// wait for the bank's confirmation before reporting OUTCOME_UNKNOWN (EXPIRY_UNCONFIRMED).
     #[arg(long, env = "PIS_EXPIRY_HORIZON_SECS", default_value_t = 3_600)]
@@ -344,6 +349,7 @@ impl RunArgs {
                 .ok_or_else(|| anyhow::anyhow!("--unknown-outcome: hold or reinitiate"))?,
             expiry_horizon_ms: i64::try_from(self.expiry_horizon_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
+            initiate_with_token: self.initiate_with_token,
             ..Policy::default()
         };
         Ok(WorkerConfig {

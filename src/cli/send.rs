@@ -102,6 +102,9 @@ pub struct InitiateArgs {
     pub creditor_country: Option<String>,
     #[arg(long)]
     pub creditor_town: Option<String>,
+    /// Initiate with PKCE even when the worker holds a PIS token of the PSU.
+    #[arg(long)]
+    pub always_pkce: bool,
 }
 
 impl InitiateArgs {
@@ -132,6 +135,7 @@ impl InitiateArgs {
             creditor_bban: self.creditor_bban.clone(),
             creditor_bank_national_id: self.creditor_bank_id.clone(),
             creditor_currency: self.creditor_currency.clone(),
+            always_pkce: self.always_pkce,
         }
     }
 }
@@ -164,6 +168,9 @@ pub struct BulkArgs {
     pub debtor_iban: Option<String>,
     #[arg(long)]
     pub batch_booking: bool,
+    /// Initiate with PKCE even when the worker holds a PIS token of the PSU.
+    #[arg(long)]
+    pub always_pkce: bool,
     #[arg(long)]
     pub execution_date: Option<String>,
     #[arg(long, default_value = "fr")]
@@ -281,6 +288,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                     language: a.language.clone(),
                     redirect_uri: a.redirect_uri.clone(),
                     payments: a.transfers.clone(),
+                    always_pkce: a.always_pkce,
                 })),
             },
             "InitiateBulkPayment",

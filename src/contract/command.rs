@@ -209,6 +209,7 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
                     "payments".into(),
                     Value::Array(raw.payments.iter().map(transfer_value).collect()),
                 ),
+                ("always_pkce".into(), Value::Boolean(raw.always_pkce)),
             ])),
         ),
     };
@@ -372,6 +373,7 @@ fn initiate_value(raw: &RawInitiatePayment) -> Value {
             "creditor_currency".into(),
             opt_string(raw.creditor_currency.as_deref()),
         ),
+        ("always_pkce".into(), Value::Boolean(raw.always_pkce)),
     ])
 }
 
@@ -683,6 +685,8 @@ fn read_initiate(f: &mut Fields) -> Result<RawInitiatePayment, DecodeError> {
         creditor_bban: f.opt_string("creditor_bban")?,
         creditor_bank_national_id: f.opt_string("creditor_bank_national_id")?,
         creditor_currency: f.opt_string("creditor_currency")?,
+        // Absent before schema v4.
+        always_pkce: f.opt_boolean("always_pkce")?.unwrap_or(false),
     })
 }
 
@@ -747,6 +751,7 @@ fn envelope_from_value(
                 language: body_fields.string("language")?,
                 redirect_uri: body_fields.string("redirect_uri")?,
                 payments,
+                always_pkce: body_fields.opt_boolean("always_pkce")?.unwrap_or(false),
             }))
         }
         "CompleteSca" => CommandBody::CompleteSca(ScaRedirect {
@@ -963,6 +968,8 @@ mod evolution_tests {
             creditor_bban: Some("123456789".into()),
             creditor_bank_national_id: Some("021000021".into()),
             creditor_currency: Some("USD".into()),
+            // Not the default, so the round trip shows the v4 field travels.
+            always_pkce: true,
         }
     }
 
@@ -1024,6 +1031,7 @@ mod evolution_tests {
             language: "fr".into(),
             redirect_uri: "https://c.example/cb".into(),
             payments: (1..=3).map(transfer).collect(),
+            always_pkce: true,
         };
         let bytes =
             encode(&envelope(CommandBody::InitiateBulk(Box::new(raw.clone())))).expect("encode");

@@ -122,6 +122,10 @@ pub const COMMAND_SCHEMA_HISTORY: &[(&str, &str)] = &[
         "PaymentCommand v2",
         include_str!("../../schemas/history/payment-command.v2.avsc"),
     ),
+    (
+        "PaymentCommand v3",
+        include_str!("../../schemas/history/payment-command.v3.avsc"),
+    ),
 ];
 pub const STATUS_SCHEMA_HISTORY: &[(&str, &str)] = &[(
     "PaymentStatusEvent v1",
@@ -346,7 +350,8 @@ mod tests {
             | RefusalCode::NotAwaitingSca
             | RefusalCode::CancelNotPossible
             | RefusalCode::StateMismatch
-            | RefusalCode::ResolutionNotApplicable => code.as_str(),
+            | RefusalCode::ResolutionNotApplicable
+            | RefusalCode::CodeRequired => code.as_str(),
         };
         let mut ours: Vec<&str> = DecodeErrorClass::ALL
             .iter()
@@ -363,6 +368,7 @@ mod tests {
                 RefusalCode::CancelNotPossible,
                 RefusalCode::StateMismatch,
                 RefusalCode::ResolutionNotApplicable,
+                RefusalCode::CodeRequired,
             ]
             .map(refusal),
         );
@@ -385,6 +391,6 @@ mod tests {
     #[test]
     fn command_fingerprint_is_the_standard_one() {
         let s = schemas().expect("schemas load");
-        assert_eq!(hex::encode(s.command.fingerprint), "94c8c8df78f419fb");
+        assert_eq!(hex::encode(s.command.fingerprint), "60a3e30c39a66824");
     }
 }

@@ -250,6 +250,10 @@ pub struct Payment {
     /// re-delivered record at or below it is a duplicate, however many commands came since.
     #[serde(default)]
     pub last_command_offset: Option<i64>,
+    /// The client asked for PKCE on every attempt (`InitiatePayment.always_pkce`), even when
+    /// the worker holds a PIS token of the PSU: the owner then never initiates with the token.
+    #[serde(default)]
+    pub always_pkce: bool,
 }
 
 /// Why the worker wants the bank to end an unsigned payment, and how far it got. The payment
@@ -393,6 +397,9 @@ pub enum ScaOutcome {
         error: String,
         description: Option<String>,
     },
+    /// Neither code nor error: what Belfius' redirect carries (the `state` only) after the PSU
+    /// signed a payment initiated with the PSU's access token.
+    Returned,
 }
 
 /// Why an initiation call did not produce a payment at the bank.
@@ -422,6 +429,8 @@ pub enum Input {
         command_id: CommandId,
         psu_id: PsuId,
         order: Order,
+        /// Never initiate with the PSU's token (`InitiatePayment.always_pkce`).
+        always_pkce: bool,
     },
     /// An initiation that failed validation at the edge.
     InitiateInvalid {
@@ -453,11 +462,17 @@ pub enum Input {
         resolution: Resolution,
     },
     // Inputs from the engine.
-    /// Start the next initiation attempt with a freshly generated PKCE verifier and OAuth
-    /// `state`.
+    /// Start the next initiation attempt with a fresh OAuth `state` and a freshly generated
+    /// PKCE verifier, or with none: the owner holds a PIS token pair of the PSU and initiates
+    /// with its access token (no code comes back).
     BeginInitiation {
-        pkce_verifier: SecretString,
+        pkce_verifier: Option<SecretString>,
         sca_state: String,
+    },
+    /// The bank refused the PSU's access token on an attempt initiated with it (a 401 creates
+    /// nothing at the bank): the same attempt goes again with PKCE and this verifier.
+    FallBackToPkce {
+        pkce_verifier: SecretString,
     },
     BankInitiated {
         bank_payment_id: BankPaymentId,
@@ -504,6 +519,7 @@ impl Input {
             | Input::RefreshStatus { command_id, .. }
             | Input::Resolve { command_id, .. } => Some(command_id),
             Input::BeginInitiation { .. }
+            | Input::FallBackToPkce { .. }
             | Input::BankInitiated { .. }
             | Input::InitiationFailed(_)
             | Input::TokenExchanged
@@ -527,6 +543,7 @@ impl Input {
             | Input::RefreshStatus { psu_id, .. }
             | Input::Resolve { psu_id, .. } => Some(psu_id),
             Input::BeginInitiation { .. }
+            | Input::FallBackToPkce { .. }
             | Input::BankInitiated { .. }
             | Input::InitiationFailed(_)
             | Input::TokenExchanged
@@ -550,6 +567,7 @@ impl Input {
             | Input::RefreshStatus { command_id, .. }
             | Input::Resolve { command_id, .. } => command_id.to_string(),
             Input::BeginInitiation { .. } => "worker:begin-initiation".into(),
+            Input::FallBackToPkce { .. } => "worker:fall-back-to-pkce".into(),
             Input::BankInitiated { .. } | Input::InitiationFailed(_) => "bank:initiation".into(),
             Input::CancelConfirmed { .. }
             | Input::CancelRefused(_)
@@ -637,6 +655,9 @@ pub enum RefusalCode {
     StateMismatch,
     /// A `ResolveOutcome` for a payment that is not waiting for a person.
     ResolutionNotApplicable,
+    /// A `CompleteSca` with neither code nor error for an attempt initiated with PKCE, whose
+    /// redirect carries the authorization code (and with it the PSU's token pair).
+    CodeRequired,
 }
 
 impl RefusalCode {
@@ -650,6 +671,7 @@ impl RefusalCode {
             RefusalCode::CancelNotPossible => "CANCEL_NOT_POSSIBLE",
             RefusalCode::StateMismatch => "STATE_MISMATCH",
             RefusalCode::ResolutionNotApplicable => "RESOLUTION_NOT_APPLICABLE",
+            RefusalCode::CodeRequired => "CODE_REQUIRED",
         }
     }
 }
@@ -694,6 +716,10 @@ pub struct Policy {
     /// How long after asking the bank to end an unsigned payment the worker waits for the
     /// bank's confirmation before reporting `OUTCOME_UNKNOWN` (`EXPIRY_UNCONFIRMED`).
     pub expiry_horizon_ms: Millis,
+    /// Whether the partition owner initiates a returning PSU's payment with the PSU's PIS
+    /// access token when it holds one (`PIS_INITIATE_WITH_TOKEN`). The owner decides (it holds
+    /// the tokens) and tells the machine through `BeginInitiation`.
+    pub initiate_with_token: bool,
 }
 
 impl Default for Policy {
@@ -710,6 +736,7 @@ impl Default for Policy {
             standing_order_poll_ms: 3_600_000,
             unknown_outcome: UnknownOutcomePolicy::Hold,
             expiry_horizon_ms: 3_600_000,
+            initiate_with_token: true,
         }
     }
 }
@@ -780,8 +807,16 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
             command_id,
             psu_id,
             order,
+            always_pkce,
         } => {
-            let payment = Payment::new(payment_id.clone(), psu_id, Some(order), command_id, now);
+            let payment = Payment::new(
+                payment_id.clone(),
+                psu_id,
+                Some(order),
+                command_id,
+                now,
+                always_pkce,
+            );
             Step::from(payment, now).to(
                 PaymentState::Received,
                 |_| {},
@@ -793,7 +828,7 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
             psu_id,
             reason,
         } => {
-            let payment = Payment::new(payment_id.clone(), psu_id, None, command_id, now);
+            let payment = Payment::new(payment_id.clone(), psu_id, None, command_id, now, false);
             Step::from(payment, now).to(PaymentState::Rejected, |p| p.reason = Some(reason), vec![])
         }
         Input::CompleteSca { .. }
@@ -804,6 +839,7 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
             "no payment with this payment_id for this psu_id",
         ),
         Input::BeginInitiation { .. }
+        | Input::FallBackToPkce { .. }
         | Input::BankInitiated { .. }
         | Input::InitiationFailed(_)
         | Input::TokenExchanged
@@ -819,12 +855,21 @@ fn decide_new(payment_id: &PaymentId, input: Input, now: Millis) -> Outcome {
 }
 
 impl Payment {
+    /// Whether the current attempt's SCA redirect brings an authorization code: a PKCE attempt
+    /// holds its verifier until the code is exchanged. An attempt initiated with the PSU's
+    /// access token has no verifier, and Belfius issues no code for it (the redirect carries
+    /// the `state` only); so does an attempt whose code was already exchanged.
+    pub fn awaits_code(&self) -> bool {
+        self.pkce_verifier.is_some()
+    }
+
     fn new(
         payment_id: PaymentId,
         psu_id: PsuId,
         order: Option<Order>,
         command_id: CommandId,
         now: Millis,
+        always_pkce: bool,
     ) -> Self {
         Payment {
             payment_id,
@@ -851,6 +896,7 @@ impl Payment {
             received_codes: Vec::new(),
             withdrawal: None,
             last_command_offset: None,
+            always_pkce,
         }
     }
 }
@@ -946,8 +992,10 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
     let state = payment.state;
     let step = Step::new(payment, &input, now, policy);
     match input {
-        Input::Initiate { order, .. } => {
-            if payment.order.as_ref() == Some(&order) {
+        Input::Initiate {
+            order, always_pkce, ..
+        } => {
+            if payment.order.as_ref() == Some(&order) && payment.always_pkce == always_pkce {
                 Outcome::Ignored(Ignored::DuplicateInitiation)
             } else {
                 refuse(
@@ -995,13 +1043,22 @@ fn decide_existing(payment: &Payment, input: Input, now: Millis, policy: &Policy
                     PaymentState::Initiating { attempt },
                     |p| {
                         p.initiation_attempts = attempt;
-                        p.pkce_verifier = Some(pkce_verifier);
+                        p.pkce_verifier = pkce_verifier;
                         p.sca_state = Some(sca_state);
                         p.next_check_at = None;
                     },
                     vec![Effect::CallInitiate],
                 )
             }
+            other => stale_unless(other, &[]),
+        },
+        // Same attempt: a refused token created nothing at the bank, so nothing can be signed
+        // twice and the attempt is not counted again.
+        Input::FallBackToPkce { pkce_verifier } => match state {
+            PaymentState::Initiating { .. } if payment.pkce_verifier.is_none() => step.same(
+                |p| p.pkce_verifier = Some(pkce_verifier),
+                vec![Effect::CallInitiate],
+            ),
             other => stale_unless(other, &[]),
         },
         Input::BankInitiated {
@@ -1231,6 +1288,12 @@ fn complete_sca(step: Step<'_>, payment: &Payment, outcome: ScaOutcome, now: Mil
                         vec![Effect::CheckStatus],
                     )
                 }
+                // Initiated with the PSU's token: nothing to exchange. The redirect proves
+                // nothing on its own (a withdrawal stays), so the bank's status tells, now.
+                ScaOutcome::Returned if !payment.awaits_code() => {
+                    step.same(|p| p.next_check_at = None, vec![Effect::CheckStatus])
+                }
+                ScaOutcome::Returned => code_required(),
             }
         }
         // A status poll saw the signature before the redirect's code arrived. The code still
@@ -1250,6 +1313,9 @@ fn complete_sca(step: Step<'_>, payment: &Payment, outcome: ScaOutcome, now: Mil
                     state.kind().symbol()
                 ),
             ),
+            // The poll already saw what this redirect announces: recorded, nothing to do.
+            ScaOutcome::Returned if !payment.awaits_code() => step.same(|_| {}, vec![]),
+            ScaOutcome::Returned => code_required(),
         },
         PaymentState::Received
         | PaymentState::Initiating { .. }
@@ -1270,6 +1336,15 @@ fn complete_sca(step: Step<'_>, payment: &Payment, outcome: ScaOutcome, now: Mil
         | PaymentState::Expired
         | PaymentState::Failed => already_final(state),
     }
+}
+
+/// A PKCE attempt's redirect without its code: the client dropped it, and with it the PSU's
+/// token pair. Refused (visible in the DLQ, replayable with the code) rather than polled past.
+fn code_required() -> Outcome {
+    refuse(
+        RefusalCode::CodeRequired,
+        "the payment was initiated with PKCE: its redirect carries the authorization code (`code`); hand back the redirect as the PSU's browser brought it",
+    )
 }
 
 fn cancel(step: Step<'_>, state: PaymentState, bank_token: bool) -> Outcome {

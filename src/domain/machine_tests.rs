@@ -122,6 +122,7 @@ fn initiate_order(command_id: CommandId, order: Order) -> Input {
         command_id,
         psu_id: psu(),
         order,
+        always_pkce: false,
     }
 }
 
@@ -146,6 +147,16 @@ fn sca_code_with(command_id: CommandId, code: &str, state: Option<&str>) -> Inpu
         psu_id: psu(),
         outcome: ScaOutcome::Code(SecretString::from(code)),
         state: state.map(str::to_owned),
+    }
+}
+
+/// The redirect of a payment initiated with the PSU's token: the state only.
+fn sca_returned(command_id: CommandId) -> Input {
+    Input::CompleteSca {
+        command_id,
+        psu_id: psu(),
+        outcome: ScaOutcome::Returned,
+        state: Some(SCA_STATE.into()),
     }
 }
 
@@ -199,8 +210,22 @@ fn refresh(command_id: CommandId) -> Input {
 
 fn begin() -> Input {
     Input::BeginInitiation {
-        pkce_verifier: SecretString::from("pkce-verifier-0123456789"),
+        pkce_verifier: Some(SecretString::from("pkce-verifier-0123456789")),
         sca_state: SCA_STATE.into(),
+    }
+}
+
+/// An attempt the owner initiates with the PSU's access token: no verifier.
+fn begin_with_token() -> Input {
+    Input::BeginInitiation {
+        pkce_verifier: None,
+        sca_state: SCA_STATE.into(),
+    }
+}
+
+fn fall_back_to_pkce() -> Input {
+    Input::FallBackToPkce {
+        pkce_verifier: SecretString::from("pkce-verifier-fallback"),
     }
 }
 
@@ -303,6 +328,7 @@ fn command_psu(input: &Input) -> Option<&PsuId> {
         | Input::RefreshStatus { psu_id, .. }
         | Input::Resolve { psu_id, .. } => Some(psu_id),
         Input::BeginInitiation { .. }
+        | Input::FallBackToPkce { .. }
         | Input::BankInitiated { .. }
         | Input::InitiationFailed(_)
         | Input::TokenExchanged
@@ -335,6 +361,10 @@ fn input_key(input: &Input) -> &'static str {
             outcome: ScaOutcome::Error { .. },
             ..
         } => "CompleteSca(Error)",
+        Input::CompleteSca {
+            outcome: ScaOutcome::Returned,
+            ..
+        } => "CompleteSca(Returned)",
         Input::Cancel {
             bank_token: true, ..
         } => "Cancel(token)",
@@ -354,7 +384,15 @@ fn input_key(input: &Input) -> &'static str {
             resolution: Resolution::Abandon { .. },
             ..
         } => "Resolve(Abandon)",
-        Input::BeginInitiation { .. } => "BeginInitiation",
+        Input::BeginInitiation {
+            pkce_verifier: Some(_),
+            ..
+        } => "BeginInitiation(PKCE)",
+        Input::BeginInitiation {
+            pkce_verifier: None,
+            ..
+        } => "BeginInitiation(token)",
+        Input::FallBackToPkce { .. } => "FallBackToPkce",
         Input::BankInitiated { .. } => "BankInitiated",
         Input::InitiationFailed(InitiationFailure::Refused(_)) => "InitiationFailed(Refused)",
         Input::InitiationFailed(InitiationFailure::NotProcessed {
@@ -389,20 +427,23 @@ fn input_key(input: &Input) -> &'static str {
     }
 }
 
-const ALL_INPUT_KEYS: [&str; 34] = [
+const ALL_INPUT_KEYS: [&str; 37] = [
     "Initiate(Single)",
     "Initiate(Standing)",
     "Initiate(Bulk)",
     "InitiateInvalid",
     "CompleteSca(Code)",
     "CompleteSca(Error)",
+    "CompleteSca(Returned)",
     "Cancel(token)",
     "Cancel(no token)",
     "RefreshStatus",
     "Resolve(Reinitiate)",
     "Resolve(Adopt)",
     "Resolve(Abandon)",
-    "BeginInitiation",
+    "BeginInitiation(PKCE)",
+    "BeginInitiation(token)",
+    "FallBackToPkce",
     "BankInitiated",
     "InitiationFailed(Refused)",
     "InitiationFailed(NotProcessed)",
@@ -597,6 +638,19 @@ fn initiating() -> Run {
 
 fn sca_pending() -> Run {
     sca_pending_with(order().into())
+}
+
+/// A returning PSU: the owner initiates with the PSU's access token (no verifier).
+fn initiating_with_token() -> Run {
+    let mut run = received();
+    run.step(begin_with_token());
+    run
+}
+
+fn sca_pending_with_token() -> Run {
+    let mut run = initiating_with_token();
+    run.step(bank_initiated());
+    run
 }
 
 fn authorizing() -> Run {
@@ -929,8 +983,20 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             // it carries the PSU's token pair. The state does not change.
             let late_code =
                 matches!(kind, K::Signed | K::Active) && matches!(outcome, ScaOutcome::Code(_));
+            // A redirect without code or error: the one of an attempt initiated with the
+            // PSU's token (no verifier held). A PKCE attempt's redirect must bring its code.
+            let returned = matches!(outcome, ScaOutcome::Returned);
+            let pkce_attempt = p.pkce_verifier.is_some();
             if terminal {
                 already_final
+            } else if returned && matches!(kind, K::Signed | K::Active) {
+                if pkce_attempt {
+                    Expect::Refused(RefusalCode::CodeRequired)
+                } else {
+                    // Recorded, nothing else: the poll already saw what it announces.
+                    let unchanged = p.next_check_at.map_or(Timer::Cleared, Timer::At);
+                    stay(vec![]).timer(unchanged).into()
+                }
             } else if late_code {
                 stay(vec![Effect::ExchangeCode]).code(true).into()
             } else if !awaiting_sca {
@@ -944,6 +1010,15 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
                     ScaOutcome::Error { .. } => {
                         stay(vec![Effect::CheckStatus]).timer(Timer::Cleared).into()
                     }
+                    ScaOutcome::Returned if pkce_attempt => {
+                        Expect::Refused(RefusalCode::CodeRequired)
+                    }
+                    // Nothing to exchange: the bank's status tells whether it is signed.
+                    ScaOutcome::Returned => stay(vec![Effect::CheckStatus])
+                        .timer(Timer::Cleared)
+                        .verifier(false)
+                        .code(false)
+                        .into(),
                 }
             }
         }
@@ -1019,14 +1094,22 @@ fn expect(p: &Payment, input: &Input, now: Millis, policy: &Policy) -> Expect {
             _ if terminal => already_final,
             _ => Expect::Refused(RefusalCode::ResolutionNotApplicable),
         },
-        Input::BeginInitiation { .. } => match kind {
+        // The verifier is held exactly when the owner gave one (none: the PSU's token).
+        Input::BeginInitiation { pkce_verifier, .. } => match kind {
             K::Received => Change::new(
                 K::Initiating,
                 usize::from(p.last_published != Some(K::Initiating)),
                 vec![Effect::CallInitiate],
             )
-            .verifier(true)
+            .verifier(pkce_verifier.is_some())
             .into(),
+            _ => stale,
+        },
+        // Only an attempt meant for the PSU's token goes again, with PKCE, as the same attempt.
+        Input::FallBackToPkce { .. } => match p.state {
+            PaymentState::Initiating { .. } if p.pkce_verifier.is_none() => {
+                stay(vec![Effect::CallInitiate]).verifier(true).into()
+            }
             _ => stale,
         },
         Input::BankInitiated { .. } => match kind {
@@ -1506,6 +1589,9 @@ fn cases() -> Vec<Case> {
         case("CompleteSca(Error)", At::Now, |_| {
             sca_error(cmd("t-sca-error"))
         }),
+        case("CompleteSca(Returned)", At::Now, |_| {
+            sca_returned(cmd("t-sca-returned"))
+        }),
         case("Cancel (bank token)", At::Now, |_| {
             cancel(cmd("t-cancel"), true)
         }),
@@ -1545,7 +1631,9 @@ fn cases() -> Vec<Case> {
                 psu_id: other_psu(),
             }
         }),
-        case("BeginInitiation", At::Now, |_| begin()),
+        case("BeginInitiation (PKCE)", At::Now, |_| begin()),
+        case("BeginInitiation (token)", At::Now, |_| begin_with_token()),
+        case("FallBackToPkce", At::Now, |_| fall_back_to_pkce()),
         case("BankInitiated", At::Now, |_| bank_initiated()),
         case("InitiationFailed(Refused)", At::Now, |_| {
             initiation_refused()
@@ -1682,7 +1770,7 @@ fn every_state_input_pair_follows_the_semantics() {
     assert_every_input_variant_covered(&cases, &records[0].1);
     let (checked, deviations) = run_table(&records, &cases, &policy);
     assert_eq!(checked, StateKind::ALL.len() * cases.len(), "pairs skipped");
-    assert_eq!(checked, 16 * 45);
+    assert_eq!(checked, 16 * 48);
     assert!(
         deviations.is_empty(),
         "{} of {checked} (state, input) pairs deviate from the intended semantics:\n{}",
@@ -1873,6 +1961,47 @@ fn variant_records_follow_the_semantics() {
         "CANCELLING (from an unconfirmed expiry)",
         cancelling_from(unconfirmed()).payment().clone(),
     ));
+    // Returning PSUs: attempts initiated with the PSU's access token (no verifier, no code).
+    records.push((
+        "INITIATING (with the PSU's token)",
+        initiating_with_token().payment().clone(),
+    ));
+    let mut run = initiating_with_token();
+    run.step(fall_back_to_pkce());
+    records.push((
+        "INITIATING (token refused, again with PKCE)",
+        run.payment().clone(),
+    ));
+    records.push((
+        "SCA_PENDING (initiated with the PSU's token)",
+        sca_pending_with_token().payment().clone(),
+    ));
+    let mut run = sca_pending_with_token();
+    let id = run.cmd();
+    run.step(sca_returned(id));
+    records.push((
+        "SCA_PENDING (token, PSU back, check in flight)",
+        run.payment().clone(),
+    ));
+    run.step(observed(BankProgress::PartiallySigned));
+    records.push((
+        "PARTIALLY_SIGNED (initiated with the PSU's token)",
+        run.payment().clone(),
+    ));
+    let mut run = sca_pending_with_token();
+    run.step(observed(BankProgress::Signed));
+    records.push((
+        "SIGNED (initiated with the PSU's token)",
+        run.payment().clone(),
+    ));
+    let mut run = sca_pending_with_token();
+    let deadline = run.payment().sca_deadline.expect("deadline");
+    run.next_at(deadline);
+    run.step(observed(BankProgress::AwaitingSca));
+    records.push((
+        "SCA_PENDING (token, past the deadline, cancellation asked)",
+        run.payment().clone(),
+    ));
     // A payment adopted by a person after a lost initiation answer.
     let mut run = unknown_outcome();
     let id = run.cmd();
@@ -1977,6 +2106,7 @@ fn inputs_for_an_unknown_payment_id() {
             }
             "CompleteSca(Code)"
             | "CompleteSca(Error)"
+            | "CompleteSca(Returned)"
             | "Cancel(token)"
             | "Cancel(no token)"
             | "RefreshStatus"
@@ -2221,6 +2351,7 @@ fn two_psus_payments_under_one_payment_id_never_share_an_event_id() {
         command_id: id,
         psu_id: other_psu(),
         order: order().into(),
+        always_pkce: false,
     });
     let (a, b) = (&mine.events[0], &theirs.events[0]);
     assert_eq!((&a.payment_id, a.sequence), (&b.payment_id, b.sequence));
@@ -2346,6 +2477,172 @@ fn complete_sca_with_a_forged_or_missing_state_leaves_the_payment_untouched() {
     assert!(matches!(outcome, Outcome::Changed(_)));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Returning PSUs: attempts initiated with the PSU's access token
+// ---------------------------------------------------------------------------------------------
+
+/// Belfius issues no code for a payment initiated with the PSU's token: the redirect brings the
+/// state only, and the bank's status carries the payment on. No AUTHORIZING, no exchange.
+#[test]
+fn a_payment_initiated_with_the_psus_token_is_signed_through_a_redirect_without_code() {
+    let mut run = initiating_with_token();
+    assert!(run.payment().pkce_verifier.is_none());
+    assert_eq!(run.effects.last(), Some(&vec![Effect::CallInitiate]));
+    let t = run.step(bank_initiated());
+    let url = t.events[0].sca_redirect_url.clone().expect("an SCA URL");
+    assert!(url.ends_with(&format!("state={SCA_STATE}")), "{url}");
+    let id = run.cmd();
+    let t = run.step(sca_returned(id.clone()));
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert!(t.events.is_empty());
+    assert_eq!(run.payment().state, PaymentState::ScaPending);
+    assert!(run.payment().seen_commands.contains(&id));
+    assert!(run.payment().received_codes.is_empty());
+    // The same redirect again is a re-delivery.
+    assert!(matches!(
+        run.apply(sca_returned(id)),
+        Outcome::Ignored(Ignored::DuplicateCommand)
+    ));
+    run.step(observed(BankProgress::Signed));
+    run.step(observed(BankProgress::Settled));
+    assert_eq!(
+        run.event_kinds(),
+        vec![
+            StateKind::Received,
+            StateKind::Initiating,
+            StateKind::ScaPending,
+            StateKind::Signed,
+            StateKind::Settled,
+        ]
+    );
+    assert!(!has_secrets(run.payment()));
+}
+
+/// A redirect with only the state, for a payment whose redirect must carry a code (PKCE): the
+/// code was dropped on the way. Refused (a refusal changes nothing); the real redirect works.
+#[test]
+fn a_redirect_without_code_for_a_pkce_payment_is_refused_and_changes_nothing() {
+    let mut run = sca_pending();
+    let id = run.cmd();
+    match run.apply(sca_returned(id)) {
+        Outcome::Refused(r) => assert_eq!(r.code, RefusalCode::CodeRequired),
+        other => panic!("{}", summary(&other)),
+    }
+    let id = run.cmd();
+    run.step(sca_code(id));
+    assert_eq!(run.payment().state, PaymentState::Authorizing);
+    // Signed before its code came: a code-less redirect is still refused (the code is what
+    // brings the PSU's pair).
+    let mut run = sca_pending();
+    run.step(observed(BankProgress::Signed));
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(sca_returned(id)),
+        Outcome::Refused(r) if r.code == RefusalCode::CodeRequired
+    ));
+}
+
+/// The PSU refuses a payment initiated with the token: as for any payment, not final on the
+/// redirect's word; REJECTED once the bank confirms.
+#[test]
+fn a_redirect_with_an_error_still_refuses_a_payment_initiated_with_the_token() {
+    let mut run = sca_pending_with_token();
+    let id = run.cmd();
+    let t = run.step(sca_error(id));
+    assert_eq!(t.effects, vec![Effect::CheckStatus]);
+    assert!(matches!(
+        run.payment().withdrawal.as_ref().map(|w| &w.cause),
+        Some(WithdrawalCause::PsuRefused { .. })
+    ));
+    run.step(observed(BankProgress::Rejected));
+    assert_eq!(run.payment().state, PaymentState::Rejected);
+    assert_eq!(reason_code(run.payment()), Some(ReasonCode::ScaFailed));
+    // A forged code-less redirect still needs the attempt's state.
+    let mut run = sca_pending_with_token();
+    let forged = Input::CompleteSca {
+        command_id: cmd("forged"),
+        psu_id: psu(),
+        outcome: ScaOutcome::Returned,
+        state: Some("forged".into()),
+    };
+    assert!(matches!(
+        run.apply(forged),
+        Outcome::Refused(r) if r.code == RefusalCode::StateMismatch
+    ));
+}
+
+/// The bank refused the token: the same attempt goes with PKCE. Nothing was created, so the
+/// attempt is not counted again and no event tells the client anything happened.
+#[test]
+fn a_refused_token_sends_the_same_attempt_again_with_pkce() {
+    let mut run = initiating_with_token();
+    let t = run.step(fall_back_to_pkce());
+    assert_eq!(run.payment().state, PaymentState::Initiating { attempt: 1 });
+    assert_eq!(run.payment().initiation_attempts, 1);
+    assert!(run.payment().awaits_code());
+    assert_eq!(t.effects, vec![Effect::CallInitiate]);
+    assert!(t.events.is_empty());
+    // Only once: the attempt is a PKCE attempt now.
+    assert!(matches!(
+        run.apply(fall_back_to_pkce()),
+        Outcome::Ignored(Ignored::Stale)
+    ));
+    run.step(bank_initiated());
+    let id = run.cmd();
+    assert!(matches!(
+        run.apply(sca_returned(id)),
+        Outcome::Refused(r) if r.code == RefusalCode::CodeRequired
+    ));
+    let id = run.cmd();
+    run.step(sca_code(id));
+    assert_eq!(run.payment().state, PaymentState::Authorizing);
+    // A stopped worker left it in flight: an unknown outcome like any attempt.
+    let mut run = initiating_with_token();
+    run.step(Input::Restored);
+    assert_eq!(
+        run.payment().state,
+        PaymentState::OutcomeUnknown { attempt: 1 }
+    );
+}
+
+/// `always_pkce` is part of the payment: kept on the record, and part of what makes a re-sent
+/// initiation the same one.
+#[test]
+fn always_pkce_is_kept_and_belongs_to_the_initiation_body() {
+    let mut run = Run::new();
+    let id = run.cmd();
+    run.step(Input::Initiate {
+        command_id: id,
+        psu_id: psu(),
+        order: order().into(),
+        always_pkce: true,
+    });
+    assert!(run.payment().always_pkce);
+    let same = Input::Initiate {
+        command_id: cmd("again"),
+        psu_id: psu(),
+        order: order().into(),
+        always_pkce: true,
+    };
+    assert!(matches!(
+        run.apply(same),
+        Outcome::Ignored(Ignored::DuplicateInitiation)
+    ));
+    let other = Input::Initiate {
+        command_id: cmd("other"),
+        psu_id: psu(),
+        order: order().into(),
+        always_pkce: false,
+    };
+    assert!(matches!(
+        run.apply(other),
+        Outcome::Refused(r) if r.code == RefusalCode::DuplicatePaymentId
+    ));
+    run.step(begin());
+    run.step(not_processed());
+    assert!(run.payment().always_pkce, "kept across attempts");
+}
+
 /// Each attempt has its own state: a redirect of an earlier attempt does not complete the
 /// current one.
 #[test]
@@ -2361,7 +2658,7 @@ fn every_initiation_attempt_gets_its_own_state_in_its_sca_url() {
     let id = again.cmd();
     again.step(resolve(id, Resolution::Reinitiate));
     again.step(Input::BeginInitiation {
-        pkce_verifier: SecretString::from("v2"),
+        pkce_verifier: Some(SecretString::from("v2")),
         sca_state: "second-state".into(),
     });
     let t = again.step(bank_initiated());
@@ -3126,6 +3423,7 @@ fn duplicate_and_psu_checks_come_first() {
         command_id: cmd("new-2"),
         psu_id: other_psu(),
         order: order().into(),
+        always_pkce: false,
     };
     assert!(matches!(
         run.apply(stranger),
@@ -3686,6 +3984,7 @@ fn prop_policy() -> Policy {
         standing_order_poll_ms: 30_000,
         unknown_outcome: UnknownOutcomePolicy::Reinitiate,
         expiry_horizon_ms: 120_000,
+        initiate_with_token: true,
     }
 }
 
@@ -3728,6 +4027,10 @@ enum Op {
         cmd: u8,
         stranger: bool,
     },
+    /// A redirect with the state only (a payment initiated with the PSU's token).
+    ScaReturned {
+        cmd: u8,
+    },
     Cancel {
         cmd: u8,
         stranger: bool,
@@ -3743,6 +4046,8 @@ enum Op {
         which: u8,
     },
     Begin,
+    BeginWithToken,
+    FallBackToPkce,
     BankInitiated,
     InitiationRefused,
     NotProcessed,
@@ -3777,6 +4082,7 @@ impl Op {
                 command_id: id(cmd),
                 psu_id: who(stranger),
                 order: pick.order(),
+                always_pkce: false,
             },
             Op::InitiateInvalid { cmd, stranger } => Input::InitiateInvalid {
                 command_id: id(cmd),
@@ -3819,7 +4125,10 @@ impl Op {
                     _ => abandon(),
                 },
             ),
+            Op::ScaReturned { cmd } => sca_returned(id(cmd)),
             Op::Begin => begin(),
+            Op::BeginWithToken => begin_with_token(),
+            Op::FallBackToPkce => fall_back_to_pkce(),
             Op::BankInitiated => bank_initiated(),
             Op::InitiationRefused => initiation_refused(),
             Op::NotProcessed => not_processed(),
@@ -3874,12 +4183,15 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::InitiateInvalid { cmd, stranger }),
         5 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::ScaCode { cmd, stranger }),
         1 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::ScaError { cmd, stranger }),
+        2 => cmd().prop_map(|cmd| Op::ScaReturned { cmd }),
         2 => (cmd(), stranger(), prop::bool::weighted(0.7)).prop_map(
             |(cmd, stranger, bank_token)| Op::Cancel { cmd, stranger, bank_token }
         ),
         3 => (cmd(), stranger()).prop_map(|(cmd, stranger)| Op::Refresh { cmd, stranger }),
         2 => (cmd(), 0u8..3).prop_map(|(cmd, which)| Op::Resolve { cmd, which }),
         6 => Just(Op::Begin),
+        3 => Just(Op::BeginWithToken),
+        1 => Just(Op::FallBackToPkce),
         6 => Just(Op::BankInitiated),
         1 => Just(Op::InitiationRefused),
         3 => Just(Op::NotProcessed),

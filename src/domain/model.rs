@@ -473,6 +473,10 @@ pub struct RawInitiatePayment {
     /// Cross-border only: the currency of the creditor's account.
     #[serde(default)]
     pub creditor_currency: Option<String>,
+    /// Initiate with PKCE even when the worker holds a PIS token of the PSU (command schema
+    /// v4). In a standing order, the embedded payment's value applies.
+    #[serde(default)]
+    pub always_pkce: bool,
 }
 
 /// A standing-order initiation as sent: not yet validated.
@@ -510,6 +514,9 @@ pub struct RawBulkPayment {
     pub language: String,
     pub redirect_uri: String,
     pub payments: Vec<RawBulkTransfer>,
+    /// As `RawInitiatePayment::always_pkce`.
+    #[serde(default)]
+    pub always_pkce: bool,
 }
 
 /// A validated payment order: what the worker sends to the bank.

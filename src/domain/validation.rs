@@ -2298,6 +2298,7 @@ mod order_kind_tests {
             requested_execution_date: None,
             language: "nl".into(),
             redirect_uri: "https://c.example/cb".into(),
+            always_pkce: false,
             payments: (0..n)
                 .map(|i| RawBulkTransfer {
                     amount: "1.00".into(),

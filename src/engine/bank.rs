@@ -65,28 +65,60 @@ pub fn classify_initiation_error(error: &BankError) -> InitiationFailure {
     }
 }
 
-/// POST the initiation of the payment's current attempt.
-pub async fn initiate(bank: &BelfiusClient, payment: &Payment) -> Input {
-    let (Some(order), Some(verifier)) = (&payment.order, &payment.pkce_verifier) else {
-        return Input::InitiationFailed(InitiationFailure::Refused(Reason::new(
-            ReasonCode::BankRejected,
-            "internal: initiation without order or PKCE verifier",
-        )));
+/// POST the initiation of the payment's current attempt: with its PKCE verifier's challenge,
+/// or, for an attempt without a verifier, with the PSU's access token (a returning PSU). A
+/// refusal of that token itself is `AccessTokenRejected`: a 401 creates nothing at the bank,
+/// so the core can send the same attempt again with PKCE.
+pub async fn initiate(
+    bank: &BelfiusClient,
+    payment: &Payment,
+    access_token: Option<&SecretString>,
+) -> BankAnswer {
+    let Some(order) = &payment.order else {
+        return internal_refusal("internal: initiation without an order");
     };
-    let challenge = pkce::challenge_for(verifier.expose_secret());
+    let challenge = match (&payment.pkce_verifier, access_token) {
+        (Some(verifier), _) => pkce::challenge_for(verifier.expose_secret()),
+        // The client sends no PKCE headers when it has a token.
+        (None, Some(_)) => String::new(),
+        (None, None) => {
+            return internal_refusal("internal: initiation without PKCE verifier or token");
+        }
+    };
+    // A PKCE attempt never presents a token, even one at hand.
+    let token = payment
+        .pkce_verifier
+        .is_none()
+        .then_some(access_token)
+        .flatten();
     let result = match order {
-        Order::Single(single) => bank.initiate_payment(single, &challenge, None).await,
-        Order::Standing(standing) => bank.initiate_periodic(standing, &challenge, None).await,
-        Order::Bulk(bulk) => bank.initiate_bulk(bulk, &challenge, None).await,
+        Order::Single(single) => bank.initiate_payment(single, &challenge, token).await,
+        Order::Standing(standing) => bank.initiate_periodic(standing, &challenge, token).await,
+        Order::Bulk(bulk) => bank.initiate_bulk(bulk, &challenge, token).await,
     };
     match result {
-        Ok(initiated) => Input::BankInitiated {
+        Ok(initiated) => BankAnswer::Input(Box::new(Input::BankInitiated {
             bank_payment_id: initiated.bank_payment_id,
             sca_redirect_url: initiated.sca_redirect_url,
             bank_status: initiated.bank_status,
-        },
-        Err(error) => Input::InitiationFailed(classify_initiation_error(&error)),
+        })),
+        Err(BankError::Refused { status, body })
+            if token.is_some() && access_token_rejected(status, &body) =>
+        {
+            BankAnswer::AccessTokenRejected {
+                message: refusal_reason(status, &body, "initiation").message,
+            }
+        }
+        Err(error) => BankAnswer::Input(Box::new(Input::InitiationFailed(
+            classify_initiation_error(&error),
+        ))),
     }
+}
+
+fn internal_refusal(message: &'static str) -> BankAnswer {
+    BankAnswer::Input(Box::new(Input::InitiationFailed(
+        InitiationFailure::Refused(Reason::new(ReasonCode::BankRejected, message)),
+    )))
 }
 
 /// The machine's view of a bank status for this kind of order: for a bulk, ISO `PART` means
@@ -220,7 +252,7 @@ fn cancel_input(result: Result<crate::belfius::client::Cancelled, BankError>) ->
 /// Runs one bank call of the owner's core and classifies its result for it.
 pub async fn run_call(bank: &BelfiusClient, payment: &Payment, call: BankCall) -> BankAnswer {
     match call {
-        BankCall::Initiate => BankAnswer::Input(Box::new(initiate(bank, payment).await)),
+        BankCall::Initiate { access_token } => initiate(bank, payment, access_token.as_ref()).await,
         BankCall::Status => BankAnswer::Input(Box::new(check_status(bank, payment).await)),
         BankCall::Exchange => match exchange_code(bank, payment).await {
             Ok(pair) => BankAnswer::Tokens(pair),

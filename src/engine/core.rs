@@ -318,7 +318,11 @@ const CHECKPOINT: FenceWait = FenceWait::AckOnly {
 /// A bank call the shell makes.
 #[derive(Debug)]
 pub enum BankCall {
-    Initiate,
+    /// The initiation of the payment's current attempt: with its PKCE verifier's challenge, or
+    /// with the PSU's access token (a returning PSU: `Authorization: Bearer`, no code).
+    Initiate {
+        access_token: Option<SecretString>,
+    },
     Status,
     Exchange,
     Cancel {
@@ -336,8 +340,9 @@ pub enum BankAnswer {
     Input(Box<Input>),
     Tokens(TokenPair),
     RefreshFailed(RefreshFailure),
-    /// A cancellation refused because of the PSU's access token itself (replaced or revoked at
-    /// the bank, e.g. by a code exchange whose answer this worker never stored).
+    /// A cancellation, or an initiation with the PSU's token, refused because of the PSU's
+    /// access token itself (replaced or revoked at the bank, e.g. by a code exchange whose
+    /// answer this worker never stored).
     AccessTokenRejected {
         message: String,
     },
@@ -373,6 +378,26 @@ enum Phase {
 enum LaneOp {
     Exchange(PaymentId),
     Cancel(PaymentId),
+    /// An attempt initiated with the PSU's access token: it must not overlap an exchange or a
+    /// refresh of the same pair, which would kill the token on its way.
+    Initiate(PaymentId),
+}
+
+/// What a lane's pair allows now.
+enum PairUse {
+    /// The access token, fresh enough to present.
+    Present(SecretString),
+    /// Expired (or about to): refresh with this refresh token first.
+    RefreshFirst(SecretString),
+    /// No pair, or an expired one without a refresh token.
+    Unusable,
+}
+
+/// Which operation a lane refresh serves: what a failure means depends on it.
+#[derive(Debug, Clone, Copy)]
+enum LaneUse {
+    Cancel,
+    Initiate,
 }
 
 #[derive(Debug, Default)]
@@ -387,6 +412,8 @@ enum Purpose {
     Exchange { lane: TokenKey },
     Cancel { lane: TokenKey },
     RefreshToCancel { lane: TokenKey },
+    InitiateWithToken { lane: TokenKey },
+    RefreshToInitiate { lane: TokenKey },
 }
 
 #[derive(Debug)]
@@ -408,8 +435,9 @@ enum AfterWrite {
         payment_id: PaymentId,
         then: AfterTokens,
     },
-    /// A dead pair's tombstone: then the operation that needed it ends with `input`.
-    TokensDeleted {
+    /// A dead pair's tombstone, or a refused pair's record marked expired: then the lane
+    /// operation that found it so ends with `input`.
+    PairSettled {
         lane: TokenKey,
         payment_id: PaymentId,
         input: Box<Input>,
@@ -476,6 +504,7 @@ enum SnapshotItem {
 enum AfterTokens {
     Exchanged,
     Cancel,
+    Initiate,
 }
 
 #[derive(Debug)]
@@ -1113,13 +1142,34 @@ impl OwnerCore {
                     self.release(&payment_id);
                     return;
                 }
+                // A returning PSU: no verifier, the attempt goes with the PSU's access token.
+                let with_token = self.may_initiate_with_token(&payment_id, now);
+                let pkce_verifier = (!with_token).then(|| self.random.pkce_verifier());
                 let input = Input::BeginInitiation {
-                    pkce_verifier: self.random.pkce_verifier(),
+                    pkce_verifier,
                     sca_state: self.random.sca_state(),
                 };
                 self.apply(payment_id, input, None, now);
             }
-            Effect::CallInitiate => self.call(payment_id, BankCall::Initiate, Purpose::Payment),
+            Effect::CallInitiate => {
+                let with_token = self
+                    .payments
+                    .get(&payment_id)
+                    .is_some_and(|p| !p.awaits_code());
+                if with_token {
+                    self.lane_op(payment_id, LaneOp::Initiate, now);
+                } else {
+                    crate::metrics::metrics()
+                        .initiation_calls
+                        .with_label_values(&["pkce"])
+                        .inc();
+                    self.call(
+                        payment_id,
+                        BankCall::Initiate { access_token: None },
+                        Purpose::Payment,
+                    );
+                }
+            }
             Effect::CheckStatus => self.call(payment_id, BankCall::Status, Purpose::Payment),
             Effect::ExchangeCode => self.lane_op(payment_id, LaneOp::Exchange, now),
             Effect::CallCancel => self.lane_op(payment_id, LaneOp::Cancel, now),
@@ -1202,40 +1252,130 @@ impl OwnerCore {
                     self.apply(payment_id, input, None, now);
                 }
             }
-            LaneOp::Cancel(payment_id) => {
-                let usable = self.tokens.get(&key).map(|t| {
-                    // Refresh a little before expiry: a quarter of the lifetime, at most 30 s.
-                    let margin = t
-                        .expires_at
-                        .map(|at| ((at - t.updated_at) / 4).clamp(0, TOKEN_MARGIN_MS))
-                        .unwrap_or(0);
-                    let fresh = t.expires_at.is_none_or(|at| at > now + margin);
-                    (fresh, t.access_token.clone(), t.refresh_token.clone())
-                });
-                match usable {
-                    Some((true, access_token, _)) => self.call(
-                        payment_id,
-                        BankCall::Cancel { access_token },
-                        Purpose::Cancel { lane: key },
-                    ),
-                    Some((false, _, Some(refresh_token))) => self.call(
-                        payment_id,
-                        BankCall::Refresh {
-                            brand: key.brand,
-                            refresh_token,
-                        },
-                        Purpose::RefreshToCancel { lane: key },
-                    ),
-                    Some((false, _, None)) | None => {
-                        self.lane_done(&key, now);
-                        let input = Input::CancelRefused(Reason::new(
-                            ReasonCode::CancelRefused,
-                            "no valid PIS token for this PSU: the PSU must authorize again",
-                        ));
-                        self.apply(payment_id, input, None, now);
-                    }
+            LaneOp::Cancel(payment_id) => match self.pair_use(&key, now) {
+                PairUse::Present(access_token) => self.call(
+                    payment_id,
+                    BankCall::Cancel { access_token },
+                    Purpose::Cancel { lane: key },
+                ),
+                PairUse::RefreshFirst(refresh_token) => self.call(
+                    payment_id,
+                    BankCall::Refresh {
+                        brand: key.brand,
+                        refresh_token,
+                    },
+                    Purpose::RefreshToCancel { lane: key },
+                ),
+                PairUse::Unusable => {
+                    self.lane_done(&key, now);
+                    let input = Input::CancelRefused(Reason::new(
+                        ReasonCode::CancelRefused,
+                        "no valid PIS token for this PSU: the PSU must authorize again",
+                    ));
+                    self.apply(payment_id, input, None, now);
                 }
-            }
+            },
+            LaneOp::Initiate(payment_id) => match self.pair_use(&key, now) {
+                PairUse::Present(access_token) => {
+                    self.call_initiate_with(key, payment_id, access_token)
+                }
+                PairUse::RefreshFirst(refresh_token) => self.call(
+                    payment_id,
+                    BankCall::Refresh {
+                        brand: key.brand,
+                        refresh_token,
+                    },
+                    Purpose::RefreshToInitiate { lane: key },
+                ),
+                // Gone since the attempt was begun (a dead grant deleted it, say).
+                PairUse::Unusable => {
+                    self.lane_done(&key, now);
+                    let input = self.pkce_fallback(
+                        &payment_id,
+                        "no_token",
+                        "no usable PIS token of the PSU any more",
+                    );
+                    self.apply(payment_id, input, None, now);
+                }
+            },
+        }
+    }
+
+    /// What the pair of `key` allows now. A token is refreshed a little before its expiry: a
+    /// quarter of its lifetime, at most 30 s.
+    fn pair_use(&self, key: &TokenKey, now: Millis) -> PairUse {
+        let Some(t) = self.tokens.get(key) else {
+            return PairUse::Unusable;
+        };
+        let margin = t
+            .expires_at
+            .map(|at| ((at - t.updated_at) / 4).clamp(0, TOKEN_MARGIN_MS))
+            .unwrap_or(0);
+        let fresh = t.expires_at.is_none_or(|at| at > now + margin);
+        match (fresh, &t.refresh_token) {
+            (true, _) => PairUse::Present(t.access_token.clone()),
+            (false, Some(refresh_token)) => PairUse::RefreshFirst(refresh_token.clone()),
+            (false, None) => PairUse::Unusable,
+        }
+    }
+
+    /// Whether the next attempt of this payment goes with the PSU's access token: the
+    /// deployment allows it, the client did not ask for PKCE, and the owner holds a pair of the
+    /// payment's (brand, PSU) it can present or refresh. Belfius documents the pair from a
+    /// signed payment's code as usable "for future payment initiations" [P].
+    fn may_initiate_with_token(&self, payment_id: &PaymentId, now: Millis) -> bool {
+        if !self.config.policy.initiate_with_token {
+            return false;
+        }
+        let Some(payment) = self.payments.get(payment_id) else {
+            return false;
+        };
+        let Some(order) = payment.order.as_ref().filter(|_| !payment.always_pkce) else {
+            return false;
+        };
+        let key = TokenKey::new(order.brand(), payment.psu_id.clone());
+        match self.pair_use(&key, now) {
+            PairUse::Present(_) | PairUse::RefreshFirst(_) => true,
+            PairUse::Unusable => false,
+        }
+    }
+
+    /// The initiation POST with the PSU's access token; the lane stays with it until it answers.
+    fn call_initiate_with(
+        &mut self,
+        lane: TokenKey,
+        payment_id: PaymentId,
+        access_token: SecretString,
+    ) {
+        crate::metrics::metrics()
+            .initiation_calls
+            .with_label_values(&["token"])
+            .inc();
+        self.call(
+            payment_id,
+            BankCall::Initiate {
+                access_token: Some(access_token),
+            },
+            Purpose::InitiateWithToken { lane },
+        );
+    }
+
+    /// The input that sends an attempt meant for the PSU's token with PKCE instead. Nothing
+    /// was created at the bank (a refused token, or no call at all), so it is the same attempt.
+    fn pkce_fallback(&mut self, payment_id: &PaymentId, why: &'static str, detail: &str) -> Input {
+        crate::metrics::metrics()
+            .token_initiation_fallbacks
+            .with_label_values(&[why])
+            .inc();
+        info!(
+            partition = self.config.partition,
+            %payment_id,
+            why,
+            detail,
+            "initiating with PKCE instead of the PSU's token"
+        );
+        Input::FallBackToPkce {
+            pkce_verifier: self.random.pkce_verifier(),
         }
     }
 
@@ -1264,6 +1404,19 @@ impl OwnerCore {
             (Purpose::RefreshToCancel { lane }, BankAnswer::Tokens(pair)) => {
                 self.store_tokens(lane, payment_id, pair, AfterTokens::Cancel, now);
             }
+            (Purpose::RefreshToInitiate { lane }, BankAnswer::Tokens(pair)) => {
+                self.store_tokens(lane, payment_id, pair, AfterTokens::Initiate, now);
+            }
+            (Purpose::InitiateWithToken { lane }, BankAnswer::Input(input)) => {
+                self.lane_done(&lane, now);
+                self.apply(payment_id, *input, None, now);
+            }
+            (Purpose::InitiateWithToken { lane }, BankAnswer::AccessTokenRejected { message }) => {
+                self.initiation_token_rejected(lane, payment_id, message);
+            }
+            (Purpose::RefreshToInitiate { lane }, BankAnswer::RefreshFailed(failure)) => {
+                self.refresh_failed(lane, payment_id, failure, LaneUse::Initiate, now);
+            }
             (Purpose::Cancel { lane }, BankAnswer::AccessTokenRejected { message }) => {
                 self.access_token_rejected(lane, payment_id, message, now);
             }
@@ -1273,7 +1426,7 @@ impl OwnerCore {
                 self.apply(payment_id, *input, None, now);
             }
             (Purpose::RefreshToCancel { lane }, BankAnswer::RefreshFailed(failure)) => {
-                self.refresh_failed(lane, payment_id, failure, now);
+                self.refresh_failed(lane, payment_id, failure, LaneUse::Cancel, now);
             }
             (purpose, answer) => {
                 warn!(
@@ -1283,7 +1436,9 @@ impl OwnerCore {
                 );
                 if let Purpose::Exchange { lane }
                 | Purpose::Cancel { lane }
-                | Purpose::RefreshToCancel { lane } = purpose
+                | Purpose::RefreshToCancel { lane }
+                | Purpose::InitiateWithToken { lane }
+                | Purpose::RefreshToInitiate { lane } = purpose
                 {
                     self.lane_done(&lane, now);
                 }
@@ -1353,7 +1508,13 @@ impl OwnerCore {
             self.lane_done(&lane, now);
         } else if !refreshable {
             // Nothing left to try the pair with: forget it, as a dead grant.
-            self.refresh_failed(lane, payment_id, RefreshFailure::Revoked { message }, now);
+            self.refresh_failed(
+                lane,
+                payment_id,
+                RefreshFailure::Revoked { message },
+                LaneUse::Cancel,
+                now,
+            );
         } else {
             self.token_retried.remove(&payment_id);
             self.lane_done(&lane, now);
@@ -1367,11 +1528,62 @@ impl OwnerCore {
         }
     }
 
+    /// The bank refused the PSU's access token on an initiation made with it (a 401 creates
+    /// nothing at the bank): the attempt goes again with PKCE once the pair is settled, as a
+    /// refused cancellation token's is. With a refresh token the pair is marked expired (the
+    /// next use refreshes first, and a dead grant then deletes it); without one it is deleted.
+    /// No refresh-and-retry here: PKCE always works, and its code brings a new pair anyway.
+    fn initiation_token_rejected(
+        &mut self,
+        lane: TokenKey,
+        payment_id: PaymentId,
+        message: String,
+    ) {
+        let detail = format!("the bank refused the PSU's access token: {message}");
+        let input = self.pkce_fallback(&payment_id, "refused", &detail);
+        let marked = self.tokens.get_mut(&lane).and_then(|tokens| {
+            tokens.refresh_token.as_ref()?;
+            tokens.expires_at = Some(Millis::MIN / 2);
+            Some(tokens.clone())
+        });
+        if let Some(marked) = marked {
+            // Durably: a restart must not present the refused token again (the bank counts a
+            // replaced token presented twice as a TPP that lost track of its pair).
+            self.write(
+                StateWrite::Tokens(Box::new(marked)),
+                TOKENS_USED,
+                AfterWrite::PairSettled {
+                    lane,
+                    payment_id,
+                    input: Box::new(input),
+                },
+            );
+        } else {
+            self.delete_pair_then(lane, payment_id, input);
+        }
+    }
+
+    /// Forgets a dead pair, durably (fenced like any write), then `input` ends the lane
+    /// operation that found it dead.
+    fn delete_pair_then(&mut self, lane: TokenKey, payment_id: PaymentId, input: Input) {
+        self.tokens.remove(&lane);
+        self.write(
+            StateWrite::DeleteTokens(lane.clone()),
+            TOKENS_USED,
+            AfterWrite::PairSettled {
+                lane,
+                payment_id,
+                input: Box::new(input),
+            },
+        );
+    }
+
     fn refresh_failed(
         &mut self,
         lane: TokenKey,
         payment_id: PaymentId,
         failure: RefreshFailure,
+        used_for: LaneUse,
         now: Millis,
     ) {
         self.token_retried.remove(&payment_id);
@@ -1383,45 +1595,58 @@ impl OwnerCore {
                 m.token_refresh_refusals
                     .with_label_values(&["revoked"])
                     .inc();
-                self.tokens.remove(&lane);
-                let input = Input::CancelRefused(Reason::new(
-                    ReasonCode::BankSecurityFailure,
-                    format!(
-                        "the bank refused to refresh the PIS token ({message}); the PSU must authorize again"
+                let input = match used_for {
+                    LaneUse::Cancel => Input::CancelRefused(Reason::new(
+                        ReasonCode::BankSecurityFailure,
+                        format!(
+                            "the bank refused to refresh the PIS token ({message}); the PSU must authorize again"
+                        ),
+                    )),
+                    LaneUse::Initiate => self.pkce_fallback(
+                        &payment_id,
+                        "refresh_failed",
+                        &format!("the bank refused to refresh the PIS token: {message}"),
                     ),
-                ));
-                self.write(
-                    StateWrite::DeleteTokens(lane.clone()),
-                    TOKENS_USED,
-                    AfterWrite::TokensDeleted {
-                        lane,
-                        payment_id,
-                        input: Box::new(input),
-                    },
-                );
+                };
+                self.delete_pair_then(lane, payment_id, input);
             }
             // Perhaps our credentials, not the PSU's grant: keep the pair, alert.
             RefreshFailure::Refused { message } => {
                 m.token_refresh_refusals.with_label_values(&["other"]).inc();
                 warn!(partition = self.config.partition, psu = %lane, %message, "token refresh refused for a reason other than a dead grant: the pair is kept");
                 self.lane_done(&lane, now);
-                let input = Input::CancelRefused(Reason::new(
-                    ReasonCode::BankSecurityFailure,
-                    format!(
-                        "the bank refused the token refresh ({message}); the PIS token is kept: an operator must check the worker's credentials"
+                let input = match used_for {
+                    LaneUse::Cancel => Input::CancelRefused(Reason::new(
+                        ReasonCode::BankSecurityFailure,
+                        format!(
+                            "the bank refused the token refresh ({message}); the PIS token is kept: an operator must check the worker's credentials"
+                        ),
+                    )),
+                    LaneUse::Initiate => self.pkce_fallback(
+                        &payment_id,
+                        "refresh_failed",
+                        &format!("the bank refused the token refresh: {message}"),
                     ),
-                ));
+                };
                 self.apply(payment_id, input, None, now);
             }
-            // Nothing was sent to cancel: say so; the client may send CancelPayment again.
+            // Nothing was sent to cancel: say so; the client may send CancelPayment again. An
+            // initiation needs no pair: it goes with PKCE, whose code brings a new pair.
             RefreshFailure::Transient { message } => {
                 self.lane_done(&lane, now);
-                let input = Input::CancelRefused(Reason::new(
-                    ReasonCode::CancelNotConfirmed,
-                    format!(
-                        "the cancellation was not sent: the token refresh failed ({message}); send CancelPayment again"
+                let input = match used_for {
+                    LaneUse::Cancel => Input::CancelRefused(Reason::new(
+                        ReasonCode::CancelNotConfirmed,
+                        format!(
+                            "the cancellation was not sent: the token refresh failed ({message}); send CancelPayment again"
+                        ),
+                    )),
+                    LaneUse::Initiate => self.pkce_fallback(
+                        &payment_id,
+                        "refresh_failed",
+                        &format!("the token refresh failed: {message}"),
                     ),
-                ));
+                };
                 self.apply(payment_id, input, None, now);
             }
         }
@@ -1936,9 +2161,25 @@ impl OwnerCore {
                             self.release(&payment_id);
                         }
                     },
+                    // The lane stays with the initiation too: it presents the new pair.
+                    AfterTokens::Initiate => match self.tokens.get(&lane) {
+                        Some(tokens) => {
+                            let access_token = tokens.access_token.clone();
+                            self.call_initiate_with(lane, payment_id, access_token);
+                        }
+                        None => {
+                            self.lane_done(&lane, now);
+                            let input = self.pkce_fallback(
+                                &payment_id,
+                                "no_token",
+                                "the refreshed pair is gone",
+                            );
+                            self.apply(payment_id, input, None, now);
+                        }
+                    },
                 }
             }
-            AfterWrite::TokensDeleted {
+            AfterWrite::PairSettled {
                 lane,
                 payment_id,
                 input,

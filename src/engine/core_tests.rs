@@ -168,6 +168,16 @@ fn sca_code(code: &str, state: Option<&str>) -> CommandBody {
     })
 }
 
+/// The redirect of a payment initiated with the PSU's token: the state only.
+fn sca_returned_body(state: Option<&str>) -> CommandBody {
+    CommandBody::CompleteSca(ScaRedirect {
+        authorization_code: None,
+        error: None,
+        error_description: None,
+        state: state.map(str::to_owned),
+    })
+}
+
 fn cancel_body() -> CommandBody {
     CommandBody::Cancel { reason: None }
 }
@@ -212,6 +222,7 @@ fn received_payment(id: &str, brand_name: &str) -> (Payment, Vec<StatusEvent>) {
         command_id: CommandId::new(format!("c-init-{id}")),
         psu_id: PsuId::new(PSU),
         order: order(id, brand_name),
+        always_pkce: false,
     };
     step(id, None, input, T0 - 10_000)
 }
@@ -220,7 +231,7 @@ fn received_payment(id: &str, brand_name: &str) -> (Payment, Vec<StatusEvent>) {
 fn sca_pending_payment(id: &str, brand_name: &str) -> (Payment, Vec<StatusEvent>) {
     let (p, _) = received_payment(id, brand_name);
     let begin = Input::BeginInitiation {
-        pkce_verifier: SecretString::from(format!("verifier-{id}")),
+        pkce_verifier: Some(SecretString::from(format!("verifier-{id}"))),
         sca_state: format!("state-{id}"),
     };
     let (p, _) = step(id, Some(&p), begin, T0 - 5_000);
@@ -423,7 +434,10 @@ fn what(write: &StateWrite) -> &'static str {
 
 fn call_kind(call: &BankCall) -> &'static str {
     match call {
-        BankCall::Initiate => "initiate",
+        BankCall::Initiate { access_token: None } => "initiate",
+        BankCall::Initiate {
+            access_token: Some(_),
+        } => "initiate-with-token",
         BankCall::Status => "status",
         BankCall::Exchange => "exchange",
         BankCall::Cancel { .. } => "cancel",
@@ -815,10 +829,15 @@ impl Harness {
         }
     }
 
+    /// The outstanding `kind` call of `payment`; `initiate*`: either kind of initiation.
     fn open_call(&self, payment: &str, kind: &str) -> &OpenCall {
+        let fits = |call: &BankCall| match kind.strip_suffix('*') {
+            Some(prefix) => call_kind(call).starts_with(prefix),
+            None => call_kind(call) == kind,
+        };
         self.calls
             .iter()
-            .find(|c| c.payment.payment_id.as_str() == payment && call_kind(&c.call) == kind)
+            .find(|c| c.payment.payment_id.as_str() == payment && fits(&c.call))
             .unwrap_or_else(|| panic!("no {kind} call for {payment}: {:?}", self.open_calls()))
     }
 
@@ -859,11 +878,13 @@ impl Harness {
 
     // Driving payments through the core.
 
-    /// Initiates `id` and answers its initiation: `SCA_PENDING`, idle, its timer set.
+    /// Initiates `id` and answers its initiation (with PKCE, or with the PSU's token when the
+    /// owner holds one): `SCA_PENDING`, idle, its timer set.
     fn sca_pending(&mut self, id: &str, brand_name: &str) {
         self.initiate(id, brand_name);
         self.flush();
-        self.answer(id, "initiate", initiated(id));
+        let kind = call_kind(&self.open_call(id, "initiate*").call);
+        self.answer(id, kind, initiated(id));
         self.flush();
         assert_eq!(self.state(id), PaymentState::ScaPending);
         assert!(self.calls.is_empty(), "{:?}", self.open_calls());
@@ -1447,7 +1468,7 @@ fn a_refused_command_is_released_by_a_later_confirmed_write_of_the_same_event() 
     // timer's transition (StartInitiation, written) is made in the same turn, after it.
     let (received, _) = received_payment("p-1", "BELFIUS");
     let begin = Input::BeginInitiation {
-        pkce_verifier: SecretString::from("v".to_owned()),
+        pkce_verifier: Some(SecretString::from("v".to_owned())),
         sca_state: "s".into(),
     };
     let (initiating, _) = step("p-1", Some(&received), begin, T0 - 2_000);
@@ -2788,4 +2809,342 @@ fn a_failed_or_superseded_commit_is_not_retried_at_once() {
             .count();
         assert_eq!(h.core.restore_backlog(), since as u64);
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Returning PSUs: initiations with the PSU's access token
+// ---------------------------------------------------------------------------------------------
+
+/// The access token an outstanding token initiation of `payment` presents.
+fn presented(h: &Harness, payment: &str) -> String {
+    match &h.open_call(payment, "initiate-with-token").call {
+        BankCall::Initiate {
+            access_token: Some(token),
+        } => token.expose_secret().to_owned(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn access_of(h: &Harness, brand_name: &str) -> Option<String> {
+    h.core
+        .tokens(&token_key(brand_name))
+        .map(|t| t.access_token.expose_secret().to_owned())
+}
+
+#[test]
+fn a_returning_psus_payment_is_initiated_with_the_held_token_and_signed_without_a_code() {
+    let mut h = Harness::new(restored(vec![], vec![fresh("BELFIUS", "access-1")]));
+    h.start();
+    h.initiate("p-1", "BELFIUS");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate-with-token")]);
+    assert_eq!(presented(&h, "p-1"), "access-1");
+    // Written before the call without a verifier: no code is to come, none to exchange.
+    let written = &h.persisted[&pid("p-1")];
+    assert_eq!(written.state, PaymentState::Initiating { attempt: 1 });
+    assert!(written.pkce_verifier.is_none());
+    h.answer("p-1", "initiate-with-token", initiated("p-1"));
+    h.flush();
+    assert_eq!(h.state("p-1"), PaymentState::ScaPending);
+
+    // The PSU signed; the redirect carries the state only.
+    let state = h.payment("p-1").sca_state.clone();
+    let (_, did) = h.command("c-sca", "p-1", sca_returned_body(state.as_deref()));
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    let did = h.flush();
+    assert_eq!(
+        calls(&did),
+        vec![pc("p-1", "status")],
+        "no exchange: {did:?}"
+    );
+    h.answer("p-1", "status", observed(BankProgress::Signed, "ACTC"));
+    let did = h.flush();
+    assert_eq!(h.state("p-1"), PaymentState::Signed);
+    assert_eq!(published(&did).len(), 1);
+    // Used, not issued: the pair is as it was, and nothing was written for it.
+    assert_eq!(access_of(&h, "BELFIUS").as_deref(), Some("access-1"));
+    assert!(
+        !h.history.iter().any(|d| matches!(
+            d,
+            Did::Write {
+                what: "tokens" | "delete-tokens",
+                ..
+            }
+        )),
+        "{:?}",
+        h.history
+    );
+}
+
+/// An expired access token is refreshed in the PSU's lane first; the new pair is durable
+/// before the initiation presents it. A second payment waiting in the lane meanwhile uses the
+/// new pair: one refresh, never the replaced token.
+#[test]
+fn an_expired_token_is_refreshed_once_then_presented_by_every_waiting_initiation() {
+    let mut h = Harness::new(restored(
+        vec![],
+        vec![expired("BELFIUS", "old-access", "old-refresh")],
+    ));
+    h.start();
+    h.initiate("p-1", "BELFIUS");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "refresh")]);
+    let BankCall::Refresh { refresh_token, .. } = &h.open_call("p-1", "refresh").call else {
+        unreachable!()
+    };
+    assert_eq!(refresh_token.expose_secret(), "old-refresh");
+    h.initiate("p-2", "BELFIUS");
+    let did = h.flush();
+    assert!(calls(&did).is_empty(), "p-2 waits in the lane: {did:?}");
+    assert!(h.payment("p-2").pkce_verifier.is_none());
+
+    let did = h.answer("p-1", "refresh", issued("access-2"));
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
+    );
+    assert!(calls(&did).is_empty(), "not before it is durable: {did:?}");
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate-with-token")]);
+    assert_eq!(presented(&h, "p-1"), "access-2");
+    let did = h.answer("p-1", "initiate-with-token", initiated("p-1"));
+    assert_eq!(calls(&did), vec![pc("p-2", "initiate-with-token")]);
+    assert_eq!(presented(&h, "p-2"), "access-2");
+}
+
+/// The first initiation call `id` makes, as the owner decides it.
+fn first_initiation(h: &mut Harness, id: &str, body: CommandBody) -> &'static str {
+    h.command(&format!("c-init-{id}"), id, body);
+    let did = h.flush();
+    let found: Vec<&'static str> = calls(&did)
+        .into_iter()
+        .filter(|(p, _)| p == id)
+        .map(|(_, kind)| kind)
+        .collect();
+    assert_eq!(found.len(), 1, "{did:?}");
+    found[0]
+}
+
+#[test]
+fn without_a_usable_pair_or_when_switched_off_or_asked_for_the_payment_goes_with_pkce() {
+    // No pair for the PSU.
+    let mut h = Harness::empty();
+    assert_eq!(
+        first_initiation(&mut h, "p-1", initiate_body("p-1", "BELFIUS")),
+        "initiate"
+    );
+    assert!(h.payment("p-1").pkce_verifier.is_some());
+
+    // A pair of the other brand only.
+    let mut h = Harness::new(restored(vec![], vec![fresh("BELFIUS", "belfius-access")]));
+    h.start();
+    assert_eq!(
+        first_initiation(&mut h, "p-banx", initiate_body("p-banx", "BANX")),
+        "initiate"
+    );
+    // An expired pair with nothing to refresh it with.
+    let mut h = Harness::new(restored(
+        vec![],
+        vec![pair("BELFIUS", "dead", Some(T0 - 1_000), None)],
+    ));
+    h.start();
+    assert_eq!(
+        first_initiation(&mut h, "p-1", initiate_body("p-1", "BELFIUS")),
+        "initiate"
+    );
+
+    // The deployment's switch is off.
+    let off = Policy {
+        initiate_with_token: false,
+        ..Policy::default()
+    };
+    let mut h = Harness::with_config(
+        restored(vec![], vec![fresh("BELFIUS", "access-1")]),
+        config(off),
+    );
+    h.start();
+    assert_eq!(
+        first_initiation(&mut h, "p-1", initiate_body("p-1", "BELFIUS")),
+        "initiate"
+    );
+
+    // The client asked for PKCE: on every attempt, a retry included.
+    let mut h = Harness::new(restored(vec![], vec![fresh("BELFIUS", "access-1")]));
+    h.start();
+    let mut body = initiate_body("p-1", "BELFIUS");
+    if let CommandBody::Initiate(raw) = &mut body {
+        raw.always_pkce = true;
+    }
+    assert_eq!(first_initiation(&mut h, "p-1", body), "initiate");
+    assert!(h.payment("p-1").always_pkce);
+    h.answer(
+        "p-1",
+        "initiate",
+        BankAnswer::Input(Box::new(Input::InitiationFailed(
+            crate::domain::machine::InitiationFailure::NotProcessed {
+                message: "429".into(),
+                retry_after_ms: None,
+            },
+        ))),
+    );
+    h.flush();
+    let retry_at = h.payment("p-1").next_check_at.expect("a retry");
+    h.tick_at(retry_at);
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+    assert_eq!(h.payment("p-1").initiation_attempts, 2);
+}
+
+/// A 401 to the token creates nothing at the bank: the same attempt goes with PKCE (its
+/// verifier durable first), and the refused token is never presented again.
+#[test]
+fn a_token_refused_at_initiation_falls_back_to_pkce_and_is_refreshed_before_its_next_use() {
+    let mut h = Harness::new(restored(vec![], vec![fresh("BELFIUS", "replaced-access")]));
+    h.start();
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    let did = h.answer("p-1", "initiate-with-token", access_token_rejected());
+    // The pair marked expired, durably (a restart must not present the refused token again),
+    // then the verifier, then the PKCE call.
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "tokens")]
+    );
+    let marked = &h.open_write("psu/BELFIUS/psu-1");
+    assert!(matches!(marked.fence, FenceWait::Confirm { .. }));
+    let StateWrite::Tokens(marked) = &marked.write else {
+        unreachable!()
+    };
+    assert!(marked.expires_at.is_some_and(|at| at < T0), "{marked:?}");
+    let did = h.ack_write();
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    assert!(calls(&did).is_empty(), "the verifier first: {did:?}");
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+    let written = &h.persisted[&pid("p-1")];
+    assert_eq!(written.state, PaymentState::Initiating { attempt: 1 });
+    assert_eq!(written.initiation_attempts, 1, "the same attempt");
+    assert!(written.pkce_verifier.is_some());
+    h.answer("p-1", "initiate", initiated("p-1"));
+    h.flush();
+    assert_eq!(h.state("p-1"), PaymentState::ScaPending);
+    // Its redirect must bring a code now.
+    let state = h.payment("p-1").sca_state.clone();
+    let (offset, _) = h.command("c-sca-bare", "p-1", sca_returned_body(state.as_deref()));
+    let did = h.flush();
+    assert_eq!(dead_letters(&did), vec![(offset, "CODE_REQUIRED")]);
+
+    // The pair is kept (it has a refresh token) but counts as expired: the next payment of
+    // the PSU refreshes it before presenting anything, also after a restart.
+    assert_eq!(access_of(&h, "BELFIUS").as_deref(), Some("replaced-access"));
+    h.initiate("p-2", "BELFIUS");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-2", "refresh")]);
+    let stored = h.persisted_tokens[&token_key("BELFIUS")].clone();
+    let mut again = Harness::new(restored(vec![], vec![stored]));
+    again.start();
+    again.initiate("p-3", "BELFIUS");
+    let did = again.flush();
+    assert_eq!(calls(&did), vec![pc("p-3", "refresh")]);
+}
+
+/// Without a refresh token the refused pair is deleted (a fenced tombstone), before the
+/// fallback is written.
+#[test]
+fn a_refused_token_without_a_refresh_token_is_deleted_before_the_fallback() {
+    let mut h = Harness::new(restored(
+        vec![],
+        vec![pair(
+            "BELFIUS",
+            "replaced-access",
+            Some(T0 + 3_600_000),
+            None,
+        )],
+    ));
+    h.start();
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    let did = h.answer("p-1", "initiate-with-token", access_token_rejected());
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "delete-tokens")]
+    );
+    assert!(matches!(
+        h.open_write("psu/BELFIUS/psu-1").fence,
+        FenceWait::Confirm { .. }
+    ));
+    assert!(access_of(&h, "BELFIUS").is_none());
+    let did = h.ack_write();
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    let did = h.ack_write();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+}
+
+#[test]
+fn a_failed_refresh_before_an_initiation_falls_back_to_pkce() {
+    // A dead grant: the pair goes (fenced), then the attempt goes with PKCE.
+    let mut h = Harness::new(restored(
+        vec![],
+        vec![expired("BELFIUS", "old-access", "old-refresh")],
+    ));
+    h.start();
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    let did = h.answer(
+        "p-1",
+        "refresh",
+        BankAnswer::RefreshFailed(RefreshFailure::Revoked {
+            message: "invalid_grant".into(),
+        }),
+    );
+    assert_eq!(
+        writes(&did),
+        vec![("psu/BELFIUS/psu-1".to_owned(), "delete-tokens")]
+    );
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+    assert!(access_of(&h, "BELFIUS").is_none());
+    assert!(h.payment("p-1").pkce_verifier.is_some());
+
+    // No usable answer: the pair is kept (the bank may not have rotated it), PKCE anyway.
+    let mut h = Harness::new(restored(
+        vec![],
+        vec![expired("BELFIUS", "old-access", "old-refresh")],
+    ));
+    h.start();
+    h.initiate("p-1", "BELFIUS");
+    h.flush();
+    let did = h.answer(
+        "p-1",
+        "refresh",
+        BankAnswer::RefreshFailed(RefreshFailure::Transient {
+            message: "timeout".into(),
+        }),
+    );
+    assert_eq!(writes(&did), vec![pw("p-1")]);
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-1", "initiate")]);
+    assert_eq!(access_of(&h, "BELFIUS").as_deref(), Some("old-access"));
+}
+
+/// Belfius keeps one pair per PSU: a code exchange kills the pair it replaces. An initiation
+/// with the token waits behind a running exchange and presents the pair it issued.
+#[test]
+fn a_token_initiation_waits_for_a_running_code_exchange_and_presents_the_new_pair() {
+    let (first, _) = sca_pending_payment("p-0", "BELFIUS");
+    let mut h = Harness::new(restored(vec![first], vec![fresh("BELFIUS", "access-1")]));
+    h.start();
+    h.complete_sca("c-sca-0", "p-0", "code-0");
+    let did = h.flush();
+    assert_eq!(calls(&did), vec![pc("p-0", "exchange")]);
+    h.initiate("p-1", "BELFIUS");
+    let did = h.flush();
+    assert!(calls(&did).is_empty(), "behind the exchange: {did:?}");
+    h.answer("p-0", "exchange", issued("access-2"));
+    let did = h.ack_write();
+    assert!(
+        calls(&did).contains(&pc("p-1", "initiate-with-token")),
+        "{did:?}"
+    );
+    assert_eq!(presented(&h, "p-1"), "access-2");
 }

@@ -103,6 +103,7 @@ impl CommandLabel {
             Input::RefreshStatus { .. } => ("refresh", false),
             Input::Resolve { .. } => ("resolve", false),
             Input::BeginInitiation { .. }
+            | Input::FallBackToPkce { .. }
             | Input::BankInitiated { .. }
             | Input::InitiationFailed(_)
             | Input::TokenExchanged
@@ -254,16 +255,19 @@ pub fn to_input(
             command_id,
             psu_id,
             validate_initiation(&raw, limits, today).map(Order::Single),
+            raw.always_pkce,
         ),
         CommandBody::InitiatePeriodic(raw) => initiate(
             command_id,
             psu_id,
             validate_periodic(&raw, limits, today).map(Order::Standing),
+            raw.payment.always_pkce,
         ),
         CommandBody::InitiateBulk(raw) => initiate(
             command_id,
             psu_id,
             validate_bulk(&raw, limits, today).map(Order::Bulk),
+            raw.always_pkce,
         ),
         CommandBody::CompleteSca(sca) => {
             let outcome = match (sca.authorization_code, sca.error) {
@@ -280,14 +284,9 @@ pub fn to_input(
                         command_type,
                     );
                 }
-                (None, None) => {
-                    return dead(
-                        DecodeErrorClass::InvalidEnvelope,
-                        "CompleteSca needs authorization_code or error",
-                        Some(payment_id.to_string()),
-                        command_type,
-                    );
-                }
+                // Only the payment knows whether its redirect must carry a code: a payment
+                // initiated with the PSU's token gets none (the machine decides).
+                (None, None) => ScaOutcome::Returned,
             };
             Input::CompleteSca {
                 command_id,
@@ -354,12 +353,14 @@ fn initiate(
     command_id: CommandId,
     psu_id: PsuId,
     validated: Result<Order, crate::domain::reason::Reason>,
+    always_pkce: bool,
 ) -> Input {
     match validated {
         Ok(order) => Input::Initiate {
             command_id,
             psu_id,
             order,
+            always_pkce,
         },
         Err(reason) => Input::InitiateInvalid {
             command_id,
@@ -587,23 +588,43 @@ mod tests {
         }
     }
 
+    /// Both a code and an error is a contradiction; neither is what the redirect of a payment
+    /// initiated with the PSU's token carries, so the machine decides on it.
     #[test]
-    fn complete_sca_needs_exactly_one_of_code_and_error() {
+    fn complete_sca_carries_at_most_one_of_code_and_error() {
         let sca = |url: &str| {
             CommandBody::CompleteSca(ScaRedirect::from_redirect_url(
                 &url::Url::parse(url).expect("url"),
             ))
         };
-        for url in [
-            "https://c.example/cb?state=p-1",
-            "https://c.example/cb?code=x&error=access_denied",
-        ] {
-            let verdict = run(
-                &record(Some("psu-1"), Some(encoded(&envelope(sca(url))))),
-                false,
-            );
-            assert_eq!(class_of(&verdict), Some("INVALID_ENVELOPE"), "{url}");
-        }
+        let verdict = run(
+            &record(
+                Some("psu-1"),
+                Some(encoded(&envelope(sca(
+                    "https://c.example/cb?code=x&error=access_denied",
+                )))),
+            ),
+            false,
+        );
+        assert_eq!(class_of(&verdict), Some("INVALID_ENVELOPE"));
+        let verdict = run(
+            &record(
+                Some("psu-1"),
+                Some(encoded(&envelope(sca("https://c.example/cb?state=p-1")))),
+            ),
+            false,
+        );
+        let Ingested::Apply { input, .. } = verdict else {
+            panic!("a code-less redirect is the machine's to judge: {verdict:?}");
+        };
+        assert!(matches!(
+            *input,
+            Input::CompleteSca {
+                outcome: ScaOutcome::Returned,
+                state: Some(ref s),
+                ..
+            } if s == "p-1"
+        ));
         let verdict = run(
             &record(
                 Some("psu-1"),

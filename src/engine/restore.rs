@@ -532,6 +532,7 @@ mod tests {
                 command_id: CommandId::new(format!("c-{id}")),
                 psu_id: PsuId::new("psu-1"),
                 order: order.into(),
+                always_pkce: false,
             },
             1,
             &Policy::default(),

@@ -139,6 +139,7 @@ fn base_payment(id: &str, order: Option<Order>, state: PaymentState) -> Payment 
         received_codes: Vec::new(),
         withdrawal: None,
         last_command_offset: None,
+        always_pkce: false,
     }
 }
 
@@ -370,6 +371,21 @@ fn expected_v2() -> Vec<(String, Option<i64>, Expected)> {
         Some(EPOCH),
         Expected::Snapshot(Some(begin)),
     ));
+    // A payment whose client asked for PKCE on every attempt: the body with the additions
+    // `StoredPayment` cannot take (`Body::PaymentExt`).
+    let mut always_pkce = base_payment(
+        "p-always-pkce",
+        Some(Order::Single(single_order())),
+        PaymentState::Initiating { attempt: 1 },
+    );
+    always_pkce.always_pkce = true;
+    always_pkce.pkce_verifier = Some(SecretString::from("fixture-pkce-verifier-2"));
+    always_pkce.sca_state = Some("fixture-oauth-state-2".into());
+    records.push((
+        payment_key(&always_pkce.payment_id),
+        Some(EPOCH),
+        Expected::Payment(Box::new(always_pkce), Vec::new()),
+    ));
     records
 }
 
@@ -437,6 +453,7 @@ fn assert_payment(actual: &Payment, expected: &Payment) {
         received_codes,
         withdrawal,
         last_command_offset,
+        always_pkce,
     } = expected;
     let id = payment_id.as_str();
     assert_eq!(&actual.payment_id, payment_id, "{id}: payment_id");
@@ -495,6 +512,7 @@ fn assert_payment(actual: &Payment, expected: &Payment) {
         &actual.last_command_offset, last_command_offset,
         "{id}: last_command_offset"
     );
+    assert_eq!(&actual.always_pkce, always_pkce, "{id}: always_pkce");
 }
 
 fn assert_tokens(actual: &PsuTokens, expected: &PsuTokens) {
@@ -673,7 +691,7 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
             | Expected::QuarantinedCopy(_) => {}
         }
     }
-    assert_eq!(restored.payments.len(), 5);
+    assert_eq!(restored.payments.len(), 5 + usize::from(format >= 2));
     assert_eq!(restored.retired.len(), usize::from(format >= 2));
     assert_eq!(restored.tokens.len(), 2);
     // Records at offsets 1 and 2 are at or below the checkpoint (2): published. Offset 5

@@ -289,10 +289,7 @@ pub fn encode_payment(
     events: &[StatusEvent],
 ) -> Result<(String, Vec<u8>), KafkaEdgeError> {
     let record_key = payment_key(&payment.payment_id);
-    let body = v2::Body::Payment {
-        payment: Box::new(payment.into()),
-        events: events.iter().map(Into::into).collect(),
-    };
+    let body = v2::payment_body(payment, events);
     let bytes = seal(ring, &record_key, epoch, body)?;
     Ok((record_key, bytes))
 }
@@ -487,6 +484,20 @@ pub fn decode_record(
                 ),
                 events: events.into_iter().map(Into::into).collect(),
             },
+            v2::Body::PaymentExt {
+                payment,
+                events,
+                ext,
+            } => {
+                let mut payment: Payment = (*payment)
+                    .try_into()
+                    .map_err(|e| StateRecordError::Body(format!("payment: {e}")))?;
+                ext.apply(&mut payment);
+                DecodedRecord::Payment {
+                    payment: Box::new(payment),
+                    events: events.into_iter().map(Into::into).collect(),
+                }
+            }
             v2::Body::Psu(tokens) => DecodedRecord::Psu(tokens.into()),
             v2::Body::Retired(retired) => DecodedRecord::Retired(retired.into()),
             v2::Body::OutboxCheckpoint { published_through } => {
@@ -817,6 +828,7 @@ mod tests {
                 command_id: CommandId::new("c-1"),
                 psu_id: PsuId::new("u-1"),
                 order: order().into(),
+                always_pkce: false,
             },
             1,
             &Policy::default(),
@@ -827,7 +839,7 @@ mod tests {
             &id,
             Some(&t.payment),
             Input::BeginInitiation {
-                pkce_verifier: SecretString::from("the-verifier"),
+                pkce_verifier: Some(SecretString::from("the-verifier")),
                 sca_state: "state-1".into(),
             },
             2,

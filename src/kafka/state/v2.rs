@@ -765,6 +765,8 @@ impl From<&Payment> for StoredPayment {
             received_codes,
             withdrawal,
             last_command_offset,
+            // Not a field of `StoredPayment` (format 3 froze its layout): `StoredPaymentExt`.
+            always_pkce: _,
         } = p;
         Self {
             payment_id: payment_id.as_str().to_owned(),
@@ -828,7 +830,49 @@ impl TryFrom<StoredPayment> for Payment {
             received_codes: exact(p.received_codes),
             withdrawal: p.withdrawal.map(Into::into),
             last_command_offset: p.last_command_offset,
+            // A `Body::Payment` record carries the additions' defaults (`StoredPaymentExt`).
+            always_pkce: false,
         })
+    }
+}
+
+/// Additions to a payment record that `StoredPayment` cannot take: format 3 stores its fields
+/// by position and old readers know only those. A record carries them (`Body::PaymentExt`)
+/// only when one differs from its default, so every other payment record keeps the layout a
+/// reader of the previous release reads. Fields are positional too: append, never reorder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPaymentExt {
+    pub always_pkce: bool,
+}
+
+impl StoredPaymentExt {
+    fn of(p: &Payment) -> Self {
+        Self {
+            always_pkce: p.always_pkce,
+        }
+    }
+
+    /// Sets the additions on a payment read from its `StoredPayment`.
+    pub fn apply(self, p: &mut Payment) {
+        let StoredPaymentExt { always_pkce } = self;
+        p.always_pkce = always_pkce;
+    }
+}
+
+/// The body of a payment record: `Payment`, or `PaymentExt` when an addition differs from its
+/// default.
+pub fn payment_body(p: &Payment, events: &[StatusEvent]) -> Body {
+    let payment = Box::new(StoredPayment::from(p));
+    let events = events.iter().map(Into::into).collect();
+    let ext = StoredPaymentExt::of(p);
+    if ext == StoredPaymentExt::default() {
+        Body::Payment { payment, events }
+    } else {
+        Body::PaymentExt {
+            payment,
+            events,
+            ext,
+        }
     }
 }
 
@@ -1026,6 +1070,12 @@ pub enum Body {
         offset: i64,
         epoch_header: Option<i64>,
         value_hex: String,
+    },
+    /// A payment with additions (`StoredPaymentExt`) that differ from their defaults.
+    PaymentExt {
+        payment: Box<StoredPayment>,
+        events: Vec<StoredStatusEvent>,
+        ext: StoredPaymentExt,
     },
 }
 

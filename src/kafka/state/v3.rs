@@ -48,6 +48,11 @@ pub enum Body {
         epoch_header: Option<i64>,
         value_hex: String,
     },
+    PaymentExt {
+        payment: Box<StoredPayment>,
+        events: Vec<StoredStatusEvent>,
+        ext: v2::StoredPaymentExt,
+    },
 }
 
 impl From<v2::Body> for Body {
@@ -69,6 +74,15 @@ impl From<v2::Body> for Body {
                 offset,
                 epoch_header,
                 value_hex,
+            },
+            v2::Body::PaymentExt {
+                payment,
+                events,
+                ext,
+            } => Body::PaymentExt {
+                payment,
+                events,
+                ext,
             },
         }
     }
@@ -93,6 +107,15 @@ impl From<Body> for v2::Body {
                 offset,
                 epoch_header,
                 value_hex,
+            },
+            Body::PaymentExt {
+                payment,
+                events,
+                ext,
+            } => v2::Body::PaymentExt {
+                payment,
+                events,
+                ext,
             },
         }
     }
@@ -324,6 +347,7 @@ mod tests {
                 Body::SnapshotBegin { .. } => 4,
                 Body::SnapshotEnd { .. } => 5,
                 Body::QuarantinedCopy { .. } => 6,
+                Body::PaymentExt { .. } => 7,
             };
             assert_eq!(position(body), want, "{body:?}");
         }
