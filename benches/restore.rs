@@ -189,7 +189,7 @@ fn fold(ring: &StateKeyRing, records: &Records, batch: usize) -> anyhow::Result<
     let marker = i64::try_from(records.len()).unwrap_or(i64::MAX);
     let before = rss();
     let started = Instant::now();
-    let mut fold = RestoreFold::new(ring, marker);
+    let mut fold = RestoreFold::new(ring, marker).without_sealing();
     feed(&mut fold, records, 0, batch);
     let restored = fold.finish();
     let took = started.elapsed().as_secs_f64();
@@ -254,7 +254,7 @@ fn fold_from_snapshot(
     let marker = i64::try_from(records.len()).unwrap_or(i64::MAX);
     let before = rss();
     let started = Instant::now();
-    let mut fold = RestoreFold::new(ring, marker);
+    let mut fold = RestoreFold::new(ring, marker).without_sealing();
     let first = usize::try_from(begin).unwrap_or(usize::MAX);
     let (key, value) = &records[first];
     fold.start_at(begin, begin, Some(key), Some(value), epochs[first])

@@ -186,7 +186,7 @@ async fn claim_and_restore(
         let deps = deps.clone();
         let revoked = side.revoked.clone();
         tokio::task::spawn_blocking(move || {
-            let mut fold = RestoreFold::new(&deps.state_key, marker_offset);
+            let mut fold = RestoreFold::new(&deps.state_key, marker_offset).without_sealing();
             let (from, consumer) = state::read_partition(
                 &deps.kafka,
                 partition,

@@ -152,6 +152,9 @@ pub struct RestoreFold<'k> {
     events_by_offset: BTreeMap<i64, Vec<StatusEvent>>,
     /// The brand of each PSU's latest legacy (`psu/{psu}`) record, for its tombstone.
     legacy_brands: HashMap<PsuId, Brand>,
+    /// Whether `Restored::sealing` is kept (for `pis-worker state keys`; a worker's restore
+    /// does not need it, and it costs a map entry per record).
+    track_sealing: bool,
 }
 
 impl<'k> RestoreFold<'k> {
@@ -167,7 +170,14 @@ impl<'k> RestoreFold<'k> {
             epoch_floor: NO_EPOCH,
             events_by_offset: BTreeMap::new(),
             legacy_brands: HashMap::new(),
+            track_sealing: true,
         }
+    }
+
+    /// A fold that does not keep `Restored::sealing` (a worker's restore).
+    pub fn without_sealing(mut self) -> Self {
+        self.track_sealing = false;
+        self
     }
 
     /// Starts at the snapshot recorded at `begin`, instead of the partition's first record,
@@ -220,7 +230,9 @@ impl<'k> RestoreFold<'k> {
 
     /// Forgets everything read: the caller reads again from the partition's first record.
     pub fn reset(&mut self) {
+        let track_sealing = self.track_sealing;
         *self = RestoreFold::new(self.key, self.marker_offset);
+        self.track_sealing = track_sealing;
     }
 
     /// The snapshot this fold started at, if any.
@@ -390,7 +402,9 @@ impl<'k> RestoreFold<'k> {
         // A valid record replaces whatever could not be read before it.
         self.out.quarantined.remove(&record_key);
         self.out.zombie_keys.remove(&record_key);
-        self.out.sealing.insert(record_key.clone(), decoded.sealing);
+        if self.track_sealing {
+            self.out.sealing.insert(record_key.clone(), decoded.sealing);
+        }
         match record {
             DecodedRecord::Payment { payment, events } => {
                 if !events.is_empty() {
@@ -699,6 +713,22 @@ mod tests {
             }
             assert_eq!(summary(&fold.finish()), expected, "batches of {batch}");
         }
+        // A worker's fold keeps no sealing map, and differs in nothing else; a reset keeps
+        // that choice.
+        let mut with = log.restore(mine);
+        assert!(!with.sealing.is_empty());
+        with.sealing.clear();
+        let mut fold = RestoreFold::new(&k, mine).without_sealing();
+        fold.reset();
+        for (offset, (key, value, epoch)) in log.records.iter().enumerate() {
+            fold.apply(
+                offset as i64,
+                key.as_deref().map(str::as_bytes),
+                value.as_deref(),
+                *epoch,
+            );
+        }
+        assert_eq!(summary(&fold.finish()), summary(&with));
     }
 
     #[test]
