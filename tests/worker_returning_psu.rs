@@ -148,7 +148,7 @@ async fn a_token_replaced_at_the_bank_is_refused_and_the_payment_goes_with_pkce(
         remittance_information: None,
         requested_execution_date: None,
         language: Language::Fr,
-        redirect_uri: "https://other-tpp.example/cb".into(),
+        redirect_uri: "https://tpp.example/elsewhere".into(),
         cross_border: None,
     };
     let pkce = Pkce::generate();
@@ -175,7 +175,7 @@ async fn a_token_replaced_at_the_bank_is_refused_and_the_payment_goes_with_pkce(
             Brand::Belfius,
             &SecretString::from(code),
             &pkce.verifier,
-            "https://other-tpp.example/cb",
+            "https://tpp.example/elsewhere",
         )
         .await
         .expect("the other pair");
