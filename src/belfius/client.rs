@@ -208,25 +208,9 @@ impl BelfiusClient {
         code_challenge: &str,
         access_token: Option<&SecretString>,
     ) -> Result<Initiated, BankError> {
-        let body = encode(
-            &InitiationBody::from_order(order),
-            self.config.amount_format,
-        )?;
-        self.initiate(
-            Initiation {
-                kind: PaymentKind::Single,
-                brand: order.brand,
-                product: order.product,
-                language: order.language,
-                redirect_uri: &order.redirect_uri,
-                version: &self.config.versions.payment_initiation,
-                body,
-            },
-            code_challenge,
-            access_token,
-        )
-        .await
-        .map(|(initiated, _)| initiated)
+        self.initiate_single(order, code_challenge, access_token)
+            .await
+            .map(|(initiated, _)| initiated)
     }
 
     /// [`Self::initiate_payment`] with PKCE, also telling which answer shape came back
@@ -235,6 +219,15 @@ impl BelfiusClient {
         &self,
         order: &PaymentOrder,
         code_challenge: &str,
+    ) -> Result<(Initiated, super::answer::AnswerShape), BankError> {
+        self.initiate_single(order, code_challenge, None).await
+    }
+
+    async fn initiate_single(
+        &self,
+        order: &PaymentOrder,
+        code_challenge: &str,
+        access_token: Option<&SecretString>,
     ) -> Result<(Initiated, super::answer::AnswerShape), BankError> {
         let body = encode(
             &InitiationBody::from_order(order),
@@ -251,7 +244,7 @@ impl BelfiusClient {
                 body,
             },
             code_challenge,
-            None,
+            access_token,
         )
         .await
     }
