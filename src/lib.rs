@@ -11,6 +11,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod kafka;
+pub mod memory;
 pub mod metrics;
 pub mod sandbox;
 pub mod secret;

@@ -258,6 +258,7 @@ pub async fn run(
     health.broker_answered(now_millis());
     let producer = Producer::new(&config.kafka)?;
     spawn_broker_probe(producer.clone(), health.clone());
+    let trim = crate::memory::spawn_periodic_trim();
     let bank = BelfiusClient::with_guard(config.bank.clone(), config.bank_guard.clone())
         .map_err(|e| anyhow::anyhow!("belfius client: {e}"))?;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
@@ -325,6 +326,7 @@ pub async fn run(
             Err(_) => Err(anyhow::anyhow!("consumer thread vanished")),
         },
     };
+    trim.abort();
     let flush = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     if let Ok(Err(e)) = flush {
         warn!(error = %e, "producer flush at shutdown failed");

@@ -195,7 +195,11 @@ async fn claim_and_restore(
                 &revoked,
                 &mut fold,
             )?;
-            Ok::<(Restored, _, _), crate::kafka::KafkaEdgeError>((fold.finish(), from, consumer))
+            let restored = fold.finish();
+            // What the restore read and dropped is garbage now, much of it in this thread's
+            // arena (src/memory.rs).
+            crate::memory::release_free_heap();
+            Ok::<(Restored, _, _), crate::kafka::KafkaEdgeError>((restored, from, consumer))
         })
         .await
     };

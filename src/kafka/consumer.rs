@@ -109,7 +109,7 @@ pub fn run<P: Partitions>(
         topic: settings.topics.commands.clone(),
     };
     let consumer: BaseConsumer<GroupContext<P>> = settings
-        .client_config()
+        .consumer_config(super::COMMANDS_QUEUED_KBYTES)
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")

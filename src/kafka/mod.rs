@@ -71,7 +71,34 @@ impl KafkaSettings {
         }
         config
     }
+
+    /// A consumer's base configuration: [`Self::client_config`] with a bounded read-ahead.
+    /// librdkafka's defaults let a consumer hold up to 100,000 records or 64 MiB fetched
+    /// ahead, so a worker's memory after a restart grew with the backlog that queued while
+    /// it was away (docs/architecture.md, "Memory"). `queued_kbytes` bounds it; operators'
+    /// `--kafka-property` values still win.
+    pub fn consumer_config(&self, queued_kbytes: u32) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config.set("queued.max.messages.kbytes", queued_kbytes.to_string());
+        config.set(
+            "queued.min.messages",
+            CONSUMER_QUEUED_MIN_MESSAGES.to_string(),
+        );
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
 }
+
+/// Records a consumer tries to keep fetched ahead (librdkafka's default is 100,000): a few
+/// batches of the restore fold or of the command loop.
+const CONSUMER_QUEUED_MIN_MESSAGES: u32 = 5_000;
+/// Read-ahead of the group consumer of the commands topic, in KiB.
+pub const COMMANDS_QUEUED_KBYTES: u32 = 16 * 1024;
+/// Read-ahead of each state-partition consumer (restore, then the fence's tail), in KiB.
+pub const STATE_QUEUED_KBYTES: u32 = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaEdgeError {

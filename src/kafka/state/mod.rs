@@ -596,7 +596,7 @@ fn restore_group(settings: &KafkaSettings) -> String {
 
 fn restore_consumer(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaEdgeError> {
     settings
-        .client_config()
+        .consumer_config(super::STATE_QUEUED_KBYTES)
         .set("group.id", restore_group(settings))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -654,6 +654,9 @@ pub fn commit_snapshot(
         })?;
     Ok(true)
 }
+
+/// Records folded at once during a restore (`RestoreFold::apply_batch`).
+const RESTORE_BATCH: usize = 1000;
 
 /// Reads state partition `partition` up to and including the restore marker at
 /// `marker_offset`, which the caller wrote and saw acknowledged (blocking), and folds every
@@ -714,6 +717,10 @@ pub fn read_partition(
     };
     assign(next)?;
     let mut at_snapshot = from.is_none();
+    // Records are folded in batches: `apply_batch` decodes a batch on every core (decoding
+    // is most of a record's cost, docs/benchmarks.md "Restore throughput"). A batch is what
+    // the consumer already holds, up to `RESTORE_BATCH`: it never waits to fill one.
+    let mut batch: Vec<rdkafka::message::BorrowedMessage<'_>> = Vec::with_capacity(RESTORE_BATCH);
     while next <= marker_offset {
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return Err(KafkaEdgeError::Setup(format!(
@@ -725,14 +732,59 @@ pub fn read_partition(
                 "restore of {topic}/{partition} timed out at offset {next}, marker at {marker_offset}"
             )));
         }
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = match result {
-            Ok(message) => message,
+        batch.clear();
+        let mut failed = None;
+        while batch.len() < RESTORE_BATCH && next <= marker_offset {
+            let wait = if batch.is_empty() {
+                Duration::from_millis(200)
+            } else {
+                Duration::ZERO
+            };
+            let Some(result) = consumer.poll(wait) else {
+                break;
+            };
+            let message = match result {
+                Ok(message) => message,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let offset = message.offset();
+            if at_snapshot {
+                at_snapshot = false;
+                let epoch = super::fence::epoch_header(&message);
+                if let Err(why) =
+                    fold.start_at(next, offset, message.key(), message.payload(), epoch)
+                {
+                    // Never guess: read everything instead. (The batch is empty: this is
+                    // the first record read.)
+                    from = Some(why);
+                    fold.reset();
+                    next = 0;
+                    assign(0)?;
+                    break;
+                }
+            }
+            next = offset + 1;
+            batch.push(message);
+        }
+        let records: Vec<crate::engine::restore::RawRecord<'_>> = batch
+            .iter()
+            .map(|message| crate::engine::restore::RawRecord {
+                offset: message.offset(),
+                key: message.key(),
+                value: message.payload(),
+                epoch_header: super::fence::epoch_header(message),
+            })
+            .collect();
+        fold.apply_batch(&records);
+        drop(records);
+        match failed {
+            None => {}
             // The snapshot's first records are gone (time-based retention shorter than the
             // snapshot's age): reading on from elsewhere would miss live payments.
-            Err(rdkafka::error::KafkaError::MessageConsumption(
+            Some(rdkafka::error::KafkaError::MessageConsumption(
                 rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
                 | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange,
             )) => {
@@ -744,33 +796,13 @@ pub fn read_partition(
             // Other consumer errors here are librdkafka's reports of a broker going away or a
             // leader moving (a broker restart): it reconnects by itself, so keep reading until
             // the timeout instead of giving the partition up.
-            Err(e) => {
+            Some(e) => {
                 tracing::warn!(%topic, partition, next, error = %e, "restore read failed; retrying");
                 std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-        };
-        let offset = message.offset();
-        if at_snapshot {
-            at_snapshot = false;
-            let epoch = super::fence::epoch_header(&message);
-            if let Err(why) = fold.start_at(next, offset, message.key(), message.payload(), epoch) {
-                // Never guess: read everything instead.
-                from = Some(why);
-                fold.reset();
-                next = 0;
-                assign(0)?;
-                continue;
             }
         }
-        next = offset + 1;
-        fold.apply(
-            offset,
-            message.key(),
-            message.payload(),
-            super::fence::epoch_header(&message),
-        );
     }
+    drop(batch);
     let from = match from {
         None => fold.snapshot().map_or_else(
             || RestoreFrom::Beginning {
