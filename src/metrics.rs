@@ -342,9 +342,6 @@ impl Metrics {
     /// Creates the series of the known label values at zero, so that `rate()` and
     /// `increase()` see the first event of each (a series born at 1 has no increase).
     fn with_known_series(self) -> Self {
-        const ENDPOINTS: [&str; 7] = [
-            "initiate", "periodic", "bulk", "status", "details", "cancel", "token",
-        ];
         const STATUS_CLASSES: [&str; 7] = [
             "2xx",
             "4xx",
@@ -365,7 +362,8 @@ impl Metrics {
             "unknown",
         ];
         const OUTCOMES: [&str; 4] = ["accepted", "duplicate", "rejected", "dead_lettered"];
-        for endpoint in ENDPOINTS {
+        for endpoint in crate::belfius::guard::Call::ALL.map(crate::belfius::guard::Call::endpoint)
+        {
             self.bank_retries.with_label_values(&[endpoint]);
             for class in STATUS_CLASSES {
                 self.bank_requests.with_label_values(&[endpoint, class]);

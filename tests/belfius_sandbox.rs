@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chrono::{Datelike as _, NaiveDate};
+use pis_worker::belfius::client::portal::{ConsentRequest, ConsentScope, TransactionQuery};
 use pis_worker::belfius::client::{Cancelled, accept_header};
 use pis_worker::belfius::errors::BelfiusErrorCode as E;
 use pis_worker::belfius::pkce::Pkce;
@@ -2920,4 +2921,557 @@ async fn one_signature_encoding_is_accepted() {
         ),
         (Some(2), Some(1))
     );
+}
+
+// =============================================================================================
+// The rest of the portal: consent URIs, consent codes at /token, funds confirmation.
+
+impl Env {
+    /// A consent of `scope` requested through the client, granted by `psu`, its code
+    /// exchanged: the pair of that scope.
+    async fn consented(&self, scope: ConsentScope, iban: Option<&str>, psu: &str) -> TokenPair {
+        let pkce = Pkce::generate();
+        let uris = self
+            .client
+            .consent_uris(&ConsentRequest {
+                brand: Brand::Belfius,
+                scope,
+                iban,
+                language: Some(Language::Nl),
+                redirect_uri: REDIRECT,
+                code_challenge: &pkce.challenge,
+            })
+            .await
+            .unwrap();
+        let redirect = self.grant_consent(&uris[0].consent_uri, psu).await;
+        let code = SecretString::from(query(&redirect, "code").unwrap());
+        self.client
+            .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+            .await
+            .unwrap()
+    }
+
+    /// The PSU grants the consent its URI names (the operator API stands in for the page).
+    async fn grant_consent(&self, consent_uri: &str, psu: &str) -> url::Url {
+        let id = consent_id(consent_uri);
+        let (status, body) = self
+            .admin_post(&format!("admin/consents/{id}/grant?psu={psu}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "GRANTED");
+        url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap()
+    }
+
+    /// The headers of a well-formed `GET /consent-uris`; tests break one thing at a time.
+    fn consent_headers(&self, version: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let mut set = |name: &'static str, value: &str| {
+            headers.insert(name, HeaderValue::from_str(value).unwrap());
+        };
+        set("request-id", &uuid::Uuid::new_v4().to_string());
+        set("accept", &accept_header(version));
+        set("client-id", self.sandbox.client_id());
+        set("redirect-uri", REDIRECT);
+        set("code-challenge", &challenge());
+        set("code-challenge-method", "S256");
+        headers
+    }
+
+    async fn raw_consent(&self, query: &str, headers: HeaderMap) -> reqwest::Response {
+        let url = self
+            .sandbox
+            .api_base_url()
+            .join(&format!("consent-uris?{query}"))
+            .unwrap();
+        self.raw().get(url).headers(headers).send().await.unwrap()
+    }
+}
+
+/// The consent id is the last path segment of a consent URI.
+fn consent_id(consent_uri: &str) -> String {
+    let url = url::Url::parse(consent_uri).unwrap();
+    url.path_segments().unwrap().next_back().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn consent_uris_answer_per_language_and_a_granted_consent_gives_a_scoped_pair() {
+    let env = env().await;
+    let pkce = Pkce::generate();
+    let mut request = ConsentRequest {
+        brand: Brand::Belfius,
+        scope: ConsentScope::Ais,
+        iban: None,
+        language: None,
+        redirect_uri: REDIRECT,
+        code_challenge: &pkce.challenge,
+    };
+    // No language: every language's URI.
+    let all = env.client.consent_uris(&request).await.unwrap();
+    let languages: Vec<&str> = all.iter().map(|u| u.language.as_str()).collect();
+    assert_eq!(languages, ["fr", "nl"]);
+    // One language: its URI only.
+    request.language = Some(Language::Nl);
+    let uris = env.client.consent_uris(&request).await.unwrap();
+    assert_eq!(uris.len(), 1);
+    assert_eq!(uris[0].language, "nl");
+
+    // The PSU's page, then the grant through the page's own button (a browser's POST): 303
+    // back to the TPP with a code and the state the TPP appended.
+    let page = format!("{}&state=tpp-consent-1", uris[0].consent_uri);
+    let html = env
+        .admin
+        .get(&page)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("AIS consent on BELFIUS"), "{html}");
+    let id = consent_id(&uris[0].consent_uri);
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let form = browser
+        .post(
+            env.sandbox
+                .admin_base_url()
+                .join(&format!("consent/{id}/grant"))
+                .unwrap(),
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("psu=alice&state=tpp-consent-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), StatusCode::SEE_OTHER);
+    let back = url::Url::parse(form.headers()["location"].to_str().unwrap()).unwrap();
+    assert_eq!(query(&back, "state").as_deref(), Some("tpp-consent-1"));
+    let code = SecretString::from(query(&back, "code").unwrap());
+
+    let ais = env
+        .client
+        .exchange_code(Brand::Belfius, &code, &pkce.verifier, REDIRECT)
+        .await
+        .unwrap();
+    assert_eq!(ais.scope.as_deref(), Some("AIS"));
+    // An AIS token is not a PIS token: it cannot read a payment.
+    let (initiated, pis) = env.signed_with_tokens("E2E-CONSENT", "alice").await;
+    let (status, code, _) = refused_code(
+        env.client
+            .payment_details(
+                PaymentKind::Single,
+                Brand::Belfius,
+                PaymentProduct::SepaCreditTransfers,
+                &initiated.bank_payment_id,
+                &ais.access_token,
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
+    // And a consent does not replace the PSU's PIS pair (one pair per scope).
+    let _caf = env
+        .consented(ConsentScope::Caf, Some(BELFIUS_DEBTOR), "alice")
+        .await;
+    assert!(
+        env.client
+            .payment_details(
+                PaymentKind::Single,
+                Brand::Belfius,
+                PaymentProduct::SepaCreditTransfers,
+                &initiated.bank_payment_id,
+                &pis.access_token,
+            )
+            .await
+            .is_ok()
+    );
+    // The consent is listed, granted, with its PSU.
+    let (_, listed) = env.admin_get("admin/consents").await;
+    let granted = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(granted["status"], "GRANTED");
+    assert_eq!(granted["psu"], "alice");
+    assert_eq!(granted["scope"], "AIS");
+}
+
+#[tokio::test]
+async fn consent_uris_refusals() {
+    let env = env().await;
+    // Each refusal, then the control: the same request well-formed is answered.
+    let cases: Vec<(&str, &str, Box<dyn Fn(&mut HeaderMap)>, u16, &str)> = vec![
+        ("", "4", Box::new(|_| {}), 400, "GEN-1201-100002"),
+        ("scope=PIS", "4", Box::new(|_| {}), 400, "GEN-1202-100002"),
+        ("scope=AIS", "3", Box::new(|_| {}), 400, "GEN-1202-100001"),
+        (
+            "scope=AIS&iban=BE71096123456769",
+            "4",
+            Box::new(|_| {}),
+            400,
+            "GEN-1202-100002",
+        ),
+        ("scope=CAF", "3", Box::new(|_| {}), 400, "GEN-1201-100002"),
+        (
+            "scope=CAF&iban=BE71096123456768",
+            "3",
+            Box::new(|_| {}),
+            400,
+            "GEN-1202-100002",
+        ),
+        // A Banx account on the Belfius host.
+        (
+            "scope=CAF&iban=BE76977123456795",
+            "3",
+            Box::new(|_| {}),
+            403,
+            "B14800ZZ-3007-000000",
+        ),
+        (
+            "scope=AIS",
+            "4",
+            Box::new(|h: &mut HeaderMap| {
+                h.insert(
+                    "redirect-uri",
+                    HeaderValue::from_static("https://evil.example/cb"),
+                );
+            }),
+            400,
+            "GEN-1202-100001",
+        ),
+        (
+            "scope=AIS",
+            "4",
+            Box::new(|h: &mut HeaderMap| {
+                h.remove("code-challenge");
+            }),
+            400,
+            "GEN-1201-100001",
+        ),
+        (
+            "scope=AIS",
+            "4",
+            Box::new(|h: &mut HeaderMap| {
+                h.insert("client-id", HeaderValue::from_static("someone-else"));
+            }),
+            401,
+            "GEN-1203-100009",
+        ),
+    ];
+    for (query, version, breaks, status, code) in cases {
+        let mut headers = env.consent_headers(version);
+        breaks(&mut headers);
+        let (got_status, _, got_code) = error_triple(env.raw_consent(query, headers).await).await;
+        assert_eq!(
+            (got_status.as_u16(), got_code.as_str()),
+            (status, code),
+            "{query} v{version}"
+        );
+    }
+    // A language the bank has no page in: 406 [P].
+    let mut headers = env.consent_headers("4");
+    headers.insert("accept-language", HeaderValue::from_static("en"));
+    let response = env.raw_consent("scope=AIS", headers).await;
+    assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
+    // Controls.
+    for (query, version) in [("scope=AIS", "4"), ("scope=CAF&iban=BE71096123456769", "3")] {
+        let response = env.raw_consent(query, env.consent_headers(version)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body.as_array().map(Vec::len), Some(2), "{body}");
+    }
+    // Through the client, a refusal is typed.
+    let pkce = Pkce::generate();
+    let (status, code, _) = refused_code(
+        env.client
+            .consent_uris(&ConsentRequest {
+                brand: Brand::Belfius,
+                scope: ConsentScope::Caf,
+                iban: None,
+                language: Some(Language::Fr),
+                redirect_uri: REDIRECT,
+                code_challenge: &pkce.challenge,
+            })
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (400, "GEN-1201-100002"));
+}
+
+#[tokio::test]
+async fn a_refused_consent_sends_the_psu_back_with_access_denied_and_no_code() {
+    let env = env().await;
+    let pkce = Pkce::generate();
+    let uris = env
+        .client
+        .consent_uris(&ConsentRequest {
+            brand: Brand::Belfius,
+            scope: ConsentScope::Ais,
+            iban: None,
+            language: Some(Language::Fr),
+            redirect_uri: REDIRECT,
+            code_challenge: &pkce.challenge,
+        })
+        .await
+        .unwrap();
+    let id = consent_id(&uris[0].consent_uri);
+    let (status, body) = env
+        .admin_post(&format!("admin/consents/{id}/refuse?state=s-1"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "REFUSED");
+    let back = url::Url::parse(body["redirect_url"].as_str().unwrap()).unwrap();
+    assert_eq!(query(&back, "error").as_deref(), Some("access_denied"));
+    assert_eq!(query(&back, "state").as_deref(), Some("s-1"));
+    assert_eq!(query(&back, "code"), None);
+    // Acting again is a conflict.
+    let (status, _) = env.admin_post(&format!("admin/consents/{id}/grant")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn funds_confirmation_answers_from_the_ledger_under_a_caf_token_for_that_account() {
+    let env = env().await;
+    let caf = env
+        .consented(ConsentScope::Caf, Some(BELFIUS_DEBTOR), "carol")
+        .await;
+    assert_eq!(caf.scope.as_deref(), Some("CAF"));
+    let (status, _) = env
+        .admin_post_json(
+            &format!("admin/accounts/{BELFIUS_DEBTOR}/balance"),
+            Some(json!({"balance": "50.00"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let ask = |minor: i64| {
+        env.client.funds_available(
+            Brand::Belfius,
+            &caf.access_token,
+            BELFIUS_DEBTOR,
+            Amount::from_minor(minor),
+            "EUR",
+        )
+    };
+    assert!(ask(5_000).await.unwrap());
+    assert!(!ask(5_001).await.unwrap());
+
+    // Settlement moves the balance: a payment of 30.00 from the account, signed and settled,
+    // leaves 20.00, and is booked with its end-to-end id.
+    let mut paying = order("E2E-CAF-SETTLE");
+    paying.amount = Amount::from_minor(3_000);
+    paying.debtor_iban = Some(BELFIUS_DEBTOR.into());
+    let initiated = env
+        .client
+        .initiate_payment(&paying, &challenge(), None)
+        .await
+        .unwrap();
+    env.sign("E2E-CAF-SETTLE").await;
+    tokio::time::sleep(SETTLE + Duration::from_millis(100)).await;
+    assert_eq!(env.status(&initiated.bank_payment_id).await, "ACSC");
+    assert!(ask(2_000).await.unwrap());
+    assert!(!ask(2_001).await.unwrap());
+    let (_, account) = env
+        .admin_get(&format!("admin/accounts/{BELFIUS_DEBTOR}"))
+        .await;
+    assert_eq!(account["balance"], "20.00");
+    let bookings = account["bookings"].as_array().unwrap();
+    assert_eq!(bookings.len(), 1, "{account}");
+    assert_eq!(bookings[0]["end_to_end_id"], "E2E-CAF-SETTLE");
+    assert_eq!(bookings[0]["amount_minor"], -3_000);
+
+    // Another account than the consent's: refused. A PIS token: refused.
+    let (status, code, _) = refused_code(
+        env.client
+            .funds_available(
+                Brand::Belfius,
+                &caf.access_token,
+                "BE41063012345610",
+                Amount::from_minor(1),
+                "EUR",
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (403, "GEN-1203-100003"));
+    let (_, pis) = env.signed_with_tokens("E2E-CAF-PIS", "carol").await;
+    let (status, code, _) = refused_code(
+        env.client
+            .funds_available(
+                Brand::Belfius,
+                &pis.access_token,
+                BELFIUS_DEBTOR,
+                Amount::from_minor(1),
+                "EUR",
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
+    // Or the token of the other brand's host (tokens are brand-bound).
+    let (status, code, _) = refused_code(
+        env.client
+            .funds_available(
+                Brand::Banx,
+                &caf.access_token,
+                BELFIUS_DEBTOR,
+                Amount::from_minor(1),
+                "EUR",
+            )
+            .await,
+    );
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
+
+    // Raw: a number amount and a wrong version are refused.
+    let url = env
+        .sandbox
+        .api_base_url()
+        .join("funds-confirmations")
+        .unwrap();
+    for (version, amount, code) in [
+        ("1", json!(12.0), "GEN-1202-100002"),
+        ("2", json!("12.00"), "GEN-1202-100001"),
+    ] {
+        let response = env
+            .raw()
+            .post(url.clone())
+            .header("request-id", uuid::Uuid::new_v4().to_string())
+            .header("accept", accept_header(version))
+            .header("client-id", env.sandbox.client_id())
+            .header("content-type", "application/json")
+            .bearer_auth(caf.access_token.expose_secret())
+            .json(&json!({"account": {"iban": BELFIUS_DEBTOR},
+                          "instructed_amount": {"currency": "EUR", "amount": amount}}))
+            .send()
+            .await
+            .unwrap();
+        let (status, _, got) = error_triple(response).await;
+        assert_eq!((status.as_u16(), got.as_str()), (400, code), "v{version}");
+    }
+    let counters = env.counters().await;
+    assert_eq!(counters["funds_confirmations"], 4);
+}
+
+#[tokio::test]
+async fn account_information_lists_the_granted_accounts_and_pages_their_settled_history() {
+    let env = env().await;
+    const SECOND: &str = "BE41063012345610";
+    for iban in [BELFIUS_DEBTOR, SECOND] {
+        let (status, _) = env
+            .admin_post_json(
+                &format!("admin/accounts/{iban}/balance"),
+                Some(json!({"balance": "1000.00", "psu": "dora"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Three payments from the first account, signed by its holder, settled.
+    for i in 1..=3 {
+        let e2e = format!("E2E-AIS-{i}");
+        let mut paying = order(&e2e);
+        paying.amount = Amount::from_minor(100 * i);
+        paying.debtor_iban = Some(BELFIUS_DEBTOR.into());
+        env.client
+            .initiate_payment(&paying, &challenge(), None)
+            .await
+            .unwrap();
+        env.sign_as(&e2e, "dora").await;
+    }
+    tokio::time::sleep(SETTLE + Duration::from_millis(100)).await;
+
+    let ais = env.consented(ConsentScope::Ais, None, "dora").await;
+    let accounts = env
+        .client
+        .accounts(Brand::Belfius, &ais.access_token)
+        .await
+        .unwrap();
+    let mut ibans: Vec<&str> = accounts.iter().map(|a| a.iban.as_str()).collect();
+    ibans.sort_unstable();
+    assert_eq!(ibans, [SECOND, BELFIUS_DEBTOR]);
+    let first = accounts.iter().find(|a| a.iban == BELFIUS_DEBTOR).unwrap();
+    // Settled by now (nobody read their status: the bank settles all the same).
+    assert_eq!(first.balance.as_deref(), Some("994.00"));
+
+    // Two pages of two, newest first; the e2e ids and signed amounts are there.
+    let page = |next: Option<String>| {
+        let token = ais.access_token.clone();
+        let id = first.logical_id.clone();
+        let client = &env.client;
+        async move {
+            client
+                .transactions(
+                    Brand::Belfius,
+                    &token,
+                    &id,
+                    TransactionQuery {
+                        next: next.as_deref(),
+                        page_size: Some(2),
+                        psu_involved: true,
+                        ..TransactionQuery::default()
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let one = page(None).await;
+    let two = page(one.next_page_key.clone()).await;
+    assert!(two.next_page_key.is_none(), "{two:?}");
+    let seen: Vec<(Option<&str>, &str)> = one
+        .booked
+        .iter()
+        .chain(&two.booked)
+        .map(|b| (b.end_to_end_id.as_deref(), b.amount.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("E2E-AIS-3"), "-3.00"),
+            (Some("E2E-AIS-2"), "-2.00"),
+            (Some("E2E-AIS-1"), "-1.00")
+        ]
+    );
+
+    // Four unattended calls per account and day, then 429 until the window moves.
+    let unattended = || {
+        env.client.transactions(
+            Brand::Belfius,
+            &ais.access_token,
+            &first.logical_id,
+            TransactionQuery::default(),
+        )
+    };
+    for _ in 0..4 {
+        unattended().await.unwrap();
+    }
+    let refused = unattended().await;
+    assert!(
+        matches!(refused, Err(BankError::RateLimited { .. })),
+        "{refused:?}"
+    );
+    // The other account has its own four; a PSU-involved call is not counted.
+    page(None).await;
+
+    // An account outside the consent is 404; a CAF token is no AIS token.
+    let url = env
+        .sandbox
+        .api_base_url()
+        .join("accounts/00000000-0000-0000-0000-000000000000/transactions")
+        .unwrap();
+    let response = env
+        .raw()
+        .get(url)
+        .header("request-id", uuid::Uuid::new_v4().to_string())
+        .header("accept", accept_header("3"))
+        .header("client-id", env.sandbox.client_id())
+        .bearer_auth(ais.access_token.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let caf = env
+        .consented(ConsentScope::Caf, Some(BELFIUS_DEBTOR), "dora")
+        .await;
+    let (status, code, _) =
+        refused_code(env.client.accounts(Brand::Belfius, &caf.access_token).await);
+    assert_eq!((status, code.as_str()), (401, "GEN-1203-100003"));
 }

@@ -24,6 +24,8 @@ use crate::domain::model::{
 };
 use crate::metrics::metrics;
 
+pub mod portal;
+
 /// Header names of the Belfius API [P §2.2]. HTTP header names are case-insensitive.
 pub mod headers {
     pub const REQUEST_ID: &str = "request-id";

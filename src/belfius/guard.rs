@@ -231,6 +231,14 @@ pub enum Call {
     Cancel,
     TokenExchange,
     TokenRefresh,
+    /// `GET /consent-uris` (AIS or CAF consent).
+    ConsentUris,
+    /// `POST /funds-confirmations` (CAF).
+    FundsConfirmation,
+    /// `GET /accounts` (AIS).
+    Accounts,
+    /// `GET /accounts/{id}/transactions` (AIS).
+    Transactions,
 }
 
 /// When a failed call may be sent again.
@@ -255,7 +263,7 @@ pub enum WhileOpen {
 }
 
 impl Call {
-    pub const ALL: [Call; 8] = [
+    pub const ALL: [Call; 12] = [
         Call::Initiate,
         Call::InitiatePeriodic,
         Call::InitiateBulk,
@@ -264,6 +272,10 @@ impl Call {
         Call::Cancel,
         Call::TokenExchange,
         Call::TokenRefresh,
+        Call::ConsentUris,
+        Call::FundsConfirmation,
+        Call::Accounts,
+        Call::Transactions,
     ];
 
     /// Whether this call creates a payment (its answer may be a redirect, docs/belfius.md).
@@ -274,7 +286,11 @@ impl Call {
             | Call::Details
             | Call::Cancel
             | Call::TokenExchange
-            | Call::TokenRefresh => false,
+            | Call::TokenRefresh
+            | Call::ConsentUris
+            | Call::FundsConfirmation
+            | Call::Accounts
+            | Call::Transactions => false,
         }
     }
 
@@ -288,13 +304,25 @@ impl Call {
             Call::Details => "details",
             Call::Cancel => "cancel",
             Call::TokenExchange | Call::TokenRefresh => "token",
+            Call::ConsentUris => "consent_uris",
+            Call::FundsConfirmation => "funds_confirmation",
+            Call::Accounts => "accounts",
+            Call::Transactions => "transactions",
         }
     }
 
     pub fn retry_class(self) -> RetryClass {
         match self {
             Call::Initiate | Call::InitiatePeriodic | Call::InitiateBulk => RetryClass::Never,
-            Call::Status | Call::Details => RetryClass::Idempotent,
+            // A repeated consent request only leaves one more pending consent to expire.
+            // Reads. An unattended AIS read retried after a lost answer may spend one more of
+            // the day's four calls: the caller's budget counts attempts, not successes.
+            Call::Status
+            | Call::Details
+            | Call::ConsentUris
+            | Call::FundsConfirmation
+            | Call::Accounts
+            | Call::Transactions => RetryClass::Idempotent,
             Call::Cancel | Call::TokenExchange | Call::TokenRefresh => {
                 RetryClass::OnlyIfUnprocessed
             }
@@ -305,6 +333,11 @@ impl Call {
         match self {
             // The machine re-schedules a failed poll; a details read is an operator's lookup.
             Call::Status | Call::Details => WhileOpen::FailFast,
+            // A funds check never holds a payment up (docs/belfius.md, "Funds confirmation");
+            // a consent request is answered to its client at once, either way.
+            Call::ConsentUris | Call::FundsConfirmation | Call::Accounts | Call::Transactions => {
+                WhileOpen::FailFast
+            }
             // Failing these would spend an initiation attempt, drop a PSU's authorization code
             // or turn a client's cancellation into a refusal: they wait instead.
             Call::Initiate

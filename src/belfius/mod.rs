@@ -172,6 +172,14 @@ pub struct ApiVersions {
     pub payment_details: String,
     pub payment_cancellation: String,
     pub token: String,
+    /// `GET /consent-uris` with `scope=AIS`: [P] version 4 only.
+    pub consent_uris_ais: String,
+    /// `GET /consent-uris` with `scope=CAF` and the account's IBAN: [I] version 3.
+    pub consent_uris_caf: String,
+    /// `POST /funds-confirmations`: [P] version 1.
+    pub funds_confirmation: String,
+    /// `GET /accounts…` (AIS): [P] version 3 (Tink and Yolt sent 2).
+    pub accounts: String,
 }
 
 impl Default for ApiVersions {
@@ -186,6 +194,10 @@ impl Default for ApiVersions {
             // [P] the portal's /token is at version 3 (said for AIS); others are tried in turn
             // if the bank refuses it (`client::TOKEN_VERSIONS`).
             token: "3".into(),
+            consent_uris_ais: "4".into(),
+            consent_uris_caf: "3".into(),
+            funds_confirmation: "1".into(),
+            accounts: "3".into(),
         }
     }
 }

@@ -107,6 +107,18 @@ pub struct RunArgs {
     /// Tried first; if the bank refuses it, the other known versions are (3, 2, 1.1, 1).
     #[arg(long, env = "PIS_API_VERSION_TOKEN", default_value = "3")]
     pub api_version_token: String,
+    /// `GET /consent-uris` for AIS consents ([P] version 4).
+    #[arg(long, env = "PIS_API_VERSION_CONSENT_AIS", default_value = "4")]
+    pub api_version_consent_ais: String,
+    /// `GET /consent-uris` for CAF consents, which name one IBAN ([I] version 3).
+    #[arg(long, env = "PIS_API_VERSION_CONSENT_CAF", default_value = "3")]
+    pub api_version_consent_caf: String,
+    /// `POST /funds-confirmations` ([P] version 1).
+    #[arg(long, env = "PIS_API_VERSION_FUNDS", default_value = "1")]
+    pub api_version_funds: String,
+    /// `GET /accounts…` (AIS: settlement evidence, [P] version 3).
+    #[arg(long, env = "PIS_API_VERSION_ACCOUNTS", default_value = "3")]
+    pub api_version_accounts: String,
     /// `string` ("12.34") or `number` (12.34) for amounts in initiation bodies: undocumented
     /// for v3 (docs/belfius.md); `pis-worker bank-check` tells which one the bank takes.
     #[arg(long, env = "PIS_AMOUNT_FORMAT", default_value = "string")]
@@ -314,6 +326,10 @@ impl RunArgs {
                 bulk_initiation: self.api_version_bulk.clone(),
                 payment_details: self.api_version_details.clone(),
                 payment_cancellation: self.api_version_cancellation.clone(),
+                consent_uris_ais: self.api_version_consent_ais.clone(),
+                consent_uris_caf: self.api_version_consent_caf.clone(),
+                funds_confirmation: self.api_version_funds.clone(),
+                accounts: self.api_version_accounts.clone(),
             },
             qseal,
             amount_format: self.amount_format,

@@ -22,6 +22,8 @@ use super::store::{
     DEFAULT_PSU, InvalidState, PsuAction, PsuError, PsuOutcome, ScaState, SettingsPatch,
 };
 
+mod consents;
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -37,6 +39,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/reset", post(reset))
         .route("/sca/{id}", get(sca_page))
         .route("/sca/{id}/{action}", post(sca_act))
+        .route("/admin/consents", get(consents::list))
+        .route("/admin/consents/{id}/{action}", post(consents::act))
+        .route("/consent/{id}", get(consents::page))
+        .route("/consent/{id}/{action}", post(consents::page_act))
+        .route("/admin/accounts/{iban}", get(consents::account))
+        .route(
+            "/admin/accounts/{iban}/balance",
+            post(consents::set_balance),
+        )
         .with_state(shared)
 }
 

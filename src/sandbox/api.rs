@@ -31,7 +31,7 @@ use super::faults::{self, Faults};
 use super::onboarding::{self, PeerCertificate};
 use super::store::{
     AutoAction, BulkLine, CancelError, Challenge, ChallengeMethod, GrantError, NewPayment, Payment,
-    Scenario, Schedule, Store, TokenCheck,
+    Scenario, Schedule, Scope, Store, TokenCheck,
 };
 use super::{Rules, Shared};
 use crate::belfius::answer::AnswerShape;
@@ -118,6 +118,8 @@ pub const DOCUMENTED_ERRORS: &[(u16, &str, &str)] = &[
     (403, "FORBIDDEN", "B14821ZZ-2101-000000"),
 ];
 
+mod portal;
+
 /// What every handler sees: the shared bank and the brand of the host it serves.
 #[derive(Clone)]
 pub struct ApiState {
@@ -137,6 +139,11 @@ pub fn router(shared: Arc<Shared>, brand: Brand, faults: Faults) -> Router {
     }
     router
         .route("/token", post(token))
+        .route("/consent-uris", get(portal::consent_uris))
+        .route("/funds-confirmations", post(portal::funds_confirmation))
+        .route("/accounts", get(portal::accounts))
+        .route("/accounts/{id}", get(portal::account))
+        .route("/accounts/{id}/transactions", get(portal::transactions))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -748,9 +755,9 @@ fn token_psu(shared: &Shared, brand: Brand, token: Option<&str>) -> Result<Strin
         .ok_or_else(ApiError::invalid_token)?;
     match shared
         .store()
-        .check_access_token(token, brand, Instant::now())
+        .check_access_token(token, brand, Scope::Pis, Instant::now())
     {
-        TokenCheck::Valid { psu } => Ok(psu),
+        TokenCheck::Valid { psu, .. } => Ok(psu),
         TokenCheck::Invalidated | TokenCheck::Expired | TokenCheck::Unknown => {
             Err(ApiError::invalid_token())
         }
@@ -769,6 +776,14 @@ fn authorization(
             psu: Some(token_psu(shared, brand, Some(token))?),
         });
     }
+    Ok(Authorization {
+        challenge: Some(pkce_challenge(headers)?),
+        psu: None,
+    })
+}
+
+/// The `Code-Challenge` and `Code-Challenge-Method` headers, both mandatory here.
+fn pkce_challenge(headers: &HeaderMap) -> Result<Challenge, ApiError> {
     let challenge = required_header(headers, h::CODE_CHALLENGE)?;
     let method = required_header(headers, h::CODE_CHALLENGE_METHOD)?;
     let method = if method.eq_ignore_ascii_case("S256") {
@@ -800,12 +815,9 @@ fn authorization(
             "not an RFC 7636 challenge",
         ));
     }
-    Ok(Authorization {
-        challenge: Some(Challenge {
-            value: challenge.to_owned(),
-            method,
-        }),
-        psu: None,
+    Ok(Challenge {
+        value: challenge.to_owned(),
+        method,
     })
 }
 
@@ -1686,7 +1698,7 @@ fn token_inner(
         // [C] Belfius sent expires_in as a string.
         "expires_in": pair.expires_in.as_secs().to_string(),
         "refresh_token": pair.refresh_token.expose_secret(),
-        "scope": "PIS",
+        "scope": pair.scope.as_str(),
     });
     let mut response = (StatusCode::OK, Json(body)).into_response();
     let response_headers = response.headers_mut();

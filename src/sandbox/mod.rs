@@ -11,6 +11,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod faults;
+pub mod ledger;
 pub mod onboarding;
 pub mod store;
 pub mod tls;

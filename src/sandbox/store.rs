@@ -36,6 +36,41 @@ pub const DEFAULT_PSU: &str = "psu-default";
 
 pub type Digest = [u8; 32];
 
+mod consent;
+pub use consent::{
+    Consent, ConsentAction, ConsentError, ConsentOutcome, ConsentStatus, ConsentView, NewConsent,
+    UNATTENDED_PER_DAY,
+};
+
+/// What a token pair may be used for. Belfius keeps one pair per PSU **and scope**
+/// (docs/belfius-facts.md §3.2): an AIS consent does not replace the PSU's PIS pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Scope {
+    Pis,
+    Ais,
+    Caf,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Pis => "PIS",
+            Scope::Ais => "AIS",
+            Scope::Caf => "CAF",
+        }
+    }
+
+    /// The `scope` query parameter of `GET /consent-uris` (AIS or CAF; PIS does not use it).
+    pub fn of_consent(text: &str) -> Option<Self> {
+        match text {
+            "AIS" => Some(Scope::Ais),
+            "CAF" => Some(Scope::Caf),
+            _ => None,
+        }
+    }
+}
+
 pub fn digest(secret: &str) -> Digest {
     Sha256::digest(secret.as_bytes()).into()
 }
@@ -445,6 +480,10 @@ pub enum GrantError {
 pub enum TokenCheck {
     Valid {
         psu: String,
+        /// The accounts the pair covers: a CAF pair's one IBAN ("limited to a given type and
+        /// given IBAN", docs/belfius-facts.md §13), the accounts an AIS consent granted; none
+        /// for PIS.
+        accounts: Vec<String>,
     },
     /// Replaced by a newer pair of the same PSU (one pair per PSU and scope
     /// [P docs/belfius-facts.md §3.2]).
@@ -454,7 +493,11 @@ pub enum TokenCheck {
 }
 
 struct IssuedCode {
+    /// The payment or the consent the code was issued for.
     payment_id: String,
+    scope: Scope,
+    /// The accounts a consent covers (none for a payment's code).
+    accounts: Vec<String>,
     /// The brand host of the payment: the only one whose /token knows the code.
     brand: Brand,
     psu: String,
@@ -475,6 +518,8 @@ enum TokenKind {
 
 struct IssuedToken {
     kind: TokenKind,
+    scope: Scope,
+    accounts: Vec<String>,
     /// The brand host that issued it: the only one that accepts it.
     brand: Brand,
     /// The code redemption it descends from (through refreshes).
@@ -494,6 +539,7 @@ pub struct IssuedPair {
     pub access_token: SecretString,
     pub refresh_token: SecretString,
     pub expires_in: Duration,
+    pub scope: Scope,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -535,6 +581,10 @@ pub struct Counters {
     pub invalidated_token_reuses: u64,
     pub signatures_checked: u64,
     pub signatures_failed: u64,
+    /// Every request that reached `POST /funds-confirmations`, refused ones included.
+    pub funds_confirmation_requests: u64,
+    /// Funds confirmations answered (either way).
+    pub funds_confirmations: u64,
 }
 
 /// Initiations per authentication method.
@@ -551,9 +601,14 @@ pub struct Store {
     order: Vec<String>,
     codes: HashMap<Digest, IssuedCode>,
     tokens: HashMap<Digest, IssuedToken>,
-    /// Digests of each PSU's live (not invalidated) tokens, per brand: a Belfius and a Banx
-    /// login are two customers of two channels, each with its own pair.
-    live: HashMap<(Brand, String), HashSet<Digest>>,
+    /// Digests of each PSU's live (not invalidated) tokens, per brand and scope: a Belfius and
+    /// a Banx login are two customers of two channels, each with its own pair per scope.
+    live: HashMap<(Brand, String, Scope), HashSet<Digest>>,
+    consents: HashMap<String, Consent>,
+    /// Unattended AIS calls per account in the last 24 h (`consent::UNATTENDED_PER_DAY`).
+    unattended: HashMap<String, std::collections::VecDeque<Instant>>,
+    /// Balances and bookings per account: what CAF answers from and settlement moves.
+    pub ledger: super::ledger::Ledger,
     /// Code redemptions so far: the id of the latest grant.
     grants: u64,
     pub counters: Counters,
@@ -575,6 +630,9 @@ impl Store {
             codes: HashMap::new(),
             tokens: HashMap::new(),
             live: HashMap::new(),
+            consents: HashMap::new(),
+            unattended: HashMap::new(),
+            ledger: super::ledger::Ledger::default(),
             grants: 0,
             counters: Counters::default(),
             forget_final_after: None,
@@ -895,6 +953,23 @@ impl Store {
     }
 
     /// Applies the transitions that were due by `now`, each at the instant it was due.
+    /// Brings every payment from `iban` up to `now` (settlement is lazy, on read): the
+    /// account's balance and history then show what has settled by now.
+    pub fn advance_account(&mut self, iban: &str, now: Instant) {
+        // In the order they were signed: the account books them in that order.
+        let mut due: Vec<(Option<Instant>, Instant, String)> = self
+            .payments
+            .values()
+            .filter(|p| p.debtor_iban.as_deref() == Some(iban))
+            .filter(|p| p.status == TransactionStatus::Actc)
+            .map(|p| (p.signed_at, p.created, p.id.clone()))
+            .collect();
+        due.sort();
+        for (_, _, id) in due {
+            self.advance(&id, now);
+        }
+    }
+
     fn advance(&mut self, id: &str, now: Instant) {
         let settings = self.settings;
         loop {
@@ -961,6 +1036,7 @@ impl Store {
                             let due = p.requested_execution_date.is_none_or(|d| d <= today);
                             if settled && due {
                                 settle(p);
+                                book_settlement(&mut self.ledger, p, today);
                             }
                         }
                     }
@@ -1027,6 +1103,12 @@ impl Store {
                     // The code issued now is bound to this PSU: its tokens are this PSU's.
                     p.psu = Some(psu);
                 }
+                // The signer holds the debtor account: AIS consents list it.
+                if let (true, Some(debtor), Some(owner)) =
+                    (first_signer, p.debtor_iban.as_deref(), p.psu.as_deref())
+                {
+                    self.ledger.claim(debtor, owner);
+                }
                 if (first_signer && p.scenario.multi_sign) || partial {
                     p.status = TransactionStatus::Patc;
                 } else {
@@ -1044,6 +1126,8 @@ impl Store {
                             digest(code.expose_secret()),
                             IssuedCode {
                                 payment_id: p.id.clone(),
+                                scope: Scope::Pis,
+                                accounts: Vec::new(),
                                 brand: p.brand,
                                 psu: p.psu.clone().unwrap_or_else(|| DEFAULT_PSU.into()),
                                 redirect_uri: p.redirect_uri.clone(),
@@ -1111,7 +1195,7 @@ impl Store {
             .ok_or(GrantError::UnknownCode)?;
         if entry.used {
             if let Some(grant) = entry.grant.take() {
-                let key = (entry.brand, entry.psu.clone());
+                let key = (entry.brand, entry.psu.clone(), entry.scope);
                 self.revoke_grant(key, grant);
             }
             return Err(GrantError::CodeUsed);
@@ -1128,15 +1212,25 @@ impl Store {
         entry.used = true;
         tracing::debug!(payment_id = entry.payment_id, "authorization code redeemed");
         let psu = entry.psu.clone();
+        let (scope, accounts) = (entry.scope, entry.accounts.clone());
         self.grants += 1;
         let grant = self.grants;
         entry.grant = Some(grant);
-        Ok(self.issue_pair(brand, &psu, grant, now))
+        Ok(self.issue_pair(
+            brand,
+            &psu,
+            Grant {
+                id: grant,
+                scope,
+                accounts,
+            },
+            now,
+        ))
     }
 
     /// Forgets the PSU's live pair if it descends from `grant`: from now on it is unknown,
     /// wherever presented. Pairs it replaced stay known as replaced.
-    fn revoke_grant(&mut self, key: (Brand, String), grant: u64) {
+    fn revoke_grant(&mut self, key: (Brand, String, Scope), grant: u64) {
         let Some(live) = self.live.get(&key) else {
             return;
         };
@@ -1172,18 +1266,24 @@ impl Store {
             Some(t) if t.expires.is_some_and(|expires| now >= expires) => {
                 return Err(GrantError::RefreshTokenExpired);
             }
-            Some(t) => (t.psu.clone(), t.grant),
+            Some(t) => (
+                t.psu.clone(),
+                Grant {
+                    id: t.grant,
+                    scope: t.scope,
+                    accounts: t.accounts.clone(),
+                },
+            ),
             None => return Err(GrantError::InvalidRefreshToken),
         };
         self.counters.refreshes += 1;
         Ok(self.issue_pair(brand, &psu, grant, now))
     }
 
-    /// ONE pair per (PSU, scope PIS) [P docs/belfius-facts.md §3.2] and brand: issuing
-    /// invalidates the PSU's previous pair at that brand. `grant`: the code redemption the
-    /// pair descends from.
-    fn issue_pair(&mut self, brand: Brand, psu: &str, grant: u64, now: Instant) -> IssuedPair {
-        let key = (brand, psu.to_owned());
+    /// ONE pair per (PSU, scope) [P docs/belfius-facts.md §3.2] and brand: issuing
+    /// invalidates the PSU's previous pair of that scope at that brand.
+    fn issue_pair(&mut self, brand: Brand, psu: &str, grant: Grant, now: Instant) -> IssuedPair {
+        let key = (brand, psu.to_owned(), grant.scope);
         for old in self.live.remove(&key).unwrap_or_default() {
             if let Some(token) = self.tokens.get_mut(&old) {
                 token.invalidated = true;
@@ -1194,48 +1294,59 @@ impl Store {
         let refresh_token = random_secret();
         let access = digest(access_token.expose_secret());
         let refresh = digest(refresh_token.expose_secret());
-        self.tokens.insert(
-            access,
-            IssuedToken {
-                kind: TokenKind::Access,
-                brand,
-                grant,
-                psu: psu.to_owned(),
-                expires: Some(now + lifetime),
-                invalidated: false,
-                invalid_uses: 0,
-            },
-        );
-        self.tokens.insert(
-            refresh,
-            IssuedToken {
-                kind: TokenKind::Refresh,
-                brand,
-                grant,
-                psu: psu.to_owned(),
-                expires: Some(now + self.settings.refresh_token_lifetime),
-                invalidated: false,
-                invalid_uses: 0,
-            },
-        );
+        for (digest, kind, expires) in [
+            (access, TokenKind::Access, now + lifetime),
+            (
+                refresh,
+                TokenKind::Refresh,
+                now + self.settings.refresh_token_lifetime,
+            ),
+        ] {
+            self.tokens.insert(
+                digest,
+                IssuedToken {
+                    kind,
+                    scope: grant.scope,
+                    accounts: grant.accounts.clone(),
+                    brand,
+                    grant: grant.id,
+                    psu: psu.to_owned(),
+                    expires: Some(expires),
+                    invalidated: false,
+                    invalid_uses: 0,
+                },
+            );
+        }
         self.live.insert(key, HashSet::from([access, refresh]));
         self.counters.tokens_issued += 1;
         IssuedPair {
             access_token,
             refresh_token,
             expires_in: lifetime,
+            scope: grant.scope,
         }
     }
 
-    /// Checks an access token presented on `brand`'s host; a replaced one is counted (it
-    /// reveals a TPP that lost track of its single pair). The other brand's tokens are unknown
-    /// here.
-    pub fn check_access_token(&mut self, token: &str, brand: Brand, now: Instant) -> TokenCheck {
+    /// Checks an access token of `scope` presented on `brand`'s host; a replaced one is
+    /// counted (it reveals a TPP that lost track of its single pair). The other brand's
+    /// tokens, and tokens of another scope, are unknown here.
+    pub fn check_access_token(
+        &mut self,
+        token: &str,
+        brand: Brand,
+        scope: Scope,
+        now: Instant,
+    ) -> TokenCheck {
         let check = match self.tokens.get(&digest(token)) {
-            Some(t) if t.kind != TokenKind::Access || t.brand != brand => TokenCheck::Unknown,
+            Some(t) if t.kind != TokenKind::Access || t.brand != brand || t.scope != scope => {
+                TokenCheck::Unknown
+            }
             Some(t) if t.invalidated => TokenCheck::Invalidated,
             Some(t) if t.expires.is_some_and(|expires| now >= expires) => TokenCheck::Expired,
-            Some(t) => TokenCheck::Valid { psu: t.psu.clone() },
+            Some(t) => TokenCheck::Valid {
+                psu: t.psu.clone(),
+                accounts: t.accounts.clone(),
+            },
             None => TokenCheck::Unknown,
         };
         if check == TokenCheck::Invalidated {
@@ -1247,12 +1358,75 @@ impl Store {
     }
 }
 
+/// The code redemption a pair descends from, and what it grants.
+struct Grant {
+    id: u64,
+    scope: Scope,
+    accounts: Vec<String>,
+}
+
 fn count_invalidated_use(counters: &mut Counters, token: &mut IssuedToken) {
     counters.invalidated_token_uses += 1;
     if token.invalid_uses > 0 {
         counters.invalidated_token_reuses += 1;
     }
     token.invalid_uses += 1;
+}
+
+/// Books what settled on the debtor account, when the payment names one (the ledger of
+/// `super::ledger`): a single payment as one debit, a bulk as one per executed transfer.
+fn book_settlement(ledger: &mut super::ledger::Ledger, p: &Payment, today: NaiveDate) {
+    let Some(debtor) = p.debtor_iban.as_deref() else {
+        return;
+    };
+    let remittance = p
+        .request
+        .get("remittance_information")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let execution_date = p.requested_execution_date.unwrap_or(today);
+    match p.kind {
+        PaymentKind::Single => {
+            ledger.book_debit(
+                debtor,
+                super::ledger::Debit {
+                    amount: p.amount,
+                    currency: p.currency.clone(),
+                    creditor_name: p.creditor_name.clone(),
+                    creditor_account: p.creditor_account.clone(),
+                    end_to_end_id: p.e2e.clone(),
+                    remittance,
+                    execution_date,
+                    payment_id: p.id.clone(),
+                },
+            );
+        }
+        PaymentKind::Bulk => {
+            for entry in &p.entries {
+                if entry.transaction_status != TransactionStatus::Acsc.as_str() {
+                    continue;
+                }
+                let Ok(amount) = Amount::parse(&entry.amount) else {
+                    continue;
+                };
+                ledger.book_debit(
+                    debtor,
+                    super::ledger::Debit {
+                        amount,
+                        currency: entry.currency.clone(),
+                        creditor_name: entry.creditor_name.clone(),
+                        creditor_account: entry.creditor_iban.clone(),
+                        end_to_end_id: entry.endtoend_identification.clone(),
+                        remittance: None,
+                        execution_date,
+                        payment_id: p.id.clone(),
+                    },
+                );
+            }
+        }
+        // A standing order books nothing in the simulator: its executions are not modelled.
+        PaymentKind::Periodic => {}
+    }
 }
 
 /// ACTC -> ACSC, or PART for a bulk with rejected transfers (scenario `REJECT-ENTRY`).
@@ -1537,8 +1711,14 @@ mod tests {
             .redeem_code(&code, VERIFIER, REDIRECT, Brand::Belfius, t0)
             .unwrap();
         assert_eq!(
-            store.check_access_token(pair.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                pair.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Valid {
+                accounts: Vec::new(),
                 psu: "alice".into()
             }
         );
@@ -1563,11 +1743,21 @@ mod tests {
         // A second code exchange for alice replaces her first pair, not bob's.
         let second = pair_for(&mut store, "E3", "alice", t0);
         assert_eq!(
-            store.check_access_token(first.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                first.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Invalidated
         );
         assert!(matches!(
-            store.check_access_token(bob.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                bob.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Valid { .. }
         ));
         assert_eq!(
@@ -1580,7 +1770,12 @@ mod tests {
         // Each was presented once: learning from a 401 is not a reuse; ignoring it is.
         assert_eq!(store.counters.invalidated_token_reuses, 0);
         assert_eq!(
-            store.check_access_token(first.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                first.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Invalidated
         );
         assert_eq!(store.counters.invalidated_token_uses, 3);
@@ -1591,12 +1786,23 @@ mod tests {
             .unwrap();
         assert_eq!(store.counters.refreshes, 1);
         assert_eq!(
-            store.check_access_token(second.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                second.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Invalidated
         );
         assert_eq!(
-            store.check_access_token(third.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                third.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Valid {
+                accounts: Vec::new(),
                 psu: "alice".into()
             }
         );
@@ -1610,12 +1816,13 @@ mod tests {
             store.check_access_token(
                 third.access_token.expose_secret(),
                 Brand::Belfius,
+                Scope::Pis,
                 t0 + DEFAULT_ACCESS_TOKEN_LIFETIME
             ),
             TokenCheck::Expired
         );
         assert_eq!(
-            store.check_access_token("nonsense", Brand::Belfius, t0),
+            store.check_access_token("nonsense", Brand::Belfius, Scope::Pis, t0),
             TokenCheck::Unknown
         );
         assert_eq!(store.counters.invalidated_token_uses, 4);
@@ -1649,7 +1856,7 @@ mod tests {
         let access = banx_pair.access_token.expose_secret();
         let refresh = banx_pair.refresh_token.expose_secret();
         assert_eq!(
-            store.check_access_token(access, Brand::Belfius, t0),
+            store.check_access_token(access, Brand::Belfius, Scope::Pis, t0),
             TokenCheck::Unknown
         );
         assert_eq!(
@@ -1657,21 +1864,23 @@ mod tests {
             Some(GrantError::InvalidRefreshToken)
         );
         assert_eq!(
-            store.check_access_token(access, Brand::Banx, t0),
+            store.check_access_token(access, Brand::Banx, Scope::Pis, t0),
             TokenCheck::Valid {
+                accounts: Vec::new(),
                 psu: "alice".into()
             }
         );
         // alice's Belfius pair lives next to her Banx pair: one pair per PSU and brand.
         let belfius_pair = pair_for(&mut store, "B1", "alice", t0);
         assert!(matches!(
-            store.check_access_token(access, Brand::Banx, t0),
+            store.check_access_token(access, Brand::Banx, Scope::Pis, t0),
             TokenCheck::Valid { .. }
         ));
         assert!(matches!(
             store.check_access_token(
                 belfius_pair.access_token.expose_secret(),
                 Brand::Belfius,
+                Scope::Pis,
                 t0
             ),
             TokenCheck::Valid { .. }
@@ -1737,7 +1946,12 @@ mod tests {
             Some(GrantError::CodeUsed)
         );
         assert_eq!(
-            store.check_access_token(pair.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                pair.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Unknown
         );
         assert_eq!(
@@ -1771,11 +1985,21 @@ mod tests {
                 .is_err()
         );
         assert_eq!(
-            store.check_access_token(second.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                second.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Unknown
         );
         assert_eq!(
-            store.check_access_token(first.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                first.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Invalidated
         );
         // A later code exchange of the same PSU is a new grant: a replay of the old code does
@@ -1802,7 +2026,12 @@ mod tests {
             Some(GrantError::CodeUsed)
         );
         assert!(matches!(
-            store.check_access_token(newer.access_token.expose_secret(), Brand::Belfius, t0),
+            store.check_access_token(
+                newer.access_token.expose_secret(),
+                Brand::Belfius,
+                Scope::Pis,
+                t0
+            ),
             TokenCheck::Valid { .. }
         ));
     }
