@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod fallback;
 pub mod faults;
 pub mod onboarding;
 pub mod store;
@@ -101,6 +102,8 @@ pub struct SandboxConfig {
     pub forget_final_after: Option<Duration>,
     /// Which plausible Belfius to be (`dialect`); the first of `dialect::DIALECTS` by default.
     pub dialect: crate::belfius::dialect::Dialect,
+    /// The fallback interface's paths, session lifetime and `Date` tolerance.
+    pub fallback: fallback::FallbackSettings,
 }
 
 /// The [I] account rules of the simulated bank, fixed at start.
@@ -154,6 +157,7 @@ impl SandboxConfig {
             bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
             forget_final_after: None,
             dialect: crate::belfius::dialect::Dialect::default_dialect(),
+            fallback: fallback::FallbackSettings::default(),
         }
     }
 }
@@ -171,6 +175,7 @@ pub struct Shared {
     /// `None` when no test QSeal certificate could be made: signatures cannot be verified.
     verifier: Option<QsealVerifier>,
     store: Mutex<Store>,
+    fallback: fallback::FallbackState,
 }
 
 impl Shared {
@@ -211,6 +216,7 @@ pub struct RunningSandbox {
     faults: Faults,
     /// (`qseal.pem`, `qseal-key.pem`) when the test QSeal material exists and verifies.
     qseal_files: Option<(PathBuf, PathBuf)>,
+    fallback: fallback::FallbackSettings,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -317,6 +323,18 @@ impl RunningSandbox {
         })
     }
 
+    /// Where a fallback client finds this simulator's fallback interface (its own paths: the
+    /// bank's are not public). The simulator does not interpret `keyId` [I].
+    pub fn fallback_endpoints(&self) -> crate::belfius::fallback::FallbackEndpoints {
+        crate::belfius::fallback::FallbackEndpoints::new(
+            self.api_base_url(),
+            self.banx_base_url(),
+            self.fallback.session_path.clone(),
+            self.fallback.payments_path.clone(),
+            qseal::TEST_QSEAL_CN,
+        )
+    }
+
     /// Stops accepting, closes open connections and waits for the listener tasks.
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
@@ -384,6 +402,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         config.signature_encoding,
     )
     .map_err(anyhow::Error::msg)?;
+    config.fallback.validate().map_err(anyhow::Error::msg)?;
     let rules = Rules {
         amount: config.dialect.amount,
         banx_bank_codes: BankCodes::parse(&config.banx_bank_codes)
@@ -452,6 +471,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
             })
             .forgetting_final_after(config.forget_final_after),
         ),
+        fallback: fallback::FallbackState::new(config.fallback.clone()),
     });
     let faults = Faults::default();
     {
@@ -490,6 +510,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         client_secret: config.client_secret,
         faults,
         qseal_files,
+        fallback: config.fallback,
         shutdown,
         tasks,
     })
