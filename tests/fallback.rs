@@ -349,6 +349,39 @@ async fn session_refused_with_a_wrong_key_a_tampered_digest_or_a_stale_date() {
     let (status, body) = skewed.send(&env).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 
+    // Another TPP's QWAC (same test CA) naming our Client-ID: refused before any handler.
+    let tls = &env.sandbox.tls_dir;
+    let mut identity = std::fs::read(env.sandbox.other_client_cert_path()).unwrap();
+    identity.extend(std::fs::read(env.sandbox.other_client_key_path()).unwrap());
+    let other_tpp = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(tls.join("ca.pem")).unwrap()).unwrap(),
+        )
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .build()
+        .unwrap();
+    let session = Raw::session(&env);
+    let url = env
+        .sandbox
+        .api_base_url()
+        .join(session.path.trim_start_matches('/'))
+        .unwrap();
+    let response = other_tpp
+        .post(url)
+        .header("request-id", uuid::Uuid::new_v4().to_string())
+        .header("client-id", env.sandbox.client_id())
+        .header("date", &session.date)
+        .header("digest", &session.digest)
+        .header("content-type", "application/json")
+        .body(session.body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error_code"], "GEN-1203-100009", "{body}");
+
     // No signature at all.
     let mut unsigned = Raw::session(&env);
     unsigned.signer = None;
