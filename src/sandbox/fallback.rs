@@ -452,7 +452,7 @@ mod tests {
     }
 
     fn code(result: Result<(), ApiError>) -> (u16, String) {
-        let error = result.err().expect("refused");
+        let error = result.expect_err("refused");
         let code = error.body.map(|b| b.error_code).unwrap_or_default();
         (error.status.as_u16(), code)
     }
