@@ -60,6 +60,8 @@ pub enum ClientBuildError {
     Http(String),
     #[error("QSeal signing configuration is invalid: {0}")]
     Qseal(String),
+    #[error("fallback interface configuration is invalid: {0}")]
+    Fallback(String),
 }
 
 /// Cheap to clone: one connection pool, one configuration and one [`Guard`] (retries, limits,
@@ -96,6 +98,47 @@ impl std::fmt::Debug for BelfiusClient {
     }
 }
 
+/// The HTTP client of every bank call: rustls, the extra CA roots, the QWAC as client
+/// certificate (mutual TLS), the timeouts, redirects off. Shared by [`BelfiusClient`] and the
+/// fallback client (`belfius::fallback`), which must present the same QWAC.
+pub(crate) fn http_client(config: &BelfiusConfig) -> Result<reqwest::Client, ClientBuildError> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.request_timeout)
+        // The SCA URL may come back in a Location header [C Tink]: following it would send
+        // the TPP's credentials to the PSU-facing page and lose the URL.
+        .redirect(reqwest::redirect::Policy::none());
+
+    if let Some(pem) = &config.extra_ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientBuildError::InvalidCa(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ClientBuildError::InvalidCa("no certificate found".into()));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+
+    if let Some(qwac) = &config.qwac {
+        // reqwest wants chain and key in one PEM buffer; keep the copy in a zeroizing box.
+        let mut pem = qwac.cert_chain_pem.clone();
+        if !pem.ends_with(b"\n") {
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(qwac.private_key_pem.expose_secret().as_bytes());
+        let pem: SecretSlice<u8> = pem.into();
+        let identity = reqwest::Identity::from_pem(pem.expose_secret())
+            .map_err(|_| ClientBuildError::InvalidQwac)?;
+        builder = builder.identity(identity);
+    }
+
+    builder
+        .build()
+        .map_err(|e| ClientBuildError::Http(error_chain(&e)))
+}
+
 impl BelfiusClient {
     /// A client with the default [`GuardConfig`] (the worker's defaults).
     pub fn new(config: BelfiusConfig) -> Result<Self, ClientBuildError> {
@@ -104,41 +147,7 @@ impl BelfiusClient {
 
     /// A client whose calls run under `guard` (retries, per-host limits, circuit breakers).
     pub fn with_guard(config: BelfiusConfig, guard: GuardConfig) -> Result<Self, ClientBuildError> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            // The SCA URL may come back in a Location header [C Tink]: following it would send
-            // the TPP's credentials to the PSU-facing page and lose the URL.
-            .redirect(reqwest::redirect::Policy::none());
-
-        if let Some(pem) = &config.extra_ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ClientBuildError::InvalidCa(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ClientBuildError::InvalidCa("no certificate found".into()));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-
-        if let Some(qwac) = &config.qwac {
-            // reqwest wants chain and key in one PEM buffer; keep the copy in a zeroizing box.
-            let mut pem = qwac.cert_chain_pem.clone();
-            if !pem.ends_with(b"\n") {
-                pem.push(b'\n');
-            }
-            pem.extend_from_slice(qwac.private_key_pem.expose_secret().as_bytes());
-            let pem: SecretSlice<u8> = pem.into();
-            let identity = reqwest::Identity::from_pem(pem.expose_secret())
-                .map_err(|_| ClientBuildError::InvalidQwac)?;
-            builder = builder.identity(identity);
-        }
-
-        let http = builder
-            .build()
-            .map_err(|e| ClientBuildError::Http(error_chain(&e)))?;
+        let http = http_client(&config)?;
         let signer = match &config.qseal {
             Some(qseal) => Some(Arc::new(
                 QsealSigner::new(qseal).map_err(|e| ClientBuildError::Qseal(e.to_string()))?,
@@ -827,7 +836,7 @@ impl Success {
 }
 
 /// Transport failures: did the request leave this process?
-fn map_transport_error(e: &reqwest::Error) -> BankError {
+pub(crate) fn map_transport_error(e: &reqwest::Error) -> BankError {
     let detail = error_chain(e);
     if e.is_builder() || e.is_connect() || handshake_refused(e) {
         // DNS, TCP connect, TLS handshake, connect timeout: the bank processed nothing.
@@ -875,7 +884,11 @@ fn handshake_refused(e: &reqwest::Error) -> bool {
 }
 
 /// HTTP status to result; the single place where bank answers become [`BankError`]s.
-fn map_status(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<(), BankError> {
+pub(crate) fn map_status(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), BankError> {
     if status.is_success() {
         return Ok(());
     }
@@ -934,7 +947,7 @@ fn retry_after_at(headers: &HeaderMap, now: chrono::DateTime<chrono::Utc>) -> Op
 
 /// The error and its sources in one line. reqwest errors carry the URL (no secrets in our URLs)
 /// but never headers or bodies.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -960,7 +973,7 @@ struct Initiation<'a> {
     body: Vec<u8>,
 }
 
-fn encode<T: Serialize>(body: &T, amounts: AmountFormat) -> Result<Vec<u8>, BankError> {
+pub(crate) fn encode<T: Serialize>(body: &T, amounts: AmountFormat) -> Result<Vec<u8>, BankError> {
     let fail =
         |e: serde_json::Error| BankError::NotSent(format!("cannot encode initiation body: {e}"));
     match amounts {

@@ -250,6 +250,16 @@ impl QsealVerifier {
     }
 }
 
+impl QsealVerifier {
+    /// RSASSA-PKCS1-v1_5 with SHA-256 over arbitrary bytes: the fallback interface signs an
+    /// HTTP signing string with the QSeal key, not a JWS (`belfius::httpsig`).
+    pub fn verify_rsa_sha256(&self, message: &[u8], signature: &[u8]) -> Result<(), QsealError> {
+        UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &self.public_key)
+            .verify(message, signature)
+            .map_err(|_| invalid("signature does not verify against the QSeal certificate"))
+    }
+}
+
 fn malformed(detail: &str) -> QsealError {
     invalid(format!("malformed signature header: {detail}"))
 }
@@ -357,8 +367,9 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), QsealEr
     result.map_err(io_error)
 }
 
-/// PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY` PEM into a ring key pair.
-fn parse_rsa_private_key(pem: &[u8]) -> Result<RsaKeyPair, QsealError> {
+/// PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY` PEM into a ring key pair. Also the key of
+/// the fallback interface's HTTP signatures (`belfius::httpsig`).
+pub(crate) fn parse_rsa_private_key(pem: &[u8]) -> Result<RsaKeyPair, QsealError> {
     let mut reader = pem;
     loop {
         match rustls_pemfile::read_one(&mut reader) {

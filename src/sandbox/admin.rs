@@ -542,6 +542,7 @@ mod tests {
                 cancel_status: 204,
                 orphans_signable: false,
             })),
+            fallback: crate::sandbox::fallback::FallbackState::new(Default::default()),
         })
     }
 

@@ -123,21 +123,22 @@ mod portal;
 /// What every handler sees: the shared bank and the brand of the host it serves.
 #[derive(Clone)]
 pub struct ApiState {
-    shared: Arc<Shared>,
-    brand: Brand,
+    pub(super) shared: Arc<Shared>,
+    pub(super) brand: Brand,
 }
 
-/// The bank API of one brand host, behind the fault injection.
+/// The bank API of one brand host, behind the fault injection, and the fallback interface
+/// (`sandbox::fallback`) next to it.
 pub fn router(shared: Arc<Shared>, brand: Brand, faults: Faults) -> Router {
-    let mut router = Router::new();
+    let mut dedicated = Router::new();
     for kind in [
         PaymentKind::Single,
         PaymentKind::Periodic,
         PaymentKind::Bulk,
     ] {
-        router = resource_routes(router, kind);
+        dedicated = resource_routes(dedicated, kind);
     }
-    router
+    let dedicated = dedicated
         .route("/token", post(token))
         .route("/consent-uris", get(portal::consent_uris))
         .route("/funds-confirmations", post(portal::funds_confirmation))
@@ -150,7 +151,15 @@ pub fn router(shared: Arc<Shared>, brand: Brand, faults: Faults) -> Router {
             registered_certificate,
         ))
         // Faults inside the Response-ID layer: an injected error still echoes the Request-ID.
-        .layer(middleware::from_fn_with_state(faults, faults::middleware))
+        .layer(middleware::from_fn_with_state(faults, faults::middleware));
+    // The fallback must answer while the dedicated API is down (RTS art. 33): it is not behind
+    // the fault layer.
+    super::fallback::routes(&shared.fallback.settings)
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            registered_certificate,
+        ))
+        .merge(dedicated)
         .layer(middleware::from_fn(echo_request_id))
         .with_state(ApiState { shared, brand })
 }
@@ -247,13 +256,18 @@ async fn not_found() -> ApiError {
 // Errors in the documented `{error, error_code, error_description}` shape [P §5].
 
 pub struct ApiError {
-    status: StatusCode,
-    body: Option<ErrorBody>,
+    pub(super) status: StatusCode,
+    pub(super) body: Option<ErrorBody>,
     retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: &str, code: &str, description: impl Into<String>) -> Self {
+    pub(super) fn new(
+        status: StatusCode,
+        error: &str,
+        code: &str,
+        description: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             body: Some(ErrorBody {
@@ -274,7 +288,7 @@ impl ApiError {
         )
     }
 
-    fn invalid_header(name: &str, why: &str) -> Self {
+    pub(super) fn invalid_header(name: &str, why: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "INVALID_INPUT",
@@ -292,7 +306,7 @@ impl ApiError {
         )
     }
 
-    fn invalid_field(name: &str, why: &str) -> Self {
+    pub(super) fn invalid_field(name: &str, why: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "INVALID_INPUT",
@@ -315,7 +329,7 @@ impl ApiError {
         )
     }
 
-    fn invalid_token() -> Self {
+    pub(super) fn invalid_token() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "FAILED_SECURITY_VALIDATION",
@@ -326,7 +340,7 @@ impl ApiError {
 
     /// [I] GEN-1203-100008 "invalid security parameter" is the closest documented code for a
     /// missing or wrong QSeal signature (open question, docs/belfius-facts.md §10.7).
-    fn bad_signature(why: &str) -> Self {
+    pub(super) fn bad_signature(why: &str) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "FAILED_SECURITY_VALIDATION",
@@ -344,7 +358,7 @@ impl ApiError {
         )
     }
 
-    fn payment_not_found() -> Self {
+    pub(super) fn payment_not_found() -> Self {
         // [I] unknown id, or an id of another kind, product or brand: 404 (open question,
         // docs/belfius-facts.md §10.11).
         Self::new(
@@ -406,7 +420,10 @@ impl IntoResponse for ApiError {
 // ---------------------------------------------------------------------------------------------
 // Header validation shared by the endpoints, in the order a gateway would check them.
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn header_str<'a>(
+    headers: &'a HeaderMap,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
         Some(value) => value
@@ -416,7 +433,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
     }
 }
 
-fn required_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+pub(super) fn required_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     match header_str(headers, name)? {
         Some(v) if !v.is_empty() => Ok(v),
         Some(_) | None => Err(ApiError::missing_header(name)),
@@ -466,7 +483,7 @@ fn check_accept(headers: &HeaderMap, versions: &[&str]) -> Result<(), ApiError> 
     }
 }
 
-fn check_client_id(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_client_id(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let value = required_header(headers, h::CLIENT_ID)?;
     if value == shared.client_id {
         Ok(())
@@ -485,7 +502,7 @@ fn check_common(shared: &Shared, headers: &HeaderMap, versions: &[&str]) -> Resu
     check_client_id(shared, headers)
 }
 
-fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), ApiError> {
+pub(super) fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), ApiError> {
     let value = required_header(headers, header::CONTENT_TYPE.as_str())?;
     let media = value.split(';').next().unwrap_or_default().trim();
     if media.eq_ignore_ascii_case(expected) {
@@ -498,7 +515,7 @@ fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), ApiErro
     }
 }
 
-fn product(segment: &str) -> Result<PaymentProduct, ApiError> {
+pub(super) fn product(segment: &str) -> Result<PaymentProduct, ApiError> {
     PaymentProduct::from_path_segment(segment)
         .ok_or_else(|| ApiError::invalid_field("payment-product", "unknown payment product"))
 }
@@ -736,7 +753,7 @@ struct Authorization {
     psu: Option<String>,
 }
 
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+pub(super) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     Ok(
         header_str(headers, header::AUTHORIZATION.as_str())?.map(|auth| {
             auth.strip_prefix("Bearer ")
@@ -859,7 +876,7 @@ fn check_signature(
 /// [P §1.1] a debtor account must be addressed on its own brand's host. The holder is read
 /// from the Belgian bank code (IBAN characters 5-7, [T] codes, [I] rule): another Belgian
 /// bank's account, or a foreign IBAN, is no account of either brand.
-fn check_debtor_account(rules: &Rules, host: Brand, iban: &str) -> Result<(), ApiError> {
+pub(super) fn check_debtor_account(rules: &Rules, host: Brand, iban: &str) -> Result<(), ApiError> {
     let not_ours = |why: String| {
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -887,14 +904,14 @@ fn check_debtor_account(rules: &Rules, host: Brand, iban: &str) -> Result<(), Ap
 // Body validation.
 
 /// The validated initiation, whatever its kind.
-struct Fields {
-    e2e: String,
-    amount: Amount,
-    currency: String,
-    creditor_name: String,
-    creditor_account: String,
-    debtor_iban: Option<String>,
-    requested_execution_date: Option<NaiveDate>,
+pub(super) struct Fields {
+    pub(super) e2e: String,
+    pub(super) amount: Amount,
+    pub(super) currency: String,
+    pub(super) creditor_name: String,
+    pub(super) creditor_account: String,
+    pub(super) debtor_iban: Option<String>,
+    pub(super) requested_execution_date: Option<NaiveDate>,
     schedule: Option<super::store::Schedule>,
     entries: Vec<BulkLine>,
 }
@@ -1265,7 +1282,7 @@ fn currency_well_formed(currency: &str) -> bool {
     currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_uppercase())
 }
 
-fn validate_single(
+pub(super) fn validate_single(
     object: &Map<String, Value>,
     product: PaymentProduct,
     rules: &Rules,
@@ -1491,7 +1508,7 @@ pub fn iban_valid(iban: &str) -> bool {
 // GET …/{id}/status, GET …/{id}, DELETE …/{id}
 
 /// The payment behind a resource path: same kind, product and brand host, else `None` [I].
-fn find<'s>(
+pub(super) fn find<'s>(
     store: &'s mut Store,
     brand: Brand,
     kind: PaymentKind,
@@ -1524,7 +1541,7 @@ async fn status(
 }
 
 /// The status code answered for `p`: the dialect's, or the scenario's `STATUS-CODE=`.
-fn answered_status(shared: &Shared, p: &super::store::Payment) -> String {
+pub(super) fn answered_status(shared: &Shared, p: &super::store::Payment) -> String {
     let name = p
         .request
         .get("creditor_name")

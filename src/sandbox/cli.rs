@@ -159,6 +159,7 @@ impl SandboxArgs {
             bic_required_countries: self.bic_required_countries.clone(),
             forget_final_after: None,
             dialect: self.dialect,
+            fallback: super::fallback::FallbackSettings::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod fallback;
 pub mod faults;
 pub mod ledger;
 pub mod onboarding;
@@ -102,6 +103,8 @@ pub struct SandboxConfig {
     pub forget_final_after: Option<Duration>,
     /// Which plausible Belfius to be (`dialect`); the first of `dialect::DIALECTS` by default.
     pub dialect: crate::belfius::dialect::Dialect,
+    /// The fallback interface's paths, session lifetime and `Date` tolerance.
+    pub fallback: fallback::FallbackSettings,
 }
 
 /// The [I] account rules of the simulated bank, fixed at start.
@@ -155,6 +158,7 @@ impl SandboxConfig {
             bic_required_countries: strings(DEFAULT_BIC_REQUIRED_COUNTRIES),
             forget_final_after: None,
             dialect: crate::belfius::dialect::Dialect::default_dialect(),
+            fallback: fallback::FallbackSettings::default(),
         }
     }
 }
@@ -172,6 +176,7 @@ pub struct Shared {
     /// `None` when no test QSeal certificate could be made: signatures cannot be verified.
     verifier: Option<QsealVerifier>,
     store: Mutex<Store>,
+    fallback: fallback::FallbackState,
 }
 
 impl Shared {
@@ -212,6 +217,7 @@ pub struct RunningSandbox {
     faults: Faults,
     /// (`qseal.pem`, `qseal-key.pem`) when the test QSeal material exists and verifies.
     qseal_files: Option<(PathBuf, PathBuf)>,
+    fallback: fallback::FallbackSettings,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -318,6 +324,18 @@ impl RunningSandbox {
         })
     }
 
+    /// Where a fallback client finds this simulator's fallback interface (its own paths: the
+    /// bank's are not public). The simulator does not interpret `keyId` [I].
+    pub fn fallback_endpoints(&self) -> crate::belfius::fallback::FallbackEndpoints {
+        crate::belfius::fallback::FallbackEndpoints::new(
+            self.api_base_url(),
+            self.banx_base_url(),
+            self.fallback.session_path.clone(),
+            self.fallback.payments_path.clone(),
+            qseal::TEST_QSEAL_CN,
+        )
+    }
+
     /// Stops accepting, closes open connections and waits for the listener tasks.
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
@@ -385,6 +403,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         config.signature_encoding,
     )
     .map_err(anyhow::Error::msg)?;
+    config.fallback.validate().map_err(anyhow::Error::msg)?;
     let rules = Rules {
         amount: config.dialect.amount,
         banx_bank_codes: BankCodes::parse(&config.banx_bank_codes)
@@ -453,6 +472,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
             })
             .forgetting_final_after(config.forget_final_after),
         ),
+        fallback: fallback::FallbackState::new(config.fallback.clone()),
     });
     let faults = Faults::default();
     {
@@ -491,6 +511,7 @@ pub async fn start(config: SandboxConfig) -> anyhow::Result<RunningSandbox> {
         client_secret: config.client_secret,
         faults,
         qseal_files,
+        fallback: config.fallback,
         shutdown,
         tasks,
     })

@@ -75,7 +75,7 @@ pub fn digest(secret: &str) -> Digest {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-fn random_secret() -> SecretString {
+pub(super) fn random_secret() -> SecretString {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes).into()
@@ -592,6 +592,8 @@ pub struct Counters {
 pub struct AuthCounts {
     pub pkce: u64,
     pub bearer: u64,
+    /// Through the fallback interface's session (`sandbox::fallback`).
+    pub fallback_session: u64,
 }
 
 pub struct Store {
@@ -765,10 +767,12 @@ impl Store {
         };
         *by_e2e.entry(new.e2e.clone()).or_insert(0) += 1;
         self.counters.initiations += 1;
-        // The API sets exactly one of the two: a challenge without a token, a PSU with one.
-        match new.challenge {
-            Some(_) => self.counters.initiations_by_auth.pkce += 1,
-            None => self.counters.initiations_by_auth.bearer += 1,
+        // The dedicated API sets exactly one of the two: a challenge without a token, a PSU
+        // with one; the fallback interface (a session, no PSU token) neither.
+        match (&new.challenge, &new.psu) {
+            (Some(_), _) => self.counters.initiations_by_auth.pkce += 1,
+            (None, Some(_)) => self.counters.initiations_by_auth.bearer += 1,
+            (None, None) => self.counters.initiations_by_auth.fallback_session += 1,
         }
         self.order.push(id.clone());
         self.payments.entry(id.clone()).or_insert(Payment {
@@ -2290,7 +2294,11 @@ mod tests {
         assert_eq!(store.counters.initiations, 3);
         assert_eq!(
             store.counters.initiations_by_auth,
-            AuthCounts { pkce: 2, bearer: 1 }
+            AuthCounts {
+                pkce: 2,
+                bearer: 1,
+                fallback_session: 0
+            }
         );
         assert_eq!(store.counters.initiations_by_e2e.get("A"), Some(&2));
         store.settings.sca_expiry = Duration::from_secs(1);
