@@ -3103,7 +3103,8 @@ async fn consent_uris_answer_per_language_and_a_granted_consent_gives_a_scoped_p
 async fn consent_uris_refusals() {
     let env = env().await;
     // Each refusal, then the control: the same request well-formed is answered.
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut HeaderMap)>, u16, &str)> = vec![
+    type Breaks = Box<dyn Fn(&mut HeaderMap)>;
+    let cases: Vec<(&str, &str, Breaks, u16, &str)> = vec![
         ("", "4", Box::new(|_| {}), 400, "GEN-1201-100002"),
         ("scope=PIS", "4", Box::new(|_| {}), 400, "GEN-1202-100002"),
         ("scope=AIS", "3", Box::new(|_| {}), 400, "GEN-1202-100001"),

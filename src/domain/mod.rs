@@ -4,4 +4,5 @@ pub mod bank;
 pub mod machine;
 pub mod model;
 pub mod reason;
+pub mod settlement;
 pub mod validation;

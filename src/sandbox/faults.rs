@@ -213,6 +213,12 @@ pub enum EndpointClass {
     Details,
     Cancel,
     Token,
+    /// `GET /consent-uris`.
+    Consent,
+    /// `POST /funds-confirmations` (CAF).
+    Funds,
+    /// `GET /accounts…` (AIS).
+    Accounts,
     /// In a rule: every request. Never returned by [`classify`].
     Any,
     /// What [`classify`] returns for anything else (only `Any` rules match it).
@@ -227,6 +233,9 @@ impl EndpointClass {
             Self::Details => "details",
             Self::Cancel => "cancel",
             Self::Token => "token",
+            Self::Consent => "consent",
+            Self::Funds => "funds",
+            Self::Accounts => "accounts",
             Self::Any => "any",
             Self::Other => "other",
         }
@@ -411,6 +420,7 @@ impl Faults {
 /// `/sandbox/psd2/payments/...`).
 ///
 /// * `POST …/token` → Token
+/// * `…/consent-uris` → Consent; `POST …/funds-confirmations` → Funds; `…/accounts…` → Accounts
 /// * `POST …/{payments|periodic-payments|bulk-payments}/{product}` → Initiate
 /// * `GET …/payments/{product}/{id}/status` → Status
 /// * `DELETE …/payments/…` → Cancel
@@ -420,6 +430,15 @@ pub fn classify(method: &Method, path: &str) -> EndpointClass {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     if *method == Method::POST && segments.last() == Some(&"token") {
         return EndpointClass::Token;
+    }
+    if segments.last() == Some(&"consent-uris") {
+        return EndpointClass::Consent;
+    }
+    if *method == Method::POST && segments.last() == Some(&"funds-confirmations") {
+        return EndpointClass::Funds;
+    }
+    if segments.contains(&"accounts") {
+        return EndpointClass::Accounts;
     }
     let Some(start) = segments
         .iter()
@@ -647,7 +666,15 @@ mod tests {
             ),
             (Method::POST, "/payments/sepa-credit-transfers/abc-1", Other),
             (Method::PUT, "/payments/sepa-credit-transfers/abc-1", Other),
-            (Method::GET, "/consent-uris", Other),
+            (Method::GET, "/consent-uris", Consent),
+            (Method::POST, "/funds-confirmations", Funds),
+            (Method::GET, "/funds-confirmations", Other),
+            (Method::GET, "/accounts", Accounts),
+            (
+                Method::GET,
+                "/sandbox/psd2/accounts/abc/transactions",
+                Accounts,
+            ),
             (Method::GET, "/", Other),
         ];
         for (method, path, expected) in cases {
