@@ -120,6 +120,7 @@ async fn matrix(name: &str) {
             "PIS_BANK_CHECK_REDIRECT_URI",
             "https://tpp.example/bank-check",
         )
+        .env("PIS_BANK_CHECK_CAF_IBAN", "BE71096123456769")
         .env("PIS_LOG", "warn")
         .output()
         .expect("bank-check runs");
@@ -131,6 +132,13 @@ async fn matrix(name: &str) {
     );
     assert!(
         stdout.contains(&format!("verdict: dialect {name} (")),
+        "{name}: bank-check said:\n{stdout}"
+    );
+    // And the consent versions the simulator takes (AIS 4; CAF 3, after refusing nothing).
+    assert!(
+        stdout.contains(
+            "consent settings: PIS_API_VERSION_CONSENT_AIS=4 PIS_API_VERSION_CONSENT_CAF=3"
+        ),
         "{name}: bank-check said:\n{stdout}"
     );
 }

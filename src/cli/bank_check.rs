@@ -4,6 +4,7 @@
 //! (naming the dialect when one matches), 1 when an answer matches nothing known.
 
 use super::run::RunArgs;
+use crate::belfius::client::portal::{ConsentRequest, ConsentScope};
 use crate::belfius::conformance::{Observed, Verdict};
 use crate::belfius::{
     AmountFormat, BankError, BelfiusClient, BelfiusConfig, SignatureEncoding, client, pkce,
@@ -25,6 +26,10 @@ pub struct BankCheckArgs {
     /// The creditor of the test payment (0.01 EUR, never signed).
     #[arg(long, default_value = "BE71096123456769")]
     pub creditor_iban: String,
+    /// An account of the brand for the CAF consent probe (none: CAF is not probed). The
+    /// consent is requested, never granted.
+    #[arg(long, env = "PIS_BANK_CHECK_CAF_IBAN")]
+    pub caf_iban: Option<String>,
 }
 
 /// Runs the check; `Ok(false)` when an answer matched nothing known.
@@ -143,6 +148,71 @@ pub async fn run(args: BankCheckArgs) -> anyhow::Result<bool> {
             }
             Err(e) => say(&format!("status: {e}")),
         }
+    }
+
+    // 4. Which `GET /consent-uris` versions are taken, per scope (the consents are requested,
+    // never granted: they expire at the bank). Informational: the verdict is about PIS.
+    let mut consent_settings = Vec::new();
+    for (scope, iban, setting, versions) in [
+        (
+            ConsentScope::Ais,
+            None,
+            "PIS_API_VERSION_CONSENT_AIS",
+            ["4", "3"],
+        ),
+        (
+            ConsentScope::Caf,
+            args.caf_iban.as_deref(),
+            "PIS_API_VERSION_CONSENT_CAF",
+            ["3", "4"],
+        ),
+    ] {
+        if scope == ConsentScope::Caf && iban.is_none() {
+            say("consent-uris CAF: not probed (no --caf-iban)");
+            continue;
+        }
+        for version in versions {
+            let mut probe = config.clone();
+            match scope {
+                ConsentScope::Ais => probe.versions.consent_uris_ais = version.to_owned(),
+                ConsentScope::Caf => probe.versions.consent_uris_caf = version.to_owned(),
+            }
+            let client =
+                BelfiusClient::new(probe).map_err(|e| anyhow::anyhow!("bank client: {e}"))?;
+            let challenge = pkce::Pkce::generate().challenge;
+            let request = ConsentRequest {
+                brand,
+                scope,
+                iban,
+                language: None,
+                redirect_uri: &args.redirect_uri,
+                code_challenge: &challenge,
+            };
+            let label = format!("consent-uris {}: version {version}", scope.as_str());
+            match client.consent_uris(&request).await {
+                Ok(uris) => {
+                    let languages: Vec<&str> = uris.iter().map(|u| u.language.as_str()).collect();
+                    say(&format!(
+                        "{label} taken, {} URI(s) ({})",
+                        uris.len(),
+                        languages.join(", ")
+                    ));
+                    consent_settings.push(format!("{setting}={version}"));
+                    break;
+                }
+                Err(BankError::Refused { status, body }) => say(&format!(
+                    "{label} refused ({status} {} {}): {}",
+                    body.error, body.error_code, body.error_description
+                )),
+                Err(e) => {
+                    say(&format!("{label}: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    if !consent_settings.is_empty() {
+        say(&format!("consent settings: {}", consent_settings.join(" ")));
     }
 
     let settings = observed.settings();
