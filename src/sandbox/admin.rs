@@ -392,15 +392,7 @@ async fn sca_page(
         Ok(state) => state,
         Err(e) => return BadRequest::from(e).html(),
     };
-    // Both buttons carry the state on, so the redirect can echo it.
-    let state_input = state
-        .map(|s| {
-            format!(
-                "<input type=\"hidden\" name=\"state\" value=\"{}\">",
-                escape(s.as_str())
-            )
-        })
-        .unwrap_or_default();
+    let state_input = state_input(state.as_ref());
     let mut store = shared.store();
     let Some(p) = store.payment(&id, Instant::now()) else {
         return (
@@ -471,6 +463,19 @@ fn browser_response(result: Result<PsuOutcome, PsuError>) -> Response {
             (StatusCode::CONFLICT, Html(format!("<p>{e}</p>"))).into_response()
         }
     }
+}
+
+/// The hidden `state` field of a PSU page's forms: both buttons carry the TPP's state on, so
+/// the redirect can echo it.
+fn state_input(state: Option<&ScaState>) -> String {
+    state
+        .map(|s| {
+            format!(
+                "<input type=\"hidden\" name=\"state\" value=\"{}\">",
+                escape(s.as_str())
+            )
+        })
+        .unwrap_or_default()
 }
 
 fn escape(text: &str) -> String {

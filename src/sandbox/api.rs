@@ -563,11 +563,7 @@ async fn initiate(
     let auth = authorization(shared, state.brand, &headers)?;
     check_signature(shared, &headers, &body, true)?;
 
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::invalid_field("body", "not valid JSON"))?;
-    let Value::Object(object) = value else {
-        return Err(ApiError::invalid_field("body", "must be a JSON object"));
-    };
+    let object = json_object(&body)?;
     let today = Utc::now().date_naive();
     let fields = match kind {
         PaymentKind::Single => validate_single(&object, product, &shared.rules, today)?,
@@ -597,25 +593,16 @@ async fn initiate(
     let payment_id = {
         let mut store = shared.store();
         let payment = store.insert_payment(
-            NewPayment {
+            fields.into_new_payment(Placed {
                 kind,
                 brand: state.brand,
                 product,
-                e2e: fields.e2e,
-                amount: fields.amount,
-                currency: fields.currency,
-                creditor_name: fields.creditor_name,
-                creditor_account: fields.creditor_account,
-                debtor_iban: fields.debtor_iban,
-                requested_execution_date: fields.requested_execution_date,
-                schedule: fields.schedule,
-                entries: fields.entries,
-                redirect_uri: redirect_uri.to_owned(),
+                redirect_uri,
                 challenge: auth.challenge,
                 psu: auth.psu,
                 scenario,
                 request: Value::Object(object),
-            },
+            }),
             Instant::now(),
         );
         payment.id.clone()
@@ -631,11 +618,7 @@ async fn initiate(
         tokio::time::sleep(SLOW_CREATE_DELAY).await;
     }
 
-    let sca_url = shared
-        .admin_base
-        .join(&format!("sca/{payment_id}"))
-        .map(|u| u.to_string())
-        .unwrap_or_default();
+    let sca_url = shared.sca_url(&payment_id).unwrap_or_default();
     // The answer in the dialect's shape (docs/belfius.md, "Dialects"). Where the body carries
     // no id, the link's query does [I].
     let status = shared.dialect.statuses.answer(TransactionStatus::Rcvd);
@@ -914,6 +897,51 @@ pub(super) struct Fields {
     pub(super) requested_execution_date: Option<NaiveDate>,
     schedule: Option<super::store::Schedule>,
     entries: Vec<BulkLine>,
+}
+
+/// Where and how a validated initiation was placed: the rest of a [`NewPayment`].
+pub(super) struct Placed<'a> {
+    pub(super) kind: PaymentKind,
+    pub(super) brand: Brand,
+    pub(super) product: PaymentProduct,
+    pub(super) redirect_uri: &'a str,
+    pub(super) challenge: Option<Challenge>,
+    pub(super) psu: Option<String>,
+    pub(super) scenario: Scenario,
+    pub(super) request: Value,
+}
+
+impl Fields {
+    pub(super) fn into_new_payment(self, placed: Placed<'_>) -> NewPayment {
+        NewPayment {
+            kind: placed.kind,
+            brand: placed.brand,
+            product: placed.product,
+            e2e: self.e2e,
+            amount: self.amount,
+            currency: self.currency,
+            creditor_name: self.creditor_name,
+            creditor_account: self.creditor_account,
+            debtor_iban: self.debtor_iban,
+            requested_execution_date: self.requested_execution_date,
+            schedule: self.schedule,
+            entries: self.entries,
+            redirect_uri: placed.redirect_uri.to_owned(),
+            challenge: placed.challenge,
+            psu: placed.psu,
+            scenario: placed.scenario,
+            request: placed.request,
+        }
+    }
+}
+
+/// A request body that must be a JSON object.
+pub(super) fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(ApiError::invalid_field("body", "must be a JSON object")),
+        Err(_) => Err(ApiError::invalid_field("body", "not valid JSON")),
+    }
 }
 
 /// One transfer: a single payment's body, or one entry of a bulk.

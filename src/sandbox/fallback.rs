@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{Value, json};
 
 use super::api::{self, ApiError, ApiState};
-use super::store::{self, Digest, NewPayment, Scenario};
+use super::store::{self, Digest, Scenario};
 use crate::belfius::client::headers as h;
 use crate::belfius::fallback::headers as fh;
 use crate::belfius::httpsig::{self, HttpSigError, SignatureHeader};
@@ -350,11 +350,7 @@ async fn initiate(
     if let Some(why) = shared.onboarding.redirect_refusal(redirect_uri) {
         return Err(ApiError::invalid_header("Redirect-URI", why));
     }
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::invalid_field("body", "not valid JSON"))?;
-    let Value::Object(object) = value else {
-        return Err(ApiError::invalid_field("body", "must be a JSON object"));
-    };
+    let object = api::json_object(&body)?;
     let fields = api::validate_single(&object, product, &shared.rules, Utc::now().date_naive())?;
     if let Some(debtor) = &fields.debtor_iban {
         api::check_debtor_account(&shared.rules, state.brand, debtor)?;
@@ -363,25 +359,16 @@ async fn initiate(
         let mut store = shared.store();
         store
             .insert_payment(
-                NewPayment {
+                fields.into_new_payment(api::Placed {
                     kind: PaymentKind::Single,
                     brand: state.brand,
                     product,
-                    e2e: fields.e2e,
-                    amount: fields.amount,
-                    currency: fields.currency,
-                    creditor_name: fields.creditor_name,
-                    creditor_account: fields.creditor_account,
-                    debtor_iban: fields.debtor_iban,
-                    requested_execution_date: fields.requested_execution_date,
-                    schedule: None,
-                    entries: Vec::new(),
-                    redirect_uri: redirect_uri.to_owned(),
+                    redirect_uri,
                     challenge: None,
                     psu: None,
                     scenario: Scenario::default(),
                     request: Value::Object(object),
-                },
+                }),
                 Instant::now(),
             )
             .id
@@ -392,18 +379,14 @@ async fn initiate(
         brand = state.brand.as_str(),
         "sandbox fallback: payment initiated"
     );
-    let sca_url = shared
-        .admin_base
-        .join(&format!("sca/{payment_id}"))
-        .map(|u| u.to_string())
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_server_error",
-                "",
-                "no SCA URL",
-            )
-        })?;
+    let sca_url = shared.sca_url(&payment_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_server_error",
+            "",
+            "no SCA URL",
+        )
+    })?;
     // [I] the dedicated API's default answer (docs/belfius.md §3.3), whatever the dialect.
     let body = json!({
         "payment_id": payment_id,

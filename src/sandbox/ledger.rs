@@ -58,6 +58,14 @@ struct Account {
     next_reference: u64,
 }
 
+/// Minor units as the bank writes amounts: a signed decimal string (`-12.34`). `Amount`'s
+/// display is for positive amounts only.
+pub fn decimal(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+}
+
 #[derive(Debug, Default)]
 pub struct Ledger {
     accounts: HashMap<String, Account>,

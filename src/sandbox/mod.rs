@@ -195,6 +195,14 @@ impl Shared {
         store::digest(secret) == current
     }
 
+    /// The SCA page of a payment, as the bank's answers link it.
+    fn sca_url(&self, payment_id: &str) -> Option<String> {
+        self.admin_base
+            .join(&format!("sca/{payment_id}"))
+            .ok()
+            .map(|u| u.to_string())
+    }
+
     /// From now on only `secret` is accepted at /token.
     fn rotate_client_secret(&self, secret: &SecretString) {
         *self

@@ -185,16 +185,9 @@ impl BelfiusClient {
         access_token: &SecretString,
     ) -> Result<Vec<AccountInfo>, BankError> {
         let url = self.endpoint(brand, &["accounts"])?;
-        let req = self
-            .request(
-                Method::GET,
-                url,
-                &self.config.versions.accounts,
-                Language::Fr,
-            )
-            .header(headers::CLIENT_ID, &self.config.client_id)
-            .bearer_auth(access_token.expose_secret());
-        let response = self.send(Call::Accounts, brand, req).await?;
+        let response = self
+            .send(Call::Accounts, brand, self.ais_get(url, access_token))
+            .await?;
         let list: AccountList = response.json()?;
         Ok(list.accounts)
     }
@@ -224,16 +217,9 @@ impl BelfiusClient {
                 pairs.append_pair("psu_involved", "false");
             }
         }
-        let req = self
-            .request(
-                Method::GET,
-                url,
-                &self.config.versions.accounts,
-                Language::Fr,
-            )
-            .header(headers::CLIENT_ID, &self.config.client_id)
-            .bearer_auth(access_token.expose_secret());
-        let response = self.send(Call::Transactions, brand, req).await?;
+        let response = self
+            .send(Call::Transactions, brand, self.ais_get(url, access_token))
+            .await?;
         let answer: TransactionsAnswer = response.json()?;
         let next_page_key = match answer.transactions.next_page_key {
             None | Some(serde_json::Value::Null) => None,
@@ -250,6 +236,18 @@ impl BelfiusClient {
             booked: answer.transactions.booked,
             next_page_key,
         })
+    }
+
+    /// An AIS read under the PSU's AIS token.
+    fn ais_get(&self, url: url::Url, access_token: &SecretString) -> reqwest::RequestBuilder {
+        self.request(
+            Method::GET,
+            url,
+            &self.config.versions.accounts,
+            Language::Fr,
+        )
+        .header(headers::CLIENT_ID, &self.config.client_id)
+        .bearer_auth(access_token.expose_secret())
     }
 
     /// `GET {base}/consent-uris?scope=…` [P]: the URIs where the PSU grants the consent.

@@ -14,7 +14,7 @@ use secrecy::ExposeSecret as _;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{error, escape};
+use super::{error, escape, state_input};
 use crate::domain::model::Amount;
 use crate::sandbox::Shared;
 use crate::sandbox::store::{
@@ -120,14 +120,7 @@ pub(super) async fn page(
         Ok(state) => state,
         Err(e) => return (StatusCode::BAD_REQUEST, Html(format!("<p>{e}</p>"))).into_response(),
     };
-    let state_input = state
-        .map(|s| {
-            format!(
-                "<input type=\"hidden\" name=\"state\" value=\"{}\">",
-                escape(s.as_str())
-            )
-        })
-        .unwrap_or_default();
+    let state_input = state_input(state.as_ref());
     let mut store = shared.store();
     let Some(consent) = store.consent(&id, Instant::now()) else {
         return (
@@ -198,7 +191,7 @@ pub(super) async fn account(
     let bookings: Vec<_> = store.ledger.bookings(&iban).collect();
     Json(json!({
         "iban": iban,
-        "balance": decimal(store.ledger.balance(&iban)),
+        "balance": crate::sandbox::ledger::decimal(store.ledger.balance(&iban)),
         "balance_minor": store.ledger.balance(&iban),
         "psu": store.ledger.owner(&iban),
         "bookings": bookings,
@@ -250,11 +243,4 @@ pub(super) async fn set_balance(
     drop(store);
     tracing::info!(iban, minor, "sandbox: balance set");
     Json(json!({"iban": iban, "balance_minor": minor})).into_response()
-}
-
-/// Minor units as a decimal string, signed (`Amount`'s display is for positive amounts).
-fn decimal(minor: i64) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    let abs = minor.unsigned_abs();
-    format!("{sign}{}.{:02}", abs / 100, abs % 100)
 }

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::belfius::client::headers as h;
 use crate::domain::model::Language;
+use crate::sandbox::ledger::decimal;
 use crate::sandbox::store::{NewConsent, Scope, TokenCheck};
 
 /// [P] AIS consents: "only version 4 of GET /consent-uris … should be used" (no IBAN).
@@ -235,14 +236,11 @@ fn ais_accounts(state: &ApiState, headers: &HeaderMap) -> Result<Vec<String>, Ap
 
 fn account_json(store: &crate::sandbox::store::Store, iban: &str) -> Value {
     let id = logical_id(iban);
-    let balance = store.ledger.balance(iban);
-    let sign = if balance < 0 { "-" } else { "" };
-    let abs = balance.unsigned_abs();
     json!({
         "logical_id": id,
         "iban": iban,
         "currency": "EUR",
-        "balance": format!("{sign}{}.{:02}", abs / 100, abs % 100),
+        "balance": decimal(store.ledger.balance(iban)),
         "account_name": "Current account",
         "product_type": "CURRENT_ACCOUNT",
         "product_name": "Belfius Pack",
@@ -371,8 +369,6 @@ pub(super) async fn transactions(
     let booked: Vec<Value> = page
         .iter()
         .map(|b| {
-            let sign = if b.amount_minor < 0 { "-" } else { "" };
-            let abs = b.amount_minor.unsigned_abs();
             json!({
                 "transaction_ref": b.reference.to_string(),
                 "transaction_seqnumber": b.reference,
@@ -383,7 +379,7 @@ pub(super) async fn transactions(
                 "remittance_info": b.remittance,
                 // [I] not seen in public traffic; the client reads it when present.
                 "end_to_end_id": b.end_to_end_id,
-                "amount": format!("{sign}{}.{:02}", abs / 100, abs % 100),
+                "amount": decimal(b.amount_minor),
                 "currency": b.currency,
                 "execution_date": b.execution_date.format("%Y-%m-%d").to_string(),
                 "value_date": b.execution_date.format("%Y-%m-%d").to_string(),
