@@ -78,15 +78,17 @@ impl KafkaSettings {
     /// it was away (docs/architecture.md, "Memory"). `queued_kbytes` bounds it; operators'
     /// `--kafka-property` values still win.
     pub fn consumer_config(&self, queued_kbytes: u32) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        config.set("queued.max.messages.kbytes", queued_kbytes.to_string());
-        config.set(
-            "queued.min.messages",
-            CONSUMER_QUEUED_MIN_MESSAGES.to_string(),
-        );
-        for (key, value) in &self.extra {
-            config.set(key, value);
+        let mut config = self.client_config();
+        for (key, value) in [
+            ("queued.max.messages.kbytes", queued_kbytes.to_string()),
+            (
+                "queued.min.messages",
+                CONSUMER_QUEUED_MIN_MESSAGES.to_string(),
+            ),
+        ] {
+            if !self.extra.iter().any(|(k, _)| k == key) {
+                config.set(key, value);
+            }
         }
         config
     }
@@ -120,5 +122,42 @@ impl KafkaEdgeError {
             context: context.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "g".into(),
+            topics: Topics::default(),
+            session_timeout_ms: 10_000,
+            assignment_strategy: "cooperative-sticky".into(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            state_compaction: true,
+            state_retention_ms: None,
+        }
+    }
+
+    #[test]
+    fn consumers_get_a_bounded_read_ahead_unless_the_operator_sets_one() {
+        let bounded = settings(&[]).consumer_config(STATE_QUEUED_KBYTES);
+        assert_eq!(bounded.get("queued.max.messages.kbytes"), Some("4096"));
+        assert_eq!(bounded.get("queued.min.messages"), Some("5000"));
+        let chosen = settings(&[("queued.max.messages.kbytes", "65536")])
+            .consumer_config(STATE_QUEUED_KBYTES);
+        assert_eq!(chosen.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(chosen.get("queued.min.messages"), Some("5000"));
+        // Producers and admin clients get none of it.
+        assert_eq!(
+            settings(&[]).client_config().get("queued.min.messages"),
+            None
+        );
     }
 }
