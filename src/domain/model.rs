@@ -43,6 +43,10 @@ id_type!(
     CommandId
 );
 id_type!(
+    /// The client's identifier of a consent (AIS or CAF); rules as for a payment id.
+    ConsentId
+);
+id_type!(
     /// The identifier Belfius gives a payment at initiation.
     BankPaymentId
 );

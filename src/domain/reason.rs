@@ -53,11 +53,17 @@ pub enum ReasonCode {
     /// The bank answered the initiation in a shape the worker cannot read (no SCA link or no
     /// payment id): the payment cannot be signed, so it ends here (docs/belfius.md).
     BankAnswerUnrecognized,
+    /// A funds confirmation (CAF) said the debtor account cannot cover the amount.
+    InsufficientFunds,
+    /// A consent ended because a newer request for the same PSU, brand and scope replaced it.
+    ConsentSuperseded,
+    /// A granted consent reached the end the bank gave it.
+    ConsentExpired,
 }
 
 impl ReasonCode {
     /// Every code, in declaration order (docs/contract.md lists each; a test keeps them equal).
-    pub const ALL: [ReasonCode; 33] = [
+    pub const ALL: [ReasonCode; 36] = [
         ReasonCode::MissingField,
         ReasonCode::InvalidIban,
         ReasonCode::InvalidBic,
@@ -91,6 +97,9 @@ impl ReasonCode {
         ReasonCode::OutcomeUnresolved,
         ReasonCode::ExpiryUnconfirmed,
         ReasonCode::BankAnswerUnrecognized,
+        ReasonCode::InsufficientFunds,
+        ReasonCode::ConsentSuperseded,
+        ReasonCode::ConsentExpired,
     ];
 
     /// The code of a wire value.
@@ -133,6 +142,9 @@ impl ReasonCode {
             ReasonCode::OutcomeUnresolved => "OUTCOME_UNRESOLVED",
             ReasonCode::ExpiryUnconfirmed => "EXPIRY_UNCONFIRMED",
             ReasonCode::BankAnswerUnrecognized => "BANK_ANSWER_UNRECOGNIZED",
+            ReasonCode::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            ReasonCode::ConsentSuperseded => "CONSENT_SUPERSEDED",
+            ReasonCode::ConsentExpired => "CONSENT_EXPIRED",
         }
     }
 }
