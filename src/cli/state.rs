@@ -248,6 +248,7 @@ fn rows(restored: &BTreeMap<i32, Restored>) -> Vec<serde_json::Value> {
                 RecordKey::Payment(id) => r.payments.get(&id),
                 RecordKey::Tokens(_)
                 | RecordKey::LegacyTokens(_)
+                | RecordKey::Consent(_)
                 | RecordKey::Checkpoint
                 | RecordKey::RestoreMarker
                 | RecordKey::Snapshot

@@ -28,15 +28,20 @@ use super::outbox::OutboxTracker;
 use super::restore::{Quarantined, Restored};
 use crate::belfius::TokenPair;
 use crate::contract::command::CommandEnvelope;
+use crate::domain::consent::{ConsentEffect, ConsentEvent};
 use crate::domain::machine::{
     Effect, Ignored, Input, Millis, Outcome, Payment, Policy, StateKind, StatusEvent, decide,
 };
 use crate::domain::model::{Brand, PaymentId};
 use crate::domain::reason::{Reason, ReasonCode};
 use crate::domain::validation::ValidationLimits;
+use crate::kafka::state::consent::{ConsentKey, ConsentRecord};
 use crate::kafka::state::{
     PsuTokens, QuarantinedRecord, RecordKey, Retired, SnapshotStart, TokenKey, payment_key, psu_key,
 };
+
+mod consents;
+pub use consents::{CallFailure, ConsentAnswer, ConsentCall, ExpectedBooking};
 
 /// Numbers the owner's state writes, in the order they are enqueued (the outbox's send order).
 pub type WriteId = u64;
@@ -187,6 +192,13 @@ pub enum Action {
         state_offset: i64,
         events: Vec<StatusEvent>,
     },
+    /// Publish these consent events (consent status topic), then report `Event::Published`.
+    PublishConsent {
+        state_offset: i64,
+        events: Vec<ConsentEvent>,
+    },
+    /// A bank call for a consent (or a funds check), then report `Event::Answered`.
+    ConsentCall { id: CallId, call: ConsentCall },
     /// Call the bank for this payment, then report `Event::Answered`. The shell checks the fence
     /// again right before the call leaves.
     Call {
@@ -220,6 +232,11 @@ pub enum StateWrite {
         events: Vec<StatusEvent>,
     },
     Tokens(Box<PsuTokens>),
+    /// A consent with its scope's pair, and the consent events of this change.
+    Consent {
+        record: Box<ConsentRecord>,
+        events: Vec<ConsentEvent>,
+    },
     /// A final payment's retired record, replacing its payment record under the same key.
     Retired(Box<Retired>),
     /// A tombstone of a pair's key.
@@ -258,6 +275,7 @@ impl StateWrite {
                 psu_key(&TokenKey::new(tokens.brand, tokens.psu_id.clone()))
             }
             StateWrite::DeleteTokens(key) => psu_key(key),
+            StateWrite::Consent { record, .. } => ConsentKey::of(&record.consent).record_key(),
             StateWrite::DeleteKey(key) => key.clone(),
             StateWrite::Checkpoint { .. } => crate::kafka::state::checkpoint_key(partition),
             StateWrite::SnapshotBegin { key, .. } => key.clone(),
@@ -346,6 +364,7 @@ pub enum BankAnswer {
     AccessTokenRejected {
         message: String,
     },
+    Consent(ConsentAnswer),
 }
 
 /// Why a token refresh failed: only a definitive refusal of the grant deletes the pair.
@@ -445,6 +464,19 @@ enum AfterWrite {
     Heal {
         key: String,
     },
+    Consent {
+        key: ConsentKey,
+        source: Option<i64>,
+        events: Vec<ConsentEvent>,
+        effect: Option<ConsentEffect>,
+        code: Option<SecretString>,
+        carry_on: bool,
+    },
+    /// A consent's refreshed pair is durable: the held funds check goes on with it.
+    ConsentTokens {
+        key: ConsentKey,
+        held: consents::Held,
+    },
     /// A final payment's retired record is durable: it leaves memory.
     Retired(Box<Retired>),
     /// A retired record re-written under this owner's epoch (healing).
@@ -497,6 +529,7 @@ enum SnapshotEnd {
 enum SnapshotItem {
     Payment(PaymentId),
     Tokens(TokenKey),
+    Consent(ConsentKey),
     Quarantined(String),
 }
 
@@ -557,6 +590,10 @@ pub struct OwnerCore {
     next_token_sweep_at: Millis,
     tokens: HashMap<TokenKey, PsuTokens>,
     lanes: HashMap<TokenKey, Lane>,
+    consents: HashMap<ConsentKey, consents::ConsentEntry>,
+    /// Timers of idle consents.
+    consent_timers: BTreeSet<(Millis, ConsentKey)>,
+    consent_calls: HashMap<CallId, (ConsentKey, consents::ConsentPurpose)>,
     busy: HashSet<PaymentId>,
     queues: HashMap<PaymentId, VecDeque<Queued>>,
     /// Timers of idle payments only: a busy payment's timer is looked at when it is released.
@@ -634,6 +671,9 @@ impl OwnerCore {
             next_token_sweep_at,
             tokens: HashMap::new(),
             lanes: HashMap::new(),
+            consents: HashMap::new(),
+            consent_timers: BTreeSet::new(),
+            consent_calls: HashMap::new(),
             busy: HashSet::new(),
             queues: HashMap::new(),
             timers: BTreeSet::new(),
@@ -725,6 +765,7 @@ impl OwnerCore {
         let timer = match self.phase {
             Phase::Running => [
                 self.timers.first().map(|(at, _)| *at),
+                self.consent_timers.first().map(|(at, _)| *at),
                 self.retire_at.first().map(|(at, _)| *at),
                 self.forget_at.first().map(|(at, _)| *at),
                 Some(self.next_token_sweep_at),
@@ -785,6 +826,7 @@ impl OwnerCore {
     pub fn outstanding(&self) -> usize {
         self.writes.len()
             + self.calls.len()
+            + self.consent_calls.len()
             + self.publishing.len()
             + self.dead_lettering.len()
             + self.deferred.len()
@@ -852,6 +894,15 @@ impl OwnerCore {
             );
         }
         self.tokens = restored.tokens;
+        self.restore_consents(restored.consents);
+        for (offset, events) in restored.unpublished_consents {
+            self.outbox.restored_unpublished(offset);
+            self.publishing.insert(offset);
+            self.out.push(Action::PublishConsent {
+                state_offset: offset,
+                events,
+            });
+        }
         for (id, retired) in restored.retired {
             self.forget_at
                 .insert((self.forget_time(&retired), id.clone()));
@@ -943,8 +994,14 @@ impl OwnerCore {
                     payment_id,
                 });
             }
+            Ingested::Consent { key, input } => {
+                self.consent_input(key, *input, Some(Box::new(message)), now);
+            }
             Ingested::Apply {
-                payment_id, input, ..
+                payment_id,
+                input,
+                funds_check,
+                ..
             } => {
                 if self.quarantined_payments.contains(&payment_id) {
                     let label =
@@ -966,7 +1023,15 @@ impl OwnerCore {
                         });
                 } else {
                     self.set_busy(&payment_id);
-                    self.apply(payment_id, *input, Some(Box::new(message)), now);
+                    let held = funds_check
+                        .then(|| self.hold_for_funds(&payment_id, &input, now))
+                        .flatten();
+                    match held {
+                        Some(key) => {
+                            self.start_funds_check(key, payment_id, *input, Box::new(message), now)
+                        }
+                        None => self.apply(payment_id, *input, Some(Box::new(message)), now),
+                    }
                 }
             }
         }
@@ -1045,34 +1110,21 @@ impl OwnerCore {
                     transition.effects.len() <= 1,
                     "a transition asks for one effect at most"
                 );
-                let effect = transition.effects.first().copied();
                 if let Some(record) = &source {
                     transition.payment.last_command_offset = Some(record.offset());
                 }
-                if volatile {
-                    // Polling bookkeeping: not written (see `Transition::is_volatile`).
-                    self.set_payment(payment_id.clone(), transition.payment, now);
-                    match effect {
-                        Some(effect) => self.run_effect(payment_id, effect, now),
-                        None => self.release(&payment_id),
-                    }
+                // A settlement is confirmed from the debtor's history first, when it can be.
+                if let Some(plan) = self.evidence_plan(&transition, now) {
+                    self.hold_for_evidence(plan, payment_id, transition, source, volatile, now);
                     return;
                 }
-                let events = transition.events;
-                self.write(
-                    StateWrite::Payment {
-                        payment: Box::new(transition.payment.clone()),
-                        events: events.clone(),
-                    },
-                    ACTED_ON,
-                    AfterWrite::Payment {
-                        payment_id: payment_id.clone(),
-                        source: source.map(|r| r.offset()),
-                        events,
-                        effect,
-                    },
+                self.commit(
+                    payment_id,
+                    transition,
+                    source.map(|r| r.offset()),
+                    volatile,
+                    now,
                 );
-                self.set_payment(payment_id, transition.payment, now);
             }
             Outcome::Ignored(why) => {
                 debug!(partition = self.config.partition, %payment_id, ?why, "input ignored");
@@ -1100,6 +1152,43 @@ impl OwnerCore {
                 self.release(&payment_id);
             }
         }
+    }
+
+    /// Writes (or, for polling bookkeeping, only keeps) a transition of a busy payment, then
+    /// its effect runs once the write is confirmed.
+    fn commit(
+        &mut self,
+        payment_id: PaymentId,
+        transition: crate::domain::machine::Transition,
+        source: Option<i64>,
+        volatile: bool,
+        now: Millis,
+    ) {
+        let effect = transition.effects.first().copied();
+        if volatile {
+            // Polling bookkeeping: not written (see `Transition::is_volatile`).
+            self.set_payment(payment_id.clone(), transition.payment, now);
+            match effect {
+                Some(effect) => self.run_effect(payment_id, effect, now),
+                None => self.release(&payment_id),
+            }
+            return;
+        }
+        let events = transition.events;
+        self.write(
+            StateWrite::Payment {
+                payment: Box::new(transition.payment.clone()),
+                events: events.clone(),
+            },
+            ACTED_ON,
+            AfterWrite::Payment {
+                payment_id: payment_id.clone(),
+                source,
+                events,
+                effect,
+            },
+        );
+        self.set_payment(payment_id, transition.payment, now);
     }
 
     /// A cancellation needs the PSU's pair at the payment's own brand.
@@ -1387,6 +1476,10 @@ impl OwnerCore {
     }
 
     fn on_answer(&mut self, call: CallId, answer: BankAnswer, now: Millis) {
+        if let Some((key, purpose)) = self.consent_calls.remove(&call) {
+            self.on_consent_answer(key, purpose, answer, now);
+            return;
+        }
         let Some(PendingCall {
             payment_id,
             purpose,
@@ -1845,8 +1938,11 @@ impl OwnerCore {
     // Snapshots (docs/architecture.md, "Snapshots")
 
     fn live_entities(&self) -> u64 {
-        (self.payments.len() + self.retired.len() + self.tokens.len() + self.quarantined.len())
-            as u64
+        (self.payments.len()
+            + self.retired.len()
+            + self.tokens.len()
+            + self.consents.len()
+            + self.quarantined.len()) as u64
     }
 
     fn snapshot_due(&self, now: Millis) -> bool {
@@ -1882,6 +1978,7 @@ impl OwnerCore {
         let mut pairs: Vec<&TokenKey> = self.tokens.keys().collect();
         pairs.sort();
         todo.extend(pairs.into_iter().map(|k| SnapshotItem::Tokens(k.clone())));
+        todo.extend(self.consent_snapshot_items());
         todo.extend(
             self.quarantined
                 .keys()
@@ -1949,6 +2046,7 @@ impl OwnerCore {
                     .get(key)
                     .map(|t| StateWrite::Tokens(Box::new(t.clone()))))
             }
+            SnapshotItem::Consent(key) => self.consent_snapshot_copy(key).map_err(|()| item),
             SnapshotItem::Quarantined(key) => {
                 Ok(self
                     .quarantined
@@ -2111,7 +2209,22 @@ impl OwnerCore {
         let Some(PendingWrite { after, confirmed }) = self.writes.remove(&write) else {
             return;
         };
-        let has_events = matches!(&after, AfterWrite::Payment { events, .. } if !events.is_empty());
+        let has_events = match &after {
+            AfterWrite::Payment { events, .. } => !events.is_empty(),
+            AfterWrite::Consent { events, .. } => !events.is_empty(),
+            AfterWrite::Tokens { .. }
+            | AfterWrite::ConsentTokens { .. }
+            | AfterWrite::PairSettled { .. }
+            | AfterWrite::Heal { .. }
+            | AfterWrite::Retired(_)
+            | AfterWrite::RetiredRewritten { .. }
+            | AfterWrite::Forgotten { .. }
+            | AfterWrite::Checkpoint
+            | AfterWrite::SnapshotBegin
+            | AfterWrite::SnapshotCopy
+            | AfterWrite::SnapshotEnd
+            | AfterWrite::Nothing => false,
+        };
         self.outbox.acked(write, offset, has_events);
         if confirmed {
             self.release_deferred(write);
@@ -2189,6 +2302,17 @@ impl OwnerCore {
                 self.apply(payment_id, *input, None, now);
             }
             AfterWrite::Heal { key } => self.healed(&key, offset),
+            AfterWrite::Consent {
+                key,
+                source,
+                events,
+                effect,
+                code,
+                carry_on,
+            } => self.consent_written(key, offset, source, events, effect, code, carry_on, now),
+            AfterWrite::ConsentTokens { key, held } => {
+                self.consent_tokens_written(key, offset, held, now);
+            }
             AfterWrite::Retired(retired) => self.retired_written(*retired, offset),
             AfterWrite::RetiredRewritten { payment_id } => {
                 self.healed(&payment_key(&payment_id), offset);
@@ -2350,6 +2474,7 @@ impl OwnerCore {
                     AfterWrite::Heal { key },
                 );
             }
+            RecordKey::Consent(consent_key) => self.heal_consent(consent_key, key),
             RecordKey::Checkpoint
             | RecordKey::RestoreMarker
             | RecordKey::Snapshot
@@ -2493,6 +2618,7 @@ impl OwnerCore {
                 self.set_busy(&id);
                 self.apply(id, Input::TimerFired, None, now);
             }
+            self.consent_timers_due(now);
             self.retire_due(now);
             self.forget_due(now);
             self.sweep_tokens(now);

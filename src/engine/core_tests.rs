@@ -333,6 +333,11 @@ impl StateLog {
                     .1,
             ),
             StateWrite::Tokens(t) => Some(state::encode_psu(&self.key, epoch, t).expect("psu").1),
+            StateWrite::Consent { record, events } => Some(
+                state::encode_consent(&self.key, epoch, record, events)
+                    .expect("consent")
+                    .1,
+            ),
             StateWrite::Retired(r) => Some(
                 state::encode_retired(&self.key, epoch, r)
                     .expect("retired")
@@ -408,6 +413,14 @@ enum Did {
         payment: String,
         call: &'static str,
     },
+    PublishConsent {
+        state_offset: i64,
+        states: Vec<crate::domain::consent::ConsentState>,
+    },
+    ConsentCall {
+        id: CallId,
+        call: &'static str,
+    },
     DeadLetter {
         offset: i64,
         class: &'static str,
@@ -422,6 +435,7 @@ fn what(write: &StateWrite) -> &'static str {
     match write {
         StateWrite::Payment { .. } => "payment",
         StateWrite::Tokens(_) => "tokens",
+        StateWrite::Consent { .. } => "consent",
         StateWrite::Retired(_) => "retired",
         StateWrite::DeleteTokens(_) => "delete-tokens",
         StateWrite::DeleteKey(_) => "delete-key",
@@ -516,9 +530,20 @@ struct OpenDeadLetter {
     payment_id: Option<String>,
 }
 
+fn consent_call_kind(call: &ConsentCall) -> &'static str {
+    match call {
+        ConsentCall::Uri { .. } => "consent-uri",
+        ConsentCall::Exchange { .. } => "consent-exchange",
+        ConsentCall::Refresh { .. } => "consent-refresh",
+        ConsentCall::Funds { .. } => "funds",
+    }
+}
+
 struct Harness {
     core: OwnerCore,
     now: Millis,
+    consent_calls: Vec<(CallId, ConsentCall)>,
+    consent_publications: Vec<(i64, Vec<ConsentEvent>)>,
     /// Writes not yet acknowledged, in the order they were asked for.
     writes: VecDeque<OpenWrite>,
     calls: Vec<OpenCall>,
@@ -553,6 +578,8 @@ impl Harness {
         Harness {
             core: OwnerCore::new(config, restored, Box::new(Counters::default()), T0),
             now: T0,
+            consent_calls: Vec::new(),
+            consent_publications: Vec::new(),
             writes: VecDeque::new(),
             calls: Vec::new(),
             publications: Vec::new(),
@@ -614,6 +641,25 @@ impl Harness {
                         state_offset,
                         states,
                     }
+                }
+                Action::PublishConsent {
+                    state_offset,
+                    events,
+                } => {
+                    let states = events.iter().map(|e| e.state).collect();
+                    self.consent_publications.push((state_offset, events));
+                    Did::PublishConsent {
+                        state_offset,
+                        states,
+                    }
+                }
+                Action::ConsentCall { id, call } => {
+                    let d = Did::ConsentCall {
+                        id,
+                        call: consent_call_kind(&call),
+                    };
+                    self.consent_calls.push((id, call));
+                    d
                 }
                 Action::Call { id, payment, call } => {
                     let d = Did::Call {
@@ -769,6 +815,7 @@ impl Harness {
                 self.persisted.remove(&retired.payment_id);
             }
             StateWrite::DeleteKey(_)
+            | StateWrite::Consent { .. }
             | StateWrite::Checkpoint { .. }
             | StateWrite::SnapshotBegin { .. }
             | StateWrite::SnapshotEnd { .. }
@@ -800,7 +847,24 @@ impl Harness {
         for (state_offset, _) in std::mem::take(&mut self.publications) {
             did.extend(self.on(Event::Published { state_offset }));
         }
+        for (state_offset, _) in std::mem::take(&mut self.consent_publications) {
+            did.extend(self.on(Event::Published { state_offset }));
+        }
         did
+    }
+
+    /// Answers the outstanding consent call of `kind` (the only one).
+    fn answer_consent(&mut self, kind: &str, answer: ConsentAnswer) -> Vec<Did> {
+        let at = self
+            .consent_calls
+            .iter()
+            .position(|(_, c)| consent_call_kind(c) == kind)
+            .unwrap_or_else(|| panic!("no {kind} consent call"));
+        let (id, _) = self.consent_calls.remove(at);
+        self.on(Event::Answered {
+            call: id,
+            answer: BankAnswer::Consent(answer),
+        })
     }
 
     fn ack_dead_letters(&mut self) -> Vec<Did> {
@@ -819,7 +883,7 @@ impl Harness {
         loop {
             if !self.writes.is_empty() {
                 did.extend(self.ack_write());
-            } else if !self.publications.is_empty() {
+            } else if !self.publications.is_empty() || !self.consent_publications.is_empty() {
                 did.extend(self.ack_publications());
             } else if !self.dead_letters.is_empty() {
                 did.extend(self.ack_dead_letters());
@@ -3147,4 +3211,236 @@ fn a_token_initiation_waits_for_a_running_code_exchange_and_presents_the_new_pai
         "{did:?}"
     );
     assert_eq!(presented(&h, "p-1"), "access-2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consents
+// ---------------------------------------------------------------------------------------------
+
+fn consent_key(scope: crate::domain::consent::ConsentScope) -> ConsentKey {
+    ConsentKey {
+        brand: brand("BELFIUS"),
+        scope,
+        psu_id: PsuId::new(PSU),
+    }
+}
+
+fn consent_request(id: &str, command: &str) -> crate::domain::consent::ConsentInput {
+    use crate::domain::consent::{ConsentInput, ConsentRequest, ConsentScope};
+    ConsentInput::Request {
+        command_id: CommandId::new(command),
+        consent_id: crate::domain::model::ConsentId::new(id),
+        psu_id: PsuId::new(PSU),
+        request: ConsentRequest {
+            brand: brand("BELFIUS"),
+            scope: ConsentScope::Caf,
+            account_iban: Some("BE68539007547034".into()),
+            language: Language::Fr,
+            redirect_uri: "https://client.example/consent".into(),
+        },
+        pkce_verifier: SecretString::from("consent-verifier"),
+        sca_state: format!("consent-state-{id}"),
+    }
+}
+
+fn consent_writes(did: &[Did]) -> usize {
+    writes(did).iter().filter(|(_, w)| *w == "consent").count()
+}
+
+fn consent_published(did: &[Did]) -> Vec<crate::domain::consent::ConsentState> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::PublishConsent { states, .. } => Some(states.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn consent_calls_of(did: &[Did]) -> Vec<&'static str> {
+    did.iter()
+        .filter_map(|d| match d {
+            Did::ConsentCall { call, .. } => Some(*call),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A consent from its request to its grant: every step is written (and confirmed) before its
+/// event leaves or its bank call goes, the pair is written with the grant, and a restore from
+/// what was written gives the granted consent with its pair.
+#[test]
+fn a_consent_is_requested_granted_and_restored_with_its_pair() {
+    use crate::domain::consent::{ConsentInput, ConsentOutcome, ConsentScope, ConsentState};
+    let mut log = StateLog::new();
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    let config = CoreConfig {
+        epoch: mine,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(restored, config);
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    let did = h.tick();
+    assert_eq!(consent_writes(&did), 1);
+    assert!(
+        consent_calls_of(&did).is_empty(),
+        "no call before the write"
+    );
+    let did = h.ack_write();
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"]);
+    assert!(
+        consent_published(&did).is_empty(),
+        "REQUESTED is not published"
+    );
+
+    let did = h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok(
+            "https://bank.example/consent?state=consent-state-consent-1".into(),
+        )),
+    );
+    assert_eq!(consent_writes(&did), 1);
+    assert!(consent_published(&did).is_empty(), "not before the write");
+    let did = h.ack_write();
+    assert_eq!(consent_published(&did), vec![ConsentState::Pending]);
+    let (_, events) = h.consent_publications.last().expect("published");
+    assert_eq!(
+        events[0].consent_uri.as_deref(),
+        Some("https://bank.example/consent?state=consent-state-consent-1")
+    );
+    h.ack_publications();
+
+    h.core.consent_input(
+        key.clone(),
+        ConsentInput::Complete {
+            command_id: CommandId::new("c2"),
+            outcome: ConsentOutcome::Code(SecretString::from("the-code")),
+            state: Some("consent-state-consent-1".into()),
+        },
+        None,
+        h.now,
+    );
+    let did = h.tick();
+    assert_eq!(consent_writes(&did), 1);
+    let did = h.ack_write();
+    assert_eq!(consent_calls_of(&did), vec!["consent-exchange"]);
+    match &h.consent_calls[0].1 {
+        ConsentCall::Exchange { code, verifier, .. } => {
+            assert_eq!(code.expose_secret(), "the-code");
+            assert_eq!(verifier.expose_secret(), "consent-verifier");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let did = h.answer_consent(
+        "consent-exchange",
+        ConsentAnswer::Tokens(Ok(TokenPair {
+            access_token: SecretString::from("caf-access"),
+            refresh_token: Some(SecretString::from("caf-refresh")),
+            expires_in: Some(Duration::from_secs(600)),
+            scope: Some("CAF".into()),
+        })),
+    );
+    assert_eq!(consent_writes(&did), 1);
+    assert!(
+        h.core.consent(&key).is_some_and(|r| r.tokens.is_some()),
+        "the pair is held with the grant"
+    );
+    let did = h.ack_write();
+    assert_eq!(consent_published(&did), vec![ConsentState::Granted]);
+    h.flush();
+
+    let log = h.log.take().expect("log");
+    let restored = log.restore(log.records.len() as i64);
+    let record = restored.consents.get(&key).expect("restored");
+    assert_eq!(record.consent.state, ConsentState::Granted);
+    assert!(record.consent.pkce_verifier.is_none(), "spent");
+    assert_eq!(
+        record
+            .tokens
+            .as_ref()
+            .map(|t| t.access_token.expose_secret().to_owned()),
+        Some("caf-access".into())
+    );
+}
+
+/// A consent URI call that gets no answer is asked again after the retry delay; a refusal
+/// refuses the consent, published.
+#[test]
+fn an_unanswered_consent_uri_is_asked_again_and_a_refusal_is_published() {
+    use crate::domain::consent::{ConsentPolicy, ConsentScope, ConsentState};
+    let mut h = Harness::empty();
+    let key = consent_key(ConsentScope::Caf);
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    h.tick();
+    h.ack_write();
+    let did = h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Err(CallFailure {
+            definite: false,
+            message: "timeout".into(),
+        })),
+    );
+    assert_eq!(consent_writes(&did), 1, "the retry time is durable");
+    h.flush();
+    assert!(h.consent_calls.is_empty());
+    let did = h.tick_at(h.now + ConsentPolicy::default().retry_ms);
+    let mut all = did;
+    all.extend(h.flush());
+    assert_eq!(consent_calls_of(&all), vec!["consent-uri"]);
+    let did = h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Err(CallFailure {
+            definite: true,
+            message: "HTTP 406".into(),
+        })),
+    );
+    assert_eq!(consent_writes(&did), 1);
+    let did = h.ack_write();
+    assert_eq!(consent_published(&did), vec![ConsentState::Refused]);
+}
+
+/// A second request while the first is pending: the first ends EXPIRED (superseded), both
+/// written in order, before the new one's URI is asked for.
+#[test]
+fn a_second_request_supersedes_the_pending_consent() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let mut h = Harness::empty();
+    let key = consent_key(ConsentScope::Caf);
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    h.tick();
+    h.ack_write();
+    h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok("https://bank/c".into())),
+    );
+    h.flush();
+    h.core
+        .consent_input(key.clone(), consent_request("consent-2", "c2"), None, h.now);
+    let did = h.tick();
+    assert_eq!(
+        consent_writes(&did),
+        2,
+        "the old one's end, then the new one"
+    );
+    let mut did = h.ack_write();
+    did.extend(h.ack_write());
+    assert_eq!(consent_published(&did), vec![ConsentState::Expired]);
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"]);
+    let (_, events) = &h.consent_publications[h.consent_publications.len() - 1];
+    assert_eq!(events[0].consent_id.as_str(), "consent-1");
+    assert_eq!(
+        h.core
+            .consent(&key)
+            .map(|r| r.consent.consent_id.as_str().to_owned()),
+        Some("consent-2".into())
+    );
 }

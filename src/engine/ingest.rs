@@ -28,6 +28,13 @@ pub enum Ingested {
         payment_id: PaymentId,
         input: Box<Input>,
         kind: &'static str,
+        /// `InitiatePayment.funds_check`: confirm the funds (CAF) before initiating.
+        funds_check: bool,
+    },
+    /// A consent command, for the consent entity of `key`.
+    Consent {
+        key: crate::kafka::state::consent::ConsentKey,
+        input: Box<crate::domain::consent::ConsentInput>,
     },
     DeadLetter {
         class: &'static str,
@@ -322,6 +329,7 @@ pub fn to_input(
         payment_id,
         input: Box::new(input),
         kind,
+        funds_check: false,
     }
 }
 
@@ -453,7 +461,7 @@ mod tests {
     fn class_of(verdict: &Ingested) -> Option<&'static str> {
         match verdict {
             Ingested::DeadLetter { class, .. } => Some(class),
-            Ingested::Apply { .. } => None,
+            Ingested::Apply { .. } | Ingested::Consent { .. } => None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! assigned partition.
 
 pub mod bank;
+pub mod consent_calls;
 pub mod core;
 pub mod ingest;
 pub mod offsets;

@@ -485,6 +485,46 @@ impl Shell {
                         Some(Event::Published { state_offset })
                     });
                 }
+                Action::PublishConsent {
+                    state_offset,
+                    events,
+                } => {
+                    let mut deliveries = Vec::with_capacity(events.len());
+                    for event in &events {
+                        match self.deps.producer.send_consent_status(event).await {
+                            Ok(d) => deliveries.push(d),
+                            Err(e) => {
+                                self.deps.fatal(format!(
+                                    "publishing consent status of {}: {e}",
+                                    event.consent_id
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                    let deps = self.deps.clone();
+                    self.tasks.spawn(async move {
+                        for delivery in deliveries {
+                            if let Err(e) = delivery.await {
+                                deps.fatal(format!("consent status event delivery failed: {e}"));
+                                return None;
+                            }
+                        }
+                        Some(Event::Published { state_offset })
+                    });
+                }
+                Action::ConsentCall { id, call } => {
+                    if let Some(claimed_at) = self.fence.superseded_at() {
+                        let actions = self.core.on(Event::Superseded { claimed_at }, now_millis());
+                        Box::pin(self.execute(actions)).await;
+                        return;
+                    }
+                    let bank_client = self.deps.bank.clone();
+                    self.tasks.spawn(async move {
+                        let answer = super::consent_calls::run(&bank_client, call).await;
+                        Some(Event::Answered { call: id, answer })
+                    });
+                }
                 Action::Call { id, payment, call } => {
                     // The write this call follows was confirmed, but a token operation may have
                     // waited in its lane since: check the fence again as the call leaves.
@@ -589,6 +629,10 @@ impl Shell {
             }
             StateWrite::Tokens(tokens) => {
                 state::encode_psu(&self.deps.state_key, epoch, tokens).map(|(_, v)| Some(v))
+            }
+            StateWrite::Consent { record, events } => {
+                state::encode_consent(&self.deps.state_key, epoch, record, events)
+                    .map(|(_, v)| Some(v))
             }
             StateWrite::Retired(retired) => {
                 state::encode_retired(&self.deps.state_key, epoch, retired).map(|(_, v)| Some(v))

@@ -12,8 +12,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::domain::consent::ConsentEvent;
 use crate::domain::machine::{Payment, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
+use crate::kafka::state::consent::{ConsentKey, ConsentRecord};
 use crate::kafka::state::{
     self, Decoded, DecodedRecord, NO_EPOCH, PsuTokens, RecordKey, Retired, Sealing, SnapshotStart,
     TokenKey,
@@ -58,6 +60,10 @@ pub struct Restored {
     /// Events of records written after the last outbox checkpoint, in offset order: they may not
     /// have reached the status topic.
     pub unpublished: Vec<(i64, Vec<StatusEvent>)>,
+    /// Consents by entity, with their scope's pair.
+    pub consents: HashMap<ConsentKey, ConsentRecord>,
+    /// Consent events of records after the last outbox checkpoint, in offset order.
+    pub unpublished_consents: Vec<(i64, Vec<ConsentEvent>)>,
     pub checkpoint: i64,
     pub records_read: u64,
     /// The offset the next state write will get, at restore time.
@@ -87,6 +93,7 @@ impl Restored {
                 RecordKey::Payment(id) => Some(id),
                 RecordKey::Tokens(_)
                 | RecordKey::LegacyTokens(_)
+                | RecordKey::Consent(_)
                 | RecordKey::Checkpoint
                 | RecordKey::RestoreMarker
                 | RecordKey::Snapshot
@@ -150,6 +157,7 @@ pub struct RestoreFold<'k> {
     /// The newest claim (or writer epoch) read so far.
     epoch_floor: i64,
     events_by_offset: BTreeMap<i64, Vec<StatusEvent>>,
+    consent_events_by_offset: BTreeMap<i64, (ConsentKey, Vec<ConsentEvent>)>,
     /// The brand of each PSU's latest legacy (`psu/{psu}`) record, for its tombstone.
     legacy_brands: HashMap<PsuId, Brand>,
     /// Whether `Restored::sealing` is kept (for `pis-worker state keys`; a worker's restore
@@ -169,6 +177,7 @@ impl<'k> RestoreFold<'k> {
             },
             epoch_floor: NO_EPOCH,
             events_by_offset: BTreeMap::new(),
+            consent_events_by_offset: BTreeMap::new(),
             legacy_brands: HashMap::new(),
             track_sealing: true,
         }
@@ -422,6 +431,14 @@ impl<'k> RestoreFold<'k> {
                 self.out.payments.remove(&id);
                 self.out.retired.insert(id, retired);
             }
+            DecodedRecord::Consent { record, events } => {
+                let key = ConsentKey::of(&record.consent);
+                if !events.is_empty() {
+                    self.consent_events_by_offset
+                        .insert(offset, (key.clone(), events));
+                }
+                self.out.consents.insert(key, *record);
+            }
             DecodedRecord::Psu(tokens) => {
                 if let RecordKey::LegacyTokens(psu) = parsed {
                     self.legacy_brands.insert(psu.clone(), tokens.brand);
@@ -435,6 +452,9 @@ impl<'k> RestoreFold<'k> {
                 // Dropping them now keeps `forget_events` (a scan) short on a long partition.
                 self.events_by_offset = self
                     .events_by_offset
+                    .split_off(&self.out.checkpoint.saturating_add(1));
+                self.consent_events_by_offset = self
+                    .consent_events_by_offset
                     .split_off(&self.out.checkpoint.saturating_add(1));
             }
             DecodedRecord::RestoreMarker | DecodedRecord::Snapshot { .. } => {}
@@ -453,7 +473,10 @@ impl<'k> RestoreFold<'k> {
     fn zombie(&mut self, record_key: &str) {
         self.out.zombie_records += 1;
         match RecordKey::parse(record_key) {
-            RecordKey::Payment(_) | RecordKey::Tokens(_) | RecordKey::LegacyTokens(_) => {
+            RecordKey::Payment(_)
+            | RecordKey::Tokens(_)
+            | RecordKey::LegacyTokens(_)
+            | RecordKey::Consent(_) => {
                 self.out.zombie_keys.insert(record_key.to_owned());
             }
             RecordKey::Checkpoint
@@ -488,6 +511,10 @@ impl<'k> RestoreFold<'k> {
                     self.out.tokens.remove(&TokenKey::new(brand, psu));
                 }
             }
+            RecordKey::Consent(key) => {
+                self.out.consents.remove(&key);
+                self.consent_events_by_offset.retain(|_, (k, _)| *k != key);
+            }
             RecordKey::Checkpoint
             | RecordKey::RestoreMarker
             | RecordKey::Snapshot
@@ -506,6 +533,12 @@ impl<'k> RestoreFold<'k> {
             .events_by_offset
             .into_iter()
             .filter(|(offset, _)| *offset > checkpoint)
+            .collect();
+        self.out.unpublished_consents = self
+            .consent_events_by_offset
+            .into_iter()
+            .filter(|(offset, _)| *offset > checkpoint)
+            .map(|(offset, (_, events))| (offset, events))
             .collect();
         self.out
     }

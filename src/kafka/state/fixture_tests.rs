@@ -570,7 +570,8 @@ fn assert_decoded(actual: &DecodedRecord, expected: &Expected, key: &str) {
             | DecodedRecord::Checkpoint(_)
             | DecodedRecord::Retired(_)
             | DecodedRecord::Snapshot { .. }
-            | DecodedRecord::QuarantinedCopy(_),
+            | DecodedRecord::QuarantinedCopy(_)
+            | DecodedRecord::Consent { .. },
             _,
         ) => panic!("{key}: decoded to another kind of record"),
     }

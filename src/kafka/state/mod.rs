@@ -47,10 +47,12 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::{KafkaEdgeError, KafkaSettings};
+use crate::domain::consent::ConsentEvent;
 use crate::domain::machine::{Millis, Payment, StateKind, StatusEvent};
 use crate::domain::model::{Brand, PaymentId, PsuId};
 use crate::secret::{StateFormat, StateKeyRing};
 
+pub mod consent;
 pub mod v1;
 pub mod v2;
 pub mod v3;
@@ -95,11 +97,18 @@ pub enum RecordKey {
     Checkpoint,
     RestoreMarker,
     Snapshot,
+    Consent(consent::ConsentKey),
     Unknown,
 }
 
 impl RecordKey {
     pub fn parse(key: &str) -> RecordKey {
+        if key.starts_with(consent::PREFIX) {
+            return match consent::ConsentKey::parse(key) {
+                Some(k) => RecordKey::Consent(k),
+                None => RecordKey::Unknown,
+            };
+        }
         if let Some(id) = key.strip_prefix("payment/") {
             return RecordKey::Payment(PaymentId::new(id));
         }
@@ -314,6 +323,18 @@ pub fn encode_psu(
     Ok((record_key, bytes))
 }
 
+pub fn encode_consent(
+    ring: &StateKeyRing,
+    epoch: i64,
+    record: &consent::ConsentRecord,
+    events: &[ConsentEvent],
+) -> Result<(String, Vec<u8>), KafkaEdgeError> {
+    let record_key = consent::ConsentKey::of(&record.consent).record_key();
+    let body = v2::Body::Consent(Box::new(consent::StoredConsent::of(record, events)));
+    let bytes = seal(ring, &record_key, epoch, body)?;
+    Ok((record_key, bytes))
+}
+
 pub fn encode_checkpoint(
     ring: &StateKeyRing,
     partition: i32,
@@ -416,6 +437,10 @@ pub enum DecodedRecord {
     },
     /// A record that could not be read, copied into a snapshot: to be decoded again.
     QuarantinedCopy(QuarantinedRecord),
+    Consent {
+        record: Box<consent::ConsentRecord>,
+        events: Vec<ConsentEvent>,
+    },
 }
 
 /// How a decoded record was protected.
@@ -499,6 +524,13 @@ pub fn decode_record(
                 }
             }
             v2::Body::Psu(tokens) => DecodedRecord::Psu(tokens.into()),
+            v2::Body::Consent(stored) => {
+                let (record, events) = stored.open();
+                DecodedRecord::Consent {
+                    record: Box::new(record),
+                    events,
+                }
+            }
             v2::Body::Retired(retired) => DecodedRecord::Retired(retired.into()),
             v2::Body::OutboxCheckpoint { published_through } => {
                 DecodedRecord::Checkpoint(published_through)

@@ -1080,6 +1080,8 @@ pub enum Body {
         events: Vec<StoredStatusEvent>,
         ext: StoredPaymentExt,
     },
+    /// A consent and its scope's token pair (`consent/{brand}/{scope}/{psu}`).
+    Consent(Box<super::consent::StoredConsent>),
 }
 
 /// Reads the plaintext of a sealed record: the same [`Body`] (or the same error) as

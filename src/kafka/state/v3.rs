@@ -53,6 +53,7 @@ pub enum Body {
         events: Vec<StoredStatusEvent>,
         ext: v2::StoredPaymentExt,
     },
+    Consent(Box<super::consent::StoredConsent>),
 }
 
 impl From<v2::Body> for Body {
@@ -84,6 +85,7 @@ impl From<v2::Body> for Body {
                 events,
                 ext,
             },
+            v2::Body::Consent(consent) => Body::Consent(consent),
         }
     }
 }
@@ -117,6 +119,7 @@ impl From<Body> for v2::Body {
                 events,
                 ext,
             },
+            Body::Consent(consent) => v2::Body::Consent(consent),
         }
     }
 }
@@ -348,6 +351,7 @@ mod tests {
                 Body::SnapshotEnd { .. } => 5,
                 Body::QuarantinedCopy { .. } => 6,
                 Body::PaymentExt { .. } => 7,
+                Body::Consent(_) => 8,
             };
             assert_eq!(position(body), want, "{body:?}");
         }
