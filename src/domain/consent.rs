@@ -254,7 +254,10 @@ pub enum ConsentRefusal {
     /// The input does not apply in this state (late answer, a timer that no longer matters).
     Ignored,
     /// A command that cannot be applied: dead-lettered with this class and message.
-    DeadLetter { class: &'static str, message: String },
+    DeadLetter {
+        class: &'static str,
+        message: String,
+    },
 }
 
 pub type ConsentStep = Result<ConsentTransition, ConsentRefusal>;
@@ -487,10 +490,7 @@ pub fn step(
                     Some(deadline) if deadline <= now => Ok(end(
                         c.clone(),
                         ConsentState::Expired,
-                        Reason::new(
-                            ReasonCode::ScaExpired,
-                            "the PSU did not consent in time",
-                        ),
+                        Reason::new(ReasonCode::ScaExpired, "the PSU did not consent in time"),
                         "timer",
                         now,
                     )),

@@ -44,7 +44,9 @@ fn apply(current: &Consent, input: ConsentInput, now: Millis) -> ConsentStep {
 }
 
 fn requested() -> Consent {
-    ask(None, "c1", "consent-1", T0).expect("a first request").consent
+    ask(None, "c1", "consent-1", T0)
+        .expect("a first request")
+        .consent
 }
 
 fn pending() -> Consent {
@@ -97,9 +99,13 @@ fn all_states() -> Vec<Consent> {
     )
     .expect("refused")
     .consent;
-    let expired = apply(&pending(), ConsentInput::Tick, T0 + 10 + policy().sca_timeout_ms)
-        .expect("expired")
-        .consent;
+    let expired = apply(
+        &pending(),
+        ConsentInput::Tick,
+        T0 + 10 + policy().sca_timeout_ms,
+    )
+    .expect("expired")
+    .consent;
     let states = vec![requested(), pending(), granted(None), refused, expired];
     let kinds: Vec<ConsentState> = states.iter().map(|c| c.state).collect();
     assert_eq!(kinds, ConsentState::ALL.to_vec(), "one consent per state");
@@ -132,7 +138,10 @@ fn the_uri_makes_it_pending_with_the_uri_on_the_event() {
     assert_eq!(e.state, ConsentState::Pending);
     assert_eq!(e.sequence, 1);
     assert_eq!(e.consent_uri.as_deref(), Some("https://bank.example/c"));
-    assert_eq!(t.consent.sca_deadline, Some(T0 + 5 + policy().sca_timeout_ms));
+    assert_eq!(
+        t.consent.sca_deadline,
+        Some(T0 + 5 + policy().sca_timeout_ms)
+    );
 }
 
 #[test]
@@ -199,12 +208,7 @@ fn a_redirect_with_another_state_is_dead_lettered_and_changes_nothing() {
 
 #[test]
 fn a_redirect_for_no_consent_is_dead_lettered() {
-    let r = step(
-        None,
-        complete("c2", code(), Some("s")),
-        &policy(),
-        T0,
-    );
+    let r = step(None, complete("c2", code(), Some("s")), &policy(), T0);
     assert!(matches!(
         r,
         Err(ConsentRefusal::DeadLetter {
@@ -243,7 +247,12 @@ fn a_redelivered_command_is_a_duplicate() {
     let p = pending();
     let t = apply(&p, complete("c2", code(), Some("state-consent-1")), T0 + 20).expect("ok");
     assert_eq!(
-        apply(&t.consent, complete("c2", code(), Some("state-consent-1")), T0 + 21).err(),
+        apply(
+            &t.consent,
+            complete("c2", code(), Some("state-consent-1")),
+            T0 + 21
+        )
+        .err(),
         Some(ConsentRefusal::Duplicate)
     );
     assert_eq!(
@@ -364,7 +373,10 @@ fn pending_expires_at_the_sca_deadline_and_granted_at_its_end() {
     );
     let t = apply(&p, ConsentInput::Tick, deadline).expect("expired");
     assert_eq!(t.consent.state, ConsentState::Expired);
-    assert_eq!(t.events[0].reason.as_ref().map(|r| r.code), Some(ReasonCode::ScaExpired));
+    assert_eq!(
+        t.events[0].reason.as_ref().map(|r| r.code),
+        Some(ReasonCode::ScaExpired)
+    );
 
     let g = granted(Some(T0 + 500));
     assert!(usable(&g, T0 + 499));
@@ -466,8 +478,12 @@ fn events_never_carry_the_verifier_or_the_code() {
         T0 + 20,
     )
     .expect("exchange");
-    let g = apply(&t.consent, ConsentInput::TokensStored { valid_until: None }, T0 + 30)
-        .expect("granted");
+    let g = apply(
+        &t.consent,
+        ConsentInput::TokensStored { valid_until: None },
+        T0 + 30,
+    )
+    .expect("granted");
     let debug = format!("{:?} {:?}", g.events, t.consent);
     assert!(!debug.contains("the-code"));
     assert!(!debug.contains(&"v".repeat(64)));
@@ -485,7 +501,10 @@ fn event_ids_are_deterministic_and_distinct() {
         T0 + 10,
     )
     .expect("again");
-    assert_eq!(first.events[0].event_id(), first.events[0].clone().event_id());
+    assert_eq!(
+        first.events[0].event_id(),
+        first.events[0].clone().event_id()
+    );
     assert_ne!(first.events[0].event_id(), t.events[0].event_id());
     assert_eq!(ConsentScope::parse("CAF"), Some(ConsentScope::Caf));
     for s in ConsentScope::ALL {

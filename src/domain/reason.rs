@@ -207,6 +207,9 @@ pub(crate) mod tests {
             ReasonCode::OutcomeUnresolved => 30,
             ReasonCode::ExpiryUnconfirmed => 31,
             ReasonCode::BankAnswerUnrecognized => 32,
+            ReasonCode::InsufficientFunds => 33,
+            ReasonCode::ConsentSuperseded => 34,
+            ReasonCode::ConsentExpired => 35,
         }
     }
 

@@ -166,6 +166,9 @@ stored_enum!(
         OutcomeUnresolved,
         ExpiryUnconfirmed,
         BankAnswerUnrecognized,
+        InsufficientFunds,
+        ConsentSuperseded,
+        ConsentExpired,
     }
 );
 
