@@ -351,7 +351,7 @@ impl Metrics {
             "transport",
             "circuit_open",
         ];
-        const COMMAND_TYPES: [&str; 8] = [
+        const COMMAND_TYPES: [&str; 10] = [
             "initiate",
             "initiate_periodic",
             "initiate_bulk",
@@ -359,6 +359,8 @@ impl Metrics {
             "cancel",
             "refresh",
             "resolve",
+            "request_consent",
+            "complete_consent",
             "unknown",
         ];
         const OUTCOMES: [&str; 4] = ["accepted", "duplicate", "rejected", "dead_lettered"];

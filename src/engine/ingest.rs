@@ -61,6 +61,8 @@ pub fn body_type(body: &CommandBody) -> &'static str {
         CommandBody::Cancel { .. } => "cancel",
         CommandBody::RefreshStatus => "refresh",
         CommandBody::Resolve(_) => "resolve",
+        CommandBody::RequestConsent(_) => "request_consent",
+        CommandBody::CompleteConsent(_) => "complete_consent",
     }
 }
 
@@ -317,6 +319,15 @@ pub fn to_input(
                 );
             }
         },
+        // Not handled yet: dead-lettered as a body this worker does not know, replayable later.
+        CommandBody::RequestConsent(_) | CommandBody::CompleteConsent(_) => {
+            return dead(
+                DecodeErrorClass::WrongRecordType,
+                format!("{kind}: consent commands are not handled by this worker yet"),
+                Some(payment_id.to_string()),
+                command_type,
+            );
+        }
     };
     Ingested::Apply {
         payment_id,
@@ -651,6 +662,7 @@ mod tests {
             reason: None,
             causation_id: "c".into(),
             occurred_at: 0,
+            settlement: None,
         })
         .expect("status");
         let cases: Vec<(Option<Vec<u8>>, &str)> = vec![

@@ -169,6 +169,7 @@ stored_enum!(
         InsufficientFunds,
         ConsentSuperseded,
         ConsentExpired,
+        InvalidScope,
     }
 );
 
@@ -906,6 +907,8 @@ impl From<&StatusEvent> for StoredStatusEvent {
             reason,
             causation_id,
             occurred_at,
+            // Not stored: the stored format is unchanged, and nothing fills it yet.
+            settlement: _,
         } = e;
         Self {
             payment_id: payment_id.as_str().to_owned(),
@@ -935,6 +938,7 @@ impl From<StoredStatusEvent> for StatusEvent {
             reason: e.reason.map(Into::into),
             causation_id: e.causation_id,
             occurred_at: e.occurred_at,
+            settlement: None,
         }
     }
 }
