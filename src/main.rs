@@ -54,7 +54,7 @@ async fn run() -> std::process::ExitCode {
         Command::State(args) => pis_worker::cli::state::run(*args).await,
         Command::Schemas => pis_worker::contract::schemas()
             .map(|s| {
-                for known in [&s.command, &s.status] {
+                for known in [&s.command, &s.status, &s.consent_status] {
                     println!(
                         "{:<20} fingerprint {} (header {})",
                         known.name,

@@ -372,7 +372,7 @@ impl Metrics {
             "transport",
             "circuit_open",
         ];
-        const COMMAND_TYPES: [&str; 8] = [
+        const COMMAND_TYPES: [&str; 10] = [
             "initiate",
             "initiate_periodic",
             "initiate_bulk",
@@ -380,6 +380,8 @@ impl Metrics {
             "cancel",
             "refresh",
             "resolve",
+            "request_consent",
+            "complete_consent",
             "unknown",
         ];
         const OUTCOMES: [&str; 4] = ["accepted", "duplicate", "rejected", "dead_lettered"];

@@ -64,6 +64,7 @@ fn bulk(product: &str, brand: &str, transfers: Vec<RawBulkTransfer>) -> CommandB
         redirect_uri: "https://client.example/callback".into(),
         payments: transfers,
         always_pkce: false,
+        funds_check: false,
     }))
 }
 
@@ -763,7 +764,7 @@ async fn dlq_list_shows_a_poison_record_and_replay_dead_letters_it_again() {
     assert_eq!(env.dlq_records().len(), 2, "a dry run publishes nothing");
 }
 
-/// A command written by a client that already uses a newer schema (a v5 candidate, written by
+/// A command written by a client that already uses a newer schema (a v6 candidate, written by
 /// fastavro) is dead-lettered as `UNKNOWN_SCHEMA` by a worker that does not know that schema.
 /// Once the worker accepts it (`--writer-schemas-dir`), replaying the DLQ record processes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,7 +773,7 @@ async fn an_unknown_schema_record_is_processed_when_replayed_after_the_schema_is
     let mut before = env.start_worker("before", CLIENT_DRIVEN);
     before.wait_restored(PARTITIONS as usize).await;
     let dir = root().join("tests/interop/schemas");
-    let v3 = dir.join("payment-command.v5-candidate.avsc");
+    let v3 = dir.join("payment-command.v6-candidate.avsc");
     let newer = |payment_id: &str| {
         let file = env.dir.path().join(format!("{payment_id}.bin"));
         let output = std::process::Command::new("python3")

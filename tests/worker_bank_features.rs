@@ -169,6 +169,7 @@ async fn a_bulk_payment_is_signed_once_and_settles() {
             })
             .collect(),
         always_pkce: false,
+        funds_check: false,
     };
     env.send(&command(
         "bulk-1",

@@ -64,6 +64,13 @@ pub struct BrokerArgs {
     pub topic_commands: String,
     #[arg(long, env = "PIS_TOPIC_STATUS", default_value = "pis.payment-status")]
     pub topic_status: String,
+    /// Consent status events (AIS and CAF consents), keyed by psu_id.
+    #[arg(
+        long,
+        env = "PIS_TOPIC_CONSENT_STATUS",
+        default_value = "pis.consent-status"
+    )]
+    pub topic_consent_status: String,
     #[arg(long, env = "PIS_TOPIC_STATE", default_value = "pis.payment-state")]
     pub topic_state: String,
     #[arg(
@@ -109,6 +116,7 @@ impl BrokerArgs {
             topics: crate::kafka::Topics {
                 commands: self.topic_commands.clone(),
                 status: self.topic_status.clone(),
+                consent_status: self.topic_consent_status.clone(),
                 state: self.topic_state.clone(),
                 dlq: self.topic_dlq.clone(),
             },

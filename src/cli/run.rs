@@ -407,7 +407,11 @@ impl RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     (args.contract)
-        .install(&args.broker.topic_status, super::stop_signal())
+        .install(
+            &args.broker.topic_status,
+            &args.broker.topic_consent_status,
+            super::stop_signal(),
+        )
         .await?;
     let result = crate::engine::run(config, super::stop_signal()).await;
     crate::contract::registry::exit_if_waiting(&result);

@@ -10,7 +10,8 @@ use crate::contract::command::{
     self, CommandBody, CommandEnvelope, ResolveAction, ResolveOutcome, ScaRedirect,
 };
 use crate::domain::model::{
-    PostalAddress, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
+    PostalAddress, RawBulkPayment, RawBulkTransfer, RawConsentRequest, RawInitiatePayment,
+    RawPeriodicPayment,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +42,10 @@ pub enum SendCommand {
     /// ResolveOutcome (operator): a person's decision on a payment held at OUTCOME_UNKNOWN,
     /// after checking at the bank (docs/runbooks.md).
     Resolve(ResolveArgs),
+    /// RequestConsent: ask the PSU for an AIS or CAF consent.
+    RequestConsent(RequestConsentArgs),
+    /// CompleteConsent: hand back what the PSU's browser brought to a consent's redirect URI.
+    CompleteConsent(CompleteConsentArgs),
     /// Raw bytes with a key: for testing the dead-letter path.
     Raw(RawArgs),
 }
@@ -105,6 +110,10 @@ pub struct InitiateArgs {
     /// Initiate with PKCE even when the worker holds a PIS token of the PSU.
     #[arg(long)]
     pub always_pkce: bool,
+    /// Confirm the funds (CAF) before initiating, when the PSU holds a CAF consent for
+    /// --debtor-iban.
+    #[arg(long)]
+    pub funds_check: bool,
 }
 
 impl InitiateArgs {
@@ -136,6 +145,7 @@ impl InitiateArgs {
             creditor_bank_national_id: self.creditor_bank_id.clone(),
             creditor_currency: self.creditor_currency.clone(),
             always_pkce: self.always_pkce,
+            funds_check: self.funds_check,
         }
     }
 }
@@ -171,6 +181,9 @@ pub struct BulkArgs {
     /// Initiate with PKCE even when the worker holds a PIS token of the PSU.
     #[arg(long)]
     pub always_pkce: bool,
+    /// InitiateBulkPayment.funds_check (read, not acted on for a bulk).
+    #[arg(long)]
+    pub funds_check: bool,
     #[arg(long)]
     pub execution_date: Option<String>,
     #[arg(long, default_value = "fr")]
@@ -220,6 +233,42 @@ pub struct ResolveArgs {
     /// Why, for the audit trail (it goes into the status event's reason).
     #[arg(long)]
     pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsentTargetArgs {
+    /// The client's consent id (sent in the envelope's payment_id).
+    #[arg(long)]
+    pub consent_id: String,
+    #[arg(long)]
+    pub psu_id: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RequestConsentArgs {
+    #[command(flatten)]
+    pub target: ConsentTargetArgs,
+    #[arg(long, default_value = "BELFIUS")]
+    pub brand: String,
+    /// AIS or CAF.
+    #[arg(long)]
+    pub scope: String,
+    /// CAF: the account the funds checks are for (required). AIS: not allowed.
+    #[arg(long)]
+    pub account_iban: Option<String>,
+    #[arg(long, default_value = "fr")]
+    pub language: String,
+    #[arg(long, default_value = "https://client.example/callback")]
+    pub redirect_uri: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompleteConsentArgs {
+    #[command(flatten)]
+    pub target: ConsentTargetArgs,
+    /// The full redirect URL (with `code` or `error`), as the PSU's browser arrived with it.
+    #[arg(long)]
+    pub redirect_url: url::Url,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -289,6 +338,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                     redirect_uri: a.redirect_uri.clone(),
                     payments: a.transfers.clone(),
                     always_pkce: a.always_pkce,
+                    funds_check: a.funds_check,
                 })),
             },
             "InitiateBulkPayment",
@@ -303,6 +353,32 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             };
             envelope_bytes(&envelope, "CompleteSca")?
         }
+        SendCommand::RequestConsent(a) => envelope_bytes(
+            &CommandEnvelope {
+                command_id: command_id.clone(),
+                payment_id: a.target.consent_id,
+                psu_id: a.target.psu_id,
+                issued_at: now,
+                body: CommandBody::RequestConsent(RawConsentRequest {
+                    brand: a.brand,
+                    scope: a.scope,
+                    account_iban: a.account_iban,
+                    language: a.language,
+                    redirect_uri: a.redirect_uri,
+                }),
+            },
+            "RequestConsent",
+        )?,
+        SendCommand::CompleteConsent(a) => envelope_bytes(
+            &CommandEnvelope {
+                command_id: command_id.clone(),
+                payment_id: a.target.consent_id,
+                psu_id: a.target.psu_id,
+                issued_at: now,
+                body: CommandBody::CompleteConsent(ScaRedirect::from_redirect_url(&a.redirect_url)),
+            },
+            "CompleteConsent",
+        )?,
         SendCommand::Cancel(t) => envelope_bytes(
             &CommandEnvelope {
                 command_id: command_id.clone(),

@@ -1,4 +1,5 @@
-//! `pis-worker watch`: prints status events as a client system would receive them.
+//! `pis-worker watch`: prints status events as a client system would receive them: payment
+//! status events and, when its topic exists, consent status events.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::BrokerArgs;
+use crate::contract::consent_status::{self, ConsentStatusRecord};
 use crate::contract::status::{self, StatusRecord};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -17,7 +19,7 @@ pub struct WatchArgs {
     /// Start from the oldest event instead of new ones only.
     #[arg(long)]
     pub from_beginning: bool,
-    /// Exit once this many distinct payments reached a final state.
+    /// Exit once this many distinct payments reached a final state (consents do not count).
     #[arg(long)]
     pub until_final: Option<usize>,
     /// Give up (exit 1) after this many seconds.
@@ -51,6 +53,13 @@ pub fn format_text(r: &StatusRecord) -> String {
     if let (Some(code), Some(message)) = (&r.reason_code, &r.reason_message) {
         line.push_str(&format!(" reason={code} ({message})"));
     }
+    if let Some(s) = &r.settlement {
+        line.push_str(&format!(
+            " settlement={} refs=[{}]",
+            s.outcome.symbol(),
+            s.transaction_refs.join(",")
+        ));
+    }
     line
 }
 
@@ -65,6 +74,56 @@ pub fn format_json(r: &StatusRecord) -> String {
         "bank_status": r.bank_status,
         "bank_payment_id": r.bank_payment_id,
         "sca_redirect_url": r.sca_redirect_url,
+        "reason": r.reason_code.as_ref().map(|c| serde_json::json!({"code": c, "message": r.reason_message})),
+        "causation_id": r.causation_id,
+        "occurred_at": r.occurred_at,
+        "settlement": r.settlement.as_ref().map(|s| serde_json::json!({
+            "outcome": s.outcome.symbol(),
+            "transaction_refs": s.transaction_refs,
+            "booking_date": s.booking_date.map(|d| d.to_string()),
+            "checked_at": s.checked_at,
+        })),
+    })
+    .to_string()
+}
+
+pub fn format_consent_text(r: &ConsentStatusRecord) -> String {
+    let mut line = format!(
+        "consent {:<14} #{:<2} {:<8} {} {}",
+        r.consent_id,
+        r.sequence,
+        r.state.symbol(),
+        r.brand.as_str(),
+        r.scope.symbol()
+    );
+    if let Some(iban) = &r.account_iban {
+        line.push_str(&format!(" account={iban}"));
+    }
+    if let Some(uri) = &r.consent_uri {
+        line.push_str(&format!(" consent_uri={uri}"));
+    }
+    if let Some(until) = r.valid_until {
+        line.push_str(&format!(" valid_until={until}"));
+    }
+    if let (Some(code), Some(message)) = (&r.reason_code, &r.reason_message) {
+        line.push_str(&format!(" reason={code} ({message})"));
+    }
+    line
+}
+
+pub fn format_consent_json(r: &ConsentStatusRecord) -> String {
+    serde_json::json!({
+        "event_id": r.event_id,
+        "consent_id": r.consent_id,
+        "psu_id": r.psu_id,
+        "brand": r.brand.as_str(),
+        "scope": r.scope.symbol(),
+        "account_iban": r.account_iban,
+        "sequence": r.sequence,
+        "state": r.state.symbol(),
+        "is_final": r.is_final,
+        "consent_uri": r.consent_uri,
+        "valid_until": r.valid_until,
         "reason": r.reason_code.as_ref().map(|c| serde_json::json!({"code": c, "message": r.reason_message})),
         "causation_id": r.causation_id,
         "occurred_at": r.occurred_at,
@@ -99,9 +158,19 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
         .set("session.timeout.ms", "6000")
         .create()
         .context("creating consumer")?;
-    consumer
-        .subscribe(&[&settings.topics.status])
-        .context("subscribing")?;
+    // A missing topic would fail every poll: the consent topic only exists once a worker of
+    // this version created it.
+    let mut topics = vec![settings.topics.status.as_str()];
+    match crate::kafka::admin::partition_count(&settings, &settings.topics.consent_status) {
+        Ok(n) if n > 0 => topics.push(settings.topics.consent_status.as_str()),
+        Ok(_) | Err(_) => eprintln!(
+            "topic {} not found: consent status events are not shown",
+            settings.topics.consent_status
+        ),
+    }
+    consumer.subscribe(&topics).context("subscribing")?;
+    // Consents de-duplicated like payments, by (psu_id, consent_id) and sequence.
+    let mut consents: HashMap<(String, String), i64> = HashMap::new();
     let started = Instant::now();
     let mut finals: HashSet<String> = HashSet::new();
     // De-duplicate re-published events as a client must: by (payment_id, sequence).
@@ -122,6 +191,28 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
         let Some(payload) = message.payload() else {
             continue;
         };
+        if message.topic() == settings.topics.consent_status {
+            match consent_status::decode(payload) {
+                Ok(record) => {
+                    let seen = consents
+                        .entry((record.psu_id.clone(), record.consent_id.clone()))
+                        .or_insert(0);
+                    if record.sequence > *seen {
+                        *seen = record.sequence;
+                        if args.json {
+                            println!("{}", format_consent_json(&record));
+                        } else {
+                            println!("{}", format_consent_text(&record));
+                        }
+                    }
+                }
+                Err(e) => eprintln!(
+                    "undecodable consent status event at offset {}: {e}",
+                    message.offset()
+                ),
+            }
+            continue;
+        }
         let record = match status::decode(payload) {
             Ok(r) => r,
             Err(e) => {

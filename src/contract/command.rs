@@ -7,7 +7,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::framing::{WriterRef, frame, unframe_any};
 use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, WriterSchema, schemas};
 use crate::domain::model::{
-    PostalAddress, RawBulkPayment, RawBulkTransfer, RawInitiatePayment, RawPeriodicPayment,
+    PostalAddress, RawBulkPayment, RawBulkTransfer, RawConsentRequest, RawInitiatePayment,
+    RawPeriodicPayment,
 };
 
 /// One command as a client sent it. Fields are not validated here: that happens at the edge of
@@ -33,6 +34,10 @@ pub enum CommandBody {
     RefreshStatus,
     /// A person's decision on a payment the worker cannot resolve itself.
     Resolve(ResolveOutcome),
+    /// `RequestConsent` (v5): the envelope's `payment_id` carries the consent id.
+    RequestConsent(RawConsentRequest),
+    /// `CompleteConsent` (v5): a consent's redirect, in the shape of `CompleteSca`.
+    CompleteConsent(ScaRedirect),
 }
 
 /// `ResolveOutcome` (command schema v3).
@@ -90,6 +95,8 @@ impl CommandBody {
             CommandBody::Cancel { .. } => "CancelPayment",
             CommandBody::RefreshStatus => "RefreshStatus",
             CommandBody::Resolve(_) => "ResolveOutcome",
+            CommandBody::RequestConsent(_) => "RequestConsent",
+            CommandBody::CompleteConsent(_) => "CompleteConsent",
         }
     }
 }
@@ -130,21 +137,7 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
     let schemas = schemas().map_err(|e| EncodeError::Schema(e.message))?;
     let body = match &command.body {
         CommandBody::Initiate(raw) => Value::Union(0, Box::new(initiate_value(raw))),
-        CommandBody::CompleteSca(sca) => Value::Union(
-            1,
-            Box::new(Value::Record(vec![
-                (
-                    "authorization_code".into(),
-                    opt_string(sca.authorization_code.as_ref().map(|c| c.expose_secret())),
-                ),
-                ("error".into(), opt_string(sca.error.as_deref())),
-                (
-                    "error_description".into(),
-                    opt_string(sca.error_description.as_deref()),
-                ),
-                ("state".into(), opt_string(sca.state.as_deref())),
-            ])),
-        ),
+        CommandBody::CompleteSca(sca) => Value::Union(1, Box::new(redirect_value(sca))),
         CommandBody::Cancel { reason } => Value::Union(
             2,
             Box::new(Value::Record(vec![(
@@ -210,8 +203,28 @@ pub fn encode(command: &CommandEnvelope) -> Result<Vec<u8>, EncodeError> {
                     Value::Array(raw.payments.iter().map(transfer_value).collect()),
                 ),
                 ("always_pkce".into(), Value::Boolean(raw.always_pkce)),
+                ("funds_check".into(), Value::Boolean(raw.funds_check)),
             ])),
         ),
+        CommandBody::RequestConsent(raw) => Value::Union(
+            7,
+            Box::new(Value::Record(vec![
+                ("brand".into(), brand_value(&raw.brand)),
+                ("scope".into(), scope_value(&raw.scope)),
+                (
+                    "account_iban".into(),
+                    opt_string(raw.account_iban.as_deref()),
+                ),
+                ("language".into(), Value::String(raw.language.clone())),
+                (
+                    "redirect_uri".into(),
+                    Value::String(raw.redirect_uri.clone()),
+                ),
+            ])),
+        ),
+        CommandBody::CompleteConsent(redirect) => {
+            Value::Union(8, Box::new(redirect_value(redirect)))
+        }
     };
     let value = Value::Record(vec![
         (
@@ -250,6 +263,35 @@ fn brand_value(symbol: &str) -> Value {
         _other => u32::MAX,
     };
     Value::Enum(index, symbol.to_owned())
+}
+
+fn scope_value(symbol: &str) -> Value {
+    let index = crate::domain::consent::ConsentScope::ALL
+        .iter()
+        .position(|s| s.symbol() == symbol)
+        .unwrap_or(usize::MAX);
+    Value::Enum(index as u32, symbol.to_owned())
+}
+
+/// `CompleteSca` and `CompleteConsent` share this shape.
+fn redirect_value(redirect: &ScaRedirect) -> Value {
+    Value::Record(vec![
+        (
+            "authorization_code".into(),
+            opt_string(
+                redirect
+                    .authorization_code
+                    .as_ref()
+                    .map(|c| c.expose_secret()),
+            ),
+        ),
+        ("error".into(), opt_string(redirect.error.as_deref())),
+        (
+            "error_description".into(),
+            opt_string(redirect.error_description.as_deref()),
+        ),
+        ("state".into(), opt_string(redirect.state.as_deref())),
+    ])
 }
 
 fn frequency_value(symbol: &str) -> Value {
@@ -374,6 +416,7 @@ fn initiate_value(raw: &RawInitiatePayment) -> Value {
             opt_string(raw.creditor_currency.as_deref()),
         ),
         ("always_pkce".into(), Value::Boolean(raw.always_pkce)),
+        ("funds_check".into(), Value::Boolean(raw.funds_check)),
     ])
 }
 
@@ -438,6 +481,12 @@ pub fn decode_with(
             return Err(DecodeError::new(
                 DecodeErrorClass::WrongRecordType,
                 "a PaymentStatusEvent was published to the command topic",
+            ));
+        }
+        SchemaRole::ConsentStatus => {
+            return Err(DecodeError::new(
+                DecodeErrorClass::WrongRecordType,
+                "a ConsentStatus event was published to the command topic",
             ));
         }
     }
@@ -578,6 +627,21 @@ impl Fields {
         }
     }
 
+    /// An optional timestamp-millis (`["null", timestamp-millis]`), absent as null.
+    pub(super) fn opt_millis(&mut self, name: &str) -> Result<Option<i64>, DecodeError> {
+        let inner = match self.take_optional(name) {
+            Value::Union(_, inner) => *inner,
+            other => other,
+        };
+        match inner {
+            Value::Null => Ok(None),
+            Value::TimestampMillis(v) | Value::Long(v) => Ok(Some(v)),
+            other => Err(malformed(format!(
+                "{name}: expected timestamp-millis or null, got {other:?}"
+            ))),
+        }
+    }
+
     pub(super) fn long(&mut self, name: &str) -> Result<i64, DecodeError> {
         match self.take(name)? {
             Value::Long(v) => Ok(v),
@@ -687,6 +751,18 @@ fn read_initiate(f: &mut Fields) -> Result<RawInitiatePayment, DecodeError> {
         creditor_currency: f.opt_string("creditor_currency")?,
         // Absent before schema v4.
         always_pkce: f.opt_boolean("always_pkce")?.unwrap_or(false),
+        // Absent before schema v5.
+        funds_check: f.opt_boolean("funds_check")?.unwrap_or(false),
+    })
+}
+
+/// `CompleteSca` and `CompleteConsent` share this shape.
+fn read_redirect(f: &mut Fields) -> Result<ScaRedirect, DecodeError> {
+    Ok(ScaRedirect {
+        authorization_code: f.opt_string("authorization_code")?.map(SecretString::from),
+        error: f.opt_string("error")?,
+        error_description: f.opt_string("error_description")?,
+        state: f.opt_string("state")?,
     })
 }
 
@@ -752,16 +828,20 @@ fn envelope_from_value(
                 redirect_uri: body_fields.string("redirect_uri")?,
                 payments,
                 always_pkce: body_fields.opt_boolean("always_pkce")?.unwrap_or(false),
+                funds_check: body_fields.opt_boolean("funds_check")?.unwrap_or(false),
             }))
         }
-        "CompleteSca" => CommandBody::CompleteSca(ScaRedirect {
-            authorization_code: body_fields
-                .opt_string("authorization_code")?
-                .map(SecretString::from),
-            error: body_fields.opt_string("error")?,
-            error_description: body_fields.opt_string("error_description")?,
-            state: body_fields.opt_string("state")?,
+        "CompleteSca" => CommandBody::CompleteSca(read_redirect(&mut body_fields)?),
+        // An unknown brand or scope symbol (a newer writer's) is read as it is: validation
+        // refuses it, as it does an unknown product.
+        "RequestConsent" => CommandBody::RequestConsent(RawConsentRequest {
+            brand: body_fields.string("brand")?,
+            scope: body_fields.string("scope")?,
+            account_iban: body_fields.opt_string("account_iban")?,
+            language: body_fields.string("language")?,
+            redirect_uri: body_fields.string("redirect_uri")?,
         }),
+        "CompleteConsent" => CommandBody::CompleteConsent(read_redirect(&mut body_fields)?),
         "CancelPayment" => CommandBody::Cancel {
             reason: body_fields.opt_string("reason")?,
         },
@@ -968,8 +1048,9 @@ mod evolution_tests {
             creditor_bban: Some("123456789".into()),
             creditor_bank_national_id: Some("021000021".into()),
             creditor_currency: Some("USD".into()),
-            // Not the default, so the round trip shows the v4 field travels.
+            // Not the defaults, so the round trip shows the v4 and v5 fields travel.
             always_pkce: true,
+            funds_check: true,
         }
     }
 
@@ -1032,6 +1113,7 @@ mod evolution_tests {
             redirect_uri: "https://c.example/cb".into(),
             payments: (1..=3).map(transfer).collect(),
             always_pkce: true,
+            funds_check: true,
         };
         let bytes =
             encode(&envelope(CommandBody::InitiateBulk(Box::new(raw.clone())))).expect("encode");
@@ -1113,5 +1195,186 @@ mod evolution_tests {
                 .body,
             CommandBody::Cancel { reason: None }
         ));
+    }
+
+    fn consent_request() -> RawConsentRequest {
+        RawConsentRequest {
+            brand: "BANX".into(),
+            scope: "CAF".into(),
+            account_iban: Some("BE71096123456769".into()),
+            language: "nl".into(),
+            redirect_uri: "https://c.example/consent".into(),
+        }
+    }
+
+    #[test]
+    fn request_consent_round_trips() {
+        for raw in [
+            consent_request(),
+            RawConsentRequest {
+                brand: "BELFIUS".into(),
+                scope: "AIS".into(),
+                account_iban: None,
+                ..consent_request()
+            },
+        ] {
+            let bytes =
+                encode(&envelope(CommandBody::RequestConsent(raw.clone()))).expect("encode");
+            let decoded = decode(&bytes, 65_536).expect("decode");
+            assert_eq!(
+                decoded.payment_id, "p-9",
+                "the consent id travels in payment_id"
+            );
+            let CommandBody::RequestConsent(back) = decoded.body else {
+                panic!("wrong body: {:?}", decoded.body)
+            };
+            assert_eq!(back, raw);
+        }
+    }
+
+    #[test]
+    fn complete_consent_round_trips_apart_from_complete_sca() {
+        let redirect = ScaRedirect::from_redirect_url(
+            &url::Url::parse("https://c.example/consent?code=c0ns3nt&state=st-1").expect("url"),
+        );
+        let bytes = encode(&envelope(CommandBody::CompleteConsent(redirect))).expect("encode");
+        let CommandBody::CompleteConsent(back) = decode(&bytes, 65_536).expect("decode").body
+        else {
+            panic!("a CompleteConsent must not read as another body of the same shape")
+        };
+        assert_eq!(
+            back.authorization_code.as_ref().map(|c| c.expose_secret()),
+            Some("c0ns3nt")
+        );
+        assert_eq!(back.state.as_deref(), Some("st-1"));
+        let refused = ScaRedirect::from_redirect_url(
+            &url::Url::parse(
+                "https://c.example/consent?error=access_denied&error_description=no&state=st-2",
+            )
+            .expect("url"),
+        );
+        let bytes = encode(&envelope(CommandBody::CompleteConsent(refused))).expect("encode");
+        let CommandBody::CompleteConsent(back) = decode(&bytes, 65_536).expect("decode").body
+        else {
+            panic!("wrong body")
+        };
+        assert!(back.authorization_code.is_none());
+        assert_eq!(back.error.as_deref(), Some("access_denied"));
+        assert_eq!(back.error_description.as_deref(), Some("no"));
+        assert_eq!(back.state.as_deref(), Some("st-2"));
+        // CompleteSca, same shape, stays CompleteSca.
+        let sca = ScaRedirect::from_redirect_url(
+            &url::Url::parse("https://c.example/cb?code=x&state=s").expect("url"),
+        );
+        let bytes = encode(&envelope(CommandBody::CompleteSca(sca))).expect("encode");
+        assert!(matches!(
+            decode(&bytes, 65_536).expect("decode").body,
+            CommandBody::CompleteSca(_)
+        ));
+    }
+
+    #[test]
+    fn an_unknown_scope_symbol_is_refused_rather_than_rewritten() {
+        let raw = RawConsentRequest {
+            scope: "PIIS".into(),
+            ..consent_request()
+        };
+        assert!(encode(&envelope(CommandBody::RequestConsent(raw))).is_err());
+    }
+
+    /// A newer writer's scope symbol decodes as it is, like an unknown product or brand:
+    /// validation refuses it (INVALID_SCOPE), not the decoder.
+    #[test]
+    fn a_newer_writers_scope_symbol_reaches_validation() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(crate::contract::COMMAND_SCHEMA_JSON).expect("json");
+        let body = json["fields"]
+            .as_array_mut()
+            .and_then(|f| f.iter_mut().find(|f| f["name"] == "body"))
+            .expect("body");
+        let request = body["type"]
+            .as_array_mut()
+            .and_then(|b| b.iter_mut().find(|b| b["name"] == "RequestConsent"))
+            .expect("RequestConsent");
+        let scope = request["fields"]
+            .as_array_mut()
+            .and_then(|f| f.iter_mut().find(|f| f["name"] == "scope"))
+            .expect("scope");
+        scope["type"]["symbols"]
+            .as_array_mut()
+            .expect("symbols")
+            .push("PIIS".into());
+        let newer_json = json.to_string();
+        crate::contract::accept_writer_schema(&newer_json, "newer scope").expect("readable");
+        let newer = apache_avro::Schema::parse_str(&newer_json).expect("schema");
+        let value = Value::Record(vec![
+            ("command_id".into(), Value::String("c-new".into())),
+            ("payment_id".into(), Value::String("consent-1".into())),
+            ("psu_id".into(), Value::String("u-1".into())),
+            ("issued_at".into(), Value::TimestampMillis(9)),
+            (
+                "body".into(),
+                Value::Union(
+                    7,
+                    Box::new(Value::Record(vec![
+                        ("brand".into(), Value::Enum(0, "BELFIUS".into())),
+                        ("scope".into(), Value::Enum(2, "PIIS".into())),
+                        ("account_iban".into(), opt_string(None)),
+                        ("language".into(), Value::String("fr".into())),
+                        (
+                            "redirect_uri".into(),
+                            Value::String("https://c.example/consent".into()),
+                        ),
+                    ])),
+                ),
+            ),
+        ]);
+        let datum = apache_avro::to_avro_datum(&newer, value).expect("datum");
+        let fingerprint = canonical::fingerprint(&newer_json).expect("fingerprint");
+        let decoded = decode(&frame(&fingerprint, &datum), 65_536).expect("read");
+        let CommandBody::RequestConsent(raw) = decoded.body else {
+            panic!("wrong body")
+        };
+        assert_eq!(raw.scope, "PIIS");
+        assert_eq!(
+            crate::domain::validation::validate_consent_request(&raw).map_err(|r| r.code),
+            Err(crate::domain::reason::ReasonCode::InvalidScope)
+        );
+    }
+
+    /// A v4 record has no `funds_check`: it reads as `false`.
+    #[test]
+    fn commands_written_with_schema_v4_read_funds_check_as_false() {
+        let (name, v4_json) = COMMAND_SCHEMA_HISTORY[3];
+        assert_eq!(name, "PaymentCommand v4");
+        let v4 = apache_avro::Schema::parse_str(v4_json).expect("v4 schema");
+        let fingerprint = canonical::fingerprint(v4_json).expect("fingerprint");
+        let mut raw = single();
+        raw.funds_check = true;
+        let mut fields = match initiate_value(&raw) {
+            Value::Record(fields) => fields,
+            other => panic!("not a record: {other:?}"),
+        };
+        // v4 ends with always_pkce.
+        assert_eq!(fields.pop().map(|(n, _)| n).as_deref(), Some("funds_check"));
+        let value = Value::Record(vec![
+            ("command_id".into(), Value::String("c-v4".into())),
+            ("payment_id".into(), Value::String("p-v4".into())),
+            ("psu_id".into(), Value::String("u-v4".into())),
+            ("issued_at".into(), Value::TimestampMillis(7)),
+            (
+                "body".into(),
+                Value::Union(0, Box::new(Value::Record(fields))),
+            ),
+        ]);
+        let datum = apache_avro::to_avro_datum(&v4, value).expect("v4 datum");
+        let CommandBody::Initiate(back) = decode(&frame(&fingerprint, &datum), 65_536)
+            .expect("v4 record is read")
+            .body
+        else {
+            panic!("wrong body")
+        };
+        assert!(back.always_pkce, "the v4 field is read");
+        assert!(!back.funds_check, "absent before v5");
     }
 }

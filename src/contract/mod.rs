@@ -8,6 +8,7 @@ pub mod binary;
 pub mod canonical;
 pub mod command;
 pub mod compat;
+pub mod consent_status;
 pub mod framing;
 pub mod registry;
 pub mod status;
@@ -97,6 +98,9 @@ pub enum EncodeError {
     Schema(String),
     #[error("avro encoding failed: {0}")]
     Avro(#[from] apache_avro::Error),
+    /// A value the contract never carries (e.g. a consent's internal `REQUESTED` state).
+    #[error("not published: {0}")]
+    NotPublished(String),
 }
 
 impl DecodeError {
@@ -110,6 +114,7 @@ impl DecodeError {
 
 pub const COMMAND_SCHEMA_JSON: &str = include_str!("../../schemas/payment-command.avsc");
 pub const STATUS_SCHEMA_JSON: &str = include_str!("../../schemas/payment-status.avsc");
+pub const CONSENT_STATUS_SCHEMA_JSON: &str = include_str!("../../schemas/consent-status.avsc");
 
 /// Earlier versions of the schemas: records written with them are still read (by name, with
 /// defaults for what they lack). Never remove an entry while such records may exist.
@@ -126,11 +131,23 @@ pub const COMMAND_SCHEMA_HISTORY: &[(&str, &str)] = &[
         "PaymentCommand v3",
         include_str!("../../schemas/history/payment-command.v3.avsc"),
     ),
+    (
+        "PaymentCommand v4",
+        include_str!("../../schemas/history/payment-command.v4.avsc"),
+    ),
 ];
-pub const STATUS_SCHEMA_HISTORY: &[(&str, &str)] = &[(
-    "PaymentStatusEvent v1",
-    include_str!("../../schemas/history/payment-status.v1.avsc"),
-)];
+pub const STATUS_SCHEMA_HISTORY: &[(&str, &str)] = &[
+    (
+        "PaymentStatusEvent v1",
+        include_str!("../../schemas/history/payment-status.v1.avsc"),
+    ),
+    (
+        "PaymentStatusEvent v2",
+        include_str!("../../schemas/history/payment-status.v2.avsc"),
+    ),
+];
+/// The consent status schema has one version so far (the current one).
+pub const CONSENT_STATUS_SCHEMA_HISTORY: &[(&str, &str)] = &[];
 
 /// A schema with its CRC-64-AVRO fingerprint (as the 8 little-endian bytes of single-object
 /// encoding).
@@ -140,16 +157,18 @@ pub struct KnownSchema {
     pub fingerprint: [u8; 8],
 }
 
-/// What a writer schema writes: commands or status events.
+/// What a writer schema writes: commands, payment status events or consent status events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchemaRole {
     Command,
     Status,
+    ConsentStatus,
 }
 
 /// Full names of the root records, which tell a writer schema's role.
 pub const COMMAND_RECORD: &str = "be.pisworker.v1.PaymentCommand";
 pub const STATUS_RECORD: &str = "be.pisworker.v1.PaymentStatusEvent";
+pub const CONSENT_STATUS_RECORD: &str = "be.pisworker.v1.ConsentStatus";
 
 /// A writer schema this process can read records of.
 #[derive(Debug)]
@@ -164,6 +183,7 @@ pub struct WriterSchema {
 pub struct Schemas {
     pub command: KnownSchema,
     pub status: KnownSchema,
+    pub consent_status: KnownSchema,
     /// Every writer schema this build reads: the current ones and the history.
     writers: HashMap<[u8; 8], Arc<WriterSchema>>,
 }
@@ -182,6 +202,7 @@ impl Schemas {
     fn load() -> Result<Self, String> {
         let command = known("PaymentCommand", COMMAND_SCHEMA_JSON)?;
         let status = known("PaymentStatusEvent", STATUS_SCHEMA_JSON)?;
+        let consent_status = known("ConsentStatus", CONSENT_STATUS_SCHEMA_JSON)?;
         let writer = |role, schema: &Schema, origin: &str| {
             Arc::new(WriterSchema {
                 role,
@@ -198,10 +219,19 @@ impl Schemas {
                 status.fingerprint,
                 writer(SchemaRole::Status, &status.schema, "built-in"),
             ),
+            (
+                consent_status.fingerprint,
+                writer(
+                    SchemaRole::ConsentStatus,
+                    &consent_status.schema,
+                    "built-in",
+                ),
+            ),
         ]);
         for (role, history) in [
             (SchemaRole::Command, COMMAND_SCHEMA_HISTORY),
             (SchemaRole::Status, STATUS_SCHEMA_HISTORY),
+            (SchemaRole::ConsentStatus, CONSENT_STATUS_SCHEMA_HISTORY),
         ] {
             for (name, json) in history {
                 let old = known("history", json).map_err(|e| format!("{name}: {e}"))?;
@@ -213,6 +243,7 @@ impl Schemas {
         Ok(Self {
             command,
             status,
+            consent_status,
             writers,
         })
     }
@@ -231,6 +262,7 @@ impl Schemas {
         match role {
             SchemaRole::Command => COMMAND_SCHEMA_JSON,
             SchemaRole::Status => STATUS_SCHEMA_JSON,
+            SchemaRole::ConsentStatus => CONSENT_STATUS_SCHEMA_JSON,
         }
     }
 }
@@ -263,9 +295,10 @@ pub fn readable_writer(json: &str, origin: &str) -> Result<WriterSchema, String>
     let role = match parsed.root_name() {
         Some(COMMAND_RECORD) => SchemaRole::Command,
         Some(STATUS_RECORD) => SchemaRole::Status,
+        Some(CONSENT_STATUS_RECORD) => SchemaRole::ConsentStatus,
         other => {
             return Err(format!(
-                "{origin}: the root type is {}, not {COMMAND_RECORD} or {STATUS_RECORD}",
+                "{origin}: the root type is {}, not {COMMAND_RECORD}, {STATUS_RECORD} or {CONSENT_STATUS_RECORD}",
                 other.unwrap_or("unnamed")
             ));
         }
@@ -305,7 +338,7 @@ pub fn accept_writer_schema(json: &str, origin: &str) -> Result<(SchemaRole, [u8
 }
 
 /// Loads every `*.avsc` of `dir` as an accepted writer schema (sorted by name). Any file that is
-/// not a readable command or status schema is an error: a configuration fault to fix before the
+/// not a readable command, status or consent status schema is an error: a configuration fault to fix before the
 /// worker starts, not a reason to dead-letter the records later.
 pub fn load_writer_schemas(dir: &Path) -> Result<Vec<(String, SchemaRole, [u8; 8])>, String> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -333,6 +366,73 @@ mod tests {
     fn schemas_parse_and_have_distinct_fingerprints() {
         let s = schemas().expect("schemas load");
         assert_ne!(s.command.fingerprint, s.status.fingerprint);
+        assert_ne!(s.command.fingerprint, s.consent_status.fingerprint);
+        assert_ne!(s.status.fingerprint, s.consent_status.fingerprint);
+        for (known, role) in [
+            (&s.command, SchemaRole::Command),
+            (&s.status, SchemaRole::Status),
+            (&s.consent_status, SchemaRole::ConsentStatus),
+        ] {
+            let writer = s.writer(&known.fingerprint).expect("readable");
+            assert_eq!(writer.role, role, "{}", known.name);
+        }
+    }
+
+    /// The consent machine's dead-letter classes, as `consent::step` produces them: each one
+    /// driven here, so the list the docs are checked against is the machine's.
+    #[test]
+    fn the_consent_machine_dead_letters_with_the_listed_classes() {
+        use crate::domain::consent::{
+            Consent, ConsentInput, ConsentOutcome, ConsentPolicy, ConsentRefusal, ConsentRequest,
+            ConsentScope, ConsentState, DEAD_LETTER_CLASSES, step,
+        };
+        use crate::domain::model::{Brand, CommandId, ConsentId, Language, PsuId};
+        use secrecy::SecretString;
+        let policy = ConsentPolicy::default();
+        let request = |command: &str, consent: &str| ConsentInput::Request {
+            command_id: CommandId::new(command),
+            consent_id: ConsentId::new(consent),
+            psu_id: PsuId::new("psu-1"),
+            request: ConsentRequest {
+                brand: Brand::Belfius,
+                scope: ConsentScope::Ais,
+                account_iban: None,
+                language: Language::Fr,
+                redirect_uri: "https://c.example/consent".into(),
+            },
+            pkce_verifier: SecretString::from("verifier".to_owned()),
+            sca_state: "st-1".into(),
+        };
+        let complete = |command: &str, state: &str| ConsentInput::Complete {
+            command_id: CommandId::new(command),
+            outcome: ConsentOutcome::Code(SecretString::from("code".to_owned())),
+            state: Some(state.into()),
+        };
+        let class = |current: Option<&Consent>, input| match step(current, input, &policy, 10) {
+            Err(ConsentRefusal::DeadLetter { class, .. }) => class,
+            other => panic!("not a dead letter: {:?}", other.map(|t| t.consent.state)),
+        };
+        let requested = step(None, request("c-1", "consent-1"), &policy, 1)
+            .expect("requested")
+            .consent;
+        let pending = step(
+            Some(&requested),
+            ConsentInput::UriReceived {
+                consent_uri: "https://bank.example/consent".into(),
+            },
+            &policy,
+            2,
+        )
+        .expect("pending")
+        .consent;
+        assert_eq!(pending.state, ConsentState::Pending);
+        let produced = [
+            class(Some(&pending), request("c-2", "consent-1")),
+            class(None, complete("c-3", "st-1")),
+            class(Some(&pending), complete("c-4", "forged")),
+            class(Some(&requested), complete("c-5", "st-1")),
+        ];
+        assert_eq!(produced, DEAD_LETTER_CLASSES);
     }
 
     /// docs/contract.md lists every class a DLQ record can carry, and nothing else: the decode
@@ -375,7 +475,11 @@ mod tests {
         // Classes of the owner's own: a command for a quarantined payment, for a retired id.
         ours.push(crate::engine::core::QUARANTINED);
         ours.push(crate::engine::core::PAYMENT_RETIRED);
+        ours.push(crate::engine::ingest::INVALID_CONSENT_REQUEST);
+        // The consent machine's refusals; STATE_MISMATCH is shared with the payment machine.
+        ours.extend(crate::domain::consent::DEAD_LETTER_CLASSES);
         ours.sort_unstable();
+        ours.dedup();
         let doc = include_str!("../../docs/contract.md");
         let mut documented: Vec<String> =
             crate::domain::reason::tests::table_codes(doc, "Dead-letter classes")
@@ -386,11 +490,16 @@ mod tests {
         assert_eq!(documented, ours);
     }
 
-    /// The fingerprint fastavro computes for the command schema (checked end to end by
+    /// The fingerprints fastavro computes for the schemas (checked end to end by
     /// tests/avro_interop.rs); apache-avro 0.21 computes a different one.
     #[test]
     fn command_fingerprint_is_the_standard_one() {
         let s = schemas().expect("schemas load");
-        assert_eq!(hex::encode(s.command.fingerprint), "60a3e30c39a66824");
+        assert_eq!(hex::encode(s.command.fingerprint), "ca507973291f7c23");
+        assert_eq!(hex::encode(s.status.fingerprint), "e4859835cf44f8e0");
+        assert_eq!(
+            hex::encode(s.consent_status.fingerprint),
+            "e2f9efb765dd8b6c"
+        );
     }
 }

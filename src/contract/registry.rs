@@ -9,7 +9,8 @@
 //! with exponential back-off and jitter, without dead-lettering or skipping the record.
 //!
 //! Writing: with a registry, status events are framed with the id of the status schema under the
-//! subject `{status topic}-value` (TopicNameStrategy), registered at start-up
+//! subject `{status topic}-value` (TopicNameStrategy), and consent status events with the id of
+//! the consent status schema under `{consent status topic}-value`: each registered at start-up
 //! (`POST {url}/subjects/{subject}/versions`) or, with auto-registration off, looked up
 //! (`POST {url}/subjects/{subject}`).
 //!
@@ -27,8 +28,8 @@ use tracing::{info, warn};
 use url::Url;
 
 use super::{
-    COMMAND_RECORD, DecodeError, DecodeErrorClass, STATUS_RECORD, STATUS_SCHEMA_JSON, WriterSchema,
-    compat, readable_writer,
+    COMMAND_RECORD, CONSENT_STATUS_RECORD, CONSENT_STATUS_SCHEMA_JSON, DecodeError,
+    DecodeErrorClass, STATUS_RECORD, STATUS_SCHEMA_JSON, WriterSchema, compat, readable_writer,
 };
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -40,8 +41,8 @@ pub struct ContractArgs {
     /// with the registry's schema, and status events are written with registry framing.
     #[arg(long, env = "PIS_SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<Url>,
-    /// Register the status schema under `{status topic}-value` at start-up (off: it must be
-    /// registered already, and is only looked up).
+    /// Register the status schemas under `{status topic}-value` and `{consent status
+    /// topic}-value` at start-up (off: they must be registered already, and are only looked up).
     #[arg(
         long,
         env = "PIS_SCHEMA_REGISTRY_AUTO_REGISTER",
@@ -59,11 +60,12 @@ pub struct ContractArgs {
 }
 
 impl ContractArgs {
-    /// Loads the extra writer schemas and, with a registry, obtains the status schema's id
-    /// (waiting for a registry that is down, until `stop` resolves).
+    /// Loads the extra writer schemas and, with a registry, obtains the ids of the status and
+    /// consent status schemas (waiting for a registry that is down, until `stop` resolves).
     pub async fn install(
         &self,
         status_topic: &str,
+        consent_status_topic: &str,
         stop: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         if let Some(dir) = &self.writer_schemas_dir {
@@ -82,27 +84,62 @@ impl ContractArgs {
             timeout: Duration::from_millis(self.schema_registry_timeout_ms),
         })
         .map_err(|e| anyhow::anyhow!("schema registry: {e}"))?;
-        let subject = format!("{status_topic}-value");
         tokio::pin!(stop);
-        let mut backoff = Backoff::default();
-        loop {
-            match registry.status_schema_id(&subject).await {
-                Ok(id) => {
-                    info!(url = %redacted(url), %subject, id, "status events use schema registry framing");
-                    return Ok(());
-                }
-                Err(Fault::Permanent(e)) => {
-                    anyhow::bail!("schema registry: status schema under {subject}: {e}")
-                }
-                Err(Fault::Transient(e)) => {
-                    let wait = backoff.next_delay();
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "schema registry not reachable yet");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = &mut stop => anyhow::bail!("stopped while waiting for the schema registry"),
+        for published in [Published::Status, Published::ConsentStatus] {
+            let subject = match published {
+                Published::Status => format!("{status_topic}-value"),
+                Published::ConsentStatus => format!("{consent_status_topic}-value"),
+            };
+            let mut backoff = Backoff::default();
+            loop {
+                match registry.published_schema_id(published, &subject).await {
+                    Ok(id) => {
+                        info!(url = %redacted(url), %subject, id, schema = published.name(), "events use schema registry framing");
+                        break;
+                    }
+                    Err(Fault::Permanent(e)) => {
+                        anyhow::bail!(
+                            "schema registry: {} schema under {subject}: {e}",
+                            published.name()
+                        )
+                    }
+                    Err(Fault::Transient(e)) => {
+                        let wait = backoff.next_delay();
+                        warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "schema registry not reachable yet");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = &mut stop => anyhow::bail!("stopped while waiting for the schema registry"),
+                        }
                     }
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+/// A schema this process writes records with, registered under its topic's subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// `PaymentStatusEvent`, on the status topic.
+    Status,
+    /// `ConsentStatus`, on the consent status topic.
+    ConsentStatus,
+}
+
+impl Published {
+    fn json(self) -> &'static str {
+        match self {
+            Published::Status => STATUS_SCHEMA_JSON,
+            Published::ConsentStatus => CONSENT_STATUS_SCHEMA_JSON,
+        }
+    }
+
+    /// For logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Published::Status => "status",
+            Published::ConsentStatus => "consent status",
         }
     }
 }
@@ -179,6 +216,7 @@ pub struct Registry {
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
     by_id: RwLock<HashMap<u32, Arc<WriterSchema>>>,
     status_id: RwLock<Option<u32>>,
+    consent_status_id: RwLock<Option<u32>>,
 }
 
 static CURRENT: LazyLock<RwLock<Option<Arc<Registry>>>> = LazyLock::new(|| RwLock::new(None));
@@ -193,7 +231,20 @@ pub fn current() -> Option<Arc<Registry>> {
 
 /// The schema id status events are written with, when registry framing is on.
 pub fn status_schema_id() -> Option<u32> {
-    current().and_then(|r| *r.status_id.read().unwrap_or_else(|p| p.into_inner()))
+    current().and_then(|r| {
+        *r.id_slot(Published::Status)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    })
+}
+
+/// The schema id consent status events are written with, when registry framing is on.
+pub fn consent_status_schema_id() -> Option<u32> {
+    current().and_then(|r| {
+        *r.id_slot(Published::ConsentStatus)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    })
 }
 
 /// Decodes currently waiting for an unreachable registry.
@@ -260,6 +311,7 @@ fn start(config: RegistryConfig) -> Result<Arc<Registry>, String> {
         jobs,
         by_id: RwLock::new(HashMap::new()),
         status_id: RwLock::new(None),
+        consent_status_id: RwLock::new(None),
     });
     Ok(registry)
 }
@@ -441,7 +493,10 @@ impl Registry {
             })?
             .root_name()
             .map(str::to_owned);
-        if !matches!(root.as_deref(), Some(COMMAND_RECORD | STATUS_RECORD)) {
+        if !matches!(
+            root.as_deref(),
+            Some(COMMAND_RECORD | STATUS_RECORD | CONSENT_STATUS_RECORD)
+        ) {
             return Err(DecodeError::new(
                 DecodeErrorClass::WrongRecordType,
                 format!(
@@ -500,10 +555,29 @@ impl Registry {
 
     /// Registers (or looks up) the status schema under `subject` and remembers its id.
     pub async fn status_schema_id(&self, subject: &str) -> Result<u32, Fault> {
-        if let Some(id) = *self.status_id.read().unwrap_or_else(|p| p.into_inner()) {
+        self.published_schema_id(Published::Status, subject).await
+    }
+
+    fn id_slot(&self, published: Published) -> &RwLock<Option<u32>> {
+        match published {
+            Published::Status => &self.status_id,
+            Published::ConsentStatus => &self.consent_status_id,
+        }
+    }
+
+    /// Registers (or looks up) the schema `published` writes with under `subject` and
+    /// remembers its id.
+    pub async fn published_schema_id(
+        &self,
+        published: Published,
+        subject: &str,
+    ) -> Result<u32, Fault> {
+        let slot = self.id_slot(published);
+        if let Some(id) = *slot.read().unwrap_or_else(|p| p.into_inner()) {
             return Ok(id);
         }
-        let body = serde_json::json!({ "schema": STATUS_SCHEMA_JSON }).to_string();
+        let json = published.json();
+        let body = serde_json::json!({ "schema": json }).to_string();
         let path = if self.auto_register {
             format!("subjects/{}/versions", encode_segment(subject))
         } else {
@@ -534,10 +608,10 @@ impl Registry {
                 )));
             }
         };
-        let writer = readable_writer(STATUS_SCHEMA_JSON, "built-in status schema")
+        let writer = readable_writer(json, &format!("built-in {} schema", published.name()))
             .map_err(Fault::Permanent)?;
         self.remember(id, writer);
-        *self.status_id.write().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(id);
         Ok(id)
     }
 

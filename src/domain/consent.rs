@@ -262,6 +262,14 @@ pub enum ConsentRefusal {
 
 pub type ConsentStep = Result<ConsentTransition, ConsentRefusal>;
 
+/// Every class a [`ConsentRefusal::DeadLetter`] carries (docs/contract.md lists each).
+pub const DEAD_LETTER_CLASSES: [&str; 4] = [
+    "CONSENT_ID_REUSED",
+    "UNKNOWN_CONSENT",
+    "STATE_MISMATCH",
+    "INVALID_TRANSITION",
+];
+
 /// Applies `input` to the scope's current consent (`None`: never requested).
 pub fn step(
     current: Option<&Consent>,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::bank::BankProgress;
 use super::model::{BankPaymentId, CommandId, Order, PaymentId, PaymentKind, PsuId};
 use super::reason::{Reason, ReasonCode};
+use super::settlement::SettlementEvidence;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
@@ -371,6 +372,11 @@ pub struct StatusEvent {
     /// The command id that caused this event, or an internal cause such as `timer`.
     pub causation_id: String,
     pub occurred_at: Millis,
+    /// What the debtor's history showed after `SETTLED` (status schema v3). Always `None` so
+    /// far: nothing reads the history yet. Skipped when `None`, so serialised events keep
+    /// their earlier form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<SettlementEvidence>,
 }
 
 impl StatusEvent {
@@ -2095,6 +2101,8 @@ impl<'a> Step<'a> {
                 reason: next.reason.clone(),
                 causation_id: self.causation.clone(),
                 occurred_at: self.now,
+                // Evidence comes from reading the debtor's history, later than any transition.
+                settlement: None,
             });
         }
         Outcome::Changed(Box::new(Transition {

@@ -481,6 +481,10 @@ pub struct RawInitiatePayment {
     /// v4). In a standing order, the embedded payment's value applies.
     #[serde(default)]
     pub always_pkce: bool,
+    /// Confirm the funds with the bank (CAF) before initiating, when the PSU holds a granted
+    /// CAF consent for the debtor account (command schema v5). Single payments only.
+    #[serde(default)]
+    pub funds_check: bool,
 }
 
 /// A standing-order initiation as sent: not yet validated.
@@ -521,6 +525,22 @@ pub struct RawBulkPayment {
     /// As `RawInitiatePayment::always_pkce`.
     #[serde(default)]
     pub always_pkce: bool,
+    /// As `RawInitiatePayment::funds_check` (read, not acted on for a bulk).
+    #[serde(default)]
+    pub funds_check: bool,
+}
+
+/// A consent request exactly as the client sent it (`RequestConsent`, command schema v5): not
+/// yet validated (`validation::validate_consent_request`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RawConsentRequest {
+    /// Avro symbol, e.g. `BELFIUS`.
+    pub brand: String,
+    /// Avro symbol: `AIS` or `CAF`.
+    pub scope: String,
+    pub account_iban: Option<String>,
+    pub language: String,
+    pub redirect_uri: String,
 }
 
 /// A validated payment order: what the worker sends to the bank.

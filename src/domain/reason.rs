@@ -59,11 +59,13 @@ pub enum ReasonCode {
     ConsentSuperseded,
     /// A granted consent reached the end the bank gave it.
     ConsentExpired,
+    /// A consent scope this worker does not know (a newer writer's enum symbol).
+    InvalidScope,
 }
 
 impl ReasonCode {
     /// Every code, in declaration order (docs/contract.md lists each; a test keeps them equal).
-    pub const ALL: [ReasonCode; 36] = [
+    pub const ALL: [ReasonCode; 37] = [
         ReasonCode::MissingField,
         ReasonCode::InvalidIban,
         ReasonCode::InvalidBic,
@@ -100,6 +102,7 @@ impl ReasonCode {
         ReasonCode::InsufficientFunds,
         ReasonCode::ConsentSuperseded,
         ReasonCode::ConsentExpired,
+        ReasonCode::InvalidScope,
     ];
 
     /// The code of a wire value.
@@ -145,6 +148,7 @@ impl ReasonCode {
             ReasonCode::InsufficientFunds => "INSUFFICIENT_FUNDS",
             ReasonCode::ConsentSuperseded => "CONSENT_SUPERSEDED",
             ReasonCode::ConsentExpired => "CONSENT_EXPIRED",
+            ReasonCode::InvalidScope => "INVALID_SCOPE",
         }
     }
 }
@@ -210,6 +214,7 @@ pub(crate) mod tests {
             ReasonCode::InsufficientFunds => 33,
             ReasonCode::ConsentSuperseded => 34,
             ReasonCode::ConsentExpired => 35,
+            ReasonCode::InvalidScope => 36,
         }
     }
 

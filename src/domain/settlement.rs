@@ -9,6 +9,10 @@
 //! answers"). Ids and texts compare without case [I]: for a duplicate detector a false alarm
 //! costs a look, a missed double payment costs money.
 
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+use super::machine::Millis;
 use super::model::Amount;
 
 /// One booked transaction, as the bank's history gives it (text fields as received).
@@ -61,6 +65,64 @@ pub enum Evidence {
     /// Bookings of the amount to the creditor, but nothing ties one to this payment (no
     /// end-to-end id, no remittance to compare): settlement cannot be confirmed from them.
     Ambiguous { candidates: usize },
+}
+
+impl Evidence {
+    /// The outcome a status event publishes for this evidence.
+    pub fn outcome(&self) -> SettlementOutcome {
+        match self {
+            Evidence::NotBooked => SettlementOutcome::NotBooked,
+            Evidence::Booked { .. } => SettlementOutcome::Booked,
+            Evidence::Duplicated { .. } => SettlementOutcome::Duplicated,
+            Evidence::Ambiguous { .. } => SettlementOutcome::Ambiguous,
+        }
+    }
+}
+
+/// The settlement evidence of a status event (`PaymentStatusEvent.settlement`, status schema
+/// v3): what the debtor's history showed when the worker read it after `SETTLED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementEvidence {
+    pub outcome: SettlementOutcome,
+    /// The bank's references of the bookings found (none for `NotBooked`).
+    pub transaction_refs: Vec<String>,
+    /// The date of the first booking, when the bank gave one.
+    pub booking_date: Option<NaiveDate>,
+    pub checked_at: Millis,
+}
+
+/// What the debtor's history says, on the wire (`SettlementOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SettlementOutcome {
+    Booked,
+    NotBooked,
+    Ambiguous,
+    /// A second booking with the same end-to-end id: the money moved twice.
+    Duplicated,
+}
+
+impl SettlementOutcome {
+    /// In the schema's symbol order.
+    pub const ALL: [SettlementOutcome; 4] = [
+        SettlementOutcome::Booked,
+        SettlementOutcome::NotBooked,
+        SettlementOutcome::Ambiguous,
+        SettlementOutcome::Duplicated,
+    ];
+
+    /// The Avro enum symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            SettlementOutcome::Booked => "BOOKED",
+            SettlementOutcome::NotBooked => "NOT_BOOKED",
+            SettlementOutcome::Ambiguous => "AMBIGUOUS",
+            SettlementOutcome::Duplicated => "DUPLICATED",
+        }
+    }
+
+    pub fn from_symbol(symbol: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.symbol() == symbol)
+    }
 }
 
 /// Signed decimal text (`-12.34`, `12`, `-0.5`) in minor units.

@@ -10,10 +10,11 @@
 use chrono::{Datelike, NaiveDate, TimeDelta};
 use url::{Host, Url};
 
+use super::consent::{ConsentRequest, ConsentScope};
 use super::model::{
     Amount, AmountError, Brand, BulkEntry, BulkOrder, ChargeBearer, CrossBorder, Frequency,
     Language, MAX_BULK_ENTRIES, PaymentOrder, PaymentProduct, PostalAddress, RawBulkPayment,
-    RawInitiatePayment, RawPeriodicPayment, StandingOrder,
+    RawConsentRequest, RawInitiatePayment, RawPeriodicPayment, StandingOrder,
 };
 use super::reason::{Reason, ReasonCode};
 
@@ -487,6 +488,54 @@ pub fn validate_bulk(
         payments,
         language,
         redirect_uri,
+    })
+}
+
+/// Validates a consent request (`RequestConsent`) and turns it into a [`ConsentRequest`]: the
+/// same rules as an initiation for the brand, the IBAN, the language and the redirect URI.
+///
+/// Fields are checked in declaration order; the first failure is returned.
+pub fn validate_consent_request(raw: &RawConsentRequest) -> Result<ConsentRequest, Reason> {
+    let brand = validate_brand(&raw.brand)?;
+    let scope = validate_scope(&raw.scope)?;
+    let account_iban = match (scope, present(&raw.account_iban)) {
+        (ConsentScope::Caf, Some(iban)) => Some(validate_iban_field("account_iban", iban, true)?),
+        (ConsentScope::Caf, None) => {
+            return Err(reason(
+                ReasonCode::MissingField,
+                "account_iban is required for a CAF consent (the account the funds checks are for)",
+            ));
+        }
+        // The bank lets the PSU pick the accounts in its own screens.
+        (ConsentScope::Ais, Some(_)) => {
+            return Err(reason(
+                ReasonCode::FieldNotAllowed,
+                "account_iban is not allowed for an AIS consent (the PSU picks the accounts at the bank)",
+            ));
+        }
+        (ConsentScope::Ais, None) => None,
+    };
+    let language = validate_language(&raw.language)?;
+    let redirect_uri = validate_redirect_uri(&raw.redirect_uri)?;
+    Ok(ConsentRequest {
+        brand,
+        scope,
+        account_iban,
+        language,
+        redirect_uri,
+    })
+}
+
+fn validate_scope(value: &str) -> Result<ConsentScope, Reason> {
+    if value.is_empty() {
+        return Err(missing("scope"));
+    }
+    ConsentScope::parse(value).ok_or_else(|| {
+        let symbols: Vec<&str> = ConsentScope::ALL.iter().map(|s| s.symbol()).collect();
+        reason(
+            ReasonCode::InvalidScope,
+            format!("scope must be one of {}", symbols.join(", ")),
+        )
     })
 }
 
@@ -2299,6 +2348,7 @@ mod order_kind_tests {
             language: "nl".into(),
             redirect_uri: "https://c.example/cb".into(),
             always_pkce: false,
+            funds_check: false,
             payments: (0..n)
                 .map(|i| RawBulkTransfer {
                     amount: "1.00".into(),
@@ -2354,6 +2404,186 @@ mod order_kind_tests {
             reason.message.starts_with("payments[1]:"),
             "{}",
             reason.message
+        );
+    }
+}
+
+#[cfg(test)]
+mod consent_request_tests {
+    use super::*;
+
+    fn caf() -> RawConsentRequest {
+        RawConsentRequest {
+            brand: "BELFIUS".into(),
+            scope: "CAF".into(),
+            account_iban: Some("be68 5390 0754 7034".into()),
+            language: "nl".into(),
+            redirect_uri: "https://client.example/consent".into(),
+        }
+    }
+
+    fn ais() -> RawConsentRequest {
+        RawConsentRequest {
+            brand: "BANX".into(),
+            scope: "AIS".into(),
+            account_iban: None,
+            language: "fr".into(),
+            redirect_uri: "http://localhost:8080/consent".into(),
+        }
+    }
+
+    fn code_of(raw: RawConsentRequest) -> ReasonCode {
+        match validate_consent_request(&raw) {
+            Ok(request) => panic!("expected a refusal, got {request:?}"),
+            Err(r) => r.code,
+        }
+    }
+
+    #[test]
+    fn valid_requests_become_consent_requests_with_a_normalised_iban() {
+        assert_eq!(
+            validate_consent_request(&caf()),
+            Ok(ConsentRequest {
+                brand: Brand::Belfius,
+                scope: ConsentScope::Caf,
+                account_iban: Some("BE68539007547034".into()),
+                language: Language::Nl,
+                redirect_uri: "https://client.example/consent".into(),
+            })
+        );
+        let request = validate_consent_request(&ais()).expect("valid AIS");
+        assert_eq!(
+            (request.brand, request.scope, request.account_iban),
+            (Brand::Banx, ConsentScope::Ais, None)
+        );
+        // An empty optional field counts as absent, as everywhere else.
+        let empty = RawConsentRequest {
+            account_iban: Some(String::new()),
+            ..ais()
+        };
+        assert_eq!(
+            validate_consent_request(&empty).map(|r| r.account_iban),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn brand_and_scope_must_be_known_symbols() {
+        let with = |edit: fn(&mut RawConsentRequest)| {
+            let mut raw = caf();
+            edit(&mut raw);
+            raw
+        };
+        assert_eq!(
+            code_of(with(|r| r.brand = String::new())),
+            ReasonCode::MissingField
+        );
+        assert_eq!(
+            code_of(with(|r| r.brand = "KBC".into())),
+            ReasonCode::InvalidBrand
+        );
+        assert_eq!(
+            code_of(with(|r| r.scope = String::new())),
+            ReasonCode::MissingField
+        );
+        // A newer writer's symbol, as it decodes.
+        assert_eq!(
+            code_of(with(|r| r.scope = "PIIS".into())),
+            ReasonCode::InvalidScope
+        );
+        assert_eq!(
+            code_of(with(|r| r.scope = "caf".into())),
+            ReasonCode::InvalidScope
+        );
+    }
+
+    #[test]
+    fn caf_needs_a_valid_account_iban() {
+        for missing in [None, Some(String::new()), Some("   ".into())] {
+            let reason = validate_consent_request(&RawConsentRequest {
+                account_iban: missing.clone(),
+                ..caf()
+            })
+            .expect_err("refused");
+            assert_eq!(reason.code, ReasonCode::MissingField, "{missing:?}");
+            assert!(
+                reason.message.contains("account_iban"),
+                "{}",
+                reason.message
+            );
+        }
+        for bad in ["BE68539007547035", "XX68539007547034", "BE6853900754703"] {
+            let reason = validate_consent_request(&RawConsentRequest {
+                account_iban: Some(bad.into()),
+                ..caf()
+            })
+            .expect_err("refused");
+            assert_eq!(reason.code, ReasonCode::InvalidIban, "{bad}");
+            assert!(!reason.message.contains(bad), "never echoes the value");
+        }
+    }
+
+    #[test]
+    fn ais_takes_no_account_iban() {
+        let reason = validate_consent_request(&RawConsentRequest {
+            account_iban: Some("BE68539007547034".into()),
+            ..ais()
+        })
+        .expect_err("refused");
+        assert_eq!(reason.code, ReasonCode::FieldNotAllowed);
+        assert!(
+            reason.message.contains("account_iban"),
+            "{}",
+            reason.message
+        );
+    }
+
+    #[test]
+    fn language_and_redirect_uri_follow_the_payment_rules() {
+        for language in ["de", "en", "f"] {
+            assert_eq!(
+                code_of(RawConsentRequest {
+                    language: language.into(),
+                    ..caf()
+                }),
+                ReasonCode::InvalidLanguage,
+                "{language}"
+            );
+        }
+        assert_eq!(
+            code_of(RawConsentRequest {
+                language: String::new(),
+                ..caf()
+            }),
+            ReasonCode::MissingField
+        );
+        for uri in [
+            "http://client.example/consent",
+            "https://client.example/consent#frag",
+            "client.example/consent",
+            "https://client.example/a b",
+        ] {
+            assert_eq!(
+                code_of(RawConsentRequest {
+                    redirect_uri: uri.into(),
+                    ..ais()
+                }),
+                ReasonCode::InvalidRedirectUri,
+                "{uri}"
+            );
+            // The payment rules give the same verdict for the same URI.
+            assert_eq!(
+                validate_redirect_uri(uri).map_err(|r| r.code),
+                Err(ReasonCode::InvalidRedirectUri),
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            code_of(RawConsentRequest {
+                redirect_uri: String::new(),
+                ..ais()
+            }),
+            ReasonCode::MissingField
         );
     }
 }

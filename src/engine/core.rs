@@ -994,8 +994,8 @@ impl OwnerCore {
                     payment_id,
                 });
             }
-            Ingested::Consent { key, input } => {
-                self.consent_input(key, *input, Some(Box::new(message)), now);
+            Ingested::Consent { target, input } => {
+                self.consent_command(target, *input, Box::new(message), now);
             }
             Ingested::Apply {
                 payment_id,

@@ -536,6 +536,7 @@ fn consent_call_kind(call: &ConsentCall) -> &'static str {
         ConsentCall::Exchange { .. } => "consent-exchange",
         ConsentCall::Refresh { .. } => "consent-refresh",
         ConsentCall::Funds { .. } => "funds",
+        ConsentCall::Evidence { .. } => "evidence",
     }
 }
 

@@ -31,9 +31,9 @@ pub enum Ingested {
         /// `InitiatePayment.funds_check`: confirm the funds (CAF) before initiating.
         funds_check: bool,
     },
-    /// A consent command, for the consent entity of `key`.
+    /// A consent command, for the consent entity it names.
     Consent {
-        key: crate::kafka::state::consent::ConsentKey,
+        target: ConsentTarget,
         input: Box<crate::domain::consent::ConsentInput>,
     },
     DeadLetter {
@@ -42,6 +42,21 @@ pub enum Ingested {
         payment_id: Option<String>,
     },
 }
+
+/// The consent entity a consent command is for: a request names its brand and scope; a
+/// redirect names only its consent id, which the owner looks up among the PSU's consents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsentTarget {
+    Key(crate::kafka::state::consent::ConsentKey),
+    Id {
+        psu_id: PsuId,
+        consent_id: crate::domain::model::ConsentId,
+    },
+}
+
+/// The dead-letter class of a `RequestConsent` that fails validation (the reason code and
+/// message are in the dead letter's message).
+pub const INVALID_CONSENT_REQUEST: &str = "INVALID_CONSENT_REQUEST";
 
 /// What decoding one record gave.
 #[derive(Debug)]
@@ -68,6 +83,8 @@ pub fn body_type(body: &CommandBody) -> &'static str {
         CommandBody::Cancel { .. } => "cancel",
         CommandBody::RefreshStatus => "refresh",
         CommandBody::Resolve(_) => "resolve",
+        CommandBody::RequestConsent(_) => "request_consent",
+        CommandBody::CompleteConsent(_) => "complete_consent",
     }
 }
 
@@ -257,6 +274,18 @@ pub fn to_input(
     let psu_id = PsuId::new(envelope.psu_id);
     let payment_id = PaymentId::new(envelope.payment_id);
     let kind = envelope.body.kind();
+    // Single payments only (docs/contract.md, "Funds checks").
+    let funds_check = match &envelope.body {
+        CommandBody::Initiate(raw) => raw.funds_check,
+        CommandBody::InitiatePeriodic(_)
+        | CommandBody::InitiateBulk(_)
+        | CommandBody::CompleteSca(_)
+        | CommandBody::Cancel { .. }
+        | CommandBody::RefreshStatus
+        | CommandBody::Resolve(_)
+        | CommandBody::RequestConsent(_)
+        | CommandBody::CompleteConsent(_) => false,
+    };
     let input = match envelope.body {
         CommandBody::Initiate(raw) => initiate(
             command_id,
@@ -324,12 +353,72 @@ pub fn to_input(
                 );
             }
         },
+        CommandBody::RequestConsent(raw) => {
+            let request = match crate::domain::validation::validate_consent_request(&raw) {
+                Ok(request) => request,
+                Err(reason) => {
+                    count_dead_letter(command_type, INVALID_CONSENT_REQUEST);
+                    return Ingested::DeadLetter {
+                        class: INVALID_CONSENT_REQUEST,
+                        message: format!("{}: {}", reason.code.as_str(), reason.message),
+                        payment_id: Some(payment_id.to_string()),
+                    };
+                }
+            };
+            let key = crate::kafka::state::consent::ConsentKey {
+                brand: request.brand,
+                scope: request.scope,
+                psu_id: psu_id.clone(),
+            };
+            let input = crate::domain::consent::ConsentInput::Request {
+                command_id,
+                consent_id: crate::domain::model::ConsentId::new(payment_id.as_str()),
+                psu_id,
+                request,
+                // The owner draws these (its randomness): placeholders until then.
+                pkce_verifier: secrecy::SecretString::from(String::new()),
+                sca_state: String::new(),
+            };
+            return Ingested::Consent {
+                target: ConsentTarget::Key(key),
+                input: Box::new(input),
+            };
+        }
+        CommandBody::CompleteConsent(redirect) => {
+            let outcome = match (redirect.authorization_code, redirect.error) {
+                (Some(code), None) => crate::domain::consent::ConsentOutcome::Code(code),
+                (None, Some(error)) => crate::domain::consent::ConsentOutcome::Error {
+                    error,
+                    description: redirect.error_description,
+                },
+                (Some(_), Some(_)) | (None, None) => {
+                    return dead(
+                        DecodeErrorClass::InvalidEnvelope,
+                        "CompleteConsent carries either an authorization_code or an error",
+                        Some(payment_id.to_string()),
+                        command_type,
+                    );
+                }
+            };
+            let input = crate::domain::consent::ConsentInput::Complete {
+                command_id,
+                outcome,
+                state: redirect.state,
+            };
+            return Ingested::Consent {
+                target: ConsentTarget::Id {
+                    psu_id,
+                    consent_id: crate::domain::model::ConsentId::new(payment_id.as_str()),
+                },
+                input: Box::new(input),
+            };
+        }
     };
     Ingested::Apply {
         payment_id,
         input: Box::new(input),
         kind,
-        funds_check: false,
+        funds_check,
     }
 }
 
@@ -659,6 +748,7 @@ mod tests {
             reason: None,
             causation_id: "c".into(),
             occurred_at: 0,
+            settlement: None,
         })
         .expect("status");
         let cases: Vec<(Option<Vec<u8>>, &str)> = vec![

@@ -9,7 +9,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::{KafkaEdgeError, KafkaSettings};
 
-/// Creates the four topics if missing (idempotent). `payment-state` must have exactly as many
+/// Creates the five topics if missing (idempotent). `payment-state` must have exactly as many
 /// partitions as `payment-commands`: partition p of the state holds the payments of command
 /// partition p. Topics are created with their final partition count because some brokers
 /// (Tansu) cannot add partitions later.
@@ -52,6 +52,11 @@ pub async fn ensure_topics(
         ),
         NewTopic::new(
             &topics.status,
+            partitions,
+            TopicReplication::Fixed(replication),
+        ),
+        NewTopic::new(
+            &topics.consent_status,
             partitions,
             TopicReplication::Fixed(replication),
         ),

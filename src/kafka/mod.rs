@@ -15,6 +15,9 @@ use rdkafka::ClientConfig;
 pub struct Topics {
     pub commands: String,
     pub status: String,
+    /// Consent status events: a topic of their own, so that each topic carries one record
+    /// type (one schema registry subject, `{topic}-value`).
+    pub consent_status: String,
     pub state: String,
     pub dlq: String,
 }
@@ -25,6 +28,7 @@ impl Topics {
         Self {
             commands: format!("{prefix}.commands"),
             status: format!("{prefix}.status"),
+            consent_status: format!("{prefix}.consent-status"),
             state: format!("{prefix}.state"),
             dlq: format!("{prefix}.dlq"),
         }
@@ -36,6 +40,7 @@ impl Default for Topics {
         Self {
             commands: "pis.payment-commands".into(),
             status: "pis.payment-status".into(),
+            consent_status: "pis.consent-status".into(),
             state: "pis.payment-state".into(),
             dlq: "pis.payment-commands.dlq".into(),
         }

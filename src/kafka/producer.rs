@@ -12,6 +12,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::{KafkaEdgeError, KafkaSettings, Topics};
 use crate::contract;
+use crate::domain::consent::ConsentEvent;
 use crate::domain::machine::StatusEvent;
 
 /// Headers put on dead-letter records, next to the original record's own headers.
@@ -175,6 +176,48 @@ impl Producer {
             &topic,
             None,
             event.payment_id.as_str().as_bytes(),
+            &value,
+            Some(headers),
+        )
+        .await
+    }
+
+    /// Publishes one consent status event on the consent status topic, keyed by PSU id: a
+    /// consent belongs to the PSU (one per brand and scope), and the key keeps a PSU's consent
+    /// events in order on one partition.
+    pub async fn send_consent_status(
+        &self,
+        event: &ConsentEvent,
+    ) -> Result<Delivered, KafkaEdgeError> {
+        let value = contract::consent_status::encode(event).map_err(|e| {
+            KafkaEdgeError::StateCodec(format!("encoding consent status event: {e}"))
+        })?;
+        let event_id = event.event_id().to_string();
+        let sequence = event.sequence.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "pis.event_id",
+                value: Some(event_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "pis.sequence",
+                value: Some(sequence.as_bytes()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some(
+                    if contract::registry::consent_status_schema_id().is_some() {
+                        "application/vnd.apache.avro+binary; framing=confluent"
+                    } else {
+                        "application/vnd.apache.avro+binary; framing=single-object"
+                    },
+                ),
+            });
+        let topic = self.topics.consent_status.clone();
+        self.enqueue(
+            &topic,
+            None,
+            event.psu_id.as_str().as_bytes(),
             &value,
             Some(headers),
         )

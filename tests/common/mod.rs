@@ -117,6 +117,10 @@ impl TestEnv {
             .args(["--group-id", &self.settings.group_id])
             .args(["--topic-commands", &self.settings.topics.commands])
             .args(["--topic-status", &self.settings.topics.status])
+            .args([
+                "--topic-consent-status",
+                &self.settings.topics.consent_status,
+            ])
             .args(["--topic-state", &self.settings.topics.state])
             .args(["--topic-dlq", &self.settings.topics.dlq])
             .args(["--session-timeout-ms", "6000"])
@@ -601,6 +605,10 @@ impl TestEnv {
             .args(["--brokers", &self.settings.brokers])
             .args(["--topic-commands", &self.settings.topics.commands])
             .args(["--topic-status", &self.settings.topics.status])
+            .args([
+                "--topic-consent-status",
+                &self.settings.topics.consent_status,
+            ])
             .args(["--topic-state", &self.settings.topics.state])
             .args(["--topic-dlq", &self.settings.topics.dlq])
             .env("PIS_LOG", "warn")
@@ -662,6 +670,7 @@ pub fn status_event_bytes(payment_id: &str, psu_id: &str) -> Vec<u8> {
         reason: None,
         causation_id: "c".into(),
         occurred_at: 0,
+        settlement: None,
     })
     .expect("status")
 }

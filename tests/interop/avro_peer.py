@@ -6,6 +6,9 @@ that pis-worker's Avro single-object bytes are what the specification says.
   avro_peer.py encode-initiate <schema.avsc> <file> <payment_id> <psu_id>
       -> writes an InitiatePayment command with every field the schema has (a newer schema's
          extra fields included), single-object framed with that schema's fingerprint
+  avro_peer.py encode-request-consent <schema.avsc> <file>  -> writes a RequestConsent command
+  avro_peer.py encode-complete-consent <schema.avsc> <file> -> writes a CompleteConsent command
+  avro_peer.py encode-consent-status <schema.avsc> <file>   -> writes a ConsentStatus event
 """
 import io
 import json
@@ -97,8 +100,59 @@ def main():
         out.write(header)
         fastavro.schemaless_writer(out, schema, envelope)
         open(file_path, "wb").write(out.getvalue())
+    elif mode == "encode-request-consent":
+        write(file_path, header, schema, {
+            "command_id": "py-cmd-consent",
+            "payment_id": "py-consent-1",
+            "psu_id": "py-psu",
+            "issued_at": 1700000000000,
+            "body": ("be.pisworker.v1.RequestConsent", {
+                "brand": "BANX",
+                "scope": "CAF",
+                "account_iban": "BE71096123456769",
+                "language": "fr",
+                "redirect_uri": "https://client.example/consent",
+            }),
+        })
+    elif mode == "encode-complete-consent":
+        write(file_path, header, schema, {
+            "command_id": "py-cmd-consent-2",
+            "payment_id": "py-consent-1",
+            "psu_id": "py-psu",
+            "issued_at": 1700000000001,
+            "body": ("be.pisworker.v1.CompleteConsent", {
+                "authorization_code": None,
+                "error": "access_denied",
+                "error_description": "the PSU said no",
+                "state": "py-state",
+            }),
+        })
+    elif mode == "encode-consent-status":
+        write(file_path, header, schema, {
+            "event_id": "0b6f1b5e-0000-5000-8000-000000000001",
+            "consent_id": "py-consent-1",
+            "psu_id": "py-psu",
+            "brand": "BELFIUS",
+            "scope": "AIS",
+            "account_iban": None,
+            "sequence": 2,
+            "state": "GRANTED",
+            "is_final": False,
+            "consent_uri": None,
+            "valid_until": 1790000000000,
+            "reason": None,
+            "causation_id": "bank",
+            "occurred_at": 1700000000002,
+        })
     else:
         sys.exit(2)
+
+
+def write(file_path, header, schema, datum):
+    out = io.BytesIO()
+    out.write(header)
+    fastavro.schemaless_writer(out, schema, datum)
+    open(file_path, "wb").write(out.getvalue())
 
 
 main()

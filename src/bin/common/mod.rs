@@ -78,6 +78,8 @@ pub fn worker_args(
         settings.topics.commands.clone(),
         "--topic-status".into(),
         settings.topics.status.clone(),
+        "--topic-consent-status".into(),
+        settings.topics.consent_status.clone(),
         "--topic-state".into(),
         settings.topics.state.clone(),
         "--topic-dlq".into(),

@@ -194,6 +194,67 @@ impl OwnerCore {
         }
     }
 
+    /// A consent command: the owner draws a request's secrets, and finds a redirect's consent
+    /// among the PSU's by its id.
+    pub(super) fn consent_command(
+        &mut self,
+        target: ingest::ConsentTarget,
+        input: ConsentInput,
+        source: Box<OwnedMessage>,
+        now: Millis,
+    ) {
+        let input = match input {
+            ConsentInput::Request {
+                command_id,
+                consent_id,
+                psu_id,
+                request,
+                ..
+            } => ConsentInput::Request {
+                command_id,
+                consent_id,
+                psu_id,
+                request,
+                pkce_verifier: self.random.pkce_verifier(),
+                sca_state: self.random.sca_state(),
+            },
+            other => other,
+        };
+        let key = match target {
+            ingest::ConsentTarget::Key(key) => key,
+            ingest::ConsentTarget::Id { psu_id, consent_id } => {
+                let found = Brand::ALL.into_iter().flat_map(|brand| {
+                    crate::domain::consent::ConsentScope::ALL.map(|scope| ConsentKey {
+                        brand,
+                        scope,
+                        psu_id: psu_id.clone(),
+                    })
+                });
+                let mut found = found.filter(|k| {
+                    self.consents
+                        .get(k)
+                        .is_some_and(|e| e.record.consent.consent_id == consent_id)
+                });
+                match found.next() {
+                    Some(key) => key,
+                    None => {
+                        warn!(partition = self.config.partition, %consent_id, "redirect for an unknown consent dead-lettered");
+                        self.defer(Verdict::DeadLetter {
+                            record: source,
+                            class: "UNKNOWN_CONSENT",
+                            message: format!(
+                                "no consent {consent_id} of this PSU is waiting (never requested, or superseded)"
+                            ),
+                            payment_id: Some(consent_id.to_string()),
+                        });
+                        return;
+                    }
+                }
+            }
+        };
+        self.consent_input(key, input, Some(source), now);
+    }
+
     /// A consent command (or engine input) for `key`.
     pub(super) fn consent_input(
         &mut self,

@@ -155,6 +155,7 @@ fn event(p: &Payment, reason: Option<Reason>) -> StatusEvent {
         reason,
         causation_id: "cmd-fixture".into(),
         occurred_at: p.updated_at,
+        settlement: None,
     }
 }
 

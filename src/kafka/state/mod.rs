@@ -523,6 +523,25 @@ pub fn decode_record(
                     events: events.into_iter().map(Into::into).collect(),
                 }
             }
+            v2::Body::PaymentSettled {
+                payment,
+                events,
+                ext,
+                settlement,
+            } => {
+                let mut payment: Payment = (*payment)
+                    .try_into()
+                    .map_err(|e| StateRecordError::Body(format!("payment: {e}")))?;
+                ext.apply(&mut payment);
+                let mut events: Vec<StatusEvent> = events.into_iter().map(Into::into).collect();
+                if let Some(settled) = events.iter_mut().find(|e| e.state == StateKind::Settled) {
+                    settled.settlement = Some(settlement.into());
+                }
+                DecodedRecord::Payment {
+                    payment: Box::new(payment),
+                    events,
+                }
+            }
             v2::Body::Psu(tokens) => DecodedRecord::Psu(tokens.into()),
             v2::Body::Consent(stored) => {
                 let (record, events) = stored.open();

@@ -33,6 +33,7 @@ use crate::domain::model::{
     StandingOrder,
 };
 use crate::domain::reason::{Reason, ReasonCode};
+use crate::domain::settlement::{SettlementEvidence, SettlementOutcome};
 use crate::secret::{MAX_KEY_ID_LEN, StateKey, StateKeyRing};
 
 pub const MAGIC: &[u8; 4] = b"PISR";
@@ -169,6 +170,7 @@ stored_enum!(
         InsufficientFunds,
         ConsentSuperseded,
         ConsentExpired,
+        InvalidScope,
     }
 );
 
@@ -866,8 +868,18 @@ impl StoredPaymentExt {
 /// default.
 pub fn payment_body(p: &Payment, events: &[StatusEvent]) -> Body {
     let payment = Box::new(StoredPayment::from(p));
-    let events = events.iter().map(Into::into).collect();
+    let stored_events = events.iter().map(Into::into).collect();
     let ext = StoredPaymentExt::of(p);
+    // Evidence rides with its record, so that a re-publication after a restart carries it.
+    if let Some(settlement) = events.iter().find_map(|e| e.settlement.as_ref()) {
+        return Body::PaymentSettled {
+            payment,
+            events: stored_events,
+            ext,
+            settlement: settlement.into(),
+        };
+    }
+    let events = stored_events;
     if ext == StoredPaymentExt::default() {
         Body::Payment { payment, events }
     } else {
@@ -906,6 +918,8 @@ impl From<&StatusEvent> for StoredStatusEvent {
             reason,
             causation_id,
             occurred_at,
+            // Not stored: the stored format is unchanged, and nothing fills it yet.
+            settlement: _,
         } = e;
         Self {
             payment_id: payment_id.as_str().to_owned(),
@@ -935,6 +949,7 @@ impl From<StoredStatusEvent> for StatusEvent {
             reason: e.reason.map(Into::into),
             causation_id: e.causation_id,
             occurred_at: e.occurred_at,
+            settlement: None,
         }
     }
 }
@@ -1082,6 +1097,56 @@ pub enum Body {
     },
     /// A consent and its scope's token pair (`consent/{brand}/{scope}/{psu}`).
     Consent(Box<super::consent::StoredConsent>),
+    /// A payment whose `SETTLED` event carries settlement evidence (the debtor's history).
+    PaymentSettled {
+        payment: Box<StoredPayment>,
+        events: Vec<StoredStatusEvent>,
+        ext: StoredPaymentExt,
+        settlement: StoredSettlement,
+    },
+}
+
+/// Settlement evidence as stored (`domain::settlement::SettlementEvidence`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSettlement {
+    pub outcome: StoredSettlementOutcome,
+    pub transaction_refs: Vec<String>,
+    /// ISO date.
+    pub booking_date: Option<String>,
+    pub checked_at: Millis,
+}
+
+stored_enum!(
+    StoredSettlementOutcome <=> SettlementOutcome {
+        Booked,
+        NotBooked,
+        Ambiguous,
+        Duplicated,
+    }
+);
+
+impl From<&SettlementEvidence> for StoredSettlement {
+    fn from(e: &SettlementEvidence) -> Self {
+        Self {
+            outcome: e.outcome.into(),
+            transaction_refs: e.transaction_refs.clone(),
+            booking_date: e.booking_date.map(|d| d.format("%Y-%m-%d").to_string()),
+            checked_at: e.checked_at,
+        }
+    }
+}
+
+impl From<StoredSettlement> for SettlementEvidence {
+    fn from(e: StoredSettlement) -> Self {
+        Self {
+            outcome: e.outcome.into(),
+            transaction_refs: e.transaction_refs,
+            booking_date: e
+                .booking_date
+                .and_then(|d| chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d").ok()),
+            checked_at: e.checked_at,
+        }
+    }
 }
 
 /// Reads the plaintext of a sealed record: the same [`Body`] (or the same error) as

@@ -54,6 +54,12 @@ pub enum Body {
         ext: v2::StoredPaymentExt,
     },
     Consent(Box<super::consent::StoredConsent>),
+    PaymentSettled {
+        payment: Box<StoredPayment>,
+        events: Vec<StoredStatusEvent>,
+        ext: v2::StoredPaymentExt,
+        settlement: v2::StoredSettlement,
+    },
 }
 
 impl From<v2::Body> for Body {
@@ -86,6 +92,17 @@ impl From<v2::Body> for Body {
                 ext,
             },
             v2::Body::Consent(consent) => Body::Consent(consent),
+            v2::Body::PaymentSettled {
+                payment,
+                events,
+                ext,
+                settlement,
+            } => Body::PaymentSettled {
+                payment,
+                events,
+                ext,
+                settlement,
+            },
         }
     }
 }
@@ -120,6 +137,17 @@ impl From<Body> for v2::Body {
                 ext,
             },
             Body::Consent(consent) => v2::Body::Consent(consent),
+            Body::PaymentSettled {
+                payment,
+                events,
+                ext,
+                settlement,
+            } => v2::Body::PaymentSettled {
+                payment,
+                events,
+                ext,
+                settlement,
+            },
         }
     }
 }
@@ -352,6 +380,7 @@ mod tests {
                 Body::QuarantinedCopy { .. } => 6,
                 Body::PaymentExt { .. } => 7,
                 Body::Consent(_) => 8,
+                Body::PaymentSettled { .. } => 9,
             };
             assert_eq!(position(body), want, "{body:?}");
         }
