@@ -3445,3 +3445,278 @@ fn a_second_request_supersedes_the_pending_consent() {
         Some("consent-2".into())
     );
 }
+
+/// A granted consent of the test PSU at Belfius, with a fresh pair, as restored.
+fn granted_consent(
+    scope: crate::domain::consent::ConsentScope,
+    account: Option<&str>,
+    reads: Vec<(String, Millis)>,
+) -> ConsentRecord {
+    use crate::domain::consent::{Consent, ConsentRequest, ConsentState};
+    ConsentRecord {
+        consent: Consent {
+            consent_id: crate::domain::model::ConsentId::new("consent-1"),
+            psu_id: PsuId::new(PSU),
+            request: ConsentRequest {
+                brand: brand("BELFIUS"),
+                scope,
+                account_iban: account.map(str::to_owned),
+                language: Language::Fr,
+                redirect_uri: "https://client.example/consent".into(),
+            },
+            state: ConsentState::Granted,
+            sequence: 2,
+            consent_uri: None,
+            sca_state: "s".into(),
+            pkce_verifier: None,
+            sca_deadline: None,
+            valid_until: None,
+            attempts: 0,
+            retry_at: None,
+            reason: None,
+            seen_commands: vec![],
+            requested_at: T0 - 60_000,
+            updated_at: T0 - 60_000,
+        },
+        tokens: Some(fresh("BELFIUS", "consent-access")),
+        unattended_reads: reads,
+    }
+}
+
+const DEBTOR: &str = "BE71096123456769";
+
+fn with_consent(mut restored: Restored, record: ConsentRecord) -> Restored {
+    restored
+        .consents
+        .insert(ConsentKey::of(&record.consent), record);
+    restored
+}
+
+fn funds_initiate_body(id: &str, funds_check: bool) -> CommandBody {
+    let CommandBody::Initiate(mut raw) = initiate_body(id, "BELFIUS") else {
+        unreachable!()
+    };
+    raw.debtor_iban = Some(DEBTOR.into());
+    raw.funds_check = funds_check;
+    CommandBody::Initiate(raw)
+}
+
+/// Not enough funds: the payment is REJECTED INSUFFICIENT_FUNDS before anything is initiated,
+/// and its first write is that. Enough funds: initiated as usual.
+#[test]
+fn a_funds_check_holds_the_initiation_and_refuses_it_for_funds() {
+    use crate::domain::consent::ConsentScope;
+    let restored = with_consent(
+        restored(vec![], vec![]),
+        granted_consent(ConsentScope::Caf, Some(DEBTOR), vec![]),
+    );
+    let mut h = Harness::new(restored);
+    h.start();
+    let (_, did) = h.command("c1", "p1", funds_initiate_body("p1", true));
+    assert!(
+        writes(&did).is_empty(),
+        "held: nothing written yet: {did:?}"
+    );
+    assert_eq!(consent_calls_of(&did), vec!["funds"]);
+    match &h.consent_calls[0].1 {
+        ConsentCall::Funds {
+            iban,
+            amount,
+            access_token,
+            ..
+        } => {
+            assert_eq!(iban, DEBTOR);
+            assert_eq!(*amount, Amount::from_minor(1234));
+            assert_eq!(access_token.expose_secret(), "consent-access");
+        }
+        other => panic!("{other:?}"),
+    }
+    let did = h.answer_consent("funds", ConsentAnswer::Funds(Ok(false)));
+    assert_eq!(writes(&did), vec![pw("p1")]);
+    let mut did = h.flush();
+    did.extend(h.tick_at(h.now + 60_000));
+    assert!(calls(&h.history).is_empty(), "nothing initiated");
+    assert_eq!(h.state("p1"), PaymentState::Rejected);
+    let reason = h.payment("p1").reason.clone().expect("a reason");
+    assert_eq!(reason.code, ReasonCode::InsufficientFunds);
+
+    let (_, did) = h.command("c2", "p2", funds_initiate_body("p2", true));
+    assert_eq!(consent_calls_of(&did), vec!["funds"]);
+    h.answer_consent("funds", ConsentAnswer::Funds(Ok(true)));
+    h.flush();
+    assert_eq!(calls(&h.history), vec![pc("p2", "initiate")]);
+}
+
+/// A funds check that gets no answer never holds the payment: it is initiated unchecked.
+/// Without `funds_check`, or without a consent for the debtor account, nothing is asked.
+#[test]
+fn a_failed_funds_check_lets_the_payment_go_on_and_no_check_is_made_unasked() {
+    use crate::domain::consent::ConsentScope;
+    let restored = with_consent(
+        restored(vec![], vec![]),
+        granted_consent(ConsentScope::Caf, Some(DEBTOR), vec![]),
+    );
+    let mut h = Harness::new(restored);
+    h.start();
+    h.command("c1", "p1", funds_initiate_body("p1", true));
+    h.answer_consent(
+        "funds",
+        ConsentAnswer::Funds(Err(CallFailure {
+            definite: false,
+            message: "timeout".into(),
+        })),
+    );
+    h.flush();
+    let (_, did) = h.command("c2", "p2", funds_initiate_body("p2", false));
+    assert!(consent_calls_of(&did).is_empty());
+    h.flush();
+    let mut other = funds_initiate_body("p3", true);
+    if let CommandBody::Initiate(raw) = &mut other {
+        raw.debtor_iban = Some("BE68539007547034".into());
+    }
+    let (_, did) = h.command("c3", "p3", other);
+    assert!(
+        consent_calls_of(&did).is_empty(),
+        "no consent for that account"
+    );
+    h.flush();
+    let mut initiated: Vec<_> = calls(&h.history);
+    initiated.sort();
+    assert_eq!(
+        initiated,
+        vec![
+            pc("p1", "initiate"),
+            pc("p2", "initiate"),
+            pc("p3", "initiate")
+        ]
+    );
+}
+
+fn signed_with_debtor(id: &str) -> Payment {
+    let mut p = signed_payment(id, "BELFIUS");
+    if let Some(Order::Single(order)) = p.order.as_mut() {
+        order.debtor_iban = Some(DEBTOR.into());
+    }
+    p
+}
+
+/// SETTLED waits for one read of the debtor's history: the read is counted in the consent's
+/// record first, then the evidence rides on the SETTLED event, and a restore re-publishes it
+/// with the evidence.
+#[test]
+fn a_settlement_carries_the_evidence_of_the_debtor_history() {
+    use crate::domain::consent::ConsentScope;
+    use crate::domain::settlement::{SettlementEvidence, SettlementOutcome};
+    let mut log = StateLog::new();
+    let first = log.marker("first");
+    let p = signed_with_debtor("p1");
+    log.payment(first, &p, &[]);
+    let record = granted_consent(ConsentScope::Ais, None, vec![]);
+    log.write(
+        first,
+        &StateWrite::Consent {
+            record: Box::new(record),
+            events: vec![],
+        },
+    );
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    let config = CoreConfig {
+        epoch: mine,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(restored, config);
+    h.log = Some(log);
+    h.start();
+    h.flush();
+    h.tick_at(T0 + 2_000);
+    let did = h.answer("p1", "status", observed(BankProgress::Settled, "ACSC"));
+    assert_eq!(
+        writes(&did),
+        vec![("consent/BELFIUS/AIS/psu-1".into(), "consent")],
+        "the read is counted before it is made"
+    );
+    let did = h.ack_write();
+    assert_eq!(consent_calls_of(&did), vec!["evidence"]);
+    let evidence = SettlementEvidence {
+        outcome: SettlementOutcome::Duplicated,
+        transaction_refs: vec!["7".into(), "9".into()],
+        booking_date: None,
+        checked_at: h.now,
+    };
+    let did = h.answer_consent("evidence", ConsentAnswer::Evidence(Ok(evidence.clone())));
+    assert_eq!(writes(&did), vec![pw("p1")]);
+    let did = h.ack_write();
+    let (_, events) = h.publications.last().expect("published");
+    assert_eq!(
+        published(&did),
+        vec![(h.next_state_offset - 1, vec![StateKind::Settled])]
+    );
+    assert_eq!(events[0].settlement.as_ref(), Some(&evidence));
+    let log = h.log.take().expect("log");
+    let restored = log.restore(log.records.len() as i64);
+    let (_, events) = restored
+        .unpublished
+        .last()
+        .expect("unpublished after the checkpoint");
+    assert_eq!(
+        events[0].settlement.as_ref(),
+        Some(&evidence),
+        "stored with its record"
+    );
+    let reads = &restored
+        .consents
+        .values()
+        .next()
+        .expect("consent")
+        .unattended_reads;
+    assert_eq!(reads.len(), 1);
+}
+
+/// Four unattended reads of the account today: the fifth settlement goes out at once, without
+/// evidence. A failed read also lets SETTLED go out without it.
+#[test]
+fn settlement_evidence_respects_the_daily_budget_and_never_blocks() {
+    use crate::domain::consent::ConsentScope;
+    let reads = (0..4)
+        .map(|i| (DEBTOR.to_owned(), T0 - 1_000 * i))
+        .collect();
+    let first = with_consent(
+        restored(vec![signed_with_debtor("p1")], vec![]),
+        granted_consent(ConsentScope::Ais, None, reads),
+    );
+    let mut h = Harness::new(first);
+    h.start();
+    h.flush();
+    h.tick_at(T0 + 2_000);
+    let did = h.answer("p1", "status", observed(BankProgress::Settled, "ACSC"));
+    assert_eq!(writes(&did), vec![pw("p1")], "no read: the budget is spent");
+    h.flush();
+    assert!(
+        h.publications.is_empty()
+            || h.publications
+                .iter()
+                .all(|(_, e)| e.iter().all(|e| e.settlement.is_none()))
+    );
+
+    let second = with_consent(
+        restored(vec![signed_with_debtor("p2")], vec![]),
+        granted_consent(ConsentScope::Ais, None, vec![]),
+    );
+    let mut h = Harness::new(second);
+    h.start();
+    h.flush();
+    h.tick_at(T0 + 2_000);
+    h.answer("p2", "status", observed(BankProgress::Settled, "ACSC"));
+    h.ack_write();
+    let did = h.answer_consent(
+        "evidence",
+        ConsentAnswer::Evidence(Err(CallFailure {
+            definite: false,
+            message: "503".into(),
+        })),
+    );
+    assert_eq!(writes(&did), vec![pw("p2")]);
+    h.ack_write();
+    assert_eq!(h.state("p2"), PaymentState::Settled);
+}
