@@ -71,6 +71,128 @@ enum Expected {
     Snapshot(Option<i64>),
     /// Format 2 only: a record that could not be read, copied into a snapshot.
     QuarantinedCopy(QuarantinedRecord),
+    /// Format 2 only: a consent with its pair and events.
+    Consent(Box<consent::ConsentRecord>, Vec<ConsentEvent>),
+}
+
+/// A granted CAF consent with its pair, a read counted, and its GRANTED event.
+fn consent_fixture() -> (consent::ConsentRecord, Vec<ConsentEvent>) {
+    use crate::domain::consent::{Consent, ConsentRequest, ConsentScope, ConsentState};
+    let c = Consent {
+        consent_id: crate::domain::model::ConsentId::new("consent-fixture"),
+        psu_id: PsuId::new("psu-fixture"),
+        request: ConsentRequest {
+            brand: Brand::Banx,
+            scope: ConsentScope::Caf,
+            account_iban: Some("BE71096123456769".into()),
+            language: Language::Nl,
+            redirect_uri: "https://client.example/consent".into(),
+        },
+        state: ConsentState::Granted,
+        sequence: 2,
+        consent_uri: Some("https://bank.example/consent/1?state=s".into()),
+        sca_state: "fixture-consent-state".into(),
+        pkce_verifier: None,
+        sca_deadline: None,
+        valid_until: Some(1_775_000_000_000),
+        attempts: 0,
+        retry_at: None,
+        reason: None,
+        seen_commands: vec![
+            CommandId::new("cmd-consent-1"),
+            CommandId::new("cmd-consent-2"),
+        ],
+        requested_at: 1_767_225_000_000,
+        updated_at: 1_767_225_600_000,
+    };
+    let event = ConsentEvent {
+        consent_id: c.consent_id.clone(),
+        psu_id: c.psu_id.clone(),
+        brand: Brand::Banx,
+        scope: ConsentScope::Caf,
+        account_iban: c.request.account_iban.clone(),
+        sequence: 2,
+        state: ConsentState::Granted,
+        consent_uri: None,
+        valid_until: c.valid_until,
+        reason: None,
+        causation_id: "bank".into(),
+        occurred_at: c.updated_at,
+    };
+    let tokens = PsuTokens {
+        psu_id: PsuId::new("psu-fixture"),
+        brand: Brand::Banx,
+        access_token: SecretString::from("fixture-caf-access"),
+        refresh_token: Some(SecretString::from("fixture-caf-refresh")),
+        expires_at: Some(1_767_229_200_000),
+        updated_at: 1_767_225_600_000,
+    };
+    let record = consent::ConsentRecord {
+        consent: c,
+        tokens: Some(tokens),
+        unattended_reads: vec![("BE71096123456769".into(), 1_767_225_500_000)],
+    };
+    (record, vec![event])
+}
+
+fn assert_consent(
+    actual: &consent::ConsentRecord,
+    events: &[ConsentEvent],
+    want: &consent::ConsentRecord,
+    want_events: &[ConsentEvent],
+    key: &str,
+) {
+    let (a, w) = (&actual.consent, &want.consent);
+    assert_eq!(a.consent_id, w.consent_id, "{key}");
+    assert_eq!(a.psu_id, w.psu_id, "{key}");
+    assert_eq!(a.request, w.request, "{key}");
+    assert_eq!(a.state, w.state, "{key}");
+    assert_eq!(a.sequence, w.sequence, "{key}");
+    assert_eq!(a.consent_uri, w.consent_uri, "{key}");
+    assert_eq!(a.sca_state, w.sca_state, "{key}");
+    assert_eq!(secret(&a.pkce_verifier), secret(&w.pkce_verifier), "{key}");
+    assert_eq!(
+        (a.sca_deadline, a.valid_until, a.attempts, a.retry_at),
+        (w.sca_deadline, w.valid_until, w.attempts, w.retry_at),
+        "{key}"
+    );
+    assert_eq!(a.reason, w.reason, "{key}");
+    assert_eq!(a.seen_commands, w.seen_commands, "{key}");
+    assert_eq!(
+        (a.requested_at, a.updated_at),
+        (w.requested_at, w.updated_at),
+        "{key}"
+    );
+    match (&actual.tokens, &want.tokens) {
+        (Some(t), Some(wt)) => assert_tokens(t, wt),
+        (None, None) => {}
+        (got, wanted) => panic!(
+            "{key}: tokens {:?} vs {:?}",
+            got.is_some(),
+            wanted.is_some()
+        ),
+    }
+    assert_eq!(actual.unattended_reads, want.unattended_reads, "{key}");
+    assert_eq!(events, want_events, "{key}: events");
+}
+
+/// A settled payment whose SETTLED event carries settlement evidence (`Body::PaymentSettled`).
+fn settled_with_evidence() -> (Payment, Vec<StatusEvent>) {
+    use crate::domain::settlement::{SettlementEvidence, SettlementOutcome};
+    let mut p = base_payment(
+        "p-settled-evidence",
+        Some(Order::Single(single_order())),
+        PaymentState::Settled,
+    );
+    p.sequence = 4;
+    let mut e = event(&p, None);
+    e.settlement = Some(SettlementEvidence {
+        outcome: SettlementOutcome::Duplicated,
+        transaction_refs: vec!["1001".into(), "1002".into()],
+        booking_date: Some(date(2026, 1, 2)),
+        checked_at: 1_767_312_000_000,
+    });
+    (p, vec![e])
 }
 
 /// The quarantined record the format 2 fixtures carry a copy of: it still does not decode.
@@ -387,6 +509,18 @@ fn expected_v2() -> Vec<(String, Option<i64>, Expected)> {
         Some(EPOCH),
         Expected::Payment(Box::new(always_pkce), Vec::new()),
     ));
+    let (consent_record, consent_events) = consent_fixture();
+    records.push((
+        consent::ConsentKey::of(&consent_record.consent).record_key(),
+        Some(EPOCH),
+        Expected::Consent(Box::new(consent_record), consent_events),
+    ));
+    let (settled, events) = settled_with_evidence();
+    records.push((
+        payment_key(&settled.payment_id),
+        Some(EPOCH),
+        Expected::Payment(Box::new(settled), events),
+    ));
     records
 }
 
@@ -544,6 +678,9 @@ fn assert_decoded(actual: &DecodedRecord, expected: &Expected, key: &str) {
             assert_eq!(events, want_events, "{key}: events");
         }
         (DecodedRecord::Psu(tokens), Expected::Psu(want)) => assert_tokens(tokens, want),
+        (DecodedRecord::Consent { record, events }, Expected::Consent(want, want_events)) => {
+            assert_consent(record, events, want, want_events, key);
+        }
         (DecodedRecord::Checkpoint(through), Expected::Checkpoint(want)) => {
             assert_eq!(through, want, "{key}: checkpoint");
         }
@@ -618,6 +755,7 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
             | Expected::Checkpoint(_)
             | Expected::Retired(_)
             | Expected::Snapshot(_)
+            | Expected::Consent(..)
             | Expected::QuarantinedCopy(_) => {
                 assert_eq!(decoded.epoch, EPOCH, "{key}: epoch");
                 if format >= 2 {
@@ -687,19 +825,43 @@ fn check(format: u32, sealing: fn(&str) -> Sealing) {
                 assert_retired(got, r);
                 assert!(!restored.payments.contains_key(&r.payment_id));
             }
+            Expected::Consent(want, _) => {
+                let got = restored
+                    .consents
+                    .get(&consent::ConsentKey::of(&want.consent))
+                    .unwrap_or_else(|| panic!("{key} restored"));
+                assert_consent(got, &[], want, &[], key);
+            }
             Expected::Marker
             | Expected::Checkpoint(_)
             | Expected::Snapshot(_)
             | Expected::QuarantinedCopy(_) => {}
         }
     }
-    assert_eq!(restored.payments.len(), 5 + usize::from(format >= 2));
+    assert_eq!(restored.payments.len(), 5 + 2 * usize::from(format >= 2));
+    assert_eq!(restored.consents.len(), usize::from(format >= 2));
     assert_eq!(restored.retired.len(), usize::from(format >= 2));
     assert_eq!(restored.tokens.len(), 2);
     // Records at offsets 1 and 2 are at or below the checkpoint (2): published. Offset 5
     // (p-refused, with events) is not.
     let unpublished: Vec<_> = restored.unpublished.iter().map(|(o, _)| *o).collect();
-    assert_eq!(unpublished, vec![5]);
+    let last = expected.len() as i64 - 1;
+    if format >= 2 {
+        // The settled payment with evidence is the last record, the consent the one before.
+        assert_eq!(unpublished, vec![5, last]);
+        assert_eq!(
+            restored.unpublished[1].1, unpublished_events["p-settled-evidence"],
+            "the evidence is re-published with its event"
+        );
+        let consents: Vec<_> = restored
+            .unpublished_consents
+            .iter()
+            .map(|(o, _)| *o)
+            .collect();
+        assert_eq!(consents, vec![last - 1]);
+    } else {
+        assert_eq!(unpublished, vec![5]);
+    }
     assert_eq!(
         restored.unpublished[0].1, unpublished_events["p-refused"],
         "unpublished events"
@@ -783,6 +945,7 @@ fn encode(ring: &StateKeyRing, want: &Expected) -> Option<(String, Vec<u8>)> {
         }
         Expected::QuarantinedCopy(q) => encode_quarantined_copy(ring, QUARANTINED_KEY, EPOCH, q)
             .map(|v| (QUARANTINED_KEY.to_owned(), v)),
+        Expected::Consent(record, events) => encode_consent(ring, EPOCH, record, events),
     };
     encoded.ok()
 }
@@ -881,7 +1044,10 @@ fn generate_v1_state_fixtures_once() {
                 Expected::Payment(p, events) => v1::write::payment(key, EPOCH, p, events),
                 Expected::Psu(t) => v1::write::psu(key, EPOCH, t),
                 Expected::Checkpoint(through) => v1::write::checkpoint(0, EPOCH, *through),
-                Expected::Retired(_) | Expected::Snapshot(_) | Expected::QuarantinedCopy(_) => {
+                Expected::Retired(_)
+                | Expected::Snapshot(_)
+                | Expected::QuarantinedCopy(_)
+                | Expected::Consent(..) => {
                     panic!("format 1 has none of these records")
                 }
             };
