@@ -85,7 +85,8 @@ sleep 4
 # the worker's OAuth state, which the bank brings back on the redirect.
 sca_url() {
   for _ in $(seq 1 100); do
-    url="$(grep -E "^$1 .* sca=" "${EVENTS:-$RUN/events.txt}" 2>/dev/null | sed -E 's/.* sca=([^ ]+).*/\1/' | tail -1)"
+    # `|| true`: no match yet is not an error (set -e and pipefail would end the demo here).
+    url="$(grep -E "^$1 .* sca=" "${EVENTS:-$RUN/events.txt}" 2>/dev/null | sed -E 's/.* sca=([^ ]+).*/\1/' | tail -1 || true)"
     [[ -n "$url" ]] && { echo "$url"; return; }
     sleep 0.1
   done
@@ -112,10 +113,11 @@ wait "$WATCH" || { echo "demo: not every payment reached a final state; worker l
 
 echo "== the dedicated API goes down; the worker switches to the bank's fallback interface and back"
 EVENTS="$RUN/events-fallback.txt"
-"$BIN" watch --until-final 2 --timeout-secs 120 > >(tee "$EVENTS") &
+# From the beginning (a new reader may join after the first events), showing only this part's
+# payments: the five final ones above and these two.
+"$BIN" watch --from-beginning --until-final 7 --timeout-secs 120 | grep --line-buffered '^demo-fb' > >(tee "$EVENTS") &
 WATCH=$!
 PIDS+=($WATCH)
-sleep 1
 ADMIN="http://127.0.0.1:$ADMIN_PORT"
 # Waits until the worker's Belfius route is on $1 (dedicated | fallback); prints how long it took.
 route_is() {
@@ -138,7 +140,8 @@ route_is fallback
 send initiate --payment-id demo-fb-7 --psu-id psu-frank --amount 99.00 --creditor-name "Boekhandel Claes" --creditor-iban BE71096123456769
 echo "-- frank signs demo-fb-7, initiated through the fallback; his browser returns without a code (the fallback has no PKCE):"
 echo "   $(psu sign demo-fb-7 psu-frank)"
-echo "   the worker learns the signature by polling the fallback"
+echo "   the worker learns the signature by polling the fallback (the dedicated API still answers 503)"
+for _ in $(seq 1 150); do grep -qE '^demo-fb-7 .* SETTLED' "$EVENTS" && break; sleep 0.2; done
 curl -sf -X DELETE "$ADMIN/admin/faults"
 echo "-- the dedicated API is back: a probe closes the circuit, and after PIS_FALLBACK_BACK_AFTER_SECS (2 s) the route returns"
 route_is dedicated
