@@ -215,12 +215,18 @@ fn spawn_broker_probe(producer: Producer, health: Arc<crate::http::Health>) {
     });
 }
 
+/// The brands' routes and the task that keeps them current (`engine::route`).
+type FallbackRouting = (
+    Arc<crate::belfius::route::Router>,
+    tokio::task::JoinHandle<()>,
+);
+
 /// The routes between the dedicated API and the fallback, and their keeper task, when the
 /// fallback is on.
 fn fallback_router(
     config: &WorkerConfig,
     bank: &BelfiusClient,
-) -> anyhow::Result<Option<Arc<crate::belfius::route::Router>>> {
+) -> anyhow::Result<Option<FallbackRouting>> {
     let Some(setup) = &config.fallback else {
         return Ok(None);
     };
@@ -228,13 +234,13 @@ fn fallback_router(
         crate::belfius::fallback::FallbackClient::new(&config.bank, setup.endpoints.clone())
             .map_err(|e| anyhow::anyhow!("fallback interface client: {e}"))?;
     let router = Arc::new(crate::belfius::route::Router::new(client, setup.route));
-    route::spawn_keeper(bank.clone(), router.clone());
+    let keeper = route::spawn_keeper(bank.clone(), router.clone());
     info!(
         after_secs = setup.route.after.as_secs(),
         back_after_secs = setup.route.back_after.as_secs(),
         "fallback interface enabled"
     );
-    Ok(Some(router))
+    Ok(Some((router, keeper)))
 }
 
 /// Creates the topics if asked, and checks the command/state partition invariant. A `Setup`
@@ -289,7 +295,7 @@ pub async fn run(
     let trim = crate::memory::spawn_periodic_trim();
     let bank = BelfiusClient::with_guard(config.bank.clone(), config.bank_guard.clone())
         .map_err(|e| anyhow::anyhow!("belfius client: {e}"))?;
-    let bank_route = fallback_router(&config, &bank)?;
+    let (bank_route, route_keeper) = fallback_router(&config, &bank)?.unzip();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let deps = Arc::new(EngineDeps {
         kafka: config.kafka.clone(),
@@ -357,6 +363,9 @@ pub async fn run(
         },
     };
     trim.abort();
+    if let Some(keeper) = route_keeper {
+        keeper.abort();
+    }
     let flush = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     if let Ok(Err(e)) = flush {
         warn!(error = %e, "producer flush at shutdown failed");
