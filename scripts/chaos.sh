@@ -4,7 +4,8 @@
 #         SIGKILLed and restarted every 30 s on persistent storage (Tansu + sqlite); then the same
 #         load with signable orphans (PSUs sign everything pending at the bank) on a memory
 #         broker. Release build.
-#   ci:   400 payments, 2 replicas, a SIGKILL every 12 s, bank faults; then 200 with signable
+#   ci:   400 payments, 2 replicas, a SIGKILL every 12 s, bank faults, and the dedicated API down
+#         for 8 s every 30 s with the workers' fallback switch-over on (2 s); then 200 with signable
 #         orphans and retention acting (5 s / 30 s horizons); memory storage, debug build
 #         (already built by the tests).
 # Both under the workers' default policy for lost answers (hold); a "person" resolves them.
@@ -32,6 +33,7 @@ case "$mode" in
     export PIS_SNAPSHOT_INTERVAL_SECS=3 PIS_SNAPSHOT_MIN_RECORDS=100
     target/debug/pis-chaos --payments "${CHAOS_PAYMENTS:-400}" --psus 60 --partitions 4 \
       --workers 2 --kill-every-secs 12 --timeout-secs 600 --bank-sca-expiry-secs 45 \
+      --fallback-after-secs 2 --dedicated-outage-every-secs 30 --dedicated-outage-secs 8 \
       --run-dir .run/chaos-ci
     # Retention acts during this run (final payments retired after 5 s, ids forgotten after
     # 30 s), so retired records go through restores after SIGKILLs.

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub bank_retries: IntCounterVec,
     pub circuit_breaker_state: IntGaugeVec,
     pub circuit_backlog: IntGauge,
+    pub bank_route: IntGaugeVec,
+    pub bank_route_switches: IntCounterVec,
+    pub fallback_requests: IntCounterVec,
     pub outcome_unknown: IntGauge,
     pub dlq_records: IntCounterVec,
     pub token_refreshes: IntCounterVec,
@@ -229,6 +232,24 @@ impl Metrics {
                 "pis_circuit_backlog_commands",
                 "Bank work held while a circuit is open",
             ),
+            bank_route: gauge_vec(
+                r,
+                "pis_bank_route",
+                "1 on the interface a brand's initiations and status polls go to (only with the fallback enabled)",
+                &["brand", "interface"],
+            ),
+            bank_route_switches: counter(
+                r,
+                "pis_bank_route_switches_total",
+                "Switches of a brand's route between the dedicated API and the fallback interface",
+                &["brand", "to"],
+            ),
+            fallback_requests: counter(
+                r,
+                "pis_bank_fallback_requests_total",
+                "Requests to the fallback interface and how they ended",
+                &["endpoint", "status_class"],
+            ),
             outcome_unknown: gauge(
                 r,
                 "pis_outcome_unknown_payments",
@@ -413,6 +434,14 @@ impl Metrics {
         }
         for host in ["belfius", "banx"] {
             self.circuit_breaker_state.with_label_values(&[host]);
+        }
+        for endpoint in crate::belfius::fallback::FallbackCall::ALL
+            .map(crate::belfius::fallback::FallbackCall::endpoint)
+        {
+            // circuit_open never happens there: the fallback has no breaker.
+            for class in &STATUS_CLASSES[..6] {
+                self.fallback_requests.with_label_values(&[endpoint, class]);
+            }
         }
         for kind in ["revoked", "other"] {
             self.token_refresh_refusals.with_label_values(&[kind]);

@@ -527,3 +527,64 @@ async fn a_payment_goes_through_the_fallback_while_the_dedicated_api_is_down() {
         "ACSC"
     );
 }
+
+/// A fallback host whose every answer is 503, recording the paths it was asked for.
+async fn failing_fallback_host() -> (url::Url, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(uri.path().to_owned());
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url::Url::parse(&format!("http://{addr}/")).unwrap(), seen)
+}
+
+/// An initiation whose session could not be opened was never sent: `NotSent` (retried by the
+/// machine), not an unanswered initiation (outcome unknown, a person to resolve it).
+#[tokio::test]
+async fn a_session_that_cannot_be_opened_leaves_the_call_unsent() {
+    let env = env().await;
+    let (base, seen) = failing_fallback_host().await;
+    let mut endpoints = env.sandbox.fallback_endpoints();
+    endpoints.belfius_base_url = base.clone();
+    endpoints.banx_base_url = base;
+    let client = FallbackClient::new(&env.bank, endpoints.clone()).unwrap();
+
+    let error = client
+        .initiate(&order("E2E-FB-NOSESSION"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, BankError::NotSent(m) if m.contains("no fallback session")),
+        "{error:?}"
+    );
+    assert!(matches!(
+        pis_worker::engine::bank::classify_initiation_error(&error),
+        pis_worker::domain::machine::InitiationFailure::NotProcessed { .. }
+    ));
+    let error = client
+        .status(
+            Brand::Belfius,
+            PaymentProduct::SepaCreditTransfers,
+            &BankPaymentId::new("p1"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BankError::NotSent(_)), "{error:?}");
+    // Only sessions were asked for: the payment request never left.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![endpoints.session_path.clone(), endpoints.session_path]
+    );
+    // The session answer itself keeps its meaning.
+    assert!(matches!(
+        client.open_session(Brand::Belfius).await,
+        Err(BankError::Unavailable { status: 503, .. })
+    ));
+}

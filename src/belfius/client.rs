@@ -787,7 +787,7 @@ impl BelfiusClient {
 }
 
 /// The metrics class of a failure without an HTTP status.
-fn transport_class(e: &reqwest::Error) -> StatusClass {
+pub(crate) fn transport_class(e: &reqwest::Error) -> StatusClass {
     if e.is_timeout() {
         StatusClass::Timeout
     } else {

@@ -24,6 +24,7 @@ use serde_json::json;
 
 use super::answer::{self, RawAnswer};
 use super::client::{self, ClientBuildError, InitiationBody, headers as h};
+use super::guard::StatusClass;
 use super::httpsig::{self, DigestLabel, HttpSigner};
 use super::{AmountFormat, BankError, BelfiusConfig, Initiated};
 use crate::domain::model::{BankPaymentId, Brand, PaymentOrder, PaymentProduct};
@@ -35,6 +36,38 @@ pub mod headers {
     pub const DATE: &str = "date";
     pub const DIGEST: &str = "digest";
     pub const SIGNATURE: &str = "signature";
+}
+
+/// The fallback's requests, as `pis_bank_fallback_requests_total` counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackCall {
+    Session,
+    Initiate,
+    Status,
+}
+
+impl FallbackCall {
+    pub const ALL: [FallbackCall; 3] = [
+        FallbackCall::Session,
+        FallbackCall::Initiate,
+        FallbackCall::Status,
+    ];
+
+    /// The `endpoint` label.
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            FallbackCall::Session => "session",
+            FallbackCall::Initiate => "initiate",
+            FallbackCall::Status => "status",
+        }
+    }
+}
+
+fn count(call: FallbackCall, class: StatusClass) {
+    crate::metrics::metrics()
+        .fallback_requests
+        .with_label_values(&[call.endpoint(), class.as_str()])
+        .inc();
 }
 
 /// The `Date` format: ISO 8601 in UTC, seconds, `Z` [P §8 example `2018-08-04T12:23:34Z`].
@@ -240,8 +273,10 @@ impl FallbackClient {
 
     /// One HTTP exchange with the headers of every fallback request [P §8]; `signed`: the first
     /// call's signature; `session`: later calls' token.
+    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
+        what: FallbackCall,
         method: Method,
         url: &url::Url,
         body: &[u8],
@@ -302,6 +337,7 @@ impl FallbackClient {
             request = request.body(body.to_vec());
         }
         let response = request.send().await.map_err(|e| {
+            count(what, client::transport_class(&e));
             let error = client::map_transport_error(&e);
             tracing::warn!(request_id, %error, "fallback call failed");
             error
@@ -309,11 +345,13 @@ impl FallbackClient {
         let status = response.status();
         let headers = response.headers().clone();
         let body = response.bytes().await.map_err(|e| {
+            count(what, client::transport_class(&e));
             BankError::NoResponse(format!(
                 "reading response body: {}",
                 client::error_chain(&e)
             ))
         })?;
+        count(what, StatusClass::of_status(status.as_u16()));
         tracing::debug!(
             request_id,
             status = status.as_u16(),
@@ -339,7 +377,15 @@ impl FallbackClient {
             .endpoints
             .url(brand, &self.endpoints.session_path, &[])?;
         let answer = self
-            .call(Method::POST, &url, &body, true, None, &[])
+            .call(
+                FallbackCall::Session,
+                Method::POST,
+                &url,
+                &body,
+                true,
+                None,
+                &[],
+            )
             .await?;
         client::map_status(answer.status, &answer.headers, &answer.body)?;
         // Position only: serde's messages may quote the token.
@@ -392,6 +438,7 @@ impl FallbackClient {
     /// once. A 401 is a refusal before processing, so the retry cannot act twice.
     async fn in_session(
         &self,
+        what: FallbackCall,
         brand: Brand,
         method: Method,
         url: &url::Url,
@@ -400,10 +447,10 @@ impl FallbackClient {
     ) -> Result<Answer, BankError> {
         let (token, fresh) = match self.current_session(brand) {
             Some(token) => (token, false),
-            None => (self.open_session(brand).await?, true),
+            None => (self.session_for_call(brand).await?, true),
         };
         let answer = self
-            .call(method.clone(), url, body, false, Some(&token), extra)
+            .call(what, method.clone(), url, body, false, Some(&token), extra)
             .await?;
         if answer.status != StatusCode::UNAUTHORIZED || fresh {
             return Ok(answer);
@@ -413,9 +460,26 @@ impl FallbackClient {
             "fallback session refused (401): opening a new one"
         );
         self.forget_session(brand, &token);
-        let token = self.open_session(brand).await?;
-        self.call(method, url, body, false, Some(&token), extra)
+        let token = self.session_for_call(brand).await?;
+        self.call(what, method, url, body, false, Some(&token), extra)
             .await
+    }
+
+    /// A session for a call that has not been sent yet. When opening it got no usable answer,
+    /// the call itself still never left: `NotSent`, so that an initiation waiting for its
+    /// session is not taken for one whose outcome is unknown (a person would have to resolve
+    /// a payment the bank never saw). Refusals and 429s are kept: they mean the same for the
+    /// call as for the session (our credentials, the bank's rate limit).
+    async fn session_for_call(&self, brand: Brand) -> Result<SecretString, BankError> {
+        self.open_session(brand).await.map_err(|error| match error {
+            BankError::NoResponse(_) | BankError::Unavailable { .. } | BankError::Protocol(_) => {
+                BankError::NotSent(format!("no fallback session: {error}"))
+            }
+            kept @ (BankError::NotSent(_)
+            | BankError::RateLimited { .. }
+            | BankError::Refused { .. }
+            | BankError::Unrecognized(_)) => kept,
+        })
     }
 
     /// `POST {payments_path}/{product}` with the dedicated API's v3 body [I] and the order's
@@ -429,6 +493,7 @@ impl FallbackClient {
         )?;
         let answer = self
             .in_session(
+                FallbackCall::Initiate,
                 order.brand,
                 Method::POST,
                 &url,
@@ -470,7 +535,9 @@ impl FallbackClient {
             &self.endpoints.payments_path,
             &[product.path_segment(), id.as_str(), "status"],
         )?;
-        let answer = self.in_session(brand, Method::GET, &url, b"", &[]).await?;
+        let answer = self
+            .in_session(FallbackCall::Status, brand, Method::GET, &url, b"", &[])
+            .await?;
         client::map_status(answer.status, &answer.headers, &answer.body)?;
         let parsed: StatusAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
             BankError::Protocol(format!("status answer is not the expected JSON: {e}"))

@@ -14,6 +14,7 @@ pub mod httpsig;
 pub mod identity;
 pub mod pkce;
 pub mod qseal;
+pub mod route;
 pub mod status;
 
 use std::time::Duration;

@@ -4,6 +4,9 @@
 //! topic, the state topic and the bank's own records, that nothing was lost, doubled or
 //! contradicted. Prints a summary; exits 1 on any violation.
 //!
+//! With `--fallback-after-secs` the workers switch to the bank's fallback interface while the
+//! dedicated API is down (`--dedicated-outage-every-secs` takes it down now and then).
+//!
 //! `make chaos` (full) and `make chaos-ci` (reduced, part of `make test`).
 
 mod common;
@@ -79,6 +82,18 @@ struct Args {
     /// 30 s: the worker must wait for the bank's word past it).
     #[arg(long, default_value_t = 120)]
     bank_sca_expiry_secs: u64,
+    /// Turn the workers' fallback interface on (PIS_FALLBACK_ENABLED, the sandbox's fallback
+    /// endpoints): a brand switches to it once its dedicated circuit has not closed for this
+    /// long, and back once it has been closed as long.
+    #[arg(long)]
+    fallback_after_secs: Option<u64>,
+    /// Take the sandbox's dedicated API down (503 on every request; the fallback keeps
+    /// answering) this often, the first time 5 s in; 0 = never.
+    #[arg(long, default_value_t = 0)]
+    dedicated_outage_every_secs: u64,
+    /// How long each outage of the dedicated API lasts.
+    #[arg(long, default_value_t = 10)]
+    dedicated_outage_secs: u64,
 }
 
 /// What the scripted PSU does with a payment, and so which final state it must reach. The PSU
@@ -288,6 +303,19 @@ async fn person(
     Ok((adopted, reinitiated))
 }
 
+/// The dedicated API answers 503 to everything (the fallback is not behind the fault layer).
+fn dedicated_down() -> FaultRule {
+    FaultRule {
+        endpoint: EndpointClass::Any,
+        probability: 1.0,
+        fault: Fault::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+        remaining: None,
+    }
+}
+
 fn faults() -> FaultSettings {
     let rule = |endpoint, probability, fault| FaultRule {
         endpoint,
@@ -431,7 +459,7 @@ async fn chaos(
         StateKey::from_hex(&state_key_hex).map_err(|e| anyhow::anyhow!("{e}"))?,
     ));
 
-    let base_args = common::worker_args(
+    let mut base_args = common::worker_args(
         &settings,
         &sandbox,
         &[
@@ -446,6 +474,35 @@ async fn chaos(
             ("--expiry-horizon-secs", "600"),
         ],
     );
+    if let Some(after) = args.fallback_after_secs {
+        let endpoints = sandbox.fallback_endpoints();
+        let after = after.to_string();
+        for (flag, value) in [
+            ("--fallback-enabled", None),
+            ("--fallback-after-secs", Some(after.as_str())),
+            ("--fallback-back-after-secs", Some(after.as_str())),
+            (
+                "--fallback-belfius-url",
+                Some(endpoints.belfius_base_url.as_str()),
+            ),
+            (
+                "--fallback-banx-url",
+                Some(endpoints.banx_base_url.as_str()),
+            ),
+            (
+                "--fallback-session-path",
+                Some(endpoints.session_path.as_str()),
+            ),
+            (
+                "--fallback-payments-path",
+                Some(endpoints.payments_path.as_str()),
+            ),
+            ("--fallback-key-id", Some(endpoints.key_id.as_str())),
+        ] {
+            base_args.push(flag.to_owned());
+            base_args.extend(value.map(str::to_owned));
+        }
+    }
     let mut workers = Workers::new(
         Workers::binary(args.worker_bin.as_ref())?,
         base_args,
@@ -597,8 +654,40 @@ async fn chaos(
     let mut resolved: HashSet<(usize, i64)> = HashSet::new();
     let (mut adopted, mut reinitiated) = (0usize, 0usize);
     let mut next_person = Instant::now();
+    // The first outage comes while the initiations are still going out.
+    let mut next_outage =
+        Instant::now() + Duration::from_secs(args.dedicated_outage_every_secs.clamp(1, 5));
+    let mut outage_until: Option<Instant> = None;
+    let mut outages = 0usize;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(until) = outage_until {
+            if Instant::now() >= until {
+                outage_until = None;
+                next_outage =
+                    Instant::now() + Duration::from_secs(args.dedicated_outage_every_secs);
+                sandbox.faults().set(if args.faults {
+                    faults()
+                } else {
+                    FaultSettings::default()
+                });
+                println!("chaos: the dedicated API is back");
+            }
+        } else if args.dedicated_outage_every_secs > 0 && Instant::now() >= next_outage {
+            outage_until = Some(Instant::now() + Duration::from_secs(args.dedicated_outage_secs));
+            outages += 1;
+            let mut down = if args.faults {
+                faults()
+            } else {
+                FaultSettings::default()
+            };
+            down.rules.insert(0, dedicated_down());
+            sandbox.faults().set(down);
+            println!(
+                "chaos: the dedicated API is down for {} s",
+                args.dedicated_outage_secs
+            );
+        }
         // Under the reinitiate policy nobody waits for a person: the workers act alone.
         if args.unknown_outcome == "hold" && Instant::now() >= next_person {
             next_person = Instant::now() + Duration::from_secs(2);
@@ -788,6 +877,22 @@ async fn chaos(
     );
     let fault_counters = sandbox.faults().counters();
     report.row("bank faults injected", fault_counters["total"].clone());
+    report.row(
+        "dedicated API outages (fallback after)",
+        format!(
+            "{outages} ({})",
+            args.fallback_after_secs
+                .map_or("fallback off".to_owned(), |s| format!("{s} s"))
+        ),
+    );
+    let bank_counters: serde_json::Value = reqwest::get(admin.join("admin/counters")?)
+        .await?
+        .json()
+        .await?;
+    report.row(
+        "initiations through the fallback interface",
+        bank_counters["initiations_by_auth"]["fallback_session"].clone(),
+    );
     println!("\nchaos summary");
     println!("{}", "-".repeat(70));
     for (name, value) in &report.rows {

@@ -142,6 +142,9 @@ pub struct RunArgs {
     /// Retries, per-host limits and circuit breaker of bank calls (docs/belfius.md §1.5).
     #[command(flatten)]
     pub bank_guard: crate::belfius::guard::GuardArgs,
+    /// The fallback interface and the switch-over to it (docs/belfius.md §7.5); off by default.
+    #[command(flatten)]
+    pub fallback: crate::belfius::route::FallbackArgs,
     /// How long the PSU has to sign.
     #[arg(long, env = "PIS_SCA_TIMEOUT_SECS", default_value_t = 900)]
     pub sca_timeout_secs: u64,
@@ -338,6 +341,18 @@ impl RunArgs {
         })
     }
 
+    /// The fallback's settings when it is enabled; refused at start when they are incomplete,
+    /// or when there is no QSeal key to sign its sessions with.
+    fn fallback_setup(&self) -> anyhow::Result<Option<crate::belfius::route::FallbackSetup>> {
+        let setup = self.fallback.setup(&self.bank_guard.config())?;
+        if setup.is_some() && self.qseal_key_file.is_none() {
+            anyhow::bail!(
+                "the fallback interface is enabled (PIS_FALLBACK_ENABLED) but no QSeal key is configured (PIS_QSEAL_KEY_FILE): its sessions are opened with an HTTP signature made with that key"
+            );
+        }
+        Ok(setup)
+    }
+
     pub fn config(&self) -> anyhow::Result<WorkerConfig> {
         if self.retired_ids_retention_secs < self.retention_secs {
             anyhow::bail!(
@@ -393,6 +408,7 @@ impl RunArgs {
             snapshot_min_records: self.snapshot_min_records,
             create_topics: self.create_topics,
             bank_guard: self.bank_guard.config(),
+            fallback: self.fallback_setup()?,
             http_addr: match self.http_addr.as_str() {
                 "off" => None,
                 addr => Some(

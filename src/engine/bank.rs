@@ -96,6 +96,17 @@ pub async fn initiate(
         Order::Standing(standing) => bank.initiate_periodic(standing, &challenge, token).await,
         Order::Bulk(bulk) => bank.initiate_bulk(bulk, &challenge, token).await,
     };
+    initiation_answer(result, token.is_some())
+}
+
+/// The machine's input for an initiation's result, whichever interface carried it (the
+/// fallback's too, `engine::route`): retry versus outcome unknown must not depend on the
+/// interface, or a switch-over could initiate a payment twice. `token_presented`: the call
+/// carried the PSU's access token.
+pub fn initiation_answer(
+    result: Result<crate::belfius::Initiated, BankError>,
+    token_presented: bool,
+) -> BankAnswer {
     match result {
         Ok(initiated) => BankAnswer::Input(Box::new(Input::BankInitiated {
             bank_payment_id: initiated.bank_payment_id,
@@ -103,7 +114,7 @@ pub async fn initiate(
             bank_status: initiated.bank_status,
         })),
         Err(BankError::Refused { status, body })
-            if token.is_some() && access_token_rejected(status, &body) =>
+            if token_presented && access_token_rejected(status, &body) =>
         {
             BankAnswer::AccessTokenRejected {
                 message: refusal_reason(status, &body, "initiation").message,
@@ -139,16 +150,26 @@ pub async fn check_status(bank: &BelfiusClient, payment: &Payment) -> Input {
             message: "internal: no bank payment id to look up".into(),
         };
     };
-    match bank
+    let result = bank
         .payment_status(order.kind(), order.brand(), order.product(), bank_id)
-        .await
-    {
+        .await;
+    status_input(&bank.config().status_map, payment, order.kind(), result)
+}
+
+/// The machine's input for a status read's result, whichever interface carried it.
+pub fn status_input(
+    status_map: &crate::belfius::status::StatusMap,
+    payment: &Payment,
+    kind: PaymentKind,
+    result: Result<String, BankError>,
+) -> Input {
+    match result {
         Ok(code) => match TransactionStatus::parse(&code) {
             Some(status) => Input::StatusObserved {
-                progress: progress_for(order.kind(), status),
+                progress: progress_for(kind, status),
                 bank_status: status.as_str().to_owned(),
             },
-            None => match bank.config().status_map.interpret(&code) {
+            None => match status_map.interpret(&code) {
                 Some((code, progress)) => Input::StatusObserved {
                     progress,
                     bank_status: code,

@@ -9,6 +9,7 @@ pub mod offsets;
 pub mod outbox;
 pub mod partition;
 pub mod restore;
+pub mod route;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -71,6 +72,9 @@ pub struct WorkerConfig {
     pub create_topics: Option<i32>,
     /// Retries, per-host limits and circuit breakers of bank calls (docs/belfius.md §1.5).
     pub bank_guard: crate::belfius::GuardConfig,
+    /// The fallback interface and when to switch to it (None: off, the default;
+    /// docs/belfius.md §7.5).
+    pub fallback: Option<crate::belfius::route::FallbackSetup>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not served).
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -82,6 +86,8 @@ pub struct EngineDeps {
     pub partitions: i32,
     pub producer: Producer,
     pub bank: BelfiusClient,
+    /// The brands' routes between the dedicated API and the fallback (None: fallback off).
+    pub bank_route: Option<Arc<crate::belfius::route::Router>>,
     pub state_key: StateKeyRing,
     pub policy: Policy,
     pub limits: ValidationLimits,
@@ -210,6 +216,34 @@ fn spawn_broker_probe(producer: Producer, health: Arc<crate::http::Health>) {
     });
 }
 
+/// The brands' routes and the task that keeps them current (`engine::route`).
+type FallbackRouting = (
+    Arc<crate::belfius::route::Router>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// The routes between the dedicated API and the fallback, and their keeper task, when the
+/// fallback is on.
+fn fallback_router(
+    config: &WorkerConfig,
+    bank: &BelfiusClient,
+) -> anyhow::Result<Option<FallbackRouting>> {
+    let Some(setup) = &config.fallback else {
+        return Ok(None);
+    };
+    let client =
+        crate::belfius::fallback::FallbackClient::new(&config.bank, setup.endpoints.clone())
+            .map_err(|e| anyhow::anyhow!("fallback interface client: {e}"))?;
+    let router = Arc::new(crate::belfius::route::Router::new(client, setup.route));
+    let keeper = route::spawn_keeper(bank.clone(), router.clone());
+    info!(
+        after_secs = setup.route.after.as_secs(),
+        back_after_secs = setup.route.back_after.as_secs(),
+        "fallback interface enabled"
+    );
+    Ok(Some((router, keeper)))
+}
+
 /// Creates the topics if asked, and checks the command/state partition invariant. A `Setup`
 /// error (missing topic, partition mismatch) is a configuration fault; a `Kafka` error may be a
 /// broker that is not up yet.
@@ -262,12 +296,14 @@ pub async fn run(
     let trim = crate::memory::spawn_periodic_trim();
     let bank = BelfiusClient::with_guard(config.bank.clone(), config.bank_guard.clone())
         .map_err(|e| anyhow::anyhow!("belfius client: {e}"))?;
+    let (bank_route, route_keeper) = fallback_router(&config, &bank)?.unzip();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let deps = Arc::new(EngineDeps {
         kafka: config.kafka.clone(),
         partitions,
         producer: producer.clone(),
         bank,
+        bank_route,
         state_key,
         policy: config.policy.clone(),
         limits: config.limits,
@@ -328,6 +364,9 @@ pub async fn run(
         },
     };
     trim.abort();
+    if let Some(keeper) = route_keeper {
+        keeper.abort();
+    }
     let flush = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     if let Ok(Err(e)) = flush {
         warn!(error = %e, "producer flush at shutdown failed");

@@ -23,7 +23,7 @@ use super::core::{
 };
 use super::ingest::{self, Decoding};
 use super::restore::{RestoreFold, Restored};
-use super::{EngineDeps, bank, now_millis};
+use super::{EngineDeps, now_millis};
 use crate::domain::machine::Payment;
 use crate::kafka::fence::{self, Fence, FenceError};
 use crate::kafka::state;
@@ -534,10 +534,17 @@ impl Shell {
                         return;
                     }
                     let bank_client = self.deps.bank.clone();
+                    let bank_route = self.deps.bank_route.clone();
                     let span = payment_span(&payment);
                     self.tasks.spawn(tracing::Instrument::instrument(
                         async move {
-                            let answer = bank::run_call(&bank_client, &payment, call).await;
+                            let answer = super::route::run_call(
+                                &bank_client,
+                                bank_route.as_deref(),
+                                &payment,
+                                call,
+                            )
+                            .await;
                             Some(Event::Answered { call: id, answer })
                         },
                         span,
