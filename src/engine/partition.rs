@@ -463,27 +463,14 @@ impl Shell {
                 } => {
                     let mut deliveries = Vec::with_capacity(events.len());
                     for event in &events {
-                        match self.deps.producer.send_status(event).await {
-                            Ok(d) => deliveries.push(d),
-                            Err(e) => {
-                                self.deps.fatal(format!(
-                                    "publishing status of {}: {e}",
-                                    event.payment_id
-                                ));
-                                return;
-                            }
-                        }
+                        let sent = self.deps.producer.send_status(event).await;
+                        let what = || format!("status of {}", event.payment_id);
+                        let Some(d) = self.delivery(sent, what) else {
+                            return;
+                        };
+                        deliveries.push(d);
                     }
-                    let deps = self.deps.clone();
-                    self.tasks.spawn(async move {
-                        for delivery in deliveries {
-                            if let Err(e) = delivery.await {
-                                deps.fatal(format!("status event delivery failed: {e}"));
-                                return None;
-                            }
-                        }
-                        Some(Event::Published { state_offset })
-                    });
+                    self.await_published(state_offset, deliveries);
                 }
                 Action::PublishConsent {
                     state_offset,
@@ -491,27 +478,14 @@ impl Shell {
                 } => {
                     let mut deliveries = Vec::with_capacity(events.len());
                     for event in &events {
-                        match self.deps.producer.send_consent_status(event).await {
-                            Ok(d) => deliveries.push(d),
-                            Err(e) => {
-                                self.deps.fatal(format!(
-                                    "publishing consent status of {}: {e}",
-                                    event.consent_id
-                                ));
-                                return;
-                            }
-                        }
+                        let sent = self.deps.producer.send_consent_status(event).await;
+                        let what = || format!("consent status of {}", event.consent_id);
+                        let Some(d) = self.delivery(sent, what) else {
+                            return;
+                        };
+                        deliveries.push(d);
                     }
-                    let deps = self.deps.clone();
-                    self.tasks.spawn(async move {
-                        for delivery in deliveries {
-                            if let Err(e) = delivery.await {
-                                deps.fatal(format!("consent status event delivery failed: {e}"));
-                                return None;
-                            }
-                        }
-                        Some(Event::Published { state_offset })
-                    });
+                    self.await_published(state_offset, deliveries);
                 }
                 Action::ConsentCall { id, call } => {
                     if let Some(claimed_at) = self.fence.superseded_at() {
@@ -623,6 +597,40 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// An enqueued event, or the process stops: an event that cannot be published would leave
+    /// its record's outbox open for ever.
+    fn delivery(
+        &self,
+        sent: Result<crate::kafka::producer::Delivered, crate::kafka::KafkaEdgeError>,
+        what: impl FnOnce() -> String,
+    ) -> Option<crate::kafka::producer::Delivered> {
+        match sent {
+            Ok(delivered) => Some(delivered),
+            Err(e) => {
+                self.deps.fatal(format!("publishing {}: {e}", what()));
+                None
+            }
+        }
+    }
+
+    /// Reports `Published` once every event of the record at `state_offset` is delivered.
+    fn await_published(
+        &mut self,
+        state_offset: i64,
+        deliveries: Vec<crate::kafka::producer::Delivered>,
+    ) {
+        let deps = self.deps.clone();
+        self.tasks.spawn(async move {
+            for delivery in deliveries {
+                if let Err(e) = delivery.await {
+                    deps.fatal(format!("event delivery failed: {e}"));
+                    return None;
+                }
+            }
+            Some(Event::Published { state_offset })
+        });
     }
 
     /// Encodes and enqueues a state write (in call order, so offsets follow the writes' ids).

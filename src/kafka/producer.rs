@@ -152,32 +152,16 @@ impl Producer {
     pub async fn send_status(&self, event: &StatusEvent) -> Result<Delivered, KafkaEdgeError> {
         let value = contract::status::encode(event)
             .map_err(|e| KafkaEdgeError::StateCodec(format!("encoding status event: {e}")))?;
-        let event_id = event.event_id().to_string();
-        let sequence = event.sequence.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "pis.event_id",
-                value: Some(event_id.as_bytes()),
-            })
-            .insert(Header {
-                key: "pis.sequence",
-                value: Some(sequence.as_bytes()),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some(if contract::registry::status_schema_id().is_some() {
-                    "application/vnd.apache.avro+binary; framing=confluent"
-                } else {
-                    "application/vnd.apache.avro+binary; framing=single-object"
-                }),
-            });
         let topic = self.topics.status.clone();
-        self.enqueue(
+        let framed = contract::registry::status_schema_id().is_some();
+        let key = event.payment_id.as_str().as_bytes();
+        self.send_event(
             &topic,
-            None,
-            event.payment_id.as_str().as_bytes(),
+            key,
             &value,
-            Some(headers),
+            event.event_id(),
+            event.sequence,
+            framed,
         )
         .await
     }
@@ -192,8 +176,33 @@ impl Producer {
         let value = contract::consent_status::encode(event).map_err(|e| {
             KafkaEdgeError::StateCodec(format!("encoding consent status event: {e}"))
         })?;
-        let event_id = event.event_id().to_string();
-        let sequence = event.sequence.to_string();
+        let topic = self.topics.consent_status.clone();
+        let framed = contract::registry::consent_status_schema_id().is_some();
+        let key = event.psu_id.as_str().as_bytes();
+        self.send_event(
+            &topic,
+            key,
+            &value,
+            event.event_id(),
+            event.sequence,
+            framed,
+        )
+        .await
+    }
+
+    /// An event with its id, sequence and framing in headers (`confluent`: the value carries a
+    /// schema registry id).
+    async fn send_event(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        event_id: uuid::Uuid,
+        sequence: u64,
+        confluent: bool,
+    ) -> Result<Delivered, KafkaEdgeError> {
+        let event_id = event_id.to_string();
+        let sequence = sequence.to_string();
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "pis.event_id",
@@ -205,23 +214,13 @@ impl Producer {
             })
             .insert(Header {
                 key: "content-type",
-                value: Some(
-                    if contract::registry::consent_status_schema_id().is_some() {
-                        "application/vnd.apache.avro+binary; framing=confluent"
-                    } else {
-                        "application/vnd.apache.avro+binary; framing=single-object"
-                    },
-                ),
+                value: Some(if confluent {
+                    "application/vnd.apache.avro+binary; framing=confluent"
+                } else {
+                    "application/vnd.apache.avro+binary; framing=single-object"
+                }),
             });
-        let topic = self.topics.consent_status.clone();
-        self.enqueue(
-            &topic,
-            None,
-            event.psu_id.as_str().as_bytes(),
-            &value,
-            Some(headers),
-        )
-        .await
+        self.enqueue(topic, None, key, value, Some(headers)).await
     }
 
     /// Dead-letters a command record: original key, value and headers, plus headers that say

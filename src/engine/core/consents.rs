@@ -158,6 +158,26 @@ pub struct CallFailure {
     pub message: String,
 }
 
+/// A scope's pair as the bank issued it; a refresh answer without a refresh token keeps the
+/// old one usable.
+fn scope_pair(
+    key: &ConsentKey,
+    pair: TokenPair,
+    old_refresh: Option<SecretString>,
+    now: Millis,
+) -> PsuTokens {
+    PsuTokens {
+        psu_id: key.psu_id.clone(),
+        brand: key.brand,
+        access_token: pair.access_token,
+        refresh_token: pair.refresh_token.or(old_refresh),
+        expires_at: pair
+            .expires_in
+            .map(|d| now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)),
+        updated_at: now,
+    }
+}
+
 /// The outcome label of `pis_funds_checks_total`.
 fn count_evidence(outcome: &'static str) {
     crate::metrics::metrics()
@@ -512,23 +532,7 @@ impl OwnerCore {
         };
         entry.busy = false;
         if self.stale.contains_key(&key.record_key()) {
-            let record = entry.record.clone();
-            entry.busy = true;
-            self.write(
-                StateWrite::Consent {
-                    record: Box::new(record),
-                    events: Vec::new(),
-                },
-                HEAL,
-                AfterWrite::Consent {
-                    key: key.clone(),
-                    source: None,
-                    events: Vec::new(),
-                    effect: None,
-                    code: None,
-                    carry_on: true,
-                },
-            );
+            self.rewrite_consent(key.clone());
             return;
         }
         if let Some(at) = consent::next_wake(&entry.record.consent) {
@@ -588,16 +592,7 @@ impl OwnerCore {
                 self.step_consent(key, input, None, None, now);
             }
             (ConsentPurpose::Exchange, ConsentAnswer::Tokens(Ok(pair))) => {
-                let tokens = PsuTokens {
-                    psu_id: key.psu_id.clone(),
-                    brand: key.brand,
-                    access_token: pair.access_token,
-                    refresh_token: pair.refresh_token,
-                    expires_at: pair
-                        .expires_in
-                        .map(|d| now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)),
-                    updated_at: now,
-                };
+                let tokens = scope_pair(&key, pair, None, now);
                 let input = ConsentInput::TokensStored { valid_until: None };
                 self.step_consent(key, input, None, Some(tokens), now);
             }
@@ -619,16 +614,7 @@ impl OwnerCore {
                     .as_ref()
                     .and_then(|t| t.refresh_token.clone());
                 let mut record = entry.record.clone();
-                record.tokens = Some(PsuTokens {
-                    psu_id: key.psu_id.clone(),
-                    brand: key.brand,
-                    access_token: pair.access_token,
-                    refresh_token: pair.refresh_token.or(old_refresh),
-                    expires_at: pair
-                        .expires_in
-                        .map(|d| now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)),
-                    updated_at: now,
-                });
+                record.tokens = Some(scope_pair(&key, pair, old_refresh, now));
                 // The new pair is durable before it is used: the bank killed the old one.
                 self.write(
                     StateWrite::Consent {
@@ -1094,29 +1080,37 @@ impl OwnerCore {
     }
 
     /// A consent record a superseded owner wrote: re-written as this owner knows it.
+    /// Re-writes the consent as it is, under this owner's epoch (it is busy until durable).
+    fn rewrite_consent(&mut self, key: ConsentKey) {
+        let Some(entry) = self.consents.get_mut(&key) else {
+            return;
+        };
+        entry.busy = true;
+        let record = entry.record.clone();
+        self.write(
+            StateWrite::Consent {
+                record: Box::new(record),
+                events: Vec::new(),
+            },
+            HEAL,
+            AfterWrite::Consent {
+                key,
+                source: None,
+                events: Vec::new(),
+                effect: None,
+                code: None,
+                carry_on: true,
+            },
+        );
+    }
+
     pub(super) fn heal_consent(&mut self, key: ConsentKey, record_key: String) {
         match self.consents.get_mut(&key) {
             // Healed by its next write, or when it goes idle.
             Some(entry) if entry.busy => {}
-            Some(entry) => {
-                entry.busy = true;
-                let record = entry.record.clone();
+            Some(_) => {
                 warn!(partition = self.config.partition, consent = %key, "re-writing a consent a superseded owner wrote");
-                self.write(
-                    StateWrite::Consent {
-                        record: Box::new(record),
-                        events: Vec::new(),
-                    },
-                    HEAL,
-                    AfterWrite::Consent {
-                        key,
-                        source: None,
-                        events: Vec::new(),
-                        effect: None,
-                        code: None,
-                        carry_on: true,
-                    },
-                );
+                self.rewrite_consent(key);
             }
             None => {
                 self.write(
