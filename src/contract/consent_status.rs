@@ -5,8 +5,8 @@
 
 use apache_avro::types::Value;
 
-use super::command::{Fields, Patience, opt_string, writer_schema};
-use super::framing::{frame, frame_confluent, unframe_any};
+use super::command::{Fields, opt_string};
+use super::framing::{frame, frame_confluent};
 use super::{DecodeError, DecodeErrorClass, EncodeError, SchemaRole, schemas};
 use crate::domain::consent::{ConsentEvent, ConsentScope, ConsentState};
 use crate::domain::machine::Millis;
@@ -147,28 +147,8 @@ fn unknown(what: &str, symbol: &str) -> DecodeError {
 /// Decodes a consent status event in single-object encoding or (with a registry configured in
 /// this process) Confluent framing. Asks the registry once: a status reader must not hang.
 pub fn decode(bytes: &[u8]) -> Result<ConsentStatusRecord, DecodeError> {
-    let (writer_ref, mut datum) = unframe_any(bytes)?;
-    let writer = writer_schema(writer_ref, Patience::Once)?;
-    match writer.role {
-        SchemaRole::ConsentStatus => {}
-        SchemaRole::Command | SchemaRole::Status => {
-            return Err(DecodeError::new(
-                DecodeErrorClass::WrongRecordType,
-                format!("a {:?} record, not a consent status event", writer.role),
-            ));
-        }
-    }
-    let writer = &writer.schema;
-    super::binary::check_datum(writer, datum)
-        .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e))?;
-    let value = apache_avro::from_avro_datum(writer, &mut datum, None)
-        .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
-    if !datum.is_empty() {
-        return Err(DecodeError::new(
-            DecodeErrorClass::MalformedAvro,
-            format!("{} trailing bytes after the event", datum.len()),
-        ));
-    }
+    let value =
+        super::status::read_event(bytes, SchemaRole::ConsentStatus, "a consent status event")?;
     let mut f = Fields::of(value, "ConsentStatus")?;
     let brand_symbol = f.string("brand")?;
     let brand = Brand::parse(&brand_symbol).ok_or_else(|| unknown("brand", &brand_symbol))?;

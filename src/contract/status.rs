@@ -180,25 +180,36 @@ pub fn encode(event: &StatusEvent) -> Result<Vec<u8>, EncodeError> {
     })
 }
 
-/// Decodes a status event in single-object encoding or (with a registry configured in this
-/// process) Confluent framing. Asks the registry once: a status reader must not hang.
-pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
+/// The Avro value of an event of `role` in single-object encoding or (with a registry
+/// configured in this process) Confluent framing, read with its writer's schema. Asks the
+/// registry once: an event reader must not hang.
+pub(super) fn read_event(bytes: &[u8], role: SchemaRole, what: &str) -> Result<Value, DecodeError> {
     let (writer_ref, mut datum) = unframe_any(bytes)?;
     let writer = writer_schema(writer_ref, Patience::Once)?;
-    match writer.role {
-        SchemaRole::Status => {}
-        SchemaRole::Command | SchemaRole::ConsentStatus => {
-            return Err(DecodeError::new(
-                DecodeErrorClass::WrongRecordType,
-                format!("a {:?} record, not a status event", writer.role),
-            ));
-        }
+    if writer.role != role {
+        return Err(DecodeError::new(
+            DecodeErrorClass::WrongRecordType,
+            format!("a {:?} record, not {what}", writer.role),
+        ));
     }
     let writer = &writer.schema;
     super::binary::check_datum(writer, datum)
         .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e))?;
     let value = apache_avro::from_avro_datum(writer, &mut datum, None)
         .map_err(|e| DecodeError::new(DecodeErrorClass::MalformedAvro, e.to_string()))?;
+    if !datum.is_empty() {
+        return Err(DecodeError::new(
+            DecodeErrorClass::MalformedAvro,
+            format!("{} trailing bytes after the event", datum.len()),
+        ));
+    }
+    Ok(value)
+}
+
+/// Decodes a status event in single-object encoding or (with a registry configured in this
+/// process) Confluent framing. Asks the registry once: a status reader must not hang.
+pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
+    let value = read_event(bytes, SchemaRole::Status, "a status event")?;
     let mut f = Fields::of(value, "PaymentStatusEvent")?;
     let state_symbol = f.string("state")?;
     let state = StateKind::from_symbol(&state_symbol).ok_or_else(|| {
