@@ -103,6 +103,7 @@ echo "-- the client cancels demo-so-5: the worker asks the bank, with alice's PI
 send cancel --payment-id demo-so-5 --psu-id psu-alice
 
 wait "$WATCH" || { echo "demo: not every payment reached a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }
+BIN="$BIN" RUN="$RUN" ADMIN_PORT="$ADMIN_PORT" scripts/demo-portal.sh  # consents, funds checks, settlement evidence
 echo "== dead-lettered: $(grep -cE 'command (dead-lettered|refused)' "$RUN/worker.log") record(s); from the worker log:"
 grep -E 'command (dead-lettered|refused)' "$RUN/worker.log" | sed -e 's/\x1b\[[0-9;]*m//g' \
   | sed -E -e 's/^.*command (dead-lettered|refused)/  command \1/'
