@@ -894,7 +894,7 @@ impl OwnerCore {
             );
         }
         self.tokens = restored.tokens;
-        self.restore_consents(restored.consents);
+        self.restore_consents(restored.consents, now);
         for (offset, events) in restored.unpublished_consents {
             self.outbox.restored_unpublished(offset);
             self.publishing.insert(offset);

@@ -3720,3 +3720,130 @@ fn settlement_evidence_respects_the_daily_budget_and_never_blocks() {
     h.ack_write();
     assert_eq!(h.state("p2"), PaymentState::Settled);
 }
+
+/// The owner stopped while a consent's consent-uris call was out: its record says REQUESTED,
+/// with no retry time, and the call's answer went with the old owner. The next owner asks for
+/// the URI again at once, with the record's verifier and state; without that, the consent
+/// would wait for nothing, never published.
+#[test]
+fn a_consent_whose_uri_call_was_out_is_asked_again_by_the_next_owner() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let mut log = StateLog::new();
+    let old = log.marker("old");
+    let restored = log.restore(old);
+    let mut h = Harness::with_config(
+        restored,
+        CoreConfig {
+            epoch: old,
+            ..config(Policy::default())
+        },
+    );
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    h.tick();
+    let did = h.ack_write();
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"]);
+    // The old owner stops here.
+
+    let mut log = h.log.take().expect("log");
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    assert_eq!(
+        restored.consents.get(&key).map(|r| r.consent.state),
+        Some(ConsentState::Requested)
+    );
+    let mut next = Harness::with_config(
+        restored,
+        CoreConfig {
+            epoch: mine,
+            ..config(Policy::default())
+        },
+    );
+    let mut did = next.start();
+    did.extend(next.tick());
+    did.extend(next.flush());
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"], "{did:?}");
+    match &next.consent_calls[0].1 {
+        ConsentCall::Uri {
+            verifier,
+            sca_state,
+            ..
+        } => {
+            assert_eq!(verifier.expose_secret(), "consent-verifier");
+            assert_eq!(sca_state, "consent-state-consent-1");
+        }
+        other => panic!("{other:?}"),
+    }
+    next.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok(
+            "https://bank.example/c?state=consent-state-consent-1".into()
+        )),
+    );
+    let did = next.ack_write();
+    assert_eq!(consent_published(&did), vec![ConsentState::Pending]);
+    let (_, events) = next.consent_publications.last().expect("published");
+    assert_eq!(events[0].sequence, 1);
+}
+
+fn consent_request_body(scope: &str) -> CommandBody {
+    CommandBody::RequestConsent(crate::domain::model::RawConsentRequest {
+        brand: "BELFIUS".into(),
+        scope: scope.into(),
+        account_iban: Some("BE68539007547034".into()),
+        language: "fr".into(),
+        redirect_uri: "https://client.example/consent".into(),
+    })
+}
+
+/// A redirect for consent-1 waits behind a newer request of the same scope, which supersedes
+/// consent-1 before the redirect's turn: the redirect is dead-lettered `UNKNOWN_CONSENT`,
+/// naming consent-1, and consent-2 is untouched (the redirect is not checked against it).
+#[test]
+fn a_redirect_queued_behind_a_superseding_request_is_for_an_unknown_consent() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let mut h = Harness::empty();
+    let key = consent_key(ConsentScope::Caf);
+    h.command("c1", "consent-1", consent_request_body("CAF"));
+    h.ack_write();
+    h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok("https://bank.example/c1".into())),
+    );
+    // consent-1's PENDING is being written: the entity is busy, and the next two commands wait.
+    let state = h
+        .core
+        .consent(&key)
+        .map(|r| r.consent.sca_state.clone())
+        .expect("consent-1");
+    h.command("c2", "consent-2", consent_request_body("CAF"));
+    let (redirect_at, did) = h.command(
+        "c3",
+        "consent-1",
+        CommandBody::CompleteConsent(ScaRedirect {
+            authorization_code: Some(SecretString::from("code-1")),
+            error: None,
+            error_description: None,
+            state: Some(state),
+        }),
+    );
+    assert!(dead_letters(&did).is_empty(), "routed to consent-1, queued");
+    let mut did = h.flush();
+    did.extend(h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok("https://bank.example/c2".into())),
+    ));
+    did.extend(h.flush());
+    assert_eq!(dead_letters(&did), vec![(redirect_at, "UNKNOWN_CONSENT")]);
+    assert!(
+        h.consent_calls.is_empty(),
+        "no exchange: {:?}",
+        h.consent_calls
+    );
+    let record = h.core.consent(&key).expect("consent-2");
+    assert_eq!(record.consent.consent_id.as_str(), "consent-2");
+    assert_eq!(record.consent.state, ConsentState::Pending);
+}

@@ -674,3 +674,59 @@ pub fn status_event_bytes(payment_id: &str, psu_id: &str) -> Vec<u8> {
     })
     .expect("status")
 }
+
+// Consent status events (tests/worker_consents.rs).
+
+impl TestEnv {
+    /// Follows the consent status topic from the beginning.
+    pub fn follow_consents(&self) -> Collector {
+        Collector::follow(&self.settings, &self.settings.topics.consent_status)
+    }
+}
+
+/// Every consent status event `feed` has seen so far, in topic order per partition.
+pub fn consent_events(
+    feed: &Collector,
+) -> Vec<pis_worker::contract::consent_status::ConsentStatusRecord> {
+    feed.snapshot()
+        .iter()
+        .map(|m| {
+            pis_worker::contract::consent_status::decode(m.payload().unwrap_or_default())
+                .expect("decodable consent status")
+        })
+        .collect()
+}
+
+/// Waits (up to 60 s) until `done` holds on the consent events seen so far, and returns them.
+pub async fn wait_for_consent(
+    feed: &Collector,
+    what: &str,
+    done: impl Fn(&[pis_worker::contract::consent_status::ConsentStatusRecord]) -> bool,
+) -> Vec<pis_worker::contract::consent_status::ConsentStatusRecord> {
+    let started = Instant::now();
+    loop {
+        let events = consent_events(feed);
+        if done(&events) {
+            return events;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let seen: Vec<String> = events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "  {} #{} {} {:?}",
+                        e.consent_id,
+                        e.sequence,
+                        e.state.symbol(),
+                        e.reason_code
+                    )
+                })
+                .collect();
+            panic!(
+                "timed out waiting for {what}; consent events so far:\n{}",
+                seen.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

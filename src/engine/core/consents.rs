@@ -22,7 +22,7 @@ use crate::domain::consent::{
     self, ConsentEffect, ConsentEvent, ConsentInput, ConsentRefusal, ConsentTransition,
 };
 use crate::domain::machine::Transition;
-use crate::domain::model::{Amount, Order};
+use crate::domain::model::{Amount, ConsentId, Order};
 use crate::domain::settlement::{SettlementEvidence, SettlementOutcome};
 use crate::kafka::state::consent::{ConsentKey, ConsentRecord};
 
@@ -40,6 +40,8 @@ enum ConsentWork {
     Input {
         input: Box<ConsentInput>,
         source: Option<Box<OwnedMessage>>,
+        /// The consent a redirect named (by its id), when it was routed here.
+        named: Option<ConsentId>,
     },
     Hold(Held),
 }
@@ -186,6 +188,28 @@ fn count_evidence(outcome: &'static str) {
         .inc();
 }
 
+/// The `type` label of a consent command in `pis_commands_consumed_total`; `None` for the
+/// engine's own inputs.
+fn consent_command_type(input: &ConsentInput) -> Option<&'static str> {
+    match input {
+        ConsentInput::Request { .. } => Some("request_consent"),
+        ConsentInput::Complete { .. } => Some("complete_consent"),
+        ConsentInput::UriReceived { .. }
+        | ConsentInput::UriFailed { .. }
+        | ConsentInput::TokensStored { .. }
+        | ConsentInput::ExchangeFailed { .. }
+        | ConsentInput::Revoked { .. }
+        | ConsentInput::Tick => None,
+    }
+}
+
+fn count_consumed(command_type: &'static str, outcome: &'static str) {
+    crate::metrics::metrics()
+        .commands_consumed
+        .with_label_values(&[command_type, outcome])
+        .inc();
+}
+
 fn count_funds(outcome: &'static str) {
     crate::metrics::metrics()
         .funds_checks
@@ -198,8 +222,21 @@ impl OwnerCore {
         self.consents.get(key).map(|e| &e.record)
     }
 
-    pub(super) fn restore_consents(&mut self, restored: HashMap<ConsentKey, ConsentRecord>) {
-        for (key, record) in restored {
+    pub(super) fn restore_consents(
+        &mut self,
+        restored: HashMap<ConsentKey, ConsentRecord>,
+        now: Millis,
+    ) {
+        for (key, mut record) in restored {
+            // Requested with no retry time: its consent-uris call was out when the last owner
+            // stopped (or was never made while it drained), and its answer will never come
+            // here. Ask again now, with the verifier and state of the record: without this the
+            // consent would wait for nothing, unpublished, for ever.
+            if record.consent.state == consent::ConsentState::Requested
+                && record.consent.retry_at.is_none()
+            {
+                record.consent.retry_at = Some(now);
+            }
             if let Some(at) = consent::next_wake(&record.consent) {
                 self.consent_timers.insert((at, key.clone()));
             }
@@ -256,23 +293,29 @@ impl OwnerCore {
                         .is_some_and(|e| e.record.consent.consent_id == consent_id)
                 });
                 match found.next() {
-                    Some(key) => key,
-                    None => {
-                        warn!(partition = self.config.partition, %consent_id, "redirect for an unknown consent dead-lettered");
-                        self.defer(Verdict::DeadLetter {
-                            record: source,
-                            class: "UNKNOWN_CONSENT",
-                            message: format!(
-                                "no consent {consent_id} of this PSU is waiting (never requested, or superseded)"
-                            ),
-                            payment_id: Some(consent_id.to_string()),
-                        });
-                        return;
+                    Some(key) => {
+                        self.consent_input_named(key, input, Some(source), Some(consent_id), now);
                     }
+                    None => self.unknown_consent(source, &consent_id),
                 }
+                return;
             }
         };
         self.consent_input(key, input, Some(source), now);
+    }
+
+    /// A redirect for a consent this PSU does not have (never requested, or superseded).
+    fn unknown_consent(&mut self, source: Box<OwnedMessage>, consent_id: &ConsentId) {
+        warn!(partition = self.config.partition, %consent_id, "redirect for an unknown consent dead-lettered");
+        ingest::count_dead_letter("complete_consent", "UNKNOWN_CONSENT");
+        self.defer(Verdict::DeadLetter {
+            record: source,
+            class: "UNKNOWN_CONSENT",
+            message: format!(
+                "no consent {consent_id} of this PSU is waiting (never requested, or superseded)"
+            ),
+            payment_id: Some(consent_id.to_string()),
+        });
     }
 
     /// A consent command (or engine input) for `key`.
@@ -283,28 +326,73 @@ impl OwnerCore {
         source: Option<Box<OwnedMessage>>,
         now: Millis,
     ) {
+        self.consent_input_named(key, input, source, None, now);
+    }
+
+    /// [`Self::consent_input`] of a redirect that named the consent `named` by its id.
+    fn consent_input_named(
+        &mut self,
+        key: ConsentKey,
+        input: ConsentInput,
+        source: Option<Box<OwnedMessage>>,
+        named: Option<ConsentId>,
+        now: Millis,
+    ) {
         if let Some(entry) = self.consents.get_mut(&key) {
             if entry.busy {
                 entry.queue.push_back(ConsentWork::Input {
                     input: Box::new(input),
                     source,
+                    named,
                 });
                 return;
             }
             entry.busy = true;
         }
-        self.step_consent(key, input, source, None, now);
+        self.step_consent(key, input, source, named, None, now);
     }
 
-    /// Applies an input to a consent marked busy (or new). `tokens`: a pair to store with it.
+    /// Applies an input to a consent marked busy (or new). `source`: the command record, whose
+    /// fate is counted (`pis_commands_consumed_total`, `pis_dlq_records_total`); `named`: the
+    /// consent a redirect named; `tokens`: a pair to store with it.
     fn step_consent(
         &mut self,
         key: ConsentKey,
         input: ConsentInput,
         source: Option<Box<OwnedMessage>>,
+        named: Option<ConsentId>,
         tokens: Option<PsuTokens>,
         now: Millis,
     ) {
+        let command_type = source.as_ref().and_then(|_| consent_command_type(&input));
+        let current_id = self
+            .consents
+            .get(&key)
+            .map(|e| e.record.consent.consent_id.clone());
+        // A redirect that waited in the queue while a newer request superseded its consent.
+        if let Some(named) = &named
+            && current_id.as_ref() != Some(named)
+        {
+            if let Some(record) = source {
+                self.unknown_consent(record, named);
+            }
+            self.consent_idle(&key, now);
+            return;
+        }
+        // The consent a dead-lettered command was for, for the DLQ record's header.
+        let dlq_consent = match &input {
+            ConsentInput::Request { consent_id, .. } => Some(consent_id.to_string()),
+            ConsentInput::Complete { .. }
+            | ConsentInput::UriReceived { .. }
+            | ConsentInput::UriFailed { .. }
+            | ConsentInput::TokensStored { .. }
+            | ConsentInput::ExchangeFailed { .. }
+            | ConsentInput::Revoked { .. }
+            | ConsentInput::Tick => named
+                .as_ref()
+                .or(current_id.as_ref())
+                .map(ToString::to_string),
+        };
         let current = self.consents.get(&key).map(|e| &e.record.consent);
         // A consent's SCA gets the time a payment's does.
         let policy = consent::ConsentPolicy {
@@ -354,6 +442,9 @@ impl OwnerCore {
                     tokens,
                     unattended_reads: reads,
                 };
+                if let Some(command_type) = command_type {
+                    count_consumed(command_type, "accepted");
+                }
                 self.write_consent(
                     key,
                     record,
@@ -364,25 +455,47 @@ impl OwnerCore {
                     true,
                 );
             }
-            Err(ConsentRefusal::Duplicate | ConsentRefusal::Ignored) => {
-                if let Some(record) = source {
-                    self.defer(Verdict::Done(record.offset()));
+            Err(ConsentRefusal::Duplicate) => {
+                if let Some(command_type) = command_type {
+                    count_consumed(command_type, "duplicate");
                 }
-                self.consent_idle(&key, now);
+                self.consent_unchanged(&key, source, now);
+            }
+            Err(ConsentRefusal::Ignored) => {
+                if let Some(command_type) = command_type {
+                    count_consumed(command_type, "accepted");
+                }
+                self.consent_unchanged(&key, source, now);
             }
             Err(ConsentRefusal::DeadLetter { class, message }) => {
                 warn!(partition = self.config.partition, consent = %key, class, %message, "consent command dead-lettered");
+                if let Some(command_type) = command_type {
+                    ingest::count_dead_letter(command_type, class);
+                }
                 if let Some(record) = source {
                     self.defer(Verdict::DeadLetter {
                         record,
                         class,
                         message,
-                        payment_id: None,
+                        payment_id: dlq_consent,
                     });
                 }
                 self.consent_idle(&key, now);
             }
         }
+    }
+
+    /// An input that changed nothing: its command (if any) is done.
+    fn consent_unchanged(
+        &mut self,
+        key: &ConsentKey,
+        source: Option<Box<OwnedMessage>>,
+        now: Millis,
+    ) {
+        if let Some(record) = source {
+            self.defer(Verdict::Done(record.offset()));
+        }
+        self.consent_idle(key, now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -510,6 +623,7 @@ impl OwnerCore {
                         },
                         None,
                         None,
+                        None,
                         now,
                     );
                 }
@@ -543,8 +657,12 @@ impl OwnerCore {
         };
         entry.busy = true;
         match work {
-            ConsentWork::Input { input, source } => {
-                self.step_consent(key.clone(), *input, source, None, now);
+            ConsentWork::Input {
+                input,
+                source,
+                named,
+            } => {
+                self.step_consent(key.clone(), *input, source, named, None, now);
             }
             ConsentWork::Hold(held) => self.held_with(key.clone(), held, now),
         }
@@ -581,6 +699,7 @@ impl OwnerCore {
                     ConsentInput::UriReceived { consent_uri },
                     None,
                     None,
+                    None,
                     now,
                 );
             }
@@ -589,19 +708,19 @@ impl OwnerCore {
                     definite: f.definite,
                     message: f.message,
                 };
-                self.step_consent(key, input, None, None, now);
+                self.step_consent(key, input, None, None, None, now);
             }
             (ConsentPurpose::Exchange, ConsentAnswer::Tokens(Ok(pair))) => {
                 let tokens = scope_pair(&key, pair, None, now);
                 let input = ConsentInput::TokensStored { valid_until: None };
-                self.step_consent(key, input, None, Some(tokens), now);
+                self.step_consent(key, input, None, None, Some(tokens), now);
             }
             (ConsentPurpose::Exchange, ConsentAnswer::Tokens(Err(f))) => {
                 let input = ConsentInput::ExchangeFailed {
                     definite: f.definite,
                     message: f.message,
                 };
-                self.step_consent(key, input, None, None, now);
+                self.step_consent(key, input, None, None, None, now);
             }
             (ConsentPurpose::Refresh(held), ConsentAnswer::Refreshed(Ok(pair))) => {
                 let Some(entry) = self.consents.get(&key) else {
@@ -635,7 +754,14 @@ impl OwnerCore {
                 self.give_up(held, "error", now);
                 match failure {
                     RefreshFailure::Revoked { message } => {
-                        self.step_consent(key, ConsentInput::Revoked { message }, None, None, now);
+                        self.step_consent(
+                            key,
+                            ConsentInput::Revoked { message },
+                            None,
+                            None,
+                            None,
+                            now,
+                        );
                     }
                     RefreshFailure::Refused { message } | RefreshFailure::Transient { message } => {
                         warn!(consent = %key, %message, "the consent's pair could not be refreshed; the payment goes on unchecked");
@@ -837,11 +963,16 @@ impl OwnerCore {
             scope: crate::domain::consent::ConsentScope::Ais,
             psu_id: transition.payment.psu_id.clone(),
         };
-        let entry = self.consents.get(&key)?;
-        if !consent::usable(&entry.record.consent, now) || entry.record.tokens.is_none() {
+        // No granted AIS consent with a pair, whether the PSU never asked for one or it ended:
+        // counted alike (docs/metrics.md).
+        let Some(entry) = self
+            .consents
+            .get(&key)
+            .filter(|e| consent::usable(&e.record.consent, now) && e.record.tokens.is_some())
+        else {
             count_evidence("no_consent");
             return None;
-        }
+        };
         let Some(iban) = order.debtor_iban.clone() else {
             count_evidence("no_debtor");
             return None;
