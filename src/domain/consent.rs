@@ -145,6 +145,9 @@ pub struct Consent {
     pub attempts: u32,
     /// A timer: retry the current step at this time.
     pub retry_at: Option<Millis>,
+    /// The redirect's code is being exchanged (written before the call): a restart finds the
+    /// code gone (never stored) and ends the consent instead of waiting for its deadline.
+    pub exchanging: bool,
     pub reason: Option<Reason>,
     pub seen_commands: Vec<CommandId>,
     pub requested_at: Millis,
@@ -327,6 +330,7 @@ pub fn step(
                 valid_until: None,
                 attempts: 1,
                 retry_at: None,
+                exchanging: false,
                 reason: None,
                 seen_commands: vec![command_id],
                 requested_at: now,
@@ -382,6 +386,7 @@ pub fn step(
                 ConsentOutcome::Code(code) => {
                     next.attempts = 1;
                     next.retry_at = None;
+                    next.exchanging = true;
                     next.updated_at = now;
                     Ok(ConsentTransition {
                         consent: next,
@@ -433,6 +438,7 @@ pub fn step(
             let mut next = c.clone();
             next.state = ConsentState::Granted;
             next.pkce_verifier = None;
+            next.exchanging = false;
             next.valid_until = valid_until;
             next.sca_deadline = None;
             next.attempts = 0;
@@ -451,14 +457,15 @@ pub fn step(
             let c = live(current, ConsentState::Pending)?;
             // An authorization code is single-use: even a failure without an answer may have
             // consumed it, so the exchange is not repeated; the PSU consents again.
-            let _ = definite;
+            let code = if definite {
+                ReasonCode::BankRejected
+            } else {
+                ReasonCode::BankUnavailable
+            };
             Ok(end(
                 c.clone(),
                 ConsentState::Refused,
-                Reason::new(
-                    ReasonCode::BankRejected,
-                    format!("the code exchange failed: {message}"),
-                ),
+                Reason::new(code, format!("the code exchange failed: {message}")),
                 "bank",
                 now,
             ))
@@ -606,6 +613,7 @@ fn end(
     consent.reason = Some(reason);
     consent.pkce_verifier = None;
     consent.retry_at = None;
+    consent.exchanging = false;
     consent.sca_deadline = None;
     consent.updated_at = now;
     let event = event(&mut consent, cause, now);

@@ -3473,6 +3473,7 @@ fn granted_consent(
             valid_until: None,
             attempts: 0,
             retry_at: None,
+            exchanging: false,
             reason: None,
             seen_commands: vec![],
             requested_at: T0 - 60_000,
@@ -3846,4 +3847,81 @@ fn a_redirect_queued_behind_a_superseding_request_is_for_an_unknown_consent() {
     let record = h.core.consent(&key).expect("consent-2");
     assert_eq!(record.consent.consent_id.as_str(), "consent-2");
     assert_eq!(record.consent.state, ConsentState::Pending);
+}
+
+/// The owner stopped while a consent's code was being exchanged: the code went with it (never
+/// stored) and may be spent. The next owner ends the consent at once, REFUSED
+/// BANK_UNAVAILABLE, instead of leaving it PENDING until its SCA deadline.
+#[test]
+fn a_consent_whose_exchange_was_out_is_refused_by_the_next_owner() {
+    use crate::domain::consent::{ConsentInput, ConsentOutcome, ConsentScope, ConsentState};
+    let mut log = StateLog::new();
+    let old = log.marker("old");
+    let restored = log.restore(old);
+    let mut h = Harness::with_config(
+        restored,
+        CoreConfig {
+            epoch: old,
+            ..config(Policy::default())
+        },
+    );
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    h.tick();
+    h.ack_write();
+    h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok("https://bank/c".into())),
+    );
+    h.flush();
+    h.core.consent_input(
+        key.clone(),
+        ConsentInput::Complete {
+            command_id: CommandId::new("c2"),
+            outcome: ConsentOutcome::Code(SecretString::from("the-code")),
+            state: Some("consent-state-consent-1".into()),
+        },
+        None,
+        h.now,
+    );
+    h.tick();
+    let did = h.ack_write();
+    assert_eq!(consent_calls_of(&did), vec!["consent-exchange"]);
+    // The old owner stops here, the exchange out.
+
+    let mut log = h.log.take().expect("log");
+    let mine = log.marker("mine");
+    let restored = log.restore(mine);
+    let record = restored.consents.get(&key).expect("restored");
+    assert_eq!(record.consent.state, ConsentState::Pending);
+    assert!(
+        record.consent.exchanging,
+        "the exchange was recorded as begun"
+    );
+    let mut next = Harness::with_config(
+        restored,
+        CoreConfig {
+            epoch: mine,
+            ..config(Policy::default())
+        },
+    );
+    let mut did = next.start();
+    did.extend(next.flush());
+    assert!(
+        consent_calls_of(&did).is_empty(),
+        "no second exchange: {did:?}"
+    );
+    // PENDING again first: published after the last checkpoint, so re-published (same id).
+    assert_eq!(
+        consent_published(&did),
+        vec![ConsentState::Pending, ConsentState::Refused]
+    );
+    let consent = &next.core.consent(&key).expect("consent").consent;
+    assert_eq!(consent.state, ConsentState::Refused);
+    assert_eq!(consent.sequence, 2);
+    let reason = consent.reason.clone().expect("a reason");
+    assert_eq!(reason.code, ReasonCode::BankUnavailable);
 }

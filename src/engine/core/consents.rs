@@ -227,7 +227,14 @@ impl OwnerCore {
         restored: HashMap<ConsentKey, ConsentRecord>,
         now: Millis,
     ) {
+        let mut interrupted = Vec::new();
         for (key, mut record) in restored {
+            // Pending with its code being exchanged: the code went with the last owner (it is
+            // never stored) and may have been spent. The consent cannot be granted here; end
+            // it now rather than at its SCA deadline, with the reason.
+            if record.consent.state == consent::ConsentState::Pending && record.consent.exchanging {
+                interrupted.push(key.clone());
+            }
             // Requested with no retry time: its consent-uris call was out when the last owner
             // stopped (or was never made while it drained), and its answer will never come
             // here. Ask again now, with the verifier and state of the record: without this the
@@ -248,6 +255,16 @@ impl OwnerCore {
                     queue: VecDeque::new(),
                 },
             );
+        }
+        interrupted.sort();
+        for key in interrupted {
+            let input = ConsentInput::ExchangeFailed {
+                definite: false,
+                message: "the worker stopped while the code was being exchanged, and a code \
+                          is single-use: consent again"
+                    .into(),
+            };
+            self.consent_input(key, input, None, now);
         }
     }
 

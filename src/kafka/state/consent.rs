@@ -111,6 +111,7 @@ pub struct StoredConsent {
     pub updated_at: Millis,
     pub tokens: Option<StoredPsuTokens>,
     pub unattended_reads: Vec<StoredRead>,
+    pub exchanging: bool,
     pub events: Vec<StoredConsentEvent>,
 }
 
@@ -203,6 +204,7 @@ impl StoredConsent {
                     at: *at,
                 })
                 .collect(),
+            exchanging: c.exchanging,
             events: events
                 .iter()
                 .map(|e| StoredConsentEvent {
@@ -240,6 +242,7 @@ impl StoredConsent {
             valid_until: self.valid_until,
             attempts: self.attempts,
             retry_at: self.retry_at,
+            exchanging: self.exchanging,
             reason: self.reason.map(Into::into),
             seen_commands: self.seen_commands.into_iter().map(CommandId::new).collect(),
             requested_at: self.requested_at,
@@ -307,6 +310,7 @@ mod tests {
             valid_until: Some(6),
             attempts: 3,
             retry_at: Some(7),
+            exchanging: true,
             reason: Some(Reason::new(ReasonCode::ConsentExpired, "m")),
             seen_commands: vec![CommandId::new("c1"), CommandId::new("c2")],
             requested_at: 1,
@@ -378,6 +382,7 @@ mod tests {
             assert_eq!(t.access_token.expose_secret(), "access");
             assert_eq!(t.expires_at, Some(9));
             assert_eq!(r.unattended_reads, rec.unattended_reads);
+            assert!(r.consent.exchanging);
         }
     }
 

@@ -97,6 +97,7 @@ fn consent_fixture() -> (consent::ConsentRecord, Vec<ConsentEvent>) {
         valid_until: Some(1_775_000_000_000),
         attempts: 0,
         retry_at: None,
+        exchanging: false,
         reason: None,
         seen_commands: vec![
             CommandId::new("cmd-consent-1"),
@@ -157,6 +158,7 @@ fn assert_consent(
         "{key}"
     );
     assert_eq!(a.reason, w.reason, "{key}");
+    assert_eq!(a.exchanging, w.exchanging, "{key}");
     assert_eq!(a.seen_commands, w.seen_commands, "{key}");
     assert_eq!(
         (a.requested_at, a.updated_at),
