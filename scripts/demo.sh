@@ -110,7 +110,6 @@ echo "-- the client cancels demo-so-5: the worker asks the bank, with alice's PI
 send cancel --payment-id demo-so-5 --psu-id psu-alice
 
 wait "$WATCH" || { echo "demo: not every payment reached a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }
-<<<<<<< HEAD
 
 echo "== the dedicated API goes down; the worker switches to the bank's fallback interface and back"
 EVENTS="$RUN/events-fallback.txt"
@@ -150,9 +149,7 @@ echo "-- erin signs demo-fb-6; the code exchange goes to the dedicated API again
 URL6="$(psu sign demo-fb-6 psu-erin)"
 send complete-sca --payment-id demo-fb-6 --psu-id psu-erin --redirect-url "$URL6"
 wait "$WATCH" || { echo "demo: the fallback payments did not reach a final state; worker log:"; tail -30 "$RUN/worker.log"; exit 1; }
-=======
 BIN="$BIN" RUN="$RUN" ADMIN_PORT="$ADMIN_PORT" scripts/demo-portal.sh  # consents, funds checks, settlement evidence
->>>>>>> e2e
 echo "== dead-lettered: $(grep -cE 'command (dead-lettered|refused)' "$RUN/worker.log") record(s); from the worker log:"
 grep -E 'command (dead-lettered|refused)' "$RUN/worker.log" | sed -e 's/\x1b\[[0-9;]*m//g' \
   | sed -E -e 's/^.*command (dead-lettered|refused)/  command \1/'
