@@ -3720,3 +3720,105 @@ fn settlement_evidence_respects_the_daily_budget_and_never_blocks() {
     h.ack_write();
     assert_eq!(h.state("p2"), PaymentState::Settled);
 }
+
+/// Found by `pis-chaos --consents`: two settlements of one account planned while its
+/// fourth read was still free both waited for the consent (busy with a third account read),
+/// and both then counted a read: five in the day, and the bank refused the fifth (429
+/// `ACCESS_EXCEEDED`). The budget is checked again when the read is counted: the last one goes
+/// out without evidence and without a call.
+#[test]
+fn settlements_queued_behind_a_read_do_not_spend_a_fifth_read() {
+    use crate::domain::consent::ConsentScope;
+    use crate::domain::settlement::{SettlementEvidence, SettlementOutcome};
+    let reads = (0..2)
+        .map(|i| (DEBTOR.to_owned(), T0 - 1_000 * (i + 1)))
+        .collect();
+    let restored = with_consent(
+        restored(
+            vec![
+                signed_with_debtor("p1"),
+                signed_with_debtor("p2"),
+                signed_with_debtor("p3"),
+            ],
+            vec![],
+        ),
+        granted_consent(ConsentScope::Ais, None, reads),
+    );
+    let mut h = Harness::new(restored);
+    h.start();
+    h.flush();
+    h.tick_at(T0 + 2_000);
+    // p1 counts the third read; p2 and p3 settle while it is being counted (2 counted so far,
+    // so both are planned with a read) and wait for the consent.
+    let did = h.answer("p1", "status", observed(BankProgress::Settled, "ACSC"));
+    assert_eq!(
+        writes(&did),
+        vec![("consent/BELFIUS/AIS/psu-1".into(), "consent")]
+    );
+    let did = h.answer("p2", "status", observed(BankProgress::Settled, "ACSC"));
+    assert!(writes(&did).is_empty(), "p2 waits: {did:?}");
+    let did = h.answer("p3", "status", observed(BankProgress::Settled, "ACSC"));
+    assert!(writes(&did).is_empty(), "p3 waits: {did:?}");
+    let booked = |h: &Harness| SettlementEvidence {
+        outcome: SettlementOutcome::Booked,
+        transaction_refs: vec!["1".into()],
+        booking_date: None,
+        checked_at: h.now,
+    };
+    // Acknowledges everything pending, noting each SETTLED event and whether it carries
+    // evidence.
+    let mut settled: Vec<(String, bool)> = Vec::new();
+    let mut drain = |h: &mut Harness| -> Vec<Did> {
+        let mut did = Vec::new();
+        loop {
+            if !h.writes.is_empty() {
+                did.extend(h.ack_write());
+            } else if !h.publications.is_empty() || !h.consent_publications.is_empty() {
+                for e in h.publications.iter().flat_map(|(_, events)| events) {
+                    if e.state == StateKind::Settled {
+                        settled.push((e.payment_id.to_string(), e.settlement.is_some()));
+                    }
+                }
+                did.extend(h.ack_publications());
+            } else {
+                return did;
+            }
+        }
+    };
+    let mut evidence_calls = 0;
+    for _ in 0..4 {
+        let did = drain(&mut h);
+        let calls = consent_calls_of(&did);
+        if calls.is_empty() {
+            break;
+        }
+        assert_eq!(calls, vec!["evidence"]);
+        evidence_calls += 1;
+        let answer = ConsentAnswer::Evidence(Ok(booked(&h)));
+        h.answer_consent("evidence", answer);
+    }
+    drain(&mut h);
+    assert_eq!(evidence_calls, 2, "the third and fourth reads, no fifth");
+    for p in ["p1", "p2", "p3"] {
+        assert_eq!(h.state(p), PaymentState::Settled, "{p}");
+    }
+    settled.sort();
+    assert_eq!(
+        settled,
+        vec![
+            ("p1".to_owned(), true),
+            ("p2".to_owned(), true),
+            ("p3".to_owned(), false)
+        ]
+    );
+    let reads = &h
+        .core
+        .consent(&ConsentKey {
+            brand: brand("BELFIUS"),
+            scope: ConsentScope::Ais,
+            psu_id: PsuId::new(PSU),
+        })
+        .expect("consent")
+        .unattended_reads;
+    assert_eq!(reads.len(), 4, "{reads:?}");
+}

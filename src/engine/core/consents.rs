@@ -752,6 +752,19 @@ impl OwnerCore {
                     .record
                     .unattended_reads
                     .retain(|(_, at)| now - *at < DAY_MS);
+                // Checked again: the plan counted the reads when the payment settled, and reads
+                // of settlements queued before this one may have used the budget since.
+                let used = entry
+                    .record
+                    .unattended_reads
+                    .iter()
+                    .filter(|(account, _)| *account == hold.iban)
+                    .count();
+                if used >= UNATTENDED_READS_PER_DAY {
+                    self.give_up(Held::Evidence(hold), "budget_exhausted", now);
+                    self.consent_idle(&key, now);
+                    return;
+                }
                 entry.record.unattended_reads.push((hold.iban.clone(), now));
                 let record = entry.record.clone();
                 hold.reserved = true;
