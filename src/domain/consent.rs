@@ -223,6 +223,9 @@ pub enum ConsentInput {
     Revoked { message: String },
     /// Time passed.
     Tick,
+    /// The consent was restored by a new owner: a bank call its predecessor had made (or was
+    /// about to make) got no answer here.
+    Restored,
 }
 
 /// A bank call the engine makes for the consent.
@@ -314,7 +317,7 @@ pub fn step(
                 ))),
                 Some(_) | None => None,
             };
-            let consent = Consent {
+            let mut consent = Consent {
                 consent_id,
                 psu_id,
                 request,
@@ -328,10 +331,14 @@ pub fn step(
                 attempts: 1,
                 retry_at: None,
                 reason: None,
-                seen_commands: vec![command_id],
+                // The entity remembers the commands of the consents it replaced: a command of
+                // an older consent read again (a crash before its offset was committed) is a
+                // duplicate, never a new request that would supersede this one.
+                seen_commands: current.map(|c| c.seen_commands.clone()).unwrap_or_default(),
                 requested_at: now,
                 updated_at: now,
             };
+            remember(&mut consent, command_id, policy);
             Ok(ConsentTransition {
                 consent,
                 events: vec![],
@@ -452,16 +459,38 @@ pub fn step(
             // An authorization code is single-use: even a failure without an answer may have
             // consumed it, so the exchange is not repeated; the PSU consents again.
             let _ = definite;
-            Ok(end(
-                c.clone(),
-                ConsentState::Refused,
-                Reason::new(
-                    ReasonCode::BankRejected,
-                    format!("the code exchange failed: {message}"),
+            Ok(exchange_failed(c, &message, "bank", now))
+        }
+        ConsentInput::Restored => {
+            let Some(c) = current else {
+                return Err(ConsentRefusal::Ignored);
+            };
+            match c.state {
+                // The consent-URI call was in flight (or not made yet): no timer would ever
+                // ask again. An unanswered attempt, retried like one.
+                ConsentState::Requested if c.retry_at.is_none() => failed_call(
+                    c,
+                    false,
+                    "the worker stopped before the answer".into(),
+                    "consent URI",
+                    policy,
+                    now,
                 ),
-                "bank",
-                now,
-            ))
+                // The PSU's code was being exchanged: the code is never stored, so it cannot
+                // be exchanged now; waiting for the SCA deadline would end it EXPIRED as if
+                // the PSU had not consented.
+                ConsentState::Pending if exchanging(c) => Ok(exchange_failed(
+                    c,
+                    "the worker stopped before the answer (a code is single-use and never stored)",
+                    "worker:restore",
+                    now,
+                )),
+                ConsentState::Requested
+                | ConsentState::Pending
+                | ConsentState::Granted
+                | ConsentState::Refused
+                | ConsentState::Expired => Err(ConsentRefusal::Ignored),
+            }
         }
         ConsentInput::Revoked { message } => {
             let c = live(current, ConsentState::Granted)?;
@@ -518,6 +547,25 @@ pub fn step(
             }
         }
     }
+}
+
+/// A pending consent whose redirect brought a code: its exchange was started (`attempts`
+/// counts it; the consent URI's answer resets it to 0).
+fn exchanging(consent: &Consent) -> bool {
+    consent.state == ConsentState::Pending && consent.attempts > 0
+}
+
+fn exchange_failed(c: &Consent, message: &str, cause: &str, now: Millis) -> ConsentTransition {
+    end(
+        c.clone(),
+        ConsentState::Refused,
+        Reason::new(
+            ReasonCode::BankRejected,
+            format!("the code exchange failed: {message}"),
+        ),
+        cause,
+        now,
+    )
 }
 
 /// When the consent next needs a `Tick`.

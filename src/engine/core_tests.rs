@@ -3446,6 +3446,164 @@ fn a_second_request_supersedes_the_pending_consent() {
     );
 }
 
+/// Found by `pis-chaos --consents`: a PSU asked for consent-1, then consent-2 (superseding
+/// it); the owner died before the commands' offsets were committed. Its successor reads both
+/// requests again: neither may start anything (consent-1's request used to supersede
+/// consent-2 and publish consent-1's events again from sequence 1, with another URI).
+#[test]
+fn a_successor_reading_the_requests_again_keeps_the_newer_consent() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let mut log = StateLog::new();
+    let first = log.marker("first");
+    let cfg = CoreConfig {
+        epoch: first,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(first), cfg);
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+    for (id, command) in [("consent-1", "c1"), ("consent-2", "c2")] {
+        h.core
+            .consent_input(key.clone(), consent_request(id, command), None, h.now);
+        h.tick();
+        h.flush();
+        h.answer_consent(
+            "consent-uri",
+            ConsentAnswer::Uri(Ok(format!("https://bank/{id}"))),
+        );
+        h.flush();
+    }
+    let mut log = h.log.take().expect("log");
+    let second = log.marker("second");
+    let cfg = CoreConfig {
+        epoch: second,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(second), cfg);
+    h.start();
+    h.flush();
+    for (id, command) in [("consent-1", "c1"), ("consent-2", "c2")] {
+        h.core
+            .consent_input(key.clone(), consent_request(id, command), None, h.now);
+        let mut did = h.tick();
+        did.extend(h.flush());
+        assert_eq!(consent_writes(&did), 0, "{command} again: {did:?}");
+        assert!(
+            consent_calls_of(&did).is_empty(),
+            "{command} again: {did:?}"
+        );
+        assert!(
+            consent_published(&did).is_empty(),
+            "{command} again: {did:?}"
+        );
+    }
+    let current = h.core.consent(&key).expect("consent").consent.clone();
+    assert_eq!(current.consent_id.as_str(), "consent-2");
+    assert_eq!(current.state, ConsentState::Pending);
+}
+
+/// The state log of an owner that died with a consent call in flight: the consent URI call
+/// (`exchange` false) or, once the PSU came back with a code, the code exchange.
+fn died_during_a_consent_call(exchange: bool) -> (StateLog, i64) {
+    use crate::domain::consent::{ConsentInput, ConsentOutcome, ConsentScope};
+    let mut log = StateLog::new();
+    let first = log.marker("first");
+    let cfg = CoreConfig {
+        epoch: first,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(first), cfg);
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    h.tick();
+    let did = h.flush();
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"]);
+    if exchange {
+        h.answer_consent(
+            "consent-uri",
+            ConsentAnswer::Uri(Ok("https://bank/consent-1".into())),
+        );
+        h.flush();
+        let complete = ConsentInput::Complete {
+            command_id: CommandId::new("c2"),
+            outcome: ConsentOutcome::Code(SecretString::from("the-code")),
+            state: Some("consent-state-consent-1".into()),
+        };
+        h.core.consent_input(key, complete, None, h.now);
+        h.tick();
+        let did = h.flush();
+        assert_eq!(consent_calls_of(&did), vec!["consent-exchange"]);
+    }
+    let mut log = h.log.take().expect("log");
+    let second = log.marker("second");
+    (log, second)
+}
+
+/// Found by `pis-chaos --consents`: an owner died while a consent's URI call was out. Its
+/// successor asks for the URI again (the consent used to stay REQUESTED with no timer: no
+/// event, ever).
+#[test]
+fn a_consent_uri_call_cut_by_a_crash_is_made_again() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let (log, second) = died_during_a_consent_call(false);
+    let cfg = CoreConfig {
+        epoch: second,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(second), cfg);
+    let mut did = h.start();
+    did.extend(h.flush());
+    did.extend(h.tick_at(h.now + crate::domain::consent::ConsentPolicy::default().retry_ms));
+    did.extend(h.flush());
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"], "{did:?}");
+    h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok("https://bank/consent-1-again".into())),
+    );
+    let did = h.flush();
+    assert_eq!(consent_published(&did), vec![ConsentState::Pending]);
+    let key = consent_key(ConsentScope::Caf);
+    assert_eq!(
+        h.core.consent(&key).map(|r| r.consent.state),
+        Some(ConsentState::Pending)
+    );
+}
+
+/// Found by `pis-chaos --consents`: an owner died while exchanging a consent's code. The code
+/// is single-use and never stored, so the successor cannot exchange it: the consent is
+/// REFUSED at once (`BANK_REJECTED`, as for an unanswered exchange), not left PENDING until its
+/// SCA deadline to end EXPIRED "the PSU did not consent in time".
+#[test]
+fn a_code_exchange_cut_by_a_crash_refuses_the_consent_at_once() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let (log, second) = died_during_a_consent_call(true);
+    let cfg = CoreConfig {
+        epoch: second,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(second), cfg);
+    let mut did = h.start();
+    did.extend(h.flush());
+    assert!(consent_calls_of(&did).is_empty(), "{did:?}");
+    // PENDING again from the outbox (it was never confirmed published), then REFUSED.
+    assert_eq!(
+        consent_published(&did).last(),
+        Some(&ConsentState::Refused),
+        "{did:?}"
+    );
+    let key = consent_key(ConsentScope::Caf);
+    let record = h.core.consent(&key).expect("consent");
+    assert_eq!(record.consent.state, ConsentState::Refused);
+    assert_eq!(
+        record.consent.reason.as_ref().map(|r| r.code),
+        Some(ReasonCode::BankRejected)
+    );
+}
+
 /// A granted consent of the test PSU at Belfius, with a fresh pair, as restored.
 fn granted_consent(
     scope: crate::domain::consent::ConsentScope,
