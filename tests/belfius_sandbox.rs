@@ -3350,6 +3350,18 @@ async fn funds_confirmation_answers_from_the_ledger_under_a_caf_token_for_that_a
     }
     let counters = env.counters().await;
     assert_eq!(counters["funds_confirmations"], 4);
+    // Each answer, by account and amount (minor units).
+    let answers = &counters["funds_answers"];
+    assert_eq!(
+        answers[format!("{BELFIUS_DEBTOR}/5000")],
+        json!({"available": 1, "unavailable": 0}),
+        "{counters}"
+    );
+    assert_eq!(
+        answers[format!("{BELFIUS_DEBTOR}/5001")],
+        json!({"available": 0, "unavailable": 1})
+    );
+    assert_eq!(answers.as_object().map(|a| a.len()), Some(4), "{answers}");
 }
 
 #[tokio::test]
@@ -3451,6 +3463,13 @@ async fn account_information_lists_the_granted_accounts_and_pages_their_settled_
     );
     // The other account has its own four; a PSU-involved call is not counted.
     page(None).await;
+    let counters = env.counters().await;
+    assert_eq!(
+        counters["unattended_reads"],
+        json!({BELFIUS_DEBTOR: 4}),
+        "{counters}"
+    );
+    assert_eq!(counters["unattended_refused"], json!({BELFIUS_DEBTOR: 1}));
 
     // An account outside the consent is 404; a CAF token is no AIS token.
     let url = env

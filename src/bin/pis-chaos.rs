@@ -7,9 +7,15 @@
 //! With `--fallback-after-secs` the workers switch to the bank's fallback interface while the
 //! dedicated API is down (`--dedicated-outage-every-secs` takes it down now and then).
 //!
+//! With `--consents` half of the PSUs give CAF and AIS consents before the load, payments name
+//! their debtor account and some ask for a funds check, and the checker also checks consents,
+//! refusals for funds and settlement evidence (`chaos/consents.rs`).
+//!
 //! `make chaos` (full) and `make chaos-ci` (reduced, part of `make test`).
 
 mod common;
+#[path = "chaos/consents.rs"]
+mod consents;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -23,10 +29,12 @@ use common::{Workers, broker, follow, free_port, read_again, send};
 use pis_worker::contract::command::{
     CommandBody, CommandEnvelope, ResolveAction, ResolveOutcome, ScaRedirect,
 };
+use pis_worker::contract::consent_status::{self, ConsentStatusRecord};
 use pis_worker::contract::status::{self, StatusRecord};
 use pis_worker::domain::machine::StateKind;
 use pis_worker::domain::model::RawInitiatePayment;
 use pis_worker::kafka::KafkaSettings;
+use pis_worker::kafka::state::consent::ConsentRecord;
 use pis_worker::kafka::state::{self as state_topic, DecodedRecord};
 use pis_worker::sandbox::faults::{EndpointClass, Fault, FaultRule, FaultSettings, Latency};
 use pis_worker::sandbox::{RunningSandbox, SandboxConfig};
@@ -94,6 +102,19 @@ struct Args {
     /// How long each outage of the dedicated API lasts.
     #[arg(long, default_value_t = 10)]
     dedicated_outage_secs: u64,
+    /// Before the load, half of the PSUs ask for CAF and AIS consents and grant them at the
+    /// sandbox (some refuse, some ask twice), and some debtor accounts get a low balance;
+    /// payments name their debtor account, some with a funds check (`chaos/consents.rs`).
+    #[arg(long)]
+    consents: bool,
+    /// With `--consents`: SIGKILL a worker as the first consent event is seen, while consent
+    /// calls (consent URIs, code exchanges) are in flight. The other kills wait for the load.
+    #[arg(long)]
+    kill_during_consents: bool,
+    /// With `--consents`: start the load after this long even if some consents are not
+    /// settled yet.
+    #[arg(long, default_value_t = 60)]
+    consent_phase_max_secs: u64,
 }
 
 /// What the scripted PSU does with a payment, and so which final state it must reach. The PSU
@@ -140,22 +161,32 @@ fn payment_id(i: usize) -> String {
     format!("c{i:06}")
 }
 
-fn psu_of(i: usize, psus: usize) -> String {
-    format!("chaos-psu-{}", i % psus.max(1))
+fn psu_name(k: usize) -> String {
+    format!("chaos-psu-{k}")
 }
 
-/// The PSU of payment `i`. Half of the abandoned payments belong to a PSU who also signs
-/// through the redirect (and so has a PIS token): the worker can cancel those at the SCA
+/// The number of payment `i`'s PSU. Half of the abandoned payments belong to a PSU who also
+/// signs through the redirect (and so has a PIS token): the worker can cancel those at the SCA
 /// deadline; the others wait for the bank's own expiry.
-fn psu_for(i: usize, psus: usize) -> String {
+fn psu_index_for(i: usize, psus: usize) -> usize {
+    let psus = psus.max(1);
     if Script::of(i) == Script::Abandon && (i / 10) % 2 == 0 {
-        psu_of(i - 1, psus)
+        (i - 1) % psus
     } else {
-        psu_of(i, psus)
+        i % psus
     }
 }
 
-fn initiate_command(i: usize, psus: usize, orphans_signable: bool) -> CommandEnvelope {
+fn psu_for(i: usize, psus: usize) -> String {
+    psu_name(psu_index_for(i, psus))
+}
+
+fn initiate_command(
+    i: usize,
+    psus: usize,
+    orphans_signable: bool,
+    with_consents: bool,
+) -> CommandEnvelope {
     let script = Script::of(i);
     // The simulator's in-bank signing: the bank signs every payment of this scenario a moment
     // after it is created, as a PSU signing everything pending in the bank's app.
@@ -183,6 +214,9 @@ fn initiate_command(i: usize, psus: usize, orphans_signable: bool) -> CommandEnv
             end_to_end_id: payment_id(i),
             language: if i % 2 == 0 { "fr".into() } else { "nl".into() },
             redirect_uri: "https://client.example/callback".into(),
+            debtor_iban: (with_consents && consents::names_debtor(i))
+                .then(|| consents::debtor_iban(psu_index_for(i, psus))),
+            funds_check: with_consents && consents::asks_funds_check(i),
             ..RawInitiatePayment::default()
         })),
     }
@@ -301,6 +335,43 @@ async fn person(
         send(producer, topic, &envelope).await?;
     }
     Ok((adopted, reinitiated))
+}
+
+/// Publishes the run's initiations, 200 in flight at a time.
+fn start_load(
+    producer: FutureProducer,
+    topic: String,
+    args: &Args,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let (n, psus, orphans_signable, with_consents) = (
+        args.payments,
+        args.psus,
+        args.orphans_signable,
+        args.consents,
+    );
+    tokio::spawn(async move {
+        let mut sends = Vec::new();
+        for i in 0..n {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            sends.push(tokio::spawn(async move {
+                send(
+                    &producer,
+                    &topic,
+                    &initiate_command(i, psus, orphans_signable, with_consents),
+                )
+                .await
+            }));
+            if sends.len() >= 200 {
+                for s in sends.drain(..) {
+                    s.await??;
+                }
+            }
+        }
+        for s in sends {
+            s.await??;
+        }
+        anyhow::Ok(())
+    })
 }
 
 /// The dedicated API answers 503 to everything (the fallback is not behind the fault layer).
@@ -454,6 +525,12 @@ async fn chaos(
         sandbox.faults().set(faults());
     }
     let admin = sandbox.admin_base_url();
+    let requests = if args.consents {
+        consents::open_accounts(&admin, args.psus).await?;
+        consents::requests(args.psus)
+    } else {
+        Vec::new()
+    };
     let state_key_hex: SecretString = StateKey::generate_hex();
     let state_key = Arc::new(StateKeyRing::single(
         StateKey::from_hex(&state_key_hex).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -558,8 +635,81 @@ async fn chaos(
             },
         )?
     };
+    // Consent status events; PENDING sends the scripted PSU to the consent page.
+    let consent_events: Arc<Mutex<Vec<ConsentStatusRecord>>> = Arc::new(Mutex::new(Vec::new()));
+    let (consent_tx, mut consent_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let consent_follower = if args.consents {
+        let consent_events = consent_events.clone();
+        let undecodable = undecodable.clone();
+        let mut asked: HashSet<String> = HashSet::new();
+        Some(follow(
+            &settings,
+            &settings.topics.consent_status,
+            args.partitions,
+            stop.clone(),
+            move |m| match consent_status::decode(m.payload().unwrap_or_default()) {
+                Ok(record) => {
+                    if let (pis_worker::domain::consent::ConsentState::Pending, Some(uri)) =
+                        (record.state, record.consent_uri.clone())
+                    {
+                        if asked.insert(record.consent_id.clone()) {
+                            let _ = consent_tx.send((record.consent_id.clone(), uri));
+                        }
+                    }
+                    consent_events
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(record);
+                }
+                Err(_) => {
+                    undecodable.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        )?)
+    } else {
+        None
+    };
     let producer = common::command_producer(&settings)?;
     let redirect_failures = Arc::new(AtomicUsize::new(0));
+    let consent_driver = {
+        let producer = producer.clone();
+        let topic = settings.topics.commands.clone();
+        let admin = admin.clone();
+        let failures = redirect_failures.clone();
+        let by_id: Arc<HashMap<String, consents::Request>> = Arc::new(
+            requests
+                .iter()
+                .map(|r| (r.consent_id.clone(), r.clone()))
+                .collect(),
+        );
+        tokio::spawn(async move {
+            while let Some((consent_id, uri)) = consent_rx.recv().await {
+                let Some(request) = by_id.get(&consent_id).cloned() else {
+                    continue;
+                };
+                let (producer, topic, admin, failures) = (
+                    producer.clone(),
+                    topic.clone(),
+                    admin.clone(),
+                    failures.clone(),
+                );
+                tokio::spawn(async move {
+                    for attempt in 0..5 {
+                        match consents::psu_acts(&admin, &producer, &topic, &request, &uri).await {
+                            Ok(()) => return,
+                            Err(e) if attempt == 4 => {
+                                println!(
+                                    "chaos: the PSU could not act on consent {consent_id}: {e}"
+                                );
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                        }
+                    }
+                });
+            }
+        })
+    };
     let psu_driver = {
         let producer = producer.clone();
         let topic = settings.topics.commands.clone();
@@ -611,35 +761,20 @@ async fn chaos(
         args.broker_restart_every_secs,
         if args.faults { "on" } else { "off" }
     );
-    let load = {
-        let producer = producer.clone();
-        let topic = settings.topics.commands.clone();
-        let (n, psus, orphans_signable) = (args.payments, args.psus, args.orphans_signable);
-        tokio::spawn(async move {
-            let mut sends = Vec::new();
-            for i in 0..n {
-                let (producer, topic) = (producer.clone(), topic.clone());
-                sends.push(tokio::spawn(async move {
-                    send(
-                        &producer,
-                        &topic,
-                        &initiate_command(i, psus, orphans_signable),
-                    )
-                    .await
-                }));
-                if sends.len() >= 200 {
-                    for s in sends.drain(..) {
-                        s.await??;
-                    }
-                }
-            }
-            for s in sends {
-                s.await??;
-            }
-            anyhow::Ok(())
-        })
-    };
-
+    for request in &requests {
+        send(
+            &producer,
+            &settings.topics.commands,
+            &consents::request_command(request),
+        )
+        .await?;
+    }
+    if args.consents {
+        println!(
+            "chaos: {} consent requests published; the load waits for them",
+            requests.len()
+        );
+    }
     // Chaos and progress until every payment is final (or the time is up).
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let mut next_kill = Instant::now() + Duration::from_secs(args.kill_every_secs.max(1));
@@ -647,7 +782,11 @@ async fn chaos(
         Instant::now() + Duration::from_secs(args.broker_restart_every_secs.max(1));
     let mut broker_restarts = 0usize;
     let mut last_print = Instant::now();
-    let mut load = Some(load);
+    let consent_phase = Instant::now();
+    let mut times = consents::Times::default();
+    let mut load = None;
+    let mut load_started = false;
+    let mut consent_kill_due = args.consents && args.kill_during_consents;
     // The person on duty: payments held at OUTCOME_UNKNOWN, by (index, sequence of the event),
     // first seen when; resolved ones are not looked at again.
     let mut held_since: HashMap<(usize, i64), Instant> = HashMap::new();
@@ -658,12 +797,61 @@ async fn chaos(
     let mut next_outage =
         Instant::now() + Duration::from_secs(args.dedicated_outage_every_secs.clamp(1, 5));
     let mut outage_until: Option<Instant> = None;
+    let mut outage_from = 0i64;
     let mut outages = 0usize;
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Some(until) = outage_until {
+        if !load_started {
+            let settled = consents::settled(
+                &requests,
+                &consent_events.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+            let waited = consent_phase.elapsed();
+            if settled >= requests.len()
+                || waited >= Duration::from_secs(args.consent_phase_max_secs)
+            {
+                if args.consents {
+                    println!(
+                        "chaos: {settled} of {} consents settled after {:.1} s; the load begins",
+                        requests.len(),
+                        waited.as_secs_f64()
+                    );
+                }
+                load_started = true;
+                times.load_started = chrono::Utc::now().timestamp_millis();
+                load = Some(start_load(
+                    producer.clone(),
+                    settings.topics.commands.clone(),
+                    args,
+                ));
+                // The first outage comes while the initiations are still going out.
+                next_outage = Instant::now()
+                    + Duration::from_secs(args.dedicated_outage_every_secs.clamp(1, 5));
+                // The kills' clock starts with the load, as without consents.
+                next_kill = Instant::now() + Duration::from_secs(args.kill_every_secs.max(1));
+            }
+        }
+        if load_started {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let seen = consent_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len();
+            if consent_kill_due && seen > 0 {
+                consent_kill_due = false;
+                println!("chaos: {seen} consent events seen: SIGKILL during the consent phase");
+                workers.kill_random()?;
+            }
+        }
+        if !load_started {
+            // Kills go on while the consents are given; outages wait for the load.
+        } else if let Some(until) = outage_until {
             if Instant::now() >= until {
                 outage_until = None;
+                times
+                    .outages
+                    .push((outage_from, chrono::Utc::now().timestamp_millis()));
                 next_outage =
                     Instant::now() + Duration::from_secs(args.dedicated_outage_every_secs);
                 sandbox.faults().set(if args.faults {
@@ -675,6 +863,7 @@ async fn chaos(
             }
         } else if args.dedicated_outage_every_secs > 0 && Instant::now() >= next_outage {
             outage_until = Some(Instant::now() + Duration::from_secs(args.dedicated_outage_secs));
+            outage_from = chrono::Utc::now().timestamp_millis();
             outages += 1;
             let mut down = if args.faults {
                 faults()
@@ -770,7 +959,7 @@ async fn chaos(
                 workers.killed
             );
         }
-        if finals >= args.payments && load.is_none() {
+        if finals >= args.payments && load_started && load.is_none() {
             break;
         }
         if Instant::now() > deadline {
@@ -778,7 +967,7 @@ async fn chaos(
             break;
         }
         workers.replace_exited()?;
-        if args.kill_every_secs > 0 && Instant::now() >= next_kill {
+        if args.kill_every_secs > 0 && load_started && Instant::now() >= next_kill {
             next_kill = Instant::now() + Duration::from_secs(args.kill_every_secs);
             workers.kill_random()?;
         }
@@ -795,11 +984,20 @@ async fn chaos(
             }
         }
     }
+    if outage_until.is_some() {
+        times
+            .outages
+            .push((outage_from, chrono::Utc::now().timestamp_millis()));
+    }
     workers.stop_all();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = follower.join();
+    if let Some(f) = consent_follower {
+        let _ = f.join();
+    }
     psu_driver.abort();
+    consent_driver.abort();
 
     // Checks.
     let mut report = Report {
@@ -814,12 +1012,34 @@ async fn chaos(
         .map(|e| (e.payment_id.clone(), e.sequence))
         .collect();
     let mut found_again = 0usize;
-    for payload in read_again(
-        &settings,
-        &settings.topics.status,
-        args.partitions,
-        Duration::from_secs(3),
-    )? {
+    // Both topics read again at once (each until it is quiet for 3 s).
+    let (status_again, consents_again) = std::thread::scope(|scope| {
+        let consents_again = args.consents.then(|| {
+            scope.spawn(|| {
+                read_again(
+                    &settings,
+                    &settings.topics.consent_status,
+                    args.partitions,
+                    Duration::from_secs(3),
+                )
+            })
+        });
+        let status_again = read_again(
+            &settings,
+            &settings.topics.status,
+            args.partitions,
+            Duration::from_secs(3),
+        );
+        let consents_again = match consents_again.map(|h| h.join()) {
+            None => Ok(Vec::new()),
+            Some(Ok(read)) => read,
+            Some(Err(_)) => Err(anyhow::anyhow!(
+                "reading the consent status topic again panicked"
+            )),
+        };
+        (status_again, consents_again)
+    });
+    for payload in status_again? {
         if let Ok(record) = status::decode(&payload) {
             if !seen.contains(&(record.payment_id.clone(), record.sequence)) {
                 found_again += 1;
@@ -833,7 +1053,62 @@ async fn chaos(
     );
     let resolved_payments: HashSet<usize> = resolved.iter().map(|(i, _)| *i).collect();
     check_events(args, &events, &resolved_payments, &mut report);
-    check_bank(args, &admin, &settings, &state_key, &events, &mut report).await?;
+    let view = check_bank(args, &admin, &settings, &state_key, &events, &mut report).await?;
+    if args.consents {
+        let mut consent_events = consent_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let seen: HashSet<(String, String, i64)> = consent_events
+            .iter()
+            .map(|e| (e.psu_id.clone(), e.consent_id.clone(), e.sequence))
+            .collect();
+        let mut found_again = 0usize;
+        for payload in consents_again? {
+            if let Ok(record) = consent_status::decode(&payload) {
+                let key = (
+                    record.psu_id.clone(),
+                    record.consent_id.clone(),
+                    record.sequence,
+                );
+                if !seen.contains(&key) {
+                    found_again += 1;
+                    consent_events.push(record);
+                }
+            }
+        }
+        report.row(
+            "consent events missed by the live reader, found again",
+            found_again,
+        );
+        let bank = consents::Bank {
+            consents: reqwest::get(admin.join("admin/consents")?)
+                .await?
+                .json()
+                .await?,
+            counters: reqwest::get(admin.join("admin/counters")?)
+                .await?
+                .json()
+                .await?,
+            signed_per_e2e: view.signed_per_e2e,
+            held_e2e: view.held_e2e,
+            accounts: consents::bank_accounts(&admin, args.psus).await?,
+        };
+        consents::check(
+            &consents::Inputs {
+                psus: args.psus,
+                payments: args.payments,
+                requests: &requests,
+                consent_events: &consent_events,
+                status_events: &events,
+                consent_records: &view.consent_records,
+                bank: &bank,
+                times: &times,
+                hold: args.unknown_outcome == "hold",
+            },
+            &mut report,
+        );
+    }
     report.row(
         "payments held at OUTCOME_UNKNOWN for a person",
         held_since.len(),
@@ -845,13 +1120,14 @@ async fn chaos(
     report.row(
         "mode",
         format!(
-            "orphans {}, lost answers: {}",
+            "orphans {}, lost answers: {}, consents {}",
             if args.orphans_signable {
                 "signable (PSUs sign everything pending)"
             } else {
                 "unsignable"
             },
-            args.unknown_outcome
+            args.unknown_outcome,
+            if args.consents { "on" } else { "off" }
         ),
     );
     report.row(
@@ -968,9 +1244,15 @@ fn check_events(
                 // Under injected faults an initiation may fail for good, and a payment a person
                 // resolved ends as the bank's payment did (checked against the bank in
                 // `check_bank`); anything else must match the script.
+                // With --consents a funds check may refuse any script's payment (checked in
+                // `consents::check_funds`).
+                let refused_for_funds = args.consents
+                    && only.state == StateKind::Rejected
+                    && only.reason_code.as_deref() == Some("INSUFFICIENT_FUNDS");
                 if only.state != script.expected()
                     && only.state != StateKind::Failed
                     && !resolved.contains(&i)
+                    && !refused_for_funds
                 {
                     *unexpected
                         .entry(format!("{script:?} -> {}", only.state.symbol()))
@@ -1002,6 +1284,15 @@ fn check_events(
     }
 }
 
+/// What `check_bank` read, for the consent checks.
+struct BankView {
+    signed_per_e2e: HashMap<String, usize>,
+    /// End-to-end ids of every bank payment, signed or not.
+    held_e2e: HashSet<String>,
+    /// The latest consent record per state key, superseded owners' writes skipped.
+    consent_records: HashMap<String, ConsentRecord>,
+}
+
 /// The bank's side: no end-to-end id signed twice, and every bank-side initiation counted by
 /// the state machine (`initiation_attempts` in the state topic).
 async fn check_bank(
@@ -1011,7 +1302,7 @@ async fn check_bank(
     key: &Arc<StateKeyRing>,
     events: &[StatusRecord],
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BankView> {
     let payments: serde_json::Value = reqwest::get(admin.join("admin/payments")?)
         .await?
         .json()
@@ -1021,9 +1312,16 @@ async fn check_bank(
         .json()
         .await?;
     let mut signed_per_e2e: HashMap<String, usize> = HashMap::new();
+    let mut held_e2e: HashSet<String> = HashSet::new();
     let mut bank_payments = 0usize;
     for p in payments.as_array().into_iter().flatten() {
         bank_payments += 1;
+        held_e2e.insert(
+            p["endtoend_identification"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
         let status = p["transaction_status"].as_str().unwrap_or_default();
         if matches!(
             status,
@@ -1077,6 +1375,8 @@ async fn check_bank(
     // The latest state of every payment, from the state topic (read until it is quiet: Tansu's
     // high watermark cannot be trusted).
     let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    let consent_records: Arc<Mutex<HashMap<String, ConsentRecord>>> =
+        Arc::new(Mutex::new(HashMap::new()));
     let decode_errors = Arc::new(AtomicUsize::new(0));
     let zombie_records = Arc::new(AtomicUsize::new(0));
     // None until the first record: a slow broker may take a while to serve the first fetch.
@@ -1084,6 +1384,7 @@ async fn check_bank(
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let attempts = attempts.clone();
+        let consent_records = consent_records.clone();
         let decode_errors = decode_errors.clone();
         let zombie_records = zombie_records.clone();
         let last_record = last_record.clone();
@@ -1120,6 +1421,13 @@ async fn check_bank(
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .insert(payment.payment_id.to_string(), payment.initiation_attempts);
+                    }
+                    Ok((DecodedRecord::Consent { record, .. }, epoch)) => {
+                        *floor = (*floor).max(epoch);
+                        consent_records
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(record_key, *record);
                     }
                     Ok((_, epoch)) => *floor = (*floor).max(epoch),
                     Err(_) => {
@@ -1205,5 +1513,13 @@ async fn check_bank(
     if counters["invalidated_token_reuses"].as_u64().unwrap_or(0) > 0 {
         report.violation("a PSU token the bank had refused as replaced was presented again".into());
     }
-    Ok(())
+    let consent_records = consent_records
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Ok(BankView {
+        signed_per_e2e,
+        held_e2e,
+        consent_records,
+    })
 }

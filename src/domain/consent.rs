@@ -226,6 +226,9 @@ pub enum ConsentInput {
     Revoked { message: String },
     /// Time passed.
     Tick,
+    /// The consent was restored by a new owner: a bank call its predecessor had made (or was
+    /// about to make) got no answer here.
+    Restored,
 }
 
 /// A bank call the engine makes for the consent.
@@ -317,7 +320,7 @@ pub fn step(
                 ))),
                 Some(_) | None => None,
             };
-            let consent = Consent {
+            let mut consent = Consent {
                 consent_id,
                 psu_id,
                 request,
@@ -332,10 +335,14 @@ pub fn step(
                 retry_at: None,
                 exchanging: false,
                 reason: None,
-                seen_commands: vec![command_id],
+                // The entity remembers the commands of the consents it replaced: a command of
+                // an older consent read again (a crash before its offset was committed) is a
+                // duplicate, never a new request that would supersede this one.
+                seen_commands: current.map(|c| c.seen_commands.clone()).unwrap_or_default(),
                 requested_at: now,
                 updated_at: now,
             };
+            remember(&mut consent, command_id, policy);
             Ok(ConsentTransition {
                 consent,
                 events: vec![],
@@ -457,18 +464,54 @@ pub fn step(
             let c = live(current, ConsentState::Pending)?;
             // An authorization code is single-use: even a failure without an answer may have
             // consumed it, so the exchange is not repeated; the PSU consents again.
-            let code = if definite {
-                ReasonCode::BankRejected
-            } else {
-                ReasonCode::BankUnavailable
+            Ok(exchange_failed(c, definite, &message, "bank", now))
+        }
+        ConsentInput::Restored => {
+            let Some(c) = current else {
+                return Err(ConsentRefusal::Ignored);
             };
-            Ok(end(
-                c.clone(),
-                ConsentState::Refused,
-                Reason::new(code, format!("the code exchange failed: {message}")),
-                "bank",
-                now,
-            ))
+            match c.state {
+                // The consent-URI call was in flight (or not made yet): no timer would ever
+                // ask again. An unanswered attempt, retried like one.
+                ConsentState::Requested if c.retry_at.is_none() => {
+                    if c.attempts >= policy.max_attempts {
+                        return failed_call(
+                            c,
+                            false,
+                            "the worker stopped before the answer".into(),
+                            "consent URI",
+                            policy,
+                            now,
+                        );
+                    }
+                    // Asked again at once, with the record's verifier and state.
+                    let mut next = c.clone();
+                    next.attempts += 1;
+                    next.updated_at = now;
+                    Ok(ConsentTransition {
+                        consent: next,
+                        events: vec![],
+                        effect: Some(ConsentEffect::FetchUri),
+                        code: None,
+                        superseded: None,
+                    })
+                }
+                // The PSU's code was being exchanged: the code is never stored, so it cannot
+                // be exchanged now; waiting for the SCA deadline would end it EXPIRED as if
+                // the PSU had not consented.
+                ConsentState::Pending if c.exchanging => Ok(exchange_failed(
+                    c,
+                    false,
+                    "the worker stopped before the answer (a code is single-use and never stored)",
+                    "worker:restore",
+                    now,
+                )),
+                ConsentState::Requested
+                | ConsentState::Pending
+                | ConsentState::Granted
+                | ConsentState::Refused
+                | ConsentState::Expired => Err(ConsentRefusal::Ignored),
+            }
         }
         ConsentInput::Revoked { message } => {
             let c = live(current, ConsentState::Granted)?;
@@ -525,6 +568,27 @@ pub fn step(
             }
         }
     }
+}
+
+fn exchange_failed(
+    c: &Consent,
+    definite: bool,
+    message: &str,
+    cause: &str,
+    now: Millis,
+) -> ConsentTransition {
+    let code = if definite {
+        ReasonCode::BankRejected
+    } else {
+        ReasonCode::BankUnavailable
+    };
+    end(
+        c.clone(),
+        ConsentState::Refused,
+        Reason::new(code, format!("the code exchange failed: {message}")),
+        cause,
+        now,
+    )
 }
 
 /// When the consent next needs a `Tick`.

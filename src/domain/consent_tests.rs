@@ -284,6 +284,99 @@ fn a_new_request_supersedes_a_live_consent_and_replaces_a_final_one() {
     }
 }
 
+/// Found by `pis-chaos --consents`: a PSU asked twice (consent-1, then consent-2, which
+/// superseded it); the owner died before the commands' offsets were committed, and its
+/// successor read both again. Consent-1's request must be a duplicate, not a new request that
+/// supersedes consent-2 and starts consent-1's event sequence over (two different events under
+/// one `(psu, consent, sequence)`); the same goes for consent-2's own commands.
+#[test]
+fn commands_of_a_superseded_consent_read_again_are_duplicates() {
+    for first in all_states() {
+        let second = ask(Some(&first), "c5", "consent-2", T0 + 100).expect("accepted");
+        let mut second = second.consent;
+        second = apply(
+            &second,
+            ConsentInput::UriReceived {
+                consent_uri: "https://bank.example/consent/2".into(),
+            },
+            T0 + 110,
+        )
+        .expect("uri")
+        .consent;
+        for command in first.seen_commands.iter().chain([&CommandId::new("c5")]) {
+            assert_eq!(
+                ask(Some(&second), command.as_str(), "consent-1", T0 + 120).err(),
+                Some(ConsentRefusal::Duplicate),
+                "{command} after a {} consent-1",
+                first.state.symbol()
+            );
+        }
+        // A new command still asks anew.
+        assert!(ask(Some(&second), "c6", "consent-3", T0 + 130).is_ok());
+    }
+    // The memory stays bounded across many requests.
+    let mut c = requested();
+    for n in 0..100 {
+        c = ask(Some(&c), &format!("r{n}"), &format!("consent-r{n}"), T0 + n)
+            .expect("accepted")
+            .consent;
+    }
+    assert_eq!(c.seen_commands.len(), policy().remembered_commands);
+    assert_eq!(c.seen_commands.last().map(CommandId::as_str), Some("r99"));
+}
+
+/// A new owner restores the consent: a URI call in flight is made again at once (another
+/// attempt); an exchange in flight refuses it (the code is gone); nothing else changes.
+#[test]
+fn a_restored_consent_recovers_the_call_its_owner_had_in_flight() {
+    let t = apply(&requested(), ConsentInput::Restored, T0 + 50).expect("asked again");
+    assert_eq!(t.consent.state, ConsentState::Requested);
+    assert_eq!(t.effect, Some(ConsentEffect::FetchUri));
+    assert_eq!(t.consent.attempts, requested().attempts + 1);
+    assert!(t.events.is_empty());
+    // Waiting for its retry already: the timer does it.
+    let mut waiting = requested();
+    waiting.retry_at = Some(T0 + 100);
+    assert_eq!(
+        apply(&waiting, ConsentInput::Restored, T0 + 60).err(),
+        Some(ConsentRefusal::Ignored)
+    );
+    // The last attempt lost: refused as unanswered.
+    let mut last = requested();
+    last.attempts = policy().max_attempts;
+    let t = apply(&last, ConsentInput::Restored, T0 + 50).expect("refused");
+    assert_eq!(t.consent.state, ConsentState::Refused);
+    assert_eq!(
+        t.consent.reason.as_ref().map(|r| r.code),
+        Some(ReasonCode::BankUnavailable)
+    );
+
+    let exchanging = apply(
+        &pending(),
+        complete("c2", code(), Some("state-consent-1")),
+        T0 + 20,
+    )
+    .expect("exchange")
+    .consent;
+    let t = apply(&exchanging, ConsentInput::Restored, T0 + 50).expect("refused");
+    assert_eq!(t.consent.state, ConsentState::Refused);
+    assert_eq!(
+        t.consent.reason.as_ref().map(|r| r.code),
+        Some(ReasonCode::BankUnavailable)
+    );
+    assert_eq!(t.events.len(), 1);
+    assert_eq!(t.events[0].causation_id, "worker:restore");
+    // A pending consent waiting for its PSU, and every other state: nothing to recover.
+    for c in all_states() {
+        assert_eq!(
+            apply(&c, ConsentInput::Restored, T0 + 50).err(),
+            (c.state != ConsentState::Requested).then_some(ConsentRefusal::Ignored),
+            "{:?}",
+            c.state
+        );
+    }
+}
+
 #[test]
 fn an_unanswered_uri_call_is_retried_then_refused() {
     let mut c = requested();

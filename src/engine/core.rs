@@ -894,7 +894,7 @@ impl OwnerCore {
             );
         }
         self.tokens = restored.tokens;
-        self.restore_consents(restored.consents, now);
+        self.restore_consents(restored.consents);
         for (offset, events) in restored.unpublished_consents {
             self.outbox.restored_unpublished(offset);
             self.publishing.insert(offset);
@@ -926,6 +926,23 @@ impl OwnerCore {
         }
         for key in zombies {
             self.on_stale(key, -1, now);
+        }
+        // A consent whose predecessor had a bank call out recovers it (domain::consent,
+        // `Restored`).
+        let mut consents: Vec<ConsentKey> = self
+            .consents
+            .iter()
+            .filter(|(_, e)| !e.record.consent.state.is_final())
+            .map(|(k, _)| k.clone())
+            .collect();
+        consents.sort();
+        for key in consents {
+            self.consent_input(
+                key,
+                crate::domain::consent::ConsentInput::Restored,
+                None,
+                now,
+            );
         }
         let mut resume: Vec<PaymentId> = self
             .payments

@@ -3446,6 +3446,164 @@ fn a_second_request_supersedes_the_pending_consent() {
     );
 }
 
+/// Found by `pis-chaos --consents`: a PSU asked for consent-1, then consent-2 (superseding
+/// it); the owner died before the commands' offsets were committed. Its successor reads both
+/// requests again: neither may start anything (consent-1's request used to supersede
+/// consent-2 and publish consent-1's events again from sequence 1, with another URI).
+#[test]
+fn a_successor_reading_the_requests_again_keeps_the_newer_consent() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let mut log = StateLog::new();
+    let first = log.marker("first");
+    let cfg = CoreConfig {
+        epoch: first,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(first), cfg);
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+    for (id, command) in [("consent-1", "c1"), ("consent-2", "c2")] {
+        h.core
+            .consent_input(key.clone(), consent_request(id, command), None, h.now);
+        h.tick();
+        h.flush();
+        h.answer_consent(
+            "consent-uri",
+            ConsentAnswer::Uri(Ok(format!("https://bank/{id}"))),
+        );
+        h.flush();
+    }
+    let mut log = h.log.take().expect("log");
+    let second = log.marker("second");
+    let cfg = CoreConfig {
+        epoch: second,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(second), cfg);
+    h.start();
+    h.flush();
+    for (id, command) in [("consent-1", "c1"), ("consent-2", "c2")] {
+        h.core
+            .consent_input(key.clone(), consent_request(id, command), None, h.now);
+        let mut did = h.tick();
+        did.extend(h.flush());
+        assert_eq!(consent_writes(&did), 0, "{command} again: {did:?}");
+        assert!(
+            consent_calls_of(&did).is_empty(),
+            "{command} again: {did:?}"
+        );
+        assert!(
+            consent_published(&did).is_empty(),
+            "{command} again: {did:?}"
+        );
+    }
+    let current = h.core.consent(&key).expect("consent").consent.clone();
+    assert_eq!(current.consent_id.as_str(), "consent-2");
+    assert_eq!(current.state, ConsentState::Pending);
+}
+
+/// The state log of an owner that died with a consent call in flight: the consent URI call
+/// (`exchange` false) or, once the PSU came back with a code, the code exchange.
+fn died_during_a_consent_call(exchange: bool) -> (StateLog, i64) {
+    use crate::domain::consent::{ConsentInput, ConsentOutcome, ConsentScope};
+    let mut log = StateLog::new();
+    let first = log.marker("first");
+    let cfg = CoreConfig {
+        epoch: first,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(first), cfg);
+    h.log = Some(log);
+    h.start();
+    let key = consent_key(ConsentScope::Caf);
+    h.core
+        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
+    h.tick();
+    let did = h.flush();
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"]);
+    if exchange {
+        h.answer_consent(
+            "consent-uri",
+            ConsentAnswer::Uri(Ok("https://bank/consent-1".into())),
+        );
+        h.flush();
+        let complete = ConsentInput::Complete {
+            command_id: CommandId::new("c2"),
+            outcome: ConsentOutcome::Code(SecretString::from("the-code")),
+            state: Some("consent-state-consent-1".into()),
+        };
+        h.core.consent_input(key, complete, None, h.now);
+        h.tick();
+        let did = h.flush();
+        assert_eq!(consent_calls_of(&did), vec!["consent-exchange"]);
+    }
+    let mut log = h.log.take().expect("log");
+    let second = log.marker("second");
+    (log, second)
+}
+
+/// Found by `pis-chaos --consents`: an owner died while a consent's URI call was out. Its
+/// successor asks for the URI again (the consent used to stay REQUESTED with no timer: no
+/// event, ever).
+#[test]
+fn a_consent_uri_call_cut_by_a_crash_is_made_again() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let (log, second) = died_during_a_consent_call(false);
+    let cfg = CoreConfig {
+        epoch: second,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(second), cfg);
+    let mut did = h.start();
+    did.extend(h.flush());
+    did.extend(h.tick_at(h.now + crate::domain::consent::ConsentPolicy::default().retry_ms));
+    did.extend(h.flush());
+    assert_eq!(consent_calls_of(&did), vec!["consent-uri"], "{did:?}");
+    h.answer_consent(
+        "consent-uri",
+        ConsentAnswer::Uri(Ok("https://bank/consent-1-again".into())),
+    );
+    let did = h.flush();
+    assert_eq!(consent_published(&did), vec![ConsentState::Pending]);
+    let key = consent_key(ConsentScope::Caf);
+    assert_eq!(
+        h.core.consent(&key).map(|r| r.consent.state),
+        Some(ConsentState::Pending)
+    );
+}
+
+/// Found by `pis-chaos --consents`: an owner died while exchanging a consent's code. The code
+/// is single-use and never stored, so the successor cannot exchange it: the consent is
+/// REFUSED at once (`BANK_REJECTED`, as for an unanswered exchange), not left PENDING until its
+/// SCA deadline to end EXPIRED "the PSU did not consent in time".
+#[test]
+fn a_code_exchange_cut_by_a_crash_refuses_the_consent_at_once() {
+    use crate::domain::consent::{ConsentScope, ConsentState};
+    let (log, second) = died_during_a_consent_call(true);
+    let cfg = CoreConfig {
+        epoch: second,
+        ..config(Policy::default())
+    };
+    let mut h = Harness::with_config(log.restore(second), cfg);
+    let mut did = h.start();
+    did.extend(h.flush());
+    assert!(consent_calls_of(&did).is_empty(), "{did:?}");
+    // PENDING again from the outbox (it was never confirmed published), then REFUSED.
+    assert_eq!(
+        consent_published(&did).last(),
+        Some(&ConsentState::Refused),
+        "{did:?}"
+    );
+    let key = consent_key(ConsentScope::Caf);
+    let record = h.core.consent(&key).expect("consent");
+    assert_eq!(record.consent.state, ConsentState::Refused);
+    assert_eq!(
+        record.consent.reason.as_ref().map(|r| r.code),
+        Some(ReasonCode::BankUnavailable)
+    );
+}
+
 /// A granted consent of the test PSU at Belfius, with a fresh pair, as restored.
 fn granted_consent(
     scope: crate::domain::consent::ConsentScope,
@@ -3924,4 +4082,106 @@ fn a_consent_whose_exchange_was_out_is_refused_by_the_next_owner() {
     assert_eq!(consent.sequence, 2);
     let reason = consent.reason.clone().expect("a reason");
     assert_eq!(reason.code, ReasonCode::BankUnavailable);
+}
+
+/// Found by `pis-chaos --consents`: two settlements of one account planned while its
+/// fourth read was still free both waited for the consent (busy with a third account read),
+/// and both then counted a read: five in the day, and the bank refused the fifth (429
+/// `ACCESS_EXCEEDED`). The budget is checked again when the read is counted: the last one goes
+/// out without evidence and without a call.
+#[test]
+fn settlements_queued_behind_a_read_do_not_spend_a_fifth_read() {
+    use crate::domain::consent::ConsentScope;
+    use crate::domain::settlement::{SettlementEvidence, SettlementOutcome};
+    let reads = (0..2)
+        .map(|i| (DEBTOR.to_owned(), T0 - 1_000 * (i + 1)))
+        .collect();
+    let restored = with_consent(
+        restored(
+            vec![
+                signed_with_debtor("p1"),
+                signed_with_debtor("p2"),
+                signed_with_debtor("p3"),
+            ],
+            vec![],
+        ),
+        granted_consent(ConsentScope::Ais, None, reads),
+    );
+    let mut h = Harness::new(restored);
+    h.start();
+    h.flush();
+    h.tick_at(T0 + 2_000);
+    // p1 counts the third read; p2 and p3 settle while it is being counted (2 counted so far,
+    // so both are planned with a read) and wait for the consent.
+    let did = h.answer("p1", "status", observed(BankProgress::Settled, "ACSC"));
+    assert_eq!(
+        writes(&did),
+        vec![("consent/BELFIUS/AIS/psu-1".into(), "consent")]
+    );
+    let did = h.answer("p2", "status", observed(BankProgress::Settled, "ACSC"));
+    assert!(writes(&did).is_empty(), "p2 waits: {did:?}");
+    let did = h.answer("p3", "status", observed(BankProgress::Settled, "ACSC"));
+    assert!(writes(&did).is_empty(), "p3 waits: {did:?}");
+    let booked = |h: &Harness| SettlementEvidence {
+        outcome: SettlementOutcome::Booked,
+        transaction_refs: vec!["1".into()],
+        booking_date: None,
+        checked_at: h.now,
+    };
+    // Acknowledges everything pending, noting each SETTLED event and whether it carries
+    // evidence.
+    let mut settled: Vec<(String, bool)> = Vec::new();
+    let mut drain = |h: &mut Harness| -> Vec<Did> {
+        let mut did = Vec::new();
+        loop {
+            if !h.writes.is_empty() {
+                did.extend(h.ack_write());
+            } else if !h.publications.is_empty() || !h.consent_publications.is_empty() {
+                for e in h.publications.iter().flat_map(|(_, events)| events) {
+                    if e.state == StateKind::Settled {
+                        settled.push((e.payment_id.to_string(), e.settlement.is_some()));
+                    }
+                }
+                did.extend(h.ack_publications());
+            } else {
+                return did;
+            }
+        }
+    };
+    let mut evidence_calls = 0;
+    for _ in 0..4 {
+        let did = drain(&mut h);
+        let calls = consent_calls_of(&did);
+        if calls.is_empty() {
+            break;
+        }
+        assert_eq!(calls, vec!["evidence"]);
+        evidence_calls += 1;
+        let answer = ConsentAnswer::Evidence(Ok(booked(&h)));
+        h.answer_consent("evidence", answer);
+    }
+    drain(&mut h);
+    assert_eq!(evidence_calls, 2, "the third and fourth reads, no fifth");
+    for p in ["p1", "p2", "p3"] {
+        assert_eq!(h.state(p), PaymentState::Settled, "{p}");
+    }
+    settled.sort();
+    assert_eq!(
+        settled,
+        vec![
+            ("p1".to_owned(), true),
+            ("p2".to_owned(), true),
+            ("p3".to_owned(), false)
+        ]
+    );
+    let reads = &h
+        .core
+        .consent(&ConsentKey {
+            brand: brand("BELFIUS"),
+            scope: ConsentScope::Ais,
+            psu_id: PsuId::new(PSU),
+        })
+        .expect("consent")
+        .unattended_reads;
+    assert_eq!(reads.len(), 4, "{reads:?}");
 }

@@ -585,6 +585,22 @@ pub struct Counters {
     pub funds_confirmation_requests: u64,
     /// Funds confirmations answered (either way).
     pub funds_confirmations: u64,
+    /// Funds confirmations answered, per `{iban}/{amount in minor units}`: how many said the
+    /// funds were there and how many said they were not (a checker ties a refusal for funds
+    /// to the bank's answer).
+    pub funds_answers: BTreeMap<String, FundsAnswers>,
+    /// Unattended AIS history reads (`psu_involved=false`) served, per account.
+    pub unattended_reads: BTreeMap<String, u64>,
+    /// Unattended AIS history reads refused for the day's budget (429 `ACCESS_EXCEEDED`), per
+    /// account: a TPP that counts its reads never sees one.
+    pub unattended_refused: BTreeMap<String, u64>,
+}
+
+/// The bank's answers to funds confirmations of one account and amount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FundsAnswers {
+    pub available: u64,
+    pub unavailable: u64,
 }
 
 /// Initiations per authentication method.

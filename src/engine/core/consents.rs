@@ -199,7 +199,8 @@ fn consent_command_type(input: &ConsentInput) -> Option<&'static str> {
         | ConsentInput::TokensStored { .. }
         | ConsentInput::ExchangeFailed { .. }
         | ConsentInput::Revoked { .. }
-        | ConsentInput::Tick => None,
+        | ConsentInput::Tick
+        | ConsentInput::Restored => None,
     }
 }
 
@@ -222,28 +223,10 @@ impl OwnerCore {
         self.consents.get(key).map(|e| &e.record)
     }
 
-    pub(super) fn restore_consents(
-        &mut self,
-        restored: HashMap<ConsentKey, ConsentRecord>,
-        now: Millis,
-    ) {
-        let mut interrupted = Vec::new();
-        for (key, mut record) in restored {
-            // Pending with its code being exchanged: the code went with the last owner (it is
-            // never stored) and may have been spent. The consent cannot be granted here; end
-            // it now rather than at its SCA deadline, with the reason.
-            if record.consent.state == consent::ConsentState::Pending && record.consent.exchanging {
-                interrupted.push(key.clone());
-            }
-            // Requested with no retry time: its consent-uris call was out when the last owner
-            // stopped (or was never made while it drained), and its answer will never come
-            // here. Ask again now, with the verifier and state of the record: without this the
-            // consent would wait for nothing, unpublished, for ever.
-            if record.consent.state == consent::ConsentState::Requested
-                && record.consent.retry_at.is_none()
-            {
-                record.consent.retry_at = Some(now);
-            }
+    /// The restored consents; `OwnerCore::start` then gives each live one a `Restored` input,
+    /// so that a bank call its predecessor had out is recovered (domain::consent).
+    pub(super) fn restore_consents(&mut self, restored: HashMap<ConsentKey, ConsentRecord>) {
+        for (key, record) in restored {
             if let Some(at) = consent::next_wake(&record.consent) {
                 self.consent_timers.insert((at, key.clone()));
             }
@@ -255,16 +238,6 @@ impl OwnerCore {
                     queue: VecDeque::new(),
                 },
             );
-        }
-        interrupted.sort();
-        for key in interrupted {
-            let input = ConsentInput::ExchangeFailed {
-                definite: false,
-                message: "the worker stopped while the code was being exchanged, and a code \
-                          is single-use: consent again"
-                    .into(),
-            };
-            self.consent_input(key, input, None, now);
         }
     }
 
@@ -405,7 +378,8 @@ impl OwnerCore {
             | ConsentInput::TokensStored { .. }
             | ConsentInput::ExchangeFailed { .. }
             | ConsentInput::Revoked { .. }
-            | ConsentInput::Tick => named
+            | ConsentInput::Tick
+            | ConsentInput::Restored => named
                 .as_ref()
                 .or(current_id.as_ref())
                 .map(ToString::to_string),
@@ -881,6 +855,19 @@ impl OwnerCore {
                     .record
                     .unattended_reads
                     .retain(|(_, at)| now - *at < DAY_MS);
+                // Checked again: the plan counted the reads when the payment settled, and reads
+                // of settlements queued before this one may have used the budget since.
+                let used = entry
+                    .record
+                    .unattended_reads
+                    .iter()
+                    .filter(|(account, _)| *account == hold.iban)
+                    .count();
+                if used >= UNATTENDED_READS_PER_DAY {
+                    self.give_up(Held::Evidence(hold), "budget_exhausted", now);
+                    self.consent_idle(&key, now);
+                    return;
+                }
                 entry.record.unattended_reads.push((hold.iban.clone(), now));
                 let record = entry.record.clone();
                 hold.reserved = true;

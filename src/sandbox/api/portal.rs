@@ -208,6 +208,16 @@ pub(super) async fn funds_confirmation(
     store.advance_account(iban, Instant::now());
     let available = store.ledger.funds_available(iban, amount);
     store.counters.funds_confirmations += 1;
+    let answers = store
+        .counters
+        .funds_answers
+        .entry(format!("{iban}/{}", amount.minor()))
+        .or_default();
+    if available {
+        answers.available += 1;
+    } else {
+        answers.unavailable += 1;
+    }
     Ok((StatusCode::OK, Json(json!({"funds_available": available}))).into_response())
 }
 
@@ -352,6 +362,11 @@ pub(super) async fn transactions(
     };
     let mut store = state.shared.store();
     if unattended && let Err(wait) = store.count_unattended(&iban, Instant::now()) {
+        *store
+            .counters
+            .unattended_refused
+            .entry(iban.clone())
+            .or_default() += 1;
         let mut error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "ACCESS_EXCEEDED",
@@ -363,6 +378,13 @@ pub(super) async fn transactions(
         );
         error.retry_after = Some(wait.as_secs().max(1));
         return Err(error);
+    }
+    if unattended {
+        *store
+            .counters
+            .unattended_reads
+            .entry(iban.clone())
+            .or_default() += 1;
     }
     store.advance_account(&iban, Instant::now());
     let (page, next) = store.ledger.page(&iban, before, size, from, to);
