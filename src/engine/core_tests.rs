@@ -3543,39 +3543,9 @@ fn died_during_a_consent_call(exchange: bool) -> (StateLog, i64) {
     (log, second)
 }
 
-/// Found by `pis-chaos --consents`: an owner died while a consent's URI call was out. Its
-/// successor asks for the URI again (the consent used to stay REQUESTED with no timer: no
-/// event, ever).
-#[test]
-fn a_consent_uri_call_cut_by_a_crash_is_made_again() {
-    use crate::domain::consent::{ConsentScope, ConsentState};
-    let (log, second) = died_during_a_consent_call(false);
-    let cfg = CoreConfig {
-        epoch: second,
-        ..config(Policy::default())
-    };
-    let mut h = Harness::with_config(log.restore(second), cfg);
-    let mut did = h.start();
-    did.extend(h.flush());
-    did.extend(h.tick_at(h.now + crate::domain::consent::ConsentPolicy::default().retry_ms));
-    did.extend(h.flush());
-    assert_eq!(consent_calls_of(&did), vec!["consent-uri"], "{did:?}");
-    h.answer_consent(
-        "consent-uri",
-        ConsentAnswer::Uri(Ok("https://bank/consent-1-again".into())),
-    );
-    let did = h.flush();
-    assert_eq!(consent_published(&did), vec![ConsentState::Pending]);
-    let key = consent_key(ConsentScope::Caf);
-    assert_eq!(
-        h.core.consent(&key).map(|r| r.consent.state),
-        Some(ConsentState::Pending)
-    );
-}
-
 /// Found by `pis-chaos --consents`: an owner died while exchanging a consent's code. The code
 /// is single-use and never stored, so the successor cannot exchange it: the consent is
-/// REFUSED at once (`BANK_REJECTED`, as for an unanswered exchange), not left PENDING until its
+/// REFUSED at once (`BANK_UNAVAILABLE`, as for an unanswered exchange), not left PENDING until its
 /// SCA deadline to end EXPIRED "the PSU did not consent in time".
 #[test]
 fn a_code_exchange_cut_by_a_crash_refuses_the_consent_at_once() {
@@ -4005,83 +3975,6 @@ fn a_redirect_queued_behind_a_superseding_request_is_for_an_unknown_consent() {
     let record = h.core.consent(&key).expect("consent-2");
     assert_eq!(record.consent.consent_id.as_str(), "consent-2");
     assert_eq!(record.consent.state, ConsentState::Pending);
-}
-
-/// The owner stopped while a consent's code was being exchanged: the code went with it (never
-/// stored) and may be spent. The next owner ends the consent at once, REFUSED
-/// BANK_UNAVAILABLE, instead of leaving it PENDING until its SCA deadline.
-#[test]
-fn a_consent_whose_exchange_was_out_is_refused_by_the_next_owner() {
-    use crate::domain::consent::{ConsentInput, ConsentOutcome, ConsentScope, ConsentState};
-    let mut log = StateLog::new();
-    let old = log.marker("old");
-    let restored = log.restore(old);
-    let mut h = Harness::with_config(
-        restored,
-        CoreConfig {
-            epoch: old,
-            ..config(Policy::default())
-        },
-    );
-    h.log = Some(log);
-    h.start();
-    let key = consent_key(ConsentScope::Caf);
-    h.core
-        .consent_input(key.clone(), consent_request("consent-1", "c1"), None, h.now);
-    h.tick();
-    h.ack_write();
-    h.answer_consent(
-        "consent-uri",
-        ConsentAnswer::Uri(Ok("https://bank/c".into())),
-    );
-    h.flush();
-    h.core.consent_input(
-        key.clone(),
-        ConsentInput::Complete {
-            command_id: CommandId::new("c2"),
-            outcome: ConsentOutcome::Code(SecretString::from("the-code")),
-            state: Some("consent-state-consent-1".into()),
-        },
-        None,
-        h.now,
-    );
-    h.tick();
-    let did = h.ack_write();
-    assert_eq!(consent_calls_of(&did), vec!["consent-exchange"]);
-    // The old owner stops here, the exchange out.
-
-    let mut log = h.log.take().expect("log");
-    let mine = log.marker("mine");
-    let restored = log.restore(mine);
-    let record = restored.consents.get(&key).expect("restored");
-    assert_eq!(record.consent.state, ConsentState::Pending);
-    assert!(
-        record.consent.exchanging,
-        "the exchange was recorded as begun"
-    );
-    let mut next = Harness::with_config(
-        restored,
-        CoreConfig {
-            epoch: mine,
-            ..config(Policy::default())
-        },
-    );
-    let mut did = next.start();
-    did.extend(next.flush());
-    assert!(
-        consent_calls_of(&did).is_empty(),
-        "no second exchange: {did:?}"
-    );
-    // PENDING again first: published after the last checkpoint, so re-published (same id).
-    assert_eq!(
-        consent_published(&did),
-        vec![ConsentState::Pending, ConsentState::Refused]
-    );
-    let consent = &next.core.consent(&key).expect("consent").consent;
-    assert_eq!(consent.state, ConsentState::Refused);
-    assert_eq!(consent.sequence, 2);
-    let reason = consent.reason.clone().expect("a reason");
-    assert_eq!(reason.code, ReasonCode::BankUnavailable);
 }
 
 /// Found by `pis-chaos --consents`: two settlements of one account planned while its
