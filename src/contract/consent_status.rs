@@ -160,16 +160,7 @@ pub fn decode(bytes: &[u8]) -> Result<ConsentStatusRecord, DecodeError> {
         .into_iter()
         .find(|s| s.symbol() == state_symbol)
         .ok_or_else(|| unknown("state", &state_symbol))?;
-    let (reason_code, reason_message) = match f.value_or_null("reason") {
-        Value::Union(_, inner) => match *inner {
-            Value::Null => (None, None),
-            record => {
-                let mut r = Fields::of(record, "reason")?;
-                (Some(r.string("code")?), Some(r.string("message")?))
-            }
-        },
-        _other => (None, None),
-    };
+    let (reason_code, reason_message) = super::status::read_reason(&mut f)?;
     Ok(ConsentStatusRecord {
         event_id: f.string("event_id")?,
         consent_id: f.string("consent_id")?,

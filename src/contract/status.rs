@@ -206,6 +206,20 @@ pub(super) fn read_event(bytes: &[u8], role: SchemaRole, what: &str) -> Result<V
     Ok(value)
 }
 
+/// An event's optional `reason {code, message}`.
+pub(super) fn read_reason(f: &mut Fields) -> Result<(Option<String>, Option<String>), DecodeError> {
+    Ok(match f.value_or_null("reason") {
+        Value::Union(_, inner) => match *inner {
+            Value::Null => (None, None),
+            record => {
+                let mut r = Fields::of(record, "reason")?;
+                (Some(r.string("code")?), Some(r.string("message")?))
+            }
+        },
+        _other => (None, None),
+    })
+}
+
 /// Decodes a status event in single-object encoding or (with a registry configured in this
 /// process) Confluent framing. Asks the registry once: a status reader must not hang.
 pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
@@ -218,16 +232,7 @@ pub fn decode(bytes: &[u8]) -> Result<StatusRecord, DecodeError> {
             format!("unknown state {state_symbol}"),
         )
     })?;
-    let (reason_code, reason_message) = match f.value_or_null("reason") {
-        Value::Union(_, inner) => match *inner {
-            Value::Null => (None, None),
-            record => {
-                let mut r = Fields::of(record, "reason")?;
-                (Some(r.string("code")?), Some(r.string("message")?))
-            }
-        },
-        _other => (None, None),
-    };
+    let (reason_code, reason_message) = read_reason(&mut f)?;
     Ok(StatusRecord {
         event_id: f.string("event_id")?,
         payment_id: f.string("payment_id")?,

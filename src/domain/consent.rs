@@ -427,14 +427,7 @@ pub fn step(
             next.attempts = 0;
             next.retry_at = None;
             next.updated_at = now;
-            let event = event(&mut next, "bank", now);
-            Ok(ConsentTransition {
-                consent: next,
-                events: vec![event],
-                effect: None,
-                code: None,
-                superseded: None,
-            })
+            Ok(announce(next, "bank", now))
         }
         ConsentInput::UriFailed { definite, message } => {
             let c = live(current, ConsentState::Requested)?;
@@ -451,14 +444,7 @@ pub fn step(
             next.attempts = 0;
             next.retry_at = None;
             next.updated_at = now;
-            let event = event(&mut next, "bank", now);
-            Ok(ConsentTransition {
-                consent: next,
-                events: vec![event],
-                effect: None,
-                code: None,
-                superseded: None,
-            })
+            Ok(announce(next, "bank", now))
         }
         ConsentInput::ExchangeFailed { definite, message } => {
             let c = live(current, ConsentState::Pending)?;
@@ -680,6 +666,11 @@ fn end(
     consent.exchanging = false;
     consent.sca_deadline = None;
     consent.updated_at = now;
+    announce(consent, cause, now)
+}
+
+/// The consent as changed, with the event that says so.
+fn announce(mut consent: Consent, cause: &str, now: Millis) -> ConsentTransition {
     let event = event(&mut consent, cause, now);
     ConsentTransition {
         consent,
